@@ -1,0 +1,118 @@
+"""The LoRA layer in plain PyTorch: the oracle for every test and the CPU fallback of ``lora_linear``.
+
+Symbols (shared/DESIGN.md, "The math"), after flattening x's leading dimensions:
+
+    x ∈ R^{M×K}   input, compute dtype (bf16 / fp16 / fp32)
+    W ∈ R^{N×K}   frozen base weight (dense here; NF4 weights are dequantized before they get here)
+    A ∈ R^{r×K}, B ∈ R^{N×r}   LoRA adapters (fp32 or the compute dtype)
+    b ∈ R^{N}     optional bias
+    s             scaling, α/r (α/√r with rsLoRA)
+    m ∈ R^{M×K}   dropout mask already divided by (1-p): entries 0 or 1/(1-p); None means all ones
+
+Forward:   u = (m⊙x)·Aᵀ                 (M×r, saved for backward)
+           y = x·Wᵀ + b + s·u·Bᵀ
+Backward, given g = ∂L/∂y:
+           v  = g·B                     (M×r)
+           dx = g·W + s·m⊙(v·A)
+           dA = s·vᵀ·(m⊙x)              (r×K)
+           dB = s·gᵀ·u                  (N×r)
+           db = Σ_M g
+There is no dW: W is frozen.
+
+Dtypes: the frozen product x·Wᵀ and g·W run in the compute dtype (as a bf16 cuBLAS GEMM would); the low-rank
+path runs in the promoted dtype of x and the adapters (fp32 when PEFT keeps A and B in fp32), and y / dx are
+returned in x's dtype, dA in A's dtype, dB in B's dtype and db in b's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "lora_scaling",
+    "dropout_mask",
+    "lora_forward",
+    "lora_backward",
+    "lora_linear_naive",
+]
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """s = α/r, or α/√r with rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def dropout_mask(shape, p: float, seed: int, device, dtype=torch.float32) -> torch.Tensor | None:
+    """The reference backend's dropout mask m (entries 0 or 1/(1-p)), regenerated from ``seed``.
+
+    Returns None when p == 0 (m is all ones). The Triton backend draws its own mask from the same seed with a
+    different generator; tests that compare the two materialise the kernel's mask and pass it in as ``m``.
+    """
+    if p == 0.0:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    keep = torch.rand(shape, generator=generator, device=device, dtype=torch.float32) >= p
+    return keep.to(dtype) / (1.0 - p)
+
+
+def _lowrank_dtype(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(x.dtype, A.dtype), B.dtype)
+
+
+def _apply_mask(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+    return x if m is None else x * m.to(x.dtype)
+
+
+def lora_forward(x, W, A, B, s: float, b=None, m=None):
+    """Forward of the LoRA layer.
+
+    Args:
+        x: (M, K) input. W: (N, K) dense frozen weight in x's dtype. A: (r, K). B: (N, r). b: (N,) or None.
+        s: scaling. m: (M, K) dropout mask (0 or 1/(1-p)) or None.
+    Returns:
+        y: (M, N) in x's dtype; u: (M, r) in the low-rank dtype (saved for backward).
+    """
+    lowrank = _lowrank_dtype(x, A, B)
+    u = (_apply_mask(x, m).to(lowrank)) @ A.to(lowrank).t()
+    y = x @ W.t()
+    if b is not None:
+        y = y + b.to(y.dtype)
+    y = y.to(lowrank) + s * (u @ B.to(lowrank).t())
+    return y.to(x.dtype), u
+
+
+def lora_backward(g, x, W, A, B, s: float, u, m=None, need_dx=True, need_dA=True, need_dB=True, need_db=False):
+    """Backward of the LoRA layer (formulas in the module docstring).
+
+    Args:
+        g: (M, N) gradient of the loss w.r.t. y, in x's dtype. x, W, A, B, s, m: as in ``lora_forward``.
+        u: (M, r) saved by the forward pass.
+    Returns:
+        (dx, dA, dB, db); an entry is None when its ``need_*`` flag is False.
+    """
+    lowrank = _lowrank_dtype(x, A, B)
+    g_lowrank = g.to(lowrank)
+    dx = dA = dB = db = None
+    v = g_lowrank @ B.to(lowrank) if (need_dx or need_dA) else None
+    if need_dx:
+        dx_lowrank = _apply_mask(s * (v @ A.to(lowrank)), m)
+        dx = ((g.to(x.dtype) @ W).to(lowrank) + dx_lowrank).to(x.dtype)
+    if need_dA:
+        dA = (s * (v.t() @ _apply_mask(x, m).to(lowrank))).to(A.dtype)
+    if need_dB:
+        dB = (s * (g_lowrank.t() @ u.to(lowrank))).to(B.dtype)
+    if need_db:
+        db = g.to(torch.promote_types(g.dtype, torch.float32)).sum(0)
+    return dx, dA, dB, db
+
+
+def lora_linear_naive(x, W, A, B, s: float, b=None, m=None):
+    """The same layer as one autograd expression, any leading dims: the oracle for ``lora_backward``."""
+    base = torch.nn.functional.linear(x, W, b)
+    lowrank = _lowrank_dtype(x, A, B)
+    xd = _apply_mask(x, m)
+    delta = torch.nn.functional.linear(torch.nn.functional.linear(xd.to(lowrank), A.to(lowrank)), B.to(lowrank))
+    return (base.to(lowrank) + s * delta).to(x.dtype)

@@ -1,0 +1,47 @@
+"""Helpers for comparing fast paths with the reference (the tolerance rule of shared/DESIGN.md).
+
+    err(t) = ‖t − ref‖ / ‖ref‖, with ref computed in float64.
+    A kernel passes when err(kernel) ≤ 2 · err(plain PyTorch in the same dtype) + atol,
+    atol = 1e-4 (fp32), 1e-2 (fp16), 5e-2 (bf16). NaN never passes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ATOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float64: 1e-10}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; inf when out has a NaN/inf that ref does not."""
+    out64 = out.detach().to(torch.float64).cpu()
+    ref64 = ref.detach().to(torch.float64).cpu()
+    if out64.shape != ref64.shape:
+        raise AssertionError(f"shape mismatch: {tuple(out64.shape)} vs reference {tuple(ref64.shape)}")
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close_to_reference(name: str, out: torch.Tensor, plain: torch.Tensor, ref: torch.Tensor, dtype):
+    """Assert the tolerance rule for one tensor.
+
+    Args:
+        name: what is compared (used in the message), e.g. "dx".
+        out: the fast path's result. plain: plain PyTorch's result in the same dtype. ref: float64 reference.
+        dtype: the compute dtype that selects atol.
+    """
+    err = relative_error(out, ref)
+    plain_err = relative_error(plain, ref)
+    bound = 2.0 * plain_err + ATOL[dtype]
+    assert err <= bound, f"{name}: relative error {err:.3e} > bound {bound:.3e} (plain PyTorch {plain_err:.3e})"
+    return err
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a floating-point tensor with NaN in place so that an unwritten element fails the comparison."""
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    return t

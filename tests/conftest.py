@@ -1,0 +1,43 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. The variable must be set before triton is
+# first imported, which is why it lives here rather than in a fixture.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make torch.empty / torch.empty_like return NaN-filled tensors so an unwritten output element fails."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+    yield
+
+
+@pytest.fixture
+def interpret_triton():
+    """Skip unless Triton's CPU interpreter is active (TRITON_INTERPRET=1 must be set before triton imports)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.fail("Triton kernels need a GPU or TRITON_INTERPRET=1 set before triton is imported")
+    pytest.importorskip("triton")
