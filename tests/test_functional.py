@@ -1,0 +1,177 @@
+"""lora_linear: argument checks, backend selection, fallback, dtypes and dropout on the reference backend."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import fused_lora as fl
+from fused_lora import functional, reference
+from fused_lora.functional import lora_linear
+from fused_lora.testing import assert_close_to_reference
+
+
+def _layer(M=37, K=64, N=80, r=8, dtype=torch.float32, adapter_dtype=None, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
+    x = torch.randn(M, K, generator=g).to(dtype)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    A = (torch.randn(r, K, generator=g) / K**0.5).to(adapter_dtype).requires_grad_(True)
+    B = torch.randn(N, r, generator=g).to(adapter_dtype).requires_grad_(True)
+    b = torch.randn(N, generator=g).to(dtype).requires_grad_(True) if bias else None
+    return x, W, A, B, b
+
+
+def _grads(y, leaves):
+    g = torch.randn_like(y, dtype=torch.float32).to(y.dtype)
+    grads = torch.autograd.grad(y, leaves, g)
+    return g, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("adapter_fp32", [False, True], ids=["adapters-compute", "adapters-fp32"])
+def test_reference_backend_matches_float64_math_in_every_dtype(dtype, adapter_fp32):
+    if dtype == torch.float32 and adapter_fp32:
+        pytest.skip("same as adapters-compute for fp32")
+    x, W, A, B, b = _layer(dtype=dtype, adapter_dtype=torch.float32 if adapter_fp32 else dtype, bias=True)
+    x = x.reshape(1, 37, 64).requires_grad_(True)
+    y = lora_linear(x, W, A, B, 2.0, bias=b, backend="reference")
+    assert y.shape == (1, 37, 80) and y.dtype == dtype
+    g, grads = _grads(y, (x, A, B, b))
+    assert grads[1].dtype == A.dtype and grads[2].dtype == B.dtype and grads[3].dtype == b.dtype
+
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (x, A, B, b)]
+    y64 = reference.lora_linear_naive(leaves64[0], W.double(), leaves64[1], leaves64[2], 2.0, leaves64[3])
+    ref_grads = torch.autograd.grad(y64, leaves64, g.double())
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B, b)]
+    y_plain = reference.lora_linear_naive(leaves[0], W, leaves[1], leaves[2], 2.0, leaves[3])
+    plain_grads = torch.autograd.grad(y_plain, leaves, g)
+    assert_close_to_reference("y", y, y_plain, y64, dtype)
+    for name, ours, plain, ref in zip(("dx", "dA", "dB", "db"), grads, plain_grads, ref_grads):
+        assert_close_to_reference(name, ours, plain, ref, dtype)
+
+
+def test_nf4_weight_equals_dequantized_dense_weight():
+    x, W, A, B, _ = _layer()
+    w4 = fl.quantize_nf4(W)
+    y4 = lora_linear(x, w4, A, B, 1.5, backend="reference")
+    y = lora_linear(x, w4.dequantize(torch.float32), A, B, 1.5, backend="reference")
+    torch.testing.assert_close(y4, y, rtol=0, atol=0)
+
+
+def test_any_leading_dims_and_noncontiguous_input():
+    x, W, A, B, _ = _layer(M=6 * 7)
+    x3 = x.reshape(6, 7, 64)
+    y3 = lora_linear(x3, W, A, B, 2.0, backend="reference")
+    assert y3.shape == (6, 7, 80)
+    x_t = x3.transpose(0, 1)
+    assert not x_t.is_contiguous()
+    torch.testing.assert_close(lora_linear(x_t, W, A, B, 2.0, backend="reference"), y3.transpose(0, 1))
+
+
+def test_dropout_mask_is_regenerated_in_backward_not_stored():
+    x, W, A, B, _ = _layer()
+    torch.manual_seed(11)
+    y = lora_linear(x, W, A, B, 2.0, dropout_p=0.4, training=True, backend="reference")
+    g, (dA,) = _grads(y, (A,))
+    torch.manual_seed(11)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    m = reference.dropout_mask(x.shape, 0.4, seed, "cpu")
+    y_ref, u = reference.lora_forward(x, W, A.detach(), B.detach(), 2.0, None, m)
+    _, dA_ref, _, _ = reference.lora_backward(g, x, W, A.detach(), B.detach(), 2.0, u, m)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dA, dA_ref)
+
+
+def test_dropout_is_off_in_eval_and_changes_output_in_training():
+    x, W, A, B, _ = _layer()
+    y_eval = lora_linear(x, W, A, B, 2.0, dropout_p=0.5, training=False, backend="reference")
+    y_plain = lora_linear(x, W, A, B, 2.0, backend="reference")
+    torch.testing.assert_close(y_eval, y_plain, rtol=0, atol=0)
+    y_train = lora_linear(x, W, A, B, 2.0, dropout_p=0.5, training=True, backend="reference")
+    assert not torch.allclose(y_train, y_plain)
+
+
+def test_nan_and_inf_propagate_as_in_the_reference():
+    x, W, A, B, _ = _layer()
+    x[3, 5] = float("nan")
+    x[7, 1] = float("inf")
+    y = lora_linear(x, W, A, B, 2.0, backend="reference")
+    y_ref, _ = reference.lora_forward(x, W, A.detach(), B.detach(), 2.0)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y[3]).all()
+
+
+def test_frozen_weight_gets_no_gradient_and_bias_only_when_trainable():
+    x, W, A, B, b = _layer(bias=True)
+    b.requires_grad_(False)
+    y = lora_linear(x, W, A, B, 2.0, bias=b, backend="reference")
+    y.sum().backward()
+    assert b.grad is None and A.grad is not None and B.grad is not None
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda t: t.update(x=t["x"][:, :63]), ValueError, "x has 63 features, expected 64"),
+        (lambda t: t.update(x=t["x"].long()), TypeError, "x must be a floating-point tensor"),
+        (lambda t: t.update(W=t["W"].half()), TypeError, "weight dtype torch.float16 differs from x dtype"),
+        (lambda t: t.update(A=t["A"][:0]), ValueError, "r >= 1"),
+        (lambda t: t.update(B=t["B"][:, :3]), ValueError, "lora_B has shape"),
+        (lambda t: t.update(A=t["A"].half()), TypeError, "lora_A must be"),
+        (lambda t: t.update(b=torch.zeros(79)), ValueError, "bias has shape"),
+        (lambda t: t.update(p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (lambda t: t.update(s=float("nan")), ValueError, "scaling must be finite"),
+        (lambda t: t.update(W=t["W"].clone().requires_grad_(True)), ValueError, "frozen weight requires grad"),
+        (lambda t: t.update(backend="cuda"), ValueError, "unknown backend 'cuda'"),
+        (lambda t: t.update(A=t["A"].to("meta")), ValueError, "lora_A is on meta but x is on cpu"),
+    ],
+    ids=["features", "int-x", "weight-dtype", "r0", "B-shape", "A-dtype", "bias-shape", "p1", "nan-scale",
+         "weight-grad", "backend", "device"],
+)
+def test_bad_input_raises_a_clear_error(mutate, error, match):
+    x, W, A, B, _ = _layer()
+    args = {"x": x, "W": W, "A": A, "B": B, "b": None, "p": 0.0, "s": 2.0, "backend": "reference"}
+    mutate(args)
+    with pytest.raises(error, match=match):
+        lora_linear(args["x"], args["W"], args["A"], args["B"], args["s"], bias=args["b"], dropout_p=args["p"],
+                    backend=args["backend"])
+
+
+def test_auto_backend_is_reference_on_cpu_and_env_var_overrides(monkeypatch):
+    monkeypatch.delenv(functional.BACKEND_ENV_VAR, raising=False)
+    assert functional.resolve_backend("auto", torch.device("cpu")) == "reference"
+    monkeypatch.setenv(functional.BACKEND_ENV_VAR, "reference")
+    assert functional.resolve_backend("auto", torch.device("cuda")) == "reference"
+    assert functional.resolve_backend("triton", torch.device("cpu")) == "triton"  # tests run interpreted
+    monkeypatch.setenv(functional.BACKEND_ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="FUSED_LORA_BACKEND: unknown backend 'fast'"):
+        functional.resolve_backend("auto", torch.device("cpu"))
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        functional.resolve_backend("triton", torch.device("cpu"))
+
+
+def test_unsupported_case_falls_back_to_reference_with_one_warning(monkeypatch):
+    from fused_lora.kernels import lora as triton_lora
+
+    monkeypatch.setattr(triton_lora, "unsupported_reason", lambda *args: "a case made up by this test")
+    monkeypatch.setattr(functional, "_warned", set())
+    x, W, A, B, _ = _layer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = lora_linear(x, W, A, B, 2.0, backend="triton")
+        y2 = lora_linear(x, W, A, B, 2.0, backend="triton")
+    messages = [str(w.message) for w in caught if "made up" in str(w.message)]
+    assert len(messages) == 1 and "using the reference backend" in messages[0]
+    torch.testing.assert_close(y1, lora_linear(x, W, A, B, 2.0, backend="reference"), rtol=0, atol=0)
+    assert math.isfinite(y2.sum().item())
+
+
+def test_empty_batch_returns_empty_output():
+    x, W, A, B, _ = _layer(M=0)
+    y = lora_linear(x.reshape(0, 3, 64)[:, :0], W, A, B, 2.0, backend="auto")
+    assert y.shape == (0, 0, 80)

@@ -1,0 +1,35 @@
+"""`import fused_lora` must not initialise CUDA, need the compiled extension or pull in heavy optional deps."""
+
+import subprocess
+import sys
+import textwrap
+
+
+def _run(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_import_touches_no_cuda_extension_or_optional_dependency():
+    out = _run(
+        """
+        import sys, torch
+        import fused_lora, fused_lora.functional, fused_lora.modules, fused_lora.nf4, fused_lora.peft
+        heavy = [m for m in ("fused_lora._C", "triton", "bitsandbytes", "peft", "transformers") if m in sys.modules]
+        print(torch.cuda.is_initialized(), heavy)
+        """
+    )
+    assert out == "False []"
+
+
+def test_import_works_when_the_extension_cannot_load():
+    out = _run(
+        """
+        import sys
+        sys.modules["fused_lora._C"] = None  # make `import fused_lora._C` fail as on a build without it
+        import fused_lora
+        print(fused_lora.FusedLoraLinear.__name__, fused_lora.quantize_nf4.__name__)
+        """
+    )
+    assert out == "FusedLoraLinear quantize_nf4"
