@@ -1,0 +1,74 @@
+"""Autotuning of the two GEMM kernels (forward y, backward dx/dA) on Hopper (sm90) and Ampere (sm80).
+
+The tuning key buckets M to a power of two (``m_bucket``), so decode-size calls (M ≤ 16) and training-size calls
+(M in the thousands) get different tiles while every M inside a bucket reuses one measurement. Under the Triton
+CPU interpreter nothing is tuned: ``INTERPRETER_CONFIG`` is used as is.
+"""
+
+import functools
+
+import triton
+
+M_BUCKET_CAP = 8192
+
+# One small fixed config for the CPU interpreter (slow, so the tiles are small; ragged shapes still cross tiles).
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
+
+# (BLOCK_M, BLOCK_OUT, BLOCK_REDUCE, GROUP_M, num_warps, num_stages). BLOCK_OUT is the output-column tile (N for y,
+# K for dx), BLOCK_REDUCE the reduction tile. Tiles with BLOCK_M ≤ 64 are for small M (decode, short batches).
+_SM90_TILES = [
+    (128, 256, 64, 8, 8, 3),
+    (128, 128, 64, 8, 8, 4),
+    (128, 128, 128, 8, 8, 3),
+    (256, 128, 64, 8, 8, 3),
+    (64, 256, 64, 8, 4, 4),
+    (64, 128, 64, 8, 4, 4),
+    (32, 128, 128, 4, 4, 4),
+    (16, 128, 128, 4, 4, 4),
+    (16, 64, 256, 4, 4, 3),
+]
+_SM80_TILES = [
+    (128, 256, 64, 8, 8, 3),
+    (128, 128, 64, 8, 4, 4),
+    (256, 128, 64, 8, 8, 3),
+    (64, 128, 64, 8, 4, 4),
+    (64, 64, 64, 8, 4, 4),
+    (32, 128, 64, 4, 4, 4),
+    (16, 128, 128, 4, 4, 3),
+    (16, 64, 128, 4, 4, 3),
+]
+
+
+def m_bucket(M: int) -> int:
+    """M rounded up to a power of two, capped at 8192: the M part of the tuning key."""
+    return min(triton.next_power_of_2(max(M, 1)), M_BUCKET_CAP)
+
+
+def gemm_configs(capability: tuple[int, int], out_name: str, reduce_name: str) -> list:
+    """triton.Config list for a GPU of compute ``capability``; ``out_name``/``reduce_name`` name the column and
+    reduction block sizes of the kernel (e.g. "BLOCK_N"/"BLOCK_K" for y, "BLOCK_K"/"BLOCK_N" for dx)."""
+    tiles = _SM90_TILES if capability[0] >= 9 else _SM80_TILES
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, out_name: bo, reduce_name: br, "GROUP_M": group}, num_warps=warps, num_stages=stages
+        )
+        for bm, bo, br, group, warps, stages in tiles
+    ]
+
+
+def keep_tiles_for_m(configs, named_args, **kwargs):
+    """Drop tiles with BLOCK_M far above M (all-padding rows); keep the smallest when none fits."""
+    bucket = named_args["M_BUCKET"]
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * bucket)]
+    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
+@functools.cache
+def autotuned(kernel, capability: tuple[int, int], out_name: str, reduce_name: str, reset_to_zero: tuple = ()):
+    """``kernel`` wrapped in triton.autotune for ``capability``, keyed on the M bucket, N, K, r and the variant."""
+    return triton.autotune(
+        configs=gemm_configs(capability, out_name, reduce_name),
+        key=["M_BUCKET", "N", "K", "R_PAD", "IS_NF4", "DOUBLE_QUANT", "ROW_SCALES"],
+        prune_configs_by={"early_config_prune": keep_tiles_for_m},
+        reset_to_zero=list(reset_to_zero) or None,
+    )(kernel)

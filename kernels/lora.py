@@ -1,0 +1,340 @@
+"""Launchers of the fused LoRA kernels: the Triton backend of ``fused_lora.functional.lora_linear``.
+
+Symbols (shared/DESIGN.md): x (M×K), W (N×K) frozen NF4 or dense, A (r×K), B (N×r), b (N), s scaling, m dropout
+mask (0 or 1/(1-p), regenerated from ``seed`` inside the kernels, never stored), g = ∂L/∂y.
+
+    forward:   u = (m⊙x)·Aᵀ;  y = x·deq(W)ᵀ + b + s·u·Bᵀ                     (lora_fwd.py)
+    backward:  v = g·B;  dB = s·gᵀ·u;  db = Σ_M g;                             (lora_bwd.py, one pass over g)
+               dx = g·deq(W) + s·m⊙(v·A);  dA = s·vᵀ·(m⊙x)                   (lora_bwd.py, one GEMM pass)
+
+Supported: x in fp16 / bf16 / fp32 (bf16 only on a GPU: the CPU interpreter cannot compute it), A and B in fp32
+or x's dtype, any M, K, N (ragged tiles are masked), r from 1 to 256, any strides of x, g, A and B, NF4 weights
+with any blocksize and with or without double quantization, dense weights in x's dtype. Everything else is
+reported by ``unsupported_reason`` so the caller can fall back to the reference.
+
+This module imports Triton lazily, so importing it is cheap and never touches CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+
+MAX_RANK = 256
+NESTED_BLOCKSIZE = 256
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+__all__ = ["unsupported_reason", "forward", "backward", "dropout_mask"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _is_nf4(weight) -> bool:
+    return hasattr(weight, "packed") and hasattr(weight, "absmax")
+
+
+def _weight_device(weight) -> torch.device:
+    return weight.packed.device if _is_nf4(weight) else weight.device
+
+
+def unsupported_reason(x2d, weight, A, B, bias, dropout_p) -> str | None:
+    """Why the fused kernels cannot run this call, or None when they can.
+
+    Args:
+        x2d: (M, K) input. weight: NF4Weight or dense (N, K) tensor. A: (r, K). B: (N, r). bias: (N,) or None.
+        dropout_p: dropout probability of the LoRA input.
+    Returns:
+        None, or a short reason naming the case, e.g. ``"r=300 > 256"``.
+
+    Example:
+        >>> reason = unsupported_reason(x2d, w, A, B, None, 0.0)
+        >>> if reason is not None: warnings.warn(f"fused-lora: using the reference ({reason})")
+    """
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if x2d.dtype not in _COMPUTE_DTYPES:
+        return f"x dtype {x2d.dtype} is not float16, bfloat16 or float32"
+    if x2d.device.type != "cuda" and not _interpreting():
+        return f"x is on {x2d.device.type}; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
+    if _interpreting() and x2d.dtype == torch.bfloat16:
+        return "bfloat16 under the Triton CPU interpreter (it cannot compute bfloat16)"
+    tensors = {"weight": _weight_device(weight), "lora_A": A.device, "lora_B": B.device}
+    if bias is not None:
+        tensors["bias"] = bias.device
+    for name, device in tensors.items():
+        if device != x2d.device:
+            return f"{name} is on {device}, x on {x2d.device}"
+    if x2d.shape[1] == 0 or weight.shape[0] == 0:
+        return f"empty weight: {weight.shape[0]} output and {x2d.shape[1]} input features"
+    r = A.shape[0]
+    if not 1 <= r <= MAX_RANK:
+        return f"r={r} is outside 1..{MAX_RANK}"
+    for name, t in (("lora_A", A), ("lora_B", B)):
+        if t.dtype not in (torch.float32, x2d.dtype):
+            return f"{name} dtype {t.dtype} is neither float32 nor x's dtype {x2d.dtype}"
+    if bias is not None and bias.dtype not in (torch.float32, x2d.dtype):
+        return f"bias dtype {bias.dtype} is neither float32 nor x's dtype {x2d.dtype}"
+    if _is_nf4(weight):
+        if weight.packed.dtype != torch.uint8:
+            return f"NF4 packed dtype {weight.packed.dtype} is not uint8"
+        if weight.double_quant and weight.nested_blocksize != NESTED_BLOCKSIZE:
+            return f"nested blocksize {weight.nested_blocksize} is not {NESTED_BLOCKSIZE}"
+    elif weight.dtype != x2d.dtype:
+        return f"dense weight dtype {weight.dtype} differs from x's dtype {x2d.dtype}"
+    if not 0.0 <= dropout_p < 1.0:
+        return f"dropout_p={dropout_p} is outside [0, 1)"
+    return None
+
+
+def _tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+def _rank_pad(r: int) -> int:
+    """r rounded up to a power of two, at least 16 (the smallest tl.dot dimension)."""
+    return max(16, 1 << (r - 1).bit_length())
+
+
+def _precisions(x, A, B) -> dict:
+    """Low-rank dtype (promotion of x, A, B) and dot precisions; see lora_fwd.py for the tf32 choice."""
+    lowrank = torch.promote_types(torch.promote_types(x.dtype, A.dtype), B.dtype)
+    exact = x.dtype == torch.float32
+    return {
+        "BASE_PRECISION": "ieee" if exact else "tf32",
+        "LOWRANK_DTYPE": _tl_dtype(lowrank),
+        "LOWRANK_PRECISION": "ieee" if exact else "tf32",
+    }
+
+
+def _weight_args(weight, K: int) -> tuple[tuple, dict]:
+    """Pointer/stride arguments and constexprs describing W for load_weight_tile."""
+    if not _is_nf4(weight):
+        args = (weight, None, None, None, None, None)
+        return args, {"stride_wn": weight.stride(0), "stride_wk": weight.stride(1), "IS_NF4": False,
+                      "DOUBLE_QUANT": False, "BLOCKSIZE": 1, "NESTED_BLOCKSIZE": 1, "ROW_SCALES": False}
+    blocksize = int(weight.blocksize)
+    if weight.double_quant:
+        args = (weight.packed, weight.absmax, weight.code, weight.nested_absmax, weight.nested_code, weight.offset)
+    else:
+        args = (weight.packed, weight.absmax, weight.code, None, None, None)
+    power_of_two = blocksize & (blocksize - 1) == 0
+    return args, {"stride_wn": 0, "stride_wk": 0, "IS_NF4": True, "DOUBLE_QUANT": bool(weight.double_quant),
+                  "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
+                  "ROW_SCALES": power_of_two and K % blocksize == 0}
+
+
+def _dropout_args(dropout_p: float, seed: int) -> dict:
+    return {"seed": int(seed), "p": float(dropout_p), "keep_scale": 1.0 / (1.0 - dropout_p)}
+
+
+def _gemm(kernel, x, out_name: str, reduce_name: str, reset_to_zero: tuple = ()):
+    """The kernel to launch and the fixed meta-parameters: autotuned on a GPU, one small config when interpreting."""
+    if _interpreting():
+        from .autotune import INTERPRETER_CONFIG
+
+        return kernel, dict(INTERPRETER_CONFIG)
+    from .autotune import autotuned
+
+    capability = torch.cuda.get_device_capability(x.device)
+    return autotuned(kernel, capability, out_name, reduce_name, reset_to_zero), {}
+
+
+def _device_guard(x):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _compute_u(x2d, A, dropout_p, seed, precisions) -> torch.Tensor:
+    """u = (m⊙x)·Aᵀ, (M, r) fp32."""
+    import triton
+
+    from .lora_fwd import lora_u_kernel
+
+    M, K = x2d.shape
+    r = A.shape[0]
+    u = torch.empty((M, r), device=x2d.device, dtype=torch.float32)
+    r_pad = _rank_pad(r)
+    block_r = min(r_pad, 64)
+    block_m = 16 if _interpreting() else min(64, max(16, triton.next_power_of_2(M)))
+    block_k = 32 if _interpreting() else 64
+    grid = (triton.cdiv(M, block_m), r_pad // block_r)
+    lora_u_kernel[grid](
+        x2d, A, u, M, K, r,
+        x2d.stride(0), x2d.stride(1), A.stride(0), A.stride(1), u.stride(0), u.stride(1),
+        **_dropout_args(dropout_p, seed), DROPOUT=dropout_p > 0.0,
+        LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
+    )  # fmt: skip
+    return u
+
+
+def forward(x2d, weight, A, B, scaling: float, bias, dropout_p: float, seed: int):
+    """Fused forward of the LoRA layer.
+
+    Args:
+        x2d: (M, K) input in fp16/bf16/fp32, any strides. weight: NF4Weight of shape (N, K), or a dense (N, K)
+            tensor in x's dtype. A: (r, K) and B: (N, r) in fp32 or x's dtype. scaling: s. bias: (N,) or None.
+        dropout_p: dropout probability of the LoRA input; seed: the seed its mask is drawn from.
+    Returns:
+        y: (M, N) in x's dtype, y = x·Wᵀ + b + s·((m⊙x)·Aᵀ)·Bᵀ; u: (M, r) fp32, u = (m⊙x)·Aᵀ (save it for backward).
+
+    Example:
+        >>> w = fl.quantize_nf4(torch.randn(200, 64, device="cuda", dtype=torch.bfloat16))
+        >>> x = torch.randn(37, 64, device="cuda", dtype=torch.bfloat16)
+        >>> A, B = torch.randn(8, 64, device="cuda"), torch.randn(200, 8, device="cuda")
+        >>> y, u = forward(x, w, A, B, 2.0, None, 0.0, 0)      # y (37, 200) bf16, u (37, 8) fp32
+    """
+    import triton
+
+    from .lora_fwd import lora_fwd_kernel
+
+    M, K = x2d.shape
+    N = weight.shape[0]
+    r = A.shape[0]
+    if tuple(weight.shape) != (N, K) or tuple(A.shape) != (r, K) or tuple(B.shape) != (N, r):
+        raise ValueError(
+            f"fused LoRA forward: shapes x {tuple(x2d.shape)}, W {tuple(weight.shape)}, A {tuple(A.shape)}, "
+            f"B {tuple(B.shape)} do not fit x (M, K), W (N, K), A (r, K), B (N, r)"
+        )
+    y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+    if M == 0:
+        return y, torch.zeros((0, r), device=x2d.device, dtype=torch.float32)
+    precisions = _precisions(x2d, A, B)
+    weight_args, weight_meta = _weight_args(weight, K)
+    r_pad = _rank_pad(r)
+    with _device_guard(x2d):
+        u = _compute_u(x2d, A, dropout_p, seed, precisions)
+        kernel, meta = _gemm(lora_fwd_kernel, x2d, "BLOCK_N", "BLOCK_K")
+        grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
+        kernel[grid](
+            x2d, *weight_args, u, B, bias, y,
+            M, N, K, r, _m_bucket(M),
+            x2d.stride(0), x2d.stride(1), weight_meta.pop("stride_wn"), weight_meta.pop("stride_wk"),
+            u.stride(0), u.stride(1), B.stride(0), B.stride(1), y.stride(0), y.stride(1),
+            float(scaling),
+            **weight_meta, HAS_BIAS=bias is not None, **precisions,
+            R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta,
+        )  # fmt: skip
+    return y, u
+
+
+def _m_bucket(M: int) -> int:
+    from .autotune import m_bucket
+
+    return m_bucket(M)
+
+
+def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, columns per program) of the v/dB pass: enough programs to fill the GPU."""
+    import triton
+
+    if _interpreting():
+        block_m, block_n, programs_wanted = 16, 32, 2 * triton.cdiv(M, 16)
+    else:
+        block_m = min(64 if r_pad <= 64 else 32, max(16, triton.next_power_of_2(M)))
+        block_n = 64
+        programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    n_tiles = triton.cdiv(N, block_n)
+    splits = max(1, min(n_tiles, programs_wanted // triton.cdiv(M, block_m)))
+    return block_m, block_n, triton.cdiv(n_tiles, splits) * block_n
+
+
+def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA, need_dB, need_db):
+    """Fused backward of the LoRA layer (W is frozen: no dW).
+
+    Args:
+        g: (M, N) ∂L/∂y in x's dtype, any strides. x2d, weight, A, B, scaling, dropout_p, seed: as in ``forward``
+            (the same seed, so the kernels regenerate the same mask). u: (M, r) fp32 from ``forward``.
+        need_dx, need_dA, need_dB, need_db: which gradients to compute.
+    Returns:
+        (dx (M, K) x's dtype, dA (r, K) A's dtype, dB (N, r) B's dtype, db (N,) fp32), None where not needed.
+
+    Example:
+        >>> y, u = forward(x, w, A, B, 2.0, None, 0.1, seed=1234)
+        >>> dx, dA, dB, db = backward(torch.ones_like(y), x, w, A, B, 2.0, 0.1, 1234, u, True, True, True, False)
+    """
+    import triton
+
+    from .lora_bwd import lora_dx_kernel, lora_vdb_kernel
+
+    M, K = x2d.shape
+    N = weight.shape[0]
+    r = A.shape[0]
+    device = x2d.device
+    need_v = need_dx or need_dA
+    r_pad = _rank_pad(r)
+    precisions = _precisions(x2d, A, B)
+    v = torch.zeros((M, r), device=device, dtype=torch.float32) if need_v else None
+    dB32 = torch.zeros((N, r), device=device, dtype=torch.float32) if need_dB else None
+    db = torch.zeros((N,), device=device, dtype=torch.float32) if need_db else None
+    dA32 = torch.zeros((r, K), device=device, dtype=torch.float32) if need_dA else None
+    dx = torch.empty((M, K), device=device, dtype=x2d.dtype) if need_dx else None
+
+    with _device_guard(x2d):
+        if M > 0 and (need_v or need_dB or need_db):
+            block_m, block_n, n_per_split = _vdb_blocks(M, N, r_pad, device)
+            grid = (triton.cdiv(M, block_m), triton.cdiv(N, n_per_split))
+            dB_strides = dB32.stride() if need_dB else (0, 0)
+            v_strides = v.stride() if need_v else (0, 0)
+            lora_vdb_kernel[grid](
+                g, B, u, v, dB32, db,
+                M, N, r, n_per_split,
+                g.stride(0), g.stride(1), B.stride(0), B.stride(1), u.stride(0), u.stride(1),
+                *v_strides, *dB_strides, float(scaling),
+                NEED_V=need_v, NEED_DB_LORA=need_dB, NEED_DB_BIAS=need_db,
+                LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
+                R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+            )  # fmt: skip
+        if M > 0 and need_v:
+            weight_args, weight_meta = _weight_args(weight, K)
+            kernel, meta = _gemm(lora_dx_kernel, x2d, "BLOCK_K", "BLOCK_N", ("da_ptr",) if need_dA else ())
+            grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)  # noqa: E731
+            dx_strides = dx.stride() if need_dx else (0, 0)
+            dA_strides = dA32.stride() if need_dA else (0, 0)
+            kernel[grid](
+                g, *weight_args, x2d, A, v, dx, dA32,
+                M, N, K, r, _m_bucket(M),
+                g.stride(0), g.stride(1), weight_meta.pop("stride_wn"), weight_meta.pop("stride_wk"),
+                x2d.stride(0), x2d.stride(1), A.stride(0), A.stride(1), v.stride(0), v.stride(1),
+                *dx_strides, *dA_strides, float(scaling),
+                **_dropout_args(dropout_p, seed),
+                NEED_DX=need_dx, NEED_DA=need_dA, DROPOUT=dropout_p > 0.0,
+                **weight_meta, **precisions, R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta,
+            )  # fmt: skip
+
+    dA = dA32.to(A.dtype) if need_dA else None
+    dB = dB32.to(B.dtype) if need_dB else None
+    return dx, dA, dB, db
+
+
+def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
+    """The dropout mask m that the kernels regenerate for (seed, p), materialised (for tests).
+
+    Returns:
+        (M, K) fp32 tensor with entries 0 or 1/(1-p); all ones when p == 0.
+
+    Example:
+        >>> m = dropout_mask(1234, 37, 64, 0.1, "cpu")     # pass as ``m`` to fused_lora.reference.lora_forward
+    """
+    import triton
+
+    from .dropout import dropout_mask_kernel
+
+    device = torch.device(device)
+    if p == 0.0:
+        return torch.ones((M, K), device=device, dtype=torch.float32)
+    m = torch.empty((M, K), device=device, dtype=torch.float32)
+    if M == 0 or K == 0:
+        return m
+    block_m, block_k = 16, 64
+    with _device_guard(m):
+        dropout_mask_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
+            m, int(seed), M, K, float(p), 1.0 / (1.0 - p), BLOCK_M=block_m, BLOCK_K=block_k
+        )
+    return m

@@ -1,0 +1,211 @@
+"""Backward kernels of the LoRA layer over a frozen NF4 or dense weight.
+
+Symbols (shared/DESIGN.md): g = ∂L/∂y (M×N), x (M×K), W (N×K) frozen, A (r×K), B (N×r), s scaling, m (M×K)
+dropout mask regenerated from the seed (dropout.py), u = (m⊙x)·Aᵀ saved by the forward pass.
+
+    v  = g·B                        (M×r, fp32)      lora_vdb_kernel   } one pass over g
+    dB = s·gᵀ·u                     (N×r, fp32)      lora_vdb_kernel   }
+    db = Σ_M g                      (N,   fp32)      lora_vdb_kernel   }
+    dx = g·deq(W) + s·m⊙(v·A)       (M×K, x dtype)   lora_dx_kernel    } one pass over g and deq(W); m and x are
+    dA = s·vᵀ·(m⊙x)                 (r×K, fp32)      lora_dx_kernel    } read once, in the epilogue
+
+deq(W) is dequantized tile by tile in registers (lora_fwd.load_weight_tile); W is frozen, so there is no dW.
+Reductions that cross programs (v and dB over split N, dA over M) are fp32 atomic adds into zeroed buffers.
+Dot precision and the low-rank dtype follow lora_fwd.py.
+"""
+
+import triton
+import triton.language as tl
+
+from .dropout import dropout_mask_tile
+from .lora_fwd import load_weight_tile
+
+
+@triton.jit
+def lora_vdb_kernel(
+    # pointers
+    g_ptr,  # (M, N) compute dtype
+    b_ptr,  # B (N, r)
+    u_ptr,  # (M, r) fp32
+    v_ptr,  # (M, r) fp32 output, zeroed (atomic adds)
+    db_lora_ptr,  # dB (N, r) fp32 output, zeroed (atomic adds)
+    db_bias_ptr,  # db (N,) fp32 output, zeroed (atomic adds)
+    # sizes
+    M,
+    N,
+    R,
+    N_PER_SPLIT,  # columns of g per program along grid axis 1 (a multiple of BLOCK_N)
+    # strides
+    stride_gm,
+    stride_gn,
+    stride_bn,
+    stride_br,
+    stride_um,
+    stride_ur,
+    stride_vm,
+    stride_vr,
+    stride_dbn,
+    stride_dbr,
+    scaling,
+    # constexprs
+    NEED_V: tl.constexpr,
+    NEED_DB_LORA: tl.constexpr,
+    NEED_DB_BIAS: tl.constexpr,
+    LOWRANK_DTYPE: tl.constexpr,
+    LOWRANK_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Rows offs_m × columns [pid_1·N_PER_SPLIT, +N_PER_SPLIT) of g: v += g·B, dB += s·gᵀ·u, db += Σ_rows g."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    row_in_range = offs_m[:, None] < M
+    rank_in_range = offs_r[None, :] < R
+    n_start = tl.program_id(1) * N_PER_SPLIT
+    n_end = min(n_start + N_PER_SPLIT, N)
+    g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+    if NEED_DB_LORA:
+        u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
+        u = tl.load(u_ptrs, mask=row_in_range & rank_in_range, other=0.0).to(LOWRANK_DTYPE)
+    v = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=row_in_range & (offs_n[None, :] < N), other=0.0)
+        if NEED_V:
+            b = tl.load(
+                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=(offs_n[:, None] < N) & rank_in_range,
+                other=0.0,
+            )
+            v = tl.dot(g.to(LOWRANK_DTYPE), b.to(LOWRANK_DTYPE), v, input_precision=LOWRANK_PRECISION)
+        if NEED_DB_LORA:
+            db_lora = tl.dot(tl.trans(g.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
+            tl.atomic_add(
+                db_lora_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
+                scaling * db_lora,
+                mask=(offs_n[:, None] < N) & rank_in_range,
+            )
+        if NEED_DB_BIAS:
+            tl.atomic_add(db_bias_ptr + offs_n, tl.sum(g.to(tl.float32), axis=0), mask=offs_n < N)
+    if NEED_V:
+        v_ptrs = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm + offs_r[None, :] * stride_vr
+        tl.atomic_add(v_ptrs, v, mask=row_in_range & rank_in_range)
+
+
+@triton.jit
+def lora_dx_kernel(
+    # pointers
+    g_ptr,  # (M, N) compute dtype
+    w_ptr,  # dense (N, K) compute dtype, or NF4 packed uint8
+    absmax_ptr,  # NF4 only (None for a dense W)
+    code_ptr,
+    nested_absmax_ptr,  # double quant only
+    nested_code_ptr,
+    offset_ptr,
+    x_ptr,  # (M, K) compute dtype (read only for dA)
+    a_ptr,  # A (r, K)
+    v_ptr,  # (M, r) fp32 from lora_vdb_kernel
+    dx_ptr,  # (M, K) compute dtype output
+    da_ptr,  # dA (r, K) fp32 output, zeroed (atomic adds)
+    # sizes
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,  # autotune key only: M rounded up to a power of two
+    # strides
+    stride_gm,
+    stride_gn,
+    stride_wn,
+    stride_wk,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_vm,
+    stride_vr,
+    stride_dxm,
+    stride_dxk,
+    stride_dar,
+    stride_dak,
+    scaling,
+    # dropout
+    seed,
+    p,
+    keep_scale,
+    # constexprs
+    NEED_DX: tl.constexpr,
+    NEED_DA: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    IS_NF4: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    ROW_SCALES: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
+    LOWRANK_DTYPE: tl.constexpr,
+    LOWRANK_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # reduction tile over N
+    BLOCK_K: tl.constexpr,  # output tile over K
+    GROUP_M: tl.constexpr,
+):
+    """dx[rows, cols] = Σ_n g[rows, n]·deq(W)[n, cols] + s·m⊙(v·A); dA[:, cols] += s·v[rows]ᵀ·(m⊙x)[rows, cols]."""
+    COMPUTE_DTYPE: tl.constexpr = g_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    group_size = GROUP_M * num_pid_k
+    first_pid_m = (pid // group_size) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % group_size) % group_rows
+    pid_k = (pid % group_size) // group_rows
+
+    k0 = pid_k * BLOCK_K
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tile_in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if NEED_DX:
+        g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+            w = load_weight_tile(
+                w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                offs_n, k0, N, K, stride_wn, stride_wk,
+                IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+            )  # fmt: skip
+            acc = tl.dot(g, w, acc, input_precision=BASE_PRECISION)
+
+    if DROPOUT:
+        m = dropout_mask_tile(seed, offs_m, offs_k, K, p, keep_scale)
+    if NEED_DA:
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=tile_in_range, other=0.0)
+        if DROPOUT:
+            x = x.to(tl.float32) * m
+        x = x.to(LOWRANK_DTYPE)
+    lowrank = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        v_ptrs = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm + offs_r[None, :] * stride_vr
+        v = tl.load(v_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0).to(LOWRANK_DTYPE)
+        if NEED_DX:
+            a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+            a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+            lowrank = tl.dot(v, a.to(LOWRANK_DTYPE), lowrank, input_precision=LOWRANK_PRECISION)
+        if NEED_DA:
+            da = tl.dot(tl.trans(v), x, input_precision=LOWRANK_PRECISION)
+            da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
+            tl.atomic_add(da_ptrs, scaling * da, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+
+    if NEED_DX:
+        lowrank = scaling * lowrank
+        if DROPOUT:
+            lowrank = lowrank * m
+        dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+        tl.store(dx_ptrs, (acc + lowrank).to(COMPUTE_DTYPE), mask=tile_in_range)

@@ -1,0 +1,252 @@
+"""Forward kernels of the LoRA layer over a frozen NF4 or dense weight.
+
+Symbols (shared/DESIGN.md): x (M×K) input, W (N×K) frozen weight, A (r×K), B (N×r), b (N) bias, s scaling,
+m (M×K) dropout mask (0 or 1/(1-p), regenerated from the seed, see dropout.py).
+
+    u = (m⊙x)·Aᵀ                    (M×r, fp32)          lora_u_kernel
+    y = x·deq(W)ᵀ + b + s·u·Bᵀ       (M×N, x's dtype)     lora_fwd_kernel
+
+deq(W) is computed tile by tile in registers inside the GEMM main loop and never written to memory:
+
+    i = n·K + k                     flat row-major index of W[n, k]
+    q = packed[i // 2] >> 4         if i is even, else packed[i // 2] & 15
+    absmax_b = nested_code[absmax[b]] · nested_absmax[b // 256] + offset      (double quant; b = i // blocksize)
+    W[n, k] = round_to_compute_dtype(code[q] · absmax_b)                     (fp32 product, rounded once)
+
+The accumulator is fp32; the bias and the low-rank term are added in the epilogue, so no M×N intermediate exists.
+Low-rank dots run in the promoted dtype of x, A and B (``LOWRANK_DTYPE``). fp32 dots use IEEE fp32 when x is fp32
+(the tolerance rule compares with plain fp32 PyTorch); with fp16/bf16 x and fp32 adapters they use tf32, whose
+10-bit mantissa is finer than the rounding of the fp16/bf16 output the low-rank term is added to.
+"""
+
+import triton
+import triton.language as tl
+
+from .dropout import dropout_mask_tile
+
+
+@triton.jit
+def block_absmax(
+    block,  # block indices b (any shape, int64)
+    in_range,  # mask of the same shape
+    absmax_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    DOUBLE_QUANT: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+):
+    """absmax_b in fp32: absmax[b], or nested_code[absmax[b]]·nested_absmax[b // 256] + offset (double quant)."""
+    if DOUBLE_QUANT:
+        absmax_code = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
+        nested_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
+        return tl.load(nested_code_ptr + absmax_code) * nested_scale + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+
+
+@triton.jit
+def load_weight_tile(
+    # pointers: dense W, or the NF4 fields (packed bytes, absmax, code, nested absmax, nested code, offset)
+    w_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    # the tile: rows offs_n of W, columns k0 + arange(BLOCK_K)
+    offs_n,
+    k0,
+    N,
+    K,
+    stride_wn,
+    stride_wk,
+    IS_NF4: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,  # NF4 absmax blocksize over the flat index
+    NESTED_BLOCKSIZE: tl.constexpr,
+    ROW_SCALES: tl.constexpr,  # K % BLOCKSIZE == 0 and BLOCKSIZE a power of two: scales per (row, block)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    """W[offs_n, k0:k0+BLOCK_K] as a (BLOCK_N, BLOCK_K) tile in the compute dtype; 0 outside N×K."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    in_range = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    if IS_NF4:
+        flat = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+        packed = tl.load(w_ptr + flat // 2, mask=in_range, other=0).to(tl.int32)
+        q = (packed >> (4 - 4 * (flat % 2)).to(tl.int32)) & 15
+        values = tl.load(code_ptr + q)
+        if ROW_SCALES:
+            # Every block lies inside one row, and a tile holds SCALES_PER_ROW whole blocks of a row (or a part of
+            # one block): decode one absmax per (row, block), then broadcast it over the block's elements.
+            SCALES_PER_ROW: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
+            first_block = (offs_n.to(tl.int64) * K + k0) // BLOCKSIZE
+            block = first_block[:, None] + tl.arange(0, SCALES_PER_ROW)[None, :]
+            block_k = k0 + tl.arange(0, SCALES_PER_ROW)[None, :] * BLOCKSIZE
+            scale = block_absmax(
+                block,
+                (offs_n[:, None] < N) & (block_k < K),
+                absmax_ptr,
+                nested_absmax_ptr,
+                nested_code_ptr,
+                offset_ptr,
+                DOUBLE_QUANT,
+                NESTED_BLOCKSIZE,
+            )
+            values = tl.reshape(values, (BLOCK_N, SCALES_PER_ROW, BLOCK_K // SCALES_PER_ROW))
+            w = tl.reshape(values * scale[:, :, None], (BLOCK_N, BLOCK_K))
+        else:
+            scale = block_absmax(
+                flat // BLOCKSIZE,
+                in_range,
+                absmax_ptr,
+                nested_absmax_ptr,
+                nested_code_ptr,
+                offset_ptr,
+                DOUBLE_QUANT,
+                NESTED_BLOCKSIZE,
+            )
+            w = values * scale
+        w = tl.where(in_range, w, 0.0)
+    else:
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        w = tl.load(w_ptrs, mask=in_range, other=0.0)
+    return w.to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def lora_u_kernel(
+    # pointers
+    x_ptr,  # (M, K) compute dtype
+    a_ptr,  # (r, K) fp32 or compute dtype
+    u_ptr,  # (M, r) fp32 output
+    # sizes
+    M,
+    K,
+    R,
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_um,
+    stride_ur,
+    # dropout
+    seed,
+    p,
+    keep_scale,
+    # constexprs
+    DROPOUT: tl.constexpr,
+    LOWRANK_DTYPE: tl.constexpr,
+    LOWRANK_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """u[rows, ranks] = Σ_k (m⊙x)[rows, k] · A[ranks, k]; grid (M / BLOCK_M, r_pad / BLOCK_R)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        if DROPOUT:
+            x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, offs_k, K, p, keep_scale)
+        a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+        a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+        u = tl.dot(x.to(LOWRANK_DTYPE), tl.trans(a.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
+    u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
+    tl.store(u_ptrs, u, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+
+
+@triton.jit
+def lora_fwd_kernel(
+    # pointers
+    x_ptr,  # (M, K) compute dtype
+    w_ptr,  # dense (N, K) compute dtype, or NF4 packed uint8
+    absmax_ptr,  # NF4 only (None for a dense W)
+    code_ptr,
+    nested_absmax_ptr,  # double quant only
+    nested_code_ptr,
+    offset_ptr,
+    u_ptr,  # (M, r) fp32 from lora_u_kernel
+    b_ptr,  # B (N, r)
+    bias_ptr,  # (N,) or None
+    y_ptr,  # (M, N) compute dtype output
+    # sizes
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,  # autotune key only: M rounded up to a power of two
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_um,
+    stride_ur,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    scaling,
+    # constexprs
+    IS_NF4: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    ROW_SCALES: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
+    LOWRANK_DTYPE: tl.constexpr,
+    LOWRANK_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,  # r rounded up to a power of two ≥ 16
+    R_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y[rows, cols] = Σ_k x[rows, k]·deq(W)[cols, k] + b[cols] + s·Σ_r u[rows, r]·B[cols, r]; 1-D grouped grid."""
+    COMPUTE_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_pid_m = (pid // group_size) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % group_size) % group_rows
+    pid_n = (pid % group_size) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = load_weight_tile(
+            w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+            offs_n, k0, N, K, stride_wn, stride_wk,
+            IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+        )  # fmt: skip
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=BASE_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    lowrank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+        offs_r = r0 + tl.arange(0, R_CHUNK)
+        u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
+        u = tl.load(u_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+        bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
+        bt = tl.load(bt_ptrs, mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+        lowrank = tl.dot(u.to(LOWRANK_DTYPE), bt.to(LOWRANK_DTYPE), lowrank, input_precision=LOWRANK_PRECISION)
+    y = acc + scaling * lowrank
+
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, y.to(COMPUTE_DTYPE), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
