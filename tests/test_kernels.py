@@ -1,0 +1,290 @@
+"""The fused Triton kernels (kernels/lora.py) against fused_lora/reference.py in float64, under the CPU interpreter.
+
+Every case checks y, u, dx, dA, dB and db with DESIGN's tolerance rule (kernel error ≤ 2 × plain PyTorch error in
+the same dtype + atol), on ragged shapes that cross tile borders, with outputs poisoned with NaN (poison_empty).
+bf16 is GPU-only (tests/test_kernels_gpu.py): the interpreter cannot compute it.
+"""
+
+import pytest
+import torch
+
+from fused_lora import reference
+from fused_lora.testing import assert_close_to_reference, relative_error
+
+pytestmark = pytest.mark.usefixtures("interpret_triton")
+
+SCALING = 2.0
+
+
+def _nf4_code() -> torch.Tensor:
+    """bitsandbytes' NF4 code table."""
+    return torch.tensor([
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0,
+    ])  # fmt: skip
+
+
+class _LocalNF4:
+    """A tiny NF4 quantizer with NF4Weight's attribute contract (packed / absmax / code / nested fields / offset),
+    nearest-code rounding and a linear nested code: enough to exercise every path of the kernels' dequantizer."""
+
+    def __init__(self, w: torch.Tensor, blocksize: int, double_quant: bool):
+        self.shape, self.dtype, self.blocksize = tuple(w.shape), w.dtype, blocksize
+        self.double_quant, self.nested_blocksize, self.code = double_quant, 256, _nf4_code()
+        flat = w.float().reshape(-1)
+        n = flat.numel()
+        nblocks = -(-n // blocksize)
+        blocks = torch.zeros(nblocks * blocksize)
+        blocks[:n] = flat
+        absmax = blocks.view(nblocks, blocksize).abs().amax(1)
+        normed = (blocks.view(nblocks, blocksize) / absmax[:, None]).reshape(-1)[:n]
+        q = (normed[:, None] - self.code[None]).abs().argmin(1).to(torch.uint8)
+        q = torch.cat([q, q.new_zeros(n % 2)])
+        self.packed = (q[0::2] << 4 | q[1::2]).view(-1, 1)
+        if double_quant:
+            self.offset = absmax.mean()
+            nested_blocks = -(-nblocks // 256)
+            centred = torch.zeros(nested_blocks * 256)
+            centred[:nblocks] = absmax - self.offset
+            self.nested_absmax = centred.view(nested_blocks, 256).abs().amax(1)
+            self.nested_code = torch.linspace(-1.0, 1.0, 256)
+            normed = (centred.view(nested_blocks, 256) / self.nested_absmax[:, None]).reshape(-1)[:nblocks]
+            self.absmax = (normed[:, None] - self.nested_code[None]).abs().argmin(1).to(torch.uint8)
+        else:
+            self.absmax, self.offset, self.nested_absmax, self.nested_code = absmax, None, None, None
+
+    def absmax_fp32(self) -> torch.Tensor:
+        if not self.double_quant:
+            return self.absmax
+        block = torch.arange(self.absmax.numel())
+        return self.nested_code[self.absmax.long()] * self.nested_absmax[block // 256] + self.offset
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        n = self.shape[0] * self.shape[1]
+        q = torch.stack([self.packed.view(-1) >> 4, self.packed.view(-1) & 15], 1).reshape(-1)[:n].long()
+        w = self.code[q] * self.absmax_fp32()[torch.arange(n) // self.blocksize]
+        return w.view(self.shape).to(dtype or self.dtype)
+
+
+def _quantize(w: torch.Tensor, blocksize: int, double_quant: bool):
+    return _LocalNF4(w, blocksize, double_quant)
+
+
+def _kernels():
+    from fused_lora.kernels import lora
+
+    return lora
+
+
+def _make_case(M, K, N, r, dtype, base, adapter_dtype, bias, layout, blocksize, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "transposed":
+        x = torch.randn(K, M, generator=gen).to(dtype).t()
+    elif layout == "sliced":
+        x = torch.randn(M, K + 24, generator=gen).to(dtype)[:, 5 : 5 + K]
+    elif layout == "3d":
+        x = torch.randn(3, M // 3, K, generator=gen).to(dtype).reshape(-1, K)
+    else:
+        x = torch.randn(M, K, generator=gen).to(dtype)
+    w_dense = torch.randn(N, K, generator=gen) / K**0.5
+    if base == "dense":
+        weight = w_dense.to(dtype)
+        w_compute = weight
+    else:
+        weight = _quantize(w_dense.to(dtype), blocksize, double_quant=base == "nf4-dq")
+        w_compute = weight.dequantize(dtype)
+    A = (torch.randn(r, K, generator=gen) / K**0.5).to(adapter_dtype)
+    B = (torch.randn(N, r, generator=gen) / r**0.5).to(adapter_dtype)
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    g = torch.randn(M, N, generator=gen).to(dtype)
+    return x, weight, w_compute, A, B, b, g
+
+
+def _reference(x, w_compute, A, B, b, g, m, dtype_of=lambda t: t.double()):
+    f = dtype_of
+    y, u = reference.lora_forward(f(x), f(w_compute), f(A), f(B), SCALING, None if b is None else f(b), m)
+    grads = reference.lora_backward(
+        f(g), f(x), f(w_compute), f(A), f(B), SCALING, u, m, need_db=b is not None
+    )
+    return (y, u) + tuple(grads)
+
+
+CASES = [
+    # (M, K, N, r, dtype, base, adapter dtype, bias, dropout p, x layout, NF4 blocksize)
+    (1, 64, 80, 4, torch.float32, "nf4-dq", torch.float32, False, 0.0, "contiguous", 64),
+    (37, 192, 80, 8, torch.float16, "nf4-dq", torch.float32, True, 0.1, "contiguous", 64),
+    (37, 192, 80, 4, torch.float16, "nf4", torch.float16, False, 0.0, "transposed", 64),
+    (129, 64, 200, 16, torch.float16, "dense", torch.float16, True, 0.0, "contiguous", 64),
+    (37, 64, 200, 16, torch.float32, "dense", torch.float32, False, 0.25, "sliced", 64),
+    (39, 192, 80, 8, torch.float32, "nf4-dq", torch.float32, True, 0.0, "3d", 128),
+    (129, 64, 80, 8, torch.float16, "nf4-dq", torch.float32, False, 0.5, "3d", 64),
+    (17, 65, 37, 1, torch.float32, "nf4-dq", torch.float32, True, 0.0, "contiguous", 64),
+    (20, 48, 40, 100, torch.float32, "nf4", torch.float32, False, 0.1, "contiguous", 32),
+    (33, 70, 50, 5, torch.float16, "dense", torch.float32, True, 0.3, "transposed", 64),
+]
+
+
+def _case_id(case):
+    M, K, N, r, dtype, base, adapter, bias, p, layout, bs = case
+    parts = [f"M{M}", f"K{K}", f"N{N}", f"r{r}", str(dtype).replace("torch.float", "fp"), base]
+    if base != "dense":
+        parts.append(f"bs{bs}")
+    if adapter != dtype:
+        parts.append("adapters-fp32")
+    parts += (["bias"] if bias else []) + ([f"dropout{p}"] if p else []) + ([layout] if layout != "contiguous" else [])
+    return "-".join(parts)
+
+
+def _check_all(kernel_out, x, w_compute, A, B, b, g, m, dtype):
+    """Assert the tolerance rule for y, u, dx, dA, dB (and db) against the float64 reference."""
+    ref = _reference(x, w_compute, A, B, b, g, None if m is None else m.double())
+    plain = _reference(x, w_compute, A, B, b, g, None if m is None else m.to(dtype), dtype_of=lambda t: t)
+    names = ("y", "u", "dx", "dA", "dB", "db")
+    for name, ours, plain_t, ref_t in zip(names, kernel_out, plain, ref):
+        if ref_t is None:
+            assert ours is None, f"{name} was not requested but was returned"
+            continue
+        assert_close_to_reference(name, ours, plain_t, ref_t, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_forward_and_backward_match_reference(case, poison_empty):
+    M, K, N, r, dtype, base, adapter_dtype, bias, p, layout, blocksize = case
+    x, weight, w_compute, A, B, b, g = _make_case(M, K, N, r, dtype, base, adapter_dtype, bias, layout, blocksize, M)
+    lora = _kernels()
+    assert lora.unsupported_reason(x, weight, A, B, b, p) is None
+    seed = 1000 + M
+    y, u = lora.forward(x, weight, A, B, SCALING, b, p, seed)
+    assert y.dtype == dtype and u.dtype == torch.float32 and y.shape == (M, N) and u.shape == (M, r)
+    dx, dA, dB, db = lora.backward(g, x, weight, A, B, SCALING, p, seed, u, True, True, True, b is not None)
+    assert dx.dtype == dtype and dA.dtype == A.dtype and dB.dtype == B.dtype
+    assert db is None or db.dtype == torch.float32
+    m = lora.dropout_mask(seed, M, K, p, "cpu") if p > 0 else None
+    _check_all((y, u, dx, dA, dB, db), x, w_compute, A, B, b, g, m, dtype)
+
+
+@pytest.mark.parametrize("block_k, blocksize", [(64, 32), (128, 32)], ids=["BK64-bs32", "BK128-bs32"])
+def test_several_nf4_blocks_per_tile_row(block_k, blocksize, monkeypatch, poison_empty):
+    """Tiles wider than the NF4 block decode one absmax per (row, block) and broadcast it (forward and dx)."""
+    from fused_lora.kernels import autotune
+
+    monkeypatch.setitem(autotune.INTERPRETER_CONFIG, "BLOCK_K", block_k)
+    x, weight, w_compute, A, B, b, g = _make_case(
+        21, 256, 48, 8, torch.float32, "nf4-dq", torch.float32, True, "contiguous", blocksize, 3
+    )
+    lora = _kernels()
+    y, u = lora.forward(x, weight, A, B, SCALING, b, 0.0, 0)
+    grads = lora.backward(g, x, weight, A, B, SCALING, 0.0, 0, u, True, True, True, True)
+    _check_all((y, u) + grads, x, w_compute, A, B, b, g, None, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "needs",
+    [(True, False, False, False), (False, True, False, False), (False, False, True, True), (False, True, True, False)],
+    ids=["dx-only", "dA-only", "dB-db-only", "dA-dB"],
+)
+def test_backward_computes_exactly_the_requested_gradients(needs, poison_empty):
+    x, weight, w_compute, A, B, b, g = _make_case(
+        37, 64, 80, 8, torch.float32, "nf4-dq", torch.float32, True, "contiguous", 64, 5
+    )
+    lora = _kernels()
+    y, u = lora.forward(x, weight, A, B, SCALING, b, 0.2, 77)
+    grads = lora.backward(g, x, weight, A, B, SCALING, 0.2, 77, u, *needs)
+    m = lora.dropout_mask(77, 37, 64, 0.2, "cpu").double()
+    ref = _reference(x, w_compute, A, B, b, g, m)[2:]
+    for name, need, ours, ref_t in zip(("dx", "dA", "dB", "db"), needs, grads, ref):
+        if need:
+            assert relative_error(ours, ref_t) < 1e-5, name
+        else:
+            assert ours is None, f"{name} was not requested but was returned"
+
+
+def test_dropout_mask_is_the_one_the_kernels_use_in_forward_and_backward(poison_empty):
+    """u (forward) and dA (backward) both see m⊙x: they match the reference only with the materialised mask, and
+    both differ from the reference under a mask drawn from another seed."""
+    x, weight, w_compute, A, B, b, g = _make_case(
+        37, 64, 80, 8, torch.float32, "dense", torch.float32, False, "contiguous", 64, 9
+    )
+    lora = _kernels()
+    y, u = lora.forward(x, weight, A, B, SCALING, None, 0.3, 4242)
+    dx, dA, _, _ = lora.backward(g, x, weight, A, B, SCALING, 0.3, 4242, u, True, True, False, False)
+    same = _reference(x, w_compute, A, B, None, g, lora.dropout_mask(4242, 37, 64, 0.3, "cpu").double())
+    other = _reference(x, w_compute, A, B, None, g, lora.dropout_mask(4243, 37, 64, 0.3, "cpu").double())
+    for name, ours, i in (("u", u, 1), ("dx", dx, 2), ("dA", dA, 3)):
+        assert relative_error(ours, same[i]) < 1e-5, name
+        assert relative_error(ours, other[i]) > 1e-2, name
+
+
+def test_dropout_mask_values_rate_and_determinism():
+    lora = _kernels()
+    m = lora.dropout_mask(7, 129, 200, 0.25, "cpu")
+    assert m.shape == (129, 200) and m.dtype == torch.float32
+    assert torch.equal(m.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert abs((m == 0).float().mean().item() - 0.25) < 0.02
+    assert torch.equal(m, lora.dropout_mask(7, 129, 200, 0.25, "cpu"))
+    assert not torch.equal(m, lora.dropout_mask(8, 129, 200, 0.25, "cpu"))
+    assert torch.equal(lora.dropout_mask(7, 5, 6, 0.0, "cpu"), torch.ones(5, 6))
+
+
+def test_empty_batch(poison_empty):
+    x, weight, _, A, B, b, _ = _make_case(3, 64, 80, 8, torch.float32, "nf4-dq", torch.float32, True, "contiguous", 64, 1)
+    lora = _kernels()
+    y, u = lora.forward(x[:0], weight, A, B, SCALING, b, 0.0, 0)
+    assert y.shape == (0, 80) and u.shape == (0, 8)
+    dx, dA, dB, db = lora.backward(y, x[:0], weight, A, B, SCALING, 0.0, 0, u, True, True, True, True)
+    assert dx.shape == (0, 64)
+    assert torch.equal(dA, torch.zeros(8, 64)) and torch.equal(dB, torch.zeros(80, 8)) and torch.equal(db, torch.zeros(80))
+
+
+def _supported_inputs():
+    x, weight, _, A, B, b, _ = _make_case(4, 64, 80, 8, torch.float16, "nf4-dq", torch.float32, True, "contiguous", 64, 2)
+    return {"x2d": x, "weight": weight, "A": A, "B": B, "bias": b, "dropout_p": 0.1}
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda a: a, None),
+        (lambda a: a.update(A=torch.randn(300, 64), B=torch.randn(80, 300)), "r=300"),
+        (lambda a: a.update(x2d=a["x2d"].double()), "float64"),
+        (lambda a: a.update(x2d=a["x2d"].bfloat16()), "bfloat16 under the Triton CPU interpreter"),
+        (lambda a: a.update(weight=torch.randn(80, 64)), "dense weight dtype torch.float32"),
+        (lambda a: a.update(A=a["A"].bfloat16()), "lora_A dtype torch.bfloat16"),
+        (lambda a: a.update(bias=a["bias"].double()), "bias dtype torch.float64"),
+        (lambda a: a.update(dropout_p=1.0), "dropout_p=1.0"),
+    ],
+    ids=["supported", "rank-300", "fp64-x", "bf16-interpreter", "dense-weight-dtype", "bf16-A-with-fp16-x",
+         "fp64-bias", "dropout-1"],
+)
+def test_unsupported_reason_names_the_case(change, reason):
+    args = _supported_inputs()
+    change(args)
+    got = _kernels().unsupported_reason(**args)
+    if reason is None:
+        assert got is None
+    else:
+        assert got is not None and reason in got, got
+
+
+def test_cpu_tensors_without_interpreter_are_unsupported(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    got = _kernels().unsupported_reason(**_supported_inputs())
+    assert got is not None and "CUDA" in got
+
+
+def test_lora_linear_uses_the_kernels_for_3d_input(poison_empty):
+    from fused_lora.functional import lora_linear
+
+    x, W, w_compute, A, B, b, _ = _make_case(39, 64, 80, 8, torch.float32, "dense", torch.float32, True, "3d", 64, 4)
+    x3 = x.reshape(3, 13, 64).clone().requires_grad_(True)
+    leaves = [t.clone().requires_grad_(True) for t in (A, B, b)]
+    y = lora_linear(x3, W, *leaves[:2], SCALING, bias=leaves[2], backend="triton")
+    assert y.shape == (3, 13, 80)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x3, *leaves], g)
+    ref = _reference(x, w_compute, A, B, b, g.reshape(39, 80), None)
+    assert relative_error(y.reshape(39, 80), ref[0]) < 1e-5
+    for name, ours, ref_t in zip(("dx", "dA", "dB", "db"), grads, ref[2:]):
+        assert relative_error(ours.reshape(ref_t.shape), ref_t) < 1e-5, name
