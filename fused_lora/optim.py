@@ -1,0 +1,752 @@
+"""AdamW with optimizer state paged between GPU and host memory, and bitsandbytes-compatible 8-bit AdamW.
+
+* :class:`PagedAdamW`: fp32 state, the update of ``torch.optim.AdamW``; state in managed (unified) memory.
+* :class:`PagedAdamW8bit`: blockwise 8-bit state (blocksize 256, signed dynamic map for ``exp_avg``, unsigned for
+  ``exp_avg_sq``, one fp32 absmax per block) with the arithmetic of ``bitsandbytes.optim.AdamW8bit``; tensors with
+  fewer than ``min_8bit_size`` elements keep 32-bit state, as bitsandbytes does. State in managed memory.
+* :class:`AdamW8bit`: the same 8-bit optimizer with ordinary (non-paged) state.
+
+Paging. Each parameter's state is one managed allocation (``fused_lora._C``). A :class:`PageManager` keeps at most
+``gpu_budget_bytes`` of it resident per GPU (default: no limit, everything resident after the first step). A step
+updates parameters in chunks (about ``chunk_bytes`` of state each, one fused kernel launch per chunk on CUDA):
+while chunk i is updated on the compute stream, chunk i+1's state is prefetched on a side stream; the compute
+stream waits only on that prefetch's event. After each prefetch decision and at the end of the step, state
+beyond the budget is prefetched back to the host, least recently used first, on the side stream after an event
+that marks its last update. Nothing synchronizes the device. Chunks being updated and prefetched may exceed the
+budget transiently (by at most two chunks); after ``step()`` the resident state is within it.
+
+On a CPU build of the extension the same code runs over host memory: prefetches are recorded in a simulated page
+table, so budgets, residency and eviction are observable in tests (``state_residency()``, ``paging_stats()``).
+A GPU without concurrent managed access gets ordinary device tensors instead, with one warning.
+
+Example::
+
+    opt = fused_lora.optim.PagedAdamW(model.parameters(), lr=1e-4, weight_decay=0.01, gpu_budget_bytes=2 << 30)
+    loss.backward(); opt.step(); opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import OrderedDict
+from itertools import chain
+
+import torch
+
+from . import _ext
+
+QBLOCK = 256
+LUT_SIZE = 65536
+_ALIGN = 256
+_warned_no_managed = set()
+
+__all__ = [
+    "PagedAdamW",
+    "PagedAdamW8bit",
+    "AdamW8bit",
+    "PageManager",
+    "dynamic_map",
+    "quantization_lut",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8-bit blockwise quantization (bitsandbytes' dynamic maps)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def dynamic_map(signed: bool) -> torch.Tensor:
+    """bitsandbytes' 8-bit dynamic quantization map: 256 sorted fp32 codes in [-1, 1].
+
+    Seven decades 10^-6 … 10^0; decade i holds the midpoints of a uniform split of [0.1, 1] into 2^i (signed, both
+    signs) or 2^(i+1) (unsigned) intervals, scaled by 10^(i-6); plus 0 and 1.
+
+    Example: ``dynamic_map(signed=True)[[127, 255]]`` → ``tensor([0., 1.])``
+    """
+    values = [torch.zeros(1), torch.ones(1)]
+    for decade in range(7):
+        intervals = 2**decade if signed else 2 ** (decade + 1)
+        edges = torch.linspace(0.1, 1, intervals + 1, dtype=torch.float32)
+        level = (edges[:-1] + edges[1:]) / 2.0 * 10.0 ** (decade - 6)
+        values += [level, -level] if signed else [level]
+    return torch.sort(torch.cat(values)).values
+
+
+def quantization_lut(code: torch.Tensor) -> torch.Tensor:
+    """The 65536-entry table bitsandbytes' blockwise quantizer looks codes up in (uint8, code's device).
+
+    Entry i covers the normalized value u_i = -1 + 2i/65535 (fp32) and holds the number of code midpoints
+    (code[j] + code[j+1]) / 2 strictly below u_i, i.e. the code nearest to u_i.
+    """
+    i = torch.arange(LUT_SIZE, dtype=torch.float32, device=code.device)
+    u = -1.0 + (2.0 * i) / float(LUT_SIZE - 1)
+    code = code.float()
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    return torch.searchsorted(midpoints, u).clamp_(max=255).to(torch.uint8)
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, lut: torch.Tensor | None = None):
+    """Blockwise (256) 8-bit quantization with bitsandbytes' arithmetic (its CPU quantizer, bit for bit).
+
+        a = max|x| over the block;  u = clamp(x · (1/a), -1, 1);  t = trunc(((u + 1) · 0.5) · 65535 + 0.5)
+        q = lut[t]   (lut = quantization_lut(code));  q = 0 for blocks with a = 0
+
+    Args: x: fp32 tensor, any shape; code: fp32 (256,) sorted map; lut: its quantization_lut (built if None).
+    Returns: q uint8 with x's shape, absmax fp32 (ceil(numel/256),).
+    Example: ``q, absmax = quantize_blockwise(torch.randn(1000), dynamic_map(True))``
+    """
+    lut = quantization_lut(code) if lut is None else lut
+    flat = x.reshape(-1)
+    n = flat.numel()
+    blocks = -(-n // QBLOCK)
+    padded = torch.nn.functional.pad(flat, (0, blocks * QBLOCK - n)).view(blocks, QBLOCK)
+    absmax = padded.abs().amax(dim=1)
+    empty_block = (absmax == 0)[:, None]
+    normed = (padded * (1.0 / absmax)[:, None]).clamp_(-1.0, 1.0).masked_fill_(empty_block, -1.0)
+    t = (normed + 1.0) * 0.5 * float(LUT_SIZE - 1) + 0.5
+    q = lut[t.long()].masked_fill_(empty_block, 0)
+    return q.reshape(-1)[:n].view(x.shape), absmax
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_blockwise`: code[q] · absmax of q's block, fp32 with q's shape."""
+    values = code[q.reshape(-1).long()]
+    n = values.numel()
+    blocks = absmax.numel()
+    padded = torch.nn.functional.pad(values, (0, blocks * QBLOCK - n)).view(blocks, QBLOCK)
+    return (padded * absmax[:, None]).reshape(-1)[:n].view(q.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Update arithmetic in plain PyTorch (the CPU path and the oracle of the Triton kernels in kernels/adamw.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _scalars(kind: str, group: dict, step: int) -> tuple:
+    """Per-tensor scalars in kernels.adamw.SCALAR_COLUMNS order (float64 here; the kernels round them to fp32)."""
+    lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+    c1 = 1 - beta1**step
+    decay = 1 - lr * wd if wd != 0 else 1.0
+    if kind == "torch32":
+        return (beta1, 1 - beta1, beta2, 1 - beta2, decay, -(lr / c1), (1 - beta2**step) ** 0.5, eps)
+    c2 = math.sqrt(1 - beta2**step)
+    if kind == "bnb32":
+        return (beta1, 1 - beta1, beta2, 1 - beta2, decay, -lr * c2 / c1, c2, eps * c2)
+    return (beta1, 1 - beta1, beta2, 1 - beta2, decay, -lr / c1, c2, eps)
+
+
+def torch_adamw32_(p, g, exp_avg, exp_avg_sq, scalars):
+    """torch.optim.AdamW's single-tensor update (same ops in the same order, so fp32 results are bit-identical)."""
+    beta1, omb1, beta2, omb2, decay, step_scale, c2, eps = scalars
+    p32 = p.float()
+    p32.mul_(decay)
+    exp_avg.lerp_(g.float(), omb1)
+    exp_avg_sq.mul_(beta2).addcmul_(g.float(), g.float(), value=omb2)
+    p32.addcdiv_(exp_avg, (exp_avg_sq.sqrt() / c2).add_(eps), value=step_scale)
+    if p32 is not p:
+        p.copy_(p32)
+
+
+def bnb_adamw32_(p, g, state1, state2, scalars):
+    """bitsandbytes' 32-bit AdamW update (its CPU implementation's op order)."""
+    beta1, omb1, beta2, omb2, decay, step_scale, _, eps_c2 = scalars
+    g32, p32 = g.float(), p.float()
+    state1.mul_(beta1).add_(g32, alpha=omb1)
+    state2.mul_(beta2).addcmul_(g32, g32, value=omb2)
+    p32.mul_(decay)
+    p32.add_(state1 / (state2.sqrt() + eps_c2), alpha=step_scale)
+    if p32 is not p:
+        p.copy_(p32)
+
+
+def bnb_adamw8bit_(p, g, state, scalars, luts=(None, None)):
+    """bitsandbytes' blockwise 8-bit AdamW update: dequantize, update, requantize (its CPU op order).
+
+    state holds state1/state2 (uint8), absmax1/absmax2, qmap1/qmap2; luts are the maps' quantization_lut.
+    """
+    beta1, omb1, beta2, omb2, decay, step_scale, c2, eps = scalars
+    m = dequantize_blockwise(state["state1"], state["absmax1"], state["qmap1"])
+    v = dequantize_blockwise(state["state2"], state["absmax2"], state["qmap2"])
+    g32, p32 = g.float(), p.float()
+    m.mul_(beta1).add_(g32, alpha=omb1)
+    v.mul_(beta2).addcmul_(g32, g32, value=omb2)
+    denom = (v.sqrt() / c2).add_(eps)
+    p32.mul_(decay)
+    p32.addcdiv_(m, denom, value=step_scale)
+    if p32 is not p:
+        p.copy_(p32)
+    for name, x, code, lut in (("1", m, state["qmap1"], luts[0]), ("2", v, state["qmap2"], luts[1])):
+        q, absmax = quantize_blockwise(x, code, lut)
+        state["state" + name].copy_(q)
+        state["absmax" + name].copy_(absmax)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Page manager
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _PagedBlock:
+    """One parameter's state: a single managed allocation and the bookkeeping of where it is."""
+
+    __slots__ = ("buffer", "nbytes", "location", "last_use")
+
+    def __init__(self, buffer, location):
+        self.buffer = buffer  # uint8 managed tensor; the state tensors are views of it
+        self.nbytes = buffer.numel()
+        self.location = location  # device index the state is paged to
+        self.last_use = None  # CUDA event after the last update that touched it
+
+
+class PageManager:
+    """Managed-memory state with a per-GPU byte budget, chunked prefetch on a side stream and LRU eviction.
+
+    Args:
+        gpu_budget_bytes: bytes of state kept resident per GPU after a step; None keeps everything resident.
+        page_min_bytes: a parameter whose state is smaller stays in ordinary memory (not worth a managed page).
+
+    Example::
+
+        pm = PageManager(gpu_budget_bytes=1 << 30)
+        state = pm.allocate(key=p, specs=[("exp_avg", p.shape, torch.float32)], device=p.device)
+    """
+
+    def __init__(self, gpu_budget_bytes: int | None = None, page_min_bytes: int = 1 << 16):
+        if gpu_budget_bytes is not None and gpu_budget_bytes < 0:
+            raise ValueError(f"PageManager: gpu_budget_bytes must be >= 0 or None, got {gpu_budget_bytes}")
+        self.gpu_budget_bytes = gpu_budget_bytes
+        self.page_min_bytes = page_min_bytes
+        self.blocks: dict = {}  # key -> _PagedBlock
+        self.resident: dict[int, OrderedDict] = {}  # location -> keys resident there, least recently used first
+        self._side_streams: dict[int, object] = {}
+        self.counters = {"prefetches": 0, "prefetched_bytes": 0, "evictions": 0, "evicted_bytes": 0}
+
+    # -- allocation ---------------------------------------------------------------------------------------------
+
+    def paging_location(self, device: torch.device):
+        """The device index state of a parameter on `device` is paged to, or None when it is not paged."""
+        ext = _ext.load()
+        if device.type == "cuda":
+            if not ext.is_cuda_build():
+                return None
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if not ext.concurrent_managed_access(index):
+                if index not in _warned_no_managed:
+                    _warned_no_managed.add(index)
+                    warnings.warn(
+                        f"fused_lora.optim: cuda:{index} has no concurrent managed access; optimizer state stays in "
+                        "ordinary device memory (no paging)",
+                        stacklevel=3,
+                    )
+                return None
+            return index
+        if device.type == "cpu" and not ext.is_cuda_build():
+            return 0  # the CPU build simulates one device
+        return None
+
+    def allocate(self, key, specs, device: torch.device) -> dict:
+        """Zeroed state tensors {name: tensor} for `specs` [(name, shape, dtype)], paged when worthwhile."""
+        sizes = [math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in specs]
+        offsets, total = [], 0
+        for size in sizes:
+            offsets.append(total)
+            total += -(-size // _ALIGN) * _ALIGN
+        location = self.paging_location(device) if total >= self.page_min_bytes else None
+        if location is None:
+            return {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape, dtype in specs}
+        buffer = _ext.load().empty_managed(total, location)
+        self.blocks[key] = _PagedBlock(buffer, location)
+        return {
+            name: buffer[offset : offset + size].view(dtype).view(shape)
+            for (name, shape, dtype), offset, size in zip(specs, offsets, sizes)
+        }
+
+    def release(self, key):
+        """Forget a parameter's paged block (its memory is freed when the state tensors die)."""
+        block = self.blocks.pop(key, None)
+        if block is not None:
+            self.resident.get(block.location, OrderedDict()).pop(key, None)
+
+    def is_paged(self, key) -> bool:
+        return key in self.blocks
+
+    # -- prefetch and eviction ----------------------------------------------------------------------------------
+
+    def _side_stream(self, location):
+        if not _ext.load().is_cuda_build():
+            return None
+        if location not in self._side_streams:
+            self._side_streams[location] = torch.cuda.Stream(device=location)
+        return self._side_streams[location]
+
+    def _move(self, keys, target, location):
+        """Prefetch the blocks of `keys` to `target` (a device index or HOST) on the side stream of `location`."""
+        ext = _ext.load()
+        stream = self._side_stream(location)
+        if stream is None:
+            for key in keys:
+                ext.prefetch(self.blocks[key].buffer, target, 0)
+            return None
+        with torch.cuda.stream(stream):
+            for key in keys:
+                block = self.blocks[key]
+                if block.last_use is not None:
+                    stream.wait_event(block.last_use)
+                ext.prefetch(block.buffer, target, stream.cuda_stream)
+            return stream.record_event()
+
+    def _evict(self, location, need_bytes, protect):
+        """Evict least recently used blocks at `location` until `need_bytes` more fit in the budget."""
+        if self.gpu_budget_bytes is None:
+            return
+        resident = self.resident.setdefault(location, OrderedDict())
+        used = sum(self.blocks[k].nbytes for k in resident)
+        victims = []
+        for key in list(resident):
+            if used + need_bytes <= self.gpu_budget_bytes:
+                break
+            if key in protect:
+                continue
+            victims.append(key)
+            used -= self.blocks[key].nbytes
+        for key in victims:
+            del resident[key]
+            self.counters["evictions"] += 1
+            self.counters["evicted_bytes"] += self.blocks[key].nbytes
+        if victims:
+            self._move(victims, _ext.load().HOST_LOCATION, location)
+
+    def bring_in(self, keys, protect=()):
+        """Start prefetching the paged blocks of `keys` to their GPU; returns {location: event or None}."""
+        by_location: dict[int, list] = {}
+        for key in keys:
+            block = self.blocks.get(key)
+            if block is not None and key not in self.resident.setdefault(block.location, OrderedDict()):
+                by_location.setdefault(block.location, []).append(key)
+        events = {}
+        for location, missing in by_location.items():
+            need = sum(self.blocks[k].nbytes for k in missing)
+            self._evict(location, need, set(protect) | set(keys))
+            events[location] = self._move(missing, location, location)
+            for key in missing:
+                self.resident[location][key] = None
+            self.counters["prefetches"] += len(missing)
+            self.counters["prefetched_bytes"] += need
+        return events
+
+    def mark_used(self, keys, events):
+        """Record that `keys` were just updated (most recently used; `events` maps location to a CUDA event)."""
+        for key in keys:
+            block = self.blocks.get(key)
+            if block is None:
+                continue
+            self.resident.setdefault(block.location, OrderedDict()).move_to_end(key)
+            block.last_use = events.get(block.location)
+
+    def enforce_budget(self):
+        """Evict least recently used state until every GPU is within the budget."""
+        for location in list(self.resident):
+            self._evict(location, 0, ())
+
+    def run(self, chunks, update):
+        """Apply `update(chunk)` to every chunk, each chunk's state prefetched while the previous one updates.
+
+        A chunk is a list of work items whose ``.key`` identifies the parameter; ``.device`` its device.
+        """
+        if not chunks:
+            return
+        ready = self.bring_in([w.key for w in chunks[0]])
+        for i, chunk in enumerate(chunks):
+            keys = [w.key for w in chunk]
+            device = chunk[0].device
+            for event in ready.values():
+                if event is not None:
+                    torch.cuda.current_stream(device).wait_event(event)
+            upcoming = self.bring_in([w.key for w in chunks[i + 1]], protect=keys) if i + 1 < len(chunks) else {}
+            update(chunk)
+            done = {}
+            if device.type == "cuda":
+                done = {device.index: torch.cuda.current_stream(device).record_event()}
+            self.mark_used(keys, done)
+            ready = upcoming
+        self.enforce_budget()
+
+    # -- observation --------------------------------------------------------------------------------------------
+
+    def residency(self, key) -> str:
+        """Where a parameter's state is according to the extension: "device", "host", "unknown" or "not paged"."""
+        block = self.blocks.get(key)
+        if block is None:
+            return "not paged"
+        ext = _ext.load()
+        location = ext.last_prefetch_location(block.buffer)
+        if location == ext.HOST_LOCATION:
+            return "host"
+        return "device" if location >= 0 else "unknown"
+
+    def stats(self) -> dict:
+        """Budget, paged and resident bytes per location, and prefetch / eviction counters."""
+        resident = {
+            loc: sum(self.blocks[k].nbytes for k in keys) for loc, keys in self.resident.items() if keys
+        }
+        return {
+            "gpu_budget_bytes": self.gpu_budget_bytes,
+            "paged_bytes": sum(b.nbytes for b in self.blocks.values()),
+            "resident_bytes": resident,
+            **self.counters,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Work:
+    """One parameter's update: what PageManager.run pages (key, device) and what the update reads."""
+
+    __slots__ = ("key", "device", "param", "grad", "state", "kind", "scalars", "fused")
+
+    def __init__(self, param, grad, state, kind, scalars):
+        self.key = param
+        self.device = param.device
+        self.param, self.grad, self.state, self.kind, self.scalars = param, grad, state, kind, scalars
+        self.fused = False  # set by _chunks: whether the chunk takes the Triton kernel
+
+
+class _AdamWBase(torch.optim.Optimizer):
+    """Shared machinery of the three optimizers: argument checks, state layout, chunked fused updates, paging."""
+
+    _EIGHT_BIT = False
+    _PAGED = True
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        min_8bit_size: int = 4096,
+        gpu_budget_bytes: int | None = None,
+        chunk_bytes: int = 64 << 20,
+        page_min_bytes: int = 1 << 16,
+        backend: str = "auto",
+    ):
+        name = type(self).__name__
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr)
+        if not (isinstance(lr, (int, float)) and lr >= 0.0):
+            raise ValueError(f"{name}: lr must be a number >= 0, got {lr}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {tuple(betas)}")
+        if not eps >= 0.0:
+            raise ValueError(f"{name}: eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
+        if backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"{name}: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        if chunk_bytes <= 0:
+            raise ValueError(f"{name}: chunk_bytes must be > 0, got {chunk_bytes}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.is_floating_point() or p.is_complex():
+                    raise ValueError(f"{name}: parameters must be real floating point, got {p.dtype}")
+        self.min_8bit_size = min_8bit_size
+        self.chunk_bytes = chunk_bytes
+        self.backend = backend
+        self.pager = PageManager(gpu_budget_bytes, page_min_bytes) if self._PAGED else None
+        self._qmaps: dict = {}
+        self._luts: dict = {}
+
+    # -- state layout -------------------------------------------------------------------------------------------
+
+    def _qmap_pair(self, device):
+        if device not in self._qmaps:
+            self._qmaps[device] = (dynamic_map(True).to(device), dynamic_map(False).to(device))
+        return self._qmaps[device]
+
+    def _luts_of(self, state):
+        """Quantization tables of a state's two maps, built once per map tensor."""
+        out = []
+        for code in (state["qmap1"], state["qmap2"]):
+            key = (code.device, code.data_ptr())
+            if key not in self._luts:
+                self._luts[key] = quantization_lut(code)
+            out.append(self._luts[key])
+        return tuple(out)
+
+    def _uses_8bit(self, p) -> bool:
+        return self._EIGHT_BIT and p.numel() >= self.min_8bit_size
+
+    def _state_specs(self, p, eight_bit: bool):
+        if not self._EIGHT_BIT:
+            return [("exp_avg", p.shape, torch.float32), ("exp_avg_sq", p.shape, torch.float32)]
+        if not eight_bit:
+            return [("state1", p.shape, torch.float32), ("state2", p.shape, torch.float32)]
+        blocks = -(-p.numel() // QBLOCK)
+        return [
+            ("state1", p.shape, torch.uint8),
+            ("state2", p.shape, torch.uint8),
+            ("absmax1", (blocks,), torch.float32),
+            ("absmax2", (blocks,), torch.float32),
+        ]
+
+    def _new_state(self, p, eight_bit: bool) -> dict:
+        specs = self._state_specs(p, eight_bit)
+        if self.pager is not None:
+            tensors = self.pager.allocate(p, specs, p.device)
+        else:
+            tensors = {name: torch.zeros(shape, dtype=dtype, device=p.device) for name, shape, dtype in specs}
+        state = {"step": 0, **tensors}
+        if eight_bit:
+            state["qmap1"], state["qmap2"] = self._qmap_pair(p.device)
+        return state
+
+    def _kind(self, state) -> str:
+        if not self._EIGHT_BIT:
+            return "torch32"
+        return "bnb8" if state["state1"].dtype == torch.uint8 else "bnb32"
+
+    # -- step ---------------------------------------------------------------------------------------------------
+
+    def _use_triton(self, device) -> bool:
+        backend = self.backend
+        if backend == "auto":
+            backend = os.environ.get("FUSED_LORA_BACKEND", "auto")
+        if backend == "reference":
+            return False
+        if backend == "triton":
+            return True
+        return device.type == "cuda"
+
+    def _collect_work(self) -> list:
+        name = type(self).__name__
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{name} does not support sparse gradients (group {gi}, parameter {pi}); "
+                        "use torch.optim.SparseAdam"
+                    )
+                if p.grad.shape != p.shape:
+                    raise RuntimeError(f"{name}: gradient shape {tuple(p.grad.shape)} != parameter {tuple(p.shape)}")
+                state = self.state[p]
+                if not state:
+                    state.update(self._new_state(p, self._uses_8bit(p)))
+                state["step"] += 1
+                kind = self._kind(state)
+                work.append(_Work(p, p.grad, state, kind, _scalars(kind, group, state["step"])))
+        return work
+
+    def _chunks(self, work) -> list:
+        """Split work into chunks that one kernel launch can update: same device, dtypes, kind and maps."""
+        by_key: dict = {}
+        for w in work:
+            w.fused = self._use_triton(w.device) and w.param.is_contiguous() and w.grad.is_contiguous()
+            maps = (w.state["qmap1"].data_ptr(), w.state["qmap2"].data_ptr()) if w.kind == "bnb8" else None
+            by_key.setdefault((w.device, w.param.dtype, w.grad.dtype, w.kind, maps, w.fused), []).append(w)
+        chunks = []
+        for items in by_key.values():
+            current, size = [], 0
+            for w in items:
+                nbytes = sum(t.numel() * t.element_size() for t in w.state.values() if isinstance(t, torch.Tensor))
+                if current and size + nbytes > self.chunk_bytes:
+                    chunks.append(current)
+                    current, size = [], 0
+                current.append(w)
+                size += nbytes
+            chunks.append(current)
+        return chunks
+
+    def _update_chunk(self, chunk: list):
+        kind = chunk[0].kind
+        if not chunk[0].fused:
+            for w in chunk:
+                if kind == "torch32":
+                    torch_adamw32_(w.param, w.grad, w.state["exp_avg"], w.state["exp_avg_sq"], w.scalars)
+                elif kind == "bnb32":
+                    bnb_adamw32_(w.param, w.grad, w.state["state1"], w.state["state2"], w.scalars)
+                else:
+                    bnb_adamw8bit_(w.param, w.grad, w.state, w.scalars, self._luts_of(w.state))
+            return
+        from .kernels import adamw as kernels
+
+        params, grads, scalars = [w.param for w in chunk], [w.grad for w in chunk], [w.scalars for w in chunk]
+        if kind == "bnb8":
+            s = [w.state for w in chunk]
+            kernels.adamw8bit_update_(
+                params,
+                grads,
+                [x["state1"] for x in s],
+                [x["state2"] for x in s],
+                [x["absmax1"] for x in s],
+                [x["absmax2"] for x in s],
+                s[0]["qmap1"],
+                s[0]["qmap2"],
+                *self._luts_of(s[0]),
+                scalars,
+            )
+        else:
+            m_name, v_name = ("exp_avg", "exp_avg_sq") if kind == "torch32" else ("state1", "state2")
+            mode = kernels.MODE_TORCH if kind == "torch32" else kernels.MODE_BNB
+            kernels.adamw32_update_(
+                params, grads, [w.state[m_name] for w in chunk], [w.state[v_name] for w in chunk], scalars, mode
+            )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step over every parameter that has a gradient; returns closure's loss when given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        chunks = self._chunks(self._collect_work())
+        if self.pager is None:
+            for chunk in chunks:
+                self._update_chunk(chunk)
+        else:
+            self.pager.run(chunks, self._update_chunk)
+        return loss
+
+    # -- observation --------------------------------------------------------------------------------------------
+
+    def _all_params(self):
+        return list(chain.from_iterable(g["params"] for g in self.param_groups))
+
+    def state_residency(self) -> dict[int, str]:
+        """{parameter index (over all groups): "device" | "host" | "unknown" | "not paged"} for initialised state."""
+        out = {}
+        for index, p in enumerate(self._all_params()):
+            if p in self.state and self.state[p]:
+                out[index] = self.pager.residency(p) if self.pager is not None else "not paged"
+        return out
+
+    def paging_stats(self) -> dict:
+        """The page manager's counters (see PageManager.stats); empty for non-paged optimizers."""
+        return self.pager.stats() if self.pager is not None else {}
+
+    # -- state dict ---------------------------------------------------------------------------------------------
+
+    def state_dict(self):
+        """torch.optim.Optimizer.state_dict; paged state is returned as CPU copies (saving never pages it in).
+
+        PagedAdamW writes torch.optim.AdamW's keys (step as a float tensor, exp_avg, exp_avg_sq); the 8-bit
+        optimizers write bitsandbytes' keys (step, state1, state2, absmax1, absmax2, qmap1, qmap2).
+        """
+        sd = super().state_dict()
+        for index, p in enumerate(self._all_params()):
+            if index not in sd["state"]:
+                continue
+            paged = self.pager is not None and self.pager.is_paged(p)
+            entry = {}
+            for name, value in sd["state"][index].items():
+                if isinstance(value, torch.Tensor):
+                    value = value.detach().to("cpu", copy=True) if paged else value
+                entry[name] = value
+            if not self._EIGHT_BIT:
+                entry["step"] = torch.tensor(float(entry["step"]), dtype=torch.float32)
+            sd["state"][index] = entry
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Load a state dict of this class, of its paged / non-paged sibling, or of the matching reference
+        optimizer (torch.optim.AdamW for PagedAdamW; bitsandbytes' AdamW8bit / PagedAdamW8bit for the 8-bit ones).
+        """
+        name = type(self).__name__
+        groups, saved_groups = self.param_groups, state_dict["param_groups"]
+        if len(groups) != len(saved_groups) or any(
+            len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)
+        ):
+            raise ValueError(f"{name}.load_state_dict: parameter groups do not match the optimizer's")
+        id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), self._all_params()))
+        for p in self._all_params():
+            if self.pager is not None:
+                self.pager.release(p)
+        self.state.clear()
+        for saved_id, saved in state_dict["state"].items():
+            p = id_map.get(saved_id)
+            if p is not None:
+                self.state[p] = self._import_state(p, saved)
+        for group, saved in zip(groups, saved_groups):
+            for key, value in saved.items():
+                if key != "params":
+                    group[key] = tuple(value) if key == "betas" else value
+
+    def _import_state(self, p, saved: dict) -> dict:
+        saved = dict(saved)
+        saved.update(saved.pop("__bnb_optimizer_quant_state__", {}))
+        if self._EIGHT_BIT:
+            eight_bit = saved["state1"].dtype == torch.uint8
+        else:
+            eight_bit = False
+            if "exp_avg" not in saved:
+                raise ValueError(f"{type(self).__name__}.load_state_dict: state without exp_avg / exp_avg_sq")
+        state = self._new_state(p, eight_bit)
+        for key, value in saved.items():
+            if key == "step":
+                state["step"] = int(value.item() if isinstance(value, torch.Tensor) else value)
+            elif key in ("qmap1", "qmap2"):
+                own = state[key]
+                value = value.to(device=p.device, dtype=torch.float32)
+                state[key] = own if torch.equal(own, value) else value
+            elif key in state:
+                state[key].copy_(value.reshape(state[key].shape))
+        return state
+
+
+class PagedAdamW(_AdamWBase):
+    """AdamW (torch.optim.AdamW's update) with fp32 state paged between GPU and host memory.
+
+    Args:
+        params: parameters or parameter groups (fp32, fp16 or bf16; CUDA or CPU; several devices allowed).
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay, default 1e-2).
+        gpu_budget_bytes: state bytes kept on each GPU after a step (None: all of it).
+        chunk_bytes: state bytes per fused update launch and per prefetch unit.
+        page_min_bytes: parameters with less state than this keep ordinary (unpaged) state.
+        backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton" or "reference"; FUSED_LORA_BACKEND overrides
+            "auto".
+
+    Example::
+
+        opt = PagedAdamW(model.parameters(), lr=1e-4, gpu_budget_bytes=512 << 20)
+    """
+
+
+class PagedAdamW8bit(_AdamWBase):
+    """bitsandbytes-compatible AdamW8bit with blockwise 8-bit state paged between GPU and host memory.
+
+    Args: as :class:`PagedAdamW`, plus min_8bit_size (default 4096): smaller tensors keep fp32 state.
+
+    Example::
+
+        opt = PagedAdamW8bit(model.parameters(), lr=2e-4, gpu_budget_bytes=256 << 20)
+    """
+
+    _EIGHT_BIT = True
+
+
+class AdamW8bit(_AdamWBase):
+    """bitsandbytes-compatible AdamW8bit (blockwise 8-bit state, 2 bytes per parameter + absmax), not paged.
+
+    Example::
+
+        opt = AdamW8bit(model.parameters(), lr=2e-4, weight_decay=0.0)
+    """
+
+    _EIGHT_BIT = True
+    _PAGED = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, min_8bit_size=4096,
+                 backend="auto"):
+        super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size=min_8bit_size, backend=backend)
