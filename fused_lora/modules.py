@@ -1,0 +1,537 @@
+"""``FusedLoraLinear``: a LoRA layer over a frozen base weight, NF4-quantized or dense.
+
+    y = x·Wᵀ + b + s·((m⊙x)·Aᵀ)·Bᵀ          (symbols: fused_lora/reference.py)
+
+W is frozen: an ``NF4Weight`` (quant="nf4", bitsandbytes' format byte for byte) or a dense frozen Parameter in the
+compute dtype. A = ``lora_A`` (r, in_features) and B = ``lora_B`` (out_features, r) are the trainable adapters,
+fp32 by default as PEFT keeps them. The bias b is a frozen Parameter; set ``layer.bias.requires_grad_(True)`` to
+train it. The forward pass is ``fused_lora.functional.lora_linear``.
+
+State dict keys: ``weight`` and, for an NF4 base, bitsandbytes' ``weight.absmax``, ``weight.quant_map``,
+``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``; then ``bias``,
+``lora_A``, ``lora_B``. The base keys are exactly those of a ``bitsandbytes.nn.Linear4bit`` (or ``nn.Linear``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from . import functional
+from .nf4 import BLOCKSIZES, NF4Weight, quantize_nf4
+from .reference import lora_scaling
+
+__all__ = ["FusedLoraLinear"]
+
+QUANT_TYPES = ("nf4", None)
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_NF4_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    exact = exact.to(torch.float64)
+    denom = exact.norm().item()
+    diff = (approx.to(torch.float64) - exact).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def _nn_linear_init(out_features: int, in_features: int, bias: bool, device):
+    """nn.Linear's default initialisation, in fp32: the base of a layer built from scratch."""
+    weight = torch.empty(out_features, in_features, device=device, dtype=torch.float32)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if not bias:
+        return weight, None
+    bound = 1.0 / math.sqrt(in_features)
+    return weight, torch.empty(out_features, device=device, dtype=torch.float32).uniform_(-bound, bound)
+
+
+class FusedLoraLinear(nn.Module):
+    """LoRA over a frozen (optionally NF4-quantized) linear layer, computed by ``functional.lora_linear``.
+
+    Args:
+        in_features, out_features: K and N, both >= 1.
+        r: LoRA rank (>= 1). lora_alpha: α; the scaling is s = α/r, or α/√r with ``use_rslora``.
+        lora_dropout: dropout probability on the adapter input, in [0, 1); active only in training mode.
+        bias: whether the base layer has a bias (a frozen Parameter in the compute dtype).
+        quant: "nf4" for a bitsandbytes-compatible NF4 base, None for a dense base in the compute dtype.
+        compute_dtype: bf16, fp16 or fp32 (fp64 for testing). The input is cast to it (as bitsandbytes'
+            Linear4bit does) and the output is cast back to the input's dtype; under ``torch.autocast`` the
+            autocast dtype is used instead and the output stays in it.
+        blocksize, double_quant: NF4 quantization parameters (bitsandbytes' rules; ignored when quant=None).
+        backend: "auto", "triton" or "reference" (see ``functional.lora_linear``).
+        device: where parameters are created.
+        adapter_dtype: dtype of lora_A / lora_B (fp32 by default, like PEFT).
+
+    The base weight of a layer built this way is nn.Linear's random initialisation; use ``from_linear`` or
+    ``from_bnb`` to wrap an existing layer. lora_A is initialised kaiming-uniform(a=√5) and lora_B with zeros,
+    so a fresh layer computes exactly its base.
+
+    Example:
+        >>> import torch, fused_lora as fl
+        >>> layer = fl.FusedLoraLinear(64, 80, r=8, lora_alpha=16, compute_dtype=torch.float32)
+        >>> layer(torch.randn(2, 5, 64)).shape
+        torch.Size([2, 5, 80])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 16,
+        lora_alpha: float = 32,
+        lora_dropout: float = 0.0,
+        bias: bool = False,
+        quant: str | None = "nf4",
+        compute_dtype: torch.dtype = torch.bfloat16,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        use_rslora: bool = False,
+        backend: str = "auto",
+        device=None,
+        adapter_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self._configure(in_features, out_features, r, lora_alpha, lora_dropout, quant, compute_dtype, blocksize,
+                        double_quant, use_rslora, backend, device, adapter_dtype)
+        weight, bias_values = _nn_linear_init(out_features, in_features, bias, device)
+        self._set_base(weight, bias_values)
+
+    # ------------------------------------------------------------------ construction
+
+    def _configure(self, in_features, out_features, r, lora_alpha, lora_dropout, quant, compute_dtype, blocksize,
+                   double_quant, use_rslora, backend, device, adapter_dtype):
+        """Validate the hyper-parameters and create the adapters (the base is set by ``_set_base``)."""
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FusedLoraLinear: {name} must be an integer >= 1, got {value!r}")
+        if not math.isfinite(float(lora_alpha)):
+            raise ValueError(f"FusedLoraLinear: lora_alpha must be a finite number, got {lora_alpha!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"FusedLoraLinear: lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if quant not in QUANT_TYPES:
+            raise ValueError(f"FusedLoraLinear: quant must be 'nf4' or None, got {quant!r}")
+        if quant == "nf4" and (isinstance(blocksize, bool) or blocksize not in BLOCKSIZES):
+            accepted = ", ".join(map(str, BLOCKSIZES))
+            raise ValueError(
+                f"FusedLoraLinear: blocksize {blocksize!r} is not supported; bitsandbytes accepts {accepted}"
+            )
+        if compute_dtype not in COMPUTE_DTYPES:
+            names = ", ".join(_dtype_name(d) for d in COMPUTE_DTYPES)
+            raise ValueError(f"FusedLoraLinear: compute_dtype must be one of {names}, got {compute_dtype!r}")
+        if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
+            raise ValueError(f"FusedLoraLinear: adapter_dtype must be a floating-point dtype, got {adapter_dtype!r}")
+        try:
+            functional.validate_backend_name(backend)
+        except ValueError as error:
+            raise ValueError(f"FusedLoraLinear: {error}") from None
+
+        self.in_features = in_features
+        self.out_features = out_features
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = float(lora_dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(r, lora_alpha, self.use_rslora)
+        self.quant = quant
+        self.compute_dtype = compute_dtype
+        self.blocksize = blocksize
+        self.double_quant = bool(double_quant)
+        self.backend = backend
+        self._adapter_enabled = True
+        self._unmerged_base = None
+        self.merge_error = None
+
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=adapter_dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def _set_base(self, weight, bias):
+        """Install the frozen base: ``weight`` is an NF4Weight or a dense (out, in) tensor (quantized here when
+        quant="nf4"); ``bias`` is None or an (out,) tensor, stored as a frozen Parameter in the compute dtype."""
+        if isinstance(weight, NF4Weight):
+            base = weight
+        elif self.quant == "nf4":
+            base = quantize_nf4(weight.detach(), blocksize=self.blocksize, double_quant=self.double_quant)
+        else:
+            base = weight.detach().to(self.compute_dtype, copy=True)
+        self._install_weight(base)
+        if isinstance(base, NF4Weight):
+            self.blocksize = base.blocksize
+            self.double_quant = bool(base.double_quant)
+        if bias is not None:
+            bias = nn.Parameter(bias.detach().to(self.compute_dtype, copy=True), requires_grad=False)
+        self.bias = bias
+
+    def _install_weight(self, base):
+        """Make ``base`` (an NF4Weight or a dense tensor) the module's ``weight``."""
+        if "weight" in self._parameters:
+            del self._parameters["weight"]
+        if isinstance(base, NF4Weight):
+            self.weight = base
+        else:
+            self.__dict__.pop("weight", None)
+            self.weight = nn.Parameter(base, requires_grad=False)
+
+    @classmethod
+    def _empty(cls, in_features, out_features, *, compute_dtype, device, r=16, lora_alpha=32, lora_dropout=0.0,
+               quant="nf4", blocksize=64, double_quant=True, use_rslora=False, backend="auto",
+               adapter_dtype=torch.float32):
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._configure(in_features, out_features, r, lora_alpha, lora_dropout, quant, compute_dtype, blocksize,
+                         double_quant, use_rslora, backend, device, adapter_dtype)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
+                    quant: str | None = "nf4", compute_dtype: torch.dtype | None = None, blocksize: int = 64,
+                    double_quant: bool = True, use_rslora: bool = False, backend: str = "auto",
+                    adapter_dtype: torch.dtype = torch.float32) -> "FusedLoraLinear":
+        """Wrap an ``nn.Linear``: its weight is copied (quantized to NF4 when quant="nf4") and its bias copied.
+
+        The device follows the linear layer, and so does the compute dtype unless ``compute_dtype`` is given.
+        The adapters are freshly initialised (lora_B = 0), so the new layer computes what ``linear`` does (up to
+        NF4 rounding).
+
+        Example:
+            >>> lin = torch.nn.Linear(64, 80)
+            >>> layer = FusedLoraLinear.from_linear(lin, r=8, quant=None)
+            >>> x = torch.randn(3, 64)
+            >>> torch.allclose(layer(x), lin(x), atol=1e-6)
+            True
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"FusedLoraLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight
+        if compute_dtype is None:
+            compute_dtype = weight.dtype
+        layer = cls._empty(linear.in_features, linear.out_features, compute_dtype=compute_dtype,
+                           device=weight.device, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                           quant=quant, blocksize=blocksize, double_quant=double_quant, use_rslora=use_rslora,
+                           backend=backend, adapter_dtype=adapter_dtype)
+        layer._set_base(weight, linear.bias)
+        return layer
+
+    @classmethod
+    def from_bnb(cls, linear4bit, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
+                 compute_dtype: torch.dtype | None = None, use_rslora: bool = False, backend: str = "auto",
+                 adapter_dtype: torch.dtype = torch.float32) -> "FusedLoraLinear":
+        """Wrap a quantized ``bitsandbytes.nn.Linear4bit`` (quant_type="nf4") without requantizing.
+
+        The NF4Weight shares the Linear4bit's packed bytes and quantization statistics; the bias is copied.
+        The compute dtype defaults to the Linear4bit's ``compute_dtype``, else the dtype the weight was
+        quantized from.
+
+        Example:
+            >>> import bitsandbytes as bnb
+            >>> q = bnb.nn.Linear4bit(64, 80, quant_type="nf4", compute_dtype=torch.float32).to("cpu")
+            >>> layer = FusedLoraLinear.from_bnb(q, r=8)
+            >>> layer.weight.packed.data_ptr() == q.weight.data_ptr()
+            True
+        """
+        params = getattr(linear4bit, "weight", None)
+        quant_state = getattr(params, "quant_state", None)
+        if quant_state is None:
+            raise ValueError(
+                f"FusedLoraLinear.from_bnb: {type(linear4bit).__name__} has no quantized weight; bitsandbytes "
+                "quantizes a Linear4bit when it is moved with .to(device) or .cuda(), so do that first"
+            )
+        if quant_state.quant_type != "nf4":
+            raise ValueError(
+                f"FusedLoraLinear.from_bnb: only NF4 is supported, got quant_type={quant_state.quant_type!r}"
+            )
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise ValueError(
+                "FusedLoraLinear.from_bnb: this Linear4bit was repacked by bitsandbytes' CPU inference path (an eval, "
+                "no-grad forward on a CPU with AVX512-BF16), which rounds its absmax to bf16; wrap the layer before "
+                "running it in eval mode, or reload it from its state dict"
+            )
+        weight = NF4Weight.from_bnb(params.data, quant_state)
+        out_features, in_features = weight.shape
+        if compute_dtype is None:
+            compute_dtype = getattr(linear4bit, "compute_dtype", None) or quant_state.dtype
+        layer = cls._empty(in_features, out_features, compute_dtype=compute_dtype, device=weight.device, r=r,
+                           lora_alpha=lora_alpha, lora_dropout=lora_dropout, quant="nf4",
+                           blocksize=weight.blocksize, double_quant=weight.double_quant, use_rslora=use_rslora,
+                           backend=backend, adapter_dtype=adapter_dtype)
+        layer._set_base(weight, linear4bit.bias)
+        return layer
+
+    # ------------------------------------------------------------------ adapters on/off, merge
+
+    @property
+    def adapter_enabled(self) -> bool:
+        """Whether forward adds the LoRA term (False computes only x·Wᵀ + b)."""
+        return self._adapter_enabled
+
+    def enable_adapters(self, enabled: bool = True) -> None:
+        """Turn the LoRA term on or off (off: the layer is its frozen base, e.g. an RL reference model).
+
+        Example:
+            >>> layer.enable_adapters(False); assert not layer.adapter_enabled
+        """
+        self._adapter_enabled = bool(enabled)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager: inside it the layer computes only x·Wᵀ + b; the previous state is restored after.
+
+        Example:
+            >>> with layer.disable_adapter():
+            ...     y_base = layer(x)
+        """
+        previous = self._adapter_enabled
+        self._adapter_enabled = False
+        try:
+            yield self
+        finally:
+            self._adapter_enabled = previous
+
+    @property
+    def merged(self) -> bool:
+        """Whether s·B·A is folded into the base weight (forward then skips the LoRA term)."""
+        return self._unmerged_base is not None
+
+    def _dense_base(self, dtype) -> torch.Tensor:
+        if isinstance(self.weight, NF4Weight):
+            return self.weight.dequantize(dtype)
+        return self.weight.detach().to(dtype)
+
+    def _exact_merged(self) -> torch.Tensor:
+        """W + s·B·A in float64 (W as stored: dequantized when NF4)."""
+        delta = self.lora_B.detach().to(torch.float64) @ self.lora_A.detach().to(torch.float64)
+        return self._dense_base(torch.float64) + self.scaling * delta
+
+    def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense merged weight W + s·B·A, (out_features, in_features), in ``dtype`` (default: compute dtype).
+
+        The layer is not changed. When the layer is already merged this is its (merged) base.
+
+        Example:
+            >>> dense = layer.merged_weight(torch.bfloat16)   # e.g. to export a merged checkpoint
+        """
+        dtype = self.compute_dtype if dtype is None else dtype
+        if self.merged:
+            return self._dense_base(dtype)
+        return self._exact_merged().to(dtype)
+
+    def merge(self, requantize: bool = True) -> float:
+        """Fold s·B·A into the base weight; returns (and stores in ``merge_error``) the rounding error.
+
+        Dense base: the merged weight is written in place, rounded to the compute dtype.
+        NF4 base: with ``requantize=True`` the merged weight is quantized to NF4 again (same blocksize and double
+        quantization); with ``requantize=False`` the base becomes a dense weight in the compute dtype.
+        The error is ‖W_stored − (W + s·B·A)‖ / ‖W + s·B·A‖ computed in float64; NF4 rounding is typically
+        about 0.1, usually much larger than the adapter's contribution, so requantized merges lose most of a
+        small adapter. ``unmerge()`` restores the original base exactly (a copy is kept while merged).
+        While merged, forward computes x·W_mergedᵀ + b only.
+
+        Example:
+            >>> error = layer.merge()          # NF4: requantized; error ≈ 0.1
+            >>> layer.unmerge()                # the original NF4 bytes are back
+        """
+        if self.merged:
+            warnings.warn("FusedLoraLinear.merge: already merged; call unmerge() first", RuntimeWarning, stacklevel=2)
+            return self.merge_error
+        exact = self._exact_merged()
+        original = self.weight
+        if isinstance(original, NF4Weight) and requantize:
+            merged = quantize_nf4(exact.to(original.dtype), blocksize=original.blocksize,
+                                  double_quant=original.double_quant)
+            self._unmerged_base = original
+            self._install_weight(merged)
+            stored = merged.dequantize(torch.float64)
+        elif isinstance(original, NF4Weight):
+            merged = exact.to(self.compute_dtype)
+            self._unmerged_base = original
+            self._install_weight(merged)
+            stored = merged
+        else:
+            self._unmerged_base = original.detach().clone()
+            with torch.no_grad():
+                original.copy_(exact)
+            stored = original
+        self.merge_error = _relative_error(stored, exact)
+        return self.merge_error
+
+    def unmerge(self) -> None:
+        """Restore the base weight saved by ``merge()`` (bit for bit)."""
+        if not self.merged:
+            warnings.warn("FusedLoraLinear.unmerge: not merged; nothing to do", RuntimeWarning, stacklevel=2)
+            return
+        original = self._unmerged_base
+        if isinstance(original, NF4Weight):
+            self._install_weight(original)
+        else:
+            with torch.no_grad():
+                self.weight.copy_(original)
+        self._unmerged_base = None
+        self.merge_error = None
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FusedLoraLinear: x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"FusedLoraLinear: x must be a floating-point tensor, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            got = x.shape[-1] if x.dim() else 0
+            raise ValueError(f"FusedLoraLinear: x has {got} features, expected {self.in_features}")
+        if x.device != self.lora_A.device:
+            raise ValueError(
+                f"FusedLoraLinear: x is on {x.device} but the layer is on {self.lora_A.device}; "
+                f"move one of them, e.g. layer.to({str(x.device)!r})"
+            )
+
+    @staticmethod
+    def _operand(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """An adapter or bias as lora_linear accepts it: in the compute dtype or fp32 (fp64 with fp64 x)."""
+        if t is None or t.dtype == dtype or (t.dtype == torch.float32 and dtype != torch.float64):
+            return t
+        return t.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x·Wᵀ + b + s·((m⊙x)·Aᵀ)·Bᵀ for x of shape (..., in_features); returns (..., out_features).
+
+        x is cast to the compute dtype (the autocast dtype under ``torch.autocast``); the result is returned in
+        x's original dtype, or in the autocast dtype under autocast.
+        """
+        self._check_input(x)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            out_dtype = dtype
+        else:
+            dtype = self.compute_dtype
+            out_dtype = x.dtype
+        x = x.to(dtype)
+        weight = self.weight if isinstance(self.weight, NF4Weight) else self.weight.to(dtype)
+        bias = self._operand(self.bias, dtype)
+        with torch.autocast(device_type, enabled=False):
+            if self.merged or not self._adapter_enabled:
+                y = self._base_forward(x, weight, bias)
+            else:
+                y = functional.lora_linear(
+                    x, weight, self._operand(self.lora_A, dtype), self._operand(self.lora_B, dtype), self.scaling,
+                    bias=bias, dropout_p=self.lora_dropout, training=self.training, backend=self.backend,
+                )
+        return y.to(out_dtype)
+
+    @staticmethod
+    def _base_forward(x, weight, bias):
+        """x·Wᵀ + b in x's dtype, rounded as the reference backend rounds it (product, then the bias)."""
+        dense = weight.dequantize(x.dtype) if isinstance(weight, NF4Weight) else weight
+        y = x @ dense.t()
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y
+
+    # ------------------------------------------------------------------ device moves and state dict
+
+    def _apply(self, fn, recurse=True):
+        # Parameters follow fn (device moves and dtype casts). The NF4 base only follows the device: its bytes
+        # and absmax never change dtype. A floating-point cast (e.g. .half()) also changes the compute dtype.
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.lora_A.device))
+        super()._apply(fn, recurse)
+        if probe.dtype in COMPUTE_DTYPES:
+            self.compute_dtype = probe.dtype
+        device = self.lora_A.device
+        if isinstance(self.weight, NF4Weight):
+            self.weight = self.weight.to(device)
+        if isinstance(self._unmerged_base, NF4Weight):
+            self._unmerged_base = self._unmerged_base.to(device)
+        elif self._unmerged_base is not None:
+            self._unmerged_base = fn(self._unmerged_base)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if isinstance(self.weight, NF4Weight):
+            for key, value in self.weight.state_dict(prefix).items():
+                destination[key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The base may come as an NF4 checkpoint (bitsandbytes' keys) or a dense weight; either is converted to
+        # the layer's kind (a dense weight is quantized into an NF4 layer, an NF4 one dequantized into a dense
+        # layer). A merged layer is unmerged first: a checkpoint holds an unmerged base.
+        if self.merged:
+            self.unmerge()
+        weight_key = prefix + "weight"
+        rest = {k: v for k, v in state_dict.items() if k != weight_key and not k.startswith(weight_key + ".")}
+        if weight_key in state_dict:
+            loaded = self._read_base(state_dict, prefix, error_msgs)
+            if isinstance(self.weight, NF4Weight):
+                if loaded is not None:
+                    self._install_weight(loaded)
+            else:
+                rest[weight_key] = self.weight if loaded is None else loaded
+        elif strict and isinstance(self.weight, NF4Weight):
+            missing_keys.append(weight_key)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _read_base(self, state_dict, prefix, error_msgs):
+        """The checkpoint's base weight in the layer's kind (NF4Weight, or a dense tensor for the Parameter
+        copy), or None after appending to ``error_msgs``."""
+        weight_key = prefix + "weight"
+        device = self.lora_A.device
+        expected = (self.out_features, self.in_features)
+        try:
+            if (weight_key + ".absmax") in state_dict:
+                loaded = NF4Weight.from_state_dict(state_dict, prefix, device=device)
+            else:
+                loaded = state_dict[weight_key]
+            if tuple(loaded.shape) != expected:
+                error_msgs.append(
+                    f"size mismatch for {weight_key}: the checkpoint has shape {tuple(loaded.shape)}, "
+                    f"the FusedLoraLinear expects {expected}"
+                )
+                return None
+            if isinstance(self.weight, NF4Weight):
+                if isinstance(loaded, NF4Weight):
+                    return loaded
+                return quantize_nf4(loaded.detach().to(device), blocksize=self.blocksize,
+                                    double_quant=self.double_quant)
+            if isinstance(loaded, NF4Weight):
+                return loaded.dequantize(self.compute_dtype)
+            return loaded
+        except (KeyError, ValueError, RuntimeError) as error:
+            error_msgs.append(f"could not load {weight_key}: {error}")
+            return None
+
+    def extra_repr(self) -> str:
+        quant = self.quant
+        parts = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"r={self.r}",
+            f"lora_alpha={self.lora_alpha}",
+            f"scaling={self.scaling:.4g}",
+            f"quant={quant}",
+        ]
+        if quant == "nf4":
+            parts.append(f"blocksize={self.blocksize}")
+            parts.append(f"double_quant={self.double_quant}")
+        parts += [
+            f"compute_dtype={_dtype_name(self.compute_dtype)}",
+            f"lora_dropout={self.lora_dropout}",
+            f"bias={self.bias is not None}",
+            f"backend={self.backend!r}",
+        ]
+        if self.use_rslora:
+            parts.append("use_rslora=True")
+        if not self._adapter_enabled:
+            parts.append("adapter_enabled=False")
+        if self.merged:
+            parts.append("merged=True")
+        return ", ".join(parts)
