@@ -1,0 +1,197 @@
+"""The benchmark tooling on a CPU: the sweep writes schema-valid JSON, --report renders tables, verdicts and plots,
+and the end-to-end QLoRA bench runs PEFT+bitsandbytes and the patched model on a tiny Llama."""
+
+import json
+import math
+
+import pytest
+
+from fused_lora import benchmark
+from fused_lora.benchmark import LLAMA3_8B_SHAPES, lora_layer_flops, main, validate_results
+
+# ------------------------------------------------------------------------------------------------ FLOPs and schema
+
+
+def test_lora_layer_flops_matches_the_written_formula():
+    M, K, N, r = 37, 129, 200, 8
+    forward = 2 * M * N * K + 2 * M * r * (K + N)
+    backward = 2 * M * N * K + 2 * M * N * r + 2 * M * r * K + 2 * M * r * K + 2 * M * N * r  # dx, v, v·A, dA, dB
+    assert lora_layer_flops(M, K, N, r, "fwd") == forward
+    assert lora_layer_flops(M, K, N, r, "fwd_bwd") == forward + backward
+    with pytest.raises(ValueError, match="unknown pass"):
+        lora_layer_flops(M, K, N, r, "bwd")
+
+
+def _row(**overrides):
+    row = {"bench": "qlora_linear", "impl": "fused", "pass": "fwd_bwd", "M": 8192, "K": 4096, "N": 14336, "r": 16,
+           "dtype": "bfloat16", "median_ms": 1.0, "tflops": 100.0, "peak_mem_mb": 10.0}
+    row.update(overrides)
+    return row
+
+
+ENV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "commit": "abc"}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"results": [{k: v for k, v in _row().items() if k != "tflops"}]}, "lacks"),
+        ({"results": [_row(median_ms=float("nan"))]}, "median_ms"),
+        ({"results": [_row(median_ms=0.0)]}, "positive"),
+        ({"results": [_row(M=8192.0)]}, "must be an int"),
+        ({"env": {"device": "x"}, "results": []}, "env must have"),
+    ],
+    ids=["missing-key", "nan-time", "zero-time", "float-M", "short-env"],
+)
+def test_validate_results_rejects_malformed_data(bad, message):
+    data = {"env": ENV, **bad}
+    with pytest.raises(ValueError, match=message):
+        validate_results(data)
+
+
+# ------------------------------------------------------------------------------------------------ the CPU sweep
+
+
+def test_cpu_sweep_writes_schema_valid_results(tmp_path, capsys):
+    argv = ["--quick", "--shapes", "37x29,64x48", "--m", "5,17", "--r", "4", "--compile-backend", "aot_eager",
+            "--out", str(tmp_path), "--no-optim", "--no-e2e", "--device", "cpu"]
+    assert main(argv) == 0
+    files = list((tmp_path / "cpu").glob("*.json"))
+    assert len(files) == 1 and files[0].stem[:8].isdigit()
+    data = json.loads(files[0].read_text())
+    validate_results(data)
+    assert set(data["env"]) >= {"device", "torch", "triton", "cuda", "commit"}
+    assert data["skipped"] == []
+
+    layer_rows = [row for row in data["results"] if row["bench"] == "qlora_linear"]
+    cases = {(row["impl"], row["pass"], row["M"], row["K"], row["N"]) for row in layer_rows}
+    expected = {(impl, p, M, K, N) for impl in ("reference", "compiled_reference") for p in ("fwd", "fwd_bwd")
+                for M in (5, 17) for K, N in ((37, 29), (64, 48))}
+    assert cases == expected and len(layer_rows) == len(expected)
+    for row in layer_rows:
+        assert row["dtype"] == "float32" and row["r"] == 4
+        flops = lora_layer_flops(row["M"], row["K"], row["N"], row["r"], row["pass"])
+        assert row["flops"] == flops
+        assert math.isclose(row["tflops"], flops / (row["median_ms"] * 1e-3) / 1e12, rel_tol=1e-9)
+        if row["pass"] == "fwd":  # each implementation's output was checked against the fp32 reference
+            assert row["rel_err"] < 1e-5
+
+    dequant = [row for row in data["results"] if row["bench"] == "nf4_dequant"]
+    assert {(row["impl"], row["K"], row["N"]) for row in dequant} >= {("fused_lora", 37, 29), ("fused_lora", 64, 48)}
+    assert all(row["gbps"] > 0 for row in dequant)
+
+    printed = capsys.readouterr().out
+    assert "reference / compiled_reference" in printed and str(files[0]) in printed
+
+
+def test_unknown_implementation_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown implementation"):
+        main(["--impls", "reference,cutlass", "--out", str(tmp_path), "--device", "cpu"])
+
+
+# ------------------------------------------------------------------------------------------------ --report
+
+
+def _synthetic_gpu_results(fused_over_dense=1.1, peft_over_fused=2.0, dequant_over_fused=1.1, with_fused=True):
+    """GPU-like rows: every impl on the 8B shapes at M 2048 and 8192, r=16, both passes, plus e2e rows."""
+    rows = []
+    ratios = {"dense_cublas": 1 / fused_over_dense, "fused": 1.0, "dequant_cublas": dequant_over_fused,
+              "peft_bnb": peft_over_fused, "compiled_reference": 1.5}
+    for K, N in LLAMA3_8B_SHAPES:
+        for M in (2048, 8192):
+            for p in ("fwd", "fwd_bwd"):
+                base_ms = lora_layer_flops(M, K, N, 16, p) / 600e12 * 1e3
+                for impl, ratio in ratios.items():
+                    if impl == "fused" and not with_fused:
+                        continue
+                    ms = base_ms * ratio
+                    tflops = lora_layer_flops(M, K, N, 16, p) / (ms * 1e-3) / 1e12
+                    rows.append(_row(impl=impl, **{"pass": p}, M=M, K=K, N=N, median_ms=ms, tflops=tflops,
+                                     peak_mem_mb=100.0, peak_fraction=tflops / 780.0))
+    rows.append(_row(bench="nf4_dequant", impl="fused_lora", **{"pass": "fwd"}, M=0, r=0, tflops=None, gbps=2500.0,
+                     bw_fraction=0.8))
+    e2e = dict(bench="e2e_qlora_step", **{"pass": "train_step"}, M=4096, K=2048, N=8192, tflops=None)
+    rows.append(_row(impl="peft_bnb", median_ms=400.0, peak_mem_mb=10000.0, tokens_per_s=10240.0,
+                     losses=[12.0, 11.9], **e2e))
+    rows.append(_row(impl="fused", median_ms=200.0, peak_mem_mb=7000.0, tokens_per_s=20480.0, losses=[12.0, 11.9],
+                     loss_max_rel_diff=1e-3, **e2e))
+    return {"env": ENV, "roofline": {"bf16_tflops": 780.0, "copy_gbps": 3000.0}, "results": rows,
+            "skipped": [{"bench": "optimizer", "reason": "fused_lora.bench_optim not importable"}]}
+
+
+def _verdicts(report_text):
+    """{target label: verdict} from the targets table of report.md."""
+    verdicts = {}
+    for line in report_text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells and " / " in cells[0] and ("<=" in cells[0] or ">=" in cells[0]):
+            verdicts[cells[0].split(" <=")[0].split(" >=")[0]] = cells[-1]
+    return verdicts
+
+
+def test_report_renders_ratios_verdicts_and_plots_from_the_newest_results(tmp_path, capsys):
+    gpu_dir = tmp_path / "nvidia-h100-80gb-hbm3"
+    gpu_dir.mkdir()
+    (gpu_dir / "20250101-0000.json").write_text(json.dumps(_synthetic_gpu_results(peft_over_fused=1.0)))
+    (gpu_dir / "20260102-1200.json").write_text(json.dumps(_synthetic_gpu_results()))
+    (gpu_dir / "notes.json").write_text("{}")  # not a results file: must be ignored
+
+    assert main(["--report", str(tmp_path)]) == 0
+    report = (gpu_dir / "report.md").read_text()
+    assert "20260102-1200.json" in report and capsys.readouterr().out.startswith("# Benchmark report")
+    assert _verdicts(report) == {"fused / dense_cublas": "met", "peft_bnb / fused": "met",
+                                 "dequant_cublas / fused": "not met"}
+    ratios_at = report.index("## qlora_linear ratios")
+    assert report.index("## Targets") < ratios_at < report.index("## qlora_linear, every row")
+    ratio_line = next(line for line in report[ratios_at:].splitlines() if "| 4096 | 14336 | 8192 | 16 | fwd_bwd" in line)
+    assert "| 1.1 | 1.1 | 2 | 1.5 |" in ratio_line  # fused/dense, dequant/fused, peft/fused, compiled/fused
+    assert "tokens/s | 2 | ≥ 1.5 | met" in report and "peak memory | 0.7 | ≤ 0.8 | met" in report
+    assert "bench_optim not importable" in report
+
+    for name in ("tflops_fwd_r16.png", "tflops_fwd_bwd_r16.png"):
+        png = (gpu_dir / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+        assert f"]({name})" in report
+
+
+def test_report_says_not_measured_without_fused_rows(tmp_path):
+    path = tmp_path / "20260102-1200.json"
+    path.write_text(json.dumps(_synthetic_gpu_results(with_fused=False)))
+    assert main(["--report", str(path)]) == 0
+    verdicts = _verdicts((tmp_path / "report.md").read_text())
+    assert set(verdicts.values()) == {"not measured"} and len(verdicts) == 3
+
+
+def test_report_without_results_fails_with_a_clear_message(tmp_path, capsys):
+    assert main(["--report", str(tmp_path)]) == 1
+    assert "no results JSON" in capsys.readouterr().err
+
+
+def test_target_met_only_on_the_measured_shapes_is_not_called_met():
+    data = _synthetic_gpu_results()
+    rows = [row for row in data["results"] if (row["K"], row["N"]) != (4096, 1024)]
+    verdicts = {c["target"]: c["verdict"] for c in benchmark.target_checks(rows)}
+    assert verdicts["fused / dense_cublas <= 1.15"] == "met on the measured shapes only"
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_e2e_bench_runs_peft_bnb_and_the_patched_model_with_matching_losses():
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from fused_lora.bench_e2e import cpu_config, run_e2e_bench
+
+    config = cpu_config(quick=True)
+    rows, skipped = run_e2e_bench(device="cpu", config=config)
+    assert skipped == []
+    assert [row["impl"] for row in rows] == ["peft_bnb", "fused"]
+    validate_results({"env": ENV, "results": rows})
+    peft_row, fused_row = rows
+    assert fused_row["patched_layers"] == 7 * config.layers
+    assert fused_row["trainable_params"] == peft_row["trainable_params"]
+    assert len(fused_row["losses"]) == config.steps and all(math.isfinite(v) for v in fused_row["losses"])
+    assert fused_row["losses"][0] == pytest.approx(math.log(config.vocab), rel=0.05)  # untrained: ~uniform
+    assert fused_row["loss_max_rel_diff"] < 1e-4  # fp32 on CPU: the same math up to rounding
+    assert all(row["tokens_per_s"] > 0 and row["M"] == config.batch * config.seq for row in rows)
