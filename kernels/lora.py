@@ -124,10 +124,10 @@ def _weight_args(weight, K: int) -> tuple[tuple, dict]:
         args = (weight.packed, weight.absmax, weight.code, weight.nested_absmax, weight.nested_code, weight.offset)
     else:
         args = (weight.packed, weight.absmax, weight.code, None, None, None)
-    power_of_two = blocksize & (blocksize - 1) == 0
+    even_power_of_two = blocksize >= 2 and blocksize & (blocksize - 1) == 0
     return args, {"stride_wn": 0, "stride_wk": 0, "IS_NF4": True, "DOUBLE_QUANT": bool(weight.double_quant),
                   "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
-                  "ROW_SCALES": power_of_two and K % blocksize == 0}
+                  "ROW_SCALES": even_power_of_two and K % blocksize == 0}
 
 
 def _dropout_args(dropout_p: float, seed: int) -> dict:

@@ -36,11 +36,13 @@ def block_absmax(
     DOUBLE_QUANT: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
 ):
-    """absmax_b in fp32: absmax[b], or nested_code[absmax[b]]·nested_absmax[b // 256] + offset (double quant)."""
+    """absmax_b in fp32: absmax[b], or nested_code[absmax[b]]·nested_absmax[b // 256] + offset (double quant);
+    0 where ``in_range`` is False, so padded tile elements dequantize to 0."""
     if DOUBLE_QUANT:
         absmax_code = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
         nested_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
-        return tl.load(nested_code_ptr + absmax_code) * nested_scale + tl.load(offset_ptr)
+        scale = tl.load(nested_code_ptr + absmax_code) * nested_scale + tl.load(offset_ptr)
+        return tl.where(in_range, scale, 0.0)
     else:
         return tl.load(absmax_ptr + block, mask=in_range, other=0.0)
 
@@ -65,7 +67,7 @@ def load_weight_tile(
     DOUBLE_QUANT: tl.constexpr,
     BLOCKSIZE: tl.constexpr,  # NF4 absmax blocksize over the flat index
     NESTED_BLOCKSIZE: tl.constexpr,
-    ROW_SCALES: tl.constexpr,  # K % BLOCKSIZE == 0 and BLOCKSIZE a power of two: scales per (row, block)
+    ROW_SCALES: tl.constexpr,  # K % BLOCKSIZE == 0, BLOCKSIZE an even power of two: scales per (row, block)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -74,13 +76,15 @@ def load_weight_tile(
     offs_k = k0 + tl.arange(0, BLOCK_K)
     in_range = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     if IS_NF4:
-        flat = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-        packed = tl.load(w_ptr + flat // 2, mask=in_range, other=0).to(tl.int32)
-        q = (packed >> (4 - 4 * (flat % 2)).to(tl.int32)) & 15
-        values = tl.load(code_ptr + q)
         if ROW_SCALES:
-            # Every block lies inside one row, and a tile holds SCALES_PER_ROW whole blocks of a row (or a part of
-            # one block): decode one absmax per (row, block), then broadcast it over the block's elements.
+            # K is a multiple of the (even) blocksize: a row of W starts on a byte and on a block, each byte of
+            # the row holds elements (2j, 2j+1), and a tile row holds SCALES_PER_ROW whole blocks (or a part of
+            # one): load the bytes once, split the nibbles, decode one absmax per (row, block) and broadcast it.
+            offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            byte_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + offs_byte[None, :]
+            packed = tl.load(byte_ptrs, mask=(offs_n[:, None] < N) & (offs_byte[None, :] < K // 2), other=0)
+            packed = packed.to(tl.int32)
+            values = tl.load(code_ptr + tl.interleave(packed >> 4, packed & 15))
             SCALES_PER_ROW: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
             first_block = (offs_n.to(tl.int64) * K + k0) // BLOCKSIZE
             block = first_block[:, None] + tl.arange(0, SCALES_PER_ROW)[None, :]
@@ -98,6 +102,10 @@ def load_weight_tile(
             values = tl.reshape(values, (BLOCK_N, SCALES_PER_ROW, BLOCK_K // SCALES_PER_ROW))
             w = tl.reshape(values * scale[:, :, None], (BLOCK_N, BLOCK_K))
         else:
+            # Any K and blocksize: nibble and block of every element from its flat index.
+            flat = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+            packed = tl.load(w_ptr + flat // 2, mask=in_range, other=0).to(tl.int32)
+            values = tl.load(code_ptr + ((packed >> (4 - 4 * (flat % 2)).to(tl.int32)) & 15))
             scale = block_absmax(
                 flat // BLOCKSIZE,
                 in_range,
@@ -109,7 +117,6 @@ def load_weight_tile(
                 NESTED_BLOCKSIZE,
             )
             w = values * scale
-        w = tl.where(in_range, w, 0.0)
     else:
         w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
         w = tl.load(w_ptrs, mask=in_range, other=0.0)

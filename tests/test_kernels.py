@@ -8,68 +8,13 @@ bf16 is GPU-only (tests/test_kernels_gpu.py): the interpreter cannot compute it.
 import pytest
 import torch
 
+import fused_lora as fl
 from fused_lora import reference
 from fused_lora.testing import assert_close_to_reference, relative_error
 
 pytestmark = pytest.mark.usefixtures("interpret_triton")
 
 SCALING = 2.0
-
-
-def _nf4_code() -> torch.Tensor:
-    """bitsandbytes' NF4 code table."""
-    return torch.tensor([
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-        0.7229568362236023, 1.0,
-    ])  # fmt: skip
-
-
-class _LocalNF4:
-    """A tiny NF4 quantizer with NF4Weight's attribute contract (packed / absmax / code / nested fields / offset),
-    nearest-code rounding and a linear nested code: enough to exercise every path of the kernels' dequantizer."""
-
-    def __init__(self, w: torch.Tensor, blocksize: int, double_quant: bool):
-        self.shape, self.dtype, self.blocksize = tuple(w.shape), w.dtype, blocksize
-        self.double_quant, self.nested_blocksize, self.code = double_quant, 256, _nf4_code()
-        flat = w.float().reshape(-1)
-        n = flat.numel()
-        nblocks = -(-n // blocksize)
-        blocks = torch.zeros(nblocks * blocksize)
-        blocks[:n] = flat
-        absmax = blocks.view(nblocks, blocksize).abs().amax(1)
-        normed = (blocks.view(nblocks, blocksize) / absmax[:, None]).reshape(-1)[:n]
-        q = (normed[:, None] - self.code[None]).abs().argmin(1).to(torch.uint8)
-        q = torch.cat([q, q.new_zeros(n % 2)])
-        self.packed = (q[0::2] << 4 | q[1::2]).view(-1, 1)
-        if double_quant:
-            self.offset = absmax.mean()
-            nested_blocks = -(-nblocks // 256)
-            centred = torch.zeros(nested_blocks * 256)
-            centred[:nblocks] = absmax - self.offset
-            self.nested_absmax = centred.view(nested_blocks, 256).abs().amax(1)
-            self.nested_code = torch.linspace(-1.0, 1.0, 256)
-            normed = (centred.view(nested_blocks, 256) / self.nested_absmax[:, None]).reshape(-1)[:nblocks]
-            self.absmax = (normed[:, None] - self.nested_code[None]).abs().argmin(1).to(torch.uint8)
-        else:
-            self.absmax, self.offset, self.nested_absmax, self.nested_code = absmax, None, None, None
-
-    def absmax_fp32(self) -> torch.Tensor:
-        if not self.double_quant:
-            return self.absmax
-        block = torch.arange(self.absmax.numel())
-        return self.nested_code[self.absmax.long()] * self.nested_absmax[block // 256] + self.offset
-
-    def dequantize(self, dtype=None) -> torch.Tensor:
-        n = self.shape[0] * self.shape[1]
-        q = torch.stack([self.packed.view(-1) >> 4, self.packed.view(-1) & 15], 1).reshape(-1)[:n].long()
-        w = self.code[q] * self.absmax_fp32()[torch.arange(n) // self.blocksize]
-        return w.view(self.shape).to(dtype or self.dtype)
-
-
-def _quantize(w: torch.Tensor, blocksize: int, double_quant: bool):
-    return _LocalNF4(w, blocksize, double_quant)
 
 
 def _kernels():
@@ -93,7 +38,7 @@ def _make_case(M, K, N, r, dtype, base, adapter_dtype, bias, layout, blocksize, 
         weight = w_dense.to(dtype)
         w_compute = weight
     else:
-        weight = _quantize(w_dense.to(dtype), blocksize, double_quant=base == "nf4-dq")
+        weight = fl.quantize_nf4(w_dense.to(dtype), blocksize=blocksize, double_quant=base == "nf4-dq")
         w_compute = weight.dequantize(dtype)
     A = (torch.randn(r, K, generator=gen) / K**0.5).to(adapter_dtype)
     B = (torch.randn(N, r, generator=gen) / r**0.5).to(adapter_dtype)
@@ -288,3 +233,14 @@ def test_lora_linear_uses_the_kernels_for_3d_input(poison_empty):
     assert relative_error(y.reshape(39, 80), ref[0]) < 1e-5
     for name, ours, ref_t in zip(("dx", "dA", "dB", "db"), grads, ref[2:]):
         assert relative_error(ours.reshape(ref_t.shape), ref_t) < 1e-5, name
+
+
+def test_check_command_passes_on_the_kernels_and_fails_on_a_wrong_backend(monkeypatch, capsys):
+    from fused_lora import check, functional
+
+    assert check.main(["--backend", "triton"]) == 0
+    assert "all passed" in capsys.readouterr().out
+    real = functional.lora_linear
+    monkeypatch.setattr(functional, "lora_linear", lambda *args, **kwargs: real(*args, **kwargs) * 1.01)
+    assert check.main(["--backend", "triton"]) == 1
+    assert "FAIL" in capsys.readouterr().out
