@@ -186,6 +186,13 @@ def _block_map(numels: list[int], block: int, device) -> torch.Tensor:
     return _to_device(torch.stack([tensor_index, start], dim=1), device)
 
 
+def _on_device(device):
+    """Make `device` current while launching (Triton launches on the current CUDA device)."""
+    import contextlib
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _to_device(table: torch.Tensor, device) -> torch.Tensor:
     if device.type == "cuda":
         return table.pin_memory().to(device, non_blocking=True)
@@ -230,9 +237,10 @@ def adamw32_update_(params, grads, exp_avgs, exp_avg_sqs, scalars, mode=MODE_TOR
     addresses, numels, scalar_table = _tables((params, grads, exp_avgs, exp_avg_sqs), scalars, device)
     block_map = _block_map([p.numel() for p in params], block, device)
     grid = (block_map.shape[0],)
-    adamw32_kernel[grid](
-        addresses, numels, scalar_table, block_map, params[0], grads[0], MODE=mode, BLOCK=block, num_warps=8
-    )
+    with _on_device(device):
+        adamw32_kernel[grid](
+            addresses, numels, scalar_table, block_map, params[0], grads[0], MODE=mode, BLOCK=block, num_warps=8
+        )
 
 
 def adamw8bit_update_(params, grads, qms, qvs, ams, avs, code_m, code_v, lut_m, lut_v, scalars, rows=None):
@@ -258,19 +266,20 @@ def adamw8bit_update_(params, grads, qms, qvs, ams, avs, code_m, code_v, lut_m, 
     addresses, numels, scalar_table = _tables((params, grads, qms, qvs, ams, avs), scalars, device)
     block_map = _block_map([p.numel() for p in params], rows * QBLOCK, device)
     grid = (block_map.shape[0],)
-    adamw8bit_kernel[grid](
-        addresses,
-        numels,
-        scalar_table,
-        block_map,
-        code_m.to(device=device, dtype=torch.float32).contiguous(),
-        code_v.to(device=device, dtype=torch.float32).contiguous(),
-        lut_m.to(device).contiguous(),
-        lut_v.to(device).contiguous(),
-        params[0],
-        grads[0],
-        ROWS=rows,
-        QBLOCK=QBLOCK,
-        num_warps=4,
-        enable_fp_fusion=False,
-    )
+    with _on_device(device):
+        adamw8bit_kernel[grid](
+            addresses,
+            numels,
+            scalar_table,
+            block_map,
+            code_m.to(device=device, dtype=torch.float32).contiguous(),
+            code_v.to(device=device, dtype=torch.float32).contiguous(),
+            lut_m.to(device).contiguous(),
+            lut_v.to(device).contiguous(),
+            params[0],
+            grads[0],
+            ROWS=rows,
+            QBLOCK=QBLOCK,
+            num_warps=4,
+            enable_fp_fusion=False,
+        )
