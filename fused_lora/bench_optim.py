@@ -13,8 +13,9 @@ Parameters: M matrices of N×K fp32 (a stack of adapter-sized or layer-sized ten
 
 Extra fields: ``params`` (elements), ``state_bytes`` (optimizer state, for 8-bit ≈ 2 bytes/param + absmax),
 ``ratio`` and ``ratio_to`` (median_ms ÷ the goal's baseline: torch fused for resident runs, the transfer floor
-for the host run), ``ratio_bnb`` (÷ the bitsandbytes paged optimizer of the same state width). On a CPU the torch paths run at small sizes with
-time.perf_counter, so the code runs in CI; bitsandbytes' paged optimizers run only on CUDA.
+for the host run), ``ratio_bnb`` (÷ the bitsandbytes paged optimizer of the same state width). On a CPU the torch
+paths run at small sizes with time.perf_counter, so the code runs in CI; bitsandbytes' paged optimizers run only on
+CUDA.
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ _RATIOS = {
 
 def run_optimizer_bench(quick: bool) -> list[dict]:
     """Rows {"bench": "paged_adamw", "impl", "pass": "step", "M", "K", "N", "r": 0, "dtype", "median_ms",
-    "tflops": None, "peak_mem_mb", "params", "state_bytes", "ratio", "ratio_to", "ratio_bnb"} for every implementation and size.
+    "tflops": None, "peak_mem_mb", "params", "state_bytes", "ratio", "ratio_to", "ratio_bnb"}, one per
+    implementation and size (M tensors of N×K fp32).
 
     Example: ``rows = run_optimizer_bench(quick=True)``
     """

@@ -373,7 +373,12 @@ def test_one_kernel_launch_per_chunk(interpret_triton, monkeypatch):
 
     calls = []
     real = kernels.adamw32_update_
-    monkeypatch.setattr(kernels, "adamw32_update_", lambda params, *a, **k: calls.append(len(params)) or real(params, *a, **k))
+
+    def counting(params, *args, **kwargs):
+        calls.append(len(params))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "adamw32_update_", counting)
     params = make_params([(37,), (129,), (200,), (5, 7)])
     opt = fo.PagedAdamW(params, backend="triton", page_min_bytes=1 << 30)
     train(params, opt, 2)
