@@ -230,19 +230,22 @@ def _m_bucket(M: int) -> int:
     return m_bucket(M)
 
 
-def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, columns per program) of the v/dB pass: enough programs to fill the GPU."""
+def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, columns per program, num_warps) of the v/dB pass. Tall row tiles keep the dB atomics
+    ((M / BLOCK_M)·N·r adds) few; N is split across programs until the GPU is full."""
     import triton
 
     if _interpreting():
-        block_m, block_n, programs_wanted = 16, 32, 2 * triton.cdiv(M, 16)
+        block_m, block_n, warps, programs_wanted = 16, 32, 4, 2 * triton.cdiv(M, 16)
     else:
-        block_m = min(64 if r_pad <= 64 else 32, max(16, triton.next_power_of_2(M)))
+        rows = 128 if r_pad <= 32 else 64 if r_pad <= 64 else 32
+        block_m = min(rows, max(16, triton.next_power_of_2(M)))
         block_n = 64
+        warps = 8 if block_m >= 128 else 4
         programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     n_tiles = triton.cdiv(N, block_n)
     splits = max(1, min(n_tiles, programs_wanted // triton.cdiv(M, block_m)))
-    return block_m, block_n, triton.cdiv(n_tiles, splits) * block_n
+    return block_m, block_n, triton.cdiv(n_tiles, splits) * block_n, warps
 
 
 def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA, need_dB, need_db):
@@ -278,7 +281,7 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
 
     with _device_guard(x2d):
         if M > 0 and (need_v or need_dB or need_db):
-            block_m, block_n, n_per_split = _vdb_blocks(M, N, r_pad, device)
+            block_m, block_n, n_per_split, warps = _vdb_blocks(M, N, r_pad, device)
             grid = (triton.cdiv(M, block_m), triton.cdiv(N, n_per_split))
             dB_strides = dB32.stride() if need_dB else (0, 0)
             v_strides = v.stride() if need_v else (0, 0)
@@ -289,7 +292,7 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
                 *v_strides, *dB_strides, float(scaling),
                 NEED_V=need_v, NEED_DB_LORA=need_dB, NEED_DB_BIAS=need_db,
                 LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
-                R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
             )  # fmt: skip
         if M > 0 and need_v:
             weight_args, weight_meta = _weight_args(weight, K)
