@@ -97,7 +97,7 @@ def test_peak_memory_of_one_layer_is_the_unavoidable_tensors():
         grads = lora.backward(g, x, weight, A, B, SCALING, 0.1, 5, u, True, True, True, False)
         return y, u, grads
 
-    del layer()  # autotune first: its benchmarking allocates scratch buffers that are not part of the layer
+    layer()  # autotune first: its benchmarking allocates scratch buffers that are not part of the layer
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
