@@ -49,6 +49,45 @@ def test_validate_results_rejects_malformed_data(bad, message):
         validate_results(data)
 
 
+# ------------------------------------------------------------------------------------------------ implementations
+
+
+NEEDS = {"dequant_cublas": ("bitsandbytes",), "peft_bnb": ("bitsandbytes", "peft"), "fused": ("triton",)}
+
+
+@pytest.mark.parametrize("impl", ["fused", "dequant_cublas", "peft_bnb", "compiled_reference", "dense_cublas"])
+def test_each_benchmarked_implementation_computes_the_layer_and_its_gradients(impl):
+    """The sweep's layers (fp32 on CPU; fused through the Triton interpreter) against the float64 reference."""
+    for module in NEEDS.get(impl, ()):
+        pytest.importorskip(module)
+    import torch
+
+    from fused_lora.reference import lora_linear_naive
+    from fused_lora.testing import relative_error
+
+    M, K, N, r = 17, 37, 29, 4
+    W, nf4, W_deq = benchmark.make_base_weight(K, N, torch.float32, torch.device("cpu"))
+    A, B = benchmark.make_adapters(K, N, r, torch.float32, torch.device("cpu"))
+    weights = {"W": W, "W_deq": W_deq, "nf4": nf4, "A": A, "B": B}
+    layer, params = benchmark.ImplBuilder(torch.device("cpu"), "aot_eager").build(impl, weights)
+    xs, gs = benchmark.make_input_sets(M, K, N, torch.float32, "cpu")
+    x, g = xs[0], gs[0]
+    layer(x).backward(g)
+
+    x64 = x.detach().double().requires_grad_(True)
+    A64, B64 = A.detach().double().requires_grad_(True), B.detach().double().requires_grad_(True)
+    if impl == "dense_cublas":  # the roofline: x·Wᵀ on the unquantized W, no LoRA
+        ref = torch.nn.functional.linear(x64, W.double())
+    else:
+        ref = lora_linear_naive(x64, W_deq.double(), A64, B64, benchmark.LORA_SCALING)
+    ref.backward(g.double())
+    with torch.no_grad():
+        assert relative_error(layer(x), ref) < 1e-5
+    assert relative_error(x.grad, x64.grad) < 1e-5
+    for param, ref_param in zip(params, (A64, B64)):
+        assert relative_error(param.grad, ref_param.grad) < 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ the CPU sweep
 
 
@@ -143,7 +182,8 @@ def test_report_renders_ratios_verdicts_and_plots_from_the_newest_results(tmp_pa
                                  "dequant_cublas / fused": "not met"}
     ratios_at = report.index("## qlora_linear ratios")
     assert report.index("## Targets") < ratios_at < report.index("## qlora_linear, every row")
-    ratio_line = next(line for line in report[ratios_at:].splitlines() if "| 4096 | 14336 | 8192 | 16 | fwd_bwd" in line)
+    ratio_line = next(line for line in report[ratios_at:].splitlines()
+                      if "| 4096 | 14336 | 8192 | 16 | fwd_bwd" in line)
     assert "| 1.1 | 1.1 | 2 | 1.5 |" in ratio_line  # fused/dense, dequant/fused, peft/fused, compiled/fused
     assert "tokens/s | 2 | ≥ 1.5 | met" in report and "peak memory | 0.7 | ≤ 0.8 | met" in report
     assert "bench_optim not importable" in report

@@ -1,0 +1,73 @@
+"""pytest-benchmark versions of the quick sweep cases (outside the default test run: testpaths is tests/).
+
+    python -m pytest bench/test_bench_quick.py --benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+On CUDA: the ``--quick`` cases of ``python -m fused_lora bench`` (Llama-3-8B shapes, M ∈ {16, 2048, 8192}, r=16)
+for every implementation, fwd and fwd_bwd, each call followed by a device synchronize so that wall-clock time is
+GPU time. On a CPU: ``reference`` and ``compiled_reference`` at the sweep's small CPU shapes. The implementations
+and inputs are the sweep's own (fused_lora.benchmark); the sweep CLI remains the source of committed results.
+"""
+
+import pytest
+import torch
+
+from fused_lora import benchmark as sweep
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
+SHAPES = sweep.LLAMA3_8B_SHAPES if ON_CUDA else sweep.CPU_SHAPES
+TOKENS = sweep.QUICK_M if ON_CUDA else sweep.CPU_M
+RANK = sweep.QUICK_R[0] if ON_CUDA else sweep.CPU_R[0]
+IMPLS = sweep.GPU_IMPLS if ON_CUDA else sweep.CPU_IMPLS
+NEEDS = {"dequant_cublas": ("bitsandbytes",), "peft_bnb": ("bitsandbytes", "peft")}
+
+
+@pytest.fixture(scope="module")
+def builder():
+    return sweep.ImplBuilder(DEVICE, "inductor")
+
+
+@pytest.fixture(scope="module")
+def weights_for():
+    """weights_for((K, N)) -> the sweep's weights for that shape at rank RANK, built once per shape."""
+    cache = {}
+
+    def get(shape):
+        if shape not in cache:
+            cache.clear()
+            K, N = shape
+            W, nf4, W_deq = sweep.make_base_weight(K, N, DTYPE, DEVICE)
+            A, B = sweep.make_adapters(K, N, RANK, DTYPE, DEVICE)
+            cache[shape] = {"W": W, "W_deq": W_deq, "nf4": nf4, "A": A, "B": B}
+        return cache[shape]
+
+    return get
+
+
+@pytest.mark.parametrize("pass_name", sweep.PASSES)
+@pytest.mark.parametrize("M", TOKENS, ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"K{s[0]}-N{s[1]}")
+def test_qlora_linear(benchmark, builder, weights_for, shape, impl, M, pass_name):
+    for module in NEEDS.get(impl, ()):
+        pytest.importorskip(module)
+    K, N = shape
+    layer, params = builder.build(impl, weights_for(shape))
+    xs, gs = sweep.make_input_sets(M, K, N, DTYPE, DEVICE)
+    run = sweep.pass_callable(layer, xs, gs, pass_name)
+    grads = xs + list(params)
+
+    def one_call():
+        for t in grads:
+            t.grad = None
+        run()
+        if ON_CUDA:
+            torch.cuda.synchronize()
+
+    flops = sweep.lora_layer_flops(M, K, N, RANK, pass_name)
+    benchmark.extra_info.update({"M": M, "K": K, "N": N, "r": RANK, "pass": pass_name, "flops": flops})
+    benchmark.pedantic(one_call, warmup_rounds=3, rounds=30 if ON_CUDA else 5, iterations=1)
+    median_s = benchmark.stats.stats.median
+    benchmark.extra_info["tflops"] = flops / median_s / 1e12
+    assert median_s > 0
