@@ -49,7 +49,7 @@ def unsupported_reason(x2d, weight, A, B, bias, dropout_p) -> str | None:
         x2d: (M, K) input. weight: NF4Weight or dense (N, K) tensor. A: (r, K). B: (N, r). bias: (N,) or None.
         dropout_p: dropout probability of the LoRA input.
     Returns:
-        None, or a short reason naming the case, e.g. ``"r=300 > 256"``.
+        None, or a short reason naming the case, e.g. ``"r=300 is outside 1..256"``.
 
     Example:
         >>> reason = unsupported_reason(x2d, w, A, B, None, 0.0)
@@ -82,6 +82,8 @@ def unsupported_reason(x2d, weight, A, B, bias, dropout_p) -> str | None:
     if _is_nf4(weight):
         if weight.packed.dtype != torch.uint8:
             return f"NF4 packed dtype {weight.packed.dtype} is not uint8"
+        if not (weight.packed.is_contiguous() and weight.absmax.is_contiguous()):
+            return "NF4 packed bytes or absmax are not contiguous"
         if weight.double_quant and weight.nested_blocksize != NESTED_BLOCKSIZE:
             return f"nested blocksize {weight.nested_blocksize} is not {NESTED_BLOCKSIZE}"
     elif weight.dtype != x2d.dtype:
