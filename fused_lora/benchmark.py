@@ -475,17 +475,20 @@ def run_sweep(args, device, results: ResultsFile, deadline: float):
     groups = [(M, K, N, r) for M in sweep_order(args.m) for (K, N) in args.shapes for r in args.ranks]
     progress = tqdm(total=len(groups) * len(args.impls) * len(PASSES), desc="qlora_linear", unit="case",
                     file=sys.stderr, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 5.0)
-    weights_cache = {}
+    base_weights, adapters = {}, {}
     for M, K, N, r in groups:
-        if (K, N, r) not in weights_cache:
+        if (K, N) not in base_weights:
             try:
                 W, nf4, W_deq = make_base_weight(K, N, dtype, device)
             except Exception as exc:  # a broken NF4 path must not sink the whole run
-                weights_cache[(K, N, r)] = f"quantize_nf4 failed: {type(exc).__name__}: {exc}"
+                base_weights[(K, N)] = f"quantize_nf4 failed: {type(exc).__name__}: {exc}"
             else:
-                A, B = make_adapters(K, N, r, dtype, device)
-                weights_cache[(K, N, r)] = {"W": W, "W_deq": W_deq, "nf4": nf4, "A": A, "B": B}
-        weights = weights_cache[(K, N, r)]
+                base_weights[(K, N)] = {"W": W, "W_deq": W_deq, "nf4": nf4}
+        if (K, N, r) not in adapters:
+            adapters[(K, N, r)] = dict(zip("AB", make_adapters(K, N, r, dtype, device)))
+        weights = base_weights[(K, N)]
+        if not isinstance(weights, str):
+            weights = {**weights, **adapters[(K, N, r)]}
         case = {"M": M, "K": K, "N": N, "r": r}
         reference_output = {}
         for impl in args.impls:
