@@ -25,7 +25,7 @@ NEEDS = {"dequant_cublas": ("bitsandbytes",), "peft_bnb": ("bitsandbytes", "peft
 
 @pytest.fixture(scope="module")
 def builder():
-    return sweep.ImplBuilder(DEVICE, "inductor")
+    return sweep.ImplBuilder("inductor")
 
 
 @pytest.fixture(scope="module")

@@ -312,8 +312,7 @@ def _peft_bnb_layer(W, A, B, s):
 class ImplBuilder:
     """Builds each implementation's layer for one (W, A, B): a callable x -> y and the tensors it owns grads of."""
 
-    def __init__(self, device, compile_backend: str):
-        self.device = device
+    def __init__(self, compile_backend: str = "inductor"):
         self.compile_backend = compile_backend
         self._compiled_reference = None
 
@@ -471,7 +470,7 @@ def run_sweep(args, device, results: ResultsFile, deadline: float):
     timer = CudaTimer(args.quick) if on_cuda else CpuTimer(args.quick)
     l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20) if on_cuda else 2**20
     peak = results.data["roofline"].get("bf16_tflops")
-    builder = ImplBuilder(device, args.compile_backend)
+    builder = ImplBuilder(args.compile_backend)
     groups = [(M, K, N, r) for M in sweep_order(args.m) for (K, N) in args.shapes for r in args.ranks]
     progress = tqdm(total=len(groups) * len(args.impls) * len(PASSES), desc="qlora_linear", unit="case",
                     file=sys.stderr, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 5.0)

@@ -69,7 +69,7 @@ def test_each_benchmarked_implementation_computes_the_layer_and_its_gradients(im
     W, nf4, W_deq = benchmark.make_base_weight(K, N, torch.float32, torch.device("cpu"))
     A, B = benchmark.make_adapters(K, N, r, torch.float32, torch.device("cpu"))
     weights = {"W": W, "W_deq": W_deq, "nf4": nf4, "A": A, "B": B}
-    layer, params = benchmark.ImplBuilder(torch.device("cpu"), "aot_eager").build(impl, weights)
+    layer, params = benchmark.ImplBuilder("aot_eager").build(impl, weights)
     xs, gs = benchmark.make_input_sets(M, K, N, torch.float32, "cpu")
     x, g = xs[0], gs[0]
     layer(x).backward(g)
