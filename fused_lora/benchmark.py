@@ -638,25 +638,38 @@ def run_e2e_rows(args, results: ResultsFile):
 # Validation, tables and the report
 
 
-def validate_results(data: dict) -> None:
-    """Raise ValueError when ``data`` does not follow the results schema of DESIGN.md."""
-    if set(data.get("env", {})) < {"device", "torch", "triton", "cuda", "commit"}:
-        got = sorted(data.get("env", {}))
-        raise ValueError(f"results: env must have device, torch, triton, cuda, commit; got {got}")
+def row_problem(row: dict) -> str | None:
+    """What makes one results row break the schema of DESIGN.md, or None when it follows it."""
+    missing = [k for k in ROW_KEYS if k not in row]
+    if missing:
+        return f"({row.get('bench')}/{row.get('impl')}) lacks {missing}"
+    for key in ("M", "K", "N", "r"):
+        if not isinstance(row[key], int):
+            return f"{key} must be an int, got {row[key]!r}"
+    for key in ("median_ms", "tflops", "peak_mem_mb"):
+        if row[key] is not None and not (isinstance(row[key], (int, float)) and math.isfinite(row[key])):
+            return f"{key} must be a finite number or null, got {row[key]!r}"
+    if row["median_ms"] is None or row["median_ms"] <= 0:
+        return f"median_ms must be positive, got {row['median_ms']!r}"
+    return None
+
+
+def validate_env(data: dict) -> None:
+    """Raise ValueError when the env or the results list of ``data`` does not follow the schema."""
+    required = {"device", "torch", "triton", "cuda", "commit"}
+    if not required <= set(data.get("env", {})):
+        raise ValueError(f"results: env must have {sorted(required)}; got {sorted(data.get('env', {}))}")
     if not isinstance(data.get("results"), list):
         raise ValueError("results: 'results' must be a list of rows")
+
+
+def validate_results(data: dict) -> None:
+    """Raise ValueError when ``data`` does not follow the results schema of DESIGN.md."""
+    validate_env(data)
     for i, row in enumerate(data["results"]):
-        missing = [k for k in ROW_KEYS if k not in row]
-        if missing:
-            raise ValueError(f"results row {i} ({row.get('bench')}/{row.get('impl')}) lacks {missing}")
-        for key in ("M", "K", "N", "r"):
-            if not isinstance(row[key], int):
-                raise ValueError(f"results row {i}: {key} must be an int, got {row[key]!r}")
-        for key in ("median_ms", "tflops", "peak_mem_mb"):
-            if row[key] is not None and not (isinstance(row[key], (int, float)) and math.isfinite(row[key])):
-                raise ValueError(f"results row {i}: {key} must be a finite number or null, got {row[key]!r}")
-        if row["median_ms"] is None or row["median_ms"] <= 0:
-            raise ValueError(f"results row {i}: median_ms must be positive, got {row['median_ms']!r}")
+        problem = row_problem(row)
+        if problem:
+            raise ValueError(f"results row {i}: {problem}")
 
 
 def _fmt(value) -> str:
@@ -822,9 +835,10 @@ def plot_tflops(data: dict, out_dir: Path) -> list[Path]:
 def render_report(results_path: Path) -> tuple[Path, list[Path]]:
     """Write report.md (ratios and target checks first, then every row) and the PNG plots next to the JSON."""
     data = json.loads(Path(results_path).read_text())
-    validate_results(data)
+    validate_env(data)
+    invalid = [(i, row_problem(row)) for i, row in enumerate(data["results"]) if row_problem(row)]
+    data["results"] = rows = [row for row in data["results"] if not row_problem(row)]
     out_dir = Path(results_path).parent
-    rows = data["results"]
     env = data["env"]
     roofline = data.get("roofline", {})
     plots = plot_tflops(data, out_dir)
@@ -879,6 +893,9 @@ def render_report(results_path: Path) -> tuple[Path, list[Path]]:
         parts += [f"## {bench}", "",
                   _markdown_table(list(ROW_KEYS[1:]) + extra_keys,
                                   [[row.get(k) for k in ROW_KEYS[1:] + tuple(extra_keys)] for row in bench_rows]), ""]
+    if invalid:
+        parts += [f"## Rows left out: they break the results schema ({len(invalid)})", ""]
+        parts += [f"- row {i}: {problem}" for i, problem in invalid] + [""]
     skipped = data.get("skipped", [])
     if skipped:
         parts += [f"## Skipped ({len(skipped)})", ""]

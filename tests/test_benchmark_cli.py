@@ -40,8 +40,9 @@ ENV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", 
         ({"results": [_row(median_ms=0.0)]}, "positive"),
         ({"results": [_row(M=8192.0)]}, "must be an int"),
         ({"env": {"device": "x"}, "results": []}, "env must have"),
+        ({"env": {"device": "x", "torch": "2", "host": "y"}, "results": []}, "env must have"),
     ],
-    ids=["missing-key", "nan-time", "zero-time", "float-M", "short-env"],
+    ids=["missing-key", "nan-time", "zero-time", "float-M", "short-env", "short-env-with-extra-key"],
 )
 def test_validate_results_rejects_malformed_data(bad, message):
     data = {"env": ENV, **bad}
@@ -200,6 +201,17 @@ def test_report_says_not_measured_without_fused_rows(tmp_path):
     assert main(["--report", str(path)]) == 0
     verdicts = _verdicts((tmp_path / "report.md").read_text())
     assert set(verdicts.values()) == {"not measured"} and len(verdicts) == 3
+
+
+def test_report_leaves_out_a_malformed_row_and_says_so(tmp_path):
+    data = _synthetic_gpu_results()
+    data["results"].append(_row(bench="paged_adamw", impl="broken", median_ms=float("nan")))
+    path = tmp_path / "20260102-1200.json"
+    path.write_text(json.dumps(data))
+    assert main(["--report", str(path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "Rows left out: they break the results schema (1)" in report and "median_ms must be a finite" in report
+    assert _verdicts(report)["fused / dense_cublas"] == "met"
 
 
 def test_report_without_results_fails_with_a_clear_message(tmp_path, capsys):
