@@ -68,6 +68,5 @@ def test_qlora_linear(benchmark, builder, weights_for, shape, impl, M, pass_name
     flops = sweep.lora_layer_flops(M, K, N, RANK, pass_name)
     benchmark.extra_info.update({"M": M, "K": K, "N": N, "r": RANK, "pass": pass_name, "flops": flops})
     benchmark.pedantic(one_call, warmup_rounds=3, rounds=30 if ON_CUDA else 5, iterations=1)
-    median_s = benchmark.stats.stats.median
-    benchmark.extra_info["tflops"] = flops / median_s / 1e12
-    assert median_s > 0
+    if benchmark.stats is not None:  # None under --benchmark-disable, where the case runs once as a smoke test
+        benchmark.extra_info["tflops"] = flops / benchmark.stats.stats.median / 1e12
