@@ -1,0 +1,314 @@
+"""PEFT integration: run PEFT's LoRA layers through ``fused_lora.functional.lora_linear``.
+
+Two ways in, both keeping PEFT's module structure (``base_layer``, ``lora_A[adapter]`` / ``lora_B[adapter]`` as
+``nn.Linear``, ``lora_dropout``, ``scaling``), so ``save_pretrained`` writes an ordinary PEFT adapter that plain
+PEFT loads, and ``merge_and_unload``, ``disable_adapter()``, ``set_adapter`` and friends keep working:
+
+* ``patch_peft_model(peft_model)`` converts the LoRA layers of an existing PEFT model in place. Each
+  ``peft.tuners.lora.Linear`` / ``peft.tuners.lora.bnb.Linear4bit`` whose base is an ``nn.Linear`` or a
+  bitsandbytes NF4 ``Linear4bit`` becomes a ``FusedPeftLinear`` / ``FusedPeftLinear4bit``: a subclass of the
+  PEFT class that only replaces ``forward``. Parameters, buffers, adapter tensors and the packed NF4 bytes are
+  the very same objects (the NF4 base is read through ``NF4Weight.from_bnb``, never requantized).
+* ``register_fused_lora(lora_config)`` makes ``get_peft_model`` build the fused layers directly, through PEFT's
+  custom-module registration.
+
+The fused forward computes, for the single active adapter (symbols of fused_lora/reference.py),
+
+    y = x·Wᵀ + b + s·((m⊙x)·Aᵀ)·Bᵀ,   W = base weight (NF4 or dense), A = lora_A.weight, B = lora_B.weight,
+                                       s = scaling[adapter] (α/r or α/√r), m = LoRA dropout mask.
+
+Cases the fused path does not cover run PEFT's own forward, with one warning naming the case: several active
+adapters, LoRA variants (DoRA, aLoRA, Arrow, ...), ``lora_bias``, mixed-batch ``adapter_names``, a trainable
+base weight, a 4-bit base that is not NF4, bitsandbytes' CPU inference packing. Disabled and merged adapters
+need no LoRA product and also use PEFT's forward (no warning).
+
+PEFT's dropout and the fused dropout draw different masks (same distribution), so with ``lora_dropout > 0``
+training-mode outputs match PEFT only in distribution; with dropout 0 or in eval mode they match closely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+__all__ = [
+    "patch_peft_model",
+    "unpatch_peft_model",
+    "register_fused_lora",
+    "FusedPeftLinear",
+    "FusedPeftLinear4bit",
+]
+
+_FUSED_CLASS_NAMES = {"Linear": "FusedPeftLinear", "Linear4bit": "FusedPeftLinear4bit"}
+_fused_classes: dict[str, type] = {}
+_warned_reasons: set[str] = set()
+
+
+def _warn_fallback_once(reason: str) -> None:
+    if reason not in _warned_reasons:
+        _warned_reasons.add(reason)
+        warnings.warn(
+            f"fused_lora: a PEFT LoRA layer uses PEFT's own forward because of {reason}; "
+            "the fused path covers one plain LoRA adapter over an nn.Linear or NF4 Linear4bit base",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _bnb_linear4bit_type():
+    """bitsandbytes.nn.Linear4bit if bitsandbytes is already imported (a model holding one has imported it)."""
+    if "bitsandbytes" not in sys.modules:
+        return None
+    return sys.modules["bitsandbytes"].nn.Linear4bit
+
+
+def _base_kind(base: nn.Module) -> str | None:
+    """"nf4" for a bitsandbytes Linear4bit, "dense" for any other nn.Linear, None otherwise."""
+    linear4bit = _bnb_linear4bit_type()
+    if linear4bit is not None and isinstance(base, linear4bit):
+        return "nf4"
+    if type(base).__module__.startswith("bitsandbytes"):
+        return None
+    return "dense" if isinstance(base, nn.Linear) else None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class _FusedLoraForward:
+    """Mixin placed before a PEFT LoRA class: ``forward`` runs ``lora_linear`` when it can, else PEFT's forward."""
+
+    fused_backend = "auto"
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter, reason = self._fused_adapter(args, kwargs)
+        if adapter is not None:
+            frozen = self._frozen_base(x)
+            if isinstance(frozen, str):
+                reason = frozen
+            else:
+                reason = self._adapter_problem(adapter, frozen[1])
+                if reason is None:
+                    return self._fused_forward(x, adapter, *frozen)
+        if reason is not None:
+            _warn_fallback_once(reason)
+        return super().forward(x, *args, **kwargs)
+
+    def _fused_adapter(self, args, kwargs) -> tuple[str | None, str | None]:
+        """(adapter, None) when one plain adapter is active; (None, reason) for a case the fused path skips."""
+        if kwargs.get("adapter_names") is not None:
+            return None, "mixed-batch adapter_names"
+        if self.disable_adapters or self.merged:
+            return None, None
+        if args or any(value is not None for value in kwargs.values()):
+            return None, "extra forward arguments"
+        active = [name for name in self.active_adapters if name in self.lora_A]
+        if not active:
+            return None, None
+        if len(active) > 1:
+            return None, "several active adapters"
+        adapter = active[0]
+        if adapter in self.lora_variant:
+            return None, f"the LoRA variant {type(self.lora_variant[adapter]).__name__}"
+        if self.use_dora.get(adapter, False):
+            return None, "DoRA"
+        if self.lora_bias.get(adapter, False):
+            return None, "lora_bias=True"
+        if getattr(self, "fan_in_fan_out", False):
+            return None, "fan_in_fan_out=True"
+        return adapter, None
+
+    def _frozen_base(self, x: torch.Tensor):
+        """(weight, compute_dtype, bias, out_dtype) for lora_linear, or a string naming why the base is unsupported."""
+        base = self.get_base_layer()
+        kind = _base_kind(base)
+        if kind is None:
+            return f"a base layer of type {type(base).__name__}"
+        if kind == "dense":
+            if base.weight.requires_grad:
+                return "a trainable base weight (lora_linear keeps W frozen)"
+            compute_dtype = _autocast_dtype(x.device.type) or base.weight.dtype
+            return base.weight.to(compute_dtype), compute_dtype, base.bias, compute_dtype
+        quant_state = base.weight.quant_state if base.weight.quant_state is not None else base.quant_state
+        if quant_state is None:
+            return "a bitsandbytes weight that is not quantized yet (move the model to its device first)"
+        if quant_state.quant_type != "nf4":
+            return f"a 4-bit {quant_state.quant_type} base (only NF4 is fused)"
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            return "bitsandbytes' CPU inference packing of the 4-bit weight (done in eval mode without grad)"
+        if not base.compute_type_is_set:
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        compute_dtype = base.compute_dtype or x.dtype
+        return self._nf4_weight(base.weight, quant_state), compute_dtype, base.bias, x.dtype
+
+    def _adapter_problem(self, adapter: str, compute_dtype: torch.dtype) -> str | None:
+        allowed = (compute_dtype, torch.float32)
+        for name, linear in (("lora_A", self.lora_A[adapter]), ("lora_B", self.lora_B[adapter])):
+            if linear.weight.dtype not in allowed:
+                return f"{name} in {linear.weight.dtype} with compute dtype {compute_dtype}"
+        dropout = self.lora_dropout[adapter]
+        if not isinstance(dropout, (nn.Identity, nn.Dropout)):
+            return f"a LoRA dropout module of type {type(dropout).__name__}"
+        return None
+
+    def _nf4_weight(self, packed: torch.Tensor, quant_state):
+        """NF4Weight over bitsandbytes' bytes, cached until the packed tensor or its quant state changes."""
+        from .nf4 import NF4Weight
+
+        key = (packed.data_ptr(), packed.device, quant_state)
+        cached = self.__dict__.get("_fused_nf4")
+        if cached is None or cached[0] != key:
+            cached = (key, NF4Weight.from_bnb(packed.data, quant_state))
+            object.__setattr__(self, "_fused_nf4", cached)
+        return cached[1]
+
+    def _fused_forward(self, x, adapter, weight, compute_dtype, bias, out_dtype) -> torch.Tensor:
+        from .functional import lora_linear
+
+        dropout = self.lora_dropout[adapter]
+        dropout_p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        if bias is not None and bias.dtype not in (compute_dtype, torch.float32):
+            bias = bias.to(compute_dtype)
+        autocast_off = _autocast_dtype(x.device.type) is not None
+        with torch.autocast(x.device.type, enabled=False) if autocast_off else contextlib.nullcontext():
+            y = lora_linear(
+                x.to(compute_dtype),
+                weight,
+                self.lora_A[adapter].weight,
+                self.lora_B[adapter].weight,
+                self.scaling[adapter],
+                bias=bias,
+                dropout_p=dropout_p,
+                training=dropout.training,
+                backend=self.fused_backend,
+            )
+        return y.to(out_dtype)
+
+
+def _peft_lora_classes() -> dict[type, str]:
+    """PEFT's LoRA layer classes that have a fused twin, mapped to the twin's name (imports PEFT)."""
+    from peft.tuners.lora import layer as lora_layer
+
+    classes = {lora_layer.Linear: "Linear"}
+    lora_bnb = sys.modules.get("peft.tuners.lora.bnb")
+    if lora_bnb is None and _bnb_linear4bit_type() is not None:
+        import peft.tuners.lora.bnb as lora_bnb
+    if lora_bnb is not None and hasattr(lora_bnb, "Linear4bit"):
+        classes[lora_bnb.Linear4bit] = "Linear4bit"
+    return classes
+
+
+def _fused_class(peft_name: str) -> type:
+    """The fused subclass of PEFT's ``Linear`` or ``bnb.Linear4bit``, created on first use (PEFT is imported lazily)."""
+    if peft_name not in _fused_classes:
+        peft_class = next(cls for cls, name in _peft_lora_classes().items() if name == peft_name)
+        name = _FUSED_CLASS_NAMES[peft_name]
+        doc = (
+            f"PEFT's ``{peft_class.__module__}.{peft_class.__qualname__}`` with the fused forward of "
+            "``fused_lora.functional.lora_linear``; same parameters, state dict, merge and unload."
+        )
+        cls = type(name, (_FusedLoraForward, peft_class), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
+        _fused_classes[peft_name] = cls
+    return _fused_classes[peft_name]
+
+
+def __getattr__(name):
+    for peft_name, fused_name in _FUSED_CLASS_NAMES.items():
+        if name == fused_name:
+            return _fused_class(peft_name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def patch_peft_model(peft_model: nn.Module) -> int:
+    """Convert the PEFT LoRA layers of ``peft_model`` to fused layers in place; return how many were converted.
+
+    Converts every ``peft.tuners.lora.Linear`` and ``peft.tuners.lora.bnb.Linear4bit`` whose base layer is an
+    ``nn.Linear`` or a bitsandbytes ``Linear4bit`` (NF4) by switching its class to the fused subclass, which
+    only overrides ``forward``. Nothing is copied or requantized: adapter weights, dropout, scaling (rsLoRA
+    included) and the packed NF4 bytes stay the same tensors, optimizers built before the patch keep working,
+    and ``save_pretrained`` writes the same keys as before. Layers already fused, other LoRA layer types (Conv,
+    Embedding, 8-bit) and LoRA layers over other bases are left alone. ``unpatch_peft_model`` reverses it.
+
+    Args:
+        peft_model: a ``peft.PeftModel`` (or any module containing PEFT LoRA layers).
+    Returns:
+        the number of layers converted by this call.
+
+    Example:
+        >>> import fused_lora as fl
+        >>> from peft import LoraConfig, get_peft_model
+        >>> model = get_peft_model(base_model, LoraConfig(r=16, target_modules="all-linear"))
+        >>> fl.patch_peft_model(model)
+        154
+    """
+    peft_classes = _peft_lora_classes()
+    count = 0
+    for module in peft_model.modules():
+        peft_name = peft_classes.get(type(module))
+        if peft_name is None or _base_kind(module.get_base_layer()) is None:
+            continue
+        module.__class__ = _fused_class(peft_name)
+        count += 1
+    return count
+
+
+def unpatch_peft_model(peft_model: nn.Module) -> int:
+    """Turn fused layers of ``peft_model`` back into PEFT's own classes in place; return how many were changed.
+
+    Example:
+        >>> fl.peft.unpatch_peft_model(model)   # after fl.patch_peft_model(model)
+        154
+    """
+    count = 0
+    for module in peft_model.modules():
+        if isinstance(module, _FusedLoraForward):
+            module.__class__ = next(cls for cls in type(module).__mro__[1:] if not issubclass(cls, _FusedLoraForward))
+            module.__dict__.pop("_fused_nf4", None)
+            count += 1
+    return count
+
+
+def _create_fused_layer(target: nn.Module, adapter_name: str, config, **kwargs):
+    """PEFT custom-module factory: a fused LoRA layer for an nn.Linear / NF4 Linear4bit target, else None (PEFT
+    then falls through to its own dispatchers, e.g. for 8-bit layers)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    kind = _base_kind(base)
+    if kind == "nf4" and base.weight.quant_type == "nf4":
+        return _fused_class("Linear4bit")(target, adapter_name, config=config, **kwargs)
+    if kind == "dense":
+        if config.fan_in_fan_out:
+            warnings.warn("fused_lora: fan_in_fan_out=True does not apply to nn.Linear; setting it to False")
+            config.fan_in_fan_out = False
+        return _fused_class("Linear")(target, adapter_name, config=config, **kwargs)
+    return None
+
+
+def register_fused_lora(lora_config):
+    """Make ``get_peft_model(model, lora_config)`` create fused LoRA layers directly; returns ``lora_config``.
+
+    Uses PEFT's custom-module registration (``LoraConfig._register_custom_module``): targets that are an
+    ``nn.Linear`` or an NF4 ``bitsandbytes.nn.Linear4bit`` become ``FusedPeftLinear`` / ``FusedPeftLinear4bit``
+    layers; anything else goes through PEFT's usual dispatch. The saved adapter is an ordinary PEFT adapter.
+
+    Args:
+        lora_config: a ``peft.LoraConfig``.
+    Returns:
+        the same config, for chaining.
+
+    Example:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> config = fl.peft.register_fused_lora(LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        >>> model = get_peft_model(base_model, config)   # LoRA layers are FusedPeftLinear(4bit)
+    """
+    lora_config._register_custom_module({nn.Linear: _create_fused_layer})
+    return lora_config
