@@ -33,3 +33,28 @@ def test_import_works_when_the_extension_cannot_load():
         """
     )
     assert out == "FusedLoraLinear quantize_nf4"
+
+
+def test_checkout_kernels_folder_does_not_shadow_the_pypi_kernels_package(tmp_path):
+    repo_root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("def get_kernel():\n    return 'the PyPI package'\n")
+    code = f"""
+        import sys
+        sys.path[:0] = [{str(repo_root)!r}, {str(tmp_path)!r}]   # the checkout first, as with `python -m` there
+        import kernels
+        print(kernels.get_kernel())
+        """
+    assert _run(code) == "the PyPI package"
+    missing = f"""
+        import sys
+        sys.path.insert(0, {str(repo_root)!r})
+        try:
+            import kernels
+        except ModuleNotFoundError as error:
+            print(error.name)
+        import fused_lora.kernels.lora
+        print(fused_lora.kernels.lora.__name__)
+        """
+    assert _run(missing).split() == ["kernels", "fused_lora.kernels.lora"]
