@@ -1,6 +1,7 @@
-"""``lora_linear``: input checks, backend dispatch and the autograd function of the LoRA layer.
+"""``lora_linear`` and ``frozen_linear``: input checks, backend dispatch and the autograd functions.
 
-    y = x·Wᵀ + b + s·((m⊙x)·Aᵀ)·Bᵀ        (symbols and backward formulas: fused_lora/reference.py)
+    lora_linear:    y = x·Wᵀ + b + s·((m⊙x)·Aᵀ)·Bᵀ   (symbols and backward formulas: fused_lora/reference.py)
+    frozen_linear:  y = x·Wᵀ + b                     (the frozen layer alone: dx = g·W, db = Σ_M g, no dW)
 
 Backends:
     "reference"  plain PyTorch (fused_lora/reference.py); an NF4 weight is dequantized to x's dtype first.
@@ -21,7 +22,7 @@ import torch
 
 from . import reference
 
-__all__ = ["lora_linear", "resolve_backend", "validate_backend_name", "BACKENDS"]
+__all__ = ["lora_linear", "frozen_linear", "resolve_backend", "validate_backend_name", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "reference")
 BACKEND_ENV_VAR = "FUSED_LORA_BACKEND"
@@ -55,8 +56,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ("triton" or "reference") that ``backend`` selects for tensors on ``device``."""
+def resolve_backend(backend: str, device: torch.device, caller: str = "lora_linear") -> str:
+    """The concrete backend ("triton" or "reference") that ``backend`` selects for tensors on ``device``;
+    ``caller`` names the public function in warnings and errors."""
     validate_backend_name(backend)
     if backend == "auto":
         override = os.environ.get(BACKEND_ENV_VAR)
@@ -70,16 +72,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             return "reference"
         problem = _triton_import_error()
         if problem is not None:
-            _warn_once(f"lora_linear: falling back to the reference backend on CUDA because {problem}")
+            _warn_once(f"{caller}: falling back to the reference backend on CUDA because {problem}")
             return "reference"
         return "triton"
     if backend == "triton":
         problem = _triton_import_error()
         if problem is not None:
-            raise RuntimeError(f"lora_linear: backend='triton' needs Triton, but {problem}")
+            raise RuntimeError(f"{caller}: backend='triton' needs Triton, but {problem}")
         if device.type != "cuda" and not _interpreting():
             raise RuntimeError(
-                f"lora_linear: backend='triton' got {device.type} tensors; the kernels run on CUDA, or on the "
+                f"{caller}: backend='triton' got {device.type} tensors; the kernels run on CUDA, or on the "
                 "CPU only under Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
             )
     return backend
@@ -91,66 +93,85 @@ def _is_nf4(weight) -> bool:
     return isinstance(weight, NF4Weight)
 
 
-def _check_floating(name: str, t: torch.Tensor, allowed=COMPUTE_DTYPES) -> None:
+def _check_floating(caller: str, name: str, t: torch.Tensor, allowed=COMPUTE_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in allowed:
         kind = "floating-point" if not t.is_floating_point() else "supported floating-point"
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"lora_linear: {name} must be a {kind} tensor ({names}), got {t.dtype}")
+        raise TypeError(f"{caller}: {name} must be a {kind} tensor ({names}), got {t.dtype}")
 
 
-def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
-    _check_floating("x", x)
+def _side_dtypes(x: torch.Tensor) -> tuple:
+    """Dtypes accepted for the adapters and the bias: x's dtype or fp32 (fp64 only with fp64 x)."""
+    return (x.dtype, torch.float32) if x.dtype != torch.float64 else (torch.float64,)
+
+
+def _check_same_device(caller: str, name: str, device: torch.device, x: torch.Tensor) -> None:
+    if device != x.device:
+        raise ValueError(f"{caller}: {name} is on {device} but x is on {x.device}; move them together")
+
+
+def _check_x_and_weight(caller: str, x, weight, trained: str) -> tuple[int, int]:
+    """Checks shared by every layer function; returns (out_features, in_features). ``trained`` names what gets
+    gradients, for the message about a frozen weight that requires grad."""
+    _check_floating(caller, "x", x)
     if x.dim() < 1:
-        raise ValueError("lora_linear: x must have at least one dimension (..., in_features)")
+        raise ValueError(f"{caller}: x must have at least one dimension (..., in_features)")
     if _is_nf4(weight):
         if len(weight.shape) != 2:
-            raise ValueError(f"lora_linear: the NF4 weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
-        weight_device = weight.device
+            raise ValueError(f"{caller}: the NF4 weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     else:
-        _check_floating("weight", weight)
+        _check_floating(caller, "weight", weight)
         if weight.dim() != 2:
-            raise ValueError(f"lora_linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+            raise ValueError(f"{caller}: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
         if weight.requires_grad and torch.is_grad_enabled():
             raise ValueError(
-                "lora_linear: the frozen weight requires grad, but W gets no gradient here; "
-                "call weight.requires_grad_(False) (only lora_A, lora_B and bias are trained)"
+                f"{caller}: the frozen weight requires grad, but W gets no gradient here; "
+                f"call weight.requires_grad_(False) (only {trained})"
             )
         if weight.dtype != x.dtype:
             raise TypeError(
-                f"lora_linear: weight dtype {weight.dtype} differs from x dtype {x.dtype}; "
+                f"{caller}: weight dtype {weight.dtype} differs from x dtype {x.dtype}; "
                 "cast x or the frozen weight to the compute dtype"
             )
-        weight_device = weight.device
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
-        raise ValueError(f"lora_linear: x has {x.shape[-1]} features, expected {in_features}")
-    adapter_dtypes = (x.dtype, torch.float32) if x.dtype != torch.float64 else (torch.float64,)
-    _check_floating("lora_A", lora_A, adapter_dtypes)
-    _check_floating("lora_B", lora_B, adapter_dtypes)
+        raise ValueError(f"{caller}: x has {x.shape[-1]} features, expected {in_features}")
+    _check_same_device(caller, "weight", weight.device, x)
+    return out_features, in_features
+
+
+def _check_bias(caller: str, x, bias, out_features: int) -> None:
+    if bias is None:
+        return
+    _check_floating(caller, "bias", bias, _side_dtypes(x))
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{caller}: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+    _check_same_device(caller, "bias", bias.device, x)
+
+
+def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
+    caller = "lora_linear"
+    out_features, in_features = _check_x_and_weight(caller, x, weight, "lora_A, lora_B and bias are trained")
+    _check_floating(caller, "lora_A", lora_A, _side_dtypes(x))
+    _check_floating(caller, "lora_B", lora_B, _side_dtypes(x))
     if lora_A.dim() != 2 or lora_A.shape[0] < 1:
-        raise ValueError(f"lora_linear: lora_A must be (r, in_features) with r >= 1, got {tuple(lora_A.shape)}")
+        raise ValueError(f"{caller}: lora_A must be (r, in_features) with r >= 1, got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
     if lora_A.shape[1] != in_features:
-        raise ValueError(f"lora_linear: lora_A has shape {tuple(lora_A.shape)}, expected ({r}, {in_features})")
+        raise ValueError(f"{caller}: lora_A has shape {tuple(lora_A.shape)}, expected ({r}, {in_features})")
     if tuple(lora_B.shape) != (out_features, r):
-        raise ValueError(f"lora_linear: lora_B has shape {tuple(lora_B.shape)}, expected ({out_features}, {r})")
-    if bias is not None:
-        _check_floating("bias", bias, adapter_dtypes)
-        if tuple(bias.shape) != (out_features,):
-            raise ValueError(f"lora_linear: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
-    for name, t_device in (("weight", weight_device), ("lora_A", lora_A.device), ("lora_B", lora_B.device)):
-        if t_device != x.device:
-            raise ValueError(f"lora_linear: {name} is on {t_device} but x is on {x.device}; move them together")
-    if bias is not None and bias.device != x.device:
-        raise ValueError(f"lora_linear: bias is on {bias.device} but x is on {x.device}; move them together")
+        raise ValueError(f"{caller}: lora_B has shape {tuple(lora_B.shape)}, expected ({out_features}, {r})")
+    _check_bias(caller, x, bias, out_features)
+    _check_same_device(caller, "lora_A", lora_A.device, x)
+    _check_same_device(caller, "lora_B", lora_B.device, x)
     if isinstance(scaling, torch.Tensor):
-        raise TypeError("lora_linear: scaling must be a Python number (alpha / r), not a tensor")
+        raise TypeError(f"{caller}: scaling must be a Python number (alpha / r), not a tensor")
     if not math.isfinite(float(scaling)):
-        raise ValueError(f"lora_linear: scaling must be finite, got {scaling}")
+        raise ValueError(f"{caller}: scaling must be finite, got {scaling}")
     if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"{caller}: dropout_p must be in [0, 1), got {dropout_p}")
 
 
 class _ReferenceImpl:
@@ -174,6 +195,19 @@ class _ReferenceImpl:
         m = cls._mask(x2d, dropout_p, seed)
         W = cls._dense(weight, x2d.dtype) if need_dx else None
         return reference.lora_backward(g, x2d, W, A, B, scaling, u, m, need_dx, need_dA, need_dB, need_db)
+
+    @classmethod
+    def frozen_forward(cls, x2d, weight, bias):
+        """y = x·Wᵀ + b, rounded as reference.lora_forward rounds its base term (the product, then the bias)."""
+        y = x2d @ cls._dense(weight, x2d.dtype).t()
+        return y if bias is None else y + bias.to(y.dtype)
+
+    @classmethod
+    def frozen_backward(cls, g, weight, need_dx, need_db):
+        """dx = g·W in g's dtype; db = Σ_M g in at least fp32 (as reference.lora_backward)."""
+        dx = g @ cls._dense(weight, g.dtype) if need_dx else None
+        db = g.to(torch.promote_types(g.dtype, torch.float32)).sum(0) if need_db else None
+        return dx, db
 
 
 def _implementation(backend: str):
@@ -213,8 +247,34 @@ class _LoraLinearFunction(torch.autograd.Function):
         return dx, None, dA, dB, db, None, None, None, None, None
 
 
-def _choose_backend(backend, x2d, weight, lora_A, lora_B, bias, dropout_p) -> str:
-    chosen = resolve_backend(backend, x2d.device)
+class _FrozenLinearFunction(torch.autograd.Function):
+    """Autograd over a backend's frozen_forward/frozen_backward. Only a dense W is saved (x is not needed: dx = g·W
+    and db = Σ_M g); the NF4 weight is frozen and never receives a gradient."""
+
+    @staticmethod
+    def forward(ctx, x2d, dense_weight, bias, nf4_weight, backend):
+        weight = nf4_weight if nf4_weight is not None else dense_weight
+        y = _implementation(backend).frozen_forward(x2d, weight, bias)
+        ctx.save_for_backward(dense_weight)
+        ctx.nf4_weight = nf4_weight
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.backend = backend
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (dense_weight,) = ctx.saved_tensors
+        weight = ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight
+        need_dx, _, need_db = ctx.needs_input_grad[:3]
+        dx, db = _implementation(ctx.backend).frozen_backward(g.contiguous(), weight, need_dx, need_db)
+        if db is not None:
+            db = db.to(ctx.bias_dtype)
+        return dx, None, db, None, None
+
+
+def _choose_backend(backend, x2d, weight, lora_A, lora_B, bias, dropout_p, caller="lora_linear") -> str:
+    """The backend that runs this call; lora_A = lora_B = None for the frozen layer alone."""
+    chosen = resolve_backend(backend, x2d.device, caller)
     if chosen == "triton":
         if x2d.shape[0] == 0:
             return "reference"
@@ -222,7 +282,7 @@ def _choose_backend(backend, x2d, weight, lora_A, lora_B, bias, dropout_p) -> st
 
         reason = triton_lora.unsupported_reason(x2d, weight, lora_A, lora_B, bias, dropout_p)
         if reason is not None:
-            _warn_once(f"lora_linear: the Triton kernels do not support {reason}; using the reference backend")
+            _warn_once(f"{caller}: the Triton kernels do not support {reason}; using the reference backend")
             return "reference"
     return chosen
 
@@ -271,3 +331,40 @@ def lora_linear(
         x2d, dense_weight, lora_A, lora_B, bias, nf4_weight, float(scaling), dropout_p, seed, chosen
     )
     return y.reshape(*leading, y.shape[-1])
+
+
+def frozen_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """The frozen layer alone: y = x·Wᵀ + b, without materialising a dequantized W on the fast path.
+
+    This is what a LoRA layer computes with its adapter disabled (e.g. the reference model of RL fine-tuning that
+    shares the frozen weights) or merged into W. On the "triton" backend an NF4 W is dequantized tile by tile inside
+    the GEMM, forward (y) and backward (dx); the reference backend dequantizes it to x's dtype first.
+
+    Args:
+        x: (..., K) input, bf16 / fp16 / fp32 (fp64 on the reference backend). Any strides.
+        weight: frozen W, an ``NF4Weight`` of shape (N, K) or a dense (N, K) tensor in x's dtype that does not
+            require grad.
+        bias: optional (N,) in x's dtype or fp32; it gets a gradient only if it requires one.
+        backend: "auto", "triton" or "reference" (see the module docstring); a case the kernels do not support runs
+            on the reference with one warning.
+    Returns:
+        y: (..., N) in x's dtype. Gradients flow to x (dx = g·W) and bias (db = Σ g over the leading dims);
+        W gets none.
+
+    Example:
+        >>> import torch, fused_lora as fl
+        >>> W = fl.quantize_nf4(torch.randn(80, 64))
+        >>> x = torch.randn(2, 5, 64, requires_grad=True)
+        >>> y = fl.functional.frozen_linear(x, W, bias=torch.zeros(80))
+        >>> y.shape, torch.autograd.grad(y.sum(), x)[0].shape
+        (torch.Size([2, 5, 80]), torch.Size([2, 5, 64]))
+    """
+    caller = "frozen_linear"
+    out_features, in_features = _check_x_and_weight(caller, x, weight, "x and bias get gradients")
+    _check_bias(caller, x, bias, out_features)
+    leading = x.shape[:-1]
+    x2d = x.reshape(-1, in_features)
+    chosen = _choose_backend(backend, x2d, weight, None, None, bias, 0.0, caller)
+    nf4_weight, dense_weight = (weight, None) if _is_nf4(weight) else (None, weight)
+    y = _FrozenLinearFunction.apply(x2d, dense_weight, bias, nf4_weight, chosen)
+    return y.reshape(*leading, out_features)

@@ -426,14 +426,10 @@ class FusedLoraLinear(nn.Module):
                 )
         return y.to(out_dtype)
 
-    @staticmethod
-    def _base_forward(x, weight, bias):
-        """x·Wᵀ + b in x's dtype, rounded as the reference backend rounds it (product, then the bias)."""
-        dense = weight.dequantize(x.dtype) if isinstance(weight, NF4Weight) else weight
-        y = x @ dense.t()
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y
+    def _base_forward(self, x, weight, bias):
+        """x·Wᵀ + b in x's dtype through ``functional.frozen_linear`` on the layer's backend: the fused kernels
+        never dequantize the whole NF4 weight; the reference rounds the product, then adds the bias."""
+        return functional.frozen_linear(x, weight, bias, backend=self.backend)
 
     # ------------------------------------------------------------------ device moves and state dict
 

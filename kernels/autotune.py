@@ -1,8 +1,10 @@
 """Autotuning of the two GEMM kernels (forward y, backward dx/dA) on Hopper (sm90) and Ampere (sm80).
 
 The tuning key buckets M to a power of two (``m_bucket``), so decode-size calls (M ≤ 16) and training-size calls
-(M in the thousands) get different tiles while every M inside a bucket reuses one measurement. Under the Triton
-CPU interpreter nothing is tuned: ``INTERPRETER_CONFIG`` is used as is.
+(M in the thousands) get different tiles while every M inside a bucket reuses one measurement. The key also
+holds HAS_LORA: without the low-rank epilogue (the frozen layer alone) a program needs fewer registers, so the
+best tile can differ from the LoRA layer's. Under the Triton CPU interpreter nothing is tuned:
+``INTERPRETER_CONFIG`` is used as is.
 """
 
 import functools
@@ -65,10 +67,11 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
 
 @functools.cache
 def autotuned(kernel, capability: tuple[int, int], out_name: str, reduce_name: str, reset_to_zero: tuple = ()):
-    """``kernel`` wrapped in triton.autotune for ``capability``, keyed on the M bucket, N, K, r and the variant."""
+    """``kernel`` wrapped in triton.autotune for ``capability``, keyed on the M bucket, N, K, r and the variant
+    (low-rank term or not, NF4 layout)."""
     return triton.autotune(
         configs=gemm_configs(capability, out_name, reduce_name),
-        key=["M_BUCKET", "N", "K", "R_PAD", "IS_NF4", "DOUBLE_QUANT", "ROW_SCALES"],
+        key=["M_BUCKET", "N", "K", "R_PAD", "HAS_LORA", "IS_NF4", "DOUBLE_QUANT", "ROW_SCALES"],
         prune_configs_by={"early_config_prune": keep_tiles_for_m},
         reset_to_zero=list(reset_to_zero) or None,
     )(kernel)

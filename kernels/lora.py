@@ -7,6 +7,11 @@ mask (0 or 1/(1-p), regenerated from ``seed`` inside the kernels, never stored),
     backward:  v = g·B;  dB = s·gᵀ·u;  db = Σ_M g;                             (lora_bwd.py, one pass over g)
                dx = g·deq(W) + s·m⊙(v·A);  dA = s·vᵀ·(m⊙x)                   (lora_bwd.py, one GEMM pass)
 
+The frozen layer alone (adapter disabled, or merged), through the same kernels without their low-rank term:
+
+    frozen_forward:   y = x·deq(W)ᵀ + b
+    frozen_backward:  dx = g·deq(W);  db = Σ_M g
+
 Supported: x in fp16 / bf16 / fp32 (bf16 only on a GPU: the CPU interpreter cannot compute it), A and B in fp32
 or x's dtype, any M, K, N (ragged tiles are masked), r from 1 to 256, any strides of x, g, A and B, NF4 weights
 with any blocksize and with or without double quantization, dense weights in x's dtype. Everything else is
@@ -25,9 +30,11 @@ import torch
 
 MAX_RANK = 256
 NESTED_BLOCKSIZE = 256
+# R_PAD of the launches without a low-rank term (the kernels do not read it then); one fixed value, one variant.
+_FROZEN_R_PAD = 16
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-__all__ = ["unsupported_reason", "forward", "backward", "dropout_mask"]
+__all__ = ["unsupported_reason", "forward", "backward", "frozen_forward", "frozen_backward", "dropout_mask"]
 
 
 def _interpreting() -> bool:
@@ -46,14 +53,16 @@ def unsupported_reason(x2d, weight, A, B, bias, dropout_p) -> str | None:
     """Why the fused kernels cannot run this call, or None when they can.
 
     Args:
-        x2d: (M, K) input. weight: NF4Weight or dense (N, K) tensor. A: (r, K). B: (N, r). bias: (N,) or None.
-        dropout_p: dropout probability of the LoRA input.
+        x2d: (M, K) input. weight: NF4Weight or dense (N, K) tensor. A: (r, K) and B: (N, r), or both None for
+            the frozen layer alone (``frozen_forward`` / ``frozen_backward``). bias: (N,) or None.
+        dropout_p: dropout probability of the LoRA input (0.0 for the frozen layer).
     Returns:
         None, or a short reason naming the case, e.g. ``"r=300 is outside 1..256"``.
 
     Example:
         >>> reason = unsupported_reason(x2d, w, A, B, None, 0.0)
         >>> if reason is not None: warnings.warn(f"fused-lora: using the reference ({reason})")
+        >>> unsupported_reason(x2d, w, None, None, bias, 0.0)      # the frozen layer alone
     """
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
@@ -63,18 +72,19 @@ def unsupported_reason(x2d, weight, A, B, bias, dropout_p) -> str | None:
         return f"x is on {x2d.device.type}; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
     if _interpreting() and x2d.dtype == torch.bfloat16:
         return "bfloat16 under the Triton CPU interpreter (it cannot compute bfloat16)"
-    tensors = {"weight": _weight_device(weight), "lora_A": A.device, "lora_B": B.device}
-    if bias is not None:
-        tensors["bias"] = bias.device
+    tensors = {"weight": _weight_device(weight)}
+    adapters = {} if A is None else {"lora_A": A, "lora_B": B}
+    for name, t in [*adapters.items(), ("bias", bias)]:
+        if t is not None:
+            tensors[name] = t.device
     for name, device in tensors.items():
         if device != x2d.device:
             return f"{name} is on {device}, x on {x2d.device}"
     if x2d.shape[1] == 0 or weight.shape[0] == 0:
         return f"empty weight: {weight.shape[0]} output and {x2d.shape[1]} input features"
-    r = A.shape[0]
-    if not 1 <= r <= MAX_RANK:
-        return f"r={r} is outside 1..{MAX_RANK}"
-    for name, t in (("lora_A", A), ("lora_B", B)):
+    if A is not None and not 1 <= A.shape[0] <= MAX_RANK:
+        return f"r={A.shape[0]} is outside 1..{MAX_RANK}"
+    for name, t in adapters.items():
         if t.dtype not in (torch.float32, x2d.dtype):
             return f"{name} dtype {t.dtype} is neither float32 nor x's dtype {x2d.dtype}"
     if bias is not None and bias.dtype not in (torch.float32, x2d.dtype):
@@ -104,9 +114,12 @@ def _rank_pad(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
 
-def _precisions(x, A, B) -> dict:
-    """Low-rank dtype (promotion of x, A, B) and dot precisions; see lora_fwd.py for the tf32 choice."""
-    lowrank = torch.promote_types(torch.promote_types(x.dtype, A.dtype), B.dtype)
+def _precisions(x, *adapters) -> dict:
+    """Low-rank dtype (promotion of x and the adapters A, B; x's dtype without them) and dot precisions; see
+    lora_fwd.py for the tf32 choice."""
+    lowrank = x.dtype
+    for t in adapters:
+        lowrank = torch.promote_types(lowrank, t.dtype)
     exact = x.dtype == torch.float32
     return {
         "BASE_PRECISION": "ieee" if exact else "tf32",
@@ -130,6 +143,19 @@ def _weight_args(weight, K: int) -> tuple[tuple, dict]:
     return args, {"stride_wn": 0, "stride_wk": 0, "IS_NF4": True, "DOUBLE_QUANT": bool(weight.double_quant),
                   "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
                   "ROW_SCALES": even_power_of_two and K % blocksize == 0}
+
+
+def _compile_options(weight) -> dict:
+    """Triton compile options of the GEMM kernels for this W. NF4: no FP contraction, so that the double-quant scale
+    fl(fl(nested_code[q]·nested_absmax) + offset) rounds like bitsandbytes and ``NF4Weight.dequantize`` (see
+    lora_fwd.py); the interpreter ignores the option. Dense: contraction on (stated explicitly, because triton 3.9
+    warns when the option is left to its changing default)."""
+    return {"enable_fp_fusion": not _is_nf4(weight)}
+
+
+def _strides(t) -> tuple[int, int]:
+    """t's two strides, or (0, 0) for an operand that is absent (None) and never read."""
+    return (0, 0) if t is None else t.stride()
 
 
 def _dropout_args(dropout_p: float, seed: int) -> dict:
@@ -192,10 +218,6 @@ def forward(x2d, weight, A, B, scaling: float, bias, dropout_p: float, seed: int
         >>> A, B = torch.randn(8, 64, device="cuda"), torch.randn(200, 8, device="cuda")
         >>> y, u = forward(x, w, A, B, 2.0, None, 0.0, 0)      # y (37, 200) bf16, u (37, 8) fp32
     """
-    import triton
-
-    from .lora_fwd import lora_fwd_kernel
-
     M, K = x2d.shape
     N = weight.shape[0]
     r = A.shape[0]
@@ -208,22 +230,65 @@ def forward(x2d, weight, A, B, scaling: float, bias, dropout_p: float, seed: int
     if M == 0:
         return y, torch.zeros((0, r), device=x2d.device, dtype=torch.float32)
     precisions = _precisions(x2d, A, B)
-    weight_args, weight_meta = _weight_args(weight, K)
-    r_pad = _rank_pad(r)
     with _device_guard(x2d):
         u = _compute_u(x2d, A, dropout_p, seed, precisions)
-        kernel, meta = _gemm(lora_fwd_kernel, x2d, "BLOCK_N", "BLOCK_K")
-        grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
-        kernel[grid](
-            x2d, *weight_args, u, B, bias, y,
-            M, N, K, r, _m_bucket(M),
-            x2d.stride(0), x2d.stride(1), weight_meta.pop("stride_wn"), weight_meta.pop("stride_wk"),
-            u.stride(0), u.stride(1), B.stride(0), B.stride(1), y.stride(0), y.stride(1),
-            float(scaling),
-            **weight_meta, HAS_BIAS=bias is not None, **precisions,
-            R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta,
-        )  # fmt: skip
+        _launch_y(x2d, weight, bias, y, precisions, u=u, B=B, scaling=scaling)
     return y, u
+
+
+def frozen_forward(x2d, weight, bias):
+    """Fused forward of the frozen layer alone (adapter disabled, or merged): y = x·deq(W)ᵀ + b.
+
+    W is dequantized tile by tile inside the GEMM; no N×K copy of it is made.
+
+    Args:
+        x2d: (M, K) input in fp16/bf16/fp32, any strides. weight: NF4Weight of shape (N, K), or a dense (N, K)
+            tensor in x's dtype. bias: (N,) in fp32 or x's dtype, or None.
+    Returns:
+        y: (M, N) in x's dtype (fp32 accumulation, the bias added before the one rounding).
+
+    Example:
+        >>> w = fl.quantize_nf4(torch.randn(200, 64, device="cuda", dtype=torch.bfloat16))
+        >>> y = frozen_forward(torch.randn(37, 64, device="cuda", dtype=torch.bfloat16), w, None)   # (37, 200)
+    """
+    M, K = x2d.shape
+    N = weight.shape[0]
+    if tuple(weight.shape) != (N, K) or (bias is not None and tuple(bias.shape) != (N,)):
+        bias_shape = None if bias is None else tuple(bias.shape)
+        raise ValueError(
+            f"fused frozen forward: shapes x {tuple(x2d.shape)}, W {tuple(weight.shape)}, bias {bias_shape} do not "
+            "fit x (M, K), W (N, K), bias (N,)"
+        )
+    y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+    if M > 0:
+        with _device_guard(x2d):
+            _launch_y(x2d, weight, bias, y, _precisions(x2d))
+    return y
+
+
+def _launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0):
+    """lora_fwd_kernel into y: y = x·deq(W)ᵀ + b, plus s·u·Bᵀ when u and B are given (HAS_LORA)."""
+    import triton
+
+    from .lora_fwd import lora_fwd_kernel
+
+    M, K = x2d.shape
+    N = y.shape[1]
+    has_lora = u is not None
+    r = u.shape[1] if has_lora else 0
+    r_pad = _rank_pad(r) if has_lora else _FROZEN_R_PAD
+    weight_args, weight_meta = _weight_args(weight, K)
+    kernel, meta = _gemm(lora_fwd_kernel, x2d, "BLOCK_N", "BLOCK_K")
+    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](
+        x2d, *weight_args, u, B, bias, y,
+        M, N, K, r, _m_bucket(M),
+        x2d.stride(0), x2d.stride(1), weight_meta.pop("stride_wn"), weight_meta.pop("stride_wk"),
+        *_strides(u), *_strides(B), y.stride(0), y.stride(1),
+        float(scaling),
+        **weight_meta, HAS_BIAS=bias is not None, HAS_LORA=has_lora, **precisions,
+        R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta, **_compile_options(weight),
+    )  # fmt: skip
 
 
 def _m_bucket(M: int) -> int:
@@ -250,6 +315,54 @@ def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int, int]
     return block_m, block_n, triton.cdiv(n_tiles, splits) * block_n, warps
 
 
+def _launch_vdb(g, precisions, v, dB32, db, B=None, u=None, scaling=0.0):
+    """lora_vdb_kernel, one pass over g: v += g·B (when v is given), dB32 += s·gᵀ·u (when dB32 is given),
+    db += Σ_M g (when db is given). The outputs are zeroed fp32 buffers."""
+    import triton
+
+    from .lora_bwd import lora_vdb_kernel
+
+    M, N = g.shape
+    r = B.shape[1] if B is not None else 0
+    r_pad = _rank_pad(r) if B is not None else _FROZEN_R_PAD
+    block_m, block_n, n_per_split, warps = _vdb_blocks(M, N, r_pad, g.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, n_per_split))
+    lora_vdb_kernel[grid](
+        g, B, u, v, dB32, db,
+        M, N, r, n_per_split,
+        g.stride(0), g.stride(1), *_strides(B), *_strides(u), *_strides(v), *_strides(dB32), float(scaling),
+        NEED_V=v is not None, NEED_DB_LORA=dB32 is not None, NEED_DB_BIAS=db is not None,
+        LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )  # fmt: skip
+
+
+def _launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, scaling=0.0, dropout_p=0.0, seed=0):
+    """lora_dx_kernel: dx = g·deq(W) (when dx is given), plus s·m⊙(v·A) and dA32 += s·vᵀ·(m⊙x) when the low-rank
+    operands x2d, A, v are given (HAS_LORA)."""
+    import triton
+
+    from .lora_bwd import lora_dx_kernel
+
+    M, N = g.shape
+    K = weight.shape[1]
+    has_lora = v is not None
+    r = A.shape[0] if has_lora else 0
+    r_pad = _rank_pad(r) if has_lora else _FROZEN_R_PAD
+    weight_args, weight_meta = _weight_args(weight, K)
+    kernel, meta = _gemm(lora_dx_kernel, g, "BLOCK_K", "BLOCK_N", ("da_ptr",) if dA32 is not None else ())
+    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)  # noqa: E731
+    kernel[grid](
+        g, *weight_args, x2d, A, v, dx, dA32,
+        M, N, K, r, _m_bucket(M),
+        g.stride(0), g.stride(1), weight_meta.pop("stride_wn"), weight_meta.pop("stride_wk"),
+        *_strides(x2d), *_strides(A), *_strides(v), *_strides(dx), *_strides(dA32), float(scaling),
+        **_dropout_args(dropout_p, seed),
+        NEED_DX=dx is not None, NEED_DA=dA32 is not None, DROPOUT=dropout_p > 0.0, HAS_LORA=has_lora,
+        **weight_meta, **precisions, R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta, **_compile_options(weight),
+    )  # fmt: skip
+
+
 def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA, need_dB, need_db):
     """Fused backward of the LoRA layer (W is frozen: no dW).
 
@@ -264,16 +377,11 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
         >>> y, u = forward(x, w, A, B, 2.0, None, 0.1, seed=1234)
         >>> dx, dA, dB, db = backward(torch.ones_like(y), x, w, A, B, 2.0, 0.1, 1234, u, True, True, True, False)
     """
-    import triton
-
-    from .lora_bwd import lora_dx_kernel, lora_vdb_kernel
-
     M, K = x2d.shape
     N = weight.shape[0]
     r = A.shape[0]
     device = x2d.device
     need_v = need_dx or need_dA
-    r_pad = _rank_pad(r)
     precisions = _precisions(x2d, A, B)
     v = torch.zeros((M, r), device=device, dtype=torch.float32) if need_v else None
     dB32 = torch.zeros((N, r), device=device, dtype=torch.float32) if need_dB else None
@@ -283,39 +391,45 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
 
     with _device_guard(x2d):
         if M > 0 and (need_v or need_dB or need_db):
-            block_m, block_n, n_per_split, warps = _vdb_blocks(M, N, r_pad, device)
-            grid = (triton.cdiv(M, block_m), triton.cdiv(N, n_per_split))
-            dB_strides = dB32.stride() if need_dB else (0, 0)
-            v_strides = v.stride() if need_v else (0, 0)
-            lora_vdb_kernel[grid](
-                g, B, u, v, dB32, db,
-                M, N, r, n_per_split,
-                g.stride(0), g.stride(1), B.stride(0), B.stride(1), u.stride(0), u.stride(1),
-                *v_strides, *dB_strides, float(scaling),
-                NEED_V=need_v, NEED_DB_LORA=need_dB, NEED_DB_BIAS=need_db,
-                LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
-                R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-            )  # fmt: skip
+            _launch_vdb(g, precisions, v, dB32, db, B=B, u=u, scaling=scaling)
         if M > 0 and need_v:
-            weight_args, weight_meta = _weight_args(weight, K)
-            kernel, meta = _gemm(lora_dx_kernel, x2d, "BLOCK_K", "BLOCK_N", ("da_ptr",) if need_dA else ())
-            grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)  # noqa: E731
-            dx_strides = dx.stride() if need_dx else (0, 0)
-            dA_strides = dA32.stride() if need_dA else (0, 0)
-            kernel[grid](
-                g, *weight_args, x2d, A, v, dx, dA32,
-                M, N, K, r, _m_bucket(M),
-                g.stride(0), g.stride(1), weight_meta.pop("stride_wn"), weight_meta.pop("stride_wk"),
-                x2d.stride(0), x2d.stride(1), A.stride(0), A.stride(1), v.stride(0), v.stride(1),
-                *dx_strides, *dA_strides, float(scaling),
-                **_dropout_args(dropout_p, seed),
-                NEED_DX=need_dx, NEED_DA=need_dA, DROPOUT=dropout_p > 0.0,
-                **weight_meta, **precisions, R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta,
-            )  # fmt: skip
+            _launch_dx(g, weight, dx, precisions, x2d=x2d, A=A, v=v, dA32=dA32, scaling=scaling,
+                       dropout_p=dropout_p, seed=seed)
 
     dA = dA32.to(A.dtype) if need_dA else None
     dB = dB32.to(B.dtype) if need_dB else None
     return dx, dA, dB, db
+
+
+def frozen_backward(g, weight, need_dx: bool, need_db: bool):
+    """Fused backward of the frozen layer alone: dx = g·deq(W), db = Σ_M g (W is frozen: no dW).
+
+    x is not an argument: neither gradient reads it, so autograd need not keep it alive.
+
+    Args:
+        g: (M, N) ∂L/∂y in x's dtype (fp16/bf16/fp32), any strides. weight: the W of ``frozen_forward``.
+        need_dx, need_db: which gradients to compute.
+    Returns:
+        (dx (M, K) in g's dtype, db (N,) fp32), None where not needed.
+
+    Example:
+        >>> y = frozen_forward(x, w, bias)
+        >>> dx, db = frozen_backward(torch.ones_like(y), w, True, True)
+    """
+    M, N = g.shape
+    K = weight.shape[1]
+    if weight.shape[0] != N:
+        raise ValueError(f"fused frozen backward: g has {N} columns but W has shape {tuple(weight.shape)}")
+    dx = torch.empty((M, K), device=g.device, dtype=g.dtype) if need_dx else None
+    db = torch.zeros((N,), device=g.device, dtype=torch.float32) if need_db else None
+    if M > 0:
+        precisions = _precisions(g)
+        with _device_guard(g):
+            if need_db:
+                _launch_vdb(g, precisions, None, None, db)
+            if need_dx:
+                _launch_dx(g, weight, dx, precisions)
+    return dx, db
 
 
 def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:

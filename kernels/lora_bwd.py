@@ -9,9 +9,14 @@ dropout mask regenerated from the seed (dropout.py), u = (m⊙x)·Aᵀ saved by 
     dx = g·deq(W) + s·m⊙(v·A)       (M×K, x dtype)   lora_dx_kernel    } one pass over g and deq(W); m and x are
     dA = s·vᵀ·(m⊙x)                 (r×K, fp32)      lora_dx_kernel    } read once, in the epilogue
 
+The frozen layer alone (adapter disabled, or merged) has no low-rank term:
+
+    db = Σ_M g                      (N,   fp32)      lora_vdb_kernel, NEED_V = NEED_DB_LORA = False
+    dx = g·deq(W)                   (M×K, x dtype)   lora_dx_kernel, HAS_LORA = False (v, A, x are not read)
+
 deq(W) is dequantized tile by tile in registers (lora_fwd.load_weight_tile); W is frozen, so there is no dW.
 Reductions that cross programs (v and dB over split N, dA over M) are fp32 atomic adds into zeroed buffers.
-Dot precision and the low-rank dtype follow lora_fwd.py.
+Dot precision, the low-rank dtype and the FMA-free NF4 scale (``enable_fp_fusion=False``) follow lora_fwd.py.
 """
 
 import triton
@@ -104,7 +109,7 @@ def lora_dx_kernel(
     nested_code_ptr,
     offset_ptr,
     x_ptr,  # (M, K) compute dtype (read only for dA)
-    a_ptr,  # A (r, K)
+    a_ptr,  # A (r, K) (None without HAS_LORA, like x and v)
     v_ptr,  # (M, r) fp32 from lora_vdb_kernel
     dx_ptr,  # (M, K) compute dtype output
     da_ptr,  # dA (r, K) fp32 output, zeroed (atomic adds)
@@ -136,8 +141,9 @@ def lora_dx_kernel(
     keep_scale,
     # constexprs
     NEED_DX: tl.constexpr,
-    NEED_DA: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    NEED_DA: tl.constexpr,  # only with HAS_LORA
+    DROPOUT: tl.constexpr,  # only with HAS_LORA
+    HAS_LORA: tl.constexpr,  # False: dx = g·deq(W) only
     IS_NF4: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
@@ -153,7 +159,8 @@ def lora_dx_kernel(
     BLOCK_K: tl.constexpr,  # output tile over K
     GROUP_M: tl.constexpr,
 ):
-    """dx[rows, cols] = Σ_n g[rows, n]·deq(W)[n, cols] + s·m⊙(v·A); dA[:, cols] += s·v[rows]ᵀ·(m⊙x)[rows, cols]."""
+    """dx[rows, cols] = Σ_n g[rows, n]·deq(W)[n, cols] (+ s·m⊙(v·A) when HAS_LORA);
+    dA[:, cols] += s·v[rows]ᵀ·(m⊙x)[rows, cols] (NEED_DA)."""
     COMPUTE_DTYPE: tl.constexpr = g_ptr.dtype.element_ty
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -182,30 +189,34 @@ def lora_dx_kernel(
             )  # fmt: skip
             acc = tl.dot(g, w, acc, input_precision=BASE_PRECISION)
 
-    if DROPOUT:
-        m = dropout_mask_tile(seed, offs_m, offs_k, K, p, keep_scale)
-    if NEED_DA:
-        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=tile_in_range, other=0.0)
+    if HAS_LORA:
         if DROPOUT:
-            x = x.to(tl.float32) * m
-        x = x.to(LOWRANK_DTYPE)
-    lowrank = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in tl.static_range(0, R_PAD, R_CHUNK):
-        offs_r = r0 + tl.arange(0, R_CHUNK)
-        v_ptrs = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm + offs_r[None, :] * stride_vr
-        v = tl.load(v_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0).to(LOWRANK_DTYPE)
-        if NEED_DX:
-            a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
-            a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
-            lowrank = tl.dot(v, a.to(LOWRANK_DTYPE), lowrank, input_precision=LOWRANK_PRECISION)
+            m = dropout_mask_tile(seed, offs_m, offs_k, K, p, keep_scale)
         if NEED_DA:
-            da = tl.dot(tl.trans(v), x, input_precision=LOWRANK_PRECISION)
-            da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
-            tl.atomic_add(da_ptrs, scaling * da, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+            x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+            x = tl.load(x_ptrs, mask=tile_in_range, other=0.0)
+            if DROPOUT:
+                x = x.to(tl.float32) * m
+            x = x.to(LOWRANK_DTYPE)
+        lowrank = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+            offs_r = r0 + tl.arange(0, R_CHUNK)
+            v_ptrs = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm + offs_r[None, :] * stride_vr
+            v = tl.load(v_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0).to(LOWRANK_DTYPE)
+            if NEED_DX:
+                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+                a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+                lowrank = tl.dot(v, a.to(LOWRANK_DTYPE), lowrank, input_precision=LOWRANK_PRECISION)
+            if NEED_DA:
+                da = tl.dot(tl.trans(v), x, input_precision=LOWRANK_PRECISION)
+                da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
+                tl.atomic_add(da_ptrs, scaling * da, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+        if NEED_DX:
+            lowrank = scaling * lowrank
+            if DROPOUT:
+                lowrank = lowrank * m
+            acc = acc + lowrank
 
     if NEED_DX:
-        lowrank = scaling * lowrank
-        if DROPOUT:
-            lowrank = lowrank * m
         dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-        tl.store(dx_ptrs, (acc + lowrank).to(COMPUTE_DTYPE), mask=tile_in_range)
+        tl.store(dx_ptrs, acc.to(COMPUTE_DTYPE), mask=tile_in_range)

@@ -4,14 +4,25 @@ Symbols (shared/DESIGN.md): x (M×K) input, W (N×K) frozen weight, A (r×K), B 
 m (M×K) dropout mask (0 or 1/(1-p), regenerated from the seed, see dropout.py).
 
     u = (m⊙x)·Aᵀ                    (M×r, fp32)          lora_u_kernel
-    y = x·deq(W)ᵀ + b + s·u·Bᵀ       (M×N, x's dtype)     lora_fwd_kernel
+    y = x·deq(W)ᵀ + b + s·u·Bᵀ       (M×N, x's dtype)     lora_fwd_kernel, HAS_LORA=True
+    y = x·deq(W)ᵀ + b                (M×N, x's dtype)     lora_fwd_kernel, HAS_LORA=False (the frozen layer alone:
+                                                          adapter disabled, or merged; u and B are not read)
 
 deq(W) is computed tile by tile in registers inside the GEMM main loop and never written to memory:
 
     i = n·K + k                     flat row-major index of W[n, k]
     q = packed[i // 2] >> 4         if i is even, else packed[i // 2] & 15
-    absmax_b = nested_code[absmax[b]] · nested_absmax[b // 256] + offset      (double quant; b = i // blocksize)
-    W[n, k] = round_to_compute_dtype(code[q] · absmax_b)                     (fp32 product, rounded once)
+    absmax_b = fl(fl(nested_code[absmax[b]] · nested_absmax[b // 256]) + offset)   (double quant; b = i // blocksize)
+    W[n, k] = round_to_compute_dtype(code[q] · absmax_b)                          (fp32 product, rounded once)
+
+absmax_b is a rounded fp32 multiply followed by a separately rounded add, as bitsandbytes and
+``NF4Weight.dequantize`` compute it. On a GPU Triton would contract the two into one FMA (one rounding, up to 1 ulp
+away from bitsandbytes' scale), so the launchers in lora.py compile the NF4 variants of the GEMM kernels with
+``enable_fp_fusion=False``. The main loop keeps its speed: the dot is an MMA, or for IEEE fp32 dots an
+llvm.fmuladd chain that LLVM still fuses (the option only stops the contraction of a separate multiply and add, in
+LLVM and in ptxas via --fmad=false); W[n, k] is a multiply without an add; the scale costs one more instruction per
+decoded absmax. The CPU interpreter never contracts, so only a GPU can show the difference
+(tests/test_kernels_gpu.py, bit-exact dequantization through the GEMM).
 
 The accumulator is fp32; the bias and the low-rank term are added in the epilogue, so no M×N intermediate exists.
 Low-rank dots run in the promoted dtype of x, A and B (``LOWRANK_DTYPE``). fp32 dots use IEEE fp32 when x is fp32
@@ -36,8 +47,9 @@ def block_absmax(
     DOUBLE_QUANT: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
 ):
-    """absmax_b in fp32: absmax[b], or nested_code[absmax[b]]·nested_absmax[b // 256] + offset (double quant);
-    0 where ``in_range`` is False, so padded tile elements dequantize to 0."""
+    """absmax_b in fp32: absmax[b], or fl(fl(nested_code[absmax[b]]·nested_absmax[b // 256]) + offset) (double
+    quant); 0 where ``in_range`` is False, so padded tile elements dequantize to 0. The multiply and the add round
+    separately only when the kernel is compiled with enable_fp_fusion=False (module docstring)."""
     if DOUBLE_QUANT:
         absmax_code = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
         nested_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
@@ -179,8 +191,8 @@ def lora_fwd_kernel(
     nested_absmax_ptr,  # double quant only
     nested_code_ptr,
     offset_ptr,
-    u_ptr,  # (M, r) fp32 from lora_u_kernel
-    b_ptr,  # B (N, r)
+    u_ptr,  # (M, r) fp32 from lora_u_kernel (None without HAS_LORA)
+    b_ptr,  # B (N, r) (None without HAS_LORA)
     bias_ptr,  # (N,) or None
     y_ptr,  # (M, N) compute dtype output
     # sizes
@@ -208,6 +220,7 @@ def lora_fwd_kernel(
     NESTED_BLOCKSIZE: tl.constexpr,
     ROW_SCALES: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,  # False: y = x·deq(W)ᵀ + b only (u, B, R, scaling unused)
     BASE_PRECISION: tl.constexpr,
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
@@ -218,7 +231,8 @@ def lora_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[rows, cols] = Σ_k x[rows, k]·deq(W)[cols, k] + b[cols] + s·Σ_r u[rows, r]·B[cols, r]; 1-D grouped grid."""
+    """y[rows, cols] = Σ_k x[rows, k]·deq(W)[cols, k] + b[cols] (+ s·Σ_r u[rows, r]·B[cols, r] when HAS_LORA);
+    1-D grouped grid."""
     COMPUTE_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -245,15 +259,16 @@ def lora_fwd_kernel(
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    lowrank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in tl.static_range(0, R_PAD, R_CHUNK):
-        offs_r = r0 + tl.arange(0, R_CHUNK)
-        u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
-        u = tl.load(u_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-        bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
-        bt = tl.load(bt_ptrs, mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
-        lowrank = tl.dot(u.to(LOWRANK_DTYPE), bt.to(LOWRANK_DTYPE), lowrank, input_precision=LOWRANK_PRECISION)
-    y = acc + scaling * lowrank
+    if HAS_LORA:
+        lowrank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+            offs_r = r0 + tl.arange(0, R_CHUNK)
+            u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
+            u = tl.load(u_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+            bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
+            bt = tl.load(bt_ptrs, mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+            lowrank = tl.dot(u.to(LOWRANK_DTYPE), bt.to(LOWRANK_DTYPE), lowrank, input_precision=LOWRANK_PRECISION)
+        acc = acc + scaling * lowrank
 
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, y.to(COMPUTE_DTYPE), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(y_ptrs, acc.to(COMPUTE_DTYPE), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))

@@ -179,3 +179,106 @@ def test_empty_batch_returns_empty_output():
     x, W, A, B, _ = _layer(M=0)
     y = lora_linear(x.reshape(0, 3, 64)[:, :0], W, A, B, 2.0, backend="auto")
     assert y.shape == (0, 0, 80)
+
+
+# ---------------------------------------------------------------- frozen_linear (the frozen layer alone)
+
+
+FROZEN_CASES = [(torch.float32, "dense", True), (torch.float32, "nf4", False), (torch.bfloat16, "nf4", True),
+                (torch.float16, "dense", True), (torch.float16, "nf4", True)]
+
+
+@pytest.mark.parametrize(
+    "dtype, base, bias", FROZEN_CASES, ids=[f"{str(d)[6:]}-{w}{'-bias' if b else ''}" for d, w, b in FROZEN_CASES]
+)
+def test_frozen_linear_matches_float64_math(dtype, base, bias):
+    x, W, _, _, b = _layer(M=39, K=129, N=37, dtype=dtype, bias=bias, seed=3)
+    weight = fl.quantize_nf4(W, blocksize=64) if base == "nf4" else W
+    W_dense = weight.dequantize(dtype) if base == "nf4" else W
+    x = x.reshape(3, 13, 129).requires_grad_(True)
+    leaves = (x, b) if bias else (x,)
+    y = functional.frozen_linear(x, weight, bias=b, backend="reference")
+    assert y.shape == (3, 13, 37) and y.dtype == dtype
+    g, grads = _grads(y, leaves)
+    assert all(grad.dtype == dtype for grad in grads)
+
+    def linear(cast):
+        copies = [t.detach().to(cast(t).dtype).requires_grad_(True) for t in leaves]
+        bias_copy = copies[1] if bias else None
+        out = torch.nn.functional.linear(copies[0], cast(W_dense), bias_copy)
+        return out, torch.autograd.grad(out, copies, cast(g))
+
+    y64, ref_grads = linear(lambda t: t.double())
+    y_plain, plain_grads = linear(lambda t: t)
+    assert_close_to_reference("y", y, y_plain, y64, dtype)
+    for name, ours, plain, ref in zip(("dx", "db"), grads, plain_grads, ref_grads):
+        assert_close_to_reference(name, ours, plain, ref, dtype)
+
+
+def test_frozen_linear_equals_lora_linear_with_a_zero_adapter():
+    """Same rounding as lora_linear's base term: x·Wᵀ in x's dtype, then the bias; dx and db agree exactly."""
+    x, W, A, B, b = _layer(bias=True, seed=4)
+    x.requires_grad_(True)
+    w4 = fl.quantize_nf4(W)
+    y = functional.frozen_linear(x, w4, bias=b, backend="reference")
+    y_lora = lora_linear(x, w4, A, torch.zeros_like(B), 2.0, bias=b, backend="reference")
+    torch.testing.assert_close(y, y_lora, rtol=0, atol=0)
+    g = torch.randn_like(y)
+    for ours, theirs in zip(torch.autograd.grad(y, (x, b), g), torch.autograd.grad(y_lora, (x, b), g)):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_frozen_linear_gives_gradients_only_to_what_requires_them():
+    x, W, _, _, b = _layer(bias=True)
+    b.requires_grad_(False)
+    x.requires_grad_(True)
+    functional.frozen_linear(x, fl.quantize_nf4(W), bias=b, backend="reference").sum().backward()
+    assert x.grad is not None and b.grad is None
+    with torch.no_grad():
+        assert not functional.frozen_linear(x, W, bias=b).requires_grad
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda t: t.update(x=t["x"][:, :63]), ValueError, "frozen_linear: x has 63 features, expected 64"),
+        (lambda t: t.update(x=t["x"].long()), TypeError, "frozen_linear: x must be a floating-point tensor"),
+        (lambda t: t.update(W=t["W"].half()), TypeError, "frozen_linear: weight dtype torch.float16 differs"),
+        (lambda t: t.update(W=t["W"][0]), ValueError, r"frozen_linear: weight must be 2-D \[out, in\]"),
+        (lambda t: t.update(W=t["W"].clone().requires_grad_(True)), ValueError,
+         r"frozen_linear: the frozen weight requires grad.*only x and bias get gradients"),
+        (lambda t: t.update(b=torch.zeros(79)), ValueError, r"frozen_linear: bias has shape \(79,\), expected \(80,\)"),
+        (lambda t: t.update(b=torch.zeros(80, dtype=torch.float64)), TypeError, "frozen_linear: bias must be"),
+        (lambda t: t.update(b=torch.zeros(80, device="meta")), ValueError, "frozen_linear: bias is on meta"),
+        (lambda t: t.update(backend="cuda"), ValueError, "unknown backend 'cuda'"),
+    ],
+    ids=["features", "int-x", "weight-dtype", "weight-1d", "weight-grad", "bias-shape", "bias-dtype", "bias-device",
+         "backend"],
+)
+def test_frozen_linear_bad_input_raises_a_clear_error(mutate, error, match):
+    x, W, _, _, _ = _layer()
+    args = {"x": x, "W": W, "b": None, "backend": "reference"}
+    mutate(args)
+    with pytest.raises(error, match=match):
+        functional.frozen_linear(args["x"], args["W"], bias=args["b"], backend=args["backend"])
+
+
+def test_frozen_linear_unsupported_case_falls_back_with_one_warning(monkeypatch):
+    from fused_lora.kernels import lora as triton_lora
+
+    monkeypatch.setattr(triton_lora, "unsupported_reason", lambda *args: "a case made up by this test")
+    monkeypatch.setattr(functional, "_warned", set())
+    x, W, _, _, b = _layer(bias=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y1 = functional.frozen_linear(x, W, b, backend="triton")
+        functional.frozen_linear(x, W, b, backend="triton")
+    messages = [str(w.message) for w in caught if "made up" in str(w.message)]
+    assert messages == ["frozen_linear: the Triton kernels do not support a case made up by this test; "
+                        "using the reference backend"]
+    torch.testing.assert_close(y1, functional.frozen_linear(x, W, b, backend="reference"), rtol=0, atol=0)
+
+
+def test_frozen_linear_empty_batch():
+    x, W, _, _, _ = _layer(M=0)
+    assert functional.frozen_linear(x.reshape(0, 3, 64)[:, :0], fl.quantize_nf4(W)).shape == (0, 0, 80)

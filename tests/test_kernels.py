@@ -5,6 +5,8 @@ the same dtype + atol), on ragged shapes that cross tile borders, with outputs p
 bf16 is GPU-only (tests/test_kernels_gpu.py): the interpreter cannot compute it.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -244,3 +246,162 @@ def test_check_command_passes_on_the_kernels_and_fails_on_a_wrong_backend(monkey
     monkeypatch.setattr(functional, "lora_linear", lambda *args, **kwargs: real(*args, **kwargs) * 1.01)
     assert check.main(["--backend", "triton"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the frozen layer alone (HAS_LORA=False)
+
+
+FROZEN_CASES = [
+    # (M, K, N, dtype, base, bias, x layout, NF4 blocksize)
+    (37, 192, 80, torch.float32, "nf4-dq", True, "contiguous", 64),
+    (129, 65, 37, torch.float16, "nf4-dq", False, "transposed", 64),
+    (20, 96, 40, torch.float16, "nf4", True, "contiguous", 32),
+    (1, 64, 80, torch.float32, "nf4", True, "contiguous", 128),
+    (33, 70, 50, torch.float16, "dense", True, "sliced", 64),
+    (39, 64, 200, torch.float32, "dense", False, "3d", 64),
+]
+
+
+def _frozen_case_id(case):
+    M, K, N, dtype, base, bias, layout, bs = case
+    parts = [f"M{M}", f"K{K}", f"N{N}", str(dtype).replace("torch.float", "fp"), base]
+    parts += ([f"bs{bs}"] if base != "dense" else []) + (["bias"] if bias else [])
+    return "-".join(parts + ([layout] if layout != "contiguous" else []))
+
+
+def _frozen_reference(x, w_compute, b, g, cast):
+    """(y, dx, db) of the frozen layer in plain PyTorch on ``cast`` copies (float64: the reference)."""
+    y = cast(x) @ cast(w_compute).t()
+    if b is not None:
+        y = y + cast(b)
+    dx = cast(g) @ cast(w_compute)
+    db = cast(g).to(torch.promote_types(cast(g).dtype, torch.float32)).sum(0) if b is not None else None
+    return y, dx, db
+
+
+@pytest.mark.parametrize("case", FROZEN_CASES, ids=[_frozen_case_id(c) for c in FROZEN_CASES])
+def test_frozen_forward_and_backward_match_reference(case, poison_empty):
+    M, K, N, dtype, base, bias, layout, blocksize = case
+    x, weight, w_compute, _, _, b, g = _make_case(M, K, N, 4, dtype, base, dtype, bias, layout, blocksize, M + 7)
+    lora = _kernels()
+    assert lora.unsupported_reason(x, weight, None, None, b, 0.0) is None
+    y = lora.frozen_forward(x, weight, b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    dx, db = lora.frozen_backward(g, weight, True, b is not None)
+    assert dx.dtype == dtype and dx.shape == (M, K) and (db is None or db.dtype == torch.float32)
+    ref = _frozen_reference(x, w_compute, b, g, lambda t: t.double())
+    plain = _frozen_reference(x, w_compute, b, g, lambda t: t)
+    for name, ours, plain_t, ref_t in zip(("y", "dx", "db"), (y, dx, db), plain, ref):
+        if ref_t is None:
+            assert ours is None, f"{name} was not requested but was returned"
+        else:
+            assert_close_to_reference(name, ours, plain_t, ref_t, dtype)
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["dx-only", "db-only"])
+def test_frozen_backward_computes_exactly_the_requested_gradients(needs, poison_empty):
+    x, weight, w_compute, _, _, b, g = _make_case(
+        37, 64, 80, 4, torch.float32, "nf4-dq", torch.float32, True, "contiguous", 64, 6
+    )
+    dx, db = _kernels().frozen_backward(g, weight, *needs)
+    _, dx_ref, db_ref = _frozen_reference(x, w_compute, b, g, lambda t: t.double())
+    for name, need, ours, ref_t in (("dx", needs[0], dx, dx_ref), ("db", needs[1], db, db_ref)):
+        if need:
+            assert relative_error(ours, ref_t) < 1e-5, name
+        else:
+            assert ours is None, f"{name} was not requested but was returned"
+
+
+@pytest.mark.parametrize("K, blocksize", [(192, 64), (65, 64)], ids=["row-scales-K192", "flat-index-K65"])
+def test_frozen_gemms_dequantize_bit_exactly_like_nf4weight(K, blocksize, poison_empty):
+    """With x = I and g = I every output element is one dequantized weight times 1 (fp32, IEEE dots), so y = deq(W)ᵀ
+    and dx = deq(W) must equal NF4Weight.dequantize bit for bit (double-quant scale included)."""
+    N = 80
+    weight = fl.quantize_nf4(torch.randn(N, K, generator=torch.Generator().manual_seed(K)), blocksize=blocksize)
+    dense = weight.dequantize(torch.float32)
+    lora = _kernels()
+    assert torch.equal(lora.frozen_forward(torch.eye(K), weight, None), dense.t())
+    assert torch.equal(lora.frozen_backward(torch.eye(N), weight, True, False)[0], dense)
+
+
+def test_nf4_gemms_are_compiled_without_fp_contraction(monkeypatch):
+    """Every GEMM launch over an NF4 W asks for enable_fp_fusion=False (the double-quant scale must round like
+    bitsandbytes: a multiply, then an add; see lora_fwd.py), every dense launch for True. The interpreter ignores
+    the option, so this checks what reaches the launch; tests/test_kernels_gpu.py checks the bits on a GPU."""
+    lora = _kernels()
+    launches = []
+    real_gemm = lora._gemm
+
+    def recording_gemm(kernel, *args, **kwargs):
+        launcher, meta = real_gemm(kernel, *args, **kwargs)
+
+        class Recorder:
+            def __getitem__(self, grid):
+                def launch(*launch_args, **launch_kwargs):
+                    launches.append((launch_kwargs["IS_NF4"], launch_kwargs["enable_fp_fusion"]))
+                    return launcher[grid](*launch_args, **launch_kwargs)
+
+                return launch
+
+        return Recorder(), meta
+
+    monkeypatch.setattr(lora, "_gemm", recording_gemm)
+    for base in ("nf4-dq", "dense"):
+        x, weight, _, A, B, b, g = _make_case(17, 64, 40, 4, torch.float32, base, torch.float32, True, "contiguous",
+                                               64, 1)
+        y, u = lora.forward(x, weight, A, B, SCALING, b, 0.0, 0)
+        lora.backward(g, x, weight, A, B, SCALING, 0.0, 0, u, True, True, True, True)
+        lora.frozen_forward(x, weight, b)
+        lora.frozen_backward(g, weight, True, True)
+    assert launches == [(True, False)] * 4 + [(False, True)] * 4
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (lambda a: a, None),
+        (lambda a: a.update(x2d=a["x2d"].bfloat16()), "bfloat16 under the Triton CPU interpreter"),
+        (lambda a: a.update(weight=torch.randn(80, 64)), "dense weight dtype torch.float32"),
+        (lambda a: a.update(bias=a["bias"].double()), "bias dtype torch.float64"),
+        (lambda a: a.update(bias=a["bias"].to("meta")), "bias is on meta"),
+    ],
+    ids=["supported", "bf16-interpreter", "dense-weight-dtype", "fp64-bias", "bias-device"],
+)
+def test_unsupported_reason_of_the_frozen_layer_names_the_case(change, reason):
+    args = _supported_inputs()
+    args.update(A=None, B=None, dropout_p=0.0)
+    change(args)
+    got = _kernels().unsupported_reason(**args)
+    assert got is None if reason is None else (got is not None and reason in got), got
+
+
+@pytest.mark.parametrize("state", ["disabled-nf4", "disabled-dense", "merged-nf4", "merged-nf4-to-dense"])
+def test_layer_without_its_lora_term_runs_the_kernels_without_dequantizing_w(state, monkeypatch):
+    """FusedLoraLinear(backend="triton") with the adapter disabled or merged: no fallback warning, no call of
+    NF4Weight.dequantize (no N×K copy of W), and y, dx, db as on the reference backend."""
+    torch.manual_seed(5)
+    layer = fl.FusedLoraLinear(64, 40, r=4, bias=True, quant=None if state == "disabled-dense" else "nf4",
+                               compute_dtype=torch.float32, backend="reference")
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.5)
+    layer.bias.requires_grad_(True)
+    if state.startswith("merged"):
+        layer.merge(requantize=state == "merged-nf4")
+    else:
+        layer.enable_adapters(False)
+    x = torch.randn(3, 7, 64)
+    g = torch.randn(3, 7, 40)
+
+    def run():
+        xs = x.clone().requires_grad_(True)
+        y = layer(xs)
+        return (y,) + torch.autograd.grad(y, (xs, layer.bias), g)
+
+    expected = run()
+    layer.backend = "triton"
+    monkeypatch.setattr(fl.NF4Weight, "dequantize", lambda *args, **kwargs: pytest.fail("W was dequantized"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to the reference would warn
+        got = run()
+    for name, ours, ref in zip(("y", "dx", "db"), got, expected):
+        assert relative_error(ours, ref) < 1e-5, name
