@@ -2,30 +2,9 @@
 
 What is measured (shared/DESIGN.md, "Benchmarks and results"), all in one run so that ratios are same-run ratios:
 
-* ``qlora_linear``: one LoRA layer y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ over a frozen NF4 weight W ∈ R^{N×K}, x ∈ R^{M×K},
-  A ∈ R^{r×K}, B ∈ R^{N×r}, bf16 activations and adapters, s = 2. Passes: ``fwd`` (the training forward: inputs
-  require grad, so whatever an implementation saves for backward is part of the cost) and ``fwd_bwd`` (forward,
-  then backward with a fixed upstream gradient g; dx, dA and dB are computed, W is frozen). Implementations:
-
-  - ``fused``: ``fused_lora.functional.lora_linear(..., backend="triton")`` over an ``fl.NF4Weight``.
-  - ``dense_cublas``: the roofline. The dense bf16 GEMMs of the same shape and nothing else: forward x·Wᵀ,
-    backward g·W (``F.linear`` on a bf16 W, autograd computing dx only). No NF4, no LoRA: a QLoRA layer cannot
-    beat it, and fused/dense_cublas says how close to it the fused kernels come.
-  - ``dequant_cublas``: the Unsloth-style path. bitsandbytes ``dequantize_4bit`` into a bf16 N×K buffer, cuBLAS
-    for x·Wᵀ and g·W, the low-rank terms with ``addmm``; a handwritten autograd function that saves u = x·Aᵀ and
-    dequantizes again in backward.
-  - ``peft_bnb``: PEFT's LoRA layer (``peft.tuners.lora.bnb.Linear4bit``) over ``bnb.nn.Linear4bit``, built by
-    ``get_peft_model``, adapters cast to bf16.
-  - ``compiled_reference``: ``torch.compile`` of ``fused_lora.reference.lora_linear_naive`` over the weight
-    dequantized once to bf16 before timing (so it measures LoRA over a dense bf16 weight under Inductor).
-  - ``reference`` (CPU runs only): ``lora_linear_naive`` eagerly over the dequantized weight.
-
-* FLOP count (the LoRA layer's math, used for every implementation so that TFLOP/s compares like with like;
-  ``dense_cublas`` does less work, so its "effective" TFLOP/s is the ceiling for the layer):
-
-      fwd     = 2·M·N·K + 2·M·r·(K + N)                     (x·Wᵀ;  u = x·Aᵀ;  u·Bᵀ)
-      fwd_bwd = fwd + 2·M·N·K + 4·M·r·(K + N)               (+ dx = g·W;  v = g·B;  v·A;  dA = vᵀ·x;  dB = gᵀ·u)
-
+* ``qlora_linear``: one LoRA layer over a frozen NF4 weight, passes ``fwd`` and ``fwd_bwd``, for the
+  implementations of ``fused_lora.bench_impls`` (where the layer, the implementations and the FLOP count are
+  described).
 * ``nf4_dequant``: NF4 → bf16 dequantization of W alone, GB/s over the bytes read and written
   (N·K/2 packed + N·K/64 absmax codes + 2·N·K out), as a fraction of the device copy bandwidth measured in the
   same run. ``optimizer``: rows from ``fused_lora.bench_optim.run_optimizer_bench``. ``e2e_qlora_step``: one
@@ -37,95 +16,54 @@ cycled between calls; ``peak_fraction`` = TFLOP/s ÷ the bf16 peak measured once
 CPU the same tooling runs ``reference`` and ``compiled_reference`` on small shapes, single-threaded, timed with
 ``time.perf_counter`` (median), so CI exercises it.
 
-Results go to ``bench/results/<gpu-name-slug>/<YYYYmmdd-HHMM>.json`` (schema in DESIGN.md; rows may carry extra
-fields) and the file is rewritten after every case, so a run cut short keeps what it measured.
+Results go to ``bench/results/<gpu-name-slug>/<YYYYmmdd-HHMM>.json`` (schema in ``fused_lora.bench_schema``) and
+the file is rewritten after every case, so a run cut short keeps what it measured. ``--report`` is
+``fused_lora.bench_report``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
-import json
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "lora_layer_flops", "run_sweep", "render_report", "find_newest_results", "validate_results"]
-
-LLAMA3_8B_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024))
-LLAMA3_70B_SHAPES = ((8192, 28672),)
-SHAPE_NAMES = {
-    (4096, 4096): "8B q/o_proj",
-    (4096, 14336): "8B gate/up_proj",
-    (14336, 4096): "8B down_proj",
-    (4096, 1024): "8B k/v_proj",
-    (8192, 28672): "70B gate/up_proj",
-}
-FULL_M = (1, 16, 512, 2048, 8192, 16384)
-FULL_R = (8, 16, 64)
-QUICK_M = (16, 2048, 8192)
-QUICK_R = (16,)
-CPU_SHAPES = ((256, 256), (256, 704))
-CPU_M = (16, 128)
-CPU_R = (8,)
-GPU_IMPLS = ("fused", "dense_cublas", "dequant_cublas", "peft_bnb", "compiled_reference")
-CPU_IMPLS = ("reference", "compiled_reference")
-ALL_IMPLS = GPU_IMPLS + ("reference",)
-PASSES = ("fwd", "fwd_bwd")
-LORA_SCALING = 2.0
-ROW_KEYS = ("bench", "impl", "pass", "M", "K", "N", "r", "dtype", "median_ms", "tflops", "peak_mem_mb")
-TARGETS = (
-    # (label, numerator impl, denominator impl, comparison, bound)
-    ("fused / dense_cublas", "fused", "dense_cublas", "<=", 1.15),
-    ("peft_bnb / fused", "peft_bnb", "fused", ">=", 1.6),
-    ("dequant_cublas / fused", "dequant_cublas", "fused", ">=", 1.2),
+from .bench_impls import (
+    ALL_IMPLS,
+    CPU_IMPLS,
+    CPU_M,
+    CPU_R,
+    CPU_SHAPES,
+    FULL_M,
+    FULL_R,
+    GPU_IMPLS,
+    LLAMA3_70B_SHAPES,
+    LLAMA3_8B_SHAPES,
+    LORA_SCALING,
+    PASSES,
+    QUICK_M,
+    QUICK_R,
+    ImplBuilder,
+    lora_layer_flops,
+    make_adapters,
+    make_base_weight,
+    make_input_sets,
+    pass_callable,
 )
-RATIO_COLUMNS = (
-    ("fused / dense_cublas", "fused", "dense_cublas"),
-    ("dequant_cublas / fused", "dequant_cublas", "fused"),
-    ("peft_bnb / fused", "peft_bnb", "fused"),
-    ("compiled_reference / fused", "compiled_reference", "fused"),
-    ("reference / compiled_reference", "reference", "compiled_reference"),
-)
+from .bench_report import render_report, summary_table
+from .bench_schema import ResultsFile, default_results_dir, device_slug, find_newest_results, repo_root
 
-
-def lora_layer_flops(M: int, K: int, N: int, r: int, pass_name: str) -> int:
-    """FLOPs of one LoRA layer pass (formula in the module docstring).
-
-    Example: ``lora_layer_flops(8192, 4096, 14336, 16, "fwd")`` = 2·8192·14336·4096 + 2·8192·16·(4096+14336).
-    """
-    forward = 2 * M * N * K + 2 * M * r * (K + N)
-    if pass_name == "fwd":
-        return forward
-    if pass_name == "fwd_bwd":
-        return forward + 2 * M * N * K + 4 * M * r * (K + N)
-    raise ValueError(f"lora_layer_flops: unknown pass {pass_name!r}, expected 'fwd' or 'fwd_bwd'")
+__all__ = ["main", "run_benchmarks", "run_sweep", "run_dequant_bench"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Environment
-
-
-def repo_root() -> Path:
-    """The checkout that holds bench/ (the package is installed editable), else the working directory."""
-    here = Path(__file__).resolve().parent.parent
-    return here if (here / "bench").is_dir() else Path.cwd()
-
-
-def default_results_dir() -> Path:
-    return repo_root() / "bench" / "results"
-
-
-def device_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
 def git_commit() -> str:
@@ -244,198 +182,7 @@ def measure_copy_gbps(device, timer) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Implementations
-
-
-def _dequant_matmul_lora_function():
-    """The Unsloth-style autograd function (built lazily: it needs torch and bitsandbytes)."""
-    import bitsandbytes.functional as bnbf
-    import torch
-
-    class DequantMatmulLora(torch.autograd.Function):
-        """y = x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ with W dequantized into a bf16 buffer, then cuBLAS; W frozen."""
-
-        @staticmethod
-        def forward(ctx, x, packed, quant_state, A, B, s):
-            W = bnbf.dequantize_4bit(packed, quant_state)
-            u = x @ A.t()
-            y = torch.addmm(x @ W.t(), u, B.t(), alpha=s)
-            ctx.save_for_backward(x, packed, A, B, u)
-            ctx.quant_state, ctx.s = quant_state, s
-            return y
-
-        @staticmethod
-        def backward(ctx, g):
-            x, packed, A, B, u = ctx.saved_tensors
-            s = ctx.s
-            W = bnbf.dequantize_4bit(packed, ctx.quant_state)
-            v = g @ B
-            dx = torch.addmm(g @ W, v, A, alpha=s)
-            dA = torch.mm(v.t(), x).mul_(s)
-            dB = torch.mm(g.t(), u).mul_(s)
-            return dx, None, None, dA, dB, None
-
-    return DequantMatmulLora
-
-
-def _peft_bnb_layer(W, A, B, s):
-    """PEFT's LoRA layer over bnb.nn.Linear4bit holding NF4(W), adapters set to (A, B) in bf16."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from .bench_e2e import make_linear4bit
-
-    r = A.shape[0]
-    base = make_linear4bit(W, W.dtype)
-
-    class OneLayer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = base
-
-        def forward(self, x):
-            return self.proj(x)
-
-    holder = OneLayer()
-    holder.is_loaded_in_4bit = True  # what from_pretrained(quantization_config=...) sets; PEFT dispatches on it
-    model = get_peft_model(holder, LoraConfig(r=r, lora_alpha=s * r, lora_dropout=0.0, target_modules=["proj"]))
-    layer = model.base_model.model.proj
-    with torch.no_grad():
-        layer.lora_A["default"].to(W.dtype)
-        layer.lora_B["default"].to(W.dtype)
-        layer.lora_A["default"].weight.copy_(A)
-        layer.lora_B["default"].weight.copy_(B)
-    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-    return layer, params
-
-
-class ImplBuilder:
-    """Builds each implementation's layer for one (W, A, B): a callable x -> y and the tensors it owns grads of."""
-
-    def __init__(self, compile_backend: str = "inductor"):
-        self.compile_backend = compile_backend
-        self._compiled_reference = None
-
-    def compiled_reference_fn(self):
-        import torch
-
-        from . import reference
-
-        if self._compiled_reference is None:
-            dynamo_config = torch._dynamo.config
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(dynamo_config, name):
-                    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
-            self._compiled_reference = torch.compile(reference.lora_linear_naive, backend=self.compile_backend)
-        return self._compiled_reference
-
-    def build(self, impl: str, weights: dict):
-        """Returns (layer, params): layer(x) -> y (M, N); params are the adapter tensors that receive grads."""
-        import torch
-
-        from . import reference
-
-        W, W_deq, A, B, s = weights["W"], weights["W_deq"], weights["A"], weights["B"], LORA_SCALING
-        if impl == "fused":
-            from .functional import lora_linear
-
-            nf4 = weights["nf4"]
-            return (lambda x: lora_linear(x, nf4, A, B, s, backend="triton")), [A, B]
-        if impl == "dense_cublas":
-            return (lambda x: torch.nn.functional.linear(x, W)), []
-        if impl == "dequant_cublas":
-            import bitsandbytes.functional as bnbf
-
-            fn = _dequant_matmul_lora_function()
-            packed, state = bnbf.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
-            return (lambda x: fn.apply(x, packed, state, A, B, s)), [A, B]
-        if impl == "peft_bnb":
-            return _peft_bnb_layer(W, A, B, s)
-        if impl == "reference":
-            return (lambda x: reference.lora_linear_naive(x, W_deq, A, B, s)), [A, B]
-        if impl == "compiled_reference":
-            compiled = self.compiled_reference_fn()
-            return (lambda x: compiled(x, W_deq, A, B, s)), [A, B]
-        raise ValueError(f"benchmark: unknown implementation {impl!r}; known: {ALL_IMPLS}")
-
-
-def make_base_weight(K: int, N: int, dtype, device):
-    """(W, NF4Weight of W, W dequantized back to dtype): W (N, K) ~ N(0, 1/K), seeded; every LoRA implementation
-    computes with NF4(W) (``dense_cublas`` with W itself)."""
-    import torch
-
-    from .nf4 import quantize_nf4
-
-    torch.manual_seed(0)
-    W = (torch.randn(N, K, device=device, dtype=torch.float32) / math.sqrt(K)).to(dtype)
-    nf4 = quantize_nf4(W, blocksize=64, double_quant=True)
-    return W, nf4, nf4.dequantize(dtype)
-
-
-def make_adapters(K: int, N: int, r: int, dtype, device):
-    """A (r, K) and B (N, r), random (B is not zero, so the low-rank path counts), requiring grad."""
-    import torch
-
-    A = (torch.randn(r, K, device=device, dtype=torch.float32) / math.sqrt(K)).to(dtype).requires_grad_(True)
-    B = (torch.randn(N, r, device=device, dtype=torch.float32) / math.sqrt(r)).to(dtype).requires_grad_(True)
-    return A, B
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The sweep
-
-
-class ResultsFile:
-    """The run's JSON, rewritten after every row so that an interrupted run keeps its measurements."""
-
-    def __init__(self, path: Path, env: dict, config: dict):
-        self.path = path
-        self.data = {"env": env, "config": config, "roofline": {}, "results": [], "skipped": []}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.flush()
-
-    def add(self, row: dict):
-        self.data["results"].append(row)
-        self.flush()
-
-    def skip(self, what: dict, reason: str):
-        self.data["skipped"].append({**what, "reason": reason})
-        self.flush()
-
-    def flush(self):
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
-
-
-def make_input_sets(M, K, N, dtype, device, l2_bytes=50 * 2**20):
-    """Several (x, g) pairs to cycle through: together well over the L2 cache, at most 8, at least 2.
-
-    Seeded by M, so every implementation of a case sees the same inputs (the accuracy check relies on it).
-    """
-    import torch
-
-    torch.manual_seed(M)
-    pair_bytes = (M * K + M * N) * torch.finfo(dtype).bits // 8
-    count = int(min(8, max(2, math.ceil(4 * l2_bytes / max(pair_bytes, 1)))))
-    if pair_bytes * count > 4 * 2**30:
-        count = 2
-    xs = [torch.randn(M, K, device=device, dtype=dtype).requires_grad_(True) for _ in range(count)]
-    gs = [torch.randn(M, N, device=device, dtype=dtype) for _ in range(count)]
-    return xs, gs
-
-
-def pass_callable(layer, xs, gs, pass_name):
-    """A no-argument callable for do_bench that runs one pass on the next input set."""
-    cycle = itertools.cycle(range(len(xs)))
-    if pass_name == "fwd":
-        return lambda: layer(xs[next(cycle)])
-
-    def forward_backward():
-        i = next(cycle)
-        layer(xs[i]).backward(gs[i])
-
-    return forward_backward
 
 
 def _relative_error(out, ref) -> float:
@@ -632,279 +379,6 @@ def run_e2e_rows(args, results: ResultsFile):
     for entry in skipped:
         results.skip({"bench": "e2e_qlora_step", **{k: v for k, v in entry.items() if k != "reason"}},
                      entry["reason"])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Validation, tables and the report
-
-
-def row_problem(row: dict) -> str | None:
-    """What makes one results row break the schema of DESIGN.md, or None when it follows it."""
-    missing = [k for k in ROW_KEYS if k not in row]
-    if missing:
-        return f"({row.get('bench')}/{row.get('impl')}) lacks {missing}"
-    for key in ("M", "K", "N", "r"):
-        if not isinstance(row[key], int):
-            return f"{key} must be an int, got {row[key]!r}"
-    for key in ("median_ms", "tflops", "peak_mem_mb"):
-        if row[key] is not None and not (isinstance(row[key], (int, float)) and math.isfinite(row[key])):
-            return f"{key} must be a finite number or null, got {row[key]!r}"
-    if row["median_ms"] is None or row["median_ms"] <= 0:
-        return f"median_ms must be positive, got {row['median_ms']!r}"
-    return None
-
-
-def validate_env(data: dict) -> None:
-    """Raise ValueError when the env or the results list of ``data`` does not follow the schema."""
-    required = {"device", "torch", "triton", "cuda", "commit"}
-    if not required <= set(data.get("env", {})):
-        raise ValueError(f"results: env must have {sorted(required)}; got {sorted(data.get('env', {}))}")
-    if not isinstance(data.get("results"), list):
-        raise ValueError("results: 'results' must be a list of rows")
-
-
-def validate_results(data: dict) -> None:
-    """Raise ValueError when ``data`` does not follow the results schema of DESIGN.md."""
-    validate_env(data)
-    for i, row in enumerate(data["results"]):
-        problem = row_problem(row)
-        if problem:
-            raise ValueError(f"results row {i}: {problem}")
-
-
-def _fmt(value) -> str:
-    """Three significant digits (no decimals from 100 up), scientific notation outside [1e-3, 1e5), '–' for None."""
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        if value != 0 and not 1e-3 <= abs(value) < 1e5:
-            return f"{value:.2e}"
-        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-    return str(value)
-
-
-def _markdown_table(header, rows) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _layer_times(rows):
-    """{(K, N, M, r, pass, dtype): {impl: median_ms}} for the qlora_linear rows."""
-    times = {}
-    for row in rows:
-        if row["bench"] == "qlora_linear":
-            key = (row["K"], row["N"], row["M"], row["r"], row["pass"], row["dtype"])
-            times.setdefault(key, {})[row["impl"]] = row["median_ms"]
-    return times
-
-
-def _ratio(times: dict, numerator: str, denominator: str):
-    if numerator in times and denominator in times:
-        return times[numerator] / times[denominator]
-    return None
-
-
-def target_checks(rows) -> list[dict]:
-    """The fused-kernel targets at M=8192, r=16, bf16, fwd_bwd on the Llama-3-8B shapes: met / not met / not measured.
-
-    A target is met when it holds on every 8B shape, not met when it fails on a measured one, and not measured
-    when no 8B shape has both implementations.
-    """
-    times = _layer_times(rows)
-    checks = []
-    for label, numerator, denominator, comparison, bound in TARGETS:
-        per_shape = {}
-        for K, N in LLAMA3_8B_SHAPES:
-            per_shape[(K, N)] = _ratio(times.get((K, N, 8192, 16, "fwd_bwd", "bfloat16"), {}), numerator, denominator)
-        measured = [v for v in per_shape.values() if v is not None]
-        holds = [(v <= bound) if comparison == "<=" else (v >= bound) for v in measured]
-        if not measured:
-            verdict = "not measured"
-        elif not all(holds):
-            verdict = "not met"
-        elif len(measured) < len(per_shape):
-            verdict = "met on the measured shapes only"
-        else:
-            verdict = "met"
-        checks.append({"target": f"{label} {comparison} {bound}", "per_shape": per_shape, "verdict": verdict})
-    return checks
-
-
-def e2e_summary(rows):
-    """(tokens/s ratio fused ÷ peft_bnb, peak-memory ratio fused ÷ peft_bnb, max loss rel diff) or Nones."""
-    e2e = {row["impl"]: row for row in rows if row["bench"] == "e2e_qlora_step"}
-    if "fused" not in e2e or "peft_bnb" not in e2e:
-        return None, None, None
-    fused, peft = e2e["fused"], e2e["peft_bnb"]
-    speed = fused["tokens_per_s"] / peft["tokens_per_s"]
-    memory = None
-    if fused.get("peak_mem_mb") and peft.get("peak_mem_mb"):
-        memory = fused["peak_mem_mb"] / peft["peak_mem_mb"]
-    return speed, memory, fused.get("loss_max_rel_diff")
-
-
-def _aligned(lines) -> str:
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
-
-
-def summary_table(data: dict) -> str:
-    """The short plain-text tables printed at the end of a run: per layer case each implementation's ms and the
-    ratios; then one line per other row (dequantization, end-to-end, optimizer)."""
-    times = _layer_times(data["results"])
-    blocks = []
-    if times:
-        impls = [i for i in ALL_IMPLS if any(i in t for t in times.values())]
-        ratio_cols = [c for c in RATIO_COLUMNS if any(_ratio(t, c[1], c[2]) is not None for t in times.values())]
-        lines = [["K", "N", "M", "r", "pass"] + [f"{i} ms" for i in impls] + [c[0] for c in ratio_cols]]
-        for (K, N, M, r, p, _), t in sorted(times.items()):
-            lines.append([str(K), str(N), str(M), str(r), p] + [_fmt(t.get(i)) for i in impls]
-                         + [_fmt(_ratio(t, c[1], c[2])) for c in ratio_cols])
-        blocks.append(_aligned(lines))
-    other = [row for row in data["results"] if row["bench"] != "qlora_linear"]
-    if other:
-        lines = [["bench", "impl", "M", "K", "N", "ms", "throughput"]]
-        for row in other:
-            throughput = ""
-            if row.get("gbps") is not None:
-                throughput = f"{_fmt(row['gbps'])} GB/s"
-            elif row.get("tokens_per_s") is not None:
-                throughput = f"{_fmt(row['tokens_per_s'])} tokens/s"
-            lines.append([row["bench"], row["impl"], str(row["M"]), str(row["K"]), str(row["N"]),
-                          _fmt(row["median_ms"]), throughput])
-        blocks.append(_aligned(lines))
-    return "\n\n".join(blocks)
-
-
-def find_newest_results(path: Path | None = None) -> Path:
-    """The newest results JSON: ``path`` itself if it is a file, else the newest under it (default bench/results)."""
-    path = Path(path) if path else default_results_dir()
-    if path.is_file():
-        return path
-    candidates = [p for p in path.rglob("*.json") if re.fullmatch(r"\d{8}-\d{4}(-\d+)?", p.stem)]
-    if not candidates:
-        raise FileNotFoundError(f"no results JSON (YYYYmmdd-HHMM.json) under {path}; run `python -m fused_lora bench`")
-    return max(candidates, key=lambda p: (p.stem, p.stat().st_mtime))
-
-
-def plot_tflops(data: dict, out_dir: Path) -> list[Path]:
-    """One PNG per (pass, r): TFLOP/s vs M, a panel per (K, N), a line per implementation, the measured peak."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [row for row in data["results"] if row["bench"] == "qlora_linear" and row.get("tflops")]
-    peak = data.get("roofline", {}).get("bf16_tflops")
-    written = []
-    for pass_name in PASSES:
-        for r in sorted({row["r"] for row in rows}):
-            selected = [row for row in rows if row["pass"] == pass_name and row["r"] == r]
-            shapes = sorted({(row["K"], row["N"]) for row in selected})
-            if not shapes:
-                continue
-            columns = 2 if len(shapes) == 4 else min(len(shapes), 3)
-            lines = math.ceil(len(shapes) / columns)
-            fig, axes = plt.subplots(lines, columns, figsize=(5 * columns, 3.8 * lines), squeeze=False)
-            for ax, (K, N) in zip(axes.flat, shapes):
-                for impl in ALL_IMPLS:
-                    points = sorted((row["M"], row["tflops"]) for row in selected
-                                    if row["impl"] == impl and (row["K"], row["N"]) == (K, N))
-                    if points:
-                        ax.plot(*zip(*points), marker="o", label=impl)
-                if peak:
-                    ax.axhline(peak, color="black", linestyle="--", linewidth=1, label="measured bf16 peak")
-                ax.set_xscale("log", base=2)
-                ax.set_title(f"{SHAPE_NAMES.get((K, N), '')} K={K} N={N}".strip(), fontsize=10)
-                ax.set_xlabel("M (tokens)")
-                ax.set_ylabel("TFLOP/s (LoRA-layer FLOPs)")
-                ax.grid(True, alpha=0.3)
-            for ax in list(axes.flat)[len(shapes):]:
-                ax.axis("off")
-            axes.flat[0].legend(fontsize=8)
-            fig.suptitle(f"qlora_linear {pass_name}, r={r} — {data['env']['device']}", fontsize=11)
-            fig.tight_layout()
-            path = out_dir / f"tflops_{pass_name}_r{r}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
-    return written
-
-
-def render_report(results_path: Path) -> tuple[Path, list[Path]]:
-    """Write report.md (ratios and target checks first, then every row) and the PNG plots next to the JSON."""
-    data = json.loads(Path(results_path).read_text())
-    validate_env(data)
-    invalid = [(i, row_problem(row)) for i, row in enumerate(data["results"]) if row_problem(row)]
-    data["results"] = rows = [row for row in data["results"] if not row_problem(row)]
-    out_dir = Path(results_path).parent
-    env = data["env"]
-    roofline = data.get("roofline", {})
-    plots = plot_tflops(data, out_dir)
-    parts = [f"# Benchmark report: {env['device']}", "",
-             f"From `{Path(results_path).name}`: torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-             f"commit `{env['commit']}`. Measured in this run: bf16 peak {_fmt(roofline.get('bf16_tflops'))} "
-             f"TFLOP/s (8192³ cuBLAS GEMM), copy bandwidth {_fmt(roofline.get('copy_gbps'))} GB/s. "
-             "Ratios are of median times from this one run; > 1 means the second implementation is faster.", ""]
-
-    parts += ["## Targets (M=8192, r=16, bf16, fwd_bwd, Llama-3-8B shapes)", ""]
-    header = ["target"] + [f"{SHAPE_NAMES[s]} ({s[0]}×{s[1]})" for s in LLAMA3_8B_SHAPES] + ["verdict"]
-    parts += [_markdown_table(header, [[c["target"]] + [c["per_shape"][s] for s in LLAMA3_8B_SHAPES]
-                                       + [c["verdict"]] for c in target_checks(rows)]), ""]
-    speed, memory, loss_diff = e2e_summary(rows)
-    if speed is not None:
-        parts += ["## End-to-end QLoRA step (fused ÷ PEFT+bitsandbytes)", "",
-                  _markdown_table(["metric", "ratio", "goal", "verdict"], [
-                      ["tokens/s", speed, "≥ 1.5", "met" if speed >= 1.5 else "not met"],
-                      ["peak memory", memory, "≤ 0.8",
-                       "not measured" if memory is None else ("met" if memory <= 0.8 else "not met")],
-                      ["max loss relative difference", loss_diff, "–", "–"]]), ""]
-
-    times = _layer_times(rows)
-    ratio_cols = [c for c in RATIO_COLUMNS if any(_ratio(t, c[1], c[2]) is not None for t in times.values())]
-    if times:
-        parts += ["## qlora_linear ratios", ""]
-        header = ["shape", "K", "N", "M", "r", "pass", "dtype"] + [c[0] for c in ratio_cols]
-        table = [[SHAPE_NAMES.get((K, N), ""), K, N, M, r, p, dt] + [_ratio(t, c[1], c[2]) for c in ratio_cols]
-                 for (K, N, M, r, p, dt), t in sorted(times.items())]
-        parts += [_markdown_table(header, table), ""]
-    parts += [f"![TFLOP/s {p.stem}]({p.name})" for p in plots] + [""]
-
-    layer_rows = [row for row in rows if row["bench"] == "qlora_linear"]
-    if layer_rows:
-        parts += ["## qlora_linear, every row", "",
-                  _markdown_table(["impl", "pass", "M", "K", "N", "r", "ms", "TFLOP/s", "of peak", "peak MB",
-                                   "rel err"],
-                                  [[row["impl"], row["pass"], row["M"], row["K"], row["N"], row["r"], row["median_ms"],
-                                    row["tflops"], row.get("peak_fraction"), row["peak_mem_mb"], row.get("rel_err")]
-                                   for row in sorted(layer_rows, key=lambda x: (x["K"], x["N"], x["r"], x["pass"],
-                                                                                 x["M"], x["impl"]))]), ""]
-    dequant_rows = [row for row in rows if row["bench"] == "nf4_dequant"]
-    if dequant_rows:
-        parts += ["## NF4 dequantization alone", "",
-                  _markdown_table(["impl", "K", "N", "ms", "GB/s", "of copy bandwidth"],
-                                  [[row["impl"], row["K"], row["N"], row["median_ms"], row.get("gbps"),
-                                    row.get("bw_fraction")] for row in dequant_rows]), ""]
-    other_benches = dict.fromkeys(row["bench"] for row in rows if row["bench"] not in ("qlora_linear", "nf4_dequant"))
-    for bench in other_benches:
-        bench_rows = [row for row in rows if row["bench"] == bench]
-        extra_keys = sorted({k for row in bench_rows for k in row if k not in ROW_KEYS and not isinstance(row[k], list)})
-        parts += [f"## {bench}", "",
-                  _markdown_table(list(ROW_KEYS[1:]) + extra_keys,
-                                  [[row.get(k) for k in ROW_KEYS[1:] + tuple(extra_keys)] for row in bench_rows]), ""]
-    if invalid:
-        parts += [f"## Rows left out: they break the results schema ({len(invalid)})", ""]
-        parts += [f"- row {i}: {problem}" for i, problem in invalid] + [""]
-    skipped = data.get("skipped", [])
-    if skipped:
-        parts += [f"## Skipped ({len(skipped)})", ""]
-        parts += [f"- {' '.join(f'{k}={v}' for k, v in entry.items() if k != 'reason')}: {entry['reason']}"
-                  for entry in skipped[:200]]
-        parts += [""]
-    report = out_dir / "report.md"
-    report.write_text("\n".join(parts))
-    return report, plots
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,8 +6,11 @@ import math
 
 import pytest
 
-from fused_lora import benchmark
-from fused_lora.benchmark import LLAMA3_8B_SHAPES, lora_layer_flops, main, validate_results
+from fused_lora import bench_impls
+from fused_lora.bench_impls import LLAMA3_8B_SHAPES, lora_layer_flops
+from fused_lora.bench_report import target_checks
+from fused_lora.bench_schema import validate_results
+from fused_lora.benchmark import main
 
 # ------------------------------------------------------------------------------------------------ FLOPs and schema
 
@@ -67,11 +70,11 @@ def test_each_benchmarked_implementation_computes_the_layer_and_its_gradients(im
     from fused_lora.testing import relative_error
 
     M, K, N, r = 17, 37, 29, 4
-    W, nf4, W_deq = benchmark.make_base_weight(K, N, torch.float32, torch.device("cpu"))
-    A, B = benchmark.make_adapters(K, N, r, torch.float32, torch.device("cpu"))
+    W, nf4, W_deq = bench_impls.make_base_weight(K, N, torch.float32, torch.device("cpu"))
+    A, B = bench_impls.make_adapters(K, N, r, torch.float32, torch.device("cpu"))
     weights = {"W": W, "W_deq": W_deq, "nf4": nf4, "A": A, "B": B}
-    layer, params = benchmark.ImplBuilder("aot_eager").build(impl, weights)
-    xs, gs = benchmark.make_input_sets(M, K, N, torch.float32, "cpu")
+    layer, params = bench_impls.ImplBuilder("aot_eager").build(impl, weights)
+    xs, gs = bench_impls.make_input_sets(M, K, N, torch.float32, "cpu")
     x, g = xs[0], gs[0]
     layer(x).backward(g)
 
@@ -80,7 +83,7 @@ def test_each_benchmarked_implementation_computes_the_layer_and_its_gradients(im
     if impl == "dense_cublas":  # the roofline: x·Wᵀ on the unquantized W, no LoRA
         ref = torch.nn.functional.linear(x64, W.double())
     else:
-        ref = lora_linear_naive(x64, W_deq.double(), A64, B64, benchmark.LORA_SCALING)
+        ref = lora_linear_naive(x64, W_deq.double(), A64, B64, bench_impls.LORA_SCALING)
     ref.backward(g.double())
     with torch.no_grad():
         assert relative_error(layer(x), ref) < 1e-5
@@ -222,7 +225,7 @@ def test_report_without_results_fails_with_a_clear_message(tmp_path, capsys):
 def test_target_met_only_on_the_measured_shapes_is_not_called_met():
     data = _synthetic_gpu_results()
     rows = [row for row in data["results"] if (row["K"], row["N"]) != (4096, 1024)]
-    verdicts = {c["target"]: c["verdict"] for c in benchmark.target_checks(rows)}
+    verdicts = {c["target"]: c["verdict"] for c in target_checks(rows)}
     assert verdicts["fused / dense_cublas <= 1.15"] == "met on the measured shapes only"
 
 

@@ -1,0 +1,105 @@
+"""The results file of ``python -m fused_lora bench``: where it lives, its schema, and how it is written.
+
+Schema (shared/DESIGN.md, "Benchmarks and results"): ``{"env": {device, torch, triton, cuda, commit}, "results":
+[rows]}``; every row has ``bench, impl, pass, M, K, N, r, dtype, median_ms, tflops, peak_mem_mb`` and may carry
+extra fields. The sweep also writes ``config``, ``roofline``, ``skipped`` and ``wall_s``. Files are
+``bench/results/<gpu-name-slug>/<YYYYmmdd-HHMM>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+__all__ = ["ROW_KEYS", "row_problem", "validate_env", "validate_results", "ResultsFile", "find_newest_results"]
+
+ROW_KEYS = ("bench", "impl", "pass", "M", "K", "N", "r", "dtype", "median_ms", "tflops", "peak_mem_mb")
+
+
+def repo_root() -> Path:
+    """The checkout that holds bench/ (the package is installed editable), else the working directory."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "bench").is_dir() else Path.cwd()
+
+
+def default_results_dir() -> Path:
+    return repo_root() / "bench" / "results"
+
+
+def device_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def find_newest_results(path: Path | None = None) -> Path:
+    """The newest results JSON: ``path`` itself if it is a file, else the newest under it (default bench/results)."""
+    path = Path(path) if path else default_results_dir()
+    if path.is_file():
+        return path
+    candidates = [p for p in path.rglob("*.json") if re.fullmatch(r"\d{8}-\d{4}(-\d+)?", p.stem)]
+    if not candidates:
+        raise FileNotFoundError(f"no results JSON (YYYYmmdd-HHMM.json) under {path}; run `python -m fused_lora bench`")
+    return max(candidates, key=lambda p: (p.stem, p.stat().st_mtime))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schema
+
+
+def row_problem(row: dict) -> str | None:
+    """What makes one results row break the schema of DESIGN.md, or None when it follows it."""
+    missing = [k for k in ROW_KEYS if k not in row]
+    if missing:
+        return f"({row.get('bench')}/{row.get('impl')}) lacks {missing}"
+    for key in ("M", "K", "N", "r"):
+        if not isinstance(row[key], int):
+            return f"{key} must be an int, got {row[key]!r}"
+    for key in ("median_ms", "tflops", "peak_mem_mb"):
+        if row[key] is not None and not (isinstance(row[key], (int, float)) and math.isfinite(row[key])):
+            return f"{key} must be a finite number or null, got {row[key]!r}"
+    if row["median_ms"] is None or row["median_ms"] <= 0:
+        return f"median_ms must be positive, got {row['median_ms']!r}"
+    return None
+
+
+def validate_env(data: dict) -> None:
+    """Raise ValueError when the env or the results list of ``data`` does not follow the schema."""
+    required = {"device", "torch", "triton", "cuda", "commit"}
+    if not required <= set(data.get("env", {})):
+        raise ValueError(f"results: env must have {sorted(required)}; got {sorted(data.get('env', {}))}")
+    if not isinstance(data.get("results"), list):
+        raise ValueError("results: 'results' must be a list of rows")
+
+
+def validate_results(data: dict) -> None:
+    """Raise ValueError when ``data`` does not follow the results schema of DESIGN.md."""
+    validate_env(data)
+    for i, row in enumerate(data["results"]):
+        problem = row_problem(row)
+        if problem:
+            raise ValueError(f"results row {i}: {problem}")
+
+
+class ResultsFile:
+    """The run's JSON, rewritten after every row so that an interrupted run keeps its measurements."""
+
+    def __init__(self, path: Path, env: dict, config: dict):
+        self.path = path
+        self.data = {"env": env, "config": config, "roofline": {}, "results": [], "skipped": []}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.flush()
+
+    def add(self, row: dict):
+        self.data["results"].append(row)
+        self.flush()
+
+    def skip(self, what: dict, reason: str):
+        self.data["skipped"].append({**what, "reason": reason})
+        self.flush()
+
+    def flush(self):
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
