@@ -19,8 +19,10 @@ at::Device tensor_device(int64_t device) {
 std::pair<const char*, std::size_t> byte_range(const torch::Tensor& tensor, int64_t offset, int64_t nbytes) {
   TORCH_CHECK(tensor.is_contiguous(), "fused_lora._C: managed tensors must be contiguous");
   const int64_t total = tensor.numel() * static_cast<int64_t>(tensor.element_size());
+  TORCH_CHECK(offset >= 0 && offset <= total, "fused_lora._C: byte offset ", offset, " is outside the tensor's ", total,
+              " bytes");
   if (nbytes < 0) nbytes = total - offset;
-  TORCH_CHECK(offset >= 0 && offset + nbytes <= total, "fused_lora._C: byte range [", offset, ", ", offset + nbytes,
+  TORCH_CHECK(offset + nbytes <= total, "fused_lora._C: byte range [", offset, ", ", offset + nbytes,
               ") is outside the tensor's ", total, " bytes");
   return {static_cast<const char*>(tensor.data_ptr()) + offset, static_cast<std::size_t>(nbytes)};
 }

@@ -82,6 +82,14 @@ def test_byte_range_outside_the_tensor_is_rejected(ext):
         ext.prefetch(buf, 0, 0, 900, 200)
 
 
+@pytest.mark.parametrize("offset", [-8, 1001, 5000], ids=["negative", "just-past-end", "far-past-end"])
+def test_offset_outside_the_tensor_is_rejected_also_with_to_the_end_length(ext, offset):
+    buf = ext.empty_managed(1000, 0)
+    for call in (lambda: ext.prefetch(buf, 0, 0, offset, -1), lambda: ext.last_prefetch_location(buf, offset, -1)):
+        with pytest.raises(RuntimeError, match=f"byte offset {offset} is outside the tensor's 1000 bytes"):
+            call()
+
+
 def test_allocation_larger_than_free_memory_is_refused(ext):
     free, total = ext.memory_info(0)
     assert 0 < free <= total
