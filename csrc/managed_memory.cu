@@ -7,6 +7,7 @@
 //            cudaMemAdvise(ptr, bytes, advice, cudaMemLocation)
 #include <cuda_runtime.h>
 
+#include <cstdio>
 #include <cstring>
 #include <string>
 
@@ -24,15 +25,29 @@ class DeviceGuard {
  public:
   explicit DeviceGuard(int device) {
     status_ = cudaGetDevice(&previous_);
-    if (status_ == cudaSuccess && device != previous_) status_ = cudaSetDevice(device);
+    if (status_ == cudaSuccess && device != previous_) {
+      status_ = cudaSetDevice(device);
+      switched_ = status_ == cudaSuccess;
+    }
   }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
+  // A destructor cannot report; restoring a device that was current a moment ago fails only if the context is gone.
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);
+  }
   cudaError_t status() const { return status_; }
 
  private:
   int previous_ = 0;
+  bool switched_ = false;
   cudaError_t status_ = cudaSuccess;
 };
+
+// managed_free runs inside a tensor deleter, which cannot throw: failures are printed. At process exit the runtime
+// may already be unloaded; there is nothing left to free then, so that case stays silent.
+void report_free_failure(const char* call, cudaError_t status) {
+  if (status == cudaErrorCudartUnloading) return;
+  std::fprintf(stderr, "fused_lora._C: %s\n", describe(call, status).c_str());
+}
 
 #if CUDART_VERSION >= 13000
 cudaMemLocation to_mem_location(int location) {
@@ -79,7 +94,13 @@ std::string managed_alloc(std::size_t bytes, int device, void** out) {
 void managed_free(void* ptr, std::size_t bytes, int device) {
   if (ptr == nullptr) return;
   DeviceGuard guard(device);
-  cudaFree(ptr);
+  if (guard.status() != cudaSuccess) report_free_failure("cudaSetDevice", guard.status());
+  // Kernels of any stream (updates on the compute stream, prefetches on the side stream) may still use the range.
+  // cudaFree of a cudaMallocManaged pointer is only documented to *possibly* synchronize, so wait explicitly.
+  cudaError_t status = cudaDeviceSynchronize();
+  if (status != cudaSuccess) report_free_failure("cudaDeviceSynchronize", status);
+  status = cudaFree(ptr);
+  if (status != cudaSuccess) report_free_failure("cudaFree", status);
   detail::record_free(bytes);
 }
 

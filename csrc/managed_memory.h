@@ -38,7 +38,9 @@ bool is_cuda_build();
 // when `bytes` exceeds the free memory of the device, so that managed memory is never oversubscribed.
 std::string managed_alloc(std::size_t bytes, int device, void** out);
 
-// Frees an allocation made by managed_alloc; `bytes` and `device` are the values it was made with.
+// Frees an allocation made by managed_alloc; `bytes` and `device` are the values it was made with. Waits for all
+// work on `device` first (any stream may still use the range). Called from tensor deleters, so it cannot throw:
+// a failing CUDA call is printed to stderr.
 void managed_free(void* ptr, std::size_t bytes, int device);
 
 // Asynchronously migrates [ptr, ptr + bytes) to `location` (a device index or kHostLocation) on `stream`

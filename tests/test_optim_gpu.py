@@ -145,6 +145,20 @@ def test_no_device_or_managed_memory_leak_over_1000_steps(ext, cls):
     assert ext.stats()["live_allocations"] == managed["live_allocations"] - len(params)
 
 
+def test_state_freed_while_updates_and_evictions_are_in_flight(ext, capfd):
+    params = make_params([(1024, 1024)] * 4)
+    opt = fo.PagedAdamW(params, page_min_bytes=0, gpu_budget_bytes=8 << 20, chunk_bytes=1)
+    before = ext.stats()["live_allocations"]
+    torch.cuda._sleep(50_000_000)  # keeps the compute stream busy, so the step's work is still queued below
+    train(params, opt, 1)
+    assert ext.stats()["live_allocations"] == before + 4
+    del opt
+    gc.collect()
+    assert ext.stats()["live_allocations"] == before
+    torch.cuda.synchronize()
+    assert "fused_lora._C" not in capfd.readouterr().err
+
+
 def test_allocator_never_exceeds_free_device_memory(ext):
     device = torch.cuda.current_device()
     free, total = ext.memory_info(device)
