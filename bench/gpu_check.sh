@@ -56,6 +56,9 @@ step() {
 
 echo "=== gpu_check: $(date -u +%FT%TZ) in $(pwd)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
+if [[ ! -e .git && -z "${FUSED_LORA_COMMIT:-}" ]]; then
+    echo "warning: this copy has no .git and FUSED_LORA_COMMIT is unset: the results will record commit 'unknown'"
+fi
 
 # 1. Missing packages from .whl/ (see bench/README.md for fetching the bitsandbytes wheel).
 missing=$("$PY" - <<'EOF'

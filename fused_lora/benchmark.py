@@ -67,8 +67,15 @@ __all__ = ["main", "run_benchmarks", "run_sweep", "run_dequant_bench"]
 
 
 def git_commit() -> str:
-    """HEAD of the checkout (with '+dirty' when tracked files changed), else $FUSED_LORA_COMMIT, else 'unknown'."""
+    """HEAD of the checkout (with '+dirty' when tracked files changed), else $FUSED_LORA_COMMIT, else 'unknown'.
+
+    Git is asked only when the checkout itself holds ``.git``: a copy of the tree without it (what a GPU machine
+    gets) placed inside some other repository must not record that repository's HEAD.
+    """
     root = repo_root()
+    fallback = os.environ.get("FUSED_LORA_COMMIT") or "unknown"
+    if not (root / ".git").exists():
+        return fallback
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
@@ -79,7 +86,7 @@ def git_commit() -> str:
         ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("FUSED_LORA_COMMIT", "unknown")
+        return fallback
 
 
 def collect_env(device) -> dict:

@@ -3,10 +3,11 @@ and the end-to-end QLoRA bench runs PEFT+bitsandbytes and the patched model on a
 
 import json
 import math
+import subprocess
 
 import pytest
 
-from fused_lora import bench_impls
+from fused_lora import bench_impls, benchmark
 from fused_lora.bench_impls import LLAMA3_8B_SHAPES, lora_layer_flops
 from fused_lora.bench_report import target_checks
 from fused_lora.bench_schema import validate_results
@@ -51,6 +52,27 @@ def test_validate_results_rejects_malformed_data(bad, message):
     data = {"env": ENV, **bad}
     with pytest.raises(ValueError, match=message):
         validate_results(data)
+
+
+def _git(cwd, *args) -> str:
+    command = ["git", "-c", "user.name=bench", "-c", "user.email=bench@example.com", *args]
+    return subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_commit_of_a_copy_without_git_comes_from_fused_lora_commit(tmp_path, monkeypatch):
+    """The GPU machine gets the tree without .git, possibly inside another repository: never record its HEAD."""
+    outer = tmp_path / "outer"
+    copy = outer / "copy"
+    copy.mkdir(parents=True)
+    _git(outer, "init", "-q")
+    _git(outer, "commit", "-q", "--allow-empty", "-m", "outer")
+    monkeypatch.setattr(benchmark, "repo_root", lambda: copy)
+    monkeypatch.setenv("FUSED_LORA_COMMIT", "0123abc")
+    assert benchmark.git_commit() == "0123abc"
+    monkeypatch.delenv("FUSED_LORA_COMMIT")
+    assert benchmark.git_commit() == "unknown"
+    monkeypatch.setattr(benchmark, "repo_root", lambda: outer)
+    assert benchmark.git_commit() == _git(outer, "rev-parse", "HEAD")
 
 
 # ------------------------------------------------------------------------------------------------ implementations
