@@ -87,6 +87,11 @@ if ! step "build extension" 150 360 "$PY" -m pip install -q --no-build-isolation
         "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e .
 fi
 
+# From here on Python must not put the working directory (the repository root) first on sys.path: there this
+# checkout's kernels/ folder is found as a top-level `kernels` package, transformers then fails to import (so does
+# PEFT), and the peft_bnb layer and the end-to-end step would be skipped. The editable install provides fused_lora.
+export PYTHONSAFEPATH=1
+
 # 3. GPU tests (the bench below keeps 300 s).
 step "pytest -m gpu" 150 300 "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider tests
 
