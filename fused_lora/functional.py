@@ -218,9 +218,20 @@ def _implementation(backend: str):
     return triton_lora
 
 
+def _refuse_double_backward(caller: str) -> None:
+    """Raise when autograd records the backward pass (create_graph=True): these functions have no second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{caller}: second derivatives are not supported (backward was called with create_graph=True); "
+            "compute the gradients with create_graph=False"
+        )
+
+
 class _LoraLinearFunction(torch.autograd.Function):
     """Autograd over a backend's forward/backward. Only x, A, B, u (and a dense W) are saved; the dropout mask
-    is regenerated from ``seed`` in backward; the NF4 weight is frozen and never receives a gradient."""
+    is regenerated from ``seed`` in backward; the NF4 weight is frozen and never receives a gradient.
+    Not twice differentiable: u is saved without a graph and the kernels have no derivatives, so a second derivative
+    would be silently incomplete; backward with create_graph=True raises instead."""
 
     @staticmethod
     def forward(ctx, x2d, dense_weight, lora_A, lora_B, bias, nf4_weight, scaling, dropout_p, seed, backend):
@@ -234,6 +245,7 @@ class _LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _refuse_double_backward("lora_linear")
         x2d, dense_weight, lora_A, lora_B, u = ctx.saved_tensors
         scaling, dropout_p, seed, backend = ctx.hyper
         weight = ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight
@@ -249,7 +261,8 @@ class _LoraLinearFunction(torch.autograd.Function):
 
 class _FrozenLinearFunction(torch.autograd.Function):
     """Autograd over a backend's frozen_forward/frozen_backward. Only a dense W is saved (x is not needed: dx = g·W
-    and db = Σ_M g); the NF4 weight is frozen and never receives a gradient."""
+    and db = Σ_M g); the NF4 weight is frozen and never receives a gradient. Not twice differentiable, like
+    ``_LoraLinearFunction``."""
 
     @staticmethod
     def forward(ctx, x2d, dense_weight, bias, nf4_weight, backend):
@@ -263,6 +276,7 @@ class _FrozenLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        _refuse_double_backward("frozen_linear")
         (dense_weight,) = ctx.saved_tensors
         weight = ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight
         need_dx, _, need_db = ctx.needs_input_grad[:3]
@@ -311,7 +325,8 @@ def lora_linear(
         training: whether dropout is active.
         backend: "auto", "triton" or "reference" (see the module docstring).
     Returns:
-        y: (..., N) in x's dtype. Gradients flow to x, lora_A, lora_B and bias (W is frozen).
+        y: (..., N) in x's dtype. Gradients flow to x, lora_A, lora_B and bias (W is frozen); second derivatives
+        (backward with create_graph=True) raise.
 
     Example:
         >>> import torch, fused_lora as fl
@@ -349,7 +364,7 @@ def frozen_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, bac
             on the reference with one warning.
     Returns:
         y: (..., N) in x's dtype. Gradients flow to x (dx = g·W) and bias (db = Σ g over the leading dims);
-        W gets none.
+        W gets none; second derivatives raise.
 
     Example:
         >>> import torch, fused_lora as fl

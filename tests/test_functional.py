@@ -106,6 +106,22 @@ def test_nan_and_inf_propagate_as_in_the_reference():
     assert torch.equal(torch.isnan(y), torch.isnan(y_ref)) and torch.isnan(y[3]).all()
 
 
+@pytest.mark.parametrize("layer_fn", ["lora_linear", "frozen_linear"])
+def test_second_derivatives_raise_instead_of_being_silently_wrong(layer_fn):
+    """u is saved without a graph, so a second derivative through the layer would miss terms (d(dB)/dA through u);
+    backward with create_graph=True must raise, naming the function."""
+    x, W, A, B, b = _layer(bias=True)
+    x.requires_grad_(True)
+    if layer_fn == "lora_linear":
+        y = lora_linear(x, W, A, B, 2.0, bias=b, backend="reference")
+    else:
+        y = functional.frozen_linear(x, W, bias=b, backend="reference")
+    with pytest.raises(RuntimeError, match=f"{layer_fn}: second derivatives are not supported"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    dx, = torch.autograd.grad(y.pow(2).sum(), x)  # an ordinary backward still works
+    assert torch.isfinite(dx).all()
+
+
 def test_frozen_weight_gets_no_gradient_and_bias_only_when_trainable():
     x, W, A, B, b = _layer(bias=True)
     b.requires_grad_(False)
