@@ -14,6 +14,7 @@ names the case; the fast path never returns a silently wrong answer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -250,10 +251,11 @@ class _LoraLinearFunction(torch.autograd.Function):
         scaling, dropout_p, seed, backend = ctx.hyper
         weight = ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight
         need_dx, _, need_dA, need_dB, need_db = ctx.needs_input_grad[:5]
-        dx, dA, dB, db = _implementation(backend).backward(
-            g.contiguous(), x2d, weight, lora_A, lora_B, scaling, dropout_p, seed, u,
-            need_dx, need_dA, need_dB, need_db,
-        )
+        with _autocast_off(g.device):
+            dx, dA, dB, db = _implementation(backend).backward(
+                g.contiguous(), x2d, weight, lora_A, lora_B, scaling, dropout_p, seed, u,
+                need_dx, need_dA, need_dB, need_db,
+            )
         if db is not None:
             db = db.to(ctx.bias_dtype)
         return dx, None, dA, dB, db, None, None, None, None, None
@@ -280,10 +282,20 @@ class _FrozenLinearFunction(torch.autograd.Function):
         (dense_weight,) = ctx.saved_tensors
         weight = ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight
         need_dx, _, need_db = ctx.needs_input_grad[:3]
-        dx, db = _implementation(ctx.backend).frozen_backward(g.contiguous(), weight, need_dx, need_db)
+        with _autocast_off(g.device):
+            dx, db = _implementation(ctx.backend).frozen_backward(g.contiguous(), weight, need_dx, need_db)
         if db is not None:
             db = db.to(ctx.bias_dtype)
         return dx, None, db, None, None
+
+
+def _autocast_off(device: torch.device):
+    """Autocast disabled for ``device`` while the layer runs forward or backward: the reference backend then
+    computes in x's dtype, as the kernels do (an active autocast would recast its matmuls, and only on that
+    backend)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _choose_backend(backend, x2d, weight, lora_A, lora_B, bias, dropout_p, caller="lora_linear") -> str:
@@ -325,8 +337,9 @@ def lora_linear(
         training: whether dropout is active.
         backend: "auto", "triton" or "reference" (see the module docstring).
     Returns:
-        y: (..., N) in x's dtype. Gradients flow to x, lora_A, lora_B and bias (W is frozen); second derivatives
-        (backward with create_graph=True) raise.
+        y: (..., N) in x's dtype, computed in x's dtype whether or not ``torch.autocast`` is active (cast x to
+        the autocast dtype first, or use ``FusedLoraLinear``, which does). Gradients flow to x, lora_A, lora_B
+        and bias (W is frozen); second derivatives (backward with create_graph=True) raise.
 
     Example:
         >>> import torch, fused_lora as fl
@@ -342,9 +355,10 @@ def lora_linear(
     x2d = x.reshape(-1, in_features)
     chosen = _choose_backend(backend, x2d, weight, lora_A, lora_B, bias, dropout_p)
     nf4_weight, dense_weight = (weight, None) if _is_nf4(weight) else (None, weight)
-    y = _LoraLinearFunction.apply(
-        x2d, dense_weight, lora_A, lora_B, bias, nf4_weight, float(scaling), dropout_p, seed, chosen
-    )
+    with _autocast_off(x2d.device):
+        y = _LoraLinearFunction.apply(
+            x2d, dense_weight, lora_A, lora_B, bias, nf4_weight, float(scaling), dropout_p, seed, chosen
+        )
     return y.reshape(*leading, y.shape[-1])
 
 
@@ -363,8 +377,8 @@ def frozen_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, bac
         backend: "auto", "triton" or "reference" (see the module docstring); a case the kernels do not support runs
             on the reference with one warning.
     Returns:
-        y: (..., N) in x's dtype. Gradients flow to x (dx = g·W) and bias (db = Σ g over the leading dims);
-        W gets none; second derivatives raise.
+        y: (..., N) in x's dtype, whether or not ``torch.autocast`` is active. Gradients flow to x (dx = g·W) and
+        bias (db = Σ g over the leading dims); W gets none; second derivatives raise.
 
     Example:
         >>> import torch, fused_lora as fl
@@ -381,5 +395,6 @@ def frozen_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, bac
     x2d = x.reshape(-1, in_features)
     chosen = _choose_backend(backend, x2d, weight, None, None, bias, 0.0, caller)
     nf4_weight, dense_weight = (weight, None) if _is_nf4(weight) else (None, weight)
-    y = _FrozenLinearFunction.apply(x2d, dense_weight, bias, nf4_weight, chosen)
+    with _autocast_off(x2d.device):
+        y = _FrozenLinearFunction.apply(x2d, dense_weight, bias, nf4_weight, chosen)
     return y.reshape(*leading, out_features)

@@ -122,6 +122,50 @@ def test_second_derivatives_raise_instead_of_being_silently_wrong(layer_fn):
     assert torch.isfinite(dx).all()
 
 
+def test_autocast_does_not_change_what_lora_linear_and_frozen_linear_compute():
+    """Both functions compute in x's dtype, as the kernels do: an active autocast (forward or backward) must not
+    recast the reference backend's matmuls to bf16, nor change the output dtype."""
+    x, W, A, B, b = _layer(bias=True, seed=8)
+    x.requires_grad_(True)
+    g = torch.randn(37, 80)
+
+    def run(fn, leaves):
+        y = fn()
+        return (y,) + torch.autograd.grad(y, leaves, g)
+
+    cases = {
+        "lora_linear": (lambda: lora_linear(x, W, A, B, 2.0, bias=b, backend="reference"), (x, A, B, b)),
+        "frozen_linear": (lambda: functional.frozen_linear(x, W, bias=b, backend="reference"), (x, b)),
+    }
+    for name, (fn, leaves) in cases.items():
+        expected = run(fn, leaves)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = run(fn, leaves)
+        for ours, theirs in zip(got, expected):
+            assert ours.dtype == theirs.dtype and torch.equal(ours, theirs), name
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_recomputes_the_same_dropout_mask(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    x, W, A, B, _ = _layer(seed=9)
+    g = torch.randn(37, 80)
+
+    def run(wrap):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B)]
+        torch.manual_seed(21)
+        y = wrap(lambda t: lora_linear(t, W, leaves[1], leaves[2], 2.0, dropout_p=0.4, backend="reference"),
+                 leaves[0])
+        y.backward(g)  # reentrant checkpointing supports .backward() only
+        return [y.detach()] + [t.grad for t in leaves]
+
+    checkpointed = run(lambda fn, t: checkpoint(fn, t, use_reentrant=reentrant))
+    plain = run(lambda fn, t: fn(t))
+    for name, ours, theirs in zip(("y", "dx", "dA", "dB"), checkpointed, plain):
+        assert torch.equal(ours, theirs), name
+
+
 def test_frozen_weight_gets_no_gradient_and_bias_only_when_trainable():
     x, W, A, B, b = _layer(bias=True)
     b.requires_grad_(False)
