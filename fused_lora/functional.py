@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import warnings
 
@@ -103,9 +104,14 @@ def _check_floating(caller: str, name: str, t: torch.Tensor, allowed=COMPUTE_DTY
         raise TypeError(f"{caller}: {name} must be a {kind} tensor ({names}), got {t.dtype}")
 
 
-def _side_dtypes(x: torch.Tensor) -> tuple:
-    """Dtypes accepted for the adapters and the bias: x's dtype or fp32 (fp64 only with fp64 x)."""
-    return (x.dtype, torch.float32) if x.dtype != torch.float64 else (torch.float64,)
+def _check_side_dtype(caller: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """An adapter or the bias: a tensor in x's dtype or fp32 (fp64 only with fp64 x)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    allowed = (x.dtype, torch.float32) if x.dtype != torch.float64 else (torch.float64,)
+    if t.dtype not in allowed:
+        expected = " or ".join(dict.fromkeys(str(d).replace("torch.", "") for d in allowed))
+        raise TypeError(f"{caller}: {name} is {t.dtype}; with x in {x.dtype} it must be {expected}")
 
 
 def _check_same_device(caller: str, name: str, device: torch.device, x: torch.Tensor) -> None:
@@ -123,6 +129,8 @@ def _check_x_and_weight(caller: str, x, weight, trained: str) -> tuple[int, int]
         if len(weight.shape) != 2:
             raise ValueError(f"{caller}: the NF4 weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     else:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{caller}: weight must be an NF4Weight or a torch.Tensor, got {type(weight).__name__}")
         _check_floating(caller, "weight", weight)
         if weight.dim() != 2:
             raise ValueError(f"{caller}: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -146,7 +154,7 @@ def _check_x_and_weight(caller: str, x, weight, trained: str) -> tuple[int, int]
 def _check_bias(caller: str, x, bias, out_features: int) -> None:
     if bias is None:
         return
-    _check_floating(caller, "bias", bias, _side_dtypes(x))
+    _check_side_dtype(caller, "bias", bias, x)
     if tuple(bias.shape) != (out_features,):
         raise ValueError(f"{caller}: bias has shape {tuple(bias.shape)}, expected ({out_features},)")
     _check_same_device(caller, "bias", bias.device, x)
@@ -155,8 +163,8 @@ def _check_bias(caller: str, x, bias, out_features: int) -> None:
 def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
     caller = "lora_linear"
     out_features, in_features = _check_x_and_weight(caller, x, weight, "lora_A, lora_B and bias are trained")
-    _check_floating(caller, "lora_A", lora_A, _side_dtypes(x))
-    _check_floating(caller, "lora_B", lora_B, _side_dtypes(x))
+    _check_side_dtype(caller, "lora_A", lora_A, x)
+    _check_side_dtype(caller, "lora_B", lora_B, x)
     if lora_A.dim() != 2 or lora_A.shape[0] < 1:
         raise ValueError(f"{caller}: lora_A must be (r, in_features) with r >= 1, got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
@@ -167,8 +175,8 @@ def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
     _check_bias(caller, x, bias, out_features)
     _check_same_device(caller, "lora_A", lora_A.device, x)
     _check_same_device(caller, "lora_B", lora_B.device, x)
-    if isinstance(scaling, torch.Tensor):
-        raise TypeError(f"{caller}: scaling must be a Python number (alpha / r), not a tensor")
+    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, numbers.Real):
+        raise TypeError(f"{caller}: scaling must be a Python number (alpha / r), got {type(scaling).__name__}")
     if not math.isfinite(float(scaling)):
         raise ValueError(f"{caller}: scaling must be finite, got {scaling}")
     if not 0.0 <= float(dropout_p) < 1.0:
