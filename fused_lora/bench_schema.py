@@ -13,8 +13,9 @@ import math
 import re
 from pathlib import Path
 
-__all__ = ["ROW_KEYS", "row_problem", "validate_env", "validate_results", "ResultsFile", "find_newest_results"]
+__all__ = ["ENV_KEYS", "ROW_KEYS", "row_problem", "validate_env", "validate_results", "ResultsFile", "find_newest_results"]
 
+ENV_KEYS = ("device", "torch", "triton", "cuda", "commit")
 ROW_KEYS = ("bench", "impl", "pass", "M", "K", "N", "r", "dtype", "median_ms", "tflops", "peak_mem_mb")
 
 
@@ -48,16 +49,23 @@ def find_newest_results(path: Path | None = None) -> Path:
 # Schema
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def row_problem(row: dict) -> str | None:
     """What makes one results row break the schema of DESIGN.md, or None when it follows it."""
     missing = [k for k in ROW_KEYS if k not in row]
     if missing:
         return f"({row.get('bench')}/{row.get('impl')}) lacks {missing}"
+    for key in ("bench", "impl", "pass", "dtype"):
+        if not isinstance(row[key], str):
+            return f"{key} must be a string, got {row[key]!r}"
     for key in ("M", "K", "N", "r"):
-        if not isinstance(row[key], int):
+        if not isinstance(row[key], int) or isinstance(row[key], bool):
             return f"{key} must be an int, got {row[key]!r}"
     for key in ("median_ms", "tflops", "peak_mem_mb"):
-        if row[key] is not None and not (isinstance(row[key], (int, float)) and math.isfinite(row[key])):
+        if row[key] is not None and not (_is_number(row[key]) and math.isfinite(row[key])):
             return f"{key} must be a finite number or null, got {row[key]!r}"
     if row["median_ms"] is None or row["median_ms"] <= 0:
         return f"median_ms must be positive, got {row['median_ms']!r}"
@@ -65,10 +73,15 @@ def row_problem(row: dict) -> str | None:
 
 
 def validate_env(data: dict) -> None:
-    """Raise ValueError when the env or the results list of ``data`` does not follow the schema."""
-    required = {"device", "torch", "triton", "cuda", "commit"}
-    if not required <= set(data.get("env", {})):
-        raise ValueError(f"results: env must have {sorted(required)}; got {sorted(data.get('env', {}))}")
+    """Raise ValueError when the env or the results list of ``data`` does not follow the schema: env has exactly
+    the keys of ``ENV_KEYS``, each a string (or null where the run had no Triton or no CUDA)."""
+    env = data.get("env")
+    if not isinstance(env, dict) or set(env) != set(ENV_KEYS):
+        got = sorted(env) if isinstance(env, dict) else env
+        raise ValueError(f"results: env must have exactly the keys {list(ENV_KEYS)}; got {got}")
+    wrong = [k for k, v in env.items() if not (isinstance(v, str) or (v is None and k in ("triton", "cuda")))]
+    if wrong:
+        raise ValueError(f"results: env values must be strings; {wrong} are not")
     if not isinstance(data.get("results"), list):
         raise ValueError("results: 'results' must be a list of rows")
 
@@ -82,16 +95,35 @@ def validate_results(data: dict) -> None:
             raise ValueError(f"results row {i}: {problem}")
 
 
+def _strict_json(value):
+    """``value`` with every non-finite float (extra fields such as rel_err or losses can hold one) written as the
+    string 'nan', 'inf' or '-inf', so that the file is strict JSON (json.dumps would write NaN / Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 class ResultsFile:
     """The run's JSON, rewritten after every row so that an interrupted run keeps its measurements."""
 
     def __init__(self, path: Path, env: dict, config: dict):
+        validate_env({"env": env, "results": []})
         self.path = path
         self.data = {"env": env, "config": config, "roofline": {}, "results": [], "skipped": []}
         path.parent.mkdir(parents=True, exist_ok=True)
         self.flush()
 
     def add(self, row: dict):
+        """Append ``row``; a row that breaks the schema goes to ``skipped`` with the problem instead."""
+        problem = row_problem(row)
+        if problem:
+            what = {k: row.get(k) for k in ("bench", "impl", "pass", "M", "K", "N", "r") if k in row}
+            self.skip(what, f"row breaks the results schema: {problem}")
+            return
         self.data["results"].append(row)
         self.flush()
 
@@ -101,5 +133,5 @@ class ResultsFile:
 
     def flush(self):
         tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.write_text(json.dumps(_strict_json(self.data), indent=1, allow_nan=False))
         tmp.replace(self.path)

@@ -10,7 +10,7 @@ import pytest
 from fused_lora import bench_impls, benchmark
 from fused_lora.bench_impls import LLAMA3_8B_SHAPES, lora_layer_flops
 from fused_lora.bench_report import target_checks
-from fused_lora.bench_schema import validate_results
+from fused_lora.bench_schema import ResultsFile, validate_results
 from fused_lora.benchmark import main
 
 # ------------------------------------------------------------------------------------------------ FLOPs and schema
@@ -43,15 +43,35 @@ ENV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", 
         ({"results": [_row(median_ms=float("nan"))]}, "median_ms"),
         ({"results": [_row(median_ms=0.0)]}, "positive"),
         ({"results": [_row(M=8192.0)]}, "must be an int"),
+        ({"results": [_row(M=True)]}, "must be an int"),
+        ({"results": [_row(impl=None)]}, "must be a string"),
         ({"env": {"device": "x"}, "results": []}, "env must have"),
         ({"env": {"device": "x", "torch": "2", "host": "y"}, "results": []}, "env must have"),
+        ({"env": {**ENV, "host": "y"}, "results": []}, "env must have exactly"),
+        ({"env": {**ENV, "commit": None}, "results": []}, "must be strings"),
     ],
-    ids=["missing-key", "nan-time", "zero-time", "float-M", "short-env", "short-env-with-extra-key"],
+    ids=["missing-key", "nan-time", "zero-time", "float-M", "bool-M", "null-impl", "short-env",
+         "short-env-with-extra-key", "env-with-extra-key", "null-commit"],
 )
 def test_validate_results_rejects_malformed_data(bad, message):
     data = {"env": ENV, **bad}
     with pytest.raises(ValueError, match=message):
         validate_results(data)
+
+
+def test_results_file_is_strict_json_and_keeps_rows_that_break_the_schema_out(tmp_path):
+    path = tmp_path / "20260102-1200.json"
+    results = ResultsFile(path, ENV, {"quick": True})
+    results.add(_row(rel_err=float("inf"), losses=[1.0, float("nan")]))
+    results.add(_row(impl="broken", median_ms=float("nan")))
+    text = path.read_text()
+    data = json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in the results file: not strict JSON"))
+    validate_results(data)
+    assert [row["impl"] for row in data["results"]] == ["fused"]
+    assert data["results"][0]["rel_err"] == "inf" and data["results"][0]["losses"] == [1.0, "nan"]
+    assert data["skipped"][0]["impl"] == "broken" and "median_ms" in data["skipped"][0]["reason"]
+    with pytest.raises(ValueError, match="env must have exactly"):
+        ResultsFile(tmp_path / "other.json", {**ENV, "host": "x"}, {})
 
 
 def _git(cwd, *args) -> str:
