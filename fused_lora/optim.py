@@ -431,7 +431,9 @@ class _AdamWBase(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
+        maximize: bool = False,
         min_8bit_size: int = 4096,
         gpu_budget_bytes: int | None = None,
         chunk_bytes: int = 64 << 20,
@@ -441,30 +443,57 @@ class _AdamWBase(torch.optim.Optimizer):
         name = type(self).__name__
         if isinstance(lr, torch.Tensor):
             lr = float(lr)
-        if not (isinstance(lr, (int, float)) and lr >= 0.0):
-            raise ValueError(f"{name}: lr must be a number >= 0, got {lr}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {tuple(betas)}")
-        if not eps >= 0.0:
-            raise ValueError(f"{name}: eps must be >= 0, got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
         if backend not in ("auto", "triton", "reference"):
             raise ValueError(f"{name}: backend must be 'auto', 'triton' or 'reference', got {backend!r}")
         if chunk_bytes <= 0:
             raise ValueError(f"{name}: chunk_bytes must be > 0, got {chunk_bytes}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if not p.is_floating_point() or p.is_complex():
-                    raise ValueError(f"{name}: parameters must be real floating point, got {p.dtype}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        super().__init__(params, defaults)  # checks every group through add_param_group
         self.min_8bit_size = min_8bit_size
         self.chunk_bytes = chunk_bytes
         self.backend = backend
         self.pager = PageManager(gpu_budget_bytes, page_min_bytes) if self._PAGED else None
         self._qmaps: dict = {}
         self._luts: dict = {}
+
+    # -- parameter groups ---------------------------------------------------------------------------------------
+
+    def _check_group(self, group: dict):
+        """Raise ValueError naming the problem when a group's hyperparameters or parameters are not supported."""
+        name = type(self).__name__
+        lr, betas = group["lr"], group["betas"]
+        if isinstance(lr, torch.Tensor):
+            lr = float(lr)
+        if not (isinstance(lr, (int, float)) and lr >= 0.0):
+            raise ValueError(f"{name}: lr must be a number >= 0, got {lr}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {betas}")
+        if not group["eps"] >= 0.0:
+            raise ValueError(f"{name}: eps must be >= 0, got {group['eps']}")
+        if not group["weight_decay"] >= 0.0:
+            raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']}")
+        for flag in ("amsgrad", "maximize"):
+            if group.get(flag, False):
+                raise ValueError(f"{name}: {flag}=True is not supported; use torch.optim.AdamW for it")
+        if group.get("decoupled_weight_decay", True) is False and group["weight_decay"] != 0:
+            raise ValueError(
+                f"{name}: decoupled_weight_decay=False (torch.optim.Adam's L2 penalty) is not supported; "
+                "this optimizer applies AdamW's decoupled weight decay"
+            )
+        for p in group["params"]:
+            if not p.is_floating_point() or p.is_complex():
+                raise ValueError(f"{name}: parameters must be real floating point, got {p.dtype}")
+
+    def add_param_group(self, param_group: dict):
+        """torch.optim.Optimizer.add_param_group, and the group's hyperparameters and parameters are checked."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            group["betas"] = tuple(group["betas"])
+            self._check_group(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     # -- state layout -------------------------------------------------------------------------------------------
 
@@ -669,6 +698,8 @@ class _AdamWBase(torch.optim.Optimizer):
             len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)
         ):
             raise ValueError(f"{name}.load_state_dict: parameter groups do not match the optimizer's")
+        for group, saved in zip(groups, saved_groups):
+            self._check_group({**group, **{k: v for k, v in saved.items() if k != "params"}})
         id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), self._all_params()))
         for p in self._all_params():
             if self.pager is not None:
@@ -710,7 +741,10 @@ class PagedAdamW(_AdamWBase):
 
     Args:
         params: parameters or parameter groups (fp32, fp16 or bf16; CUDA or CPU; several devices allowed).
-        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay, default 1e-2).
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay, default 1e-2); checked for
+            every parameter group, including groups added later with add_param_group.
+        amsgrad, maximize: accepted for torch.optim.AdamW's signature; True raises ValueError (not supported), and
+            so does loading a state dict whose groups set them.
         gpu_budget_bytes: state bytes kept on each GPU after a step (None: all of it).
         chunk_bytes: state bytes per fused update launch and per prefetch unit.
         page_min_bytes: parameters with less state than this keep ordinary (unpaged) state.
@@ -747,6 +781,7 @@ class AdamW8bit(_AdamWBase):
     _EIGHT_BIT = True
     _PAGED = False
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, min_8bit_size=4096,
-                 backend="auto"):
-        super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size=min_8bit_size, backend=backend)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, min_8bit_size=4096, backend="auto"):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         min_8bit_size=min_8bit_size, backend=backend)

@@ -327,6 +327,71 @@ def test_bad_arguments_raise_clear_errors(cls, kwargs, message):
         getattr(fo, cls)(make_params([(3,)]), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "group, message",
+    [
+        ({"lr": -1e-3}, "lr must be a number >= 0"),
+        ({"betas": (0.9, 1.5)}, r"betas must be two numbers in \[0, 1\)"),
+        ({"eps": -1.0}, "eps must be >= 0"),
+        ({"amsgrad": True}, "amsgrad=True is not supported"),
+        ({"params": [torch.nn.Parameter(torch.ones(3, dtype=torch.int32), requires_grad=False)]}, "parameters must be real floating"),
+    ],
+    ids=["negative-lr", "beta2-above-one", "negative-eps", "amsgrad", "int-params"],
+)
+@pytest.mark.parametrize("cls", ["PagedAdamW", "AdamW8bit"])
+def test_groups_are_checked_at_construction_and_when_added(cls, group, message):
+    group = {"params": make_params([(3,)]), **group}
+    with pytest.raises(ValueError, match=f"{cls}: {message}"):
+        getattr(fo, cls)([group])
+    opt = getattr(fo, cls)(make_params([(5,)]))
+    with pytest.raises(ValueError, match=f"{cls}: {message}"):
+        opt.add_param_group(group)
+    assert len(opt.param_groups) == 1
+
+
+@needs_ext
+def test_group_added_mid_training_matches_torch():
+    runs = []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False), lambda ps: fo.PagedAdamW(ps, lr=1e-2)):
+        first, later = make_params([(37, 129)]), make_params([(200,), (3, 7, 41)])
+        opt = make(first)
+        train(first, opt, 3)
+        opt.add_param_group({"params": later, "lr": 3e-3, "weight_decay": 0.2})
+        train(first + later, opt, 4, start=3)
+        runs.append(first + later)
+    assert_params_equal(*runs)
+
+
+@pytest.mark.parametrize("flag", ["amsgrad", "maximize"])
+@pytest.mark.parametrize("cls", ["PagedAdamW", "PagedAdamW8bit", "AdamW8bit"])
+def test_unsupported_adamw_flags_are_rejected(cls, flag):
+    with pytest.raises(ValueError, match=f"{cls}: {flag}=True is not supported"):
+        getattr(fo, cls)(make_params([(3,)]), **{flag: True})
+    getattr(fo, cls)(make_params([(3,)]), **{flag: False})  # torch.optim.AdamW's defaults are accepted
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"amsgrad": True}, "amsgrad=True is not supported"),
+        ({"maximize": True}, "maximize=True is not supported"),
+        ({"decoupled_weight_decay": False, "weight_decay": 0.1}, "decoupled_weight_decay=False"),
+    ],
+    ids=["amsgrad", "maximize", "adam-l2-decay"],
+)
+def test_state_dict_with_unsupported_torch_flags_is_rejected_and_nothing_changes(kwargs, message):
+    params = make_params([(37, 129)])
+    ref_opt = torch.optim.Adam(params, lr=1e-2, foreach=False, **kwargs)
+    train(params, ref_opt, 2)
+    opt = fo.AdamW8bit(params, lr=5e-3)
+    train(params, opt, 1)
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[params[0]].items()}
+    with pytest.raises(ValueError, match=f"AdamW8bit: {message}"):
+        opt.load_state_dict(ref_opt.state_dict())
+    assert opt.param_groups[0]["lr"] == 5e-3 and opt.state[params[0]]["step"] == before["step"]
+    assert torch.equal(opt.state[params[0]]["state1"], before["state1"])
+
+
 @pytest.mark.parametrize("cls", ["PagedAdamW", "AdamW8bit"])
 def test_sparse_gradients_are_rejected(cls):
     params = make_params([(10, 3)])
