@@ -273,7 +273,8 @@ class FusedLoraLinear(nn.Module):
         return self._adapter_enabled
 
     def enable_adapters(self, enabled: bool = True) -> None:
-        """Turn the LoRA term on or off (off: the layer is its frozen base, e.g. an RL reference model).
+        """Turn the LoRA term on or off (off: the layer is its frozen base, e.g. an RL reference model; a merged
+        layer then computes with the unmerged base it keeps).
 
         Example:
             >>> layer.enable_adapters(False); assert not layer.adapter_enabled
@@ -282,7 +283,8 @@ class FusedLoraLinear(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Context manager: inside it the layer computes only x·Wᵀ + b; the previous state is restored after.
+        """Context manager: inside it the layer computes only x·Wᵀ + b with the original W (also while merged);
+        the previous state is restored after.
 
         Example:
             >>> with layer.disable_adapter():
@@ -332,7 +334,7 @@ class FusedLoraLinear(nn.Module):
         The error is ‖W_stored − (W + s·B·A)‖ / ‖W + s·B·A‖ computed in float64; NF4 rounding is typically
         about 0.1, usually much larger than the adapter's contribution, so requantized merges lose most of a
         small adapter. ``unmerge()`` restores the original base exactly (a copy is kept while merged).
-        While merged, forward computes x·W_mergedᵀ + b only.
+        While merged, forward computes x·W_mergedᵀ + b only (x·Wᵀ + b with the adapter disabled).
 
         Example:
             >>> error = layer.merge()          # NF4: requantized; error ≈ 0.1
@@ -414,7 +416,8 @@ class FusedLoraLinear(nn.Module):
             dtype = self.compute_dtype
             out_dtype = x.dtype
         x = x.to(dtype)
-        weight = self.weight if isinstance(self.weight, NF4Weight) else self.weight.to(dtype)
+        base = self._unmerged_base if self.merged and not self._adapter_enabled else self.weight
+        weight = base if isinstance(base, NF4Weight) else base.to(dtype)
         bias = self._operand(self.bias, dtype)
         with torch.autocast(device_type, enabled=False):
             if self.merged or not self._adapter_enabled:

@@ -316,6 +316,23 @@ def test_merge_nf4_without_requantizing_gives_a_dense_merged_base():
     torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
 
 
+MERGE_KINDS = [("nf4", True), ("nf4", False), (None, True)]
+MERGE_IDS = ["nf4-requantized", "nf4-merged-dense", "dense"]
+
+
+@pytest.mark.parametrize("quant, requantize", MERGE_KINDS, ids=MERGE_IDS)
+def test_disabled_adapter_of_a_merged_layer_computes_the_original_base(quant, requantize):
+    """Disabling the adapter gives the frozen base (an RL reference model), also while s·B·A is merged into W."""
+    layer = _layer(quant=quant)
+    x = torch.randn(2, 5, 129)
+    with layer.disable_adapter():
+        base = layer(x)
+    layer.merge(requantize=requantize)
+    assert relative_error(layer(x), base) > 1e-2
+    with layer.disable_adapter():
+        torch.testing.assert_close(layer(x), base, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- state dict, moves
 
 
