@@ -115,11 +115,17 @@ def collect_env(device) -> dict:
 # Timers
 
 
-class CudaTimer:
-    """do_bench median in ms; peak memory of one call in MB."""
+# (warm-up, repetitions) in ms of triton.testing.do_bench: the layer cases with and without --quick, and the two
+# roofline measurements, taken once per run with a longer warm-up so that the GPU has reached its clocks.
+LAYER_TIMING_MS = {True: (10, 40), False: (25, 100)}
+ROOFLINE_TIMING_MS = (200, 1000)
 
-    def __init__(self, quick: bool):
-        self.warmup_ms, self.rep_ms = (10, 40) if quick else (25, 100)
+
+class CudaTimer:
+    """do_bench median in ms (L2 flushed before every call); peak memory of one call in MB."""
+
+    def __init__(self, warmup_ms: float, rep_ms: float):
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
 
     def median_ms(self, fn, grad_to_none=None) -> float:
         import triton.testing
@@ -167,24 +173,31 @@ class CpuTimer:
         return None
 
 
-def measure_bf16_peak_tflops(device, timer) -> float:
+def make_timer(device, quick: bool):
+    """The timer of the layer and dequantization cases: CudaTimer on CUDA, CpuTimer elsewhere."""
+    if device.type == "cuda":
+        return CudaTimer(*LAYER_TIMING_MS[quick])
+    return CpuTimer(quick)
+
+
+def measure_bf16_peak_tflops(device) -> float:
     """TFLOP/s of an 8192³ bf16 cuBLAS GEMM on random data: the measured peak every row is compared with."""
     import torch
 
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = timer.median_ms(lambda: torch.mm(a, b))
+    ms = CudaTimer(*ROOFLINE_TIMING_MS).median_ms(lambda: torch.mm(a, b))
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def measure_copy_gbps(device, timer) -> float:
+def measure_copy_gbps(device) -> float:
     """Device-to-device copy bandwidth, counting bytes read and written, of a 1 GiB buffer."""
     import torch
 
     src = torch.empty(2**29, device=device, dtype=torch.bfloat16).normal_()
     dst = torch.empty_like(src)
-    ms = timer.median_ms(lambda: dst.copy_(src))
+    ms = CudaTimer(*ROOFLINE_TIMING_MS).median_ms(lambda: dst.copy_(src))
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
@@ -221,7 +234,7 @@ def run_sweep(args, device, results: ResultsFile, deadline: float):
 
     on_cuda = device.type == "cuda"
     dtype = torch.bfloat16 if on_cuda else torch.float32
-    timer = CudaTimer(args.quick) if on_cuda else CpuTimer(args.quick)
+    timer = make_timer(device, args.quick)
     l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20) if on_cuda else 2**20
     peak = results.data["roofline"].get("bf16_tflops")
     builder = ImplBuilder(args.compile_backend)
@@ -318,7 +331,7 @@ def run_dequant_bench(args, device, results: ResultsFile, deadline: float):
 
     on_cuda = device.type == "cuda"
     dtype = torch.bfloat16 if on_cuda else torch.float32
-    timer = CudaTimer(args.quick) if on_cuda else CpuTimer(args.quick)
+    timer = make_timer(device, args.quick)
     copy_gbps = results.data["roofline"].get("copy_gbps")
     for K, N in args.shapes:
         W = (torch.randn(N, K, device=device) / math.sqrt(K)).to(dtype)
@@ -485,9 +498,8 @@ def _run_all(args, device, start: float, deadline: float) -> Path:
     results = ResultsFile(path, env, config)
     print(f"bench: {env['device']}, torch {env['torch']}, triton {env['triton']}; writing {path}", file=sys.stderr)
     if on_cuda:
-        timer = CudaTimer(args.quick)
-        results.data["roofline"] = {"bf16_tflops": measure_bf16_peak_tflops(device, timer),
-                                    "copy_gbps": measure_copy_gbps(device, timer)}
+        results.data["roofline"] = {"bf16_tflops": measure_bf16_peak_tflops(device),
+                                    "copy_gbps": measure_copy_gbps(device)}
         results.flush()
         torch.cuda.empty_cache()
     e2e_reserve = 0.0 if args.no_e2e or not on_cuda else (90.0 if args.quick else 240.0)

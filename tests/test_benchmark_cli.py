@@ -101,37 +101,82 @@ def test_commit_of_a_copy_without_git_comes_from_fused_lora_commit(tmp_path, mon
 NEEDS = {"dequant_cublas": ("bitsandbytes",), "peft_bnb": ("bitsandbytes", "peft"), "fused": ("triton",)}
 
 
+# (device, compute dtype, M, K, N, r): fp32 on the CPU (fused through the Triton interpreter, so tiny), bf16 at a
+# ragged Llama-width shape on a GPU.
+LAYER_CASES = [
+    pytest.param("cpu", "float32", 17, 37, 29, 4, id="cpu-fp32-M17-K37-N29-r4"),
+    pytest.param("cuda", "bfloat16", 257, 4096, 1000, 16, id="cuda-bf16-M257-K4096-N1000-r16", marks=pytest.mark.gpu),
+]
+
+
+@pytest.mark.parametrize("device, dtype_name, M, K, N, r", LAYER_CASES)
 @pytest.mark.parametrize("impl", ["fused", "dequant_cublas", "peft_bnb", "compiled_reference", "dense_cublas"])
-def test_each_benchmarked_implementation_computes_the_layer_and_its_gradients(impl):
-    """The sweep's layers (fp32 on CPU; fused through the Triton interpreter) against the float64 reference."""
+def test_each_benchmarked_implementation_computes_the_layer_and_its_gradients(impl, device, dtype_name, M, K, N, r):
+    """The sweep's layers against the float64 reference: y, dx and (all but the dense roofline) dA and dB.
+
+    fp32 on the CPU must agree to 1e-5; bf16 on a GPU follows the tolerance rule against plain PyTorch in bf16.
+    """
     for module in NEEDS.get(impl, ()):
         pytest.importorskip(module)
     import torch
 
     from fused_lora.reference import lora_linear_naive
-    from fused_lora.testing import relative_error
+    from fused_lora.testing import assert_close_to_reference, relative_error
 
-    M, K, N, r = 17, 37, 29, 4
-    W, nf4, W_deq = bench_impls.make_base_weight(K, N, torch.float32, torch.device("cpu"))
-    A, B = bench_impls.make_adapters(K, N, r, torch.float32, torch.device("cpu"))
+    dtype = getattr(torch, dtype_name)
+    W, nf4, W_deq = bench_impls.make_base_weight(K, N, dtype, torch.device(device))
+    A, B = bench_impls.make_adapters(K, N, r, dtype, torch.device(device))
     weights = {"W": W, "W_deq": W_deq, "nf4": nf4, "A": A, "B": B}
     layer, params = bench_impls.ImplBuilder("aot_eager").build(impl, weights)
-    xs, gs = bench_impls.make_input_sets(M, K, N, torch.float32, "cpu")
+    assert len(params) == (0 if impl == "dense_cublas" else 2)  # every LoRA implementation trains A and B
+    xs, gs = bench_impls.make_input_sets(M, K, N, dtype, device)
     x, g = xs[0], gs[0]
     layer(x).backward(g)
 
-    x64 = x.detach().double().requires_grad_(True)
-    A64, B64 = A.detach().double().requires_grad_(True), B.detach().double().requires_grad_(True)
-    if impl == "dense_cublas":  # the roofline: x·Wᵀ on the unquantized W, no LoRA
-        ref = torch.nn.functional.linear(x64, W.double())
-    else:
-        ref = lora_linear_naive(x64, W_deq.double(), A64, B64, bench_impls.LORA_SCALING)
-    ref.backward(g.double())
+    def layer_and_grads(x_in, W_in, A_in, B_in, g_in):
+        x_in, A_in, B_in = (t.detach().clone().requires_grad_(True) for t in (x_in, A_in, B_in))
+        if impl == "dense_cublas":  # the roofline: x·Wᵀ on the unquantized W, no LoRA
+            y = torch.nn.functional.linear(x_in, W_in)
+        else:
+            y = lora_linear_naive(x_in, W_in, A_in, B_in, bench_impls.LORA_SCALING)
+        y.backward(g_in)
+        return y.detach(), x_in.grad, A_in.grad, B_in.grad
+
+    base = W if impl == "dense_cublas" else W_deq
+    ref = layer_and_grads(x.double(), base.double(), A.double(), B.double(), g.double())
+    plain = layer_and_grads(x, base, A, B, g)
     with torch.no_grad():
-        assert relative_error(layer(x), ref) < 1e-5
-    assert relative_error(x.grad, x64.grad) < 1e-5
-    for param, ref_param in zip(params, (A64, B64)):
-        assert relative_error(param.grad, ref_param.grad) < 1e-5
+        y = layer(x)
+    outputs = [("y", y), ("dx", x.grad)] + list(zip(("dA", "dB"), (p.grad for p in params)))
+    for (name, out), plain_t, ref_t in zip(outputs, plain, ref):
+        assert out is not None, f"{impl} computed no {name}"
+        if device == "cpu":
+            assert relative_error(out, ref_t) < 1e-5, name
+        else:
+            assert_close_to_reference(f"{impl} {name}", out, plain_t, ref_t, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_timer_reports_the_median_and_the_peak_memory_of_one_call_alone():
+    import torch
+
+    timer = benchmark.CudaTimer(5, 20)
+    resident = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # allocated before the call: not counted
+    assert timer.peak_mem_mb(lambda: torch.empty(32 * 2**20, dtype=torch.uint8, device="cuda")) == 32
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    once = timer.median_ms(lambda: x @ x)
+    twice = timer.median_ms(lambda: (x @ x, x @ x))
+    assert 1.5 < twice / once < 2.5
+    del resident
+
+
+@pytest.mark.gpu
+def test_roofline_measurements_are_plausible():
+    import torch
+
+    peak_tflops = benchmark.measure_bf16_peak_tflops(torch.device("cuda"))
+    copy_gbps = benchmark.measure_copy_gbps(torch.device("cuda"))
+    assert 20 < peak_tflops < 5000 and 100 < copy_gbps < 30000
 
 
 # ------------------------------------------------------------------------------------------------ the CPU sweep
