@@ -334,7 +334,9 @@ class FusedLoraLinear(nn.Module):
         The error is ‖W_stored − (W + s·B·A)‖ / ‖W + s·B·A‖ computed in float64; NF4 rounding is typically
         about 0.1, usually much larger than the adapter's contribution, so requantized merges lose most of a
         small adapter. ``unmerge()`` restores the original base exactly (a copy is kept while merged).
-        While merged, forward computes x·W_mergedᵀ + b only (x·Wᵀ + b with the adapter disabled).
+        While merged, forward computes x·W_mergedᵀ + b only (x·Wᵀ + b with the adapter disabled), and
+        ``state_dict()`` still holds the original base and the adapters, so a checkpoint saved while merged loads
+        into an unmerged layer unchanged; export the merged weight with ``merged_weight()``.
 
         Example:
             >>> error = layer.merge()          # NF4: requantized; error ≈ 0.1
@@ -453,10 +455,16 @@ class FusedLoraLinear(nn.Module):
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # The base is saved unmerged (a merged layer writes the original it keeps), as _load_from_state_dict
+        # expects: saving the merged W next to the adapters would apply them twice after loading.
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if isinstance(self.weight, NF4Weight):
-            for key, value in self.weight.state_dict(prefix).items():
+        base = self._unmerged_base if self.merged else self.weight
+        if isinstance(base, NF4Weight):
+            destination.pop(prefix + "weight", None)
+            for key, value in base.state_dict(prefix).items():
                 destination[key] = value if keep_vars else value.detach()
+        elif self.merged:
+            destination[prefix + "weight"] = base if keep_vars else base.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -379,6 +379,25 @@ def test_state_dict_round_trip_is_exact(quant):
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("quant, requantize", MERGE_KINDS, ids=MERGE_IDS)
+def test_state_dict_of_a_merged_layer_holds_the_unmerged_base(quant, requantize):
+    """A checkpoint saved while merged equals the one saved before merging, so loading it (base + adapters) into a
+    fresh layer gives the unmerged layer, not one that applies the adapter twice."""
+    layer = _layer(quant=quant)
+    x = torch.randn(3, 129)
+    y = layer(x)
+    before = {key: value.clone() for key, value in layer.state_dict().items()}  # a dense merge writes W in place
+    layer.merge(requantize=requantize)
+    after = layer.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    fresh = fl.FusedLoraLinear(129, 37, r=8, lora_alpha=16, bias=True, quant=quant, compute_dtype=torch.float32,
+                               backend="reference")
+    fresh.load_state_dict(after)
+    torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+
+
 def test_dense_checkpoint_is_quantized_into_an_nf4_layer_and_nf4_dequantized_into_a_dense_one():
     linear = torch.nn.Linear(129, 37)
     nf4_layer = fl.FusedLoraLinear(129, 37, r=8, bias=True, compute_dtype=torch.float32)
