@@ -216,9 +216,11 @@ def make_adapters(K: int, N: int, r: int, dtype, device):
 
 
 def make_input_sets(M, K, N, dtype, device, l2_bytes=50 * 2**20):
-    """Several (x, g) pairs to cycle through: together well over the L2 cache, at most 8, at least 2.
+    """Several (x, g) pairs to cycle through between timed calls: x (M, K) requiring grad, g (M, N).
 
-    Seeded by M, so every implementation of a case sees the same inputs (the accuracy check relies on it).
+    As many pairs as make 4 × ``l2_bytes`` together, clamped to [2, 8] (2 when that would pass 4 GiB); small-M
+    pairs stay inside the L2 cache even eight at a time, which is why ``do_bench`` also flushes it before every
+    call. Seeded by M, so every implementation of a case sees the same inputs (the accuracy check relies on it).
     """
     import torch
 
@@ -233,7 +235,13 @@ def make_input_sets(M, K, N, dtype, device, l2_bytes=50 * 2**20):
 
 
 def pass_callable(layer, xs, gs, pass_name):
-    """A no-argument callable for do_bench that runs one pass on the next input set."""
+    """A no-argument callable for do_bench that runs one pass on the next input set (x_i, g_i), cycling.
+
+    ``fwd``: y = layer(x_i). ``fwd_bwd``: layer(x_i).backward(g_i), so dx lands in x_i.grad and the adapters'
+    gradients in theirs (the timer sets them to None between calls).
+    """
+    if pass_name not in PASSES:
+        raise ValueError(f"pass_callable: unknown pass {pass_name!r}; expected one of {PASSES}")
     cycle = itertools.cycle(range(len(xs)))
     if pass_name == "fwd":
         return lambda: layer(xs[next(cycle)])

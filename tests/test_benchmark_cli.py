@@ -101,6 +101,46 @@ def test_commit_of_a_copy_without_git_comes_from_fused_lora_commit(tmp_path, mon
 NEEDS = {"dequant_cublas": ("bitsandbytes",), "peft_bnb": ("bitsandbytes", "peft"), "fused": ("triton",)}
 
 
+def test_input_sets_are_sized_from_the_l2_cache_and_repeatable():
+    import torch
+
+    M, K, N = 37, 129, 200
+    pair_bytes = (M * K + M * N) * 4
+    for l2_bytes, count in ((pair_bytes, 4), (pair_bytes // 10, 2), (100 * pair_bytes, 8)):
+        xs, gs = bench_impls.make_input_sets(M, K, N, torch.float32, "cpu", l2_bytes=l2_bytes)
+        assert len(xs) == len(gs) == count
+        assert [tuple(x.shape) for x in xs] == [(M, K)] * count and [tuple(g.shape) for g in gs] == [(M, N)] * count
+        assert all(x.requires_grad for x in xs) and len({x.sum().item() for x in xs}) == count  # distinct sets
+    again, _ = bench_impls.make_input_sets(M, K, N, torch.float32, "cpu", l2_bytes=100 * pair_bytes)
+    assert all(torch.equal(a, b) for a, b in zip(xs, again))  # same M, same inputs: every impl sees them
+
+
+@pytest.mark.parametrize("pass_name", ["fwd", "fwd_bwd"])
+def test_timed_pass_rotates_through_every_input_set_with_its_own_gradient(pass_name):
+    import torch
+
+    M, K, N = 37, 129, 200
+    xs, gs = bench_impls.make_input_sets(M, K, N, torch.float32, "cpu", l2_bytes=M * (K + N))
+    W = torch.randn(N, K, dtype=torch.float32)
+    seen = []
+
+    def layer(x):
+        seen.append(x)
+        return x @ W.t()
+
+    run = bench_impls.pass_callable(layer, xs, gs, pass_name)
+    for _ in range(2 * len(xs)):
+        run()
+    assert len(xs) >= 2 and [id(x) for x in seen] == [id(x) for x in xs] * 2
+    for x, g in zip(xs, gs):
+        if pass_name == "fwd":
+            assert x.grad is None
+        else:  # each x_i got backward(g_i), twice
+            torch.testing.assert_close(x.grad, 2 * g @ W)
+    with pytest.raises(ValueError, match="unknown pass"):
+        bench_impls.pass_callable(layer, xs, gs, "bwd")
+
+
 # (device, compute dtype, M, K, N, r): fp32 on the CPU (fused through the Triton interpreter, so tiny), bf16 at a
 # ragged Llama-width shape on a GPU.
 LAYER_CASES = [
