@@ -557,12 +557,16 @@ class _AdamWBase(torch.optim.Optimizer):
         return device.type == "cuda"
 
     def _collect_work(self) -> list:
+        """The step's work items. Every gradient is checked before any state changes, so a rejected step leaves
+        every parameter's step count and moments as they were."""
         name = type(self).__name__
-        work = []
+        with_grad = []
         for gi, group in enumerate(self.param_groups):
+            params = []
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
+                params.append(p)
                 if p.grad.is_sparse:
                     raise RuntimeError(
                         f"{name} does not support sparse gradients (group {gi}, parameter {pi}); "
@@ -570,6 +574,11 @@ class _AdamWBase(torch.optim.Optimizer):
                     )
                 if p.grad.shape != p.shape:
                     raise RuntimeError(f"{name}: gradient shape {tuple(p.grad.shape)} != parameter {tuple(p.shape)}")
+            if params:
+                with_grad.append((group, params))
+        work = []
+        for group, params in with_grad:
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state.update(self._new_state(p, self._uses_8bit(p)))

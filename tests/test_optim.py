@@ -392,6 +392,22 @@ def test_state_dict_with_unsupported_torch_flags_is_rejected_and_nothing_changes
     assert torch.equal(opt.state[params[0]]["state1"], before["state1"])
 
 
+def test_rejected_step_leaves_every_state_as_it_was():
+    shapes = [(37, 129), (10, 3)]
+    ref = make_params(shapes)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    ours = make_params(shapes)
+    opt = fo.PagedAdamW(ours, lr=1e-2, page_min_bytes=1 << 30)
+    train(ours, opt, 1)
+    ours[1].grad = torch.sparse_coo_tensor([[1, 4]], torch.randn(2, 3), (10, 3))
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        opt.step()
+    assert opt.state[ours[0]]["step"] == 1
+    train(ref, ref_opt, 2)
+    train(ours, opt, 1, start=1)
+    assert_params_equal(ours, ref)
+
+
 @pytest.mark.parametrize("cls", ["PagedAdamW", "AdamW8bit"])
 def test_sparse_gradients_are_rejected(cls):
     params = make_params([(10, 3)])
