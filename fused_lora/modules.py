@@ -163,19 +163,19 @@ class FusedLoraLinear(nn.Module):
         else:
             base = weight.detach().to(self.compute_dtype, copy=True)
         self._install_weight(base)
-        if isinstance(base, NF4Weight):
-            self.blocksize = base.blocksize
-            self.double_quant = bool(base.double_quant)
         if bias is not None:
             bias = nn.Parameter(bias.detach().to(self.compute_dtype, copy=True), requires_grad=False)
         self.bias = bias
 
     def _install_weight(self, base):
-        """Make ``base`` (an NF4Weight or a dense tensor) the module's ``weight``."""
+        """Make ``base`` (an NF4Weight or a dense tensor) the module's ``weight``; an NF4 base also sets the layer's
+        blocksize and double_quant."""
         if "weight" in self._parameters:
             del self._parameters["weight"]
         if isinstance(base, NF4Weight):
             self.weight = base
+            self.blocksize = base.blocksize
+            self.double_quant = bool(base.double_quant)
         else:
             self.__dict__.pop("weight", None)
             self.weight = nn.Parameter(base, requires_grad=False)

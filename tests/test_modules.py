@@ -398,6 +398,15 @@ def test_state_dict_of_a_merged_layer_holds_the_unmerged_base(quant, requantize)
     torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
 
 
+def test_loading_an_nf4_checkpoint_with_another_blocksize_updates_the_layer():
+    layer = fl.FusedLoraLinear(129, 37, r=8, blocksize=64, double_quant=True, compute_dtype=torch.float32)
+    other = fl.FusedLoraLinear(129, 37, r=8, blocksize=128, double_quant=False, compute_dtype=torch.float32)
+    layer.load_state_dict(other.state_dict())
+    assert layer.weight.blocksize == layer.blocksize == 128
+    assert layer.weight.double_quant is layer.double_quant is False
+    assert "blocksize=128" in repr(layer) and "double_quant=False" in repr(layer)
+
+
 def test_dense_checkpoint_is_quantized_into_an_nf4_layer_and_nf4_dequantized_into_a_dense_one():
     linear = torch.nn.Linear(129, 37)
     nf4_layer = fl.FusedLoraLinear(129, 37, r=8, bias=True, compute_dtype=torch.float32)
