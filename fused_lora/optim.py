@@ -126,9 +126,12 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _scalars(kind: str, group: dict, step: int) -> tuple:
-    """Per-tensor scalars in kernels.adamw.SCALAR_COLUMNS order (float64 here; the kernels round them to fp32)."""
-    lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+def _scalars(kind: str, lr: float, group: dict, step: int) -> tuple:
+    """Per-tensor scalars in kernels.adamw.SCALAR_COLUMNS order (float64 here; the kernels round them to fp32).
+
+    lr is group["lr"] read once per group (it may be a tensor, and reading a CUDA tensor synchronizes).
+    """
+    (beta1, beta2), eps, wd = group["betas"], group["eps"], group["weight_decay"]
     c1 = 1 - beta1**step
     decay = 1 - lr * wd if wd != 0 else 1.0
     if kind == "torch32":
@@ -578,13 +581,14 @@ class _AdamWBase(torch.optim.Optimizer):
                 with_grad.append((group, params))
         work = []
         for group, params in with_grad:
+            lr = float(group["lr"])
             for p in params:
                 state = self.state[p]
                 if not state:
                     state.update(self._new_state(p, self._uses_8bit(p)))
                 state["step"] += 1
                 kind = self._kind(state)
-                work.append(_Work(p, p.grad, state, kind, _scalars(kind, group, state["step"])))
+                work.append(_Work(p, p.grad, state, kind, _scalars(kind, lr, group, state["step"])))
         return work
 
     def _chunks(self, work) -> list:

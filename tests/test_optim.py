@@ -408,6 +408,18 @@ def test_rejected_step_leaves_every_state_as_it_was():
     assert_params_equal(ours, ref)
 
 
+def test_tensor_lr_is_read_once_per_group_and_step(monkeypatch):
+    """A CUDA tensor lr costs a device synchronization per read, so the step must not read it per parameter."""
+    params = make_params([(37,), (129,), (200,), (5, 7)])
+    opt = fo.AdamW8bit(params, lr=1e-2)
+    opt.param_groups[0]["lr"] = torch.tensor(1e-2)
+    reads = []
+    real_float = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(t) or real_float(t))
+    train(params, opt, 2)
+    assert len(reads) == 2
+
+
 @pytest.mark.parametrize("cls", ["PagedAdamW", "AdamW8bit"])
 def test_sparse_gradients_are_rejected(cls):
     params = make_params([(10, 3)])
