@@ -461,8 +461,39 @@ def _apply_defaults(args, on_cuda: bool):
         raise SystemExit(f"bench: unknown implementation(s) {unknown}; known: {', '.join(known)}")
 
 
+def later_stage_seconds(args, on_cuda: bool) -> dict:
+    """{stage: seconds} kept for the stages after the layer sweep on a GPU: the sweep (and the dequantization rows)
+    stop starting cases that much before the --max-seconds deadline, and each stage starts only with its time left.
+
+    Estimates for an H100 (bench/README.md): the end-to-end step is two ~1.24B-parameter builds, 2 × 20 steps and
+    the fused kernels' autotuning at the model's four shapes (~45–90 s with --quick); the optimizer rows ~10 s.
+    On a CPU nothing is kept (the tiny end-to-end model takes seconds).
+    """
+    if not on_cuda:
+        return {}
+    stages = {}
+    if not args.no_e2e:
+        stages["e2e_qlora_step"] = 90.0 if args.quick else 240.0
+    if not args.no_optim:
+        stages["optimizer"] = 15.0 if args.quick else 60.0
+    return stages
+
+
+def run_stage(bench: str, needed_s: float, deadline: float, results: ResultsFile, run) -> None:
+    """``run()`` when at least ``needed_s`` seconds (and any time at all) are left before ``deadline``; else record
+    the stage as skipped: a stage cut off by gpu_check.sh's timeout would lose its rows and every later one."""
+    left = deadline - time.monotonic()
+    if left > 0 and left >= needed_s:
+        run()
+    else:
+        results.skip({"bench": bench}, f"time budget (--max-seconds): {max(left, 0.0):.0f} s left, the stage needs "
+                                       f"about {needed_s:.0f} s")
+
+
 def run_benchmarks(args) -> Path:
     """Run everything the arguments ask for; returns the results JSON path."""
+    start = time.monotonic()  # before importing torch: --max-seconds counts the whole command
+    deadline = start + args.max_seconds if args.max_seconds is not None else float("inf")
     import torch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -470,8 +501,6 @@ def run_benchmarks(args) -> Path:
     if on_cuda:
         torch.cuda.set_device(device)
     _apply_defaults(args, on_cuda)
-    start = time.monotonic()
-    deadline = start + args.max_seconds if args.max_seconds else float("inf")
     threads = torch.get_num_threads()
     if not on_cuda:
         torch.set_num_threads(1)  # single-threaded CPU timings stay meaningful on a shared CI machine
@@ -502,20 +531,17 @@ def _run_all(args, device, start: float, deadline: float) -> Path:
                                     "copy_gbps": measure_copy_gbps(device)}
         results.flush()
         torch.cuda.empty_cache()
-    e2e_reserve = 0.0 if args.no_e2e or not on_cuda else (90.0 if args.quick else 240.0)
-    run_sweep(args, device, results, deadline - e2e_reserve)
+    later = later_stage_seconds(args, on_cuda)
+    sweep_deadline = deadline - sum(later.values())
+    run_sweep(args, device, results, sweep_deadline)
     if not args.no_dequant:
-        run_dequant_bench(args, device, results, deadline - e2e_reserve)
+        run_dequant_bench(args, device, results, sweep_deadline)
     if not args.no_e2e:
-        if time.monotonic() < deadline:
-            run_e2e_rows(args, results)
-        else:
-            results.skip({"bench": "e2e_qlora_step"}, "time budget (--max-seconds) spent")
+        run_stage("e2e_qlora_step", later.get("e2e_qlora_step", 0.0), deadline, results,
+                  lambda: run_e2e_rows(args, results))
     if not args.no_optim:
-        if time.monotonic() < deadline:
-            run_optimizer_rows(args, results)
-        else:
-            results.skip({"bench": "optimizer"}, "time budget (--max-seconds) spent")
+        run_stage("optimizer", later.get("optimizer", 0.0), deadline, results,
+                  lambda: run_optimizer_rows(args, results))
     results.data["wall_s"] = time.monotonic() - start
     results.flush()
     print(summary_table(results.data))

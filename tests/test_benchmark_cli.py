@@ -259,6 +259,41 @@ def test_unknown_implementation_is_refused(tmp_path):
         main(["--impls", "reference,cutlass", "--out", str(tmp_path), "--device", "cpu"])
 
 
+def test_a_stage_starts_only_with_the_time_it_needs_left(tmp_path):
+    import time
+
+    results = ResultsFile(tmp_path / "20260102-1200.json", ENV, {})
+    ran = []
+    deadline = time.monotonic() + 30
+    benchmark.run_stage("e2e_qlora_step", 90.0, deadline, results, lambda: ran.append("e2e"))
+    benchmark.run_stage("optimizer", 15.0, deadline, results, lambda: ran.append("optimizer"))
+    assert ran == ["optimizer"]
+    assert [entry["bench"] for entry in results.data["skipped"]] == ["e2e_qlora_step"]
+    assert "needs about 90 s" in results.data["skipped"][0]["reason"]
+
+
+def test_later_stages_are_kept_time_on_a_gpu_only():
+    args = benchmark.build_parser().parse_args(["--quick"])
+    assert benchmark.later_stage_seconds(args, on_cuda=True) == {"e2e_qlora_step": 90.0, "optimizer": 15.0}
+    args = benchmark.build_parser().parse_args(["--quick", "--no-e2e"])
+    assert benchmark.later_stage_seconds(args, on_cuda=True) == {"optimizer": 15.0}
+    assert benchmark.later_stage_seconds(args, on_cuda=False) == {}
+
+
+def test_a_spent_time_budget_skips_every_case_with_its_reason(tmp_path):
+    argv = ["--shapes", "37x29", "--m", "5", "--r", "4", "--out", str(tmp_path), "--no-optim", "--device", "cpu",
+            "--max-seconds", "0"]
+    assert main(argv) == 0
+    data = json.loads(next((tmp_path / "cpu").glob("*.json")).read_text())
+    validate_results(data)
+    assert data["results"] == []
+    budget_skips = {(entry["bench"], entry.get("impl"), entry.get("pass")) for entry in data["skipped"]
+                    if "time budget" in entry["reason"]}
+    expected = {("qlora_linear", impl, p) for impl in ("reference", "compiled_reference") for p in ("fwd", "fwd_bwd")}
+    expected |= {("nf4_dequant", "fused_lora", "fwd"), ("e2e_qlora_step", None, None)}
+    assert expected <= budget_skips
+
+
 # ------------------------------------------------------------------------------------------------ --report
 
 
