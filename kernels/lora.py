@@ -17,6 +17,13 @@ or x's dtype, any M, K, N (ragged tiles are masked), r from 1 to 256, any stride
 with any blocksize and with or without double quantization, dense weights in x's dtype. Everything else is
 reported by ``unsupported_reason`` so the caller can fall back to the reference.
 
+NaN and ±inf in x, g, A, B or the bias reach exactly the output elements they reach in fused_lora/reference.py
+(padding of ragged tiles is 0 and never mixes with a real row or column; a dropped element of an inf x is NaN in
+both, as inf·0). One deliberate difference: y and dx are accumulated in fp32 and rounded once, and u is kept in
+fp32, whereas the reference rounds the frozen product x·Wᵀ (g·W) and, with fp16/bf16 adapters, u to the compute
+dtype first. So when that intermediate overflows fp16 but the final value fits (e.g. x·Wᵀ = 80000 with a low-rank
+term of −64000), the reference returns inf and the kernels the finite, correct value.
+
 This module imports Triton lazily, so importing it is cheap and never touches CUDA.
 """
 

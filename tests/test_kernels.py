@@ -405,3 +405,50 @@ def test_layer_without_its_lora_term_runs_the_kernels_without_dequantizing_w(sta
         got = run()
     for name, ours, ref in zip(("y", "dx", "db"), got, expected):
         assert relative_error(ours, ref) < 1e-5, name
+
+
+# ---------------------------------------------------------------- NaN / inf
+
+
+NONFINITE_CASES = [
+    # (operand poisoned, value, base, dropout p)
+    ("x", float("inf"), "dense", 0.3),
+    ("x", float("nan"), "nf4-dq", 0.0),
+    ("g", float("-inf"), "nf4-dq", 0.3),
+    ("A", float("inf"), "nf4", 0.0),
+    ("B", float("nan"), "dense", 0.3),
+    ("bias", float("-inf"), "nf4-dq", 0.0),
+]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-p{c[3]}")
+def test_nan_and_inf_reach_the_same_outputs_as_in_the_reference(case):
+    """Each of y, u, dx, dA, dB, db has NaN, +inf and −inf exactly where the fp32 reference has them (masked tile
+    padding must not turn inf·0 into NaN in a real element, nor hide one)."""
+    name, value, base, p = case
+    x, weight, w_compute, A, B, b, g = _make_case(19, 40, 37, 3, torch.float32, base, torch.float32, True,
+                                                  "contiguous", 32, 11)
+    poisoned = {"x": x, "g": g, "A": A, "B": B, "bias": b}[name]
+    poisoned.view(-1)[[2, poisoned.numel() // 2]] = value
+    lora = _kernels()
+    y, u = lora.forward(x, weight, A, B, SCALING, b, p, 99)
+    ours = (y, u) + lora.backward(g, x, weight, A, B, SCALING, p, 99, u, True, True, True, True)
+    m = lora.dropout_mask(99, 19, 40, p, "cpu") if p > 0 else None
+    ref = _reference(x, w_compute, A, B, b, g, m, dtype_of=lambda t: t)
+    assert not all(torch.isfinite(t).all() for t in ref)
+    for out_name, out, ref_t in zip(("y", "u", "dx", "dA", "dB", "db"), ours, ref):
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(kind(out), kind(ref_t)), f"{out_name}: {kind.__name__} differs"
+
+
+def test_fp16_overflow_of_the_intermediate_base_product_stays_finite():
+    """The kernels round y once from fp32; the reference rounds x·Wᵀ to fp16 first, so an intermediate 80000 makes
+    it inf although y = 80000 − 64000 fits (the documented difference in kernels/lora.py)."""
+    x = torch.full((4, 32), 100.0, dtype=torch.float16)
+    W = torch.full((16, 32), 25.0, dtype=torch.float16)
+    A = torch.ones(2, 32, dtype=torch.float16)
+    B = torch.full((16, 2), -5.0, dtype=torch.float16)
+    y, _ = _kernels().forward(x, W, A, B, SCALING, None, 0.0, 0)
+    assert torch.equal(y, torch.full((4, 16), 16000.0, dtype=torch.float16))
+    assert torch.isinf(reference.lora_forward(x, W, A, B, SCALING)[0]).all()
