@@ -506,13 +506,16 @@ class _AdamWBase(torch.optim.Optimizer):
         return self._qmaps[device]
 
     def _luts_of(self, state):
-        """Quantization tables of a state's two maps, built once per map tensor."""
+        """Quantization tables of a state's two maps, built once per map tensor.
+
+        Keyed by id(map) and holding the map, so the key cannot be reused by another tensor; keyed by address, a
+        map loaded from a state dict could land where a freed map was and get the freed map's table.
+        """
         out = []
         for code in (state["qmap1"], state["qmap2"]):
-            key = (code.device, code.data_ptr())
-            if key not in self._luts:
-                self._luts[key] = quantization_lut(code)
-            out.append(self._luts[key])
+            if id(code) not in self._luts:
+                self._luts[id(code)] = (code, quantization_lut(code))
+            out.append(self._luts[id(code)][1])
         return tuple(out)
 
     def _uses_8bit(self, p) -> bool:

@@ -199,6 +199,26 @@ def test_loads_bitsandbytes_adamw8bit_state_dict(bnb, cls):
     assert_params_equal(ours, ref)
 
 
+def test_loaded_quantization_maps_get_their_own_tables():
+    """Each load brings a different qmap1; a table cached for an earlier, freed map must never serve a later one
+    (freed 1 KiB maps are often reallocated at the same address)."""
+    p = make_params([(37, 129)])
+    opt = fo.AdamW8bit(p, lr=1e-2)
+    train(p, opt, 1)
+    for k in range(6):
+        sd = opt.state_dict()
+        state = dict(sd["state"][0], qmap1=fo.dynamic_map(True) * (0.5 + k / 10))
+        sd = {"state": {0: state}, "param_groups": sd["param_groups"]}
+        fresh_p = [torch.nn.Parameter(p[0].detach().clone())]
+        fresh = fo.AdamW8bit(fresh_p, lr=1e-2)
+        fresh.load_state_dict(sd)
+        opt.load_state_dict(sd)
+        del sd, state
+        train(p, opt, 1, start=k + 1)
+        train(fresh_p, fresh, 1, start=k + 1)
+        assert torch.equal(opt.state[p[0]]["state1"], fresh.state[fresh_p[0]]["state1"]), f"load {k}"
+
+
 def test_load_state_dict_rejects_mismatched_groups():
     opt = fo.AdamW8bit(make_params([(5,), (7,)]))
     other = fo.AdamW8bit(make_params([(5,)]))
