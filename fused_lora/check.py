@@ -78,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda, but CUDA is not available here (run without --device for the CPU)")
         backend = functional.resolve_backend(args.backend, device)
     except (RuntimeError, ValueError) as error:
         print(f"fused_lora check: {error}")

@@ -248,6 +248,16 @@ def test_check_command_passes_on_the_kernels_and_fails_on_a_wrong_backend(monkey
     assert "FAIL" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("device, message", [("cuda", "CUDA is not available"), ("gpu0", "device string")])
+def test_check_command_reports_an_unusable_device_without_a_traceback(device, message, capsys):
+    from fused_lora import check
+
+    assert check.main(["--device", device]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("fused_lora check: ") and message in out
+
+
 # ---------------------------------------------------------------- the frozen layer alone (HAS_LORA=False)
 
 
