@@ -115,8 +115,9 @@ class _FusedLoraForward:
         if len(active) > 1:
             return None, "several active adapters"
         adapter = active[0]
-        if adapter in self.lora_variant:
-            return None, f"the LoRA variant {type(self.lora_variant[adapter]).__name__}"
+        variants = getattr(self, "lora_variant", {})
+        if adapter in variants:
+            return None, f"the LoRA variant {type(variants[adapter]).__name__}"
         if self.use_dora.get(adapter, False):
             return None, "DoRA"
         if self.lora_bias.get(adapter, False):
@@ -163,12 +164,15 @@ class _FusedLoraForward:
         """NF4Weight over bitsandbytes' bytes, cached until the packed tensor or its quant state changes."""
         from .nf4 import NF4Weight
 
-        key = (packed.data_ptr(), packed.device, quant_state)
         cached = self.__dict__.get("_fused_nf4")
-        if cached is None or cached[0] != key:
-            cached = (key, NF4Weight.from_bnb(packed.data, quant_state))
+        if (
+            cached is None
+            or cached[0] != (packed.data_ptr(), packed.device)
+            or cached[1] is not quant_state  # identity: bitsandbytes' QuantState.__eq__ compares tensors
+        ):
+            cached = ((packed.data_ptr(), packed.device), quant_state, NF4Weight.from_bnb(packed.data, quant_state))
             object.__setattr__(self, "_fused_nf4", cached)
-        return cached[1]
+        return cached[2]
 
     def _fused_forward(self, x, adapter, weight, compute_dtype, bias, out_dtype) -> torch.Tensor:
         from .functional import lora_linear
@@ -215,7 +219,8 @@ def _fused_class(peft_name: str) -> type:
             f"PEFT's ``{peft_class.__module__}.{peft_class.__qualname__}`` with the fused forward of "
             "``fused_lora.functional.lora_linear``; same parameters, state dict, merge and unload."
         )
-        cls = type(name, (_FusedLoraForward, peft_class), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
+        namespace = {"__module__": __name__, "__qualname__": name, "__doc__": doc}
+        cls = type(name, (_FusedLoraForward, peft_class), namespace)
         _fused_classes[peft_name] = cls
     return _fused_classes[peft_name]
 

@@ -202,7 +202,9 @@ def single_layer(kind, in_features, out_features):
     return nn.Sequential(layer.to("cpu"))
 
 
-@pytest.mark.parametrize("kind, in_features, r", [("dense", 129, 5), ("nf4", 200, 16)], ids=["dense-K129-r5", "nf4-K200-r16"])
+@pytest.mark.parametrize(
+    "kind, in_features, r", [("dense", 129, 5), ("nf4", 200, 16)], ids=["dense-K129-r5", "nf4-K200-r16"]
+)
 def test_single_layer_with_bias_odd_shapes_3d_input(kind, in_features, r):
     """One PEFT layer over a biased base (N = 37): output, dx, dA and dB of the fused layer against PEFT's."""
     peft_model = make_peft(single_layer(kind, in_features, 37), r=r, lora_alpha=7, target_modules=["0"])
@@ -315,6 +317,20 @@ def test_merge_and_unload_qlora_requantizes_like_peft(tiny_llama_dir):
     torch.testing.assert_close(merged_logits, merged_plain(**batch()).logits.detach(), rtol=0, atol=0)
     # bitsandbytes requantizes W + s·B·A to NF4: the merged model is close to the adapter model, not equal.
     assert 0 < relative_error(merged_logits, fused_logits) < 1.0
+
+
+def test_merge_then_unmerge_qlora_uses_the_requantized_bytes(tiny_llama_dir):
+    """bitsandbytes' merge/unmerge requantize and replace the 4-bit weight; the fused layer must read the new
+    bytes, not a cached NF4Weight of the old ones."""
+    plain = make_peft(load_qlora_base(tiny_llama_dir))
+    fused = copy.deepcopy(plain)
+    fl.patch_peft_model(fused)
+    fused(**batch())  # fills the per-layer NF4Weight cache
+    for model in (plain, fused):
+        model.merge_adapter()
+        model.unmerge_adapter()
+    assert len(fused_layers(fused)) == N_LINEAR
+    assert_same_training_step(fused, plain, batch(seed=12))
 
 
 def test_dropout_eval_matches_peft_and_train_mode_drops(tiny_llama_dir):

@@ -1,0 +1,500 @@
+"""``python -m fused_lora demo``: QLoRA fine-tuning of a small Llama with the fused LoRA layers.
+
+What it does, start to end:
+  1. builds a small Llama-architecture model from a config (random init, no download), or loads ``--model PATH``
+     (a local Hugging Face model directory), with its linear layers quantized to NF4 by bitsandbytes;
+  2. wraps it with PEFT LoRA (all linear layers) and converts the LoRA layers with ``fl.patch_peft_model``, so
+     training runs through ``fused_lora.functional.lora_linear`` (Triton kernels on CUDA, the reference on CPU);
+  3. fine-tunes on a synthetic instruction set shipped with the package (``fused_lora/data/instructions.jsonl``,
+     byte-level tokens: token = byte + 3 after <pad>, <bos>, <eos>), loss on the response tokens only;
+  4. prints the loss at the start and end, tokens/s and peak memory, and checks parity against PEFT +
+     bitsandbytes: the same model, weights and batch with the LoRA layers turned back into PEFT's own;
+  5. saves the adapter with ``save_pretrained`` (an ordinary PEFT adapter) and a ``metrics.json`` under
+     ``--output`` (default ./fused_lora_demo_out), next to ``base_model/`` (the generated base model in float32,
+     which the adapter needs; absent with ``--model``).
+
+Exit status 0 when the held-out loss fell below ``LOSS_DECREASE_FACTOR`` times its starting value and parity
+holds, 1 otherwise, 2 for unusable arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+DATA_FILE = Path(__file__).parent / "data" / "instructions.jsonl"
+PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n### Response:\n"
+
+DEFAULT_MODEL_CONFIG = dict(
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+# A random output head with the usual init (std 0.02) cannot produce confident logits: after the final RMSNorm
+# the largest reachable logit is about 0.02·hidden_size, so LoRA alone could not lower the loss much. The demo's
+# frozen head is scaled up once at build time, standing in for a pretrained head.
+OUTPUT_HEAD_SCALE = 10.0
+# "The loss decreased" means the held-out loss after training is below this fraction of the loss before.
+LOSS_DECREASE_FACTOR = 0.8
+
+
+class ByteTokenizer:
+    """Bytes as tokens: id = byte + 3; ids 0, 1, 2 are <pad>, <bos>, <eos>.
+
+    Example:
+        >>> ByteTokenizer().encode("Hi")
+        [75, 108]
+    """
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+    offset = 3
+    vocab_size = 256 + offset
+
+    def encode(self, text: str) -> list[int]:
+        return [byte + self.offset for byte in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(i - self.offset for i in ids if i >= self.offset).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind ByteTokenizer's interface (for ``--model PATH`` with its own tokenizer)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.bos_id = tokenizer.bos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
+
+
+def _pseudo_word(rng: random.Random) -> str:
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.randint(2, 3)))
+
+
+def _instruction(rng: random.Random) -> tuple[str, str]:
+    word = _pseudo_word(rng)
+    task = rng.randrange(8)
+    if task == 0:
+        return f"Reverse the letters of {word}.", word[::-1]
+    if task == 1:
+        return f"Write {word} in capitals.", word.upper()
+    if task == 2:
+        a, b = rng.randrange(50), rng.randrange(50)
+        return f"What is {a} plus {b}?", str(a + b)
+    if task == 3:
+        return f"Repeat {word} twice.", f"{word} {word}"
+    if task == 4:
+        return f"Sort the letters of {word}.", "".join(sorted(word))
+    if task == 5:
+        return f"How many letters are in {word}?", str(len(word))
+    if task == 6:
+        letter = rng.choice("abcdefghijklmnopqrstuvwxy")
+        return f"Which letter comes after {letter}?", chr(ord(letter) + 1)
+    return f"Spell {word} with dashes.", "-".join(word)
+
+
+def synthetic_instructions(n: int = 1200, seed: int = 0) -> list[dict]:
+    """The shipped instruction set: ``n`` deterministic {"instruction", "response"} pairs over pseudo-words.
+
+    Eight small tasks (reverse, capitals, addition, repeat, sort, count, next letter, spell with dashes).
+    ``fused_lora/data/instructions.jsonl`` holds ``synthetic_instructions()`` one JSON object per line.
+    """
+    rng = random.Random(seed)
+    return [dict(zip(("instruction", "response"), _instruction(rng))) for _ in range(n)]
+
+
+def load_instructions(path: str | Path | None = None) -> list[dict]:
+    """Read a JSONL file of {"instruction": str, "response": str} (default: the shipped synthetic set)."""
+    path = Path(path) if path is not None else DATA_FILE
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            example = json.loads(line)
+            if not isinstance(example.get("instruction"), str) or not isinstance(example.get("response"), str):
+                raise ValueError(f"{path}:{line_number}: expected string fields 'instruction' and 'response'")
+            examples.append(example)
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def encode_example(example: dict, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels): <bos> prompt response <eos>, labels -100 on the prompt (loss on the response only)."""
+    prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
+        PROMPT_TEMPLATE.format(instruction=example["instruction"])
+    )
+    response = tokenizer.encode(example["response"]) + [tokenizer.eos_id]
+    ids = (prompt + response)[:max_length]
+    labels = ([-100] * len(prompt) + response)[:max_length]
+    return ids, labels
+
+
+def split_train_eval(encoded: list, batch_size: int) -> tuple[list, list]:
+    """(train, held-out): the last min(10 %, 4 batches) of the examples are held out (at least one)."""
+    n_eval = max(1, min(len(encoded) // 10, 4 * batch_size))
+    return encoded[:-n_eval], encoded[-n_eval:]
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """Right-pad a list of (ids, labels) into input_ids / labels / attention_mask tensors of shape (batch, T)."""
+    length = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), length), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    for row, (ids, target) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(target)] = torch.tensor(target)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": attention_mask.to(device)}
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+
+def _bnb_config(compute_dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def build_base_model(directory: Path, vocab_size: int, seed: int) -> Path:
+    """Save the demo's base model, a Llama built from ``DEFAULT_MODEL_CONFIG`` (random init from ``seed``, output
+    head scaled by ``OUTPUT_HEAD_SCALE``), to ``directory`` in float32; returns the directory.
+
+    The saved model is what the adapter was trained on: reload it with a ``BitsAndBytesConfig`` and apply the
+    adapter with ``peft.PeftModel.from_pretrained``.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, **DEFAULT_MODEL_CONFIG))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(OUTPUT_HEAD_SCALE)
+    with _quiet_transformers():
+        model.save_pretrained(directory)
+    return directory
+
+
+def load_quantized_model(model_path: str | Path, compute_dtype, device):
+    """The causal LM at ``model_path`` with its linear layers quantized to NF4 by bitsandbytes (``Linear4bit``,
+    double quantization); embeddings, norms and the output head stay dense."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    with _quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(
+            model_path, quantization_config=config, dtype=compute_dtype, device_map={"": device}
+        )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-file progress bars (the demo has its own) for the duration of a block."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+def load_tokenizer(model_path: str | None):
+    """The model's own tokenizer when ``model_path`` has one, else the byte-level tokenizer."""
+    if model_path is not None and any(
+        (Path(model_path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        from transformers import AutoTokenizer
+
+        return HFTokenizer(AutoTokenizer.from_pretrained(model_path))
+    return ByteTokenizer()
+
+
+# ------------------------------------------------------------------------------------------------------- measures
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    """(MiB, what was measured): CUDA max allocated on a GPU, the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def _loss_logits_grads(model, batch) -> tuple[float, torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out.loss.item(), out.logits.detach().float(), grads
+
+
+def parity_with_peft(model, batch) -> dict:
+    """Loss, logits and LoRA gradients of the fused model and of PEFT + bitsandbytes on one batch.
+
+    The PEFT side is the same model with its LoRA layers turned back into PEFT's classes
+    (``unpatch_peft_model``): same NF4 bytes, same adapter tensors, same batch. Run in training mode (LoRA
+    dropout must be 0 for an exact comparison).
+    """
+    from .peft import patch_peft_model, unpatch_peft_model
+    from .testing import relative_error
+
+    fused_loss, fused_logits, fused_grads = _loss_logits_grads(model, batch)
+    unpatch_peft_model(model)
+    try:
+        peft_loss, peft_logits, peft_grads = _loss_logits_grads(model, batch)
+    finally:
+        patch_peft_model(model)
+    grad_errors = [relative_error(fused_grads[name], peft_grads[name]) for name in peft_grads]
+    return {
+        "fused_loss": fused_loss,
+        "peft_bnb_loss": peft_loss,
+        "loss_abs_diff": abs(fused_loss - peft_loss),
+        "logits_rel_err": relative_error(fused_logits, peft_logits),
+        "lora_grad_rel_err_max": max(grad_errors),
+        "lora_grads_compared": len(grad_errors),
+    }
+
+
+def _parity_tolerance(compute_dtype) -> float:
+    return {torch.float32: 1e-4, torch.float64: 1e-8}.get(compute_dtype, 5e-2)
+
+
+@torch.no_grad()
+def held_out_loss(model, batches) -> float:
+    """Mean loss over ``batches`` (model kept in its current mode; LoRA dropout off in the demo)."""
+    return sum(model(**batch).loss.item() for batch in batches) / len(batches)
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m fused_lora demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
+    parser.add_argument("--model", default=None, help="local Hugging Face causal-LM directory (default: tiny Llama)")
+    parser.add_argument("--data", default=None, help="JSONL of {instruction, response} (default: shipped set)")
+    parser.add_argument("--output", default="fused_lora_demo_out", help="output directory (adapter + metrics)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1: the demo's matrices are too small to gain from more, and several "
+        "spinning threads slow down badly on a busy machine)",
+    )
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
+
+
+def _print(*values) -> None:
+    print(*values, flush=True)
+
+
+def _qlora_model(model_path, compute_dtype, device, rank: int):
+    """NF4 model + PEFT LoRA on every linear layer, converted by patch_peft_model; (model, fused layer count)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .peft import patch_peft_model
+
+    model = load_quantized_model(model_path, compute_dtype, device)
+    lora_config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    with warnings.catch_warnings():
+        # transformers 5 deprecates an attribute that PEFT reads in get_peft_model
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, lora_config)
+    return model, patch_peft_model(model)
+
+
+def train(model, train_set: list, pad_id: int, device, steps: int, batch_size: int, lr: float, seed: int):
+    """AdamW on the trainable (LoRA) parameters with a cosine schedule, reshuffling ``train_set`` each epoch.
+
+    Returns (per-step losses, number of non-pad tokens seen, seconds).
+    """
+    from tqdm import tqdm
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+    order = torch.Generator().manual_seed(seed)
+    permutation, cursor = [], 0
+    losses, tokens = [], 0
+    progress = tqdm(range(steps), desc="fine-tuning", unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
+    for _ in progress:
+        if cursor + batch_size > len(permutation):
+            permutation, cursor = torch.randperm(len(train_set), generator=order).tolist(), 0
+        batch = collate([train_set[i] for i in permutation[cursor : cursor + batch_size]], pad_id, device)
+        cursor += batch_size
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        tokens += int(batch["attention_mask"].sum())
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - start
+    progress.close()
+    return losses, tokens, elapsed
+
+
+def _print_summary(metrics: dict) -> None:
+    parity = metrics["parity"]
+    _print(f"loss (train, mean of {metrics['loss_window']} steps): start {metrics['train_loss_start']:.4f} -> "
+           f"end {metrics['train_loss_end']:.4f}")
+    _print(f"loss (held-out): before {metrics['eval_loss_before']:.4f} -> after {metrics['eval_loss_after']:.4f}  "
+           f"[{'decreased' if metrics['loss_decreased'] else 'DID NOT DECREASE'}]")
+    _print(f"throughput: {metrics['tokens_per_s']:,.0f} tokens/s ({metrics['tokens']:,} tokens in "
+           f"{metrics['train_seconds']:.1f} s)")
+    _print(f"peak memory: {metrics['peak_memory_mib']:,.1f} MiB ({metrics['peak_memory_kind']})")
+    _print(f"parity vs PEFT+bitsandbytes (same weights, same batch): |loss diff| {parity['loss_abs_diff']:.2e}, "
+           f"logits rel err {parity['logits_rel_err']:.2e}, LoRA grad rel err (max of "
+           f"{parity['lora_grads_compared']}) {parity['lora_grad_rel_err_max']:.2e}  "
+           f"[{'OK' if metrics['parity_ok'] else 'MISMATCH'} at tolerance {metrics['parity_tolerance']:.0e}]")
+    _print(f"adapter saved in PEFT format to {metrics['adapter_dir']}{os.sep} "
+           f"(metrics in {Path(metrics['adapter_dir']).parent / 'metrics.json'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; ``argv`` as after ``python -m fused_lora demo`` (see ``--help``). Returns the exit status."""
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> int:
+    from .functional import resolve_backend
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _print(f"fused-lora demo: --device {args.device} asked for CUDA, but torch sees no CUDA device")
+        return 2
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    output = Path(args.output)
+    torch.manual_seed(args.seed)
+
+    tokenizer = load_tokenizer(args.model)
+    encoded = [encode_example(example, tokenizer, args.max_length) for example in load_instructions(args.data)]
+    if len(encoded) < 2:
+        _print("fused-lora demo: the data set needs at least 2 examples (one to train on, one held out)")
+        return 2
+    train_set, eval_set = split_train_eval(encoded, args.batch_size)
+    eval_batches = [
+        collate(eval_set[i : i + args.batch_size], tokenizer.pad_id, device)
+        for i in range(0, len(eval_set), args.batch_size)
+    ]
+
+    model_path = args.model or build_base_model(output.resolve() / "base_model", tokenizer.vocab_size, args.seed)
+    model, n_fused = _qlora_model(model_path, compute_dtype, device, args.rank)
+    if model.get_input_embeddings().num_embeddings < tokenizer.vocab_size:
+        _print(f"fused-lora demo: {model_path} has {model.get_input_embeddings().num_embeddings} token embeddings "
+               f"and no tokenizer; the byte-level tokenizer needs {tokenizer.vocab_size}")
+        return 2
+    model.train()
+    backend = resolve_backend("auto", device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    source = args.model or f"tiny Llama from config (random init, saved to {model_path})"
+    _print(f"fused-lora demo: {source} on {device} ({compute_dtype}), NF4 base via bitsandbytes")
+    _print(f"  LoRA r={args.rank} on {n_fused} layers fused by patch_peft_model, backend {backend}; "
+           f"trainable {trainable:,} of {total:,} parameters")
+    _print(f"  data: {len(train_set)} training / {len(eval_set)} held-out examples from {args.data or DATA_FILE.name}")
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    eval_before = held_out_loss(model, eval_batches)
+    losses, tokens, elapsed = train(
+        model, train_set, tokenizer.pad_id, device, args.steps, args.batch_size, args.lr, args.seed
+    )
+    eval_after = held_out_loss(model, eval_batches)
+    memory_mib, memory_kind = peak_memory(device)
+    parity = parity_with_peft(model, eval_batches[0])
+    tolerance = _parity_tolerance(compute_dtype)
+    window = max(1, min(10, len(losses) // 5))
+
+    adapter_dir = output / "adapter"
+    model.save_pretrained(adapter_dir)
+    metrics = {
+        "device": str(device),
+        "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "backend": backend,
+        "fused_layers": n_fused,
+        "steps": args.steps,
+        "loss_window": window,
+        "train_loss_start": sum(losses[:window]) / window,
+        "train_loss_end": sum(losses[-window:]) / window,
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "loss_decreased": eval_after < LOSS_DECREASE_FACTOR * eval_before,
+        "tokens": tokens,
+        "tokens_per_s": tokens / elapsed,
+        "train_seconds": elapsed,
+        "peak_memory_mib": memory_mib,
+        "peak_memory_kind": memory_kind,
+        "parity": parity,
+        "parity_tolerance": tolerance,
+        "parity_ok": max(parity["loss_abs_diff"], parity["logits_rel_err"], parity["lora_grad_rel_err_max"])
+        <= tolerance,
+        "adapter_dir": str(adapter_dir),
+        "base_model": str(model_path),
+    }
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _print_summary(metrics)
+    return 0 if metrics["loss_decreased"] and metrics["parity_ok"] else 1

@@ -1,0 +1,135 @@
+"""``python -m fused_lora info``: which backends this machine has, and why any is missing.
+
+One line per component: CUDA (device name and capability), Triton (version, interpreter mode), the compiled
+extension ``fused_lora._C`` (paged optimizer state), bitsandbytes, PEFT, Transformers, and the backend that
+``backend="auto"`` picks for CUDA and CPU tensors. ``--json`` prints the same as a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+
+import torch
+
+
+def _import_error(error: BaseException) -> str:
+    return f"not importable ({type(error).__name__}: {error})"
+
+
+def cuda_status() -> dict:
+    """{"available": bool, "detail": str}: the devices torch sees, or why there are none."""
+    if torch.version.cuda is None:
+        return {"available": False, "detail": f"torch {torch.__version__} is a build without CUDA"}
+    if not torch.cuda.is_available():
+        detail = f"torch built for CUDA {torch.version.cuda}, but no CUDA device is visible"
+        return {"available": False, "detail": detail}
+    devices = []
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        memory_gib = torch.cuda.get_device_properties(index).total_memory / 2**30
+        devices.append(f"cuda:{index} {torch.cuda.get_device_name(index)} (sm_{major}{minor}, {memory_gib:.0f} GiB)")
+    return {"available": True, "detail": f"CUDA {torch.version.cuda}; " + "; ".join(devices)}
+
+
+def triton_status() -> dict:
+    """{"available": bool, "detail": str}: Triton's version and whether its CPU interpreter is on."""
+    try:
+        import triton
+    except Exception as error:  # a broken install can raise more than ImportError
+        return {"available": False, "detail": _import_error(error)}
+    mode = (
+        "CPU interpreter on (TRITON_INTERPRET=1)"
+        if os.environ.get("TRITON_INTERPRET") == "1"
+        else "compiled kernels (needs a CUDA device; set TRITON_INTERPRET=1 before import to run on the CPU)"
+    )
+    return {"available": True, "detail": f"{triton.__version__}, {mode}"}
+
+
+def extension_status() -> dict:
+    """{"available": bool, "detail": str}: whether ``fused_lora._C`` loads, its build, or why it is missing."""
+    from . import _ext
+
+    module = _ext.load()
+    if not _ext.is_available():
+        return {"available": False, "detail": f"missing: {module._reason}"}
+    build = "CUDA managed memory" if module.is_cuda_build() else "host-memory C++ build (no CUDA)"
+    return {"available": True, "detail": f"loaded from {module.__file__} ({build})"}
+
+
+def package_status(name: str) -> dict:
+    """{"available": bool, "detail": str}: a Python package's version, or why it does not import."""
+    try:
+        module = importlib.import_module(name)
+    except Exception as error:
+        return {"available": False, "detail": _import_error(error)}
+    return {"available": True, "detail": getattr(module, "__version__", "version unknown")}
+
+
+def auto_backend() -> dict:
+    """The backend that ``backend="auto"`` resolves to for CUDA tensors and for CPU tensors."""
+    from .functional import BACKEND_ENV_VAR, resolve_backend
+
+    choice = {}
+    for device_type in ("cuda", "cpu"):
+        try:
+            choice[device_type] = resolve_backend("auto", torch.device(device_type))
+        except (RuntimeError, ValueError) as error:
+            choice[device_type] = f"error: {error}"
+    override = os.environ.get(BACKEND_ENV_VAR)
+    choice["override"] = f"{BACKEND_ENV_VAR}={override}" if override else None
+    return choice
+
+
+def collect() -> dict:
+    """Everything ``info`` prints, as a dict (also what ``--json`` writes)."""
+    from . import __version__
+
+    return {
+        "fused_lora": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": cuda_status(),
+        "triton": triton_status(),
+        "extension": extension_status(),
+        "bitsandbytes": package_status("bitsandbytes"),
+        "peft": package_status("peft"),
+        "transformers": package_status("transformers"),
+        "auto_backend": auto_backend(),
+    }
+
+
+def _format(report: dict) -> str:
+    def line(label, status):
+        mark = "yes" if status["available"] else "no "
+        return f"  {label:<14} {mark}  {status['detail']}"
+
+    backend = report["auto_backend"]
+    cuda_note = "" if report["cuda"]["available"] else " (no CUDA device here)"
+    override = f"; overridden by {backend['override']}" if backend["override"] else ""
+    lines = [
+        f"fused-lora {report['fused_lora']}  (python {report['python']}, torch {report['torch']})",
+        line("CUDA", report["cuda"]),
+        line("Triton", report["triton"]),
+        line("extension _C", report["extension"]),
+        line("bitsandbytes", report["bitsandbytes"]),
+        line("peft", report["peft"]),
+        line("transformers", report["transformers"]),
+        f'  backend "auto": {backend["cuda"]} for CUDA tensors{cuda_note}, {backend["cpu"]} for CPU tensors'
+        f"{override}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the report (``--json`` for JSON); returns 0."""
+    parser = argparse.ArgumentParser(prog="python -m fused_lora info", description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    report = collect()
+    print(json.dumps(report, indent=2) if args.json else _format(report))
+    return 0

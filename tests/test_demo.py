@@ -1,0 +1,193 @@
+"""``python -m fused_lora demo`` and ``python -m fused_lora info`` on the CPU (few demo steps, to stay fast)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fused_lora import demo, info
+
+pytest.importorskip("peft")
+pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+
+def save_tiny_llama(path, vocab_size):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=vocab_size,
+        max_position_embeddings=128,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- demo
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One real command-line run: 25 steps, in a scratch directory, default output folder."""
+    workdir = tmp_path_factory.mktemp("demo")
+    result = subprocess.run(
+        [sys.executable, "-m", "fused_lora", "demo", "--steps", "25", "--seed", "1"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "FUSED_LORA_BACKEND": ""},
+    )
+    return result, workdir / "fused_lora_demo_out"
+
+
+def test_demo_cli_succeeds_and_prints_the_summary(demo_run):
+    result, _ = demo_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for expected in ("loss (train", "loss (held-out)", "[decreased]", "tokens/s", "peak memory", "14 layers fused"):
+        assert expected in out, expected
+    assert "parity vs PEFT+bitsandbytes" in out and "[OK at tolerance" in out
+    assert "fine-tuning" in result.stderr, "tqdm progress bar"
+
+
+def test_demo_metrics_show_loss_decrease_and_parity(demo_run):
+    _, output = demo_run
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["loss_decreased"] is True
+    assert metrics["eval_loss_after"] < demo.LOSS_DECREASE_FACTOR * metrics["eval_loss_before"]
+    assert metrics["train_loss_end"] < metrics["train_loss_start"]
+    assert metrics["parity_ok"] is True
+    parity = metrics["parity"]
+    assert parity["lora_grads_compared"] == 2 * 14
+    assert parity["loss_abs_diff"] <= 1e-4 and parity["logits_rel_err"] <= 1e-4
+    assert parity["lora_grad_rel_err_max"] <= 1e-4
+    assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_mib"] > 0
+
+
+def test_demo_adapter_reloads_with_plain_peft_to_the_same_loss(demo_run):
+    from peft import PeftModel
+
+    _, output = demo_run
+    metrics = json.loads((output / "metrics.json").read_text())
+    adapter = output / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == metrics["base_model"]
+
+    base = demo.load_quantized_model(metrics["base_model"], torch.float32, torch.device("cpu"))
+    model = PeftModel.from_pretrained(base, adapter).train()
+    tokenizer = demo.ByteTokenizer()
+    encoded = [demo.encode_example(e, tokenizer, 96) for e in demo.load_instructions()]
+    _, eval_set = demo.split_train_eval(encoded, 16)
+    batches = [demo.collate(eval_set[i : i + 16], tokenizer.pad_id, "cpu") for i in range(0, len(eval_set), 16)]
+    reloaded = demo.held_out_loss(model, batches)
+    assert reloaded == pytest.approx(metrics["eval_loss_after"], rel=1e-5)
+
+
+def test_demo_with_a_local_model_directory(tmp_path):
+    model_dir = save_tiny_llama(tmp_path / "model", vocab_size=300)
+    output = tmp_path / "out"
+    threads = torch.get_num_threads()
+    status = demo.main(["--model", str(model_dir), "--steps", "3", "--output", str(output), "--rank", "4"])
+    assert status in (0, 1), "0 or 1 (3 steps need not lower the loss); 2 would mean bad arguments"
+    assert torch.get_num_threads() == threads, "the demo restores torch's thread count"
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["fused_layers"] == 14 and metrics["parity_ok"] is True
+    assert metrics["base_model"] == str(model_dir)
+    assert not (output / "base_model").exists(), "no generated base model with --model"
+    assert (output / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_demo_rejects_a_model_too_small_for_the_byte_tokenizer(tmp_path, capsys):
+    model_dir = save_tiny_llama(tmp_path / "model", vocab_size=100)
+    assert demo.main(["--model", str(model_dir), "--steps", "1", "--output", str(tmp_path / "out")]) == 2
+    assert "100 token embeddings" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+def test_shipped_data_is_the_generator_output():
+    shipped = demo.load_instructions()
+    assert shipped == demo.synthetic_instructions()
+    assert len({e["instruction"] for e in shipped}) > 0.8 * len(shipped), "mostly distinct prompts"
+
+
+def test_byte_tokenizer_round_trip_and_response_only_labels():
+    tokenizer = demo.ByteTokenizer()
+    text = "Spell zébu with dashes. ✓"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert min(tokenizer.encode(text)) >= tokenizer.offset and max(tokenizer.encode(text)) < tokenizer.vocab_size
+    ids, labels = demo.encode_example({"instruction": "Repeat ba twice.", "response": "ba ba"}, tokenizer, 96)
+    response = tokenizer.encode("ba ba") + [tokenizer.eos_id]
+    assert ids[0] == tokenizer.bos_id and ids[-len(response):] == response
+    assert labels == [-100] * (len(ids) - len(response)) + response
+    short_ids, short_labels = demo.encode_example({"instruction": "x" * 50, "response": "y"}, tokenizer, 17)
+    assert len(short_ids) == len(short_labels) == 17
+
+
+def test_collate_pads_right_and_masks_padding():
+    encoded = [([1, 5, 6], [-100, 5, 6]), ([1, 7], [-100, 7])]
+    batch = demo.collate(encoded, pad_id=0, device="cpu")
+    assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_load_instructions_names_the_bad_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected string fields"):
+        demo.load_instructions(path)
+
+
+# ------------------------------------------------------------------------------------------------------- info
+
+
+def test_info_prints_every_component(capsys):
+    assert info.main([]) == 0
+    out = capsys.readouterr().out
+    for label in ("CUDA", "Triton", "extension _C", "bitsandbytes", "peft", "transformers", 'backend "auto"'):
+        assert label in out, label
+    if not torch.cuda.is_available():
+        assert "reference for CPU tensors" in out
+        cuda_line = next(line for line in out.splitlines() if line.strip().startswith("CUDA"))
+        assert " no " in cuda_line and ("without CUDA" in cuda_line or "no CUDA device" in cuda_line)
+
+
+def test_info_json_has_a_reason_for_every_component(capsys):
+    info.main(["--json"])
+    report = json.loads(capsys.readouterr().out)
+    for name in ("cuda", "triton", "extension", "bitsandbytes", "peft", "transformers"):
+        assert isinstance(report[name]["available"], bool) and report[name]["detail"], name
+    assert report["bitsandbytes"]["available"] and report["peft"]["available"]
+    assert report["auto_backend"]["cpu"] == "reference" or os.environ.get("FUSED_LORA_BACKEND")
+
+
+def test_info_explains_a_missing_extension(monkeypatch):
+    from fused_lora import _ext
+
+    monkeypatch.setattr(_ext, "_module", _ext.MissingExtension("ImportError: no module named fused_lora._C"))
+    status = info.extension_status()
+    assert status == {"available": False, "detail": "missing: ImportError: no module named fused_lora._C"}
+
+
+def test_info_explains_a_package_that_does_not_import(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    status = info.package_status("bitsandbytes")
+    assert not status["available"] and "not importable" in status["detail"]
+
+
+def test_info_shows_the_backend_override(monkeypatch):
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "reference")
+    choice = info.auto_backend()
+    assert choice["cuda"] == "reference" and choice["override"] == "FUSED_LORA_BACKEND=reference"
