@@ -163,7 +163,8 @@ def nf4_dequantize(
     """Dequantize packed NF4 bytes to a flat tensor, computing code[q]·s in float32 and rounding once.
 
     Args:
-        packed: [(n + 1) // 2, 1] (or flat) uint8. absmax: [n_blocks] float32, or uint8 with double quant.
+        packed: [(n + 1) // 2, 1] (or flat) uint8, any strides (all inputs are made contiguous, a copy only
+            where they are not). absmax: [n_blocks] float32, or uint8 with double quant.
         code: [16] float32. n_elements: n. blocksize: even block size. dtype: output dtype.
         nested_absmax, nested_code, offset: double-quant state ([n_blocks / 256] float32, [256] float32,
             0-d float32), all None without double quant.
@@ -171,9 +172,14 @@ def nf4_dequantize(
         [n] tensor of ``dtype`` on packed's device.
     """
     double_quant = nested_absmax is not None
+    # The kernel indexes every input as a flat contiguous array (no copy for tensors that already are).
+    packed, absmax, code = packed.contiguous(), absmax.contiguous(), code.contiguous()
     out = torch.empty(n_elements, dtype=dtype, device=packed.device)
     grid = (triton.cdiv((n_elements + 1) // 2, _PAIRS_PER_PROGRAM),)
-    nested = (nested_absmax, nested_code, offset) if double_quant else (absmax, code, code)
+    if double_quant:
+        nested = (nested_absmax.contiguous(), nested_code.contiguous(), offset.contiguous())
+    else:
+        nested = (absmax, code, code)
     nf4_dequantize_kernel[grid](
         packed, absmax, code, out, *nested, n_elements,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,

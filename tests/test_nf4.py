@@ -335,6 +335,25 @@ def test_weight_requiring_grad_and_non_contiguous_views_quantize_like_bnb():
         _assert_same_format(fl.quantize_nf4(w, backend=backend), packed, state)
 
 
+def _strided_copy(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a non-contiguous view (every other element of a larger buffer)."""
+    buffer = torch.zeros(t.numel(), 2, dtype=t.dtype)
+    buffer[:, 0] = t.reshape(-1)
+    return buffer[:, 0].view(t.shape) if t.dim() else buffer[0, 0]
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_triton_dequantize_reads_non_contiguous_tensors_correctly(interpret_triton, double_quant):
+    """An NF4Weight may hold strided views (a slice of a larger buffer); the kernel indexes flat arrays, so the
+    launcher must make them contiguous instead of reading the wrong elements."""
+    w = fl.quantize_nf4(_random_weight((37, 129), torch.float32, 4), blocksize=64, double_quant=double_quant)
+    fields = {name: _strided_copy(t) for name, t in w._tensors().items()}
+    strided = fl.NF4Weight(shape=w.shape, dtype=w.dtype, blocksize=w.blocksize, **fields)
+    assert not strided.packed.is_contiguous() and not strided.code.is_contiguous()
+    assert torch.equal(strided.dequantize(backend="triton"), w.dequantize(backend="reference"))
+
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=[_name(d) for d in DTYPES])
 @pytest.mark.parametrize("blocksize", [32, 64, 4096], ids=lambda b: f"bs{b}")
