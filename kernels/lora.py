@@ -142,10 +142,14 @@ def _weight_args(weight, K: int) -> tuple[tuple, dict]:
         return args, {"stride_wn": weight.stride(0), "stride_wk": weight.stride(1), "IS_NF4": False,
                       "DOUBLE_QUANT": False, "BLOCKSIZE": 1, "NESTED_BLOCKSIZE": 1, "ROW_SCALES": False}
     blocksize = int(weight.blocksize)
+    # The kernels index every NF4 tensor as contiguous: the small tables are made so here (no copy when they are
+    # already); packed and absmax are W-sized, and unsupported_reason sends non-contiguous ones to the reference.
+    code = weight.code.contiguous()
     if weight.double_quant:
-        args = (weight.packed, weight.absmax, weight.code, weight.nested_absmax, weight.nested_code, weight.offset)
+        nested = (weight.nested_absmax.contiguous(), weight.nested_code.contiguous(), weight.offset.contiguous())
+        args = (weight.packed, weight.absmax, code, *nested)
     else:
-        args = (weight.packed, weight.absmax, weight.code, None, None, None)
+        args = (weight.packed, weight.absmax, code, None, None, None)
     even_power_of_two = blocksize >= 2 and blocksize & (blocksize - 1) == 0
     return args, {"stride_wn": 0, "stride_wk": 0, "IS_NF4": True, "DOUBLE_QUANT": bool(weight.double_quant),
                   "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,

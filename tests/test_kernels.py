@@ -334,6 +334,29 @@ def test_frozen_gemms_dequantize_bit_exactly_like_nf4weight(K, blocksize, poison
     assert torch.equal(lora.frozen_backward(torch.eye(N), weight, True, False)[0], dense)
 
 
+def test_gemms_read_strided_nf4_tables_correctly_and_refuse_strided_packed_bytes(poison_empty):
+    """code, nested_code, nested_absmax and offset may be strided views: the GEMMs must decode W as
+    NF4Weight.dequantize does (bit for bit with x = I). Strided packed bytes are W-sized: reported unsupported."""
+    K, N = 64, 40
+    weight = fl.quantize_nf4(torch.randn(N, K, generator=torch.Generator().manual_seed(2)), blocksize=64)
+
+    def strided(t):
+        buffer = torch.zeros(t.numel(), 3, dtype=t.dtype)
+        buffer[:, 1] = t.reshape(-1)
+        return buffer[:, 1].view(t.shape) if t.dim() else buffer[0, 1]
+
+    fields = weight._tensors()
+    tables = {name: strided(fields[name]) for name in ("code", "offset", "nested_absmax", "nested_code")}
+    w_tables = fl.NF4Weight(shape=weight.shape, dtype=weight.dtype, blocksize=64, **{**fields, **tables})
+    lora = _kernels()
+    eye = torch.eye(K)
+    assert lora.unsupported_reason(eye, w_tables, None, None, None, 0.0) is None
+    assert torch.equal(lora.frozen_forward(eye, w_tables, None), weight.dequantize(torch.float32).t())
+    w_packed = fl.NF4Weight(shape=weight.shape, dtype=weight.dtype, blocksize=64,
+                            **{**fields, "packed": strided(fields["packed"])})
+    assert "not contiguous" in lora.unsupported_reason(eye, w_packed, None, None, None, 0.0)
+
+
 def test_nf4_gemms_are_compiled_without_fp_contraction(monkeypatch):
     """Every GEMM launch over an NF4 W asks for enable_fp_fusion=False (the double-quant scale must round like
     bitsandbytes: a multiply, then an add; see lora_fwd.py), every dense launch for True. The interpreter ignores
