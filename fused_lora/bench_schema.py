@@ -13,7 +13,8 @@ import math
 import re
 from pathlib import Path
 
-__all__ = ["ENV_KEYS", "ROW_KEYS", "row_problem", "validate_env", "validate_results", "ResultsFile", "find_newest_results"]
+__all__ = ["ENV_KEYS", "ROW_KEYS", "row_problem", "validate_env", "validate_results", "ResultsFile",
+           "find_newest_results"]
 
 ENV_KEYS = ("device", "torch", "triton", "cuda", "commit")
 ROW_KEYS = ("bench", "impl", "pass", "M", "K", "N", "r", "dtype", "median_ms", "tflops", "peak_mem_mb")
