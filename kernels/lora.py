@@ -283,6 +283,8 @@ def _launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0):
 
     from .lora_fwd import lora_fwd_kernel
 
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads b[n] at bias_ptr + n; N elements, no copy when contiguous
     M, K = x2d.shape
     N = y.shape[1]
     has_lora = u is not None

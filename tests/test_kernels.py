@@ -334,6 +334,20 @@ def test_frozen_gemms_dequantize_bit_exactly_like_nf4weight(K, blocksize, poison
     assert torch.equal(lora.frozen_backward(torch.eye(N), weight, True, False)[0], dense)
 
 
+def test_strided_bias_is_added_element_for_element(poison_empty):
+    """A bias that is a strided view (every other element of a buffer) must add b[n], not buffer[n]."""
+    x, weight, w_compute, A, B, _, _ = _make_case(9, 64, 40, 4, torch.float32, "dense", torch.float32, False,
+                                                  "contiguous", 64, 12)
+    bias = torch.randn(80, generator=torch.Generator().manual_seed(1))[::2]
+    lora = _kernels()
+    assert lora.unsupported_reason(x, weight, A, B, bias, 0.0) is None
+    y, u = lora.forward(x, weight, A, B, SCALING, bias, 0.0, 0)
+    y_ref, _ = reference.lora_forward(x.double(), w_compute.double(), A.double(), B.double(), SCALING, bias.double())
+    assert relative_error(y, y_ref) < 1e-5
+    frozen_ref = x.double() @ w_compute.double().t() + bias.double()
+    assert relative_error(lora.frozen_forward(x, weight, bias), frozen_ref) < 1e-5
+
+
 def test_gemms_read_strided_nf4_tables_correctly_and_refuse_strided_packed_bytes(poison_empty):
     """code, nested_code, nested_absmax and offset may be strided views: the GEMMs must decode W as
     NF4Weight.dequantize does (bit for bit with x = I). Strided packed bytes are W-sized: reported unsupported."""
