@@ -317,7 +317,17 @@ class NF4Weight:
         return dequantize_nf4(self, dtype, backend=backend)
 
     def to(self, device) -> "NF4Weight":
-        """A new NF4Weight with every tensor on ``device`` (dtypes never change)."""
+        """A new NF4Weight with every tensor on ``device`` (dtypes never change).
+
+        Example:
+            >>> quantize_nf4(torch.randn(8, 8)).to("cuda").packed.device.type
+            'cuda'
+        """
+        if isinstance(device, torch.dtype):
+            raise TypeError(
+                f"NF4Weight.to: got the dtype {device}; an NF4Weight only moves between devices and its packed "
+                "format never changes dtype (dequantize(dtype) returns a dense copy)"
+            )
         moved = {name: t.to(device) for name, t in self._tensors().items()}
         return NF4Weight(
             shape=self.shape, dtype=self.dtype, blocksize=self.blocksize, nested_blocksize=self.nested_blocksize,

@@ -224,6 +224,8 @@ def test_to_makes_a_new_weight_and_keeps_dtypes():
     assert copy is not ours and torch.equal(copy.dequantize(), ours.dequantize())
     assert (copy.shape, copy.dtype, copy.blocksize, copy.double_quant) == (ours.shape, ours.dtype, 64, True)
     assert ours.numel() == 37 * 129 and "NF4Weight(shape=(37, 129)" in repr(ours)
+    with pytest.raises(TypeError, match=r"NF4Weight.to: got the dtype torch.float16; .*dequantize\(dtype\)"):
+        ours.to(torch.float16)
 
 
 def _bnb_linear4bit(weight, double_quant, blocksize=64):
