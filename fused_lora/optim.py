@@ -717,28 +717,51 @@ class _AdamWBase(torch.optim.Optimizer):
         for group, saved in zip(groups, saved_groups):
             self._check_group({**group, **{k: v for k, v in saved.items() if k != "params"}})
         id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), self._all_params()))
+        entries = [
+            (id_map[saved_id], self._flat_saved_state(saved_id, id_map[saved_id], saved))
+            for saved_id, saved in state_dict["state"].items()
+            if saved_id in id_map
+        ]
         for p in self._all_params():
             if self.pager is not None:
                 self.pager.release(p)
         self.state.clear()
-        for saved_id, saved in state_dict["state"].items():
-            p = id_map.get(saved_id)
-            if p is not None:
-                self.state[p] = self._import_state(p, saved)
+        for p, saved in entries:
+            self.state[p] = self._import_state(p, saved)
         for group, saved in zip(groups, saved_groups):
             for key, value in saved.items():
                 if key != "params":
                     group[key] = tuple(value) if key == "betas" else value
 
-    def _import_state(self, p, saved: dict) -> dict:
+    def _flat_saved_state(self, saved_id, p, saved: dict) -> dict:
+        """One parameter's saved state with bitsandbytes' wrapped quantization state unwrapped, checked before
+        anything is loaded: the keys this optimizer needs are there and the moments have p's number of elements."""
+        name = type(self).__name__
         saved = dict(saved)
         saved.update(saved.pop("__bnb_optimizer_quant_state__", {}))
         if self._EIGHT_BIT:
-            eight_bit = saved["state1"].dtype == torch.uint8
+            moments, expected = ("state1", "state2"), "bitsandbytes' AdamW8bit or an 8-bit fused_lora optimizer"
+            if isinstance(saved.get("state1"), torch.Tensor) and saved["state1"].dtype == torch.uint8:
+                moments += ("absmax1", "absmax2")
         else:
-            eight_bit = False
-            if "exp_avg" not in saved:
-                raise ValueError(f"{type(self).__name__}.load_state_dict: state without exp_avg / exp_avg_sq")
+            moments, expected = ("exp_avg", "exp_avg_sq"), "torch.optim.AdamW or PagedAdamW"
+        missing = [key for key in ("step", *moments) if key not in saved]
+        if missing:
+            raise ValueError(
+                f"{name}.load_state_dict: the state of parameter {saved_id} has no {', '.join(missing)}; "
+                f"expected a state dict of {expected}"
+            )
+        for key in moments[:2]:
+            if saved[key].numel() != p.numel():
+                raise ValueError(
+                    f"{name}.load_state_dict: {key} of parameter {saved_id} has {saved[key].numel()} elements, "
+                    f"the parameter has {p.numel()}"
+                )
+        return saved
+
+    def _import_state(self, p, saved: dict) -> dict:
+        """New state for p filled from a checked, flat saved state (see _flat_saved_state)."""
+        eight_bit = self._EIGHT_BIT and saved["state1"].dtype == torch.uint8
         state = self._new_state(p, eight_bit)
         for key, value in saved.items():
             if key == "step":

@@ -219,6 +219,42 @@ def test_loaded_quantization_maps_get_their_own_tables():
         assert torch.equal(opt.state[p[0]]["state1"], fresh.state[fresh_p[0]]["state1"]), f"load {k}"
 
 
+def _torch_adamw_state_dict(shapes):
+    params = make_params(shapes)
+    opt = torch.optim.AdamW(params, foreach=False)
+    train(params, opt, 1)
+    return opt.state_dict()
+
+
+def _adamw8bit_state_dict(shapes):
+    params = make_params(shapes)
+    opt = fo.AdamW8bit(params)
+    train(params, opt, 1)
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize(
+    "cls, make_saved, message",
+    [
+        ("AdamW8bit", lambda: _torch_adamw_state_dict([(37, 129)]), "the state of parameter 0 has no state1, state2.*AdamW8bit"),
+        ("PagedAdamW", lambda: _adamw8bit_state_dict([(37, 129)]), "the state of parameter 0 has no exp_avg, exp_avg_sq"),
+        ("AdamW8bit", lambda: _adamw8bit_state_dict([(37, 128)]), "state1 of parameter 0 has 4736 elements, the "
+         "parameter has 4773"),
+    ],
+    ids=["torch-into-8bit", "8bit-into-paged", "other-model"],
+)
+def test_state_dict_of_another_kind_is_rejected_and_nothing_changes(cls, make_saved, message):
+    params = make_params([(37, 129)])
+    opt = getattr(fo, cls)(params, page_min_bytes=1 << 30) if cls == "PagedAdamW" else fo.AdamW8bit(params)
+    train(params, opt, 1)
+    before = {k: v.clone() for k, v in opt.state[params[0]].items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=f"{cls}.load_state_dict: {message}"):
+        opt.load_state_dict(make_saved())
+    assert opt.state[params[0]]["step"] == 1
+    for key, value in before.items():
+        assert torch.equal(opt.state[params[0]][key], value), key
+
+
 def test_load_state_dict_rejects_mismatched_groups():
     opt = fo.AdamW8bit(make_params([(5,), (7,)]))
     other = fo.AdamW8bit(make_params([(5,)]))
