@@ -40,7 +40,12 @@ def _warn_once(message: str) -> None:
 
 
 def validate_backend_name(name: str) -> str:
-    """Return ``name`` if it is a known backend, else raise ValueError listing the choices."""
+    """Return ``name`` if it is a known backend, else raise ValueError listing the choices.
+
+    Example:
+        >>> validate_backend_name("triton")
+        'triton'
+    """
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(map(repr, BACKENDS))}")
     return name
@@ -60,7 +65,12 @@ def _interpreting() -> bool:
 
 def resolve_backend(backend: str, device: torch.device, caller: str = "lora_linear") -> str:
     """The concrete backend ("triton" or "reference") that ``backend`` selects for tensors on ``device``;
-    ``caller`` names the public function in warnings and errors."""
+    ``caller`` names the public function in warnings and errors.
+
+    Example:
+        >>> resolve_backend("auto", torch.device("cpu"))      # without FUSED_LORA_BACKEND set
+        'reference'
+    """
     validate_backend_name(backend)
     if backend == "auto":
         override = os.environ.get(BACKEND_ENV_VAR)

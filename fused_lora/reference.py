@@ -40,15 +40,26 @@ __all__ = [
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
-    """s = α/r, or α/√r with rsLoRA."""
+    """s = α/r, or α/√r with rsLoRA.
+
+    Example:
+        >>> lora_scaling(16, 32), lora_scaling(16, 32, use_rslora=True)
+        (2.0, 8.0)
+    """
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 def dropout_mask(shape, p: float, seed: int, device, dtype=torch.float32) -> torch.Tensor | None:
     """The reference backend's dropout mask m (entries 0 or 1/(1-p)), regenerated from ``seed``.
 
-    Returns None when p == 0 (m is all ones). The Triton backend draws its own mask from the same seed with a
-    different generator; tests that compare the two materialise the kernel's mask and pass it in as ``m``.
+    Returns None when p == 0 (m is all ones), else a ``shape`` tensor of ``dtype`` on ``device``. The Triton
+    backend draws its own mask from the same seed with a different generator; tests that compare the two
+    materialise the kernel's mask (``fused_lora.kernels.lora.dropout_mask``) and pass it in as ``m``.
+
+    Example:
+        >>> m = dropout_mask((37, 64), 0.25, seed=7, device="cpu")     # (37, 64) float32, entries 0 or 4/3
+        >>> torch.equal(m, dropout_mask((37, 64), 0.25, seed=7, device="cpu"))
+        True
     """
     if p == 0.0:
         return None
@@ -74,6 +85,10 @@ def lora_forward(x, W, A, B, s: float, b=None, m=None):
         s: scaling. m: (M, K) dropout mask (0 or 1/(1-p)) or None.
     Returns:
         y: (M, N) in x's dtype; u: (M, r) in the low-rank dtype (saved for backward).
+
+    Example:
+        >>> x, W, A, B = torch.randn(37, 64), torch.randn(80, 64), torch.randn(8, 64), torch.randn(80, 8)
+        >>> y, u = lora_forward(x, W, A, B, 2.0)                  # y (37, 80), u (37, 8)
     """
     lowrank = _lowrank_dtype(x, A, B)
     u = (_apply_mask(x, m).to(lowrank)) @ A.to(lowrank).t()
@@ -91,7 +106,12 @@ def lora_backward(g, x, W, A, B, s: float, u, m=None, need_dx=True, need_dA=True
         g: (M, N) gradient of the loss w.r.t. y, in x's dtype. x, W, A, B, s, m: as in ``lora_forward``.
         u: (M, r) saved by the forward pass.
     Returns:
-        (dx, dA, dB, db); an entry is None when its ``need_*`` flag is False.
+        (dx (M, K) in x's dtype, dA (r, K) in A's dtype, dB (N, r) in B's dtype, db (N,) in at least fp32); an entry
+        is None when its ``need_*`` flag is False.
+
+    Example:
+        >>> y, u = lora_forward(x, W, A, B, 2.0)
+        >>> dx, dA, dB, db = lora_backward(torch.ones_like(y), x, W, A, B, 2.0, u, need_db=True)
     """
     lowrank = _lowrank_dtype(x, A, B)
     g_lowrank = g.to(lowrank)
@@ -110,7 +130,15 @@ def lora_backward(g, x, W, A, B, s: float, u, m=None, need_dx=True, need_dA=True
 
 
 def lora_linear_naive(x, W, A, B, s: float, b=None, m=None):
-    """The same layer as one autograd expression, any leading dims: the oracle for ``lora_backward``."""
+    """The same layer as one autograd expression, any leading dims: the oracle for ``lora_backward``.
+
+    Args and result as ``lora_forward`` (x of shape (..., K), y of shape (..., N)), differentiable by autograd.
+
+    Example:
+        >>> x = torch.randn(2, 5, 64, dtype=torch.float64, requires_grad=True)
+        >>> W, A, B = torch.randn(80, 64).double(), torch.randn(8, 64).double(), torch.randn(80, 8).double()
+        >>> lora_linear_naive(x, W, A, B, 2.0).sum().backward()    # x.grad: (2, 5, 64)
+    """
     base = torch.nn.functional.linear(x, W, b)
     lowrank = _lowrank_dtype(x, A, B)
     xd = _apply_mask(x, m)
