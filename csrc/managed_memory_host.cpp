@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "managed_memory.h"
@@ -37,6 +38,13 @@ std::pair<const std::uintptr_t, Allocation>* find_allocation(const void* ptr, st
   --it;
   if (address + bytes > it->first + it->second.bytes) return nullptr;
   return &*it;
+}
+
+// First and last simulated page of [ptr, ptr + bytes) inside `entry` (bytes > 0).
+std::pair<std::size_t, std::size_t> page_span(const std::pair<const std::uintptr_t, Allocation>& entry,
+                                              const void* ptr, std::size_t bytes) {
+  std::size_t offset = reinterpret_cast<std::uintptr_t>(ptr) - entry.first;
+  return {offset / kSimulatedPageBytes, (offset + bytes - 1) / kSimulatedPageBytes};
 }
 
 std::string out_of_range(const char* call) {
@@ -82,8 +90,7 @@ std::string prefetch(const void* ptr, std::size_t bytes, int location, std::uint
   std::lock_guard<std::mutex> lock(table_mutex);
   auto* entry = find_allocation(ptr, bytes);
   if (entry == nullptr) return out_of_range("prefetch");
-  std::size_t offset = reinterpret_cast<std::uintptr_t>(ptr) - entry->first;
-  std::size_t first = offset / kSimulatedPageBytes, last = (offset + bytes - 1) / kSimulatedPageBytes;
+  auto [first, last] = page_span(*entry, ptr, bytes);
   for (std::size_t page = first; page <= last; ++page) entry->second.page_location[page] = location;
   detail::record_prefetch(bytes);
   return "";
@@ -100,8 +107,7 @@ std::string last_prefetch_location(const void* ptr, std::size_t bytes, int* loca
   std::lock_guard<std::mutex> lock(table_mutex);
   auto* entry = find_allocation(ptr, bytes);
   if (entry == nullptr) return out_of_range("last_prefetch_location");
-  std::size_t offset = reinterpret_cast<std::uintptr_t>(ptr) - entry->first;
-  std::size_t first = offset / kSimulatedPageBytes, last = (offset + bytes - 1) / kSimulatedPageBytes;
+  auto [first, last] = page_span(*entry, ptr, bytes);
   int common = entry->second.page_location[first];
   for (std::size_t page = first + 1; page <= last; ++page) {
     if (entry->second.page_location[page] != common) return "";
