@@ -778,6 +778,10 @@ class _AdamWBase(torch.optim.Optimizer):
 class PagedAdamW(_AdamWBase):
     """AdamW (torch.optim.AdamW's update) with fp32 state paged between GPU and host memory.
 
+    fp16 / bf16 parameters keep fp32 moments (torch.optim.AdamW keeps them in the parameter's dtype); the update
+    runs in fp32 and is rounded once to the parameter's dtype, as bitsandbytes does. For fp32 parameters the
+    result is torch.optim.AdamW's, bit for bit on the CPU.
+
     Args:
         params: parameters or parameter groups (fp32, fp16 or bf16; CUDA or CPU; several devices allowed).
         lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay, default 1e-2); checked for

@@ -98,6 +98,34 @@ def test_8bit_matches_bitsandbytes_adamw8bit_bit_exact(bnb, cls):
     assert opt.state[ours[1]]["state1"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_8bit_low_precision_parameters_match_bitsandbytes_bit_exact(bnb, dtype):
+    shapes = [(37, 129), (200,)]  # one 8-bit, one 32-bit state
+    ref = make_params(shapes, dtype)
+    ref_opt = bnb.optim.AdamW8bit(ref, lr=1e-2, weight_decay=0.05)
+    ours = make_params(shapes, dtype)
+    opt = fo.AdamW8bit(ours, lr=1e-2, weight_decay=0.05)
+    train(ref, ref_opt, 8)
+    train(ours, opt, 8)
+    assert_params_equal(ours, ref)
+    assert ours[0].dtype == dtype and opt.state[ours[1]]["state1"].dtype == torch.float32
+
+
+def test_closure_is_evaluated_with_grad_enabled_and_its_loss_returned():
+    params = make_params([(37, 9)])
+    opt = fo.AdamW8bit(params, lr=1e-2)
+
+    def closure():
+        opt.zero_grad()
+        loss = (params[0] ** 2).sum()
+        loss.backward()
+        return loss
+
+    before = params[0].detach().clone()
+    loss = opt.step(closure)
+    assert torch.equal(loss, (before**2).sum()) and not torch.equal(params[0], before)
+
+
 def test_8bit_state_is_two_bytes_per_parameter():
     p = make_params([(64, 80)])
     opt = fo.AdamW8bit(p)
