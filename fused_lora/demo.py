@@ -223,7 +223,7 @@ def load_quantized_model(model_path: str | Path, compute_dtype, device):
     )
     with _quiet_transformers():
         return AutoModelForCausalLM.from_pretrained(
-            model_path, quantization_config=config, dtype=compute_dtype, device_map={"": device}
+            model_path, quantization_config=config, dtype=compute_dtype, device_map={"": str(device)}
         )
 
 
@@ -422,9 +422,18 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from .functional import resolve_backend
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        _print(f"fused-lora demo: --device {args.device!r} is not a device ({error})")
+        return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         _print(f"fused-lora demo: --device {args.device} asked for CUDA, but torch sees no CUDA device")
+        return 2
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cpu", "cuda"):
+        _print(f"fused-lora demo: --device {args.device} is not supported; use cpu or cuda[:index]")
         return 2
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     output = Path(args.output)

@@ -5,14 +5,14 @@ import os
 import subprocess
 import sys
 
+# peft, transformers and bitsandbytes are test requirements: a failing import must fail here, not skip.
+import bitsandbytes  # noqa: F401
+import peft  # noqa: F401
 import pytest
 import torch
+import transformers  # noqa: F401
 
 from fused_lora import demo, info
-
-pytest.importorskip("peft")
-pytest.importorskip("bitsandbytes")
-transformers = pytest.importorskip("transformers")
 
 
 def save_tiny_llama(path, vocab_size):
@@ -111,6 +111,12 @@ def test_demo_rejects_a_model_too_small_for_the_byte_tokenizer(tmp_path, capsys)
     model_dir = save_tiny_llama(tmp_path / "model", vocab_size=100)
     assert demo.main(["--model", str(model_dir), "--steps", "1", "--output", str(tmp_path / "out")]) == 2
     assert "100 token embeddings" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:0"] if not torch.cuda.is_available() else ["tpu"])
+def test_demo_rejects_an_unusable_device(device, tmp_path, capsys):
+    assert demo.main(["--device", device, "--output", str(tmp_path)]) == 2
+    assert "fused-lora demo: --device" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------------- data

@@ -14,19 +14,17 @@ import copy
 import re
 import warnings
 
+# peft, transformers and bitsandbytes are test requirements: a failing import must fail here, not skip.
+import bitsandbytes as bnb
+import peft
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 import fused_lora as fl
 from fused_lora.testing import relative_error
-
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-bnb = pytest.importorskip("bitsandbytes")
-
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 # fp32 on both sides; only the summation order of the backward differs.
 TIGHT = 1e-5
