@@ -149,11 +149,12 @@ def test_state_freed_while_updates_and_evictions_are_in_flight(ext, capfd):
     params = make_params([(1024, 1024)] * 4)
     opt = fo.PagedAdamW(params, page_min_bytes=0, gpu_budget_bytes=8 << 20, chunk_bytes=1)
     before = ext.stats()["live_allocations"]
+    train(params, opt, 1)  # allocates the state and warms the pinned-memory cache (both may synchronize)
+    assert ext.stats()["live_allocations"] == before + 4
     for p in params:
         p.grad = torch.randn_like(p)
     torch.cuda._sleep(50_000_000)  # keeps the compute stream busy: the step below only queues its work
     opt.step()
-    assert ext.stats()["live_allocations"] == before + 4
     del opt
     gc.collect()
     assert ext.stats()["live_allocations"] == before
