@@ -40,7 +40,7 @@ from . import _ext
 QBLOCK = 256
 LUT_SIZE = 65536
 _ALIGN = 256
-_warned_no_managed = set()
+_warned_fallbacks = set()
 
 __all__ = [
     "PagedAdamW",
@@ -193,6 +193,13 @@ def bnb_adamw8bit_(p, g, state, scalars, luts=(None, None)):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _warn_once(key, message: str):
+    """Warn about a paging fallback once per process and cause (`key`)."""
+    if key not in _warned_fallbacks:
+        _warned_fallbacks.add(key)
+        warnings.warn(message, stacklevel=4)
+
+
 class _PagedBlock:
     """One parameter's state: a single managed allocation and the bookkeeping of where it is."""
 
@@ -234,17 +241,21 @@ class PageManager:
         """The device index state of a parameter on `device` is paged to, or None when it is not paged."""
         ext = _ext.load()
         if device.type == "cuda":
-            if not ext.is_cuda_build():
-                return None
             index = device.index if device.index is not None else torch.cuda.current_device()
+            if not ext.is_cuda_build():
+                _warn_once(
+                    "cpu-build",
+                    "fused_lora.optim: fused_lora._C was built without CUDA, so optimizer state of CUDA parameters "
+                    "stays in ordinary device memory (no paging, gpu_budget_bytes has no effect); rebuild it with a "
+                    "CUDA toolkit and a CUDA build of torch (pip install --no-build-isolation -e .)",
+                )
+                return None
             if not ext.concurrent_managed_access(index):
-                if index not in _warned_no_managed:
-                    _warned_no_managed.add(index)
-                    warnings.warn(
-                        f"fused_lora.optim: cuda:{index} has no concurrent managed access; optimizer state stays in "
-                        "ordinary device memory (no paging)",
-                        stacklevel=3,
-                    )
+                _warn_once(
+                    index,
+                    f"fused_lora.optim: cuda:{index} has no concurrent managed access; optimizer state stays in "
+                    "ordinary device memory (no paging)",
+                )
                 return None
             return index
         if device.type == "cpu" and not ext.is_cuda_build():

@@ -9,6 +9,7 @@ ulps per step), so they are compared with the PyTorch path at relative error ≤
 """
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -335,6 +336,19 @@ def test_small_state_is_not_paged():
     opt = fo.PagedAdamW(params, page_min_bytes=1024)
     train(params, opt, 1)
     assert opt.state_residency() == {0: "not paged", 1: "device"}
+
+
+@needs_ext
+def test_cuda_parameters_with_a_cpu_build_warn_once_that_nothing_is_paged(monkeypatch):
+    if _ext.load().is_cuda_build():
+        pytest.skip("a CUDA build of fused_lora._C")
+    monkeypatch.setattr(fo, "_warned_fallbacks", set())
+    pager = fo.PageManager(gpu_budget_bytes=0)
+    with pytest.warns(UserWarning, match="built without CUDA.*no paging, gpu_budget_bytes has no effect"):
+        assert pager.paging_location(torch.device("cuda", 0)) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pager.paging_location(torch.device("cuda", 1)) is None
 
 
 @needs_ext
