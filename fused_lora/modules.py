@@ -387,9 +387,10 @@ class FusedLoraLinear(nn.Module):
             raise TypeError(f"FusedLoraLinear: x must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"FusedLoraLinear: x must be a floating-point tensor, got {x.dtype}")
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            got = x.shape[-1] if x.dim() else 0
-            raise ValueError(f"FusedLoraLinear: x has {got} features, expected {self.in_features}")
+        if x.dim() < 1:
+            raise ValueError(f"FusedLoraLinear: x is a 0-d tensor; expected shape (..., {self.in_features})")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"FusedLoraLinear: x has {x.shape[-1]} features, expected {self.in_features}")
         if x.device != self.lora_A.device:
             raise ValueError(
                 f"FusedLoraLinear: x is on {x.device} but the layer is on {self.lora_A.device}; "

@@ -489,6 +489,8 @@ def test_forward_errors_name_the_problem():
         layer(torch.randn(2, 4095))
     with pytest.raises(TypeError, match="FusedLoraLinear: x must be a floating-point tensor, got torch.int64"):
         layer(torch.ones(2, 4096, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"FusedLoraLinear: x is a 0-d tensor; expected shape \(\.\.\., 4096\)"):
+        layer(torch.tensor(1.0))
     with pytest.raises(TypeError, match="expected an nn.Linear"):
         fl.FusedLoraLinear.from_linear(layer)
 
