@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_mask_tile
-from .lora_fwd import load_weight_tile
+from .lora_fwd import grouped_tile, load_weight_tile
 
 
 @triton.jit
@@ -162,14 +162,7 @@ def lora_dx_kernel(
     """dx[rows, cols] = Σ_n g[rows, n]·deq(W)[n, cols] (+ s·m⊙(v·A) when HAS_LORA);
     dA[:, cols] += s·v[rows]ᵀ·(m⊙x)[rows, cols] (NEED_DA)."""
     COMPUTE_DTYPE: tl.constexpr = g_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    group_size = GROUP_M * num_pid_k
-    first_pid_m = (pid // group_size) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % group_size) % group_rows
-    pid_k = (pid % group_size) // group_rows
+    pid_m, pid_k = grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
     k0 = pid_k * BLOCK_K
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

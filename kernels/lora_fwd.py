@@ -37,6 +37,19 @@ from .dropout import dropout_mask_tile
 
 
 @triton.jit
+def grouped_tile(M, COLS, BLOCK_M: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program in a 1-D grid over an M × COLS output, GROUP_M row tiles at a time
+    so that programs running together share their column tiles of W in L2 (Triton's matmul tutorial)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_cols = tl.cdiv(COLS, BLOCK_COLS)
+    group_size = GROUP_M * num_pid_cols
+    first_pid_m = (pid // group_size) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (pid % group_size) % group_rows, (pid % group_size) // group_rows
+
+
+@triton.jit
 def block_absmax(
     block,  # block indices b (any shape, int64)
     in_range,  # mask of the same shape
@@ -234,14 +247,7 @@ def lora_fwd_kernel(
     """y[rows, cols] = Σ_k x[rows, k]·deq(W)[cols, k] + b[cols] (+ s·Σ_r u[rows, r]·B[cols, r] when HAS_LORA);
     1-D grouped grid."""
     COMPUTE_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_pid_m = (pid // group_size) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % group_size) % group_rows
-    pid_n = (pid % group_size) // group_rows
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
