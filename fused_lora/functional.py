@@ -71,7 +71,10 @@ def resolve_backend(backend: str, device: torch.device, caller: str = "lora_line
         >>> resolve_backend("auto", torch.device("cpu"))      # without FUSED_LORA_BACKEND set
         'reference'
     """
-    validate_backend_name(backend)
+    try:
+        validate_backend_name(backend)
+    except ValueError as error:
+        raise ValueError(f"{caller}: {error}") from None
     if backend == "auto":
         override = os.environ.get(BACKEND_ENV_VAR)
         if override:

@@ -37,7 +37,6 @@ byte-exact with bitsandbytes' CPU implementation (bitsandbytes' own CUDA kernels
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 
@@ -47,7 +46,6 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OUTPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_BACKENDS = ("auto", "triton", "reference")
 _QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 
 # The NF4 data type (QLoRA): quantiles of N(0, 1) normalised to [-1, 1], as float32.
@@ -175,30 +173,10 @@ def _dequantize_reference(packed, absmax32, code, n: int, blocksize: int, dtype)
 
 
 def _resolve_backend(who: str, backend: str, device: torch.device) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"{who}: unknown backend {backend!r}; expected one of {_names(map(repr, _BACKENDS))}")
-    if backend == "auto":
-        override = os.environ.get("FUSED_LORA_BACKEND")
-        if override:
-            if override not in _BACKENDS:
-                raise ValueError(
-                    f"FUSED_LORA_BACKEND: unknown backend {override!r}; expected one of {_names(map(repr, _BACKENDS))}"
-                )
-            backend = override
-    if backend == "auto":
-        if device.type != "cuda":
-            return "reference"
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "reference"
-        return "triton"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f"{who}: backend='triton' got {device.type} tensors; the kernels run on CUDA, or on the CPU only under "
-            "Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
-        )
-    return backend
+    """"triton" or "reference", by the rules of ``lora_linear`` (``functional.resolve_backend``)."""
+    from .functional import resolve_backend
+
+    return resolve_backend(backend, device, caller=who)
 
 
 def _check_blocksize(who: str, blocksize) -> int:

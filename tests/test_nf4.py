@@ -311,7 +311,7 @@ def test_bad_inputs_raise_clear_errors():
     bad[3, 5] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         fl.quantize_nf4(bad)
-    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+    with pytest.raises(ValueError, match="quantize_nf4: unknown backend 'cuda'"):
         fl.quantize_nf4(w, backend="cuda")
     ours = fl.quantize_nf4(w)
     with pytest.raises(TypeError, match="dtype must be one of"):
