@@ -1,7 +1,8 @@
 """Build fused-lora.
 
-* ``fused_lora`` is the Python package; the top-level ``kernels/`` folder (Triton only) is installed as the
-  subpackage ``fused_lora.kernels`` (a top-level ``kernels`` module would shadow the PyPI package of that name).
+* ``fused_lora`` is the Python package; its Triton kernels live in ``fused_lora/kernels/``. (They are not a top-level
+  ``kernels/`` folder: run from a checkout, that folder would be importable as ``kernels`` and shadow the unrelated
+  PyPI package of that name, which transformers and bitsandbytes look for.)
 * ``fused_lora._C`` is the C++/CUDA extension for paged optimizer state. It is built with CUDA when a CUDA
   toolkit and a CUDA build of torch are both present, and as a host-memory C++ build otherwise.
 
@@ -59,7 +60,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["fused_lora", "fused_lora.kernels"],
-    package_dir={"fused_lora": "fused_lora", "fused_lora.kernels": "kernels"},
     package_data={"fused_lora": ["data/*"]},
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={

@@ -197,7 +197,7 @@ def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
 
 
 class _ReferenceImpl:
-    """The backend protocol (forward / backward) over fused_lora.reference; see kernels/lora.py for the twin."""
+    """The backend protocol (forward / backward) over fused_lora.reference; see fused_lora/kernels/lora.py for the twin."""
 
     @staticmethod
     def _dense(weight, dtype):

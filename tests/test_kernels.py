@@ -1,4 +1,4 @@
-"""The fused Triton kernels (kernels/lora.py) against fused_lora/reference.py in float64, under the CPU interpreter.
+"""The fused Triton kernels (fused_lora/kernels/lora.py) against fused_lora/reference.py in float64, under the CPU interpreter.
 
 Every case checks y, u, dx, dA, dB and db with DESIGN's tolerance rule (kernel error ≤ 2 × plain PyTorch error in
 the same dtype + atol), on ragged shapes that cross tile borders, with outputs poisoned with NaN (poison_empty).
@@ -491,7 +491,7 @@ def test_nan_and_inf_reach_the_same_outputs_as_in_the_reference(case):
 
 def test_fp16_overflow_of_the_intermediate_base_product_stays_finite():
     """The kernels round y once from fp32; the reference rounds x·Wᵀ to fp16 first, so an intermediate 80000 makes
-    it inf although y = 80000 − 64000 fits (the documented difference in kernels/lora.py)."""
+    it inf although y = 80000 − 64000 fits (the documented difference in fused_lora/kernels/lora.py)."""
     x = torch.full((4, 32), 100.0, dtype=torch.float16)
     W = torch.full((16, 32), 25.0, dtype=torch.float16)
     A = torch.ones(2, 32, dtype=torch.float16)
