@@ -7,13 +7,19 @@
 * :class:`AdamW8bit`: the same 8-bit optimizer with ordinary (non-paged) state.
 
 Paging. Each parameter's state is one managed allocation (``fused_lora._C``). A :class:`PageManager` keeps at most
-``gpu_budget_bytes`` of it resident per GPU (default: no limit, everything resident after the first step). A step
-updates parameters in chunks (about ``chunk_bytes`` of state each, one fused kernel launch per chunk on CUDA):
-while chunk i is updated on the compute stream, chunk i+1's state is prefetched on a side stream; the compute
-stream waits only on that prefetch's event. After each prefetch decision and at the end of the step, state
-beyond the budget is prefetched back to the host, least recently used first, on the side stream after an event
-that marks its last update. Nothing synchronizes the device. Chunks being updated and prefetched may exceed the
-budget transiently (by at most two chunks); after ``step()`` the resident state is within it.
+``gpu_budget_bytes`` of it resident per GPU after a step (default: no limit, everything resident after the first
+step). A step updates parameters in chunks (about ``chunk_bytes`` of state each, one fused kernel launch per chunk on
+CUDA): while chunk i is updated on the compute stream, chunk i+1's state is prefetched on a side stream; the compute
+stream waits only on that prefetch's event. After each update, state beyond the budget is prefetched back to the
+host on a second side stream, after an event that marks its last update, so evictions overlap prefetches; a
+prefetch waits for the evictions queued before it. Nothing synchronizes the device.
+
+Which state is evicted: the one whose next use is furthest away. The update order is the same every step, and for
+such a cyclic order least-recently-used eviction is the worst case (it evicts exactly the state needed next, so any
+budget below the total streams all of it every step). Evicting by furthest next use (Belady's rule) keeps the state
+that comes first in the order resident from step to step and streams only the rest: with N equal blocks of state
+and a budget of k, each step moves N - k blocks in and N - k out. During a step the GPU holds at most the budget
+plus two chunks (the one updated and the one prefetched); after ``step()`` the resident state is within it.
 
 On a CPU build of the extension the same code runs over host memory: prefetches are recorded in a simulated page
 table, so budgets, residency and eviction are observable in tests (``state_residency()``, ``paging_stats()``).
@@ -28,9 +34,9 @@ Example::
 from __future__ import annotations
 
 import math
+import operator
 import os
 import warnings
-from collections import OrderedDict
 from itertools import chain
 
 import torch
@@ -122,7 +128,7 @@ def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Update arithmetic in plain PyTorch (the CPU path and the oracle of the Triton kernels in kernels/adamw.py)
+# Update arithmetic in plain PyTorch (the CPU path and the oracle of the Triton kernels in fused_lora/kernels/adamw.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -203,17 +209,44 @@ def _warn_once(key, message: str):
 class _PagedBlock:
     """One parameter's state: a single managed allocation and the bookkeeping of where it is."""
 
-    __slots__ = ("buffer", "nbytes", "location", "last_use")
+    __slots__ = ("buffer", "nbytes", "location", "last_use", "last_move")
 
     def __init__(self, buffer, location):
         self.buffer = buffer  # uint8 managed tensor; the state tensors are views of it
         self.nbytes = buffer.numel()
         self.location = location  # device index the state is paged to
-        self.last_use = None  # CUDA event after the last update that touched it
+        self.last_use = None  # CUDA event after the last update that read and wrote it
+        self.last_move = None  # CUDA event after its last prefetch (to the GPU or to the host)
 
 
 class PageManager:
-    """Managed-memory state with a per-GPU byte budget, chunked prefetch on a side stream and LRU eviction.
+    """Managed-memory state with a per-GPU byte budget, chunked prefetch on side streams and eviction of the state
+    whose next use is furthest away.
+
+    Eviction policy. A step updates the paged blocks in the same order every step (the order of the parameters in
+    param_groups, as the optimizer groups them into chunks), so the accesses are cyclic. For a cyclic order least
+    recently used is the worst choice: the block it evicts is the one the step needs soonest, so with any budget
+    below the total state every block is streamed in and out every step. The manager knows the order and evicts the
+    resident block whose next use is furthest in the future (Belady's rule). With P blocks in the order and the
+    block at rank ``now`` just updated, the block at rank r is next used ``(r - now - 1) mod P + 1`` updates later;
+    walking the order backwards from ``now`` visits the blocks by decreasing next-use distance.
+
+    Eviction runs after each chunk's update, down to the budget, not counting the chunk being prefetched for the next
+    update. The block just updated is next used a full cycle later, the furthest of all, so it stays only if it
+    fits beside the blocks updated before it. Hence the blocks that fit first in the order stay resident from step
+    to step and every other block moves in once and out once per step: with N equal blocks and room for k, N - k
+    each way, the least any policy can move when the budget holds between steps.
+
+    Parameters skipped in a step (no gradient) keep their place in the order, so skipping one changes nothing else;
+    parameters of groups added later join the order where the step first updates them. Budgets are per GPU: each
+    GPU's blocks are a subsequence of the order and are evicted by the same rule.
+
+    Streams and ordering. Prefetches to a GPU and evictions to the host run on two side streams per GPU, so the two
+    directions of the link overlap. An eviction waits for the last update that used the block (and for its last
+    transfer); the update of a chunk waits for the event of its prefetch; a prefetch waits for the evictions queued
+    before it, so evicted memory is free before new state arrives and the GPU holds at most the budget plus two
+    chunks (the one being updated and the one being prefetched). Nothing synchronizes the device. After ``step()``
+    the resident state is within the budget.
 
     Args:
         gpu_budget_bytes: bytes of state kept resident per GPU after a step; None keeps everything resident.
@@ -231,8 +264,12 @@ class PageManager:
         self.gpu_budget_bytes = gpu_budget_bytes
         self.page_min_bytes = page_min_bytes
         self.blocks: dict = {}  # key -> _PagedBlock
-        self.resident: dict[int, OrderedDict] = {}  # location -> keys resident there, least recently used first
-        self._side_streams: dict[int, object] = {}
+        self.resident: dict[int, dict] = {}  # location -> {key: None} of the blocks resident there
+        self.resident_bytes: dict[int, int] = {}  # location -> bytes of those blocks
+        self.order: list = []  # the cyclic update order of the paged keys
+        self._rank: dict = {}  # key -> its index in self.order
+        self._side_streams: dict[tuple, object] = {}  # (location, to_host) -> CUDA stream
+        self._last_eviction: dict[int, object] = {}  # location -> CUDA event after the last eviction queued
         self.counters = {"prefetches": 0, "prefetched_bytes": 0, "evictions": 0, "evicted_bytes": 0}
 
     # -- allocation ---------------------------------------------------------------------------------------------
@@ -282,112 +319,145 @@ class PageManager:
     def release(self, key):
         """Forget a parameter's paged block (its memory is freed when the state tensors die)."""
         block = self.blocks.pop(key, None)
-        if block is not None:
-            self.resident.get(block.location, OrderedDict()).pop(key, None)
+        if block is not None and key in self.resident.get(block.location, {}):
+            del self.resident[block.location][key]
+            self.resident_bytes[block.location] -= block.nbytes
 
     def is_paged(self, key) -> bool:
         return key in self.blocks
 
+    # -- update order -------------------------------------------------------------------------------------------
+
+    def _learn_order(self, sequence):
+        """Make `sequence` (this step's paged keys, in update order) the cyclic order. A paged key the step skips
+        stays right after the key it followed before (or first, when it was first)."""
+        if len(sequence) == len(self.order) and all(map(operator.is_, sequence, self.order)):
+            return  # the usual case: the same order as the last step
+        in_step = dict.fromkeys(sequence)
+        skipped_after: dict = {}  # key of this step (None: the start) -> skipped keys that followed it
+        anchor = None
+        for key in self.order:
+            if key in in_step:
+                anchor = key
+            elif key in self.blocks:
+                skipped_after.setdefault(anchor, []).append(key)
+        order = list(skipped_after.get(None, ()))
+        for key in sequence:
+            order.append(key)
+            order.extend(skipped_after.get(key, ()))
+        self.order = order
+        self._rank = {key: rank for rank, key in enumerate(order)}
+
     # -- prefetch and eviction ----------------------------------------------------------------------------------
 
-    def _side_stream(self, location):
+    def _side_stream(self, location, to_host: bool):
+        """The side stream of GPU `location` for transfers in one direction (None on a CPU build)."""
         if not _ext.load().is_cuda_build():
             return None
-        if location not in self._side_streams:
-            self._side_streams[location] = torch.cuda.Stream(device=location)
-        return self._side_streams[location]
+        if (location, to_host) not in self._side_streams:
+            self._side_streams[location, to_host] = torch.cuda.Stream(device=location)
+        return self._side_streams[location, to_host]
 
     def _move(self, keys, target, location):
-        """Prefetch the blocks of `keys` to `target` (a device index or HOST) on the side stream of `location`."""
+        """Prefetch the blocks of `keys` to `target` (a device index or HOST_LOCATION) on the side stream of
+        `location` for that direction; returns the event after the last one (None on a CPU build, where prefetch is
+        synchronous). An eviction waits for each block's last update and last transfer; a prefetch to the GPU waits
+        for the last eviction from it (queued before, on the other side stream)."""
         ext = _ext.load()
-        stream = self._side_stream(location)
+        to_host = target == ext.HOST_LOCATION
+        stream = self._side_stream(location, to_host)
         if stream is None:
             for key in keys:
                 ext.prefetch(self.blocks[key].buffer, target, 0)
             return None
         with torch.cuda.stream(stream):
+            if not to_host and location in self._last_eviction:
+                stream.wait_event(self._last_eviction[location])
             for key in keys:
                 block = self.blocks[key]
-                if block.last_use is not None:
-                    stream.wait_event(block.last_use)
+                for event in (block.last_use, block.last_move) if to_host else ():
+                    if event is not None:
+                        stream.wait_event(event)
                 ext.prefetch(block.buffer, target, stream.cuda_stream)
-            return stream.record_event()
+            done = stream.record_event()
+        for key in keys:
+            self.blocks[key].last_move = done
+        if to_host:
+            self._last_eviction[location] = done
+        return done
 
-    def _evict(self, location, need_bytes, protect):
-        """Evict least recently used blocks at `location` until `need_bytes` more fit in the budget."""
-        if self.gpu_budget_bytes is None:
-            return
-        resident = self.resident.setdefault(location, OrderedDict())
-        used = sum(self.blocks[k].nbytes for k in resident)
-        victims = []
-        for key in list(resident):
-            if used + need_bytes <= self.gpu_budget_bytes:
-                break
-            if key in protect:
-                continue
-            victims.append(key)
-            used -= self.blocks[key].nbytes
-        for key in victims:
-            del resident[key]
-            self.counters["evictions"] += 1
-            self.counters["evicted_bytes"] += self.blocks[key].nbytes
-        if victims:
-            self._move(victims, _ext.load().HOST_LOCATION, location)
-
-    def bring_in(self, keys, protect=()):
-        """Start prefetching the paged blocks of `keys` to their GPU; returns {location: event or None}."""
+    def _bring_in(self, keys):
+        """Start prefetching the non-resident blocks of the paged `keys` to their GPU; returns {location: event}."""
         by_location: dict[int, list] = {}
         for key in keys:
-            block = self.blocks.get(key)
-            if block is not None and key not in self.resident.setdefault(block.location, OrderedDict()):
-                by_location.setdefault(block.location, []).append(key)
+            location = self.blocks[key].location
+            if key not in self.resident.setdefault(location, {}):
+                by_location.setdefault(location, []).append(key)
         events = {}
         for location, missing in by_location.items():
-            need = sum(self.blocks[k].nbytes for k in missing)
-            self._evict(location, need, set(protect) | set(keys))
             events[location] = self._move(missing, location, location)
-            for key in missing:
-                self.resident[location][key] = None
+            nbytes = sum(self.blocks[k].nbytes for k in missing)
+            self.resident[location].update(dict.fromkeys(missing))
+            self.resident_bytes[location] = self.resident_bytes.get(location, 0) + nbytes
             self.counters["prefetches"] += len(missing)
-            self.counters["prefetched_bytes"] += need
+            self.counters["prefetched_bytes"] += nbytes
         return events
 
-    def mark_used(self, keys, events):
-        """Record that `keys` were just updated (most recently used; `events` maps location to a CUDA event)."""
-        for key in keys:
-            block = self.blocks.get(key)
-            if block is None:
+    def _evict(self, now, protect):
+        """On every GPU, evict resident blocks furthest next use first (walking the order backwards from rank `now`,
+        the block updated last) until the resident state other than the keys in `protect` fits the budget."""
+        if self.gpu_budget_bytes is None or not self.order:
+            return
+        period = len(self.order)
+        for location, resident in self.resident.items():
+            over = self.resident_bytes.get(location, 0) - self.gpu_budget_bytes
+            over -= sum(self.blocks[k].nbytes for k in protect if k in resident)
+            victims = []
+            for back in range(period):
+                if over <= 0:
+                    break
+                key = self.order[(now - back) % period]
+                if key in resident and key not in protect:
+                    victims.append(key)
+                    over -= self.blocks[key].nbytes
+            if not victims:
                 continue
-            self.resident.setdefault(block.location, OrderedDict()).move_to_end(key)
-            block.last_use = events.get(block.location)
-
-    def enforce_budget(self):
-        """Evict least recently used state until every GPU is within the budget."""
-        for location in list(self.resident):
-            self._evict(location, 0, ())
+            nbytes = sum(self.blocks[k].nbytes for k in victims)
+            for key in victims:
+                del resident[key]
+            self.resident_bytes[location] -= nbytes
+            self.counters["evictions"] += len(victims)
+            self.counters["evicted_bytes"] += nbytes
+            self._move(victims, _ext.load().HOST_LOCATION, location)
 
     def run(self, chunks, update):
-        """Apply `update(chunk)` to every chunk, each chunk's state prefetched while the previous one updates.
+        """Apply `update(chunk)` to every chunk in order: each chunk's state is prefetched while the previous one
+        updates, and after each update the state beyond the budget is evicted, furthest next use first.
 
         A chunk is a list of work items whose ``.key`` identifies the parameter; ``.device`` its device.
         """
-        if not chunks:
-            return
-        ready = self.bring_in([w.key for w in chunks[0]])
+        keys = [[w.key for w in chunk if w.key in self.blocks] for chunk in chunks]
+        sequence = list(chain.from_iterable(keys))
+        self._learn_order(sequence)
+        now = self._rank[sequence[0]] - 1 if sequence else -1  # just before the step's first block
+        ahead = keys[0] if keys else []
+        self._evict(now, set(ahead))  # only evicts after a lowered budget or a step that stopped midway
+        ready = self._bring_in(ahead)
         for i, chunk in enumerate(chunks):
-            keys = [w.key for w in chunk]
             device = chunk[0].device
             for event in ready.values():
                 if event is not None:
                     torch.cuda.current_stream(device).wait_event(event)
-            upcoming = self.bring_in([w.key for w in chunks[i + 1]], protect=keys) if i + 1 < len(chunks) else {}
+            ahead = keys[i + 1] if i + 1 < len(chunks) else []
+            upcoming = self._bring_in(ahead)
             update(chunk)
-            done = {}
-            if device.type == "cuda":
-                done = {device.index: torch.cuda.current_stream(device).record_event()}
-            self.mark_used(keys, done)
+            if keys[i]:
+                done = torch.cuda.current_stream(device).record_event() if device.type == "cuda" else None
+                for key in keys[i]:
+                    self.blocks[key].last_use = done
+                now = self._rank[keys[i][-1]]
+            self._evict(now, set(ahead))
             ready = upcoming
-        self.enforce_budget()
 
     # -- observation --------------------------------------------------------------------------------------------
 
@@ -403,14 +473,12 @@ class PageManager:
         return "device" if location >= 0 else "unknown"
 
     def stats(self) -> dict:
-        """Budget, paged and resident bytes per location, and prefetch / eviction counters."""
-        resident = {
-            loc: sum(self.blocks[k].nbytes for k in keys) for loc, keys in self.resident.items() if keys
-        }
+        """Budget, paged bytes, resident bytes per location ({} when none) and the prefetch / eviction counters
+        (blocks and bytes moved to the GPU and back to the host since the manager was made)."""
         return {
             "gpu_budget_bytes": self.gpu_budget_bytes,
             "paged_bytes": sum(b.nbytes for b in self.blocks.values()),
-            "resident_bytes": resident,
+            "resident_bytes": {loc: n for loc, n in self.resident_bytes.items() if n},
             **self.counters,
         }
 

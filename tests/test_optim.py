@@ -312,13 +312,124 @@ def test_tiny_budget_evicts_every_state_and_result_is_unchanged(cls):
     assert stats["evictions"] == 5 * len(shapes) and stats["prefetches"] == 5 * len(shapes)
 
 
+BLOCK = 2 * 64 * 64 * 4  # paged fp32 state (exp_avg + exp_avg_sq) of a 64x64 parameter
+
+
+def step_transfers(opt, params, seed):
+    """One step with fresh gradients; returns (blocks in, blocks out, bytes in, bytes out, extension prefetch calls)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    before, calls = dict(opt.paging_stats()), _ext.load().stats()["prefetch_calls"]
+    opt.step()
+    after = opt.paging_stats()
+    moved = [after[k] - before[k] for k in ("prefetches", "evictions", "prefetched_bytes", "evicted_bytes")]
+    return (*moved, _ext.load().stats()["prefetch_calls"] - calls)
+
+
+def device_resident(opt):
+    return sorted(i for i, where in opt.state_residency().items() if where == "device")
+
+
 @needs_ext
-def test_budget_keeps_the_most_recently_used_state_resident():
-    params = make_params([(64, 64)] * 4)  # 32 KiB of fp32 state each
-    opt = fo.PagedAdamW(params, page_min_bytes=0, gpu_budget_bytes=2 * 32768, chunk_bytes=1)
-    train(params, opt, 2)
-    assert opt.state_residency() == {0: "host", 1: "host", 2: "device", 3: "device"}
-    assert opt.paging_stats()["resident_bytes"] == {0: 2 * 32768}
+@pytest.mark.parametrize(
+    "case",
+    [(0, 1), (3, 1), (5, 1), (7, 1), (8, 1), (3, 2), (5, 3)],
+    ids=lambda case: f"budget-{case[0]}of8-blocks-{case[1]}per-chunk",
+)
+def test_budget_keeps_the_first_blocks_resident_and_streams_only_the_rest(case):
+    (k, per_chunk), n = case, 8
+    free = make_params([(64, 64)] * n)
+    free_opt = fo.PagedAdamW(free, lr=1e-2, page_min_bytes=0, chunk_bytes=per_chunk * BLOCK)
+    params = make_params([(64, 64)] * n)
+    opt = fo.PagedAdamW(params, lr=1e-2, page_min_bytes=0, gpu_budget_bytes=k * BLOCK, chunk_bytes=per_chunk * BLOCK)
+    peaks = []
+    update = opt._update_chunk
+
+    def recording_update(chunk):
+        peaks.append(sum(opt.paging_stats()["resident_bytes"].values()))
+        update(chunk)
+
+    opt._update_chunk = recording_update
+    assert step_transfers(opt, params, 0)[:2] == (n, n - k)  # warm-up: every block comes in once
+    step_transfers(free_opt, free, 0)
+    for t in range(1, 4):
+        moved = step_transfers(opt, params, t)
+        step_transfers(free_opt, free, t)
+        assert moved == (n - k, n - k, (n - k) * BLOCK, (n - k) * BLOCK, 2 * (n - k)), f"step {t}"
+        assert opt.paging_stats()["resident_bytes"] == ({0: k * BLOCK} if k else {})
+        assert device_resident(opt) == list(range(k))
+    assert max(peaks) <= (k + 2 * per_chunk) * BLOCK  # within the budget plus the chunk updated and the one prefetched
+    assert_params_equal(params, free)
+
+
+@needs_ext
+def test_a_smaller_block_after_the_streamed_one_stays_resident_when_it_fits():
+    params = make_params([(64, 64)] * 3 + [(16, 64)])  # 32 KiB, 32 KiB, 32 KiB, 8 KiB of state
+    opt = fo.PagedAdamW(params, page_min_bytes=0, gpu_budget_bytes=2 * BLOCK + BLOCK // 4 + 1000, chunk_bytes=1)
+    step_transfers(opt, params, 0)
+    for t in range(1, 3):
+        assert step_transfers(opt, params, t)[:2] == (1, 1)
+        assert device_resident(opt) == [0, 1, 3]
+
+
+@needs_ext
+def test_parameters_skipped_in_a_step_keep_their_place():
+    n, k = 6, 3
+    params = make_params([(64, 64)] * n)
+    opt = fo.PagedAdamW(params, page_min_bytes=0, gpu_budget_bytes=k * BLOCK, chunk_bytes=1)
+    step_transfers(opt, params, 0)
+    for skipped, moved in ((0, n - k), (1, n - k), (4, n - k - 1), (None, n - k)):
+        g = torch.Generator().manual_seed(10 + (skipped or 0))
+        for i, p in enumerate(params):
+            p.grad = None if i == skipped else torch.randn(p.shape, generator=g)
+        before = opt.paging_stats()
+        opt.step()
+        after = opt.paging_stats()
+        assert (after["prefetches"] - before["prefetches"], after["evictions"] - before["evictions"]) == (moved, moved)
+        assert device_resident(opt) == list(range(k)), f"skipped parameter {skipped}"
+    opt.pager.gpu_budget_bytes = BLOCK  # a lowered budget holds after the next step, skipped state included
+    for i, p in enumerate(params):
+        p.grad = None if i < k else torch.randn(p.shape)
+    opt.step()
+    assert opt.paging_stats()["resident_bytes"] == {0: BLOCK} and device_resident(opt) == [0]
+
+
+@needs_ext
+def test_group_added_later_joins_the_order_where_it_is_updated():
+    first, later = make_params([(64, 64)] * 4), make_params([(64, 64)] * 2)
+    opt = fo.PagedAdamW(first, page_min_bytes=0, gpu_budget_bytes=3 * BLOCK, chunk_bytes=1)
+    step_transfers(opt, first, 0)
+    opt.add_param_group({"params": later, "lr": 3e-3})
+    assert step_transfers(opt, first + later, 1)[:2] == (3, 3)  # block 3 streams, the new blocks come in and go
+    for t in range(2, 4):
+        assert step_transfers(opt, first + later, t)[:2] == (3, 3)
+        assert device_resident(opt) == [0, 1, 2]
+
+
+@needs_ext
+def test_each_device_keeps_its_own_budget(monkeypatch):
+    # The host build simulates devices by location: blocks of odd parameters are paged to location 1.
+    n, k = 8, 2
+    free = make_params([(64, 64)] * n)
+    free_opt = fo.PagedAdamW(free, page_min_bytes=0, chunk_bytes=1)
+    params = make_params([(64, 64)] * n)
+    opt = fo.PagedAdamW(params, page_min_bytes=0, gpu_budget_bytes=k * BLOCK, chunk_bytes=1)
+    allocate, index = opt.pager.allocate, {p: i for i, p in enumerate(params)}
+
+    def allocate_by_parity(key, specs, device):
+        state = allocate(key, specs, device)
+        opt.pager.blocks[key].location = index[key] % 2
+        return state
+
+    monkeypatch.setattr(opt.pager, "allocate", allocate_by_parity)
+    for t in range(4):
+        moved = step_transfers(opt, params, t)
+        step_transfers(free_opt, free, t)
+        assert moved[:2] == ((n, n - 2 * k) if t == 0 else (n - 2 * k, n - 2 * k))
+        assert opt.paging_stats()["resident_bytes"] == {0: k * BLOCK, 1: k * BLOCK}
+        assert [[index[p] for p in opt.pager.resident[loc]] for loc in (0, 1)] == [[0, 2], [1, 3]]
+    assert_params_equal(params, free)
 
 
 @needs_ext

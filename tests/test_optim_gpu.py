@@ -1,6 +1,7 @@
 """Paged optimizers on a CUDA device (marked gpu; skipped without one): Triton update kernels vs torch.optim.AdamW
-and vs the PyTorch path, real residency under a budget (cudaMemRangeGetAttribute), no device or managed memory
-leak over 1,000 steps, and the free-memory guard of the allocator.
+and vs the PyTorch path, real residency under a budget (cudaMemRangeGetAttribute) with the first state in the
+update order resident and the rest streamed, steps queued ahead of a busy GPU, no device or managed memory leak
+over 1,000 steps, and the free-memory guard of the allocator.
 
 Tolerances: the kernels contract a·b + c into FMAs and evaluate lerp in one order, so after 30 fp32 steps the
 parameters agree with torch.optim.AdamW to a relative error of 1e-5 (a few hundred ulps of accumulated rounding
@@ -99,10 +100,38 @@ def test_residency_follows_the_budget(ext):
     params = make_params([(1024, 1024)] * 4)  # 8 MiB of fp32 state each
     block = 8 << 20
     opt = fo.PagedAdamW(params, page_min_bytes=0, gpu_budget_bytes=2 * block, chunk_bytes=1)
-    train(params, opt, 3)
+    train(params, opt, 1)
+    for t in range(1, 3):
+        before = opt.paging_stats()
+        train(params, opt, 1, start=t)
+        after = opt.paging_stats()
+        assert after["prefetches"] - before["prefetches"] == 2  # the first two stay, the last two stream
+        assert after["evictions"] - before["evictions"] == 2
     torch.cuda.synchronize()
-    assert opt.state_residency() == {0: "host", 1: "host", 2: "device", 3: "device"}
+    assert opt.state_residency() == {0: "device", 1: "device", 2: "host", 3: "host"}
     assert opt.paging_stats()["resident_bytes"] == {0: 2 * block}
+
+
+def test_steps_queued_ahead_of_a_busy_gpu_keep_results_and_residency(ext):
+    # The compute stream sleeps before each step, so the host queues three steps of prefetches, updates and
+    # evictions on three streams ahead of the GPU: the result and the final residency show the events order them.
+    grads = [[torch.randn(1024, 1024, device="cuda") for _ in range(4)] for _ in range(3)]
+    runs = []
+    for budget in (None, 2 * (8 << 20)):
+        params = make_params([(1024, 1024)] * 4)
+        opt = fo.PagedAdamW(params, lr=1e-2, page_min_bytes=0, gpu_budget_bytes=budget, chunk_bytes=1)
+        torch.cuda.synchronize()
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            torch.cuda._sleep(20_000_000)
+            opt.step()
+        torch.cuda.synchronize()
+        runs.append((params, opt.state_residency()))
+    for p, q in zip(runs[1][0], runs[0][0]):
+        assert torch.equal(p, q)
+    assert runs[0][1] == {i: "device" for i in range(4)}
+    assert runs[1][1] == {0: "device", 1: "device", 2: "host", 3: "host"}
 
 
 def test_tiny_budget_evicts_everything_and_result_is_unchanged(ext):
