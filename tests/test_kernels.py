@@ -499,3 +499,14 @@ def test_fp16_overflow_of_the_intermediate_base_product_stays_finite():
     y, _ = _kernels().forward(x, W, A, B, SCALING, None, 0.0, 0)
     assert torch.equal(y, torch.full((4, 16), 16000.0, dtype=torch.float16))
     assert torch.isinf(reference.lora_forward(x, W, A, B, SCALING)[0]).all()
+
+
+def test_huge_column_strides_are_copied_so_int32_column_offsets_cannot_overflow():
+    from fused_lora.kernels.lora import _int32_columns
+
+    transposed = torch.empty_strided((3, 40_000), (1, 60_000), device="meta")  # (K-1)·stride_k > 2**31
+    assert _int32_columns(transposed).stride() == (40_000, 1)
+    ordinary = torch.empty_strided((60_000, 40_000), (40_000, 1), device="meta")
+    assert _int32_columns(ordinary) is ordinary
+    small_transposed = torch.empty_strided((37, 64), (1, 37), device="meta")
+    assert _int32_columns(small_transposed) is small_transposed

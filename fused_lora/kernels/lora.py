@@ -213,6 +213,20 @@ def _compute_u(x2d, A, dropout_p, seed, precisions) -> torch.Tensor:
     return u
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _int32_columns(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy of it when a column offset (column index · column stride) would overflow int32.
+
+    The kernels compute row offsets in int64 and column offsets in int32 (cheaper, and exact for any tensor whose
+    last dimension is contiguous); only a huge transposed x or g needs the copy.
+    """
+    if t.shape[1] > 0 and (t.shape[1] - 1) * abs(t.stride(1)) > _INT32_MAX:
+        return t.contiguous()
+    return t
+
+
 def forward(x2d, weight, A, B, scaling: float, bias, dropout_p: float, seed: int):
     """Fused forward of the LoRA layer.
 
@@ -229,6 +243,7 @@ def forward(x2d, weight, A, B, scaling: float, bias, dropout_p: float, seed: int
         >>> A, B = torch.randn(8, 64, device="cuda"), torch.randn(200, 8, device="cuda")
         >>> y, u = forward(x, w, A, B, 2.0, None, 0.0, 0)      # y (37, 200) bf16, u (37, 8) fp32
     """
+    x2d = _int32_columns(x2d)
     M, K = x2d.shape
     N = weight.shape[0]
     r = A.shape[0]
@@ -262,6 +277,7 @@ def frozen_forward(x2d, weight, bias):
         >>> w = fl.quantize_nf4(torch.randn(200, 64, device="cuda", dtype=torch.bfloat16))
         >>> y = frozen_forward(torch.randn(37, 64, device="cuda", dtype=torch.bfloat16), w, None)   # (37, 200)
     """
+    x2d = _int32_columns(x2d)
     M, K = x2d.shape
     N = weight.shape[0]
     if tuple(weight.shape) != (N, K) or (bias is not None and tuple(bias.shape) != (N,)):
@@ -390,6 +406,7 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
         >>> y, u = forward(x, w, A, B, 2.0, None, 0.1, seed=1234)
         >>> dx, dA, dB, db = backward(torch.ones_like(y), x, w, A, B, 2.0, 0.1, 1234, u, True, True, True, False)
     """
+    g, x2d = _int32_columns(g), _int32_columns(x2d)
     M, K = x2d.shape
     N = weight.shape[0]
     r = A.shape[0]
@@ -429,6 +446,7 @@ def frozen_backward(g, weight, need_dx: bool, need_db: bool):
         >>> y = frozen_forward(x, w, bias)
         >>> dx, db = frozen_backward(torch.ones_like(y), w, True, True)
     """
+    g = _int32_columns(g)
     M, N = g.shape
     K = weight.shape[1]
     if weight.shape[0] != N:
