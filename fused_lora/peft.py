@@ -19,8 +19,8 @@ The fused forward computes, for the single active adapter (symbols of fused_lora
 
 Cases the fused path does not cover run PEFT's own forward, with one warning naming the case: several active
 adapters, LoRA variants (DoRA, aLoRA, Arrow, ...), ``lora_bias``, mixed-batch ``adapter_names``, a trainable
-base weight, a 4-bit base that is not NF4, bitsandbytes' CPU inference packing. Disabled and merged adapters
-need no LoRA product and also use PEFT's forward (no warning).
+base weight, bitsandbytes' CPU inference packing. Disabled and merged adapters need no LoRA product and also use
+PEFT's forward (no warning). Layers over a 4-bit base that is not NF4 (FP4) are not converted at all.
 
 PEFT's dropout and the fused dropout draw different masks (same distribution), so with ``lora_dropout > 0``
 training-mode outputs match PEFT only in distribution; with dropout 0 or in eval mode they match closely.
@@ -67,10 +67,10 @@ def _bnb_linear4bit_type():
 
 
 def _base_kind(base: nn.Module) -> str | None:
-    """"nf4" for a bitsandbytes Linear4bit, "dense" for any other nn.Linear, None otherwise."""
+    """"nf4" for a bitsandbytes NF4 Linear4bit, "dense" for any other nn.Linear, None otherwise (FP4 included)."""
     linear4bit = _bnb_linear4bit_type()
     if linear4bit is not None and isinstance(base, linear4bit):
-        return "nf4"
+        return "nf4" if base.weight.quant_type == "nf4" else None
     if type(base).__module__.startswith("bitsandbytes"):
         return None
     return "dense" if isinstance(base, nn.Linear) else None
@@ -140,8 +140,6 @@ class _FusedLoraForward:
         quant_state = base.weight.quant_state if base.weight.quant_state is not None else base.quant_state
         if quant_state is None:
             return "a bitsandbytes weight that is not quantized yet (move the model to its device first)"
-        if quant_state.quant_type != "nf4":
-            return f"a 4-bit {quant_state.quant_type} base (only NF4 is fused)"
         if getattr(quant_state, "packing_format_for_cpu", False):
             return "bitsandbytes' CPU inference packing of the 4-bit weight (done in eval mode without grad)"
         if not base.compute_type_is_set:
@@ -240,7 +238,8 @@ def patch_peft_model(peft_model: nn.Module) -> int:
     only overrides ``forward``. Nothing is copied or requantized: adapter weights, dropout, scaling (rsLoRA
     included) and the packed NF4 bytes stay the same tensors, optimizers built before the patch keep working,
     and ``save_pretrained`` writes the same keys as before. Layers already fused, other LoRA layer types (Conv,
-    Embedding, 8-bit) and LoRA layers over other bases are left alone. ``unpatch_peft_model`` reverses it.
+    Embedding, 8-bit) and LoRA layers over other bases (FP4 included) are left alone. ``unpatch_peft_model``
+    reverses it.
 
     Args:
         peft_model: a ``peft.PeftModel`` (or any module containing PEFT LoRA layers).
@@ -288,7 +287,7 @@ def _create_fused_layer(target: nn.Module, adapter_name: str, config, **kwargs):
 
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     kind = _base_kind(base)
-    if kind == "nf4" and base.weight.quant_type == "nf4":
+    if kind == "nf4":
         return _fused_class("Linear4bit")(target, adapter_name, config=config, **kwargs)
     if kind == "dense":
         if config.fan_in_fan_out:

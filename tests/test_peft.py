@@ -191,11 +191,12 @@ def test_patched_model_trains_like_peft_for_three_steps(tiny_llama_dir):
 
 
 def single_layer(kind, in_features, out_features):
+    """nn.Sequential holding one biased layer: "dense" (nn.Linear) or a bitsandbytes Linear4bit ("nf4", "fp4")."""
     torch.manual_seed(3)
     dense = nn.Linear(in_features, out_features, bias=True)
     if kind == "dense":
         return nn.Sequential(dense)
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=torch.float32, quant_type=kind)
     layer.load_state_dict(dense.state_dict())
     return nn.Sequential(layer.to("cpu"))
 
@@ -222,6 +223,17 @@ def test_single_layer_with_bias_odd_shapes_3d_input(kind, in_features, r):
     assert grads_fused.keys() == grads_peft.keys() and len(grads_peft) == 2
     for name in grads_peft:
         assert relative_error(grads_fused[name], grads_peft[name]) <= TIGHT, name
+
+
+def test_fp4_base_is_neither_converted_nor_counted():
+    """Only NF4 is fused: a PEFT layer over an FP4 Linear4bit stays PEFT's own (the count says what runs fused)."""
+    model = make_peft(single_layer("fp4", 64, 37), r=4, lora_alpha=8, target_modules=["0"])
+    mixed = nn.ModuleDict({"fp4": model, "nf4": make_peft(single_layer("nf4", 64, 37), r=4, target_modules=["0"])})
+    assert fl.patch_peft_model(mixed) == 1
+    assert not fused_layers(model)
+    config = fl.peft.register_fused_lora(lora_config(target_modules=["0"]))
+    registered = peft_model_from(single_layer("fp4", 64, 37), config)
+    assert not fused_layers(registered)
 
 
 # ------------------------------------------------------------------------------------------- save and load
