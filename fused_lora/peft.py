@@ -22,6 +22,10 @@ adapters, LoRA variants (DoRA, aLoRA, Arrow, ...), ``lora_bias``, mixed-batch ``
 base weight, bitsandbytes' CPU inference packing. Disabled and merged adapters need no LoRA product and also use
 PEFT's forward (no warning). Layers over a 4-bit base that is not NF4 (FP4) are not converted at all.
 
+Each fused layer runs ``lora_linear`` with ``backend=layer.fused_backend``: "auto" (the class default: the Triton
+kernels for CUDA tensors, the reference on the CPU; ``FUSED_LORA_BACKEND`` overrides it), "triton" or "reference";
+set it on one layer to override that layer.
+
 PEFT's dropout and the fused dropout draw different masks (same distribution), so with ``lora_dropout > 0``
 training-mode outputs match PEFT only in distribution; with dropout 0 or in eval mode they match closely.
 """
@@ -267,6 +271,14 @@ def patch_peft_model(peft_model: nn.Module) -> int:
 def unpatch_peft_model(peft_model: nn.Module) -> int:
     """Turn fused layers of ``peft_model`` back into PEFT's own classes in place; return how many were changed.
 
+    The layers are then exactly what PEFT built: same class, same attributes (the fused layer's NF4 cache and a
+    per-layer ``fused_backend`` are dropped), same parameters.
+
+    Args:
+        peft_model: a module containing layers converted by ``patch_peft_model`` or ``register_fused_lora``.
+    Returns:
+        the number of layers turned back.
+
     Example:
         >>> fl.peft.unpatch_peft_model(model)   # after fl.patch_peft_model(model)
         154
@@ -275,7 +287,8 @@ def unpatch_peft_model(peft_model: nn.Module) -> int:
     for module in peft_model.modules():
         if isinstance(module, _FusedLoraForward):
             module.__class__ = next(cls for cls in type(module).__mro__[1:] if not issubclass(cls, _FusedLoraForward))
-            module.__dict__.pop("_fused_nf4", None)
+            for attribute in ("_fused_nf4", "fused_backend"):
+                module.__dict__.pop(attribute, None)
             count += 1
     return count
 

@@ -149,6 +149,34 @@ def test_patch_qlora_model_counts_and_keeps_tensors(tiny_llama_dir):
     assert not fused_layers(model)
 
 
+def layer_state(model):
+    """Each LoRA layer's class and instance attributes (values compared by identity): what unpatch must restore."""
+    return {name: (type(m), {k: id(v) for k, v in vars(m).items()})
+            for name, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def test_unpatch_restores_the_peft_layers_exactly(tiny_llama_dir):
+    model = make_peft(load_qlora_base(tiny_llama_dir))
+    model(**batch())  # bitsandbytes sets its compute type on the first forward
+    before = layer_state(model)
+    fl.patch_peft_model(model)
+    fused_layers(model)[0].fused_backend = "reference"  # a per-layer backend choice
+    model(**batch())  # fills the per-layer NF4Weight cache
+    assert fl.peft.unpatch_peft_model(model) == N_LINEAR
+    assert layer_state(model) == before
+
+
+def test_optimizer_created_before_patching_trains_the_fused_adapters(tiny_llama_dir):
+    model = make_peft(load_dense_base(tiny_llama_dir))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    fl.patch_peft_model(model)
+    lora_A = fused_layers(model)[0].lora_A["default"].weight
+    start = lora_A.detach().clone()
+    model(**batch()).loss.backward()
+    optimizer.step()
+    assert lora_A.grad is not None and not torch.equal(lora_A, start)
+
+
 @pytest.mark.parametrize(
     "options",
     [dict(r=8, lora_alpha=16), dict(r=4, lora_alpha=8, use_rslora=True), dict(r=16, lora_alpha=8)],
