@@ -389,6 +389,53 @@ def test_dropout_eval_matches_peft_and_train_mode_drops(tiny_llama_dir):
                for n, p in fused_model.named_parameters() if p.requires_grad)
 
 
+def seeded_loss_and_lora_grads(model, inputs, seed=0):
+    torch.manual_seed(seed)
+    return loss_and_lora_grads(model, inputs)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_gradient_checkpointing_with_dropout_gives_the_same_gradients(tiny_llama_dir, reentrant):
+    """Recomputation must redraw the same dropout mask: the seed comes from torch's CPU generator, whose state
+    torch.utils.checkpoint restores before recomputing (with preserve_rng_state=False the gradients differ)."""
+    model = make_peft(load_qlora_base(tiny_llama_dir), lora_dropout=0.3)
+    fl.patch_peft_model(model)
+    inputs = batch(seed=13)
+    plain_loss, _, plain_grads = seeded_loss_and_lora_grads(model, inputs)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()  # the reentrant variant needs an input that requires grad
+    forwards = []
+    fused_layers(model)[0].register_forward_hook(lambda *args: forwards.append(1))
+    loss, _, grads = seeded_loss_and_lora_grads(model, inputs)
+    assert len(forwards) == 2, "the layer ran again in backward: checkpointing is active"
+    assert loss == plain_loss
+    assert grads.keys() == plain_grads.keys() and len(grads) == 2 * N_LINEAR
+    for name, grad in plain_grads.items():
+        assert relative_error(grads[name], grad) <= TIGHT, name
+    _, _, other_seed_grads = seeded_loss_and_lora_grads(model, inputs, seed=1)
+    assert relative_error(other_seed_grads[name], plain_grads[name]) > 1e-3, "dropout is active"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_dtype_change_after_patching_matches_peft(tiny_llama_dir, dtype):
+    """model.to(dtype) after the patch: the fused layers follow the new base and adapter dtype, as PEFT does."""
+    peft_model = make_peft(load_dense_base(tiny_llama_dir))
+    fused_model = copy.deepcopy(peft_model)
+    fl.patch_peft_model(fused_model)
+    exact = copy.deepcopy(peft_model).to(torch.float64)
+    peft_model.to(dtype), fused_model.to(dtype)
+    inputs = batch(seed=14)
+    results = [loss_and_lora_grads(model, inputs) for model in (fused_model, peft_model, exact)]
+    (_, fused_logits, fused_grads), (_, peft_logits, peft_grads), (_, exact_logits, exact_grads) = results
+    assert fused_logits.dtype == dtype
+    atol = 0.0 if dtype == torch.float64 else 5e-2
+    pairs = [(fused_logits, peft_logits, exact_logits)] + [(fused_grads[k], peft_grads[k], exact_grads[k])
+                                                          for k in exact_grads]
+    assert len(pairs) == 1 + 2 * N_LINEAR and fused_grads.keys() == exact_grads.keys()
+    for fused, peft_value, exact_value in pairs:
+        assert relative_error(fused, exact_value) <= 2 * relative_error(peft_value, exact_value) + atol + 1e-12
+
+
 def test_autocast_bf16_close_to_peft(tiny_llama_dir):
     peft_model = make_peft(load_dense_base(tiny_llama_dir))
     fused_model = copy.deepcopy(peft_model)
