@@ -315,7 +315,9 @@ def register_fused_lora(lora_config):
 
     Uses PEFT's custom-module registration (``LoraConfig._register_custom_module``): targets that are an
     ``nn.Linear`` or an NF4 ``bitsandbytes.nn.Linear4bit`` become ``FusedPeftLinear`` / ``FusedPeftLinear4bit``
-    layers; anything else goes through PEFT's usual dispatch. The saved adapter is an ordinary PEFT adapter.
+    layers; anything else goes through PEFT's usual dispatch (FP4 and 8-bit layers included). The saved adapter
+    is an ordinary PEFT adapter. Only this config object is changed: configs created later, and configs read back
+    from a saved adapter, build PEFT's own layers unless they are registered too.
 
     Args:
         lora_config: a ``peft.LoraConfig``.
@@ -326,6 +328,9 @@ def register_fused_lora(lora_config):
         >>> from peft import LoraConfig, get_peft_model
         >>> config = fl.peft.register_fused_lora(LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         >>> model = get_peft_model(base_model, config)   # LoRA layers are FusedPeftLinear(4bit)
+        >>> # a saved adapter, loaded straight into fused layers:
+        >>> config = fl.peft.register_fused_lora(LoraConfig.from_pretrained("adapter_dir"))
+        >>> model = PeftModel.from_pretrained(base_model, "adapter_dir", config=config, is_trainable=True)
     """
     lora_config._register_custom_module({nn.Linear: _create_fused_layer})
     return lora_config

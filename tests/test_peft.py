@@ -320,6 +320,23 @@ def test_register_fused_lora_on_dense_model(tiny_llama_dir):
     assert all(type(layer).__name__ == "FusedPeftLinear" for layer in fused_layers(registered))
 
 
+def test_register_fused_lora_touches_only_the_config_it_is_given(tiny_llama_dir):
+    registered = fl.peft.register_fused_lora(lora_config())
+    later = lora_config()
+    assert registered._custom_modules and not later._custom_modules
+    assert not fused_layers(peft_model_from(load_dense_base(tiny_llama_dir), later))
+
+
+def test_saved_adapter_loads_into_fused_layers_through_a_registered_config(tiny_llama_dir, tmp_path):
+    plain = make_peft(load_qlora_base(tiny_llama_dir), seed=4)
+    plain.save_pretrained(tmp_path / "adapter")
+    config = fl.peft.register_fused_lora(LoraConfig.from_pretrained(tmp_path / "adapter"))
+    loaded = PeftModel.from_pretrained(load_qlora_base(tiny_llama_dir), tmp_path / "adapter", config=config,
+                                       is_trainable=True).train()
+    assert len(fused_layers(loaded)) == N_LINEAR
+    assert_same_training_step(loaded, plain, batch(seed=15))
+
+
 # --------------------------------------------------------------------------- PEFT features that must keep working
 
 
@@ -475,11 +492,28 @@ def test_dora_falls_back_with_a_warning_naming_it(tiny_llama_dir, fresh_warnings
     torch.testing.assert_close(fused_logits, peft_model(**batch()).logits.detach(), rtol=0, atol=0)
 
 
-def test_patched_model_survives_deepcopy_and_pickle(tiny_llama_dir):
+@pytest.mark.parametrize("load", [load_dense_base, load_qlora_base], ids=["dense", "qlora"])
+def test_patched_model_survives_deepcopy_and_pickle(tiny_llama_dir, load):
     import pickle
 
-    model = make_peft(load_dense_base(tiny_llama_dir))
+    model = make_peft(load(tiny_llama_dir))
     fl.patch_peft_model(model)
-    clone = pickle.loads(pickle.dumps(model))
-    assert len(fused_layers(clone)) == N_LINEAR
-    torch.testing.assert_close(clone(**batch()).logits, model(**batch()).logits, rtol=0, atol=0)
+    expected = model(**batch()).logits.detach()  # after a forward: an NF4 layer holds its NF4Weight cache
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert len(fused_layers(clone)) == N_LINEAR
+        torch.testing.assert_close(clone(**batch()).logits.detach(), expected, rtol=0, atol=0)
+
+
+def test_torch_compile_of_a_patched_layer_matches_eager():
+    """torch.compile (aot_eager: traces through autograd without needing a C compiler) with graph breaks allowed."""
+    model = make_peft(single_layer("nf4", 64, 37), r=4, lora_alpha=8, target_modules=["0"])
+    fl.patch_peft_model(model)
+    layer = fused_layers(model)[0]
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    expected = layer(x)
+    expected_dx = torch.autograd.grad(expected.sum(), x)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], expected_dx, rtol=0, atol=0)
