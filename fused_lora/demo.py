@@ -132,16 +132,31 @@ def synthetic_instructions(n: int = 1200, seed: int = 0) -> list[dict]:
 
 
 def load_instructions(path: str | Path | None = None) -> list[dict]:
-    """Read a JSONL file of {"instruction": str, "response": str} (default: the shipped synthetic set)."""
+    """Read a JSONL file of {"instruction": str, "response": str} (default: the shipped synthetic set).
+
+    Raises ValueError naming the file (and line) when it is missing, empty, or holds a line that is not such an
+    object.
+
+    Example:
+        >>> load_instructions()[0]
+        {'instruction': 'Which letter comes after j?', 'response': 'k'}
+    """
     path = Path(path) if path is not None else DATA_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
     examples = []
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            example = json.loads(line)
-            if not isinstance(example.get("instruction"), str) or not isinstance(example.get("response"), str):
-                raise ValueError(f"{path}:{line_number}: expected string fields 'instruction' and 'response'")
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({error})") from None
+            if not (isinstance(example, dict) and isinstance(example.get("instruction"), str)
+                    and isinstance(example.get("response"), str)):
+                raise ValueError(f"{path}:{line_number}: expected an object with string fields 'instruction' and "
+                                 "'response'")
             examples.append(example)
     if not examples:
         raise ValueError(f"{path}: no examples")
@@ -329,10 +344,11 @@ def _parse_args(argv):
         "spinning threads slow down badly on a busy machine)",
     )
     args = parser.parse_args(argv)
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    if args.threads < 1:
-        parser.error("--threads must be at least 1")
+    for option, minimum in (("steps", 1), ("threads", 1), ("batch_size", 1), ("rank", 1), ("max_length", 2)):
+        if getattr(args, option) < minimum:
+            parser.error(f"--{option.replace('_', '-')} must be at least {minimum}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
     return args
 
 
@@ -408,54 +424,104 @@ def _print_summary(metrics: dict) -> None:
            f"(metrics in {Path(metrics['adapter_dir']).parent / 'metrics.json'})")
 
 
+class DemoInputError(ValueError):
+    """Unusable arguments or input files: the demo prints the message on one line and exits with status 2."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the demo; ``argv`` as after ``python -m fused_lora demo`` (see ``--help``). Returns the exit status."""
+    """Run the demo; ``argv`` as after ``python -m fused_lora demo`` (see ``--help``). Returns the exit status.
+
+    Example:
+        >>> status = main(["--steps", "50", "--output", "/tmp/demo"])   # 0: the loss fell and parity held
+    """
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         return _run(args)
+    except DemoInputError as error:
+        _print(f"fused-lora demo: {error}")
+        return 2
     finally:
         torch.set_num_threads(threads)
+
+
+def _device(name: str | None) -> torch.device:
+    """The torch device for ``--device`` (default: the current CUDA device if there is one, else the CPU)."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        raise DemoInputError(f"--device {name!r} is not a device ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DemoInputError(f"--device {name} asked for CUDA, but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise DemoInputError(f"--device {name} is not supported; use cpu or cuda[:index]")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _encoded_data(args, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """The examples of ``--data`` as (ids, labels); each must keep a response token within ``--max-length``."""
+    try:
+        examples = load_instructions(args.data)
+    except ValueError as error:
+        raise DemoInputError(str(error)) from None
+    if len(examples) < 2:
+        raise DemoInputError("the data set needs at least 2 examples (one to train on, one held out)")
+    encoded = [encode_example(example, tokenizer, args.max_length) for example in examples]
+    cut = sum(all(label == -100 for label in labels) for _, labels in encoded)
+    if cut:
+        longest_prompt = max(len(encode_example({**e, "response": ""}, tokenizer, 2**31)[0]) - 1 for e in examples)
+        raise DemoInputError(
+            f"--max-length {args.max_length} leaves no response token in {cut} of {len(encoded)} examples (the "
+            f"longest prompt is {longest_prompt} tokens); use --max-length {longest_prompt + 1} or more"
+        )
+    return encoded
+
+
+def _checked_model(args, model_path, compute_dtype, device, tokenizer):
+    """``_qlora_model`` for ``model_path``, with a DemoInputError when it cannot load, has no layer the fused path
+    covers, or has fewer token embeddings than the tokenizer needs."""
+    try:
+        model, n_fused = _qlora_model(model_path, compute_dtype, device, args.rank)
+    except (OSError, ValueError) as error:
+        raise DemoInputError(f"could not load --model {model_path} as a causal LM ({error})") from None
+    if n_fused == 0:
+        raise DemoInputError(
+            f"{model_path} has no LoRA layer that fused-lora can run (it needs nn.Linear or NF4 Linear4bit bases)"
+        )
+    embeddings = model.get_input_embeddings().num_embeddings
+    if embeddings < tokenizer.vocab_size:
+        tokenizer_name = "its tokenizer" if isinstance(tokenizer, HFTokenizer) else "the byte-level tokenizer"
+        raise DemoInputError(
+            f"{model_path} has {embeddings} token embeddings; {tokenizer_name} needs {tokenizer.vocab_size}"
+        )
+    return model, n_fused
 
 
 def _run(args) -> int:
     from .functional import resolve_backend
 
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        _print(f"fused-lora demo: --device {args.device!r} is not a device ({error})")
-        return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _print(f"fused-lora demo: --device {args.device} asked for CUDA, but torch sees no CUDA device")
-        return 2
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device.type not in ("cpu", "cuda"):
-        _print(f"fused-lora demo: --device {args.device} is not supported; use cpu or cuda[:index]")
-        return 2
+    device = _device(args.device)
+    if args.model is not None and not Path(args.model).is_dir():
+        raise DemoInputError(f"--model {args.model} is not a directory (give a local Hugging Face model directory)")
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     output = Path(args.output)
     torch.manual_seed(args.seed)
 
-    tokenizer = load_tokenizer(args.model)
-    encoded = [encode_example(example, tokenizer, args.max_length) for example in load_instructions(args.data)]
-    if len(encoded) < 2:
-        _print("fused-lora demo: the data set needs at least 2 examples (one to train on, one held out)")
-        return 2
-    train_set, eval_set = split_train_eval(encoded, args.batch_size)
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except (OSError, ValueError) as error:
+        raise DemoInputError(f"could not load the tokenizer of --model {args.model} ({error})") from None
+    train_set, eval_set = split_train_eval(_encoded_data(args, tokenizer), args.batch_size)
     eval_batches = [
         collate(eval_set[i : i + args.batch_size], tokenizer.pad_id, device)
         for i in range(0, len(eval_set), args.batch_size)
     ]
 
     model_path = args.model or build_base_model(output.resolve() / "base_model", tokenizer.vocab_size, args.seed)
-    model, n_fused = _qlora_model(model_path, compute_dtype, device, args.rank)
-    if model.get_input_embeddings().num_embeddings < tokenizer.vocab_size:
-        _print(f"fused-lora demo: {model_path} has {model.get_input_embeddings().num_embeddings} token embeddings "
-               f"and no tokenizer; the byte-level tokenizer needs {tokenizer.vocab_size}")
-        return 2
+    model, n_fused = _checked_model(args, model_path, compute_dtype, device, tokenizer)
     model.train()
     backend = resolve_backend("auto", device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -119,6 +119,53 @@ def test_demo_rejects_an_unusable_device(device, tmp_path, capsys):
     assert "fused-lora demo: --device" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [("--batch-size", "0", "--batch-size must be at least 1"), ("--rank", "0", "--rank must be at least 1"),
+     ("--lr", "-1", "--lr must be a positive number"), ("--lr", "nan", "--lr must be a positive number"),
+     ("--max-length", "0", "--max-length must be at least 2")],
+    ids=["batch-size-0", "rank-0", "lr-negative", "lr-nan", "max-length-0"],
+)
+def test_demo_rejects_bad_numbers_with_a_usage_error(option, value, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main([option, value, "--output", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def demo_error(argv, tmp_path, capsys) -> str:
+    """The one line the demo prints for unusable input (exit status 2), before any model is built."""
+    assert demo.main([*argv, "--output", str(tmp_path / "out")]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("fused-lora demo: ") and out.count("\n") == 1, out
+    assert not (tmp_path / "out").exists(), "nothing is written for unusable input"
+    return out
+
+
+def test_demo_rejects_a_max_length_that_cuts_off_every_response(tmp_path, capsys):
+    out = demo_error(["--max-length", "20"], tmp_path, capsys)
+    assert "--max-length 20 leaves no response token" in out and "use --max-length 65 or more" in out
+
+
+def test_demo_rejects_a_missing_or_unreadable_model_directory(tmp_path, capsys):
+    assert "is not a directory" in demo_error(["--model", str(tmp_path / "missing")], tmp_path, capsys)
+    (tmp_path / "empty").mkdir()
+    assert "could not load --model" in demo_error(["--model", str(tmp_path / "empty")], tmp_path, capsys)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "no such file"), ("", "no examples"), ('{"instruction": "a", "response": "b"}\n[1, 2]\n', ":2: expected"),
+     ('{"instruction": "a", "response": "b"}\n{"instruction": \n', ":2: not valid JSON")],
+    ids=["missing", "empty", "not-an-object", "bad-json"],
+)
+def test_demo_rejects_unusable_data(content, message, tmp_path, capsys):
+    path = tmp_path / "data.jsonl"
+    if content is not None:
+        path.write_text(content)
+    assert message in demo_error(["--data", str(path)], tmp_path, capsys)
+
+
 # ------------------------------------------------------------------------------------------------------- data
 
 
@@ -152,7 +199,7 @@ def test_collate_pads_right_and_masks_padding():
 def test_load_instructions_names_the_bad_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected string fields"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with string fields"):
         demo.load_instructions(path)
 
 
