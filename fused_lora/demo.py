@@ -196,17 +196,6 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, device) -> 
 # ---------------------------------------------------------------------------------------------------------- model
 
 
-def _bnb_config(compute_dtype):
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
-
-
 def build_base_model(directory: Path, vocab_size: int, seed: int) -> Path:
     """Save the demo's base model, a Llama built from ``DEFAULT_MODEL_CONFIG`` (random init from ``seed``, output
     head scaled by ``OUTPUT_HEAD_SCALE``), to ``directory`` in float32; returns the directory.
