@@ -8,7 +8,10 @@ What it does, start to end:
   3. fine-tunes on a synthetic instruction set shipped with the package (``fused_lora/data/instructions.jsonl``,
      byte-level tokens: token = byte + 3 after <pad>, <bos>, <eos>), loss on the response tokens only;
   4. prints the loss at the start and end, tokens/s and peak memory, and checks parity against PEFT +
-     bitsandbytes: the same model, weights and batch with the LoRA layers turned back into PEFT's own;
+     bitsandbytes: the same model, weights and batch with the LoRA layers turned back into PEFT's own (on CUDA
+     this compares the Triton kernels with bitsandbytes; on the CPU the fused side runs the plain-PyTorch
+     reference backend, so it checks the NF4 decoding, the LoRA math and its backward, not the kernels; the
+     output says which);
   5. saves the adapter with ``save_pretrained`` (an ordinary PEFT adapter) and a ``metrics.json`` under
      ``--output`` (default ./fused_lora_demo_out), next to ``base_model/`` (the generated base model in float32,
      which the adapter needs; absent with ``--model``).
@@ -302,6 +305,23 @@ def parity_with_peft(model, batch) -> dict:
     }
 
 
+def parity_sides(backend: str) -> str:
+    """What the parity check compares: which code computes each side on ``backend`` ("triton" or "reference").
+
+    Example:
+        >>> parity_sides("triton")[:38]
+        'fused: the Triton kernels (NF4 decoded'
+    """
+    peft_side = "PEFT+bitsandbytes: PEFT's LoRA layers over bitsandbytes' dequantize_4bit + matmul"
+    if backend == "triton":
+        return f"fused: the Triton kernels (NF4 decoded inside the GEMM, LoRA term fused); {peft_side}"
+    return (
+        f"fused: backend {backend!r}, plain PyTorch (fused_lora's own NF4 dequantization + matmul, its explicit LoRA "
+        f"backward), NOT the Triton kernels, which run on CUDA; {peft_side}. Both sides decode the same NF4 bytes to "
+        "the same weights, so the forward may agree to the last bit"
+    )
+
+
 def _parity_tolerance(compute_dtype) -> float:
     return {torch.float32: 1e-4, torch.float64: 1e-8}.get(compute_dtype, 5e-2)
 
@@ -409,6 +429,7 @@ def _print_summary(metrics: dict) -> None:
            f"logits rel err {parity['logits_rel_err']:.2e}, LoRA grad rel err (max of "
            f"{parity['lora_grads_compared']}) {parity['lora_grad_rel_err_max']:.2e}  "
            f"[{'OK' if metrics['parity_ok'] else 'MISMATCH'} at tolerance {metrics['parity_tolerance']:.0e}]")
+    _print(f"  compared: {metrics['parity_sides']}")
     _print(f"adapter saved in PEFT format to {metrics['adapter_dir']}{os.sep} "
            f"(metrics in {Path(metrics['adapter_dir']).parent / 'metrics.json'})")
 
@@ -554,6 +575,7 @@ def _run(args) -> int:
         "peak_memory_kind": memory_kind,
         "parity": parity,
         "parity_tolerance": tolerance,
+        "parity_sides": parity_sides(backend),
         "parity_ok": max(parity["loss_abs_diff"], parity["logits_rel_err"], parity["lora_grad_rel_err_max"])
         <= tolerance,
         "adapter_dir": str(adapter_dir),

@@ -57,6 +57,10 @@ def test_demo_cli_succeeds_and_prints_the_summary(demo_run):
     for expected in ("loss (train", "loss (held-out)", "[decreased]", "tokens/s", "peak memory", "14 layers fused"):
         assert expected in out, expected
     assert "parity vs PEFT+bitsandbytes" in out and "[OK at tolerance" in out
+    if not torch.cuda.is_available():
+        compared = next(line for line in out.splitlines() if line.strip().startswith("compared:"))
+        assert "backend 'reference'" in compared and "NOT the Triton kernels" in compared, "says what ran on the CPU"
+        assert "bitsandbytes' dequantize_4bit" in compared
     assert "fine-tuning" in result.stderr, "tqdm progress bar"
 
 
