@@ -111,6 +111,39 @@ def test_demo_with_a_local_model_directory(tmp_path):
     assert (output / "adapter" / "adapter_model.safetensors").exists()
 
 
+def save_bpe_tokenizer(path):
+    """A small byte-level BPE tokenizer (trained here, no download) with <s> / </s>, saved as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    texts = [demo.PROMPT_TEMPLATE.format(instruction=e["instruction"]) + e["response"]
+             for e in demo.load_instructions()[:200]]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def test_demo_with_a_local_model_and_its_own_tokenizer(tmp_path):
+    model_dir = tmp_path / "model"
+    hf_tokenizer = save_bpe_tokenizer(model_dir)
+    save_tiny_llama(model_dir, vocab_size=len(hf_tokenizer))
+    tokenizer = demo.load_tokenizer(str(model_dir))
+    assert isinstance(tokenizer, demo.HFTokenizer) and tokenizer.bos_id == hf_tokenizer.bos_token_id
+    ids, labels = demo.encode_example({"instruction": "Repeat ba twice.", "response": "ba ba"}, tokenizer, 96)
+    assert ids[0] == tokenizer.bos_id and ids[-1] == labels[-1] == tokenizer.eos_id
+    assert tokenizer.decode(ids[1:-1]) == demo.PROMPT_TEMPLATE.format(instruction="Repeat ba twice.") + "ba ba"
+    output = tmp_path / "out"
+    assert demo.main(["--model", str(model_dir), "--steps", "2", "--output", str(output), "--rank", "4"]) in (0, 1)
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["fused_layers"] == 14 and metrics["parity_ok"] is True
+
+
 def test_demo_rejects_a_model_too_small_for_the_byte_tokenizer(tmp_path, capsys):
     model_dir = save_tiny_llama(tmp_path / "model", vocab_size=100)
     assert demo.main(["--model", str(model_dir), "--steps", "1", "--output", str(tmp_path / "out")]) == 2
