@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 
 import torch
 
@@ -71,13 +72,24 @@ def package_status(name: str) -> dict:
 
 
 def auto_backend() -> dict:
-    """The backend that ``backend="auto"`` resolves to for CUDA tensors and for CPU tensors."""
+    """The backend that ``backend="auto"`` resolves to for CUDA tensors and for CPU tensors.
+
+    Returns {"cuda": str, "cpu": str, "override": str or None}: a backend name, or "error: ..." when the choice is
+    unusable (e.g. a bad ``FUSED_LORA_BACKEND``); "override" is the environment setting, if any.
+
+    Example:
+        >>> auto_backend()      # on a CPU-only machine with Triton installed, no override
+        {'cuda': 'triton', 'cpu': 'reference', 'override': None}
+    """
     from .functional import BACKEND_ENV_VAR, resolve_backend
 
     choice = {}
     for device_type in ("cuda", "cpu"):
         try:
-            choice[device_type] = resolve_backend("auto", torch.device(device_type))
+            with warnings.catch_warnings():
+                # "falling back to the reference backend because Triton is missing": the Triton line says so
+                warnings.simplefilter("ignore", RuntimeWarning)
+                choice[device_type] = resolve_backend("auto", torch.device(device_type), caller="info")
         except (RuntimeError, ValueError) as error:
             choice[device_type] = f"error: {error}"
     override = os.environ.get(BACKEND_ENV_VAR)
@@ -111,6 +123,11 @@ def _format(report: dict) -> str:
     backend = report["auto_backend"]
     cuda_note = "" if report["cuda"]["available"] else " (no CUDA device here)"
     override = f"; overridden by {backend['override']}" if backend["override"] else ""
+    if backend["cuda"] == backend["cpu"] and backend["cpu"].startswith("error: "):
+        auto_line = f'  backend "auto": {backend["cpu"]}{override}'
+    else:
+        auto_line = (f'  backend "auto": {backend["cuda"]} for CUDA tensors{cuda_note}, {backend["cpu"]} for CPU '
+                     f"tensors{override}")
     lines = [
         f"fused-lora {report['fused_lora']}  (python {report['python']}, torch {report['torch']})",
         line("CUDA", report["cuda"]),
@@ -119,8 +136,7 @@ def _format(report: dict) -> str:
         line("bitsandbytes", report["bitsandbytes"]),
         line("peft", report["peft"]),
         line("transformers", report["transformers"]),
-        f'  backend "auto": {backend["cuda"]} for CUDA tensors{cuda_note}, {backend["cpu"]} for CPU tensors'
-        f"{override}",
+        auto_line,
     ]
     return "\n".join(lines)
 

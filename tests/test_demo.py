@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 # peft, transformers and bitsandbytes are test requirements: a failing import must fail here, not skip.
 import bitsandbytes  # noqa: F401
@@ -281,3 +282,23 @@ def test_info_shows_the_backend_override(monkeypatch):
     monkeypatch.setenv("FUSED_LORA_BACKEND", "reference")
     choice = info.auto_backend()
     assert choice["cuda"] == "reference" and choice["override"] == "FUSED_LORA_BACKEND=reference"
+
+
+def test_info_without_triton_reports_it_once_and_warns_nothing(monkeypatch, capsys):
+    from fused_lora import functional
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setattr(functional, "_warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warning from resolve_backend would raise here
+        assert info.main([]) == 0
+    out = capsys.readouterr().out
+    assert "Triton         no   not importable" in out
+    assert 'backend "auto": reference for CUDA tensors' in out
+
+
+def test_info_names_a_bad_backend_override_once(monkeypatch, capsys):
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "bogus")
+    assert info.main([]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if 'backend "auto"' in line)
+    assert line.count("unknown backend 'bogus'") == 1 and "FUSED_LORA_BACKEND=bogus" in line
