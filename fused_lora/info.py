@@ -30,10 +30,16 @@ def cuda_status() -> dict:
         detail = f"torch built for CUDA {torch.version.cuda}, but no CUDA device is visible"
         return {"available": False, "detail": detail}
     devices = []
-    for index in range(torch.cuda.device_count()):
-        major, minor = torch.cuda.get_device_capability(index)
-        memory_gib = torch.cuda.get_device_properties(index).total_memory / 2**30
-        devices.append(f"cuda:{index} {torch.cuda.get_device_name(index)} (sm_{major}{minor}, {memory_gib:.0f} GiB)")
+    try:
+        for index in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(index)
+            memory_gib = torch.cuda.get_device_properties(index).total_memory / 2**30
+            devices.append(
+                f"cuda:{index} {torch.cuda.get_device_name(index)} (sm_{major}{minor}, {memory_gib:.0f} GiB)"
+            )
+    except (RuntimeError, AssertionError) as error:
+        detail = f"torch built for CUDA {torch.version.cuda} sees a device but cannot query it ({error})"
+        return {"available": False, "detail": detail}
     return {"available": True, "detail": f"CUDA {torch.version.cuda}; " + "; ".join(devices)}
 
 
@@ -58,7 +64,11 @@ def extension_status() -> dict:
     module = _ext.load()
     if not _ext.is_available():
         return {"available": False, "detail": f"missing: {module._reason}"}
-    build = "CUDA managed memory" if module.is_cuda_build() else "host-memory C++ build (no CUDA)"
+    try:
+        build = "CUDA managed memory" if module.is_cuda_build() else "host-memory C++ build (no CUDA)"
+    except Exception as error:  # a stale or foreign build: anything it raises says why it is unusable
+        detail = f"{module.__file__} is not a usable build ({type(error).__name__}: {error}); rebuild it"
+        return {"available": False, "detail": detail}
     return {"available": True, "detail": f"loaded from {module.__file__} ({build})"}
 
 

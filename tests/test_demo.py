@@ -302,3 +302,27 @@ def test_info_names_a_bad_backend_override_once(monkeypatch, capsys):
     assert info.main([]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if 'backend "auto"' in line)
     assert line.count("unknown backend 'bogus'") == 1 and "FUSED_LORA_BACKEND=bogus" in line
+
+
+def test_info_survives_a_cuda_device_that_cannot_be_queried(monkeypatch, capsys):
+    """torch can see a device yet fail to query it (driver mismatch, a GPU with no memory left for a context)."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", broken)
+    status = info.cuda_status()
+    assert status["available"] is False and "CUDA error: out of memory" in status["detail"]
+
+
+def test_info_survives_an_extension_without_its_functions(monkeypatch):
+    from fused_lora import _ext
+
+    stale = type(sys)("fused_lora._C")
+    stale.__file__ = "/stale/_C.so"
+    monkeypatch.setattr(_ext, "_module", stale)
+    status = info.extension_status()
+    assert status["available"] is False and "is_cuda_build" in status["detail"]
