@@ -76,7 +76,16 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer behind ByteTokenizer's interface (for ``--model PATH`` with its own tokenizer)."""
+    """A Hugging Face tokenizer behind ByteTokenizer's interface (for ``--model PATH`` with its own tokenizer).
+
+    pad falls back to eos, and eos to id 0, when the tokenizer has none; bos may be None (then none is added).
+
+    Example:
+        >>> from transformers import AutoTokenizer
+        >>> tokenizer = HFTokenizer(AutoTokenizer.from_pretrained("path/to/model"))
+        >>> tokenizer.decode(tokenizer.encode("Hi"))
+        'Hi'
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -129,6 +138,10 @@ def synthetic_instructions(n: int = 1200, seed: int = 0) -> list[dict]:
 
     Eight small tasks (reverse, capitals, addition, repeat, sort, count, next letter, spell with dashes).
     ``fused_lora/data/instructions.jsonl`` holds ``synthetic_instructions()`` one JSON object per line.
+
+    Example:
+        >>> synthetic_instructions(2)[1]
+        {'instruction': 'What is 48 plus 6?', 'response': '54'}
     """
     rng = random.Random(seed)
     return [dict(zip(("instruction", "response"), _instruction(rng))) for _ in range(n)]
@@ -167,7 +180,15 @@ def load_instructions(path: str | Path | None = None) -> list[dict]:
 
 
 def encode_example(example: dict, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels): <bos> prompt response <eos>, labels -100 on the prompt (loss on the response only)."""
+    """(input_ids, labels): <bos> prompt response <eos>, labels -100 on the prompt (loss on the response only).
+
+    Both lists have the same length, at most ``max_length`` (the end is cut off).
+
+    Example:
+        >>> ids, labels = encode_example({"instruction": "Hi", "response": "ok"}, ByteTokenizer(), 96)
+        >>> len(ids), labels[-3:]
+        (38, [114, 110, 2])
+    """
     prompt = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(
         PROMPT_TEMPLATE.format(instruction=example["instruction"])
     )
@@ -178,13 +199,26 @@ def encode_example(example: dict, tokenizer, max_length: int) -> tuple[list[int]
 
 
 def split_train_eval(encoded: list, batch_size: int) -> tuple[list, list]:
-    """(train, held-out): the last min(10 %, 4 batches) of the examples are held out (at least one)."""
+    """(train, held-out): the last min(10 %, 4 batches) of the examples are held out (at least one).
+
+    Example:
+        >>> train_set, eval_set = split_train_eval(list(range(1200)), batch_size=16)
+        >>> len(train_set), len(eval_set)
+        (1136, 64)
+    """
     n_eval = max(1, min(len(encoded) // 10, 4 * batch_size))
     return encoded[:-n_eval], encoded[-n_eval:]
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
-    """Right-pad a list of (ids, labels) into input_ids / labels / attention_mask tensors of shape (batch, T)."""
+    """Right-pad a list of (ids, labels) into int64 input_ids / labels / attention_mask tensors of shape (batch, T),
+    T the longest example; padding is ``pad_id`` in input_ids, -100 in labels and 0 in attention_mask.
+
+    Example:
+        >>> batch = collate([([1, 5, 6], [-100, 5, 6]), ([1, 7], [-100, 7])], pad_id=0, device="cpu")
+        >>> batch["input_ids"].tolist(), batch["labels"].tolist()
+        ([[1, 5, 6], [1, 7, 0]], [[-100, 5, 6], [-100, 7, -100]])
+    """
     length = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), length), -100, dtype=torch.long)
@@ -205,6 +239,10 @@ def build_base_model(directory: Path, vocab_size: int, seed: int) -> Path:
 
     The saved model is what the adapter was trained on: reload it with a ``BitsAndBytesConfig`` and apply the
     adapter with ``peft.PeftModel.from_pretrained``.
+
+    Example:
+        >>> path = build_base_model(Path("out/base_model"), ByteTokenizer.vocab_size, seed=0)
+        >>> model = load_quantized_model(path, torch.float32, torch.device("cpu"))
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -219,7 +257,12 @@ def build_base_model(directory: Path, vocab_size: int, seed: int) -> Path:
 
 def load_quantized_model(model_path: str | Path, compute_dtype, device):
     """The causal LM at ``model_path`` with its linear layers quantized to NF4 by bitsandbytes (``Linear4bit``,
-    double quantization); embeddings, norms and the output head stay dense."""
+    double quantization, ``compute_dtype``); embeddings, norms and the output head stay dense, in ``compute_dtype``.
+    The whole model is placed on ``device``.
+
+    Example:
+        >>> model = load_quantized_model("path/to/model", torch.bfloat16, torch.device("cuda", 0))
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(
@@ -249,7 +292,12 @@ def _quiet_transformers():
 
 
 def load_tokenizer(model_path: str | None):
-    """The model's own tokenizer when ``model_path`` has one, else the byte-level tokenizer."""
+    """The model's own tokenizer (an ``HFTokenizer``) when ``model_path`` has one, else the byte-level tokenizer.
+
+    Example:
+        >>> load_tokenizer(None).vocab_size
+        259
+    """
     if model_path is not None and any(
         (Path(model_path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     ):
@@ -263,7 +311,12 @@ def load_tokenizer(model_path: str | None):
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
-    """(MiB, what was measured): CUDA max allocated on a GPU, the process's peak RSS on the CPU."""
+    """(MiB, what was measured): CUDA max allocated on a GPU, the process's peak RSS on the CPU.
+
+    Example:
+        >>> peak_memory(torch.device("cpu"))[1]
+        'process peak RSS'
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
@@ -283,7 +336,15 @@ def parity_with_peft(model, batch) -> dict:
 
     The PEFT side is the same model with its LoRA layers turned back into PEFT's classes
     (``unpatch_peft_model``): same NF4 bytes, same adapter tensors, same batch. Run in training mode (LoRA
-    dropout must be 0 for an exact comparison).
+    dropout must be 0 for an exact comparison). ``parity_sides`` says which code computes each side.
+
+    Returns:
+        {"fused_loss", "peft_bnb_loss", "loss_abs_diff", "logits_rel_err" (‖fused − peft‖/‖peft‖ over the
+        logits), "lora_grad_rel_err_max" (the largest such error over the LoRA gradients), "lora_grads_compared"}.
+
+    Example:
+        >>> parity_with_peft(model, collate(eval_set[:16], pad_id=0, device="cpu"))["logits_rel_err"] < 1e-4
+        True
     """
     from .peft import patch_peft_model, unpatch_peft_model
     from .testing import relative_error
@@ -328,7 +389,11 @@ def _parity_tolerance(compute_dtype) -> float:
 
 @torch.no_grad()
 def held_out_loss(model, batches) -> float:
-    """Mean loss over ``batches`` (model kept in its current mode; LoRA dropout off in the demo)."""
+    """Mean loss over ``batches`` (model kept in its current mode; LoRA dropout off in the demo), without grad.
+
+    Example:
+        >>> loss = held_out_loss(model, [collate(eval_set[:16], pad_id=0, device="cpu")])   # a float
+    """
     return sum(model(**batch).loss.item() for batch in batches) / len(batches)
 
 
@@ -386,6 +451,10 @@ def train(model, train_set: list, pad_id: int, device, steps: int, batch_size: i
     """AdamW on the trainable (LoRA) parameters with a cosine schedule, reshuffling ``train_set`` each epoch.
 
     Returns (per-step losses, number of non-pad tokens seen, seconds).
+
+    Example:
+        >>> losses, tokens, seconds = train(model, train_set, pad_id=0, device=torch.device("cpu"), steps=300,
+        ...                                 batch_size=16, lr=3e-3, seed=0)
     """
     from tqdm import tqdm
 

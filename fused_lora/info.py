@@ -23,7 +23,13 @@ def _import_error(error: BaseException) -> str:
 
 
 def cuda_status() -> dict:
-    """{"available": bool, "detail": str}: the devices torch sees, or why there are none."""
+    """{"available": bool, "detail": str}: the devices torch sees, or why there are none (or why they cannot be
+    queried).
+
+    Example:
+        >>> cuda_status()     # a CPU build of torch
+        {'available': False, 'detail': 'torch 2.13.0+cpu is a build without CUDA'}
+    """
     if torch.version.cuda is None:
         return {"available": False, "detail": f"torch {torch.__version__} is a build without CUDA"}
     if not torch.cuda.is_available():
@@ -44,7 +50,12 @@ def cuda_status() -> dict:
 
 
 def triton_status() -> dict:
-    """{"available": bool, "detail": str}: Triton's version and whether its CPU interpreter is on."""
+    """{"available": bool, "detail": str}: Triton's version and whether its CPU interpreter is on.
+
+    Example:
+        >>> triton_status()["detail"]
+        '3.9.0, compiled kernels (needs a CUDA device; set TRITON_INTERPRET=1 before import to run on the CPU)'
+    """
     try:
         import triton
     except Exception as error:  # a broken install can raise more than ImportError
@@ -58,7 +69,12 @@ def triton_status() -> dict:
 
 
 def extension_status() -> dict:
-    """{"available": bool, "detail": str}: whether ``fused_lora._C`` loads, its build, or why it is missing."""
+    """{"available": bool, "detail": str}: whether ``fused_lora._C`` loads, its build, or why it is missing.
+
+    Example:
+        >>> extension_status()["available"]     # after `pip install --no-build-isolation -e .`
+        True
+    """
     from . import _ext
 
     module = _ext.load()
@@ -73,7 +89,12 @@ def extension_status() -> dict:
 
 
 def package_status(name: str) -> dict:
-    """{"available": bool, "detail": str}: a Python package's version, or why it does not import."""
+    """{"available": bool, "detail": str}: a Python package's version, or why it does not import.
+
+    Example:
+        >>> package_status("peft")
+        {'available': True, 'detail': '0.21.2'}
+    """
     try:
         module = importlib.import_module(name)
     except Exception as error:
@@ -108,7 +129,13 @@ def auto_backend() -> dict:
 
 
 def collect() -> dict:
-    """Everything ``info`` prints, as a dict (also what ``--json`` writes)."""
+    """Everything ``info`` prints, as a dict (also what ``--json`` writes): versions, and a status dict (see
+    ``cuda_status``) per component under "cuda", "triton", "extension", "bitsandbytes", "peft", "transformers".
+
+    Example:
+        >>> collect()["auto_backend"]["cpu"]
+        'reference'
+    """
     from . import __version__
 
     return {
@@ -152,7 +179,12 @@ def _format(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the report (``--json`` for JSON); returns 0."""
+    """Print the report (``--json`` for JSON); returns 0. ``argv`` as after ``python -m fused_lora info``.
+
+    Example:
+        >>> main(["--json"])      # prints the JSON object of ``collect()``
+        0
+    """
     parser = argparse.ArgumentParser(prog="python -m fused_lora info", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
