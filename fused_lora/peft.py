@@ -80,6 +80,11 @@ def _base_kind(base: nn.Module) -> str | None:
     return "dense" if isinstance(base, nn.Linear) else None
 
 
+def _side_dtypes(compute_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes lora_linear accepts for the adapters and the bias next to x in ``compute_dtype``."""
+    return (torch.float64,) if compute_dtype == torch.float64 else (compute_dtype, torch.float32)
+
+
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -153,7 +158,7 @@ class _FusedLoraForward:
         return self._nf4_weight(base.weight, quant_state), compute_dtype, base.bias, x.dtype
 
     def _adapter_problem(self, adapter: str, compute_dtype: torch.dtype) -> str | None:
-        allowed = (compute_dtype, torch.float32)
+        allowed = _side_dtypes(compute_dtype)
         for name, linear in (("lora_A", self.lora_A[adapter]), ("lora_B", self.lora_B[adapter])):
             if linear.weight.dtype not in allowed:
                 return f"{name} in {linear.weight.dtype} with compute dtype {compute_dtype}"
@@ -181,7 +186,7 @@ class _FusedLoraForward:
 
         dropout = self.lora_dropout[adapter]
         dropout_p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        if bias is not None and bias.dtype not in (compute_dtype, torch.float32):
+        if bias is not None and bias.dtype not in _side_dtypes(compute_dtype):
             bias = bias.to(compute_dtype)
         autocast_off = _autocast_dtype(x.device.type) is not None
         with torch.autocast(x.device.type, enabled=False) if autocast_off else contextlib.nullcontext():

@@ -492,6 +492,18 @@ def test_dora_falls_back_with_a_warning_naming_it(tiny_llama_dir, fresh_warnings
     torch.testing.assert_close(fused_logits, peft_model(**batch()).logits.detach(), rtol=0, atol=0)
 
 
+def test_fp32_adapters_over_an_fp64_base_fall_back_instead_of_failing(fresh_warnings):
+    """lora_linear takes fp32 adapters only below fp64; PEFT runs this case, so the fused layer must hand it over."""
+    model = make_peft(nn.Sequential(nn.Linear(129, 37).double()), r=4, target_modules=["0"])
+    layer = model.base_model.model[0]
+    layer.lora_A["default"].float(), layer.lora_B["default"].float()
+    x = torch.randn(2, 5, 129, dtype=torch.float64)
+    expected = model(x).detach()
+    fl.patch_peft_model(model)
+    with pytest.warns(RuntimeWarning, match="lora_A in torch.float32 with compute dtype torch.float64"):
+        torch.testing.assert_close(model(x).detach(), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("load", [load_dense_base, load_qlora_base], ids=["dense", "qlora"])
 def test_patched_model_survives_deepcopy_and_pickle(tiny_llama_dir, load):
     import pickle
