@@ -31,6 +31,16 @@ TIGHT = 1e-5
 N_LINEAR = 2 * 7  # q, k, v, o, gate, up, down per layer
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The models here are tiny: one thread is as fast, and spinning worker threads on a busy 2-core machine made
+    single tests 10-40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -349,6 +359,22 @@ def test_disable_adapter_gives_the_base_model(tiny_llama_dir):
     enabled = model(**batch()).logits.detach()
     torch.testing.assert_close(disabled, base_logits, rtol=0, atol=0)
     assert relative_error(enabled, base_logits) > 1e-3, "the adapter is active again after the context"
+
+
+def test_set_adapter_switches_between_two_fused_adapters(tiny_llama_dir):
+    peft_model = make_peft(load_qlora_base(tiny_llama_dir))
+    torch.manual_seed(16)
+    peft_model.add_adapter("second", lora_config(r=4, lora_alpha=12))
+    fused_model = copy.deepcopy(peft_model)
+    fl.patch_peft_model(fused_model)
+    outputs = {}
+    for adapter in ("second", "default", "second"):
+        for model in (fused_model, peft_model):
+            model.set_adapter(adapter)
+            model.train()
+        assert_same_training_step(fused_model, peft_model, batch(seed=17))
+        outputs[adapter] = fused_model(**batch(seed=17)).logits.detach()
+    assert relative_error(outputs["second"], outputs["default"]) > 1e-3, "the adapters differ"
 
 
 def test_merge_and_unload_dense(tiny_llama_dir):
