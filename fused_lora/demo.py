@@ -583,6 +583,10 @@ def _run(args) -> int:
     from .functional import resolve_backend
 
     device = _device(args.device)
+    try:
+        backend = resolve_backend("auto", device)
+    except (RuntimeError, ValueError) as error:
+        raise DemoInputError(str(error)) from None
     if args.model is not None and not Path(args.model).is_dir():
         raise DemoInputError(f"--model {args.model} is not a directory (give a local Hugging Face model directory)")
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -602,7 +606,6 @@ def _run(args) -> int:
     model_path = args.model or build_base_model(output.resolve() / "base_model", tokenizer.vocab_size, args.seed)
     model, n_fused = _checked_model(args, model_path, compute_dtype, device, tokenizer)
     model.train()
-    backend = resolve_backend("auto", device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     source = args.model or f"tiny Llama from config (random init, saved to {model_path})"

@@ -190,6 +190,11 @@ def demo_error(argv, tmp_path, capsys) -> str:
     return out
 
 
+def test_demo_rejects_an_unusable_backend_override(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "bogus")
+    assert "FUSED_LORA_BACKEND: unknown backend 'bogus'" in demo_error([], tmp_path, capsys)
+
+
 def test_demo_rejects_a_max_length_that_cuts_off_every_response(tmp_path, capsys):
     out = demo_error(["--max-length", "20"], tmp_path, capsys)
     assert "--max-length 20 leaves no response token" in out and "use --max-length 65 or more" in out
