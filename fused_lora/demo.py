@@ -514,15 +514,29 @@ def main(argv: list[str] | None = None) -> int:
         >>> status = main(["--steps", "50", "--output", "/tmp/demo"])   # 0: the loss fell and parity held
     """
     args = _parse_args(sys.argv[1:] if argv is None else argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        try:
+            return _run(args)
+        except DemoInputError as error:
+            _print(f"fused-lora demo: {error}")
+            return 2
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run a block with torch's intra-op CPU thread count set to ``threads``, restoring the previous count after.
+
+    Example:
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        return _run(args)
-    except DemoInputError as error:
-        _print(f"fused-lora demo: {error}")
-        return 2
+        yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
 
 
 def _device(name: str | None) -> torch.device:

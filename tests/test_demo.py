@@ -14,16 +14,15 @@ import torch
 import transformers  # noqa: F401
 
 from fused_lora import demo, info
+from fused_lora.demo import torch_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
     """The models here are tiny: one thread is as fast, and spinning worker threads on a busy 2-core machine made
     single tests 10-40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def save_tiny_llama(path, vocab_size):

@@ -24,6 +24,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 import fused_lora as fl
+from fused_lora.demo import torch_threads
 from fused_lora.testing import relative_error
 
 # fp32 on both sides; only the summation order of the backward differs.
@@ -35,10 +36,8 @@ N_LINEAR = 2 * 7  # q, k, v, o, gate, up, down per layer
 def one_torch_thread():
     """The models here are tiny: one thread is as fast, and spinning worker threads on a busy 2-core machine made
     single tests 10-40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
