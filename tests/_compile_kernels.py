@@ -212,8 +212,10 @@ def _u_case(dtype: str, adapter: str, r: int, dropout: bool) -> Case:
 
 def _vdb_case(dtype: str, r: int | None) -> Case:
     """lora_vdb_kernel as lora._launch_vdb launches it at M=8192 (r=None: the frozen layer's db only)."""
+    from fused_lora.kernels.lora import vdb_tile
+
     r_pad = _rank_pad(r) if r else 16
-    block_m = 128 if r_pad <= 32 else 64 if r_pad <= 64 else 32
+    block_m, block_n, warps = vdb_tile(M_LARGE, r_pad)
     lora = r is not None
     args = {
         "g_ptr": Ptr(dtype), "b_ptr": Ptr("fp32") if lora else None, "u_ptr": Ptr("fp32") if lora else None,
@@ -223,10 +225,10 @@ def _vdb_case(dtype: str, r: int | None) -> Case:
         "stride_um": r or 0, "stride_ur": 1 if lora else 0, "stride_vm": r or 0, "stride_vr": 1 if lora else 0,
         "stride_dbn": r or 0, "stride_dbr": 1 if lora else 0, "scaling": 2.0, "NEED_V": lora, "NEED_DB_LORA": lora,
         "NEED_DB_BIAS": True, **{k: v for k, v in _precisions(dtype, "fp32").items() if k != "BASE_PRECISION"},
-        "R_PAD": r_pad, "BLOCK_M": block_m, "BLOCK_N": 64,
+        "R_PAD": r_pad, "BLOCK_M": block_m, "BLOCK_N": block_n,
     }  # fmt: skip
     name = f"lora_vdb-{dtype}-" + (f"r{r}" if lora else "frozen")
-    return Case(name, "lora_bwd", "lora_vdb_kernel", args, {"num_warps": 8 if block_m >= 128 else 4})
+    return Case(name, "lora_bwd", "lora_vdb_kernel", args, {"num_warps": warps})
 
 
 def _small_kernel_cases(all_configs: bool) -> list[Case]:

@@ -45,8 +45,6 @@ KNOWN_SPILLS = {
 
 # (target, case id) -> why its shared memory exceeds the target's limit although nothing prunes it (xfail).
 KNOWN_SHARED_OVERFLOW = {
-    (80, "lora_vdb-bf16-r256"): "lora._vdb_blocks (BLOCK_M=32, BLOCK_N=64, 3 stages at R_PAD=256): the launch fails "
-    "on an A100 for r > 128",
     (90, "lora_dx-nf4dq-lora-bf16-128x256x64w8s3"): "the low-rank epilogue of lora_dx_kernel; the autotuner compiles "
     "this config and only then drops it (OutOfResources at its benchmark)",
 }

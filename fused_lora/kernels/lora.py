@@ -326,6 +326,18 @@ def _m_bucket(M: int) -> int:
     return m_bucket(M)
 
 
+def vdb_tile(M: int, r_pad: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the v/dB pass on a GPU (3 pipeline stages, Triton's default). At
+    R_PAD=256 the B tile is BLOCK_N·256 and the v accumulator BLOCK_M·256, so BLOCK_N is 32: at 64 the kernel needs
+    180224 B of shared memory, over the A100's 166912 B (tests/test_kernels_compile.py compiles it for sm_80/sm_90)."""
+    import triton
+
+    rows = 128 if r_pad <= 32 else 64 if r_pad <= 64 else 32
+    block_m = min(rows, max(16, triton.next_power_of_2(M)))
+    block_n = 32 if r_pad >= 256 else 64
+    return block_m, block_n, 8 if block_m >= 128 else 4
+
+
 def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, columns per program, num_warps) of the v/dB pass. Tall row tiles keep the dB atomics
     ((M / BLOCK_M)·N·r adds) few; N is split across programs until the GPU is full."""
@@ -334,10 +346,7 @@ def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int, int]
     if _interpreting():
         block_m, block_n, warps, programs_wanted = 16, 32, 4, 2 * triton.cdiv(M, 16)
     else:
-        rows = 128 if r_pad <= 32 else 64 if r_pad <= 64 else 32
-        block_m = min(rows, max(16, triton.next_power_of_2(M)))
-        block_n = 64
-        warps = 8 if block_m >= 128 else 4
+        block_m, block_n, warps = vdb_tile(M, r_pad)
         programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     n_tiles = triton.cdiv(N, block_n)
     splits = max(1, min(n_tiles, programs_wanted // triton.cdiv(M, block_m)))
