@@ -58,9 +58,22 @@ def gemm_configs(capability: tuple[int, int], out_name: str, reduce_name: str) -
     ]
 
 
+# A dx tile with the low-rank term keeps acc, the low-rank tile, the dropout mask and x in shared memory: above
+# BLOCK_M·BLOCK_K = 128·128 it needs 256 KiB on sm_90 (limit 227 KiB), so such tiles are never compiled.
+DX_LORA_MAX_TILE = 128 * 128
+
+
 def keep_tiles_for_m(configs, named_args, **kwargs):
-    """Drop tiles with BLOCK_M far above M (all-padding rows); keep the smallest when none fits."""
-    bucket = named_args["M_BUCKET"]
+    """The autotuner's early pruning, from the launch's arguments (positional in ``named_args``, the constexprs
+    passed by keyword in ``kwargs``; either may hold any of them):
+
+    - drop tiles with BLOCK_M far above M (all-padding rows); keep the smallest when none fits;
+    - lora_dx_kernel (it has ``dx_ptr``) with HAS_LORA: drop tiles with BLOCK_M·BLOCK_K > DX_LORA_MAX_TILE;
+    """
+    args = {**named_args, **kwargs}
+    bucket = args["M_BUCKET"]
+    if "dx_ptr" in args and args.get("HAS_LORA"):
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_TILE]
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * bucket)]
     return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
 
