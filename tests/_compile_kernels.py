@@ -160,6 +160,7 @@ _GEMM_VARIANTS = [
     ("lora_fwd", "dense", True, "bf16", K_LLAMA, 16, _FIRST + _SMALL),
     ("lora_fwd", "dense", False, "bf16", K_LLAMA, 16, _FIRST),
     ("lora_fwd", "nf4dq", True, "fp16", K_LLAMA, 16, _FIRST),
+    ("lora_fwd", "nf4dq", True, "bf16", K_RAGGED, 16, _FIRST),
     ("lora_dx", "nf4dq", True, "bf16", K_LLAMA, 16, _FIRST + _SMALL),
     ("lora_dx", "nf4dq", False, "bf16", K_LLAMA, 16, _FIRST),
     ("lora_dx", "dense", True, "bf16", K_LLAMA, 16, _SMALL),
@@ -167,7 +168,6 @@ _GEMM_VARIANTS = [
 ]
 _GEMM_EXTRA_VARIANTS = [
     ("lora_fwd", "nf4dq", True, "bf16", K_LLAMA, 256, ()),
-    ("lora_fwd", "nf4dq", True, "bf16", K_RAGGED, 16, ()),
     ("lora_fwd", "dense", True, "fp32", K_LLAMA, 16, ()),
     ("lora_dx", "nf4", True, "bf16", K_LLAMA, 16, ()),
     ("lora_dx", "nf4dq", True, "bf16", K_LLAMA, 256, ()),
@@ -176,20 +176,35 @@ _GEMM_EXTRA_VARIANTS = [
 ]
 
 
+def _launched_stages(arch: int, kernel: str, args: dict, tile) -> int:
+    """num_stages the autotuner launches this tile with for these arguments (its pruning sets 1 for NF4 with
+    ROW_SCALES False); the config's own when the pruning drops the tile (the test reports it as pruned)."""
+    from fused_lora.kernels.autotune import gemm_configs, keep_tiles_for_m
+
+    names = ("BLOCK_N", "BLOCK_K") if kernel == "lora_fwd" else ("BLOCK_K", "BLOCK_N")
+    kept = keep_tiles_for_m(gemm_configs((arch // 10, arch % 10), *names), args)
+    for c in kept:
+        if (c.kwargs["BLOCK_M"], c.kwargs[names[0]], c.kwargs[names[1]]) == tile[:3]:
+            return c.num_stages
+    return tile[5]
+
+
 def _gemm_cases(arch: int, all_configs: bool) -> list[Case]:
     cases = []
     variants = _GEMM_VARIANTS + (_GEMM_EXTRA_VARIANTS if all_configs else [])
-    for role, tile in _gemm_tiles(arch):
+    for role, config_tile in _gemm_tiles(arch):
         for name, weight, lora, dtype, K, r, roles in variants:
             if not all_configs and role not in roles:
                 continue
             M = M_SMALL if role == "small_m" else M_LARGE
             build = _fwd_args if name == "lora_fwd" else _dx_args
+            args = build(weight, lora, dtype, M, K, r, config_tile)
+            tile = (*config_tile[:5], _launched_stages(arch, name, args, config_tile))
             parts = [name, weight, "lora" if lora else "frozen", dtype]
             parts += ([f"r{r}"] if r != 16 else []) + ([f"K{K}"] if K != K_LLAMA else []) + [_tile_name(tile)]
             cases.append(Case(
                 id="-".join(parts), module="lora_fwd" if name == "lora_fwd" else "lora_bwd", kernel=f"{name}_kernel",
-                args=build(weight, lora, dtype, M, K, r, tile),
+                args=args,
                 options={"num_warps": tile[4], "num_stages": tile[5], "enable_fp_fusion": weight == "dense"},
                 role=role, tile=tile,
             ))  # fmt: skip

@@ -40,7 +40,9 @@ KNOWN_SPILLS = {
     (90, "lora_fwd-dense-lora-bf16-128x256x64w8s3"): "128x256 fp32 accumulator plus the low-rank tile, 8 warps",
     **{(arch, "lora_dx-nf4dq-lora-bf16-128x256x64w8s3"): _DX_EPILOGUE for arch in ARCHS},
     **{(arch, "lora_dx-nf4dq-frozen-bf16-128x256x64w8s3"): _NF4_DEQUANT for arch in ARCHS},
-    **{(arch, "lora_vdb-bf16-r256"): "v accumulator of 32x256 fp32 and a 64x256 B tile per step" for arch in ARCHS},
+    **{(arch, "lora_fwd-nf4dq-lora-bf16-K4100-128x256x64w8s1"): "element-wise NF4 scales (ROW_SCALES False): a "
+       "scale per weight element in registers" for arch in ARCHS},
+    **{(arch, "lora_vdb-bf16-r256"): "v accumulator of 32x256 fp32 and a 32x256 B tile per step" for arch in ARCHS},
 }
 
 CASES = [(arch, case) for arch in ARCHS for case in cases(arch)]
@@ -177,3 +179,17 @@ def test_dx_with_lowrank_term_never_tries_tiles_above_128x128(arch):
     assert (128, 256, 64, 3) in frozen
     fwd = _pruned(arch, "lora_fwd_kernel", 8192, HAS_LORA=True, IS_NF4=True, ROW_SCALES=True)
     assert (128, 256, 64, 3) in fwd
+
+
+@pytest.mark.parametrize("kernel", GEMM_KERNELS)
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("m_bucket", [8, 8192], ids=["M8", "M8192"])
+def test_nf4_without_row_scales_runs_single_stage(arch, kernel, m_bucket):
+    """NF4 with K not a multiple of the blocksize gathers a scale per element: at 3-4 stages every config needs
+    180-650 KiB of shared memory, at 1 stage 36-80 KiB (bench/results/compile_report.md)."""
+    ragged = _pruned(arch, kernel, m_bucket, HAS_LORA=True, IS_NF4=True, ROW_SCALES=False)
+    assert ragged and all(stages == 1 for *_, stages in ragged), ragged
+    aligned = _pruned(arch, kernel, m_bucket, HAS_LORA=True, IS_NF4=True, ROW_SCALES=True)
+    assert all(stages > 1 for *_, stages in aligned), aligned
+    dense = _pruned(arch, kernel, m_bucket, HAS_LORA=True, IS_NF4=False, ROW_SCALES=False)
+    assert all(stages > 1 for *_, stages in dense), dense

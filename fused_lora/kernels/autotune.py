@@ -69,13 +69,19 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
 
     - drop tiles with BLOCK_M far above M (all-padding rows); keep the smallest when none fits;
     - lora_dx_kernel (it has ``dx_ptr``) with HAS_LORA: drop tiles with BLOCK_M·BLOCK_K > DX_LORA_MAX_TILE;
+    - NF4 with K not a multiple of the blocksize (ROW_SCALES False): the element-wise scale gather makes every
+      pipeline stage hold per-element scale tiles (180–650 KiB at 3–4 stages), so every config runs at
+      num_stages=1 (36–80 KiB).
     """
     args = {**named_args, **kwargs}
     bucket = args["M_BUCKET"]
     if "dx_ptr" in args and args.get("HAS_LORA"):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_TILE]
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * bucket)]
-    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    kept = fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    if args.get("IS_NF4") and not args.get("ROW_SCALES"):
+        kept = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1) for c in kept]
+    return kept
 
 
 @functools.cache
