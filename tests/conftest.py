@@ -41,3 +41,14 @@ def interpret_triton():
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.fail("Triton kernels need a GPU or TRITON_INTERPRET=1 set before triton is imported")
     pytest.importorskip("triton")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tests on one torch thread. For tiny models one thread is as fast, and spinning worker threads
+    on a busy 2-core machine made single tests 10-40x slower. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    from fused_lora.demo import torch_threads
+
+    with torch_threads(1):
+        yield

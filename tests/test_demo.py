@@ -14,15 +14,9 @@ import torch
 import transformers  # noqa: F401
 
 from fused_lora import demo, info
-from fused_lora.demo import torch_threads
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The models here are tiny: one thread is as fast, and spinning worker threads on a busy 2-core machine made
-    single tests 10-40x slower."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def save_tiny_llama(path, vocab_size):

@@ -24,7 +24,6 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 import fused_lora as fl
-from fused_lora.demo import torch_threads
 from fused_lora.testing import relative_error
 
 # fp32 on both sides; only the summation order of the backward differs.
@@ -32,12 +31,7 @@ TIGHT = 1e-5
 N_LINEAR = 2 * 7  # q, k, v, o, gate, up, down per layer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The models here are tiny: one thread is as fast, and spinning worker threads on a busy 2-core machine made
-    single tests 10-40x slower."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
