@@ -85,6 +85,23 @@ def test_ragged_bf16_shapes_match_reference(M, K, N, r, base, poison_empty):
     _run_and_check(M, K, N, r, torch.bfloat16, base, bias=True, p=0.2, x_transposed=True)
 
 
+def _peak_extra_bytes(run, reset=None):
+    """(peak bytes allocated by run() beyond those allocated before it, run's result).
+
+    run() is called once first to autotune: the tuning benchmarks allocate scratch buffers that are not part of the
+    layer. reset(), if given, runs between the two calls (e.g. to free gradients the warm-up accumulated).
+    """
+    run()
+    if reset is not None:
+        reset()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = run()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before, result
+
+
 def test_peak_memory_of_one_layer_is_the_unavoidable_tensors():
     """Forward + backward of one NF4 layer allocates y, u, v, dx and the adapter gradients, and nothing of the
     size of the weight: a bf16 dequantized W (N·K·2 bytes = 112 MiB here) would exceed the margin many times."""
@@ -97,13 +114,7 @@ def test_peak_memory_of_one_layer_is_the_unavoidable_tensors():
         grads = lora.backward(g, x, weight, A, B, SCALING, 0.1, 5, u, True, True, True, False)
         return y, u, grads
 
-    layer()  # autotune first: its benchmarking allocates scratch buffers that are not part of the layer
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    outputs = layer()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before
+    extra, outputs = _peak_extra_bytes(layer)
     bf16, fp32 = 2, 4
     unavoidable = M * N * bf16 + M * K * bf16 + 2 * M * r * fp32 + (r * K + N * r) * fp32  # y, dx, u, v, dA, dB
     margin = 8 * 2**20
@@ -176,14 +187,10 @@ def test_peak_memory_of_frozen_linear_stays_below_a_bf16_copy_of_w():
         y.backward(g)
         return y
 
-    layer()  # autotune first: its benchmarking allocates scratch buffers that are not part of the layer
-    x.grad = b.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    y = layer()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - before
+    def forget_grads():
+        x.grad = b.grad = None
+
+    extra, y = _peak_extra_bytes(layer, reset=forget_grads)
     bf16, fp32 = 2, 4
     w_bf16 = N * K * bf16
     unavoidable = M * N * bf16 + M * K * bf16 + N * (fp32 + bf16)  # y, dx, db (fp32, then in the bias dtype)
