@@ -17,94 +17,17 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import os
-import warnings
 
 import torch
 
 from . import reference
+from ._common import COMPUTE_DTYPES, dtype_names, side_dtypes, warn_once
+from .backend import BACKEND_ENV_VAR, BACKENDS, resolve_backend, validate_backend_name
+from .nf4 import NF4Weight
 
-__all__ = ["lora_linear", "frozen_linear", "resolve_backend", "validate_backend_name", "BACKENDS"]
-
-BACKENDS = ("auto", "triton", "reference")
-BACKEND_ENV_VAR = "FUSED_LORA_BACKEND"
-COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def validate_backend_name(name: str) -> str:
-    """Return ``name`` if it is a known backend, else raise ValueError listing the choices.
-
-    Example:
-        >>> validate_backend_name("triton")
-        'triton'
-    """
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(map(repr, BACKENDS))}")
-    return name
-
-
-def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as error:
-        return f"triton is not importable ({error}); install it with `pip install triton`"
-    return None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def resolve_backend(backend: str, device: torch.device, caller: str = "lora_linear") -> str:
-    """The concrete backend ("triton" or "reference") that ``backend`` selects for tensors on ``device``;
-    ``caller`` names the public function in warnings and errors.
-
-    Example:
-        >>> resolve_backend("auto", torch.device("cpu"))      # without FUSED_LORA_BACKEND set
-        'reference'
-    """
-    try:
-        validate_backend_name(backend)
-    except ValueError as error:
-        raise ValueError(f"{caller}: {error}") from None
-    if backend == "auto":
-        override = os.environ.get(BACKEND_ENV_VAR)
-        if override:
-            try:
-                backend = validate_backend_name(override)
-            except ValueError as error:
-                raise ValueError(f"{BACKEND_ENV_VAR}: {error}") from None
-    if backend == "auto":
-        if device.type != "cuda":
-            return "reference"
-        problem = _triton_import_error()
-        if problem is not None:
-            _warn_once(f"{caller}: falling back to the reference backend on CUDA because {problem}")
-            return "reference"
-        return "triton"
-    if backend == "triton":
-        problem = _triton_import_error()
-        if problem is not None:
-            raise RuntimeError(f"{caller}: backend='triton' needs Triton, but {problem}")
-        if device.type != "cuda" and not _interpreting():
-            raise RuntimeError(
-                f"{caller}: backend='triton' got {device.type} tensors; the kernels run on CUDA, or on the "
-                "CPU only under Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
-            )
-    return backend
-
+__all__ = ["lora_linear", "frozen_linear", "resolve_backend", "validate_backend_name", "BACKENDS", "BACKEND_ENV_VAR"]
 
 def _is_nf4(weight) -> bool:
-    from .nf4 import NF4Weight
-
     return isinstance(weight, NF4Weight)
 
 
@@ -113,7 +36,7 @@ def _check_floating(caller: str, name: str, t: torch.Tensor, allowed=COMPUTE_DTY
         raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in allowed:
         kind = "floating-point" if not t.is_floating_point() else "supported floating-point"
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        names = dtype_names(allowed)
         raise TypeError(f"{caller}: {name} must be a {kind} tensor ({names}), got {t.dtype}")
 
 
@@ -121,9 +44,9 @@ def _check_side_dtype(caller: str, name: str, t: torch.Tensor, x: torch.Tensor) 
     """An adapter or the bias: a tensor in x's dtype or fp32 (fp64 only with fp64 x)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{caller}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    allowed = (x.dtype, torch.float32) if x.dtype != torch.float64 else (torch.float64,)
+    allowed = side_dtypes(x.dtype)
     if t.dtype not in allowed:
-        expected = " or ".join(dict.fromkeys(str(d).replace("torch.", "") for d in allowed))
+        expected = dtype_names(allowed, " or ")
         raise TypeError(f"{caller}: {name} is {t.dtype}; with x in {x.dtype} it must be {expected}")
 
 
@@ -329,7 +252,7 @@ def _choose_backend(backend, x2d, weight, lora_A, lora_B, bias, dropout_p, calle
 
         reason = triton_lora.unsupported_reason(x2d, weight, lora_A, lora_B, bias, dropout_p)
         if reason is not None:
-            _warn_once(f"{caller}: the Triton kernels do not support {reason}; using the reference backend")
+            warn_once(f"{caller}: the Triton kernels do not support {reason}; using the reference backend")
             return "reference"
     return chosen
 

@@ -15,6 +15,7 @@ State dict keys: ``weight`` and, for an NF4 base, bitsandbytes' ``weight.absmax`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 
@@ -22,25 +23,62 @@ import torch
 from torch import nn
 
 from . import functional
+from ._common import COMPUTE_DTYPES, dtype_name, dtype_names, side_dtypes
+from .backend import validate_backend_name
 from .nf4 import BLOCKSIZES, NF4Weight, quantize_nf4
 from .reference import lora_scaling
+from .testing import relative_error
 
-__all__ = ["FusedLoraLinear"]
+__all__ = ["FusedLoraLinear", "LayerOptions"]
 
 QUANT_TYPES = ("nf4", None)
-COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _NF4_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+@dataclasses.dataclass(frozen=True)
+class LayerOptions:
+    """The hyper-parameters of a ``FusedLoraLinear`` besides its shape (see the class docstring for each)."""
 
+    r: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.0
+    quant: str | None = "nf4"
+    compute_dtype: torch.dtype = torch.bfloat16
+    blocksize: int = 64
+    double_quant: bool = True
+    use_rslora: bool = False
+    backend: str = "auto"
+    adapter_dtype: torch.dtype = torch.float32
 
-def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    exact = exact.to(torch.float64)
-    denom = exact.norm().item()
-    diff = (approx.to(torch.float64) - exact).norm().item()
-    return diff / denom if denom > 0 else diff
+    def validate(self, in_features: int, out_features: int) -> None:
+        """Raise ValueError naming the first bad value."""
+        for name, value in (("in_features", in_features), ("out_features", out_features), ("r", self.r)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"FusedLoraLinear: {name} must be an integer >= 1, got {value!r}")
+        if not math.isfinite(float(self.lora_alpha)):
+            raise ValueError(f"FusedLoraLinear: lora_alpha must be a finite number, got {self.lora_alpha!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"FusedLoraLinear: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.quant not in QUANT_TYPES:
+            raise ValueError(f"FusedLoraLinear: quant must be 'nf4' or None, got {self.quant!r}")
+        if self.quant == "nf4" and (isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES):
+            raise ValueError(
+                f"FusedLoraLinear: blocksize {self.blocksize!r} is not supported; bitsandbytes accepts "
+                f"{dtype_names(BLOCKSIZES)}"
+            )
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(
+                f"FusedLoraLinear: compute_dtype must be one of {dtype_names(COMPUTE_DTYPES)}, "
+                f"got {self.compute_dtype!r}"
+            )
+        if not isinstance(self.adapter_dtype, torch.dtype) or not self.adapter_dtype.is_floating_point:
+            raise ValueError(
+                f"FusedLoraLinear: adapter_dtype must be a floating-point dtype, got {self.adapter_dtype!r}"
+            )
+        try:
+            validate_backend_name(self.backend)
+        except ValueError as error:
+            raise ValueError(f"FusedLoraLinear: {error}") from None
 
 
 def _nn_linear_init(out_features: int, in_features: int, bias: bool, device):
@@ -99,58 +137,36 @@ class FusedLoraLinear(nn.Module):
         adapter_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        self._configure(in_features, out_features, r, lora_alpha, lora_dropout, quant, compute_dtype, blocksize,
-                        double_quant, use_rslora, backend, device, adapter_dtype)
+        options = LayerOptions(r, lora_alpha, lora_dropout, quant, compute_dtype, blocksize, double_quant,
+                               use_rslora, backend, adapter_dtype)
+        self._configure(in_features, out_features, options, device)
         weight, bias_values = _nn_linear_init(out_features, in_features, bias, device)
         self._set_base(weight, bias_values)
 
     # ------------------------------------------------------------------ construction
 
-    def _configure(self, in_features, out_features, r, lora_alpha, lora_dropout, quant, compute_dtype, blocksize,
-                   double_quant, use_rslora, backend, device, adapter_dtype):
+    def _configure(self, in_features: int, out_features: int, options: LayerOptions, device):
         """Validate the hyper-parameters and create the adapters (the base is set by ``_set_base``)."""
-        for name, value in (("in_features", in_features), ("out_features", out_features), ("r", r)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"FusedLoraLinear: {name} must be an integer >= 1, got {value!r}")
-        if not math.isfinite(float(lora_alpha)):
-            raise ValueError(f"FusedLoraLinear: lora_alpha must be a finite number, got {lora_alpha!r}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"FusedLoraLinear: lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        if quant not in QUANT_TYPES:
-            raise ValueError(f"FusedLoraLinear: quant must be 'nf4' or None, got {quant!r}")
-        if quant == "nf4" and (isinstance(blocksize, bool) or blocksize not in BLOCKSIZES):
-            accepted = ", ".join(map(str, BLOCKSIZES))
-            raise ValueError(
-                f"FusedLoraLinear: blocksize {blocksize!r} is not supported; bitsandbytes accepts {accepted}"
-            )
-        if compute_dtype not in COMPUTE_DTYPES:
-            names = ", ".join(_dtype_name(d) for d in COMPUTE_DTYPES)
-            raise ValueError(f"FusedLoraLinear: compute_dtype must be one of {names}, got {compute_dtype!r}")
-        if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
-            raise ValueError(f"FusedLoraLinear: adapter_dtype must be a floating-point dtype, got {adapter_dtype!r}")
-        try:
-            functional.validate_backend_name(backend)
-        except ValueError as error:
-            raise ValueError(f"FusedLoraLinear: {error}") from None
-
+        options.validate(in_features, out_features)
+        r = options.r
         self.in_features = in_features
         self.out_features = out_features
         self.r = r
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = float(lora_dropout)
-        self.use_rslora = bool(use_rslora)
-        self.scaling = lora_scaling(r, lora_alpha, self.use_rslora)
-        self.quant = quant
-        self.compute_dtype = compute_dtype
-        self.blocksize = blocksize
-        self.double_quant = bool(double_quant)
-        self.backend = backend
+        self.lora_alpha = options.lora_alpha
+        self.lora_dropout = float(options.lora_dropout)
+        self.use_rslora = bool(options.use_rslora)
+        self.scaling = lora_scaling(r, options.lora_alpha, self.use_rslora)
+        self.quant = options.quant
+        self.compute_dtype = options.compute_dtype
+        self.blocksize = options.blocksize
+        self.double_quant = bool(options.double_quant)
+        self.backend = validate_backend_name(options.backend)
         self._adapter_enabled = True
         self._unmerged_base = None
         self.merge_error = None
 
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=adapter_dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=adapter_dtype))
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=options.adapter_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=options.adapter_dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def _set_base(self, weight, bias):
@@ -181,13 +197,10 @@ class FusedLoraLinear(nn.Module):
             self.weight = nn.Parameter(base, requires_grad=False)
 
     @classmethod
-    def _empty(cls, in_features, out_features, *, compute_dtype, device, r=16, lora_alpha=32, lora_dropout=0.0,
-               quant="nf4", blocksize=64, double_quant=True, use_rslora=False, backend="auto",
-               adapter_dtype=torch.float32):
+    def _empty(cls, in_features: int, out_features: int, options: LayerOptions, device) -> "FusedLoraLinear":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._configure(in_features, out_features, r, lora_alpha, lora_dropout, quant, compute_dtype, blocksize,
-                         double_quant, use_rslora, backend, device, adapter_dtype)
+        layer._configure(in_features, out_features, options, device)
         return layer
 
     @classmethod
@@ -213,10 +226,9 @@ class FusedLoraLinear(nn.Module):
         weight = linear.weight
         if compute_dtype is None:
             compute_dtype = weight.dtype
-        layer = cls._empty(linear.in_features, linear.out_features, compute_dtype=compute_dtype,
-                           device=weight.device, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                           quant=quant, blocksize=blocksize, double_quant=double_quant, use_rslora=use_rslora,
-                           backend=backend, adapter_dtype=adapter_dtype)
+        options = LayerOptions(r, lora_alpha, lora_dropout, quant, compute_dtype, blocksize, double_quant,
+                               use_rslora, backend, adapter_dtype)
+        layer = cls._empty(linear.in_features, linear.out_features, options, weight.device)
         layer._set_base(weight, linear.bias)
         return layer
 
@@ -258,10 +270,9 @@ class FusedLoraLinear(nn.Module):
         out_features, in_features = weight.shape
         if compute_dtype is None:
             compute_dtype = getattr(linear4bit, "compute_dtype", None) or quant_state.dtype
-        layer = cls._empty(in_features, out_features, compute_dtype=compute_dtype, device=weight.device, r=r,
-                           lora_alpha=lora_alpha, lora_dropout=lora_dropout, quant="nf4",
-                           blocksize=weight.blocksize, double_quant=weight.double_quant, use_rslora=use_rslora,
-                           backend=backend, adapter_dtype=adapter_dtype)
+        options = LayerOptions(r, lora_alpha, lora_dropout, "nf4", compute_dtype, weight.blocksize,
+                               weight.double_quant, use_rslora, backend, adapter_dtype)
+        layer = cls._empty(in_features, out_features, options, weight.device)
         layer._set_base(weight, linear4bit.bias)
         return layer
 
@@ -363,7 +374,7 @@ class FusedLoraLinear(nn.Module):
             with torch.no_grad():
                 original.copy_(exact)
             stored = original
-        self.merge_error = _relative_error(stored, exact)
+        self.merge_error = relative_error(stored, exact)
         return self.merge_error
 
     def unmerge(self) -> None:
@@ -400,7 +411,7 @@ class FusedLoraLinear(nn.Module):
     @staticmethod
     def _operand(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """An adapter or bias as lora_linear accepts it: in the compute dtype or fp32 (fp64 with fp64 x)."""
-        if t is None or t.dtype == dtype or (t.dtype == torch.float32 and dtype != torch.float64):
+        if t is None or t.dtype in side_dtypes(dtype):
             return t
         return t.to(dtype)
 
@@ -531,7 +542,7 @@ class FusedLoraLinear(nn.Module):
             parts.append(f"blocksize={self.blocksize}")
             parts.append(f"double_quant={self.double_quant}")
         parts += [
-            f"compute_dtype={_dtype_name(self.compute_dtype)}",
+            f"compute_dtype={dtype_name(self.compute_dtype)}",
             f"lora_dropout={self.lora_dropout}",
             f"bias={self.bias is not None}",
             f"backend={self.backend!r}",

@@ -40,6 +40,9 @@ import json
 
 import torch
 
+from ._common import dtype_name, dtype_names
+from .backend import resolve_backend
+
 __all__ = ["NF4Weight", "quantize_nf4", "dequantize_nf4", "NF4_CODE", "BLOCKSIZES"]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -57,14 +60,6 @@ NF4_CODE = (
 )  # fmt: skip
 
 _tables: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _names(values) -> str:
-    return ", ".join(_dtype_name(v) if isinstance(v, torch.dtype) else str(v) for v in values)
 
 
 def _cached(name: str, device: torch.device, build) -> torch.Tensor:
@@ -172,16 +167,9 @@ def _dequantize_reference(packed, absmax32, code, n: int, blocksize: int, dtype)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _resolve_backend(who: str, backend: str, device: torch.device) -> str:
-    """"triton" or "reference", by the rules of ``lora_linear`` (``functional.resolve_backend``)."""
-    from .functional import resolve_backend
-
-    return resolve_backend(backend, device, caller=who)
-
-
 def _check_blocksize(who: str, blocksize) -> int:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
-        raise ValueError(f"{who}: blocksize {blocksize!r} is not supported; bitsandbytes accepts {_names(BLOCKSIZES)}")
+        raise ValueError(f"{who}: blocksize {blocksize!r} is not supported; bitsandbytes accepts {dtype_names(BLOCKSIZES)}")
     return blocksize
 
 
@@ -229,7 +217,7 @@ class NF4Weight:
         if n == 0:
             raise ValueError(f"{who}: shape {tuple(self.shape)} has no elements")
         if self.dtype not in INPUT_DTYPES:
-            raise TypeError(f"{who}: dtype must be one of {_names(INPUT_DTYPES)}, got {self.dtype}")
+            raise TypeError(f"{who}: dtype must be one of {dtype_names(INPUT_DTYPES)}, got {self.dtype}")
         if self.packed.dtype != torch.uint8 or tuple(self.packed.shape) != ((n + 1) // 2, 1):
             raise ValueError(
                 f"{who}: packed must be uint8 of shape ({(n + 1) // 2}, 1) for {n} elements, "
@@ -244,7 +232,7 @@ class NF4Weight:
         absmax_dtype = torch.uint8 if self.double_quant else torch.float32
         if self.absmax.dtype != absmax_dtype or self.absmax.shape != (n_blocks,):
             raise ValueError(
-                f"{who}: absmax must be {_dtype_name(absmax_dtype)} [{n_blocks}] for {n} elements in blocks of "
+                f"{who}: absmax must be {dtype_name(absmax_dtype)} [{n_blocks}] for {n} elements in blocks of "
                 f"{self.blocksize}, got {self.absmax.dtype} {tuple(self.absmax.shape)}"
             )
         if self.double_quant:
@@ -279,7 +267,7 @@ class NF4Weight:
 
     def __repr__(self) -> str:
         return (
-            f"NF4Weight(shape={tuple(self.shape)}, dtype={_dtype_name(self.dtype)}, blocksize={self.blocksize}, "
+            f"NF4Weight(shape={tuple(self.shape)}, dtype={dtype_name(self.dtype)}, blocksize={self.blocksize}, "
             f"double_quant={self.double_quant}, device={self.device})"
         )
 
@@ -376,7 +364,7 @@ class NF4Weight:
         fields = {
             "quant_type": "nf4",
             "blocksize": self.blocksize,
-            "dtype": _dtype_name(self.dtype),
+            "dtype": dtype_name(self.dtype),
             "shape": list(self.shape),
         }
         entries = {"weight": self.packed, "weight.absmax": self.absmax, "weight.quant_map": self.code}
@@ -463,7 +451,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{who}: weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in INPUT_DTYPES:
-        raise TypeError(f"{who}: weight must be {_names(INPUT_DTYPES)}, got {weight.dtype}")
+        raise TypeError(f"{who}: weight must be {dtype_names(INPUT_DTYPES)}, got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"{who}: weight of shape {tuple(weight.shape)} is empty")
     _check_blocksize(who, blocksize)
@@ -471,7 +459,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{who}: weight contains NaN or inf")
     flat = weight.reshape(-1)
-    if _resolve_backend(who, backend, weight.device) == "triton":
+    if resolve_backend(backend, weight.device, who) == "triton":
         from .kernels import nf4 as nf4_kernels
 
         packed, absmax = nf4_kernels.nf4_quantize(flat.contiguous(), _nf4_bounds(weight.device), blocksize)
@@ -510,9 +498,9 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, backend: str 
         raise TypeError(f"{who}: expected an NF4Weight, got {type(w).__name__}")
     dtype = w.dtype if dtype is None else dtype
     if dtype not in OUTPUT_DTYPES:
-        raise TypeError(f"{who}: dtype must be one of {_names(OUTPUT_DTYPES)}, got {dtype}")
+        raise TypeError(f"{who}: dtype must be one of {dtype_names(OUTPUT_DTYPES)}, got {dtype}")
     n = w.numel()
-    if _resolve_backend(who, backend, w.device) == "triton":
+    if resolve_backend(backend, w.device, who) == "triton":
         from .kernels import nf4 as nf4_kernels
 
         nested = {}

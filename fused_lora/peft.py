@@ -39,6 +39,10 @@ import warnings
 import torch
 from torch import nn
 
+from ._common import side_dtypes, warn_once
+from .functional import lora_linear
+from .nf4 import NF4Weight
+
 __all__ = [
     "patch_peft_model",
     "unpatch_peft_model",
@@ -49,18 +53,14 @@ __all__ = [
 
 _FUSED_CLASS_NAMES = {"Linear": "FusedPeftLinear", "Linear4bit": "FusedPeftLinear4bit"}
 _fused_classes: dict[str, type] = {}
-_warned_reasons: set[str] = set()
 
 
 def _warn_fallback_once(reason: str) -> None:
-    if reason not in _warned_reasons:
-        _warned_reasons.add(reason)
-        warnings.warn(
-            f"fused_lora: a PEFT LoRA layer uses PEFT's own forward because of {reason}; "
-            "the fused path covers one plain LoRA adapter over an nn.Linear or NF4 Linear4bit base",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    warn_once(
+        f"fused_lora: a PEFT LoRA layer uses PEFT's own forward because of {reason}; "
+        "the fused path covers one plain LoRA adapter over an nn.Linear or NF4 Linear4bit base",
+        stacklevel=4,
+    )
 
 
 def _bnb_linear4bit_type():
@@ -78,11 +78,6 @@ def _base_kind(base: nn.Module) -> str | None:
     if type(base).__module__.startswith("bitsandbytes"):
         return None
     return "dense" if isinstance(base, nn.Linear) else None
-
-
-def _side_dtypes(compute_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
-    """The dtypes lora_linear accepts for the adapters and the bias next to x in ``compute_dtype``."""
-    return (torch.float64,) if compute_dtype == torch.float64 else (compute_dtype, torch.float32)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -158,7 +153,7 @@ class _FusedLoraForward:
         return self._nf4_weight(base.weight, quant_state), compute_dtype, base.bias, x.dtype
 
     def _adapter_problem(self, adapter: str, compute_dtype: torch.dtype) -> str | None:
-        allowed = _side_dtypes(compute_dtype)
+        allowed = side_dtypes(compute_dtype)
         for name, linear in (("lora_A", self.lora_A[adapter]), ("lora_B", self.lora_B[adapter])):
             if linear.weight.dtype not in allowed:
                 return f"{name} in {linear.weight.dtype} with compute dtype {compute_dtype}"
@@ -169,8 +164,6 @@ class _FusedLoraForward:
 
     def _nf4_weight(self, packed: torch.Tensor, quant_state):
         """NF4Weight over bitsandbytes' bytes, cached until the packed tensor or its quant state changes."""
-        from .nf4 import NF4Weight
-
         cached = self.__dict__.get("_fused_nf4")
         if (
             cached is None
@@ -182,11 +175,9 @@ class _FusedLoraForward:
         return cached[2]
 
     def _fused_forward(self, x, adapter, weight, compute_dtype, bias, out_dtype) -> torch.Tensor:
-        from .functional import lora_linear
-
         dropout = self.lora_dropout[adapter]
         dropout_p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        if bias is not None and bias.dtype not in _side_dtypes(compute_dtype):
+        if bias is not None and bias.dtype not in side_dtypes(compute_dtype):
             bias = bias.to(compute_dtype)
         autocast_off = _autocast_dtype(x.device.type) is not None
         with torch.autocast(x.device.type, enabled=False) if autocast_off else contextlib.nullcontext():

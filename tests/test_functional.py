@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fused_lora as fl
-from fused_lora import functional, reference
+from fused_lora import _common, functional, reference
 from fused_lora.functional import lora_linear
 from fused_lora.testing import assert_close_to_reference
 
@@ -228,7 +228,7 @@ def test_unsupported_case_falls_back_to_reference_with_one_warning(monkeypatch):
     from fused_lora.kernels import lora as triton_lora
 
     monkeypatch.setattr(triton_lora, "unsupported_reason", lambda *args: "a case made up by this test")
-    monkeypatch.setattr(functional, "_warned", set())
+    monkeypatch.setattr(_common, "_warned", set())
     x, W, A, B, _ = _layer()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -333,7 +333,7 @@ def test_frozen_linear_unsupported_case_falls_back_with_one_warning(monkeypatch)
     from fused_lora.kernels import lora as triton_lora
 
     monkeypatch.setattr(triton_lora, "unsupported_reason", lambda *args: "a case made up by this test")
-    monkeypatch.setattr(functional, "_warned", set())
+    monkeypatch.setattr(_common, "_warned", set())
     x, W, _, _, b = _layer(bias=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -128,7 +128,7 @@ def fused_layers(model):
 @pytest.fixture
 def fresh_warnings(monkeypatch):
     """Forget which fallback reasons were already reported, so each test sees its own warning."""
-    monkeypatch.setattr(fl.peft, "_warned_reasons", set())
+    monkeypatch.setattr(fl._common, "_warned", set())
 
 
 # ---------------------------------------------------------------------------------------------------- patching

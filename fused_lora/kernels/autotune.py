@@ -8,6 +8,7 @@ best tile can differ from the LoRA layer's. Under the Triton CPU interpreter not
 """
 
 import functools
+from typing import NamedTuple
 
 import triton
 
@@ -16,28 +17,40 @@ M_BUCKET_CAP = 8192
 # One small fixed config for the CPU interpreter (slow, so the tiles are small; ragged shapes still cross tiles).
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
-# (BLOCK_M, BLOCK_OUT, BLOCK_REDUCE, GROUP_M, num_warps, num_stages). BLOCK_OUT is the output-column tile (N for y,
-# K for dx), BLOCK_REDUCE the reduction tile. Tiles with BLOCK_M ≤ 64 are for small M (decode, short batches).
+
+class GemmTile(NamedTuple):
+    """One autotune config of the GEMM kernels. ``block_out`` is the output-column tile (N for y, K for dx),
+    ``block_reduce`` the reduction tile (K for y, N for dx); ``group_m`` row tiles share a column sweep (L2 reuse)."""
+
+    block_m: int
+    block_out: int
+    block_reduce: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# Tiles with BLOCK_M ≤ 64 are for small M (decode, short batches).
 _SM90_TILES = [
-    (128, 256, 64, 8, 8, 3),
-    (128, 128, 64, 8, 8, 4),
-    (128, 128, 128, 8, 8, 3),
-    (256, 128, 64, 8, 8, 3),
-    (64, 256, 64, 8, 4, 4),
-    (64, 128, 64, 8, 4, 4),
-    (32, 128, 128, 4, 4, 4),
-    (16, 128, 128, 4, 4, 4),
-    (16, 64, 256, 4, 4, 3),
+    GemmTile(128, 256, 64, 8, 8, 3),
+    GemmTile(128, 128, 64, 8, 8, 4),
+    GemmTile(128, 128, 128, 8, 8, 3),
+    GemmTile(256, 128, 64, 8, 8, 3),
+    GemmTile(64, 256, 64, 8, 4, 4),
+    GemmTile(64, 128, 64, 8, 4, 4),
+    GemmTile(32, 128, 128, 4, 4, 4),
+    GemmTile(16, 128, 128, 4, 4, 4),
+    GemmTile(16, 64, 256, 4, 4, 3),
 ]
 _SM80_TILES = [
-    (128, 256, 64, 8, 8, 3),
-    (128, 128, 64, 8, 4, 4),
-    (256, 128, 64, 8, 8, 3),
-    (64, 128, 64, 8, 4, 4),
-    (64, 64, 64, 8, 4, 4),
-    (32, 128, 64, 4, 4, 4),
-    (16, 128, 128, 4, 4, 3),
-    (16, 64, 128, 4, 4, 3),
+    GemmTile(128, 256, 64, 8, 8, 3),
+    GemmTile(128, 128, 64, 8, 4, 4),
+    GemmTile(256, 128, 64, 8, 8, 3),
+    GemmTile(64, 128, 64, 8, 4, 4),
+    GemmTile(64, 64, 64, 8, 4, 4),
+    GemmTile(32, 128, 64, 4, 4, 4),
+    GemmTile(16, 128, 128, 4, 4, 3),
+    GemmTile(16, 64, 128, 4, 4, 3),
 ]
 
 
@@ -52,9 +65,10 @@ def gemm_configs(capability: tuple[int, int], out_name: str, reduce_name: str) -
     tiles = _SM90_TILES if capability[0] >= 9 else _SM80_TILES
     return [
         triton.Config(
-            {"BLOCK_M": bm, out_name: bo, reduce_name: br, "GROUP_M": group}, num_warps=warps, num_stages=stages
+            {"BLOCK_M": t.block_m, out_name: t.block_out, reduce_name: t.block_reduce, "GROUP_M": t.group_m},
+            num_warps=t.num_warps, num_stages=t.num_stages,
         )
-        for bm, bo, br, group, warps, stages in tiles
+        for t in tiles
     ]
 
 

@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
+from typing import NamedTuple
 
 import torch
+
+from .._common import side_dtypes
+from ..backend import interpreting
 
 MAX_RANK = 256
 NESTED_BLOCKSIZE = 256
@@ -42,10 +45,6 @@ _FROZEN_R_PAD = 16
 _COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 __all__ = ["unsupported_reason", "forward", "backward", "frozen_forward", "frozen_backward", "dropout_mask"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _is_nf4(weight) -> bool:
@@ -75,9 +74,9 @@ def unsupported_reason(x2d, weight, A, B, bias, dropout_p) -> str | None:
         return "triton is not installed"
     if x2d.dtype not in _COMPUTE_DTYPES:
         return f"x dtype {x2d.dtype} is not float16, bfloat16 or float32"
-    if x2d.device.type != "cuda" and not _interpreting():
+    if x2d.device.type != "cuda" and not interpreting():
         return f"x is on {x2d.device.type}; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1)"
-    if _interpreting() and x2d.dtype == torch.bfloat16:
+    if interpreting() and x2d.dtype == torch.bfloat16:
         return "bfloat16 under the Triton CPU interpreter (it cannot compute bfloat16)"
     tensors = {"weight": _weight_device(weight)}
     adapters = {} if A is None else {"lora_A": A, "lora_B": B}
@@ -92,9 +91,9 @@ def unsupported_reason(x2d, weight, A, B, bias, dropout_p) -> str | None:
     if A is not None and not 1 <= A.shape[0] <= MAX_RANK:
         return f"r={A.shape[0]} is outside 1..{MAX_RANK}"
     for name, t in adapters.items():
-        if t.dtype not in (torch.float32, x2d.dtype):
+        if t.dtype not in side_dtypes(x2d.dtype):
             return f"{name} dtype {t.dtype} is neither float32 nor x's dtype {x2d.dtype}"
-    if bias is not None and bias.dtype not in (torch.float32, x2d.dtype):
+    if bias is not None and bias.dtype not in side_dtypes(x2d.dtype):
         return f"bias dtype {bias.dtype} is neither float32 nor x's dtype {x2d.dtype}"
     if _is_nf4(weight):
         if weight.packed.dtype != torch.uint8:
@@ -135,25 +134,39 @@ def _precisions(x, *adapters) -> dict:
     }
 
 
-def _weight_args(weight, K: int) -> tuple[tuple, dict]:
-    """Pointer/stride arguments and constexprs describing W for load_weight_tile."""
+class WeightArgs(NamedTuple):
+    """How a launcher passes W to load_weight_tile: the six pointer arguments (w_ptr, absmax_ptr, code_ptr,
+    nested_absmax_ptr, nested_code_ptr, offset_ptr; None where absent), W's strides (dense W only; 0 for NF4) and
+    the constexprs that select the layout."""
+
+    pointers: tuple
+    stride_wn: int
+    stride_wk: int
+    constexprs: dict
+
+
+def _weight_args(weight, K: int) -> WeightArgs:
+    """The W arguments of the GEMM kernels for a dense or NF4 weight with K input features."""
     if not _is_nf4(weight):
-        args = (weight, None, None, None, None, None)
-        return args, {"stride_wn": weight.stride(0), "stride_wk": weight.stride(1), "IS_NF4": False,
-                      "DOUBLE_QUANT": False, "BLOCKSIZE": 1, "NESTED_BLOCKSIZE": 1, "ROW_SCALES": False}
+        return WeightArgs(
+            pointers=(weight, None, None, None, None, None), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+            constexprs={"IS_NF4": False, "DOUBLE_QUANT": False, "BLOCKSIZE": 1, "NESTED_BLOCKSIZE": 1,
+                        "ROW_SCALES": False},
+        )  # fmt: skip
     blocksize = int(weight.blocksize)
     # The kernels index every NF4 tensor as contiguous: the small tables are made so here (no copy when they are
     # already); packed and absmax are W-sized, and unsupported_reason sends non-contiguous ones to the reference.
     code = weight.code.contiguous()
     if weight.double_quant:
         nested = (weight.nested_absmax.contiguous(), weight.nested_code.contiguous(), weight.offset.contiguous())
-        args = (weight.packed, weight.absmax, code, *nested)
     else:
-        args = (weight.packed, weight.absmax, code, None, None, None)
+        nested = (None, None, None)
     even_power_of_two = blocksize >= 2 and blocksize & (blocksize - 1) == 0
-    return args, {"stride_wn": 0, "stride_wk": 0, "IS_NF4": True, "DOUBLE_QUANT": bool(weight.double_quant),
-                  "BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
-                  "ROW_SCALES": even_power_of_two and K % blocksize == 0}
+    return WeightArgs(
+        pointers=(weight.packed, weight.absmax, code, *nested), stride_wn=0, stride_wk=0,
+        constexprs={"IS_NF4": True, "DOUBLE_QUANT": bool(weight.double_quant), "BLOCKSIZE": blocksize,
+                    "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE, "ROW_SCALES": even_power_of_two and K % blocksize == 0},
+    )  # fmt: skip
 
 
 def _compile_options(weight) -> dict:
@@ -175,7 +188,7 @@ def _dropout_args(dropout_p: float, seed: int) -> dict:
 
 def _gemm(kernel, x, out_name: str, reduce_name: str, reset_to_zero: tuple = ()):
     """The kernel to launch and the fixed meta-parameters: autotuned on a GPU, one small config when interpreting."""
-    if _interpreting():
+    if interpreting():
         from .autotune import INTERPRETER_CONFIG
 
         return kernel, dict(INTERPRETER_CONFIG)
@@ -200,8 +213,8 @@ def _compute_u(x2d, A, dropout_p, seed, precisions) -> torch.Tensor:
     u = torch.empty((M, r), device=x2d.device, dtype=torch.float32)
     r_pad = _rank_pad(r)
     block_r = min(r_pad, 64)
-    block_m = 16 if _interpreting() else min(64, max(16, triton.next_power_of_2(M)))
-    block_k = 32 if _interpreting() else 64
+    block_m = 16 if interpreting() else min(64, max(16, triton.next_power_of_2(M)))
+    block_k = 32 if interpreting() else 64
     grid = (triton.cdiv(M, block_m), r_pad // block_r)
     lora_u_kernel[grid](
         x2d, A, u, M, K, r,
@@ -306,16 +319,16 @@ def _launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0):
     has_lora = u is not None
     r = u.shape[1] if has_lora else 0
     r_pad = _rank_pad(r) if has_lora else _FROZEN_R_PAD
-    weight_args, weight_meta = _weight_args(weight, K)
+    w = _weight_args(weight, K)
     kernel, meta = _gemm(lora_fwd_kernel, x2d, "BLOCK_N", "BLOCK_K")
     grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
     kernel[grid](
-        x2d, *weight_args, u, B, bias, y,
+        x2d, *w.pointers, u, B, bias, y,
         M, N, K, r, _m_bucket(M),
-        x2d.stride(0), x2d.stride(1), weight_meta.pop("stride_wn"), weight_meta.pop("stride_wk"),
+        x2d.stride(0), x2d.stride(1), w.stride_wn, w.stride_wk,
         *_strides(u), *_strides(B), y.stride(0), y.stride(1),
         float(scaling),
-        **weight_meta, HAS_BIAS=bias is not None, HAS_LORA=has_lora, **precisions,
+        **w.constexprs, HAS_BIAS=bias is not None, HAS_LORA=has_lora, **precisions,
         R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta, **_compile_options(weight),
     )  # fmt: skip
 
@@ -326,8 +339,16 @@ def _m_bucket(M: int) -> int:
     return m_bucket(M)
 
 
-def vdb_tile(M: int, r_pad: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of the v/dB pass on a GPU (3 pipeline stages, Triton's default). At
+class VdbTile(NamedTuple):
+    """The tile of the v/dB pass on a GPU."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+
+
+def vdb_tile(M: int, r_pad: int) -> VdbTile:
+    """The tile (BLOCK_M, BLOCK_N, num_warps) of the v/dB pass on a GPU (3 pipeline stages, Triton's default). At
     R_PAD=256 the B tile is BLOCK_N·256 and the v accumulator BLOCK_M·256, so BLOCK_N is 32: at 64 the kernel needs
     180224 B of shared memory, over the A100's 166912 B (tests/test_kernels_compile.py compiles it for sm_80/sm_90)."""
     import triton
@@ -335,7 +356,7 @@ def vdb_tile(M: int, r_pad: int) -> tuple[int, int, int]:
     rows = 128 if r_pad <= 32 else 64 if r_pad <= 64 else 32
     block_m = min(rows, max(16, triton.next_power_of_2(M)))
     block_n = 32 if r_pad >= 256 else 64
-    return block_m, block_n, 8 if block_m >= 128 else 4
+    return VdbTile(block_m, block_n, 8 if block_m >= 128 else 4)
 
 
 def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int, int]:
@@ -343,7 +364,7 @@ def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int, int]
     ((M / BLOCK_M)·N·r adds) few; N is split across programs until the GPU is full."""
     import triton
 
-    if _interpreting():
+    if interpreting():
         block_m, block_n, warps, programs_wanted = 16, 32, 4, 2 * triton.cdiv(M, 16)
     else:
         block_m, block_n, warps = vdb_tile(M, r_pad)
@@ -387,17 +408,17 @@ def _launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, s
     has_lora = v is not None
     r = A.shape[0] if has_lora else 0
     r_pad = _rank_pad(r) if has_lora else _FROZEN_R_PAD
-    weight_args, weight_meta = _weight_args(weight, K)
+    w = _weight_args(weight, K)
     kernel, meta = _gemm(lora_dx_kernel, g, "BLOCK_K", "BLOCK_N", ("da_ptr",) if dA32 is not None else ())
     grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)  # noqa: E731
     kernel[grid](
-        g, *weight_args, x2d, A, v, dx, dA32,
+        g, *w.pointers, x2d, A, v, dx, dA32,
         M, N, K, r, _m_bucket(M),
-        g.stride(0), g.stride(1), weight_meta.pop("stride_wn"), weight_meta.pop("stride_wk"),
+        g.stride(0), g.stride(1), w.stride_wn, w.stride_wk,
         *_strides(x2d), *_strides(A), *_strides(v), *_strides(dx), *_strides(dA32), float(scaling),
         **_dropout_args(dropout_p, seed),
         NEED_DX=dx is not None, NEED_DA=dA32 is not None, DROPOUT=dropout_p > 0.0, HAS_LORA=has_lora,
-        **weight_meta, **precisions, R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta, **_compile_options(weight),
+        **w.constexprs, **precisions, R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta, **_compile_options(weight),
     )  # fmt: skip
 
 

@@ -1,0 +1,63 @@
+"""Small rules every layer of the package shares, each defined once: dtype names, the dtypes the layer functions
+accept, the dtypes an adapter or bias may take beside x, and warn-once.
+
+This module imports only torch and the standard library; every other module of the package may import it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = ["COMPUTE_DTYPES", "dtype_name", "dtype_names", "side_dtypes", "warn_once"]
+
+# The dtypes of x (and of a dense frozen W) that the layer functions accept; fp64 runs on the reference backend only.
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+_warned: set = set()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"``; also the spelling bitsandbytes writes into its quant state.
+
+    Example:
+        >>> dtype_name(torch.float16)
+        'float16'
+    """
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_names(values, sep: str = ", ") -> str:
+    """Dtypes (or other values) as a readable list for messages: ``"float32, float16"``.
+
+    Example:
+        >>> dtype_names((torch.float32, 64))
+        'float32, 64'
+    """
+    return sep.join(dtype_name(v) if isinstance(v, torch.dtype) else str(v) for v in values)
+
+
+def side_dtypes(x_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes an adapter (lora_A, lora_B) or the bias may have beside an x of ``x_dtype``: x's own dtype or
+    fp32 (PEFT keeps adapters in fp32; accumulation is always at least fp32), and only fp64 beside fp64.
+
+    Example:
+        >>> side_dtypes(torch.bfloat16)
+        (torch.bfloat16, torch.float32)
+    """
+    if x_dtype == torch.float64:
+        return (torch.float64,)
+    return tuple(dict.fromkeys((x_dtype, torch.float32)))
+
+
+def warn_once(message: str, category: type[Warning] = RuntimeWarning, key=None, stacklevel: int = 3) -> None:
+    """Warn with ``message`` the first time ``key`` (default: the message itself) is seen in this process.
+
+    Example:
+        >>> warn_once("lora_linear: the Triton kernels do not support r=300; using the reference backend")
+    """
+    key = message if key is None else key
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, category, stacklevel=stacklevel)
