@@ -1,6 +1,6 @@
 """The LoRA layer in plain PyTorch: the oracle for every test and the CPU fallback of ``lora_linear``.
 
-Symbols (shared/DESIGN.md, "The math"), after flattening x's leading dimensions:
+Symbols (docs/DESIGN.md, "The math"), after flattening x's leading dimensions:
 
     x ∈ R^{M×K}   input, compute dtype (bf16 / fp16 / fp32)
     W ∈ R^{N×K}   frozen base weight (dense here; NF4 weights are dequantized before they get here)

@@ -1,6 +1,6 @@
 """Launchers of the fused LoRA kernels: the Triton backend of ``fused_lora.functional.lora_linear``.
 
-Symbols (shared/DESIGN.md): x (M×K), W (N×K) frozen NF4 or dense, A (r×K), B (N×r), b (N), s scaling, m dropout
+Symbols (docs/DESIGN.md): x (M×K), W (N×K) frozen NF4 or dense, A (r×K), B (N×r), b (N), s scaling, m dropout
 mask (0 or 1/(1-p), regenerated from ``seed`` inside the kernels, never stored), g = ∂L/∂y.
 
     forward:   u = (m⊙x)·Aᵀ;  y = x·deq(W)ᵀ + b + s·u·Bᵀ                     (lora_fwd.py)

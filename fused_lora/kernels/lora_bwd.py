@@ -1,6 +1,6 @@
 """Backward kernels of the LoRA layer over a frozen NF4 or dense weight.
 
-Symbols (shared/DESIGN.md): g = ∂L/∂y (M×N), x (M×K), W (N×K) frozen, A (r×K), B (N×r), s scaling, m (M×K)
+Symbols (docs/DESIGN.md): g = ∂L/∂y (M×N), x (M×K), W (N×K) frozen, A (r×K), B (N×r), s scaling, m (M×K)
 dropout mask regenerated from the seed (dropout.py), u = (m⊙x)·Aᵀ saved by the forward pass.
 
     v  = g·B                        (M×r, fp32)      lora_vdb_kernel   } one pass over g

@@ -1,6 +1,6 @@
 """Forward kernels of the LoRA layer over a frozen NF4 or dense weight.
 
-Symbols (shared/DESIGN.md): x (M×K) input, W (N×K) frozen weight, A (r×K), B (N×r), b (N) bias, s scaling,
+Symbols (docs/DESIGN.md): x (M×K) input, W (N×K) frozen weight, A (r×K), B (N×r), b (N) bias, s scaling,
 m (M×K) dropout mask (0 or 1/(1-p), regenerated from the seed, see dropout.py).
 
     u = (m⊙x)·Aᵀ                    (M×r, fp32)          lora_u_kernel
