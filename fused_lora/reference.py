@@ -20,8 +20,10 @@ Backward, given g = ∂L/∂y:
 There is no dW: W is frozen.
 
 Dtypes: the frozen product x·Wᵀ and g·W run in the compute dtype (as a bf16 cuBLAS GEMM would); the low-rank
-path runs in the promoted dtype of x and the adapters (fp32 when PEFT keeps A and B in fp32), and y / dx are
-returned in x's dtype, dA in A's dtype, dB in B's dtype and db in b's dtype.
+path (m⊙x, u, v, the low-rank terms, dA, dB) runs in at least fp32, as the kernels accumulate it (fp64 when x or an
+adapter is fp64), so the dropout keep scale 1/(1-p) is never rounded to x's dtype and fp16 adapters cannot
+overflow; y / dx are returned in x's dtype, u in that low-rank dtype, dA in A's dtype, dB in B's dtype and db in at
+least fp32.
 """
 
 from __future__ import annotations
@@ -70,11 +72,15 @@ def dropout_mask(shape, p: float, seed: int, device, dtype=torch.float32) -> tor
 
 
 def _lowrank_dtype(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(torch.promote_types(x.dtype, A.dtype), B.dtype)
+    """fp32, or fp64 when x or an adapter is fp64: the low-rank path never runs below fp32 (as in the kernels, whose
+    low-rank products accumulate in fp32 and keep u and v in fp32), so fp16 adapters cannot overflow v·A or vᵀ·x."""
+    return torch.promote_types(torch.promote_types(torch.promote_types(x.dtype, A.dtype), B.dtype), torch.float32)
 
 
-def _apply_mask(x: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    return x if m is None else x * m.to(x.dtype)
+def _apply_mask(x: torch.Tensor, m: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """m⊙x in ``dtype`` (the low-rank dtype, at least fp32): the keep scale 1/(1-p) is never rounded to x's dtype."""
+    x = x.to(dtype)
+    return x if m is None else x * m.to(dtype)
 
 
 def lora_forward(x, W, A, B, s: float, b=None, m=None):
@@ -91,7 +97,7 @@ def lora_forward(x, W, A, B, s: float, b=None, m=None):
         >>> y, u = lora_forward(x, W, A, B, 2.0)                  # y (37, 80), u (37, 8)
     """
     lowrank = _lowrank_dtype(x, A, B)
-    u = (_apply_mask(x, m).to(lowrank)) @ A.to(lowrank).t()
+    u = _apply_mask(x, m, lowrank) @ A.to(lowrank).t()
     y = x @ W.t()
     if b is not None:
         y = y + b.to(y.dtype)
@@ -118,10 +124,10 @@ def lora_backward(g, x, W, A, B, s: float, u, m=None, need_dx=True, need_dA=True
     dx = dA = dB = db = None
     v = g_lowrank @ B.to(lowrank) if (need_dx or need_dA) else None
     if need_dx:
-        dx_lowrank = _apply_mask(s * (v @ A.to(lowrank)), m)
+        dx_lowrank = _apply_mask(s * (v @ A.to(lowrank)), m, lowrank)
         dx = ((g.to(x.dtype) @ W).to(lowrank) + dx_lowrank).to(x.dtype)
     if need_dA:
-        dA = (s * (v.t() @ _apply_mask(x, m).to(lowrank))).to(A.dtype)
+        dA = (s * (v.t() @ _apply_mask(x, m, lowrank))).to(A.dtype)
     if need_dB:
         dB = (s * (g_lowrank.t() @ u.to(lowrank))).to(B.dtype)
     if need_db:
@@ -141,6 +147,6 @@ def lora_linear_naive(x, W, A, B, s: float, b=None, m=None):
     """
     base = torch.nn.functional.linear(x, W, b)
     lowrank = _lowrank_dtype(x, A, B)
-    xd = _apply_mask(x, m)
-    delta = torch.nn.functional.linear(torch.nn.functional.linear(xd.to(lowrank), A.to(lowrank)), B.to(lowrank))
+    xd = _apply_mask(x, m, lowrank)
+    delta = torch.nn.functional.linear(torch.nn.functional.linear(xd, A.to(lowrank)), B.to(lowrank))
     return (base.to(lowrank) + s * delta).to(x.dtype)

@@ -68,3 +68,36 @@ def test_dropout_mask_is_deterministic_per_seed_and_scaled():
 def test_scaling_plain_and_rslora():
     assert reference.lora_scaling(16, 32) == 2.0
     assert reference.lora_scaling(16, 32, use_rslora=True) == 8.0
+
+
+def test_fp16_adapters_keep_da_finite_where_the_exact_value_fits():
+    """With fp16 x and fp16 adapters the low-rank path runs in fp32: v·A and vᵀ·x do not overflow fp16 on the way
+    (|dA| ~ 1e3 here, while vᵀ·x summed in fp16 would pass 65504)."""
+    gen = torch.Generator().manual_seed(3)
+    M, K, N, r = 4096, 32, 64, 4
+    x = (torch.randn(M, K, generator=gen) * 4).half()
+    W = torch.randn(N, K, generator=gen).half() / K**0.5
+    A = torch.randn(r, K, generator=gen).half()
+    B = torch.randn(N, r, generator=gen).half()
+    g = torch.randn(M, N, generator=gen).half()
+    y, u = reference.lora_forward(x, W, A, B, 2.0)
+    dx, dA, dB, _ = reference.lora_backward(g, x, W, A, B, 2.0, u)
+    _, exact_dA, exact_dB, _ = reference.lora_backward(
+        g.double(), x.double(), W.double(), A.double(), B.double(), 2.0,
+        reference.lora_forward(x.double(), W.double(), A.double(), B.double(), 2.0)[1],
+    )  # fmt: skip
+    assert u.dtype == torch.float32
+    assert exact_dA.abs().max() < 65504 and torch.isfinite(dA).all() and torch.isfinite(dB).all()
+    assert torch.allclose(dA.double(), exact_dA, rtol=1e-2, atol=1e-1)
+
+
+def test_dropout_keep_scale_is_not_rounded_to_the_input_dtype():
+    """m⊙x uses 1/(1-p) in fp32 even for bf16 x: with x = 1 and p = 0.1 every kept u-term is 1.1111 (fp32), not
+    bf16's 1.109375."""
+    x = torch.ones(8, 16, dtype=torch.bfloat16)
+    A = torch.zeros(1, 16)
+    A[0, 0] = 1.0
+    m = reference.dropout_mask((8, 16), 0.1, seed=1, device="cpu")
+    _, u = reference.lora_forward(x, torch.zeros(4, 16, dtype=torch.bfloat16), A, torch.zeros(4, 1), 1.0, m=m)
+    kept = u[m[:, 0] > 0, 0]
+    assert kept.numel() > 0 and torch.all(kept == torch.tensor(1.0 / 0.9, dtype=torch.float32))
