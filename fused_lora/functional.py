@@ -61,6 +61,11 @@ def _check_x_and_weight(caller: str, x, weight, trained: str) -> tuple[int, int]
     _check_floating(caller, "x", x)
     if x.dim() < 1:
         raise ValueError(f"{caller}: x must have at least one dimension (..., in_features)")
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{caller}: x is on the meta device (shapes only, no data); materialise the model first, e.g. "
+            "model.to_empty(device=...) and load its weights"
+        )
     if _is_nf4(weight):
         if len(weight.shape) != 2:
             raise ValueError(f"{caller}: the NF4 weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -81,6 +86,8 @@ def _check_x_and_weight(caller: str, x, weight, trained: str) -> tuple[int, int]
                 "cast x or the frozen weight to the compute dtype"
             )
     out_features, in_features = weight.shape
+    if in_features == 0:
+        raise ValueError(f"{caller}: the weight has 0 input features (shape {tuple(weight.shape)}); nothing to multiply")
     if x.shape[-1] != in_features:
         raise ValueError(f"{caller}: x has {x.shape[-1]} features, expected {in_features}")
     _check_same_device(caller, "weight", weight.device, x)
@@ -96,7 +103,7 @@ def _check_bias(caller: str, x, bias, out_features: int) -> None:
     _check_same_device(caller, "bias", bias.device, x)
 
 
-def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
+def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training):
     caller = "lora_linear"
     out_features, in_features = _check_x_and_weight(caller, x, weight, "lora_A, lora_B and bias are trained")
     _check_side_dtype(caller, "lora_A", lora_A, x)
@@ -111,12 +118,20 @@ def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p):
     _check_bias(caller, x, bias, out_features)
     _check_same_device(caller, "lora_A", lora_A.device, x)
     _check_same_device(caller, "lora_B", lora_B.device, x)
-    if isinstance(scaling, torch.Tensor) or not isinstance(scaling, numbers.Real):
-        raise TypeError(f"{caller}: scaling must be a Python number (alpha / r), got {type(scaling).__name__}")
+    _check_real(caller, "scaling", scaling, "a Python number (alpha / r)")
     if not math.isfinite(float(scaling)):
         raise ValueError(f"{caller}: scaling must be finite, got {scaling}")
+    _check_real(caller, "dropout_p", dropout_p, "a probability in [0, 1)")
     if not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"{caller}: dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(training, bool):
+        raise TypeError(f"{caller}: training must be True or False, got {training!r}")
+
+
+def _check_real(caller: str, name: str, value, what: str) -> None:
+    """A real Python (or NumPy) number; bools, strings and tensors are refused."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{caller}: {name} must be {what}, got {type(value).__name__} {value!r}")
 
 
 class _ReferenceImpl:
@@ -292,7 +307,7 @@ def lora_linear(
         >>> fl.functional.lora_linear(torch.randn(2, 5, 64), W, A, B, scaling=2.0).shape
         torch.Size([2, 5, 80])
     """
-    _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p)
+    _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)
     dropout_p = float(dropout_p) if training else 0.0
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
     leading, in_features = x.shape[:-1], x.shape[-1]

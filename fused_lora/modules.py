@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
 import warnings
 
 import torch
@@ -53,8 +54,11 @@ class LayerOptions:
     def validate(self, in_features: int, out_features: int) -> None:
         """Raise ValueError naming the first bad value."""
         for name, value in (("in_features", in_features), ("out_features", out_features), ("r", self.r)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"FusedLoraLinear: {name} must be an integer >= 1, got {value!r}")
+        for name, value in (("lora_alpha", self.lora_alpha), ("lora_dropout", self.lora_dropout)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"FusedLoraLinear: {name} must be a number, got {type(value).__name__} {value!r}")
         if not math.isfinite(float(self.lora_alpha)):
             raise ValueError(f"FusedLoraLinear: lora_alpha must be a finite number, got {self.lora_alpha!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
@@ -148,9 +152,9 @@ class FusedLoraLinear(nn.Module):
     def _configure(self, in_features: int, out_features: int, options: LayerOptions, device):
         """Validate the hyper-parameters and create the adapters (the base is set by ``_set_base``)."""
         options.validate(in_features, out_features)
-        r = options.r
-        self.in_features = in_features
-        self.out_features = out_features
+        r = int(options.r)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
         self.r = r
         self.lora_alpha = options.lora_alpha
         self.lora_dropout = float(options.lora_dropout)

@@ -230,6 +230,11 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _check_module(caller: str, model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: expected a PEFT model (a torch.nn.Module), got {type(model).__name__}")
+
+
 def patch_peft_model(peft_model: nn.Module) -> int:
     """Convert the PEFT LoRA layers of ``peft_model`` to fused layers in place; return how many were converted.
 
@@ -253,6 +258,7 @@ def patch_peft_model(peft_model: nn.Module) -> int:
         >>> fl.patch_peft_model(model)
         154
     """
+    _check_module("patch_peft_model", peft_model)
     peft_classes = _peft_lora_classes()
     count = 0
     for module in peft_model.modules():
@@ -279,6 +285,7 @@ def unpatch_peft_model(peft_model: nn.Module) -> int:
         >>> fl.peft.unpatch_peft_model(model)   # after fl.patch_peft_model(model)
         154
     """
+    _check_module("unpatch_peft_model", peft_model)
     count = 0
     for module in peft_model.modules():
         if isinstance(module, _FusedLoraForward):
@@ -328,5 +335,10 @@ def register_fused_lora(lora_config):
         >>> config = fl.peft.register_fused_lora(LoraConfig.from_pretrained("adapter_dir"))
         >>> model = PeftModel.from_pretrained(base_model, "adapter_dir", config=config, is_trainable=True)
     """
+    if not hasattr(lora_config, "_register_custom_module"):
+        raise TypeError(
+            f"register_fused_lora: expected a peft.LoraConfig, got {type(lora_config).__name__} "
+            "(or a PEFT too old to register custom modules; fused_lora needs peft >= 0.14)"
+        )
     lora_config._register_custom_module({nn.Linear: _create_fused_layer})
     return lora_config

@@ -348,3 +348,34 @@ def test_frozen_linear_unsupported_case_falls_back_with_one_warning(monkeypatch)
 def test_frozen_linear_empty_batch():
     x, W, _, _, _ = _layer(M=0)
     assert functional.frozen_linear(x.reshape(0, 3, 64)[:, :0], fl.quantize_nf4(W)).shape == (0, 0, 80)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"scaling": True}, TypeError, "scaling must be a Python number"),
+        ({"dropout_p": "0.5"}, TypeError, "dropout_p must be a probability"),
+        ({"training": "no"}, TypeError, "training must be True or False"),
+    ],
+    ids=["scaling-bool", "dropout-str", "training-str"],
+)
+def test_lora_linear_refuses_arguments_of_the_wrong_kind(kwargs, error, message):
+    x, W = torch.randn(3, 16), torch.randn(8, 16)
+    args = {"scaling": 2.0, "dropout_p": 0.0, "training": True, **kwargs}
+    with pytest.raises(error, match=message):
+        lora_linear(x, W, torch.randn(2, 16), torch.zeros(8, 2), args["scaling"], dropout_p=args["dropout_p"],
+                    training=args["training"])
+
+
+def test_meta_tensors_and_zero_input_features_get_clear_errors():
+    with pytest.raises(ValueError, match="meta device"):
+        lora_linear(torch.randn(3, 16, device="meta"), torch.randn(8, 16, device="meta"),
+                    torch.randn(2, 16, device="meta"), torch.zeros(8, 2, device="meta"), 2.0)
+    with pytest.raises(ValueError, match="0 input features"):
+        functional.frozen_linear(torch.randn(3, 0), torch.randn(8, 0))
+
+
+def test_patch_peft_model_refuses_a_non_module():
+    for bad in (None, "model"):
+        with pytest.raises(TypeError, match="patch_peft_model: expected a PEFT model"):
+            fl.patch_peft_model(bad)

@@ -4,6 +4,7 @@ adapter on/off, merge/unmerge, state dicts (bitsandbytes keys), device/dtype mov
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -501,3 +502,10 @@ def test_extra_repr_shows_the_configuration():
                  "blocksize=128", "lora_dropout=0.1", "backend='auto'", "compute_dtype=bfloat16"):
         assert part in text, part
     assert "blocksize" not in repr(fl.FusedLoraLinear(64, 32, quant=None))
+
+
+def test_numeric_hyper_parameters_of_the_wrong_kind_are_refused():
+    with pytest.raises(TypeError, match="lora_alpha must be a number, got str '16'"):
+        fl.FusedLoraLinear(16, 8, r=2, lora_alpha="16", quant=None, compute_dtype=torch.float32)
+    layer = fl.FusedLoraLinear(np.int64(16), 8, r=np.int64(2), quant=None, compute_dtype=torch.float32)
+    assert type(layer.in_features) is int and type(layer.r) is int
