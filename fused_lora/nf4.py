@@ -15,10 +15,9 @@ Format of an ``NF4Weight`` holding a weight of ``shape`` (n = shape.numel() elem
 Quantization, per block b (float32 throughout; bf16/fp16 weights are widened first):
     r = w · fl(1 / absmax[b])  (w / absmax[b] in the last block when blocksize does not divide n; 0 if absmax is 0)
     r = clamp(r, −1, 1);  q = #{ i < 15 : r > (code[i] + code[i+1]) / 2 }        (strict >)
-Double quantization (bitsandbytes' CPU ``quantize_blockwise``, blocksize 256) of a = absmax − offset:
-    t = (clamp(a · fl(1 / nested_absmax[j]), −1, 1) + 1) · 0.5
-    absmax_q = lut[trunc(fma(t, 65535, 0.5))], lut[k] = #{ i < 255 : mid_i < fl(2k / 65535) − 1 },
-    mid_i = (nested_code[i] + nested_code[i+1]) · 0.5;   a block whose nested_absmax is 0 gets codes 0.
+Double quantization of a = absmax − offset: bitsandbytes' 8-bit blockwise codec (``fused_lora.codec``, the signed
+dynamic map, blocks of 256), whose arithmetic and index rule are written down there; a block whose nested_absmax is
+0 gets codes 0.
 Dequantization:
     s = absmax[b]  or  fl(fl(nested_code[absmax_q[b]] · nested_absmax[b // 256]) + offset)   (``absmax_fp32()``)
     w' = fl32(code[q] · s), then rounded once to the output dtype.
@@ -42,6 +41,7 @@ import torch
 
 from ._common import dtype_name, dtype_names
 from .backend import resolve_backend
+from .codec import dequantize_blockwise, dynamic_lut, dynamic_map, quantize_blockwise
 
 __all__ = ["NF4Weight", "quantize_nf4", "dequantize_nf4", "NF4_CODE", "BLOCKSIZES"]
 
@@ -85,27 +85,9 @@ def _nf4_bounds(device) -> torch.Tensor:
 
 
 def dynamic_code(device="cpu") -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(signed=True)``), float32 [256], sorted.
-
-    For exponent e = 0..6 there are 2^e + 1 evenly spaced points in [0.1, 1] (float32); the means of neighbouring
-    points, scaled by ±10^(e − 6), give 2·2^e values; together with 0 and 1 that is 256 values.
-    """
-    values = [0.0, 1.0]
-    for exponent in range(7):
-        points = torch.linspace(0.1, 1, 2**exponent + 1, dtype=torch.float32)
-        means = (points[:-1] + points[1:]) / 2.0
-        scale = 10.0 ** (exponent - 6)
-        values += (scale * means).tolist() + (-scale * means).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
-
-
-def _dynamic_lut() -> torch.Tensor:
-    """lut[k], k < 65536: index of the dynamic code nearest to fl(2k / 65535) − 1 (bitsandbytes' CPU table)."""
-    code = dynamic_code()
-    midpoints = (code[:-1] + code[1:]) * 0.5
-    k = torch.arange(65536, dtype=torch.float32)
-    grid = (k + k) / torch.full_like(k, 65535.0) - 1.0
-    return torch.searchsorted(midpoints, grid, side="left")
+    """The nested code of double quantization: bitsandbytes' signed 8-bit dynamic map, float32 [256], sorted
+    (``fused_lora.codec.dynamic_map(signed=True)``)."""
+    return dynamic_map(signed=True, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -127,31 +109,9 @@ def _quantize_reference(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tenso
     return ((q[:, 0] << 4) | q[:, 1]).unsqueeze(1), absmax
 
 
-def _quantize_dynamic_reference(values: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE):
-    """8-bit blockwise quantization of float32 [m] with ``dynamic_code()``, as bitsandbytes' CPU kernel does it.
-
-    Returns codes uint8 [m] and the per-block absmax float32 [ceil(m / blocksize)].
-    """
-    m = values.numel()
-    n_blocks = -(-m // blocksize)
-    blocks = torch.nn.functional.pad(values, (0, n_blocks * blocksize - m)).view(n_blocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    nonzero = absmax > 0
-    reciprocal = 1.0 / torch.where(nonzero, absmax, torch.ones_like(absmax))
-    t = ((blocks * reciprocal.unsqueeze(1)).clamp(-1.0, 1.0) + 1.0) * 0.5
-    # fma(t, 65535, 0.5) in float32: t has ≤ 25 significant bits below 1, so the float64 expression is exact and
-    # the cast to float32 is the fma's single rounding.
-    index = (t.double() * 65535.0 + 0.5).float().long()
-    lut = _cached("dynamic_lut", values.device, _dynamic_lut)
-    codes = torch.where(nonzero.unsqueeze(1), lut[index], torch.zeros_like(index))
-    return codes.view(-1)[:m].to(torch.uint8), absmax
-
-
 def _absmax_from_nested(absmax_q, nested_absmax, nested_code, offset, blocksize: int = NESTED_BLOCKSIZE):
     """float32 [n_blocks]: fl(fl(nested_code[absmax_q] · nested_absmax[b // 256]) + offset)."""
-    n_blocks = absmax_q.numel()
-    scale = nested_absmax.repeat_interleave(blocksize)[:n_blocks]
-    return nested_code[absmax_q.long()] * scale + offset
+    return dequantize_blockwise(absmax_q, nested_absmax, nested_code, blocksize) + offset
 
 
 def _dequantize_reference(packed, absmax32, code, n: int, blocksize: int, dtype) -> torch.Tensor:
@@ -470,8 +430,10 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if double_quant:
         # float32 mean on the CPU, as bitsandbytes computes it there: the bytes do not depend on the device.
         offset = absmax.cpu().mean().to(absmax.device)
-        absmax, nested_absmax = _quantize_dynamic_reference(absmax - offset)
-        nested = dict(offset=offset, nested_absmax=nested_absmax, nested_code=dynamic_code(weight.device))
+        nested_code = dynamic_code(weight.device)
+        absmax, nested_absmax = quantize_blockwise(absmax - offset, nested_code, dynamic_lut(True, weight.device),
+                                                   NESTED_BLOCKSIZE)  # fmt: skip
+        nested = dict(offset=offset, nested_absmax=nested_absmax, nested_code=nested_code)
     return NF4Weight(
         packed=packed, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, code=nf4_code(weight.device),
         absmax=absmax, **nested,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fused_lora as fl
-from fused_lora import nf4
+from fused_lora import codec, nf4
 
 bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
@@ -168,7 +168,7 @@ def test_nested_quantization_matches_bitsandbytes_quantize_blockwise():
     gen = torch.Generator().manual_seed(0)
     values = torch.randn(600 * 256 + 77, generator=gen) * torch.rand(600 * 256 + 77, generator=gen) ** 4
     expected_codes, expected_state = F.quantize_blockwise(values, code=F.create_dynamic_map(signed=True), blocksize=256)
-    codes, absmax = nf4._quantize_dynamic_reference(values)
+    codes, absmax = codec.quantize_blockwise(values, nf4.dynamic_code(), blocksize=nf4.NESTED_BLOCKSIZE)
     assert torch.equal(codes, expected_codes), f"{(codes != expected_codes).sum().item()} codes differ"
     assert torch.equal(absmax, expected_state.absmax)
 

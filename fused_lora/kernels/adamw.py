@@ -4,13 +4,13 @@ Symbols (per element; scalars per tensor, computed on the host in float64 and ro
     p parameter, g gradient, m first moment (exp_avg / state1), v second moment (exp_avg_sq / state2),
     t step, b1, b2 betas, lr, wd weight decay, c1 = 1 - b1^t, c2 = sqrt(1 - b2^t).
 
-MODE_TORCH (torch.optim.AdamW, the update of PagedAdamW):
+BNB_ORDER=False (torch.optim.AdamW, the update of PagedAdamW):
     p ← p·(1 - lr·wd)
     m ← m + (1-b1)·(g - m)                      (lerp)
     v ← v·b2 + ((1-b2)·g)·g
     p ← p + ((-lr/c1)·m) / (sqrt(v)/c2 + eps)
 
-MODE_BNB (bitsandbytes' 32-bit AdamW, used for tensors below min_8bit_size in the 8-bit optimizers):
+BNB_ORDER=True (bitsandbytes' 32-bit AdamW, used for tensors below min_8bit_size in the 8-bit optimizers):
     m ← m·b1 + (1-b1)·g
     v ← v·b2 + ((1-b2)·g)·g
     p ← p·(1 - lr·wd)                            (only when wd > 0; ·1 is exact otherwise)
@@ -23,8 +23,12 @@ code_m (signed) and code_v (unsigned), with one fp32 absmax per block of QBLOCK 
     p ← p·(1 - lr·wd);  p ← p + ((-lr/c1)·m) / (sqrt(v)/c2 + eps)
     am ← max|m| over the block;  u = clamp(m·(1/am), -1, 1)                (requantize; same for v)
     qm ← lut_m[trunc(((u + 1)·0.5)·65535 + 0.5)]                          (qm = 0 where am = 0)
-lut is bitsandbytes' 65536-entry table of the nearest code (fused_lora.optim.quantization_lut). The 8-bit kernel
-is compiled without fused multiply-add so that it rounds exactly like bitsandbytes' CPU quantizer.
+lut is bitsandbytes' 65536-entry table of the nearest code (fused_lora.codec.quantization_lut); the requantization
+is the arithmetic of fused_lora.codec.quantize_blockwise, whose docstring states the index rule. The 8-bit kernel
+is compiled without FMA contraction (enable_fp_fusion=False), so every product and sum is rounded separately as in
+the PyTorch path; the code index is the same with or without an fma (the codec's index rule).
+
+The per-tensor scalars come as AdamWScalars rows (kernels/adamw_scalars.py, the column order of the scalar table).
 
 The launchers take lists of tensors that share a device and dtypes. A table of their addresses (int64) and a
 block map (tensor index, element offset) let every program find its tensor, so the grid covers all elements of
@@ -35,18 +39,14 @@ import torch
 import triton
 import triton.language as tl
 
-MODE_TORCH = 0
-MODE_BNB = 1
+from ..backend import interpreting
+from .adamw_scalars import AdamWScalars
+
 QBLOCK = 256
 
-# Per-tensor scalars, one row of the fp32 scalar table per tensor, in this column order.
-SCALAR_COLUMNS = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "step_scale", "c2", "eps")
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
+# Per-tensor scalars, one row of the fp32 scalar table per tensor, in AdamWScalars' field order.
+SCALAR_COLUMNS = AdamWScalars._fields
+assert len(SCALAR_COLUMNS) == 8, "_load_scalars reads 8 columns in AdamWScalars' order"
 
 
 @triton.jit
@@ -72,7 +72,7 @@ def adamw32_kernel(
     block_map_ptr,  # int64 (n_programs, 2): tensor index, first element
     p_like,  # any tensor of p's dtype: gives the element type of the p addresses
     g_like,  # any tensor of g's dtype
-    MODE: tl.constexpr,
+    BNB_ORDER: tl.constexpr,  # False: torch.optim.AdamW's op order; True: bitsandbytes' 32-bit AdamW's
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -93,7 +93,7 @@ def adamw32_kernel(
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
 
     v = v * beta2 + (one_minus_beta2 * g) * g
-    if MODE == 0:
+    if not BNB_ORDER:
         p = p * decay
         m = m + one_minus_beta1 * (g - m)
         p = p + tl.div_rn(step_scale * m, tl.div_rn(tl.sqrt_rn(v), c2) + eps)
@@ -216,30 +216,32 @@ def _check_chunk(name, params, grads, states):
         raise ValueError(f"{name}: a chunk must share one parameter dtype and one gradient dtype")
 
 
-def adamw32_update_(params, grads, exp_avgs, exp_avg_sqs, scalars, mode=MODE_TORCH, block=None):
+def adamw32_update_(params, grads, exp_avgs, exp_avg_sqs, scalars, bnb_order=False, block=None):
     """Update a chunk of parameters and their fp32 moments in place with one kernel launch.
 
     Args:
         params, grads: lists of contiguous tensors (same device; one dtype each, fp32/fp16/bf16), any shapes.
         exp_avgs, exp_avg_sqs: fp32 tensors with the shapes of params (m and v).
-        scalars: per tensor, a sequence of the 8 values named in SCALAR_COLUMNS.
-        mode: MODE_TORCH (torch.optim.AdamW arithmetic) or MODE_BNB (bitsandbytes' 32-bit AdamW).
+        scalars: per tensor, an AdamWScalars (or a sequence of the 8 values in its field order).
+        bnb_order: False for torch.optim.AdamW's arithmetic, True for bitsandbytes' 32-bit AdamW.
 
     Example::
 
-        adamw32_update_([p], [p.grad], [m], [v], [(0.9, 0.1, 0.999, 0.001, 1 - lr * wd, -lr / c1, c2, 1e-8)])
+        row = AdamWScalars(0.9, 0.1, 0.999, 0.001, 1 - lr * wd, -lr / c1, c2, 1e-8)
+        adamw32_update_([p], [p.grad], [m], [v], [row])
     """
     if not params:
         return
     _check_chunk("adamw32_update_", params, grads, (exp_avgs, exp_avg_sqs))
     device = params[0].device
-    block = block or (1024 if _interpreting() else 4096)
+    block = block or (1024 if interpreting() else 4096)
     addresses, numels, scalar_table = _tables((params, grads, exp_avgs, exp_avg_sqs), scalars, device)
     block_map = _block_map([p.numel() for p in params], block, device)
     grid = (block_map.shape[0],)
     with _on_device(device):
         adamw32_kernel[grid](
-            addresses, numels, scalar_table, block_map, params[0], grads[0], MODE=mode, BLOCK=block, num_warps=8
+            addresses, numels, scalar_table, block_map, params[0], grads[0], BNB_ORDER=bool(bnb_order), BLOCK=block,
+            num_warps=8,
         )
 
 
@@ -251,8 +253,8 @@ def adamw8bit_update_(params, grads, qms, qvs, ams, avs, code_m, code_v, lut_m, 
         qms, qvs: uint8 tensors with params' shapes (codes of m and v).
         ams, avs: fp32 (ceil(numel / 256),) blockwise absmax of m and v.
         code_m, code_v: fp32 (256,) sorted signed / unsigned maps shared by the chunk.
-        lut_m, lut_v: their uint8 (65536,) quantization tables (fused_lora.optim.quantization_lut).
-        scalars: per tensor, the 8 values named in SCALAR_COLUMNS (decay = 1 - lr·wd, step_scale = -lr/c1).
+        lut_m, lut_v: their uint8 (65536,) quantization tables (fused_lora.codec.quantization_lut).
+        scalars: per tensor, an AdamWScalars (decay = 1 - lr·wd, step_scale = -lr/c1).
 
     Example::
 
@@ -262,7 +264,7 @@ def adamw8bit_update_(params, grads, qms, qvs, ams, avs, code_m, code_v, lut_m, 
         return
     _check_chunk("adamw8bit_update_", params, grads, (qms, qvs, ams, avs))
     device = params[0].device
-    rows = rows or (1 if _interpreting() else 4)
+    rows = rows or (1 if interpreting() else 4)
     addresses, numels, scalar_table = _tables((params, grads, qms, qvs, ams, avs), scalars, device)
     block_map = _block_map([p.numel() for p in params], rows * QBLOCK, device)
     grid = (block_map.shape[0],)
