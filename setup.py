@@ -13,7 +13,7 @@ requirement, so pip never downloads a CUDA torch into an isolated build environm
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -59,7 +59,8 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fused_lora", "fused_lora.kernels"],
+    # the library core, its kernels, and the tooling subpackages (fused_lora.cli, fused_lora.bench, ...)
+    packages=find_packages(include=["fused_lora", "fused_lora.*"]),
     package_data={"fused_lora": ["data/*"]},
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={

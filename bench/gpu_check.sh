@@ -4,8 +4,9 @@
 #   1. install what is missing (bitsandbytes, ...) from wheels in .whl/ into /tmp/site (no network needed)
 #   2. build the package and its C++/CUDA extension (pip install --no-build-isolation -e .)
 #   3. run the gpu-marked tests (pytest -m gpu)
-#   4. run the quick benchmark sweep with the end-to-end QLoRA step (python -m fused_lora.benchmark --quick)
-#   5. render the report (markdown + PNG plots)
+#   4. run the quick benchmark sweep with the end-to-end QLoRA step
+#      (python -m fused_lora bench --quick --output bench/results)
+#   5. render the report (markdown + PNG plots: python -m fused_lora bench --report <the JSON of step 4>)
 # Every step runs under `timeout`, sized from what is left of the budget, so the whole stays inside BUDGET_S
 # (default 520 s). The log and the results land in bench/results/<gpu>/, and are copied to $OUT when it is set.
 # A short summary table is printed last. Usage, from anywhere:  bash bench/gpu_check.sh
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 
 BUDGET_S=${BUDGET_S:-520}
 PY=${PYTHON:-python3}
+RESULTS_ROOT=bench/results  # passed to the bench as --output: the JSON goes to $RESULTS_ROOT/<gpu>/
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 LOG=$(mktemp -d)/gpu_check.log
@@ -93,15 +95,16 @@ step "pytest -m gpu" 150 300 "$PY" -m pytest -m gpu -q -ra -p no:cacheprovider t
 # 4. Quick sweep + end-to-end step; --max-seconds makes it stop starting cases before its own limit.
 marker=$(mktemp)
 left=$(( BUDGET_S - $(elapsed) - 25 ))
-step "bench --quick" "$left" 25 "$PY" -m fused_lora.benchmark --quick --max-seconds $(( left - 20 ))
+step "bench --quick" "$left" 25 \
+    "$PY" -m fused_lora bench --quick --output "$RESULTS_ROOT" --max-seconds $(( left - 20 ))
 
 # 5. Report of the results this run wrote, then collect the files.
-results_json=$(find bench/results -name '2*.json' -newer "$marker" 2>/dev/null | sort | tail -n 1)
+results_json=$(find "$RESULTS_ROOT" -name '2*.json' -newer "$marker" 2>/dev/null | sort | tail -n 1)
 if [[ -n "$results_json" ]]; then
-    step "report" 40 0 "$PY" -m fused_lora.benchmark --report "$results_json" >/dev/null
+    step "report" 40 0 "$PY" -m fused_lora bench --report "$results_json" >/dev/null
     results_dir=$(dirname "$results_json")
 else
-    results_dir=bench/results/unknown-gpu
+    results_dir=$RESULTS_ROOT/unknown-gpu
     mkdir -p "$results_dir"
     SUMMARY+=("report|no results JSON was written|0")
 fi

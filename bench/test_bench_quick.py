@@ -5,13 +5,13 @@
 On CUDA: the ``--quick`` cases of ``python -m fused_lora bench`` (Llama-3-8B shapes, M ∈ {16, 2048, 8192}, r=16)
 for every implementation, fwd and fwd_bwd, each call followed by a device synchronize so that wall-clock time is
 GPU time. On a CPU: ``reference`` and ``compiled_reference`` at the sweep's small CPU shapes. The implementations
-and inputs are the sweep's own (fused_lora.bench_impls); the sweep CLI remains the source of committed results.
+and inputs are the sweep's own (fused_lora.bench.impls); the sweep CLI remains the source of committed results.
 """
 
 import pytest
 import torch
 
-from fused_lora import bench_impls
+from fused_lora.bench import impls as bench_impls
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")

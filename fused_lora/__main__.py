@@ -1,15 +1,21 @@
-"""Command line: ``python -m fused_lora {demo,bench,check,info} [options]`` (``--help`` on each)."""
+"""Command line: ``python -m fused_lora {demo,bench,check,info} [options]`` (``--help`` on each).
+
+The commands live in the tooling packages ``fused_lora.cli`` (demo, check, info) and ``fused_lora.bench`` (bench);
+each is imported only when it is run, so one command never pays for another's imports.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
+from .cli.quiet import quiet_third_party_notices
+
 COMMANDS = {
-    "demo": ("fused_lora.demo", "fine-tune a small NF4 + LoRA Llama on a shipped task and check parity with PEFT"),
-    "bench": ("fused_lora.benchmark", "run the benchmark sweep (--quick) or render a report (--report)"),
-    "check": ("fused_lora.check", "compare the active backend with the reference on this device"),
-    "info": ("fused_lora.info", "show which backends (CUDA, Triton, extension, bitsandbytes) are available"),
+    "demo": ("fused_lora.cli.demo", "fine-tune a small NF4 + LoRA Llama on a shipped task and check parity with PEFT"),
+    "bench": ("fused_lora.bench.command", "run the benchmark sweep (--quick) or render a report (--report)"),
+    "check": ("fused_lora.cli.check", "compare the active backend with the reference on this device"),
+    "info": ("fused_lora.cli.info", "show which backends (CUDA, Triton, extension, bitsandbytes) are available"),
 }
 
 
@@ -28,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"fused_lora: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    quiet_third_party_notices()
     module = importlib.import_module(COMMANDS[command][0])
     return int(module.main(rest) or 0)
 

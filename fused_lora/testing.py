@@ -3,9 +3,13 @@
     err(t) = ‖t − ref‖ / ‖ref‖, with ref computed in float64.
     A kernel passes when err(kernel) ≤ 2 · err(plain PyTorch in the same dtype) + atol,
     atol = 1e-4 (fp32), 1e-2 (fp16), 5e-2 (bf16). NaN never passes.
+
+Also ``torch_threads``, the CPU thread-count context manager shared by the tests and the command-line tooling.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -62,3 +66,22 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         t.fill_(float("nan"))
     return t
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """Run a block with torch's intra-op CPU thread count set to ``threads``, restoring the previous count after
+    (the demo's ``--threads``, and the tests' one-thread fixture: tiny matrices gain nothing from more threads, and
+    spinning threads slow down badly on a busy machine).
+
+    Example:
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -8,6 +8,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from fused_lora.testing import torch_threads  # noqa: E402  (after TRITON_INTERPRET: nothing may import triton first)
+
 
 def pytest_collection_modifyitems(config, items):
     has_cuda = torch.cuda.is_available()
@@ -48,7 +50,5 @@ def one_torch_thread():
     """Run a module's tests on one torch thread. For tiny models one thread is as fast, and spinning worker threads
     on a busy 2-core machine made single tests 10-40x slower. Use with
     ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
-    from fused_lora.demo import torch_threads
-
     with torch_threads(1):
         yield

@@ -3,15 +3,20 @@ and the end-to-end QLoRA bench runs PEFT+bitsandbytes and the patched model on a
 
 import json
 import math
+import os
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from fused_lora import bench_impls, benchmark
-from fused_lora.bench_impls import LLAMA3_8B_SHAPES, lora_layer_flops
-from fused_lora.bench_report import target_checks
-from fused_lora.bench_schema import ResultsFile, validate_results
-from fused_lora.benchmark import main
+from fused_lora.bench import command, environment, sweep, timing
+from fused_lora.bench import impls as bench_impls
+from fused_lora.bench.command import main
+from fused_lora.bench.impls import LLAMA3_8B_SHAPES, lora_layer_flops
+from fused_lora.bench.report import target_checks
+from fused_lora.bench.schema import ResultsFile, validate_results
 
 # ------------------------------------------------------------------------------------------------ FLOPs and schema
 
@@ -86,13 +91,13 @@ def test_commit_of_a_copy_without_git_comes_from_fused_lora_commit(tmp_path, mon
     copy.mkdir(parents=True)
     _git(outer, "init", "-q")
     _git(outer, "commit", "-q", "--allow-empty", "-m", "outer")
-    monkeypatch.setattr(benchmark, "repo_root", lambda: copy)
+    monkeypatch.setattr(environment, "source_checkout", lambda: copy)
     monkeypatch.setenv("FUSED_LORA_COMMIT", "0123abc")
-    assert benchmark.git_commit() == "0123abc"
+    assert environment.git_commit() == "0123abc"
     monkeypatch.delenv("FUSED_LORA_COMMIT")
-    assert benchmark.git_commit() == "unknown"
-    monkeypatch.setattr(benchmark, "repo_root", lambda: outer)
-    assert benchmark.git_commit() == _git(outer, "rev-parse", "HEAD")
+    assert environment.git_commit() == "unknown"
+    monkeypatch.setattr(environment, "source_checkout", lambda: outer)
+    assert environment.git_commit() == _git(outer, "rev-parse", "HEAD")
 
 
 # ------------------------------------------------------------------------------------------------ implementations
@@ -200,7 +205,7 @@ def test_each_benchmarked_implementation_computes_the_layer_and_its_gradients(im
 def test_cuda_timer_reports_the_median_and_the_peak_memory_of_one_call_alone():
     import torch
 
-    timer = benchmark.CudaTimer(5, 20)
+    timer = timing.CudaTimer(5, 20)
     resident = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")  # allocated before the call: not counted
     assert timer.peak_mem_mb(lambda: torch.empty(32 * 2**20, dtype=torch.uint8, device="cuda")) == 32
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
@@ -214,8 +219,8 @@ def test_cuda_timer_reports_the_median_and_the_peak_memory_of_one_call_alone():
 def test_roofline_measurements_are_plausible():
     import torch
 
-    peak_tflops = benchmark.measure_bf16_peak_tflops(torch.device("cuda"))
-    copy_gbps = benchmark.measure_copy_gbps(torch.device("cuda"))
+    peak_tflops = timing.measure_bf16_peak_tflops(torch.device("cuda"))
+    copy_gbps = timing.measure_copy_gbps(torch.device("cuda"))
     assert 20 < peak_tflops < 5000 and 100 < copy_gbps < 30000
 
 
@@ -224,7 +229,7 @@ def test_roofline_measurements_are_plausible():
 
 def test_cpu_sweep_writes_schema_valid_results(tmp_path, capsys):
     argv = ["--quick", "--shapes", "37x29,64x48", "--m", "5,17", "--r", "4", "--compile-backend", "aot_eager",
-            "--out", str(tmp_path), "--no-optim", "--no-e2e", "--device", "cpu"]
+            "--output", str(tmp_path), "--no-optim", "--no-e2e", "--device", "cpu"]
     assert main(argv) == 0
     files = list((tmp_path / "cpu").glob("*.json"))
     assert len(files) == 1 and files[0].stem[:8].isdigit()
@@ -256,7 +261,7 @@ def test_cpu_sweep_writes_schema_valid_results(tmp_path, capsys):
 
 def test_unknown_implementation_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="unknown implementation"):
-        main(["--impls", "reference,cutlass", "--out", str(tmp_path), "--device", "cpu"])
+        main(["--impls", "reference,cutlass", "--output", str(tmp_path), "--device", "cpu"])
 
 
 def test_a_stage_starts_only_with_the_time_it_needs_left(tmp_path):
@@ -265,23 +270,74 @@ def test_a_stage_starts_only_with_the_time_it_needs_left(tmp_path):
     results = ResultsFile(tmp_path / "20260102-1200.json", ENV, {})
     ran = []
     deadline = time.monotonic() + 30
-    benchmark.run_stage("e2e_qlora_step", 90.0, deadline, results, lambda: ran.append("e2e"))
-    benchmark.run_stage("optimizer", 15.0, deadline, results, lambda: ran.append("optimizer"))
+    sweep.run_stage("e2e_qlora_step", 90.0, deadline, results, lambda: ran.append("e2e"))
+    sweep.run_stage("optimizer", 15.0, deadline, results, lambda: ran.append("optimizer"))
     assert ran == ["optimizer"]
     assert [entry["bench"] for entry in results.data["skipped"]] == ["e2e_qlora_step"]
     assert "needs about 90 s" in results.data["skipped"][0]["reason"]
 
 
 def test_later_stages_are_kept_time_on_a_gpu_only():
-    args = benchmark.build_parser().parse_args(["--quick"])
-    assert benchmark.later_stage_seconds(args, on_cuda=True) == {"e2e_qlora_step": 90.0, "optimizer": 15.0}
-    args = benchmark.build_parser().parse_args(["--quick", "--no-e2e"])
-    assert benchmark.later_stage_seconds(args, on_cuda=True) == {"optimizer": 15.0}
-    assert benchmark.later_stage_seconds(args, on_cuda=False) == {}
+    args = command.build_parser().parse_args(["--quick"])
+    assert sweep.later_stage_seconds(args, on_cuda=True) == {"e2e_qlora_step": 90.0, "optimizer": 15.0}
+    args = command.build_parser().parse_args(["--quick", "--no-e2e"])
+    assert sweep.later_stage_seconds(args, on_cuda=True) == {"optimizer": 15.0}
+    assert sweep.later_stage_seconds(args, on_cuda=False) == {}
+
+
+def test_results_go_where_output_says_on_a_gpu_to_bench_results_if_present_and_nowhere_on_a_cpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert command.results_root(tmp_path / "mine", on_cuda=False) == tmp_path / "mine"
+    assert command.results_root(tmp_path / "mine", on_cuda=True) == tmp_path / "mine"
+    assert command.results_root(None, on_cuda=True) is None  # no ./bench/results here
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    assert command.results_root(None, on_cuda=True) == Path("bench") / "results"
+    assert command.results_root(None, on_cuda=False) is None  # a CPU run writes nothing unless asked
+
+
+def _snapshot(root: Path) -> dict:
+    """{relative path: (size, mtime)} of every file under root except git's own and bytecode caches."""
+    return {
+        str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in root.rglob("*")
+        if path.is_file() and ".git" not in path.parts and "__pycache__" not in path.parts
+    }
+
+
+def test_bench_quick_on_a_cpu_without_output_leaves_the_checkout_unchanged(tmp_path):
+    """`python -m fused_lora bench --quick` run from a checkout's root (which has bench/results/) on a CPU prints its
+    tables and writes no file: git status stays clean. It runs in a committed copy of the checkout, so that other
+    edits of the working tree cannot disturb the comparison; small shapes and aot_eager keep it short."""
+    source = Path(__file__).resolve().parents[1]
+    if not (source / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs a git checkout and git")
+    listed = _git(source, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")
+    checkout = tmp_path / "checkout"
+    for name in filter(None, listed):
+        if (source / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, checkout / name)
+    assert (checkout / "bench" / "results").is_dir()
+    _git(checkout, "init", "-q")
+    _git(checkout, "add", "-A")
+    _git(checkout, "commit", "-q", "-m", "copy")
+    before = _snapshot(checkout)
+
+    argv = ["--quick", "--shapes", "37x29", "--m", "5", "--r", "4", "--compile-backend", "aot_eager",
+            "--device", "cpu"]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("FUSED_LORA_BACKEND", None)
+    result = subprocess.run([sys.executable, "-m", "fused_lora", "bench", *argv], cwd=checkout, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "reference / compiled_reference" in result.stdout  # the table is printed
+    assert "no results file written" in result.stdout
+    assert _git(checkout, "status", "--porcelain", "--untracked-files=all", "--ignored") == ""
+    assert _snapshot(checkout) == before
 
 
 def test_a_spent_time_budget_skips_every_case_with_its_reason(tmp_path):
-    argv = ["--shapes", "37x29", "--m", "5", "--r", "4", "--out", str(tmp_path), "--no-optim", "--device", "cpu",
+    argv = ["--shapes", "37x29", "--m", "5", "--r", "4", "--output", str(tmp_path), "--no-optim", "--device", "cpu",
             "--max-seconds", "0"]
     assert main(argv) == 0
     data = json.loads(next((tmp_path / "cpu").glob("*.json")).read_text())
@@ -398,7 +454,7 @@ def test_e2e_bench_runs_peft_bnb_and_the_patched_model_with_matching_losses():
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
-    from fused_lora.bench_e2e import cpu_config, run_e2e_bench
+    from fused_lora.bench.e2e import cpu_config, run_e2e_bench
 
     config = cpu_config(quick=True)
     rows, skipped = run_e2e_bench(device="cpu", config=config)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers  # noqa: F401
 
-from fused_lora import demo, info
+from fused_lora.cli import demo, demo_data, demo_model, demo_train, info
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -91,13 +91,13 @@ def test_demo_adapter_reloads_with_plain_peft_to_the_same_loss(demo_run):
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == metrics["base_model"]
 
-    base = demo.load_quantized_model(metrics["base_model"], torch.float32, torch.device("cpu"))
+    base = demo_model.load_quantized_model(metrics["base_model"], torch.float32, torch.device("cpu"))
     model = PeftModel.from_pretrained(base, adapter).train()
-    tokenizer = demo.ByteTokenizer()
-    encoded = [demo.encode_example(e, tokenizer, 96) for e in demo.load_instructions()]
-    _, eval_set = demo.split_train_eval(encoded, 16)
-    batches = [demo.collate(eval_set[i : i + 16], tokenizer.pad_id, "cpu") for i in range(0, len(eval_set), 16)]
-    reloaded = demo.held_out_loss(model, batches)
+    tokenizer = demo_data.ByteTokenizer()
+    encoded = [demo_data.encode_example(e, tokenizer, 96) for e in demo_data.load_instructions()]
+    _, eval_set = demo_data.split_train_eval(encoded, 16)
+    batches = [demo_data.collate(eval_set[i : i + 16], tokenizer.pad_id, "cpu") for i in range(0, len(eval_set), 16)]
+    reloaded = demo_train.held_out_loss(model, batches)
     assert reloaded == pytest.approx(metrics["eval_loss_after"], rel=1e-5)
 
 
@@ -123,8 +123,8 @@ def save_bpe_tokenizer(path):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    texts = [demo.PROMPT_TEMPLATE.format(instruction=e["instruction"]) + e["response"]
-             for e in demo.load_instructions()[:200]]
+    texts = [demo_data.PROMPT_TEMPLATE.format(instruction=e["instruction"]) + e["response"]
+             for e in demo_data.load_instructions()[:200]]
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer)
@@ -137,11 +137,11 @@ def test_demo_with_a_local_model_and_its_own_tokenizer(tmp_path):
     model_dir = tmp_path / "model"
     hf_tokenizer = save_bpe_tokenizer(model_dir)
     save_tiny_llama(model_dir, vocab_size=len(hf_tokenizer))
-    tokenizer = demo.load_tokenizer(str(model_dir))
-    assert isinstance(tokenizer, demo.HFTokenizer) and tokenizer.bos_id == hf_tokenizer.bos_token_id
-    ids, labels = demo.encode_example({"instruction": "Repeat ba twice.", "response": "ba ba"}, tokenizer, 96)
+    tokenizer = demo_data.load_tokenizer(str(model_dir))
+    assert isinstance(tokenizer, demo_data.HFTokenizer) and tokenizer.bos_id == hf_tokenizer.bos_token_id
+    ids, labels = demo_data.encode_example({"instruction": "Repeat ba twice.", "response": "ba ba"}, tokenizer, 96)
     assert ids[0] == tokenizer.bos_id and ids[-1] == labels[-1] == tokenizer.eos_id
-    assert tokenizer.decode(ids[1:-1]) == demo.PROMPT_TEMPLATE.format(instruction="Repeat ba twice.") + "ba ba"
+    assert tokenizer.decode(ids[1:-1]) == demo_data.PROMPT_TEMPLATE.format(instruction="Repeat ba twice.") + "ba ba"
     output = tmp_path / "out"
     assert demo.main(["--model", str(model_dir), "--steps", "2", "--output", str(output), "--rank", "4"]) in (0, 1)
     metrics = json.loads((output / "metrics.json").read_text())
@@ -216,27 +216,27 @@ def test_demo_rejects_unusable_data(content, message, tmp_path, capsys):
 
 
 def test_shipped_data_is_the_generator_output():
-    shipped = demo.load_instructions()
-    assert shipped == demo.synthetic_instructions()
+    shipped = demo_data.load_instructions()
+    assert shipped == demo_data.synthetic_instructions()
     assert len({e["instruction"] for e in shipped}) > 0.8 * len(shipped), "mostly distinct prompts"
 
 
 def test_byte_tokenizer_round_trip_and_response_only_labels():
-    tokenizer = demo.ByteTokenizer()
+    tokenizer = demo_data.ByteTokenizer()
     text = "Spell zébu with dashes. ✓"
     assert tokenizer.decode(tokenizer.encode(text)) == text
     assert min(tokenizer.encode(text)) >= tokenizer.offset and max(tokenizer.encode(text)) < tokenizer.vocab_size
-    ids, labels = demo.encode_example({"instruction": "Repeat ba twice.", "response": "ba ba"}, tokenizer, 96)
+    ids, labels = demo_data.encode_example({"instruction": "Repeat ba twice.", "response": "ba ba"}, tokenizer, 96)
     response = tokenizer.encode("ba ba") + [tokenizer.eos_id]
     assert ids[0] == tokenizer.bos_id and ids[-len(response):] == response
     assert labels == [-100] * (len(ids) - len(response)) + response
-    short_ids, short_labels = demo.encode_example({"instruction": "x" * 50, "response": "y"}, tokenizer, 17)
+    short_ids, short_labels = demo_data.encode_example({"instruction": "x" * 50, "response": "y"}, tokenizer, 17)
     assert len(short_ids) == len(short_labels) == 17
 
 
 def test_collate_pads_right_and_masks_padding():
     encoded = [([1, 5, 6], [-100, 5, 6]), ([1, 7], [-100, 7])]
-    batch = demo.collate(encoded, pad_id=0, device="cpu")
+    batch = demo_data.collate(encoded, pad_id=0, device="cpu")
     assert batch["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
     assert batch["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
@@ -246,7 +246,7 @@ def test_load_instructions_names_the_bad_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with string fields"):
-        demo.load_instructions(path)
+        demo_data.load_instructions(path)
 
 
 # ------------------------------------------------------------------------------------------------------- info
@@ -293,10 +293,10 @@ def test_info_shows_the_backend_override(monkeypatch):
 
 
 def test_info_without_triton_reports_it_once_and_warns_nothing(monkeypatch, capsys):
-    from fused_lora import functional
+    from fused_lora import _common
 
     monkeypatch.setitem(sys.modules, "triton", None)
-    monkeypatch.setattr(functional, "_warned", set())
+    monkeypatch.setattr(_common, "_warned", set())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback warning from resolve_backend would raise here
         assert info.main([]) == 0
@@ -334,3 +334,33 @@ def test_info_survives_an_extension_without_its_functions(monkeypatch):
     monkeypatch.setattr(_ext, "_module", stale)
     status = info.extension_status()
     assert status["available"] is False and "is_cuda_build" in status["detail"]
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def test_every_command_of_the_dispatcher_has_a_main():
+    import importlib
+
+    from fused_lora.__main__ import COMMANDS
+
+    assert set(COMMANDS) == {"demo", "bench", "check", "info"}
+    for name, (module, _) in COMMANDS.items():
+        assert callable(importlib.import_module(module).main), name
+
+
+def test_the_bitsandbytes_cpu_kernel_notice_is_silenced_and_nothing_else(caplog):
+    """bitsandbytes logs "Failed to load CPU gemm_4bit_forward from kernels-community" at import on AVX512-BF16 CPUs
+    without the `kernels` package; the commands drop exactly that record, every other one still shows."""
+    import logging
+
+    from fused_lora.cli.quiet import BNB_CPU_LOGGER, BNB_CPU_NOTICE, quiet_third_party_notices
+
+    quiet_third_party_notices()
+    quiet_third_party_notices()  # idempotent: one filter
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=BNB_CPU_LOGGER):
+        logger.warning(BNB_CPU_NOTICE + ": %s. Please make sure you already `pip install kernels`", "no module")
+        logger.warning("some other bitsandbytes warning")
+    assert [record.getMessage() for record in caplog.records] == ["some other bitsandbytes warning"]

@@ -51,3 +51,18 @@ def test_transformers_and_peft_import_from_the_checkout_root():
         """
     )
     assert out.split() == ["True", "imported"]
+
+
+# ---------------------------------------------------------------------------------------- the tooling
+# (the import layers themselves are checked by tests/test_layers.py)
+
+
+def test_the_benchmarked_implementations_import_neither_the_end_to_end_bench_nor_peft_or_bitsandbytes():
+    out = _run(
+        """
+        import sys
+        import fused_lora.bench.impls
+        print("fused_lora.bench.e2e" in sys.modules, "peft" in sys.modules, "bitsandbytes" in sys.modules)
+        """
+    )
+    assert out == "False False False"

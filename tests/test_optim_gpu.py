@@ -16,6 +16,7 @@ import torch
 
 from fused_lora import _ext
 from fused_lora import optim as fo
+from fused_lora.testing import relative_error
 
 pytestmark = pytest.mark.gpu
 
@@ -49,11 +50,6 @@ def train(params, opt, steps, start=0):
     return params
 
 
-def relative(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("budget", [None, 0, 16 << 20], ids=["budget-all", "budget-0", "budget-16MiB"])
 def test_paged_adamw_matches_torch_adamw(ext, budget):
     ref = make_params(SHAPES)
@@ -63,8 +59,8 @@ def test_paged_adamw_matches_torch_adamw(ext, budget):
     train(ref, ref_opt, 30)
     train(ours, opt, 30)
     for p, q in zip(ours, ref):
-        assert relative(p, q) <= 1e-5
-        assert relative(opt.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"]) <= 1e-5
+        assert relative_error(p, q) <= 1e-5
+        assert relative_error(opt.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"]) <= 1e-5
 
 
 @pytest.mark.parametrize("cls", ["AdamW8bit", "PagedAdamW8bit"])
@@ -77,7 +73,7 @@ def test_8bit_cuda_matches_pytorch_path(ext, cls):
     train(cpu, cpu_opt, 10)
     train(gpu, gpu_opt, 10)
     for p, q in zip(gpu, cpu):
-        assert relative(p, q) <= 1e-5
+        assert relative_error(p, q) <= 1e-5
         s, r = gpu_opt.state[p], cpu_opt.state[q]
         if r["state1"].dtype == torch.uint8:
             mismatched = (s["state1"].cpu() != r["state1"]).float().mean().item()
@@ -93,7 +89,7 @@ def test_bf16_parameters_follow_fp32_adamw(ext):
     train(ours, opt, 10)
     for p, q in zip(ours, master):
         assert p.dtype == torch.bfloat16
-        assert relative(p, q) <= 1e-2  # bf16 keeps 8 mantissa bits: one rounding per step
+        assert relative_error(p, q) <= 1e-2  # bf16 keeps 8 mantissa bits: one rounding per step
 
 
 def test_residency_follows_the_budget(ext):
@@ -237,7 +233,7 @@ def test_scheduler_and_clipping_match_torch_on_cuda(ext):
             sched.step()
         runs.append(params)
     for p, q in zip(*runs):
-        assert relative(p, q) <= 1e-5
+        assert relative_error(p, q) <= 1e-5
 
 
 def test_parameters_on_cpu_and_several_devices(ext):
@@ -249,6 +245,6 @@ def test_parameters_on_cpu_and_several_devices(ext):
     train(ref, ref_opt, 5)
     train(ours, opt, 5)
     for p, q in zip(ours, ref):
-        assert relative(p, q) <= 1e-5
+        assert relative_error(p, q) <= 1e-5
     residency = opt.state_residency()
     assert residency[0] == "not paged" and all(residency[i] == "device" for i in range(1, len(devices)))

@@ -25,7 +25,8 @@ import time
 
 import torch
 
-from . import optim as fo
+from .. import optim as fo
+from ..backend import cuda_available
 
 _ROW_BASE = {"bench": "paged_adamw", "pass": "step", "r": 0, "dtype": "float32", "tflops": None}
 
@@ -120,7 +121,7 @@ def run_optimizer_bench(quick: bool) -> list[dict]:
 
     Example: ``rows = run_optimizer_bench(quick=True)``
     """
-    cuda = torch.cuda.is_available()
+    cuda = cuda_available()
     device = "cuda" if cuda else "cpu"
     rows = []
     for M, N, K in _sizes(quick, cuda):

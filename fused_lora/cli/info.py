@@ -17,6 +17,9 @@ import warnings
 
 import torch
 
+from .. import __version__, _ext
+from ..backend import BACKEND_ENV_VAR, cuda_available, interpreting, resolve_backend
+
 
 def _import_error(error: BaseException) -> str:
     return f"not importable ({type(error).__name__}: {error})"
@@ -32,7 +35,7 @@ def cuda_status() -> dict:
     """
     if torch.version.cuda is None:
         return {"available": False, "detail": f"torch {torch.__version__} is a build without CUDA"}
-    if not torch.cuda.is_available():
+    if not cuda_available():
         detail = f"torch built for CUDA {torch.version.cuda}, but no CUDA device is visible"
         return {"available": False, "detail": detail}
     devices = []
@@ -62,7 +65,7 @@ def triton_status() -> dict:
         return {"available": False, "detail": _import_error(error)}
     mode = (
         "CPU interpreter on (TRITON_INTERPRET=1)"
-        if os.environ.get("TRITON_INTERPRET") == "1"
+        if interpreting()
         else "compiled kernels (needs a CUDA device; set TRITON_INTERPRET=1 before import to run on the CPU)"
     )
     return {"available": True, "detail": f"{triton.__version__}, {mode}"}
@@ -75,8 +78,6 @@ def extension_status() -> dict:
         >>> extension_status()["available"]     # after `pip install --no-build-isolation -e .`
         True
     """
-    from . import _ext
-
     module = _ext.load()
     if not _ext.is_available():
         return {"available": False, "detail": f"missing: {module._reason}"}
@@ -112,8 +113,6 @@ def auto_backend() -> dict:
         >>> auto_backend()      # on a CPU-only machine with Triton installed, no override
         {'cuda': 'triton', 'cpu': 'reference', 'override': None}
     """
-    from .functional import BACKEND_ENV_VAR, resolve_backend
-
     choice = {}
     for device_type in ("cuda", "cpu"):
         try:
@@ -136,8 +135,6 @@ def collect() -> dict:
         >>> collect()["auto_backend"]["cpu"]
         'reference'
     """
-    from . import __version__
-
     return {
         "fused_lora": __version__,
         "python": platform.python_version(),

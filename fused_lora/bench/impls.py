@@ -25,8 +25,8 @@ FLOP count (the LoRA layer's math, used for every implementation so that TFLOP/s
     fwd     = 2·M·N·K + 2·M·r·(K + N)                     (x·Wᵀ;  u = x·Aᵀ;  u·Bᵀ)
     fwd_bwd = fwd + 2·M·N·K + 4·M·r·(K + N)               (+ dx = g·W;  v = g·B;  v·A;  dA = vᵀ·x;  dB = gᵀ·u)
 
-torch, bitsandbytes and PEFT are imported inside the functions, so ``--report`` (which reads the constants here)
-needs neither.
+bitsandbytes and PEFT are imported inside the functions that build their layers, so ``--report`` (which reads the
+constants here) needs neither.
 """
 
 from __future__ import annotations
@@ -34,8 +34,14 @@ from __future__ import annotations
 import itertools
 import math
 
+import torch
+
+from .. import reference
+from ..functional import lora_linear
+from ..nf4 import quantize_nf4
+
 __all__ = ["lora_layer_flops", "ImplBuilder", "make_base_weight", "make_adapters", "make_input_sets",
-           "pass_callable"]
+           "pass_callable", "make_linear4bit"]
 
 LLAMA3_8B_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024))
 LLAMA3_70B_SHAPES = ((8192, 28672),)
@@ -77,10 +83,28 @@ def lora_layer_flops(M: int, K: int, N: int, r: int, pass_name: str) -> int:
 # Implementations
 
 
+def make_linear4bit(weight, compute_dtype):
+    """A ``bnb.nn.Linear4bit`` (no bias) holding NF4(weight), blocksize 64, double quantization, on weight's device:
+    the base layer of ``peft_bnb`` here and of every decoder linear in the end-to-end bench (``fused_lora.bench.e2e``).
+
+    Args:
+        weight: (out_features, in_features) floating tensor. compute_dtype: the dtype bitsandbytes computes in.
+    Example:
+        >>> layer = make_linear4bit(torch.randn(128, 64, dtype=torch.bfloat16), torch.bfloat16)
+    """
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
+                              compress_statistics=True, quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(weight.detach().to(compute_dtype).clone(), requires_grad=False,
+                                     quant_type="nf4", compress_statistics=True, blocksize=64)
+    return layer.to(weight.device)
+
+
 def _dequant_matmul_lora_function():
-    """The Unsloth-style autograd function (built lazily: it needs torch and bitsandbytes)."""
+    """The Unsloth-style autograd function (built lazily: it needs bitsandbytes)."""
     import bitsandbytes.functional as bnbf
-    import torch
 
     class DequantMatmulLora(torch.autograd.Function):
         """y = x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ with W dequantized into a bf16 buffer, then cuBLAS; W frozen."""
@@ -110,10 +134,7 @@ def _dequant_matmul_lora_function():
 
 def _peft_bnb_layer(W, A, B, s):
     """PEFT's LoRA layer over bnb.nn.Linear4bit holding NF4(W), adapters set to (A, B) in bf16."""
-    import torch
     from peft import LoraConfig, get_peft_model
-
-    from .bench_e2e import make_linear4bit
 
     r = A.shape[0]
     base = make_linear4bit(W, W.dtype)
@@ -147,10 +168,6 @@ class ImplBuilder:
         self._compiled_reference = None
 
     def compiled_reference_fn(self):
-        import torch
-
-        from . import reference
-
         if self._compiled_reference is None:
             dynamo_config = torch._dynamo.config
             for name in ("recompile_limit", "cache_size_limit"):
@@ -161,14 +178,8 @@ class ImplBuilder:
 
     def build(self, impl: str, weights: dict):
         """Returns (layer, params): layer(x) -> y (M, N); params are the adapter tensors that receive grads."""
-        import torch
-
-        from . import reference
-
         W, W_deq, A, B, s = weights["W"], weights["W_deq"], weights["A"], weights["B"], LORA_SCALING
         if impl == "fused":
-            from .functional import lora_linear
-
             nf4 = weights["nf4"]
             return (lambda x: lora_linear(x, nf4, A, B, s, backend="triton")), [A, B]
         if impl == "dense_cublas":
@@ -192,10 +203,6 @@ class ImplBuilder:
 def make_base_weight(K: int, N: int, dtype, device):
     """(W, NF4Weight of W, W dequantized back to dtype): W (N, K) ~ N(0, 1/K), seeded; every LoRA implementation
     computes with NF4(W) (``dense_cublas`` with W itself)."""
-    import torch
-
-    from .nf4 import quantize_nf4
-
     torch.manual_seed(0)
     W = (torch.randn(N, K, device=device, dtype=torch.float32) / math.sqrt(K)).to(dtype)
     nf4 = quantize_nf4(W, blocksize=64, double_quant=True)
@@ -204,8 +211,6 @@ def make_base_weight(K: int, N: int, dtype, device):
 
 def make_adapters(K: int, N: int, r: int, dtype, device):
     """A (r, K) and B (N, r), random (B is not zero, so the low-rank path counts), requiring grad."""
-    import torch
-
     A = (torch.randn(r, K, device=device, dtype=torch.float32) / math.sqrt(K)).to(dtype).requires_grad_(True)
     B = (torch.randn(N, r, device=device, dtype=torch.float32) / math.sqrt(r)).to(dtype).requires_grad_(True)
     return A, B
@@ -222,8 +227,6 @@ def make_input_sets(M, K, N, dtype, device, l2_bytes=50 * 2**20):
     pairs stay inside the L2 cache even eight at a time, which is why ``do_bench`` also flushes it before every
     call. Seeded by M, so every implementation of a case sees the same inputs (the accuracy check relies on it).
     """
-    import torch
-
     torch.manual_seed(M)
     pair_bytes = (M * K + M * N) * torch.finfo(dtype).bits // 8
     count = int(min(8, max(2, math.ceil(4 * l2_bytes / max(pair_bytes, 1)))))

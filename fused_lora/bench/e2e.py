@@ -32,7 +32,15 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["E2EConfig", "gpu_config", "cpu_config", "make_linear4bit", "build_qlora_model", "run_e2e_bench", "main"]
+import torch
+
+from .._common import dtype_name
+from ..backend import cuda_available
+from ..cli.quiet import quiet_third_party_notices
+from ..peft import patch_peft_model
+from .impls import make_linear4bit
+
+__all__ = ["E2EConfig", "gpu_config", "cpu_config", "build_qlora_model", "run_e2e_bench", "main"]
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WARMUP_STEPS = 2
@@ -70,27 +78,8 @@ def cpu_config(quick: bool) -> E2EConfig:
                      steps=4 if quick else 6)
 
 
-def make_linear4bit(weight, compute_dtype):
-    """A ``bnb.nn.Linear4bit`` (no bias) holding NF4(weight), blocksize 64, double quantization, on weight's device.
-
-    Args:
-        weight: (out_features, in_features) floating tensor. compute_dtype: the dtype bitsandbytes computes in.
-    Example:
-        >>> layer = make_linear4bit(torch.randn(128, 64, dtype=torch.bfloat16), torch.bfloat16)
-    """
-    import bitsandbytes as bnb
-
-    out_features, in_features = weight.shape
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
-                              compress_statistics=True, quant_type="nf4", device="meta")
-    layer.weight = bnb.nn.Params4bit(weight.detach().to(compute_dtype).clone(), requires_grad=False,
-                                     quant_type="nf4", compress_statistics=True, blocksize=64)
-    return layer.to(weight.device)
-
-
 def build_qlora_model(config: E2EConfig, device, dtype):
     """The PEFT QLoRA model: Llama from ``config``, decoder linears as NF4 Linear4bit, LoRA on all of them."""
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -118,8 +107,6 @@ def build_qlora_model(config: E2EConfig, device, dtype):
 
 
 def _batches(config: E2EConfig, device):
-    import torch
-
     generator = torch.Generator().manual_seed(config.seed + 2)
     return [torch.randint(0, config.vocab, (config.batch, config.seq), generator=generator).to(device)
             for _ in range(config.steps)]
@@ -127,8 +114,6 @@ def _batches(config: E2EConfig, device):
 
 def _train(impl: str, config: E2EConfig, device, dtype) -> dict:
     """Build the model for ``impl`` ('peft_bnb' or 'fused'), train ``config.steps`` steps, return the measurements."""
-    import torch
-
     on_cuda = device.type == "cuda"
     gc.collect()
     if on_cuda:
@@ -136,9 +121,7 @@ def _train(impl: str, config: E2EConfig, device, dtype) -> dict:
     model = build_qlora_model(config, device, dtype)
     patched = None
     if impl == "fused":
-        import fused_lora
-
-        patched = fused_lora.patch_peft_model(model)
+        patched = patch_peft_model(model)
         if not patched:
             raise RuntimeError("patch_peft_model swapped no layer of the PEFT QLoRA model")
     model.train()
@@ -174,9 +157,7 @@ def run_e2e_bench(quick: bool = False, device=None, config: E2EConfig | None = N
     K = hidden, N = intermediate) plus tokens_per_s, losses, steps and, in the fused row, loss_max_rel_diff.
     skipped lists {"impl", "reason"} for a variant that could not run.
     """
-    import torch
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or ("cuda" if cuda_available() else "cpu"))
     config = config or (gpu_config(quick) if device.type == "cuda" else cpu_config(quick))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmuls are slow to warm up
     tokens = config.batch * config.seq
@@ -193,7 +174,7 @@ def run_e2e_bench(quick: bool = False, device=None, config: E2EConfig | None = N
         run = runs[impl]
         rows.append({
             "bench": "e2e_qlora_step", "impl": impl, "pass": "train_step", "M": tokens, "K": config.hidden,
-            "N": config.intermediate, "r": config.r, "dtype": str(dtype).replace("torch.", ""),
+            "N": config.intermediate, "r": config.r, "dtype": dtype_name(dtype),
             "median_ms": run["step_s"] * 1e3,
             "tflops": None, "peak_mem_mb": run["peak_mem_mb"], "tokens_per_s": tokens / run["step_s"],
             "steps": config.steps, "layers": config.layers, "losses": run["losses"],
@@ -206,8 +187,9 @@ def run_e2e_bench(quick: bool = False, device=None, config: E2EConfig | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fused_lora.bench_e2e [--quick] [--json PATH]``: print tokens/s, memory and loss agreement."""
-    parser = argparse.ArgumentParser(prog="python -m fused_lora.bench_e2e", description=__doc__.split("\n")[0])
+    """``python -m fused_lora.bench.e2e [--quick] [--json PATH]``: print tokens/s, memory and loss agreement."""
+    quiet_third_party_notices()
+    parser = argparse.ArgumentParser(prog="python -m fused_lora.bench.e2e", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this file")

@@ -1,9 +1,10 @@
-"""The results file of ``python -m fused_lora bench``: where it lives, its schema, and how it is written.
+"""The results file of ``python -m fused_lora bench``: its schema, how it is found, and how it is written.
 
 Schema (shared/DESIGN.md, "Benchmarks and results"): ``{"env": {device, torch, triton, cuda, commit}, "results":
 [rows]}``; every row has ``bench, impl, pass, M, K, N, r, dtype, median_ms, tflops, peak_mem_mb`` and may carry
 extra fields. The sweep also writes ``config``, ``roofline``, ``skipped`` and ``wall_s``. Files are
-``bench/results/<gpu-name-slug>/<YYYYmmdd-HHMM>.json``.
+``<results root>/<device-name-slug>/<YYYYmmdd-HHMM>.json``; the results root is always passed in (the command
+decides it, see ``fused_lora.bench.command``): nothing here guesses where a checkout is.
 """
 
 from __future__ import annotations
@@ -14,20 +15,11 @@ import re
 from pathlib import Path
 
 __all__ = ["ENV_KEYS", "ROW_KEYS", "row_problem", "validate_env", "validate_results", "ResultsFile",
-           "find_newest_results"]
+           "device_slug", "results_path", "find_newest_results"]
 
 ENV_KEYS = ("device", "torch", "triton", "cuda", "commit")
 ROW_KEYS = ("bench", "impl", "pass", "M", "K", "N", "r", "dtype", "median_ms", "tflops", "peak_mem_mb")
-
-
-def repo_root() -> Path:
-    """The checkout that holds bench/ (the package is installed editable), else the working directory."""
-    here = Path(__file__).resolve().parent.parent
-    return here if (here / "bench").is_dir() else Path.cwd()
-
-
-def default_results_dir() -> Path:
-    return repo_root() / "bench" / "results"
+RESULTS_STEM = r"\d{8}-\d{4}(-\d+)?"
 
 
 def device_slug(name: str) -> str:
@@ -35,14 +27,24 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
-def find_newest_results(path: Path | None = None) -> Path:
-    """The newest results JSON: ``path`` itself if it is a file, else the newest under it (default bench/results)."""
-    path = Path(path) if path else default_results_dir()
+def results_path(root: Path, device_name: str, stamp: str) -> Path:
+    """``root/<device slug>/<stamp>.json``, or ``<stamp>-1.json``, ``-2``, ... when that file exists already."""
+    out_dir = Path(root) / device_slug(device_name)
+    path, suffix = out_dir / f"{stamp}.json", 1
+    while path.exists():
+        path, suffix = out_dir / f"{stamp}-{suffix}.json", suffix + 1
+    return path
+
+
+def find_newest_results(path: Path) -> Path:
+    """The newest results JSON: ``path`` itself if it is a file, else the newest ``YYYYmmdd-HHMM.json`` under it."""
+    path = Path(path)
     if path.is_file():
         return path
-    candidates = [p for p in path.rglob("*.json") if re.fullmatch(r"\d{8}-\d{4}(-\d+)?", p.stem)]
+    candidates = [p for p in path.rglob("*.json") if re.fullmatch(RESULTS_STEM, p.stem)] if path.is_dir() else []
     if not candidates:
-        raise FileNotFoundError(f"no results JSON (YYYYmmdd-HHMM.json) under {path}; run `python -m fused_lora bench`")
+        raise FileNotFoundError(f"no results JSON (YYYYmmdd-HHMM.json) under {path}; run `python -m fused_lora bench "
+                                "--output DIR` to write one")
     return max(candidates, key=lambda p: (p.stem, p.stat().st_mtime))
 
 
@@ -109,13 +111,15 @@ def _strict_json(value):
 
 
 class ResultsFile:
-    """The run's JSON, rewritten after every row so that an interrupted run keeps its measurements."""
+    """The run's results: with a ``path``, a JSON file rewritten after every row so that an interrupted run keeps its
+    measurements; with ``path=None``, kept in memory only (``data``) and never written."""
 
-    def __init__(self, path: Path, env: dict, config: dict):
+    def __init__(self, path: Path | None, env: dict, config: dict):
         validate_env({"env": env, "results": []})
-        self.path = path
+        self.path = Path(path) if path is not None else None
         self.data = {"env": env, "config": config, "roofline": {}, "results": [], "skipped": []}
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self.flush()
 
     def add(self, row: dict):
@@ -133,6 +137,8 @@ class ResultsFile:
         self.flush()
 
     def flush(self):
+        if self.path is None:
+            return
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(_strict_json(self.data), indent=1, allow_nan=False))
         tmp.replace(self.path)

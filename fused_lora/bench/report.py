@@ -3,7 +3,7 @@ prints at its end.
 
 report.md lists the fused-kernel targets first (M=8192, r=16, bf16, fwd_bwd, Llama-3-8B shapes), then the
 end-to-end ratios, the ratio table of every layer case, the plots, and every row. Plots: TFLOP/s vs M per shape,
-one line per implementation, with the bf16 peak measured in the same run. Only matplotlib is needed (no torch).
+one line per implementation, with the bf16 peak measured in the same run. Rendering needs matplotlib, no GPU.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import json
 import math
 from pathlib import Path
 
-from .bench_impls import ALL_IMPLS, LLAMA3_8B_SHAPES, PASSES, SHAPE_NAMES
-from .bench_schema import ROW_KEYS, row_problem, validate_env
+from .impls import ALL_IMPLS, LLAMA3_8B_SHAPES, PASSES, SHAPE_NAMES
+from .schema import ROW_KEYS, row_problem, validate_env
 
 __all__ = ["target_checks", "e2e_summary", "summary_table", "plot_tflops", "render_report"]
 

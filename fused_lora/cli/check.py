@@ -13,9 +13,11 @@ import warnings
 
 import torch
 
-from . import functional, reference
-from .nf4 import quantize_nf4
-from .testing import ATOL, relative_error
+from .. import functional, reference
+from .._common import dtype_name
+from ..backend import BACKENDS, cuda_available, resolve_backend
+from ..nf4 import quantize_nf4
+from ..testing import ATOL, relative_error
 
 SCALING = 2.0
 NAMES = ("y", "dx", "dA", "dB", "db")
@@ -74,15 +76,15 @@ def _check_case(M, K, N, r, dtype, base, device, backend):
 def main(argv: list[str] | None = None) -> int:
     """Print a pass/fail table of the active backend against the reference; return 1 on any failure."""
     parser = argparse.ArgumentParser(prog="python -m fused_lora check", description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="auto", choices=functional.BACKENDS, help="backend to check")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="backend to check")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     args = parser.parse_args(argv)
 
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
+        device = torch.device(args.device or ("cuda" if cuda_available() else "cpu"))
+        if device.type == "cuda" and not cuda_available():
             raise RuntimeError("--device cuda, but CUDA is not available here (run without --device for the CPU)")
-        backend = functional.resolve_backend(args.backend, device)
+        backend = resolve_backend(args.backend, device)
     except (RuntimeError, ValueError) as error:
         print(f"fused_lora check: {error}")
         return 1
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for M, K, N, r in _cases(device, backend):
         for dtype in dtypes:
             for base in ("nf4", "dense"):
-                case = f"M{M}-K{K}-N{N}-r{r}-{str(dtype).replace('torch.', '')}-{base}"
+                case = f"M{M}-K{K}-N{N}-r{r}-{dtype_name(dtype)}-{base}"
                 errors, bounds, notes = _check_case(M, K, N, r, dtype, base, device, backend)
                 ok = all(e <= bd for e, bd in zip(errors, bounds))
                 failed += not ok

@@ -1,0 +1,116 @@
+"""``python -m fused_lora bench``: the QLoRA layer sweep against its peers and the roofline, and ``--report``.
+
+What is measured is described in ``fused_lora.bench.sweep`` (and bench/README.md in the checkout).
+
+Where the results JSON goes (``results_root``); the tables are printed in every case:
+
+* ``--output DIR``: ``DIR/<device-name-slug>/<YYYYmmdd-HHMM>.json``, on any device;
+* without ``--output`` on a GPU: ``bench/results/<gpu-name-slug>/`` under the current directory, only when the
+  current directory has a ``bench/results`` folder (the checkout's root, where ``bench/gpu_check.sh`` runs);
+  anywhere else no file is written;
+* without ``--output`` on a CPU: no file. CPU numbers only exercise the tooling, so a plain run writes nothing.
+
+``--report [PATH]`` renders report.md and PNG plots next to the newest results JSON under PATH (a file or a
+folder; default: ``--output``, else ``./bench/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..backend import cuda_available
+from .impls import CPU_IMPLS, GPU_IMPLS
+from .report import render_report
+from .schema import find_newest_results
+from .sweep import run_benchmarks
+
+__all__ = ["DEFAULT_GPU_RESULTS", "build_parser", "results_root", "main"]
+
+# The GPU default results root, relative to the current directory; used only when that folder exists.
+DEFAULT_GPU_RESULTS = Path("bench") / "results"
+
+
+def _parse_shapes(text: str):
+    try:
+        return tuple(tuple(int(v) for v in item.lower().split("x")) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes must look like 4096x14336,14336x4096 (KxN), got {text!r}")
+
+
+def _parse_ints(text: str):
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fused_lora bench",
+        description="Benchmark the fused QLoRA layer against dense cuBLAS, dequantize+cuBLAS, PEFT+bitsandbytes and "
+        "torch.compile, plus NF4 dequantization, the paged optimizer and an end-to-end QLoRA step.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a subset: 8B shapes, M in 16,2048,8192, r=16")
+    parser.add_argument("--report", nargs="?", const="", default=None, metavar="PATH",
+                        help="render report.md and PNG plots from the newest results under PATH (a JSON or a folder; "
+                        "default: --output, else ./bench/results)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--output", type=Path, default=None, metavar="DIR",
+                        help="results root: the JSON goes to DIR/<device>/<YYYYmmdd-HHMM>.json (default: on a GPU "
+                        "./bench/results when that folder exists; on a CPU no file is written)")
+    parser.add_argument("--shapes", type=_parse_shapes, default=None, help="KxN list, e.g. 4096x14336,4096x1024")
+    parser.add_argument("--m", type=_parse_ints, default=None, help="token counts M, e.g. 16,2048,8192")
+    parser.add_argument("--r", dest="ranks", type=_parse_ints, default=None, help="LoRA ranks, e.g. 8,16,64")
+    parser.add_argument("--impls", type=lambda s: tuple(s.split(",")), default=None,
+                        help=f"implementations (GPU: {','.join(GPU_IMPLS)}; CPU: {','.join(CPU_IMPLS)})")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of compiled_reference")
+    parser.add_argument("--no-dequant", action="store_true", help="skip the NF4 dequantization rows")
+    parser.add_argument("--no-optim", action="store_true", help="skip the optimizer rows")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end QLoRA step")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="time budget: cases not started by then are recorded as skipped")
+    return parser
+
+
+def results_root(output: Path | None, on_cuda: bool) -> Path | None:
+    """The results root of a run (the rule in the module docstring): ``output`` when given; else, on a GPU,
+    ``./bench/results`` when that folder exists; else None (no file).
+
+    Example:
+        >>> results_root(None, on_cuda=False) is None
+        True
+    """
+    if output is not None:
+        return Path(output)
+    if on_cuda and DEFAULT_GPU_RESULTS.is_dir():
+        return DEFAULT_GPU_RESULTS
+    return None
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if cuda_available() else "cpu"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fused_lora bench [--quick] [--output DIR] [--report [PATH]] ...``; returns the exit status."""
+    start = time.monotonic()  # --max-seconds counts the whole command
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.report is not None:
+        try:
+            where = Path(args.report) if args.report else (args.output or DEFAULT_GPU_RESULTS)
+            results_path = find_newest_results(where)
+        except FileNotFoundError as exc:
+            print(f"bench --report: {exc}", file=sys.stderr)
+            return 1
+        report, plots = render_report(results_path)
+        print(report.read_text())
+        print(f"bench --report: wrote {report} and {len(plots)} plot(s)", file=sys.stderr)
+        return 0
+    device = _device(args.device)
+    run_benchmarks(args, device, results_root(args.output, device.type == "cuda"), start)
+    return 0
