@@ -1,4 +1,4 @@
-"""Helpers for comparing fast paths with the reference (the tolerance rule of shared/DESIGN.md).
+"""Helpers for comparing fast paths with the reference (the tolerance rule of docs/DESIGN.md).
 
     err(t) = ‖t − ref‖ / ‖ref‖, with ref computed in float64.
     A kernel passes when err(kernel) ≤ 2 · err(plain PyTorch in the same dtype) + atol,
