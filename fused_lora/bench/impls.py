@@ -1,5 +1,5 @@
 """The QLoRA layer the benchmarks measure: shapes, the implementations compared, their FLOP count, and the inputs
-one timed pass runs on (shared/DESIGN.md, "Benchmarks and results").
+one timed pass runs on (docs/DESIGN.md, "Benchmarks and results").
 
 ``qlora_linear`` is one LoRA layer y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ over a frozen NF4 weight W ∈ R^{N×K}, x ∈ R^{M×K},
 A ∈ R^{r×K}, B ∈ R^{N×r}, bf16 activations and adapters, s = 2. Passes: ``fwd`` (the training forward: inputs

@@ -1,6 +1,6 @@
 """The results file of ``python -m fused_lora bench``: its schema, how it is found, and how it is written.
 
-Schema (shared/DESIGN.md, "Benchmarks and results"): ``{"env": {device, torch, triton, cuda, commit}, "results":
+Schema (docs/DESIGN.md, "Benchmarks and results"): ``{"env": {device, torch, triton, cuda, commit}, "results":
 [rows]}``; every row has ``bench, impl, pass, M, K, N, r, dtype, median_ms, tflops, peak_mem_mb`` and may carry
 extra fields. The sweep also writes ``config``, ``roofline``, ``skipped`` and ``wall_s``. Files are
 ``<results root>/<device-name-slug>/<YYYYmmdd-HHMM>.json``; the results root is always passed in (the command

@@ -1,5 +1,5 @@
 """The benchmark run behind ``python -m fused_lora bench``: the QLoRA layer sweep, NF4 dequantization, and the
-end-to-end and optimizer stages, all in one run so that ratios are same-run ratios (shared/DESIGN.md, "Benchmarks
+end-to-end and optimizer stages, all in one run so that ratios are same-run ratios (docs/DESIGN.md, "Benchmarks
 and results").
 
 * ``qlora_linear``: one LoRA layer over a frozen NF4 weight, passes ``fwd`` and ``fwd_bwd``, for the
