@@ -50,6 +50,15 @@ assert len(SCALAR_COLUMNS) == 8, "_load_scalars reads 8 columns in AdamWScalars'
 
 
 @triton.jit
+def _program_block(block_map_ptr, numel_ptr):
+    """This program's (tensor index, first element, that tensor's element count) from the block map."""
+    pid = tl.program_id(0)
+    tensor_index = tl.load(block_map_ptr + 2 * pid)
+    start = tl.load(block_map_ptr + 2 * pid + 1)
+    return tensor_index, start, tl.load(numel_ptr + tensor_index)
+
+
+@triton.jit
 def _load_scalars(scalar_ptr, tensor_index):
     row = scalar_ptr + tensor_index * 8
     return (
@@ -75,10 +84,7 @@ def adamw32_kernel(
     BNB_ORDER: tl.constexpr,  # False: torch.optim.AdamW's op order; True: bitsandbytes' 32-bit AdamW's
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tensor_index = tl.load(block_map_ptr + 2 * pid)
-    start = tl.load(block_map_ptr + 2 * pid + 1)
-    numel = tl.load(numel_ptr + tensor_index)
+    tensor_index, start, numel = _program_block(block_map_ptr, numel_ptr)
     p_ptr = tl.load(address_ptr + 4 * tensor_index + 0).to(p_like.dtype)
     g_ptr = tl.load(address_ptr + 4 * tensor_index + 1).to(g_like.dtype)
     m_ptr = tl.load(address_ptr + 4 * tensor_index + 2).to(tl.pointer_type(tl.float32))
@@ -143,10 +149,7 @@ def adamw8bit_kernel(
     ROWS: tl.constexpr,  # quantization blocks per program
     QBLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tensor_index = tl.load(block_map_ptr + 2 * pid)
-    start = tl.load(block_map_ptr + 2 * pid + 1)
-    numel = tl.load(numel_ptr + tensor_index)
+    tensor_index, start, numel = _program_block(block_map_ptr, numel_ptr)
     p_ptr = tl.load(address_ptr + 6 * tensor_index + 0).to(p_like.dtype)
     g_ptr = tl.load(address_ptr + 6 * tensor_index + 1).to(g_like.dtype)
     qm_ptr = tl.load(address_ptr + 6 * tensor_index + 2).to(tl.pointer_type(tl.uint8))
