@@ -188,9 +188,9 @@ def test_bad_arguments_raise_clear_errors(cls, kwargs, message):
         ({"betas": (0.9, 1.5)}, r"betas must be two numbers in \[0, 1\)"),
         ({"eps": -1.0}, "eps must be >= 0"),
         ({"amsgrad": True}, "amsgrad=True is not supported"),
-        ({"params": [torch.nn.Parameter(torch.ones(3, dtype=torch.int32), requires_grad=False)]}, "parameters must be real floating"),
+        ({"params": [torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))]}, "parameters must be real floating"),
     ],
-    ids=["negative-lr", "beta2-above-one", "negative-eps", "amsgrad", "int-params"],
+    ids=["negative-lr", "beta2-above-one", "negative-eps", "amsgrad", "complex-params"],
 )
 @pytest.mark.parametrize("cls", ["PagedAdamW", "AdamW8bit"])
 def test_groups_are_checked_at_construction_and_when_added(cls, group, message):
@@ -201,6 +201,30 @@ def test_groups_are_checked_at_construction_and_when_added(cls, group, message):
     with pytest.raises(ValueError, match=f"{cls}: {message}"):
         opt.add_param_group(group)
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", ["PagedAdamW", "PagedAdamW8bit", "AdamW8bit"])
+def test_model_parameters_of_a_qlora_model_are_accepted_and_frozen_ones_skipped(bnb, cls):
+    """opt(model.parameters()) of a QLoRA model, as the README and bitsandbytes' optimizers allow: the packed uint8
+    NF4 weight and a frozen float bias are skipped, and the adapters train exactly as with only them passed."""
+    if cls != "AdamW8bit" and not _ext.is_available():
+        pytest.skip("fused_lora._C is not built")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(bnb.nn.Linear4bit(64, 96, bias=True, compute_dtype=torch.float32).to("cpu"))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    assert any(p.dtype == torch.uint8 for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in trainable]
+    opt = getattr(fo, cls)(model.parameters(), lr=1e-2)
+    ref_opt = getattr(fo, cls)(copies, lr=1e-2)
+    train(trainable, opt, 3)
+    train(copies, ref_opt, 3)
+    assert_params_equal(trainable, copies)
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if not p.requires_grad)
+    assert len(opt.state_dict()["state"]) == len(trainable)
 
 
 @needs_ext

@@ -105,7 +105,9 @@ class _AdamWBase(torch.optim.Optimizer):
                 "this optimizer applies AdamW's decoupled weight decay"
             )
         for p in group["params"]:
-            if not p.is_floating_point() or p.is_complex():
+            # Frozen tensors (a QLoRA model's packed uint8 NF4 weights, frozen bf16 bases) are accepted and never
+            # updated, as bitsandbytes' optimizers do, so model.parameters() of a QLoRA model works as written.
+            if p.requires_grad and (not p.is_floating_point() or p.is_complex()):
                 raise ValueError(f"{name}: parameters must be real floating point, got {p.dtype}")
 
     def add_param_group(self, param_group: dict):
@@ -186,7 +188,7 @@ class _AdamWBase(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             params = []
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
+                if p.grad is None or not p.is_floating_point():
                     continue
                 params.append(p)
                 if p.grad.is_sparse:
@@ -395,7 +397,9 @@ class PagedAdamW(_AdamWBase):
     result is torch.optim.AdamW's, bit for bit on the CPU.
 
     Args:
-        params: parameters or parameter groups (fp32, fp16 or bf16; CUDA or CPU; several devices allowed).
+        params: parameters or parameter groups (fp32, fp16 or bf16; CUDA or CPU; several devices allowed), e.g.
+            ``model.parameters()`` of a QLoRA model: tensors that do not require grad or are not floating point
+            (the packed NF4 bytes) are skipped, as bitsandbytes' optimizers skip them.
         lr, betas, eps, weight_decay: as torch.optim.AdamW (decoupled weight decay, default 1e-2); checked for
             every parameter group, including groups added later with add_param_group.
         amsgrad, maximize: accepted for torch.optim.AdamW's signature; True raises ValueError (not supported), and
