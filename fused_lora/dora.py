@@ -1,0 +1,484 @@
+"""DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``) over a frozen NF4 or dense weight: ``dora_linear``, its
+plain-PyTorch reference twin and its autograd function.
+
+Symbols of fused_lora/reference.py, plus mag ∈ R^N, the trainable magnitude (PEFT's ``lora_magnitude_vector``):
+
+    n = ‖W + s·B·A‖_row ∈ R^N    row norms, detached: nothing flows back through them (DoRA paper §4.3, and PEFT)
+    c = mag / n                  the per-row (per output feature) scale
+
+Forward, as PEFT's ``DoraLinearLayer.forward`` with ``DoraLinearVariant.forward`` computes it:
+    no dropout (p = 0, or eval):  y = x·Wᵀ + b + (c−1)⊙(x·Wᵀ) + c⊙s·u·Bᵀ  =  c⊙z + b,   u = x·Aᵀ, z = x·Wᵀ + s·u·Bᵀ
+    dropout, in training:         y = x·Wᵀ + b + (c−1)⊙(x_d·Wᵀ) + c⊙s·u·Bᵀ,           x_d = m⊙x, u = x_d·Aᵀ
+                                  (PEFT's second frozen product, over the dropped input)
+Backward, given g = ∂L/∂y (c⊙g scales g's columns):
+    v = (c⊙g)·B;  dA = s·vᵀ·x_d;  dB = s·(c⊙g)ᵀ·u;  db = Σ_M g
+    dx = (c⊙g)·W + s·v·A                        (no dropout: the LoRA backward of c⊙g)
+    dx = g·W + m⊙(((c−1)⊙g)·W + s·v·A)          (dropout)
+    dmag_n = Σ_m g_mn·z_mn / n_n,   z = x_d·Wᵀ + s·u·Bᵀ   (x_d = x without dropout)
+Row norms without the N×K matrix W + s·B·A:
+    n_n² = ‖W_n‖² + 2s·B_n·(W·Aᵀ)_n + s²·B_n·(A·Aᵀ)·B_nᵀ
+‖W_n‖² is computed once per frozen weight and cached while the weight is unchanged (``row_squares``); W·Aᵀ (N×r)
+is one pass over W per step; A·Aᵀ is r×r.
+
+Dtypes: the norm, c and every low-rank product run in the low-rank dtype (at least fp32, as in
+fused_lora/reference.py; PEFT computes its norm in the adapter's dtype, fp32 by default), from W's stored values
+(NF4 decoded in fp32, exactly bitsandbytes' values). y and dx are returned in x's dtype, dA / dB / dmag in
+A's / B's / mag's dtype, db in at least fp32.
+
+Backends (``backend`` as in ``lora_linear``): "reference" runs the twin below. Any other backend ("triton", and
+"cpu" where it exists) composes the backend's own kernels: ``forward`` (x·Wᵀ + s·u·Bᵀ in one fused pass) then c
+and the bias applied in PyTorch, ``backward`` on c⊙g, ``frozen_forward`` of A for W·Aᵀ and of x_d for PEFT's
+dropped product. That path keeps z (M×N, x's dtype) for dmag and makes M×N temporaries (c⊙z, c⊙g): DoRA's
+per-row scale is not in the GEMM epilogue yet, and the first Triton call says so once. It never makes an N×K copy
+of W per step (‖W_n‖² is computed once, from one dequantized copy).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+from . import functional, reference
+from ._common import warn_once
+from .nf4 import NF4Weight
+
+__all__ = [
+    "dora_linear",
+    "dora_row_norm",
+    "dora_row_norm_naive",
+    "row_squares",
+    "dora_forward",
+    "dora_backward",
+    "dora_linear_naive",
+]
+
+
+# ------------------------------------------------------------------------------------------- reference twin
+
+
+def _lowrank_dtype(x: torch.Tensor, *others: torch.Tensor) -> torch.dtype:
+    """At least fp32 (fp64 when x, an adapter or mag is fp64), as reference._lowrank_dtype."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    for t in others:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
+    return weight.dequantize(dtype) if isinstance(weight, NF4Weight) else weight.to(dtype)
+
+
+def dora_row_norm_naive(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """‖W + s·B·A‖ per row, materialising the N×K matrix (PEFT's ``get_weight_norm``): the oracle of
+    ``dora_row_norm``. Computed in the promoted dtype of W, A and B; returns (N,), detached.
+
+    Example:
+        >>> W, A, B = torch.randn(80, 64), torch.randn(8, 64), torch.randn(80, 8)
+        >>> dora_row_norm_naive(W, A, B, 2.0).shape
+        torch.Size([80])
+    """
+    dtype = torch.promote_types(torch.promote_types(W.dtype, A.dtype), B.dtype)
+    merged = W.detach().to(dtype) + s * (B.detach().to(dtype) @ A.detach().to(dtype))
+    return torch.linalg.vector_norm(merged, dim=1)
+
+
+def dora_row_norm(w_sq: torch.Tensor, WA: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """n = ‖W + s·B·A‖ per row by the identity n² = ‖W_n‖² + 2s·B_n·(W·Aᵀ)_n + s²·B_n·(A·Aᵀ)·B_nᵀ (no N×K term).
+
+    Args:
+        w_sq: (N,) ‖W_n‖². WA: (N, r) W·Aᵀ. A: (r, K). B: (N, r). s: scaling. All in one dtype (the low-rank one).
+    Returns:
+        (N,) row norms in that dtype (a rounding below 0 is clamped to 0 before the square root).
+
+    Example:
+        >>> n = dora_row_norm((W * W).sum(1), W @ A.t(), A, B, 2.0)
+        >>> torch.allclose(n, dora_row_norm_naive(W, A, B, 2.0), rtol=1e-5)
+        True
+    """
+    A, B, WA = A.detach(), B.detach(), WA.detach()
+    cross = (B * WA).sum(1)
+    quadratic = ((B @ (A @ A.t())) * B).sum(1)
+    return (w_sq + (2.0 * s) * cross + (s * s) * quadratic).clamp_min(0.0).sqrt()
+
+
+class _RowSquares:
+    """‖W_n‖² per frozen weight (an NF4Weight or a dense tensor) and dtype, kept while the weight lives and its
+    storage is unchanged (the version counter and data pointer of its tensors are part of the key, so an in-place
+    merge or a replaced ``.data`` recomputes it). Entries go away with their weight."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}
+
+    @staticmethod
+    def _state(weight) -> tuple:
+        tensors = (weight.packed, weight.absmax) if isinstance(weight, NF4Weight) else (weight,)
+        return tuple((t._version, t.data_ptr(), t.device) for t in tensors)
+
+    def get(self, weight, dtype: torch.dtype) -> torch.Tensor:
+        try:
+            state = (self._state(weight), dtype)
+        except RuntimeError:  # an inference-mode tensor has no version counter: nothing to key a cache on
+            return self._compute(weight, dtype)
+        ident = id(weight)
+        entry = self._entries.get(ident)
+        if entry is not None and entry[0]() is weight and entry[1] == state:
+            return entry[2]
+        value = self._compute(weight, dtype)
+        entries = self._entries
+        ref = weakref.ref(weight, lambda _, ident=ident: entries.pop(ident, None))
+        entries[ident] = (ref, state, value)
+        return value
+
+    @staticmethod
+    def _compute(weight, dtype: torch.dtype) -> torch.Tensor:
+        with torch.no_grad():
+            if isinstance(weight, NF4Weight):
+                dense = weight.dequantize(dtype)
+                return (dense * dense).sum(1)
+            rows = max(1, (1 << 24) // max(1, weight.shape[1]))  # bounded temporaries for a dense weight
+            return torch.cat([chunk.to(dtype).square().sum(1) for chunk in weight.detach().split(rows)])
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_ROW_SQUARES = _RowSquares()
+
+
+def row_squares(weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """‖W_n‖² (N,) in ``dtype`` for a frozen NF4Weight or dense (N, K) tensor, from W's stored values; computed once
+    and cached until the weight changes or is freed.
+
+    Example:
+        >>> w = fl.quantize_nf4(torch.randn(80, 64))
+        >>> row_squares(w) is row_squares(w)
+        True
+    """
+    return _ROW_SQUARES.get(weight, dtype)
+
+
+def _scale(mag: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """c = mag / n in the norm's dtype (mag promoted, never rounded)."""
+    return mag.detach().to(norm.dtype) / norm
+
+
+def dora_forward(x, W, A, B, s: float, mag, b=None, m=None, norm=None):
+    """Forward of the DoRA layer (formulas in the module docstring).
+
+    Args:
+        x: (M, K). W: (N, K) dense frozen weight in x's dtype. A: (r, K). B: (N, r). s: scaling. mag: (N,).
+        b: (N,) or None. m: (M, K) dropout mask (0 or 1/(1-p)) or None. norm: (N,) row norms in the low-rank dtype,
+        or None to compute them here from W.
+    Returns:
+        y (M, N) in x's dtype; u (M, r) in the low-rank dtype; norm (N,) in the low-rank dtype.
+
+    Example:
+        >>> x, W, A, B = torch.randn(37, 64), torch.randn(80, 64), torch.randn(8, 64), torch.randn(80, 8)
+        >>> y, u, n = dora_forward(x, W, A, B, 2.0, torch.rand(80) + 0.5)
+    """
+    L = _lowrank_dtype(x, A, B, mag)
+    A_L, B_L = A.to(L), B.to(L)
+    if norm is None:
+        W_L = W.to(L)
+        norm = dora_row_norm(W_L.square().sum(1), W_L @ A_L.t(), A_L, B_L, s)
+    c = _scale(mag, norm)
+    base = x @ W.t()  # the frozen product in x's dtype, as reference.lora_forward rounds it
+    if m is None:
+        u = x.to(L) @ A_L.t()
+        y = c * (base.to(L) + s * (u @ B_L.t()))
+    else:
+        x_d = x.to(L) * m.to(L)
+        u = x_d @ A_L.t()
+        y = base.to(L) + (c - 1.0) * (x_d @ W.to(L).t()) + c * (s * (u @ B_L.t()))
+    if b is not None:
+        y = y + b.to(L)
+    return y.to(x.dtype), u, norm
+
+
+def dora_backward(g, x, W, A, B, s: float, mag, norm, u, m=None, need_dx=True, need_dA=True, need_dB=True,
+                  need_dmag=True, need_db=False):
+    """Backward of the DoRA layer (formulas in the module docstring); the norm gets no gradient.
+
+    Args:
+        g: (M, N) ∂L/∂y in x's dtype. x, W, A, B, s, mag, m: as in ``dora_forward``. norm, u: from the forward.
+    Returns:
+        (dx, dA, dB, dmag, db): dx in x's dtype, dA / dB / dmag in A's / B's / mag's dtype, db in at least fp32;
+        an entry is None when its ``need_*`` flag is False.
+
+    dmag is Σ_m g⊙z / n computed without z: Σ_m g_mn·(x_d·Wᵀ)_mn = Σ_k W_nk·(gᵀ·x_d)_nk and
+    Σ_m g_mn·(u·Bᵀ)_mn = Σ_j B_nj·(gᵀ·u)_nj (an N×K temporary, fine for the reference).
+    """
+    L = _lowrank_dtype(x, A, B, mag)
+    A_L, B_L, g_L = A.to(L), B.to(L), g.to(L)
+    c = _scale(mag, norm)
+    cg = g_L * c
+    x_d = x.to(L) if m is None else x.to(L) * m.to(L)
+    dx = dA = dB = dmag = db = None
+    v = cg @ B_L if (need_dx or need_dA) else None
+    if need_dx:
+        lowrank = s * (v @ A_L)
+        if m is None:
+            dx = (cg.to(x.dtype) @ W).to(L) + lowrank
+        else:
+            dx = (g.to(x.dtype) @ W).to(L) + m.to(L) * ((g_L * (c - 1.0)) @ W.to(L) + lowrank)
+        dx = dx.to(x.dtype)
+    if need_dA:
+        dA = (s * (v.t() @ x_d)).to(A.dtype)
+    if need_dB:
+        dB = (s * (cg.t() @ u.to(L))).to(B.dtype)
+    if need_dmag:
+        frozen = (W.to(L) * (g_L.t() @ x_d)).sum(1)
+        lowrank = (B_L * (g_L.t() @ u.to(L))).sum(1)
+        dmag = ((frozen + s * lowrank) / norm).to(mag.dtype)
+    if need_db:
+        db = g.to(torch.promote_types(g.dtype, torch.float32)).sum(0)
+    return dx, dA, dB, dmag, db
+
+
+def dora_linear_naive(x, W, A, B, s: float, mag, b=None, m=None):
+    """PEFT's DoRA as one autograd expression (the oracle of every DoRA test): y = x·Wᵀ + b + (c−1)⊙base +
+    c⊙s·lora, with base = x·Wᵀ (no dropout) or x_d·Wᵀ (dropout), lora = (x_d·Aᵀ)·Bᵀ and c = mag / ‖W + s·B·A‖_row,
+    the norm materialised and detached. Any leading dims; differentiable in x, A, B, mag and b.
+
+    Example:
+        >>> x = torch.randn(2, 5, 64, dtype=torch.float64, requires_grad=True)
+        >>> W, A, B = torch.randn(80, 64).double(), torch.randn(8, 64).double(), torch.randn(80, 8).double()
+        >>> dora_linear_naive(x, W, A, B, 2.0, torch.rand(80).double() + 0.5).sum().backward()
+    """
+    F = torch.nn.functional
+    L = _lowrank_dtype(x, A, B, mag)
+    A_L, B_L, W_L = A.to(L), B.to(L), W.to(L)
+    norm = dora_row_norm_naive(W_L, A_L, B_L, s).detach()
+    c = mag.to(L) / norm
+    result = F.linear(x, W, b).to(L)
+    x_d = x.to(L) if m is None else x.to(L) * m.to(L)
+    if m is None:
+        base = result if b is None else result - b.to(L)
+    else:
+        base = F.linear(x_d, W_L)
+    lora = F.linear(F.linear(x_d, A_L), B_L)
+    return (result + (c - 1.0) * base + c * (s * lora)).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------- backends
+
+
+class _ReferenceDora:
+    """DoRA on the reference backend: the twin above, W dequantized to x's dtype for the frozen products and to
+    the low-rank dtype for W·Aᵀ (the norm)."""
+
+    @staticmethod
+    def norm(x2d, weight, A, B, s, mag):
+        L = _lowrank_dtype(x2d, A, B, mag)
+        A_L = A.detach().to(L)
+        WA = _dense(weight, L) @ A_L.t()
+        return dora_row_norm(row_squares(weight, L), WA, A_L, B.detach().to(L), s)
+
+    @classmethod
+    def forward(cls, x2d, weight, A, B, s, mag, bias, dropout_p, seed, keep_z):
+        m = reference.dropout_mask(x2d.shape, dropout_p, seed, x2d.device)
+        norm = cls.norm(x2d, weight, A, B, s, mag)
+        y, u, _ = dora_forward(x2d, _dense(weight, x2d.dtype), A, B, s, mag, bias, m, norm)
+        return y, norm, u, None
+
+    @staticmethod
+    def backward(g, x2d, weight, A, B, s, mag, norm, u, z, dropout_p, seed, needs):
+        m = reference.dropout_mask(x2d.shape, dropout_p, seed, x2d.device)
+        need_dx, need_dA, need_dB, need_dmag, need_db = needs
+        W = _dense(weight, x2d.dtype) if (need_dx or need_dmag) else None
+        return dora_backward(g, x2d, W, A, B, s, mag, norm, u, m, *needs)
+
+
+class _ComposedDora:
+    """DoRA over another backend's kernels (module docstring, "Backends"): the fused LoRA forward and backward
+    where they apply, the frozen products through ``frozen_forward`` / ``frozen_backward``, c and the rest in
+    PyTorch. ``impl`` is a backend module of ``functional`` (forward, backward, frozen_forward, frozen_backward)."""
+
+    def __init__(self, impl):
+        self.impl = impl
+
+    def norm(self, x2d, weight, A, B, s, mag):
+        L = _lowrank_dtype(x2d, A, B, mag)
+        # W·Aᵀ = (A·Wᵀ)ᵀ: the frozen kernel over r rows, one pass over W with NF4 decoded in registers. An NF4
+        # weight decodes at fp32 (exact); a dense one needs A in W's dtype.
+        A_in = A.detach().to(torch.float32 if isinstance(weight, NF4Weight) else weight.dtype)
+        WA = self.impl.frozen_forward(A_in.contiguous(), weight, None).t().to(L)
+        return dora_row_norm(row_squares(weight, L), WA, A.detach().to(L), B.detach().to(L), s)
+
+    def forward(self, x2d, weight, A, B, s, mag, bias, dropout_p, seed, keep_z):
+        norm = self.norm(x2d, weight, A, B, s, mag)
+        c = _scale(mag, norm)
+        L = norm.dtype
+        if dropout_p == 0.0:
+            z, u = self.impl.forward(x2d, weight, A, B, s, None, 0.0, 0)
+            y = c * z.to(L)
+            if bias is not None:
+                y = y + bias.to(L)
+            return y.to(x2d.dtype), norm, u, (z if keep_z else None)
+        m = reference.dropout_mask(x2d.shape, dropout_p, seed, x2d.device, L)
+        x_d = x2d.to(L) * m
+        u = x_d @ A.to(L).t()
+        base = self.impl.frozen_forward(x2d, weight, bias).to(L)
+        base_d = self.impl.frozen_forward(x_d.to(x2d.dtype), weight, None)
+        y = base + (c - 1.0) * base_d.to(L) + c * (s * (u @ B.to(L).t()))
+        return y.to(x2d.dtype), norm, u, (base_d if keep_z else None)
+
+    def backward(self, g, x2d, weight, A, B, s, mag, norm, u, z, dropout_p, seed, needs):
+        need_dx, need_dA, need_dB, need_dmag, need_db = needs
+        L = norm.dtype
+        c = _scale(mag, norm)
+        g_L = g.to(L)
+        dx = dA = dB = dmag = db = None
+        if dropout_p == 0.0:
+            if need_dx or need_dA or need_dB:
+                cg = (g_L * c).to(g.dtype)
+                dx, dA, dB, _ = self.impl.backward(cg, x2d, weight, A, B, s, 0.0, 0, u, need_dx, need_dA, need_dB,
+                                                   False)
+            if need_dmag:
+                dmag = ((g_L * z.to(L)).sum(0) / norm).to(mag.dtype)
+        else:
+            m = reference.dropout_mask(x2d.shape, dropout_p, seed, x2d.device, L)
+            A_L, B_L = A.to(L), B.to(L)
+            cg = g_L * c
+            v = cg @ B_L if (need_dx or need_dA) else None
+            if need_dx:
+                frozen, _ = self.impl.frozen_backward(g, weight, True, False)
+                dropped, _ = self.impl.frozen_backward((g_L * (c - 1.0)).to(g.dtype), weight, True, False)
+                dx = (frozen.to(L) + m * (dropped.to(L) + s * (v @ A_L))).to(x2d.dtype)
+            if need_dA:
+                dA = (s * (v.t() @ (x2d.to(L) * m))).to(A.dtype)
+            if need_dB:
+                dB = (s * (cg.t() @ u.to(L))).to(B.dtype)
+            if need_dmag:
+                zd = z.to(L) + s * (u.to(L) @ B_L.t())
+                dmag = ((g_L * zd).sum(0) / norm).to(mag.dtype)
+        if need_db:
+            db = g.to(torch.promote_types(g.dtype, torch.float32)).sum(0)
+        return dx, dA, dB, dmag, db
+
+
+def _dora_impl(backend: str):
+    if backend == "reference":
+        return _ReferenceDora
+    if backend == "triton":
+        warn_once(
+            "dora_linear: DoRA on the Triton backend runs the fused LoRA kernels with the per-row scale "
+            "mag/‖W + s·B·A‖ applied outside the GEMM epilogue (M×N temporaries; the row norm by the identity, "
+            "without an N×K weight); the results meet the tolerance rule, the speed is not yet the kernels' own"
+        )
+    return _ComposedDora(functional._implementation(backend))
+
+
+class _DoraLinearFunction(torch.autograd.Function):
+    """Autograd over a DoRA backend. Saved: x, A, B, mag, the row norms (N), u, a dense W (an NF4 one on ctx), and
+    on a composed backend z (M×N) when mag needs a gradient. The dropout mask is regenerated from ``seed``. Not
+    twice differentiable (backward with create_graph=True raises)."""
+
+    @staticmethod
+    def forward(ctx, x2d, dense_weight, lora_A, lora_B, magnitude, bias, nf4_weight, scaling, dropout_p, seed,
+                backend):
+        weight = nf4_weight if nf4_weight is not None else dense_weight
+        impl = _dora_impl(backend)
+        y, norm, u, z = impl.forward(x2d, weight, lora_A, lora_B, scaling, magnitude, bias, dropout_p, seed,
+                                     ctx.needs_input_grad[4])
+        ctx.save_for_backward(x2d, dense_weight, lora_A, lora_B, magnitude, norm, u, z)
+        ctx.nf4_weight = nf4_weight
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.hyper = (scaling, dropout_p, seed, impl)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        functional._refuse_double_backward("dora_linear")
+        x2d, dense_weight, lora_A, lora_B, magnitude, norm, u, z = ctx.saved_tensors
+        scaling, dropout_p, seed, impl = ctx.hyper
+        weight = ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight
+        need_dx, _, need_dA, need_dB, need_dmag, need_db = ctx.needs_input_grad[:6]
+        with functional._autocast_off(g.device):
+            dx, dA, dB, dmag, db = impl.backward(
+                g.contiguous(), x2d, weight, lora_A, lora_B, scaling, magnitude, norm, u, z, dropout_p, seed,
+                (need_dx, need_dA, need_dB, need_dmag, need_db),
+            )
+        if db is not None:
+            db = db.to(ctx.bias_dtype)
+        return dx, None, dA, dB, dmag, db, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------------- public entry
+
+
+def _check_dora_inputs(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training):
+    caller = "dora_linear"
+    out_features, in_features = functional._check_x_and_weight(
+        caller, x, weight, "lora_A, lora_B, magnitude and bias are trained"
+    )
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)):
+        functional._check_side_dtype(caller, name, t, x)
+        functional._check_same_device(caller, name, t.device, x)
+    if lora_A.dim() != 2 or lora_A.shape[0] < 1:
+        raise ValueError(f"{caller}: lora_A must be (r, in_features) with r >= 1, got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"{caller}: lora_A has shape {tuple(lora_A.shape)}, expected ({r}, {in_features})")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"{caller}: lora_B has shape {tuple(lora_B.shape)}, expected ({out_features}, {r})")
+    if tuple(magnitude.shape) != (out_features,):
+        raise ValueError(f"{caller}: magnitude has shape {tuple(magnitude.shape)}, expected ({out_features},)")
+    functional._check_bias(caller, x, bias, out_features)
+    functional._check_real(caller, "scaling", scaling, "a Python number (alpha / r)")
+    if not math.isfinite(float(scaling)):
+        raise ValueError(f"{caller}: scaling must be finite, got {scaling}")
+    functional._check_real(caller, "dropout_p", dropout_p, "a probability in [0, 1)")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"{caller}: dropout_p must be in [0, 1), got {dropout_p}")
+    if not isinstance(training, bool):
+        raise TypeError(f"{caller}: training must be True or False, got {training!r}")
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """DoRA linear layer over a frozen weight, as PEFT's ``use_dora=True`` computes it (module docstring).
+
+    Args:
+        x: (..., K) input, bf16 / fp16 / fp32 (fp64 on the reference backend). Any strides.
+        weight: frozen W, an ``NF4Weight`` (N, K) or a dense (N, K) tensor in x's dtype that does not require grad.
+        lora_A: (r, K), lora_B: (N, r), magnitude: (N,) (PEFT's ``lora_magnitude_vector``), each in x's dtype
+            or fp32.
+        scaling: s (α/r, or α/√r with rsLoRA). bias: optional (N,) in x's dtype or fp32.
+        dropout_p: LoRA dropout, active only when ``training`` (PEFT's formula with the dropped input then applies).
+        backend: "auto", "triton", "reference" (and "cpu" where built), as for ``lora_linear``.
+    Returns:
+        y: (..., N) in x's dtype (autocast is turned off inside, as in ``lora_linear``). Gradients flow to x,
+        lora_A, lora_B, magnitude and bias; the row norms are detached (no gradient), W is frozen.
+
+    Example:
+        >>> import torch, fused_lora as fl
+        >>> W = fl.quantize_nf4(torch.randn(80, 64))
+        >>> A, B = torch.randn(8, 64, requires_grad=True), torch.randn(80, 8, requires_grad=True)
+        >>> mag = fl.dora.row_squares(W).sqrt().requires_grad_(True)
+        >>> fl.dora.dora_linear(torch.randn(2, 5, 64), W, A, B, mag, scaling=2.0).shape
+        torch.Size([2, 5, 80])
+    """
+    _check_dora_inputs(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training)
+    dropout_p = float(dropout_p) if training else 0.0
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
+    leading, in_features = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, in_features)
+    chosen = functional._choose_backend(backend, x2d, weight, lora_A, lora_B, bias, dropout_p, caller="dora_linear")
+    nf4_weight, dense_weight = (weight, None) if isinstance(weight, NF4Weight) else (None, weight)
+    with functional._autocast_off(x2d.device):
+        y = _DoraLinearFunction.apply(x2d, dense_weight, lora_A, lora_B, magnitude, bias, nf4_weight,
+                                      float(scaling), dropout_p, seed, chosen)
+    return y.reshape(*leading, y.shape[-1])

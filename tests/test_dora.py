@@ -1,0 +1,201 @@
+"""dora_linear (fused_lora/dora.py): the row-norm identity and its cache, output and every gradient against PEFT's
+DoRA formula in float64 (dora_linear_naive) on the reference and Triton backends, NF4 and dense, dropout, 3-D
+inputs, odd shapes and ranks, fp32/fp16 (bf16 on the reference only: the Triton interpreter cannot compute it)."""
+
+import pytest
+import torch
+
+import fused_lora as fl
+from fused_lora import dora, reference
+from fused_lora.testing import assert_close_to_reference, relative_error
+
+SCALING = 1.7
+
+
+def _case(M=37, K=70, N=45, r=5, dtype=torch.float32, nf4=False, bias=True, seed=0, adapter_dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    W = torch.randn(N, K, generator=g) / K**0.5
+    weight = fl.quantize_nf4(W) if nf4 else W.to(dtype)
+    A = (torch.randn(r, K, generator=g) / K**0.5).to(adapter_dtype)
+    B = torch.randn(N, r, generator=g).to(adapter_dtype)
+    W_stored = weight.dequantize(torch.float32) if nf4 else weight.float()
+    # a magnitude away from the norm, so c != 1 and every DoRA term matters
+    mag = (dora.dora_row_norm_naive(W_stored, A.float(), B.float(), SCALING) * (0.5 + torch.rand(N, generator=g)))
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    return x, weight, A, B, mag.to(adapter_dtype), b
+
+
+def _seeded_mask(call_seed, shape, p):
+    """The mask dora_linear draws after torch.manual_seed(call_seed) (its seed is the first torch.randint)."""
+    torch.manual_seed(call_seed)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return reference.dropout_mask(shape, p, seed, "cpu")
+
+
+def _run(x, weight, A, B, mag, b, p, backend, leading=None, call_seed=3):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B, mag)]
+    bias = None if b is None else b.detach().clone().requires_grad_(True)
+    xin = leaves[0] if leading is None else leaves[0].reshape(*leading, x.shape[-1])
+    torch.manual_seed(call_seed)
+    y = dora.dora_linear(xin, weight, leaves[1], leaves[2], leaves[3], SCALING, bias=bias, dropout_p=p,
+                         backend=backend)
+    return y, leaves + ([bias] if bias is not None else [])
+
+
+def _oracle(x, weight, A, B, mag, b, m, dtype):
+    """PEFT's formula by autograd: in float64 (the reference) and in ``dtype`` (plain PyTorch of the rule)."""
+    W = weight.dequantize(dtype) if isinstance(weight, fl.NF4Weight) else weight.to(dtype)
+    to = (lambda t: t.detach().to(torch.float64)) if dtype == torch.float64 else (lambda t: t.detach().clone())
+    leaves = [to(t).requires_grad_(True) for t in (x, A, B, mag)]
+    bias = None if b is None else to(b).requires_grad_(True)
+    y = dora.dora_linear_naive(leaves[0], W, leaves[1], leaves[2], SCALING, leaves[3], bias,
+                               None if m is None else m.to(torch.float64 if dtype == torch.float64 else torch.float32))
+    return y, leaves + ([bias] if bias is not None else [])
+
+
+def _assert_matches_oracle(x, weight, A, B, mag, b, p, backend, leading=None):
+    dtype = x.dtype
+    y, leaves = _run(x, weight, A, B, mag, b, p, backend, leading)
+    assert y.dtype == dtype and y.shape == (*(leading or (x.shape[0],)), weight.shape[0])
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    grads = torch.autograd.grad(y, leaves, g)
+    for grad, leaf in zip(grads, leaves):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+    m = _seeded_mask(3, (x.shape[0], x.shape[1]), p) if p > 0 else None
+    y64, leaves64 = _oracle(x, weight, A, B, mag, b, m, torch.float64)
+    ref_grads = torch.autograd.grad(y64, leaves64, g.reshape(y64.shape).double())
+    y_plain, leaves_plain = _oracle(x, weight, A, B, mag, b, m, dtype)
+    plain_grads = torch.autograd.grad(y_plain, leaves_plain, g.reshape(y_plain.shape))
+    errors = {"y": assert_close_to_reference("y", y.reshape(y64.shape), y_plain, y64, dtype)}
+    for name, ours, plain, ref in zip(("dx", "dA", "dB", "dmag", "db"), grads, plain_grads, ref_grads):
+        errors[name] = assert_close_to_reference(name, ours.reshape(ref.shape), plain, ref, dtype)
+    return errors
+
+
+# ------------------------------------------------------------------------------------------- the row norm
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_row_norm_identity_equals_the_materialised_norm(nf4):
+    x, weight, A, B, _, _ = _case(nf4=nf4, r=7)
+    W = weight.dequantize(torch.float64) if nf4 else weight.double()
+    n_identity = dora.dora_row_norm(dora.row_squares(weight, torch.float64), W @ A.double().t(), A.double(),
+                                    B.double(), SCALING)
+    n_naive = dora.dora_row_norm_naive(W, A.double(), B.double(), SCALING)
+    assert relative_error(n_identity, n_naive) < 1e-13
+    n32 = dora.dora_row_norm(dora.row_squares(weight), W.float() @ A.t(), A, B, SCALING)
+    assert relative_error(n32, n_naive) < 1e-6
+
+
+def test_row_squares_are_cached_per_weight_and_recomputed_after_an_in_place_change():
+    W = torch.randn(45, 70)
+    first = dora.row_squares(W)
+    assert dora.row_squares(W) is first
+    torch.testing.assert_close(first, W.square().sum(1))
+    W.mul_(2.0)  # an in-place change (e.g. a dense merge) bumps the version counter
+    torch.testing.assert_close(dora.row_squares(W), 4.0 * first)
+    w4 = fl.quantize_nf4(torch.randn(45, 70))
+    assert dora.row_squares(w4) is dora.row_squares(w4)
+    assert dora.row_squares(w4, torch.float64).dtype == torch.float64
+
+
+def test_no_n_by_k_temporary_per_step_on_the_composed_path(monkeypatch, interpret_triton):
+    """After the first call (which fills the ‖W_n‖² cache), the NF4 weight is never dequantized again."""
+    x, weight, A, B, mag, b = _case(nf4=True, M=9)
+    dora.dora_linear(x, weight, A, B, mag, SCALING, backend="triton")
+    calls = []
+    real = fl.NF4Weight.dequantize
+    monkeypatch.setattr(fl.NF4Weight, "dequantize", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    y = dora.dora_linear(x, weight, A.requires_grad_(True), B, mag, SCALING, backend="triton")
+    y.sum().backward()
+    assert calls == []
+
+
+# ------------------------------------------------------------------------------------------- reference backend
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_reference_backend_matches_peft_formula_in_float64(dtype, p, nf4):
+    x, weight, A, B, mag, b = _case(dtype=dtype, nf4=nf4, M=6 * 7)
+    _assert_matches_oracle(x, weight, A, B, mag, b, p, "reference", leading=(6, 7))
+
+
+def test_reference_backend_adapters_and_magnitude_in_the_compute_dtype():
+    x, weight, A, B, mag, b = _case(dtype=torch.bfloat16, adapter_dtype=torch.bfloat16, M=19, r=3)
+    _assert_matches_oracle(x, weight, A, B, mag, b, 0.0, "reference")
+
+
+def test_float64_reference_is_exact():
+    x, weight, A, B, mag, b = _case(dtype=torch.float64, adapter_dtype=torch.float64, M=23, r=9)
+    errors = _assert_matches_oracle(x, weight, A, B, mag, b, 0.2, "reference")
+    assert max(errors.values()) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------- Triton backend
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_backend_matches_peft_formula_in_float64(dtype, p, nf4, interpret_triton):
+    x, weight, A, B, mag, b = _case(dtype=dtype, nf4=nf4, M=3 * 7, K=67, N=41, r=3)
+    _assert_matches_oracle(x, weight, A, B, mag, b, p, "triton", leading=(3, 7))
+
+
+def test_triton_backend_equals_reference_backend_with_dropout(interpret_triton):
+    x, weight, A, B, mag, b = _case(nf4=True, M=13, r=6)
+    y_t, leaves_t = _run(x, weight, A, B, mag, b, 0.4, "triton")
+    y_r, leaves_r = _run(x, weight, A, B, mag, b, 0.4, "reference")
+    assert relative_error(y_t, y_r) < 1e-6
+    g = torch.randn_like(y_t)
+    for gt, gr in zip(torch.autograd.grad(y_t, leaves_t, g), torch.autograd.grad(y_r, leaves_r, g)):
+        assert relative_error(gt, gr) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------- semantics
+
+
+def test_eval_mode_ignores_dropout_and_a_fresh_adapter_is_the_base():
+    x, weight, A, B, mag, b = _case()
+    y_eval = dora.dora_linear(x, weight, A, B, mag, SCALING, bias=b, dropout_p=0.5, training=False,
+                              backend="reference")
+    torch.testing.assert_close(y_eval, dora.dora_linear(x, weight, A, B, mag, SCALING, bias=b, backend="reference"))
+    # PEFT's initialisation: B = 0 and mag = ‖W‖ row-wise give exactly the frozen layer
+    B0 = torch.zeros_like(B)
+    mag0 = dora.row_squares(weight).sqrt()
+    y0 = dora.dora_linear(x, weight, A, B0, mag0, SCALING, bias=b, backend="reference")
+    torch.testing.assert_close(y0, x @ weight.t() + b, rtol=1e-5, atol=1e-5)
+
+
+def test_norm_is_detached_no_gradient_reaches_a_and_b_through_it():
+    """With g ⟂ everything but the norm, a non-detached norm would give dA != 0; here dA comes from the LoRA term only:
+    mag = 0 makes c = 0, so y = b and dA = dB = dx = 0 exactly."""
+    x, weight, A, B, mag, b = _case()
+    A, B = A.requires_grad_(True), B.requires_grad_(True)
+    mag = torch.zeros_like(mag).requires_grad_(True)
+    y = dora.dora_linear(x, weight, A, B, mag, SCALING, bias=b, backend="reference")
+    dA, dB, dmag = torch.autograd.grad(y.sum(), (A, B, mag))
+    assert torch.count_nonzero(dA) == 0 and torch.count_nonzero(dB) == 0 and torch.count_nonzero(dmag) > 0
+
+
+def test_argument_errors_name_dora_linear():
+    x, weight, A, B, mag, b = _case()
+    with pytest.raises(ValueError, match=r"dora_linear: magnitude has shape \(44,\), expected \(45,\)"):
+        dora.dora_linear(x, weight, A, B, mag[:44], SCALING)
+    with pytest.raises(TypeError, match="dora_linear: magnitude is torch.float16"):
+        dora.dora_linear(x, weight, A, B, mag.half(), SCALING)
+    with pytest.raises(ValueError, match="dora_linear: lora_B has shape"):
+        dora.dora_linear(x, weight, A, B[:, :2], mag, SCALING)
+    with pytest.raises(ValueError, match="dora_linear: dropout_p"):
+        dora.dora_linear(x, weight, A, B, mag, SCALING, dropout_p=1.0)
+
+
+def test_second_derivatives_raise():
+    x, weight, A, B, mag, b = _case()
+    A = A.requires_grad_(True)
+    y = dora.dora_linear(x, weight, A, B, mag, SCALING, backend="reference")
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(y.sum(), A, create_graph=True)
