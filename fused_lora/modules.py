@@ -216,7 +216,8 @@ class FusedLoraLinear(nn.Module):
 
         The device follows the linear layer, and so does the compute dtype unless ``compute_dtype`` is given.
         The adapters are freshly initialised (lora_B = 0), so the new layer computes what ``linear`` does (up to
-        NF4 rounding).
+        NF4 rounding). A quantized NF4 ``bitsandbytes.nn.Linear4bit`` is handed to ``from_bnb`` (its bytes are
+        reused, blocksize and double_quant are its own); other bitsandbytes layers raise a TypeError naming it.
 
         Example:
             >>> lin = torch.nn.Linear(64, 80)
@@ -227,6 +228,17 @@ class FusedLoraLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"FusedLoraLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        if type(linear).__module__.startswith("bitsandbytes"):
+            # a bitsandbytes layer (an nn.Linear subclass over packed bytes): an NF4 Linear4bit goes to from_bnb
+            if quant == "nf4" and hasattr(linear.weight, "quant_state"):  # a Linear4bit (from_bnb checks it is NF4)
+                return cls.from_bnb(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                    compute_dtype=compute_dtype, use_rslora=use_rslora, backend=backend,
+                                    adapter_dtype=adapter_dtype)
+            raise TypeError(
+                f"FusedLoraLinear.from_linear: got a bitsandbytes {type(linear).__name__}, whose weight is packed "
+                "bytes; wrap a quantized NF4 Linear4bit with FusedLoraLinear.from_bnb (it reuses the bytes; "
+                "from_linear does so for quant='nf4'), or pass an nn.Linear with a floating-point weight"
+            )
         weight = linear.weight
         if compute_dtype is None:
             compute_dtype = weight.dtype

@@ -299,6 +299,8 @@ class NF4Weight:
             raise ValueError(f"NF4Weight.from_bnb: quant_type is {quant_state.quant_type!r}; only 'nf4' is supported")
         if packed.dtype != torch.uint8:
             packed = packed.view(torch.uint8)
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            return cls._from_bnb_cpu_packing(packed, quant_state)
         packed = packed.view(-1, 1)
         nested = quant_state.state2 if quant_state.nested else None
         return cls(
@@ -312,6 +314,25 @@ class NF4Weight:
             nested_absmax=nested.absmax if nested is not None else None,
             nested_code=nested.code if nested is not None else None,
             nested_blocksize=nested.blocksize if nested is not None else NESTED_BLOCKSIZE,
+        )
+
+    @classmethod
+    def _from_bnb_cpu_packing(cls, packed: torch.Tensor, quant_state) -> "NF4Weight":
+        """Read a weight that bitsandbytes repacked for its CPU inference kernel (``packing_format_for_cpu``: an
+        eval, no-grad forward of a Linear4bit on a CPU with AVX512-BF16) back into the canonical layout, without
+        changing the layer. The repack keeps every 4-bit code but stores them as [N, K/2] in tiles of 32 rows and
+        replaces the (double-quantized) absmax by its bf16 rounding, transposed to [K/blocksize, N]; the result has
+        those bf16 scales as float32 absmax, no double quantization, and new tensors (nothing is shared)."""
+        n_rows, n_cols = quant_state.shape
+        tile = 32  # bitsandbytes' block_n
+        low_high = packed.reshape(-1, tile)
+        q = torch.cat((low_high & 0xF, low_high >> 4), dim=-1)  # the codes of 32 rows x 2 columns
+        q = q.reshape(n_rows // tile, n_cols // 2, tile, 2).transpose(1, 2).reshape(-1, 2)
+        canonical = ((q[:, 0] << 4) | q[:, 1]).reshape(-1, 1)
+        absmax = quant_state.absmax.t().reshape(-1).to(torch.float32)
+        return cls(
+            packed=canonical, shape=quant_state.shape, dtype=getattr(quant_state, "original_dtype", quant_state.dtype),
+            blocksize=quant_state.blocksize, code=quant_state.code, absmax=absmax,
         )
 
     def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -17,10 +17,14 @@ The fused forward computes, for the single active adapter (symbols of fused_lora
     y = x·Wᵀ + b + s·((m⊙x)·Aᵀ)·Bᵀ,   W = base weight (NF4 or dense), A = lora_A.weight, B = lora_B.weight,
                                        s = scaling[adapter] (α/r or α/√r), m = LoRA dropout mask.
 
-Cases the fused path does not cover run PEFT's own forward, with one warning naming the case: several active
-adapters, LoRA variants (DoRA, aLoRA, Arrow, ...), ``lora_bias``, mixed-batch ``adapter_names``, a trainable
-base weight, bitsandbytes' CPU inference packing. Disabled and merged adapters need no LoRA product and also use
-PEFT's forward (no warning). Layers over a 4-bit base that is not NF4 (FP4) are not converted at all.
+A layer that computes its base alone (adapters disabled, e.g. the reference model of DPO/GRPO under
+``disable_adapter()``; merged; no active adapter in this layer) runs ``frozen_linear``: y = x·Wᵀ + b with the same
+NF4 decode, never bitsandbytes' forward. Cases the fused path does not cover run PEFT's own forward, with one
+warning naming the case: several active adapters, LoRA variants (DoRA, aLoRA, Arrow, ...), ``lora_bias``,
+mixed-batch ``adapter_names``, a trainable base weight. A weight that bitsandbytes repacked for its CPU inference
+kernel (an eval, no-grad pass through bitsandbytes on a CPU with AVX512-BF16) is read back into the NF4 layout
+without changing it, and merge/unmerge restore bitsandbytes' layout first. Layers over a 4-bit base that is not NF4
+(FP4) are not converted at all.
 
 Each fused layer runs ``lora_linear`` with ``backend=layer.fused_backend``: "auto" (the class default: the Triton
 kernels for CUDA tensors, the reference on the CPU; ``FUSED_LORA_BACKEND`` overrides it), "triton" or "reference";
@@ -40,7 +44,7 @@ import torch
 from torch import nn
 
 from ._common import side_dtypes, warn_once
-from .functional import lora_linear
+from .functional import frozen_linear, lora_linear
 from .nf4 import NF4Weight
 
 __all__ = [
@@ -87,48 +91,56 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
 
 
 class _FusedLoraForward:
-    """Mixin placed before a PEFT LoRA class: ``forward`` runs ``lora_linear`` when it can, else PEFT's forward."""
+    """Mixin placed before a PEFT LoRA class: ``forward`` runs ``lora_linear`` when one plain adapter is active,
+    ``frozen_linear`` when the layer computes its base alone (adapters disabled, merged, or none active here), and
+    PEFT's forward (with one warning naming the case) otherwise."""
 
     fused_backend = "auto"
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter, reason = self._fused_adapter(args, kwargs)
-        if adapter is not None:
+        route, value = self._route(args, kwargs)
+        reason = value if route == "peft" else None
+        if route != "peft":
+            if route == "frozen" and self.disable_adapters and self.merged:
+                self.unmerge()  # as PEFT's forward does: a disabled layer computes the unmerged base
             frozen = self._frozen_base(x)
             if isinstance(frozen, str):
                 reason = frozen
+            elif route == "frozen":
+                return self._frozen_forward(x, *frozen)
             else:
-                reason = self._adapter_problem(adapter, frozen[1])
+                reason = self._adapter_problem(value, frozen[1])
                 if reason is None:
-                    return self._fused_forward(x, adapter, *frozen)
+                    return self._fused_forward(x, value, *frozen)
         if reason is not None:
             _warn_fallback_once(reason)
         return super().forward(x, *args, **kwargs)
 
-    def _fused_adapter(self, args, kwargs) -> tuple[str | None, str | None]:
-        """(adapter, None) when one plain adapter is active; (None, reason) for a case the fused path skips."""
-        if kwargs.get("adapter_names") is not None:
-            return None, "mixed-batch adapter_names"
+    def _route(self, args, kwargs) -> tuple[str, str | None]:
+        """("lora", adapter) when one plain adapter is active; ("frozen", None) when PEFT would run the base layer
+        alone; ("peft", reason) for a case the fused path skips."""
+        if args or any(value is not None for key, value in kwargs.items() if key != "adapter_names"):
+            return "peft", "extra forward arguments"
         if self.disable_adapters or self.merged:
-            return None, None
-        if args or any(value is not None for value in kwargs.values()):
-            return None, "extra forward arguments"
+            return "frozen", None
+        if kwargs.get("adapter_names") is not None:
+            return "peft", "mixed-batch adapter_names"
         active = [name for name in self.active_adapters if name in self.lora_A]
         if not active:
-            return None, None
+            return "frozen", None
         if len(active) > 1:
-            return None, "several active adapters"
+            return "peft", "several active adapters"
         adapter = active[0]
         variants = getattr(self, "lora_variant", {})
         if adapter in variants:
-            return None, f"the LoRA variant {type(variants[adapter]).__name__}"
+            return "peft", f"the LoRA variant {type(variants[adapter]).__name__}"
         if self.use_dora.get(adapter, False):
-            return None, "DoRA"
+            return "peft", "DoRA"
         if self.lora_bias.get(adapter, False):
-            return None, "lora_bias=True"
+            return "peft", "lora_bias=True"
         if getattr(self, "fan_in_fan_out", False):
-            return None, "fan_in_fan_out=True"
-        return adapter, None
+            return "peft", "fan_in_fan_out=True"
+        return "lora", adapter
 
     def _frozen_base(self, x: torch.Tensor):
         """(weight, compute_dtype, bias, out_dtype) for lora_linear, or a string naming why the base is unsupported."""
@@ -144,8 +156,6 @@ class _FusedLoraForward:
         quant_state = base.weight.quant_state if base.weight.quant_state is not None else base.quant_state
         if quant_state is None:
             return "a bitsandbytes weight that is not quantized yet (move the model to its device first)"
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            return "bitsandbytes' CPU inference packing of the 4-bit weight (done in eval mode without grad)"
         if not base.compute_type_is_set:
             base.set_compute_type(x)
             base.compute_type_is_set = True
@@ -163,36 +173,66 @@ class _FusedLoraForward:
         return None
 
     def _nf4_weight(self, packed: torch.Tensor, quant_state):
-        """NF4Weight over bitsandbytes' bytes, cached until the packed tensor or its quant state changes."""
+        """NF4Weight over bitsandbytes' bytes, cached until the weight Parameter, its quant state or the state's
+        absmax is replaced (merge, unmerge, a device move and bitsandbytes' CPU repack each replace one), or, outside
+        torch.compile, the bytes move. A weight repacked for bitsandbytes' CPU inference kernel is read back into
+        the canonical layout (``NF4Weight.from_bnb``), so the layer stays on the fused path and is not changed."""
         cached = self.__dict__.get("_fused_nf4")
-        if (
-            cached is None
-            or cached[0] != (packed.data_ptr(), packed.device)
-            or cached[1] is not quant_state  # identity: bitsandbytes' QuantState.__eq__ compares tensors
-        ):
-            cached = ((packed.data_ptr(), packed.device), quant_state, NF4Weight.from_bnb(packed.data, quant_state))
+        key = (packed, quant_state, quant_state.absmax)
+        stale = cached is None or any(a is not b for a, b in zip(cached[0], key))
+        if not stale and not torch.compiler.is_compiling():
+            stale = cached[1] != (packed.data_ptr(), packed.device)
+        if stale:
+            cached = (key, (packed.data_ptr(), packed.device), NF4Weight.from_bnb(packed.data, quant_state))
             object.__setattr__(self, "_fused_nf4", cached)
         return cached[2]
 
-    def _fused_forward(self, x, adapter, weight, compute_dtype, bias, out_dtype) -> torch.Tensor:
-        dropout = self.lora_dropout[adapter]
-        dropout_p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    def _restore_bnb_layout(self) -> None:
+        """Undo bitsandbytes' CPU inference repack of an NF4 base in place, as bitsandbytes itself does before it
+        saves or moves the weight: PEFT's merge and unmerge dequantize the canonical layout."""
+        base = self.get_base_layer()
+        if _base_kind(base) != "nf4":
+            return
+        quant_state = base.weight.quant_state
+        if quant_state is not None and getattr(quant_state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                base.weight.data, quant_state
+            )
+
+    def merge(self, *args, **kwargs):
+        self._restore_bnb_layout()
+        return super().merge(*args, **kwargs)
+
+    def unmerge(self, *args, **kwargs):
+        self._restore_bnb_layout()
+        return super().unmerge(*args, **kwargs)
+
+    def _run(self, function, x, compute_dtype, out_dtype, bias, **kwargs) -> torch.Tensor:
+        """``function`` (lora_linear or frozen_linear) on x cast to the compute dtype, autocast off, the bias in a
+        dtype the layer functions take; the result in ``out_dtype``."""
         if bias is not None and bias.dtype not in side_dtypes(compute_dtype):
             bias = bias.to(compute_dtype)
         autocast_off = _autocast_dtype(x.device.type) is not None
         with torch.autocast(x.device.type, enabled=False) if autocast_off else contextlib.nullcontext():
-            y = lora_linear(
-                x.to(compute_dtype),
-                weight,
-                self.lora_A[adapter].weight,
-                self.lora_B[adapter].weight,
-                self.scaling[adapter],
-                bias=bias,
-                dropout_p=dropout_p,
-                training=dropout.training,
-                backend=self.fused_backend,
-            )
+            y = function(x.to(compute_dtype), bias=bias, backend=self.fused_backend, **kwargs)
         return y.to(out_dtype)
+
+    def _frozen_forward(self, x, weight, compute_dtype, bias, out_dtype) -> torch.Tensor:
+        return self._run(frozen_linear, x, compute_dtype, out_dtype, bias, weight=weight)
+
+    def _fused_forward(self, x, adapter, weight, compute_dtype, bias, out_dtype) -> torch.Tensor:
+        dropout = self.lora_dropout[adapter]
+        return self._run(
+            lora_linear, x, compute_dtype, out_dtype, bias,
+            weight=weight,
+            lora_A=self.lora_A[adapter].weight,
+            lora_B=self.lora_B[adapter].weight,
+            scaling=self.scaling[adapter],
+            dropout_p=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+            training=dropout.training,
+        )
 
 
 def _peft_lora_classes() -> dict[type, str]:
