@@ -376,9 +376,11 @@ def test_nf4_gemms_are_compiled_without_fp_contraction(monkeypatch):
     """Every GEMM launch over an NF4 W asks for enable_fp_fusion=False (the double-quant scale must round like
     bitsandbytes: a multiply, then an add; see lora_fwd.py), every dense launch for True. The interpreter ignores
     the option, so this checks what reaches the launch; tests/test_kernels_gpu.py checks the bits on a GPU."""
+    from fused_lora.kernels import common
+
     lora = _kernels()
     launches = []
-    real_gemm = lora._gemm
+    real_gemm = common.gemm
 
     def recording_gemm(kernel, *args, **kwargs):
         launcher, meta = real_gemm(kernel, *args, **kwargs)
@@ -393,7 +395,7 @@ def test_nf4_gemms_are_compiled_without_fp_contraction(monkeypatch):
 
         return Recorder(), meta
 
-    monkeypatch.setattr(lora, "_gemm", recording_gemm)
+    monkeypatch.setattr(common, "gemm", recording_gemm)
     for base in ("nf4-dq", "dense"):
         x, weight, _, A, B, b, g = _make_case(17, 64, 40, 4, torch.float32, base, torch.float32, True, "contiguous",
                                                64, 1)

@@ -1,10 +1,12 @@
 """Dropout mask m of the LoRA path, regenerated in-kernel from (seed, row, column) and never stored.
 
-    m[i, j] = 1/(1-p)  if rand(seed, i·K + j) ≥ p  else 0          (i < M rows of x, j < K columns)
+    m[i, j] = 1/(1-p)  if rand4x(seed, i·⌈K/4⌉ + j // 4)[j % 4] ≥ p  else 0      (i < M rows of x, j < K columns)
 
-``tl.rand`` is Triton's counter-based Philox generator, so every kernel that needs the mask (the u kernel in
-the forward pass, the dx/dA kernel in the backward pass) draws exactly the same values for the same element.
-``dropout_mask_kernel`` materialises the same mask for tests.
+``tl.rand4x`` is Triton's counter-based Philox generator, four uniform numbers per counter: one Philox evaluation
+covers four consecutive columns of a row (a quarter of the work and of the registers of one evaluation per
+element, which made 128×128 dx tiles spill). Every kernel that needs the mask (u in the forward pass, dx/dA in the
+backward pass, on every path) draws exactly the same values for the same element. ``dropout_mask_kernel``
+materialises the same mask for tests.
 """
 
 import triton
@@ -12,10 +14,15 @@ import triton.language as tl
 
 
 @triton.jit
-def dropout_mask_tile(seed, offs_m, offs_k, K, p, keep_scale):
-    """m for the tile rows ``offs_m`` × columns ``offs_k`` (fp32, entries 0 or ``keep_scale`` = 1/(1-p))."""
-    counter = offs_m.to(tl.int64)[:, None] * K + offs_k[None, :]
-    return tl.where(tl.rand(seed, counter) >= p, keep_scale, 0.0)
+def dropout_mask_tile(seed, offs_m, col0, K, p, keep_scale, BLOCK_K: tl.constexpr):
+    """m for the tile rows ``offs_m`` × columns col0 + arange(BLOCK_K) of rows K long (fp32, entries 0 or
+    ``keep_scale`` = 1/(1-p)); col0 and BLOCK_K are multiples of 4."""
+    groups = col0 // 4 + tl.arange(0, BLOCK_K // 4)
+    counter = offs_m.to(tl.int64)[:, None] * ((K + 3) // 4) + groups[None, :]
+    r0, r1, r2, r3 = tl.rand4x(seed, counter)
+    # column 4g + 2a + b comes from r_{2a+b}[g]
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (offs_m.shape[0], BLOCK_K))
+    return tl.where(r >= p, keep_scale, 0.0)
 
 
 @triton.jit
@@ -31,6 +38,6 @@ def dropout_mask_kernel(
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = dropout_mask_tile(seed, offs_m, offs_k, K, p, keep_scale)
+    m = dropout_mask_tile(seed, offs_m, tl.program_id(1) * BLOCK_K, K, p, keep_scale, BLOCK_K)
     in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     tl.store(m_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], m, mask=in_range)

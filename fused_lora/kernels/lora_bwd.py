@@ -6,8 +6,8 @@ dropout mask regenerated from the seed (dropout.py), u = (m⊙x)·Aᵀ saved by 
     v  = g·B                        (M×r, fp32)      lora_vdb_kernel   } one pass over g
     dB = s·gᵀ·u                     (N×r, fp32)      lora_vdb_kernel   }
     db = Σ_M g                      (N,   fp32)      lora_vdb_kernel   }
-    dx = g·deq(W) + s·m⊙(v·A)       (M×K, x dtype)   lora_dx_kernel    } one pass over g and deq(W); m and x are
-    dA = s·vᵀ·(m⊙x)                 (r×K, fp32)      lora_dx_kernel    } read once, in the epilogue
+    dx = s·m⊙(v·A) + g·deq(W)       (M×K, x dtype)   lora_dx_kernel    } one pass over g and deq(W); m, x and v
+    dA = s·vᵀ·(m⊙x)                 (r×K, fp32)      lora_dx_kernel    } are read once, before the main loop
 
 The frozen layer alone (adapter disabled, or merged) has no low-rank term:
 
@@ -15,8 +15,11 @@ The frozen layer alone (adapter disabled, or merged) has no low-rank term:
     dx = g·deq(W)                   (M×K, x dtype)   lora_dx_kernel, HAS_LORA = False (v, A, x are not read)
 
 deq(W) is dequantized tile by tile in registers (lora_fwd.load_weight_tile); W is frozen, so there is no dW.
-Reductions that cross programs (v and dB over split N, dA over M) are fp32 atomic adds into zeroed buffers.
-Dot precision, the low-rank dtype and the FMA-free NF4 scale (``enable_fp_fusion=False``) follow lora_fwd.py.
+The dropout mask of a launch over a column slab [mask_col0, mask_col0 + K) of x (the large-M path, launch_slab.py)
+is the full layer's: m[i, mask_col0 + j] of rows mask_width long.
+Reductions that cross programs (v and dB over split N, dA over M) are relaxed fp32 atomic adds into zeroed buffers
+(no memory fence; their order varies run to run). The deterministic mode replaces them with the split reductions
+of lora_reduce.py. Dot precision, the low-rank dtype and the NF4 lookup follow lora_fwd.py.
 """
 
 import triton
@@ -90,12 +93,13 @@ def lora_vdb_kernel(
                 db_lora_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
                 scaling * db_lora,
                 mask=(offs_n[:, None] < N) & rank_in_range,
+                sem="relaxed",
             )
         if NEED_DB_BIAS:
-            tl.atomic_add(db_bias_ptr + offs_n, tl.sum(g.to(tl.float32), axis=0), mask=offs_n < N)
+            tl.atomic_add(db_bias_ptr + offs_n, tl.sum(g.to(tl.float32), axis=0), mask=offs_n < N, sem="relaxed")
     if NEED_V:
         v_ptrs = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm + offs_r[None, :] * stride_vr
-        tl.atomic_add(v_ptrs, v, mask=row_in_range & rank_in_range)
+        tl.atomic_add(v_ptrs, v, mask=row_in_range & rank_in_range, sem="relaxed")
 
 
 @triton.jit
@@ -112,7 +116,7 @@ def lora_dx_kernel(
     a_ptr,  # A (r, K) (None without HAS_LORA, like x and v)
     v_ptr,  # (M, r) fp32 from lora_vdb_kernel
     dx_ptr,  # (M, K) compute dtype output
-    da_ptr,  # dA (r, K) fp32 output, zeroed (atomic adds)
+    da_ptr,  # dA (r, K) fp32 output, zeroed (relaxed atomic adds)
     # sizes
     M,
     N,
@@ -135,10 +139,12 @@ def lora_dx_kernel(
     stride_dar,
     stride_dak,
     scaling,
-    # dropout
+    # dropout: m[i, j] for the global column j = mask_col0 + (column in this launch) of rows mask_width long
     seed,
     p,
     keep_scale,
+    mask_col0,
+    mask_width,
     # constexprs
     NEED_DX: tl.constexpr,
     NEED_DA: tl.constexpr,  # only with HAS_LORA
@@ -149,6 +155,7 @@ def lora_dx_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     ROW_SCALES: tl.constexpr,
+    LOOKUP: tl.constexpr,  # NF4 code lookup: "tree", "gather" or "prmt" (nf4_lookup.py)
     BASE_PRECISION: tl.constexpr,
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
@@ -159,8 +166,8 @@ def lora_dx_kernel(
     BLOCK_K: tl.constexpr,  # output tile over K
     GROUP_M: tl.constexpr,
 ):
-    """dx[rows, cols] = Σ_n g[rows, n]·deq(W)[n, cols] (+ s·m⊙(v·A) when HAS_LORA);
-    dA[:, cols] += s·v[rows]ᵀ·(m⊙x)[rows, cols] (NEED_DA)."""
+    """dx[rows, cols] = (s·m⊙(v·A)[rows, cols] when HAS_LORA) + Σ_n g[rows, n]·deq(W)[n, cols], the low-rank term
+    accumulated first; dA[:, cols] += s·v[rows]ᵀ·(m⊙x)[rows, cols] (NEED_DA, relaxed atomics, before the loop)."""
     COMPUTE_DTYPE: tl.constexpr = g_ptr.dtype.element_ty
     pid_m, pid_k = grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
@@ -169,7 +176,36 @@ def lora_dx_kernel(
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tile_in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
 
+    # The low-rank term starts the accumulator (no second [BLOCK_M, BLOCK_K] tile), and dA's share of this tile is
+    # added before the main loop, so m, x and v are dead before it starts.
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if HAS_LORA:
+        if DROPOUT:
+            m = dropout_mask_tile(seed, offs_m, mask_col0 + k0, mask_width, p, keep_scale, BLOCK_K)
+        v_rows = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm
+        if NEED_DA:  # first, so that x is dead before the low-rank tile exists
+            x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+            x = tl.load(x_ptrs, mask=tile_in_range, other=0.0)
+            if DROPOUT:
+                x = x.to(tl.float32) * m
+            x = x.to(LOWRANK_DTYPE)
+            for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+                offs_r = r0 + tl.arange(0, R_CHUNK)
+                v = tl.load(v_rows + offs_r[None, :] * stride_vr, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+                da = tl.dot(tl.trans(v.to(LOWRANK_DTYPE)), x, input_precision=LOWRANK_PRECISION)
+                da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
+                tl.atomic_add(da_ptrs, scaling * da, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), sem="relaxed")
+        if NEED_DX:
+            for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+                offs_r = r0 + tl.arange(0, R_CHUNK)
+                v = tl.load(v_rows + offs_r[None, :] * stride_vr, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+                a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+                acc = tl.dot(v.to(LOWRANK_DTYPE), a.to(LOWRANK_DTYPE), acc, input_precision=LOWRANK_PRECISION)
+            acc = acc * scaling
+            if DROPOUT:
+                acc = acc * m
+
     if NEED_DX:
         g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
         for n0 in range(0, N, BLOCK_N):
@@ -178,37 +214,9 @@ def lora_dx_kernel(
             w = load_weight_tile(
                 w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                 offs_n, k0, N, K, stride_wn, stride_wk,
-                IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+                IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, LOOKUP, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
             )  # fmt: skip
             acc = tl.dot(g, w, acc, input_precision=BASE_PRECISION)
-
-    if HAS_LORA:
-        if DROPOUT:
-            m = dropout_mask_tile(seed, offs_m, offs_k, K, p, keep_scale)
-        if NEED_DA:
-            x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-            x = tl.load(x_ptrs, mask=tile_in_range, other=0.0)
-            if DROPOUT:
-                x = x.to(tl.float32) * m
-            x = x.to(LOWRANK_DTYPE)
-        lowrank = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
-            offs_r = r0 + tl.arange(0, R_CHUNK)
-            v_ptrs = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm + offs_r[None, :] * stride_vr
-            v = tl.load(v_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0).to(LOWRANK_DTYPE)
-            if NEED_DX:
-                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
-                a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
-                lowrank = tl.dot(v, a.to(LOWRANK_DTYPE), lowrank, input_precision=LOWRANK_PRECISION)
-            if NEED_DA:
-                da = tl.dot(tl.trans(v), x, input_precision=LOWRANK_PRECISION)
-                da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
-                tl.atomic_add(da_ptrs, scaling * da, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
-        if NEED_DX:
-            lowrank = scaling * lowrank
-            if DROPOUT:
-                lowrank = lowrank * m
-            acc = acc + lowrank
 
     if NEED_DX:
         dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk

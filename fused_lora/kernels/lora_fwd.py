@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_mask_tile
+from .nf4_lookup import nf4_tree, nf4_values
 
 
 @triton.jit
@@ -86,13 +87,14 @@ def load_weight_tile(
     k0,
     N,
     K,
-    stride_wn,
+    stride_wn,  # dense: W's row stride; NF4 with ROW_SCALES: K // 2 (bytes per row); otherwise unused
     stride_wk,
     IS_NF4: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     BLOCKSIZE: tl.constexpr,  # NF4 absmax blocksize over the flat index
     NESTED_BLOCKSIZE: tl.constexpr,
     ROW_SCALES: tl.constexpr,  # K % BLOCKSIZE == 0, BLOCKSIZE an even power of two: scales per (row, block)
+    LOOKUP: tl.constexpr,  # "tree", "gather" or "prmt" (nf4_lookup.py)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -106,10 +108,11 @@ def load_weight_tile(
             # the row holds elements (2j, 2j+1), and a tile row holds SCALES_PER_ROW whole blocks (or a part of
             # one): load the bytes once, split the nibbles, decode one absmax per (row, block) and broadcast it.
             offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            byte_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + offs_byte[None, :]
+            # stride_wn = K // 2, the bytes of a row, passed by the launcher so that the JIT specialises its
+            # divisibility (16 when K % 32 == 0): 16-byte loads of the packed bytes.
+            byte_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :]
             packed = tl.load(byte_ptrs, mask=(offs_n[:, None] < N) & (offs_byte[None, :] < K // 2), other=0)
-            packed = packed.to(tl.int32)
-            values = tl.load(code_ptr + tl.interleave(packed >> 4, packed & 15))
+            values = nf4_values(packed, code_ptr, LOOKUP, COMPUTE_DTYPE)
             SCALES_PER_ROW: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
             first_block = (offs_n.to(tl.int64) * K + k0) // BLOCKSIZE
             block = first_block[:, None] + tl.arange(0, SCALES_PER_ROW)[None, :]
@@ -125,12 +128,18 @@ def load_weight_tile(
                 NESTED_BLOCKSIZE,
             )
             values = tl.reshape(values, (BLOCK_N, SCALES_PER_ROW, BLOCK_K // SCALES_PER_ROW))
+            if LOOKUP == "prmt":  # code and scale in the compute dtype, one rounded product
+                scale = scale.to(COMPUTE_DTYPE)
             w = tl.reshape(values * scale[:, :, None], (BLOCK_N, BLOCK_K))
         else:
             # Any K and blocksize: nibble and block of every element from its flat index.
             flat = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
             packed = tl.load(w_ptr + flat // 2, mask=in_range, other=0).to(tl.int32)
-            values = tl.load(code_ptr + ((packed >> (4 - 4 * (flat % 2)).to(tl.int32)) & 15))
+            q = (packed >> (4 - 4 * (flat % 2)).to(tl.int32)) & 15
+            if LOOKUP == "tree":
+                values = nf4_tree(q)
+            else:  # "gather" (and "prmt", which needs whole bytes per element pair: exact fp32 gather here)
+                values = tl.load(code_ptr + q)
             scale = block_absmax(
                 flat // BLOCKSIZE,
                 in_range,
@@ -153,16 +162,18 @@ def lora_u_kernel(
     # pointers
     x_ptr,  # (M, K) compute dtype
     a_ptr,  # (r, K) fp32 or compute dtype
-    u_ptr,  # (M, r) fp32 output
+    u_ptr,  # (splits, M, r) fp32 output: one partial sum per split of K (splits = 1: u itself)
     # sizes
     M,
     K,
     R,
+    K_PER_SPLIT,  # columns of x per split (a multiple of BLOCK_K)
     # strides
     stride_xm,
     stride_xk,
     stride_ar,
     stride_ak,
+    stride_us,
     stride_um,
     stride_ur,
     # dropout
@@ -177,20 +188,23 @@ def lora_u_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """u[rows, ranks] = Σ_k (m⊙x)[rows, k] · A[ranks, k]; grid (M / BLOCK_M, r_pad / BLOCK_R)."""
+    """u_part[s, rows, ranks] = Σ_{k in split s} (m⊙x)[rows, k] · A[ranks, k]; grid (M / BLOCK_M, r_pad / BLOCK_R,
+    splits). The launcher sums the splits in a fixed order (u = Σ_s u_part[s]), so u is reproducible."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    k_start = tl.program_id(2) * K_PER_SPLIT
+    k_end = min(k_start + K_PER_SPLIT, K)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         if DROPOUT:
-            x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, offs_k, K, p, keep_scale)
+            x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, k0, K, p, keep_scale, BLOCK_K)
         a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
         a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
         u = tl.dot(x.to(LOWRANK_DTYPE), tl.trans(a.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
-    u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
+    u_ptrs = u_ptr + tl.program_id(2) * stride_us + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
     tl.store(u_ptrs, u, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
@@ -232,6 +246,7 @@ def lora_fwd_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     ROW_SCALES: tl.constexpr,
+    LOOKUP: tl.constexpr,  # NF4 code lookup: "tree", "gather" or "prmt" (nf4_lookup.py)
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,  # False: y = x·deq(W)ᵀ + b only (u, B, R, scaling unused)
     BASE_PRECISION: tl.constexpr,
@@ -244,37 +259,36 @@ def lora_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[rows, cols] = Σ_k x[rows, k]·deq(W)[cols, k] + b[cols] (+ s·Σ_r u[rows, r]·B[cols, r] when HAS_LORA);
-    1-D grouped grid."""
+    """y[rows, cols] = (s·Σ_r u[rows, r]·B[cols, r] when HAS_LORA) + b[cols] + Σ_k x[rows, k]·deq(W)[cols, k], the
+    first two terms accumulated before the K loop into its accumulator; 1-D grouped grid."""
     COMPUTE_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    # The low-rank term and the bias start the accumulator (LoRAFusion): no second [BLOCK_M, BLOCK_N] tile.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = load_weight_tile(
-            w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-            offs_n, k0, N, K, stride_wn, stride_wk,
-            IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
-        )  # fmt: skip
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=BASE_PRECISION)
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
-        lowrank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in tl.static_range(0, R_PAD, R_CHUNK):
             offs_r = r0 + tl.arange(0, R_CHUNK)
             u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
             u = tl.load(u_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
             bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
             bt = tl.load(bt_ptrs, mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
-            lowrank = tl.dot(u.to(LOWRANK_DTYPE), bt.to(LOWRANK_DTYPE), lowrank, input_precision=LOWRANK_PRECISION)
-        acc = acc + scaling * lowrank
+            acc = tl.dot(u.to(LOWRANK_DTYPE), bt.to(LOWRANK_DTYPE), acc, input_precision=LOWRANK_PRECISION)
+        acc = acc * scaling
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = load_weight_tile(
+            w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+            offs_n, k0, N, K, stride_wn, stride_wk,
+            IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, LOOKUP, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+        )  # fmt: skip
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=BASE_PRECISION)
 
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(COMPUTE_DTYPE), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))

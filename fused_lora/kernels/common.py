@@ -1,0 +1,197 @@
+"""Helpers shared by the launchers of every kernel path (lora.py, launch_gemm.py, launch_slab.py, launch_decode.py).
+
+Nothing here launches a kernel; Triton is imported lazily, so importing this module is cheap and never touches CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import NamedTuple
+
+import torch
+
+from ..backend import interpreting
+
+MAX_RANK = 256
+NESTED_BLOCKSIZE = 256
+# R_PAD of the launches without a low-rank term (the kernels do not read it then); one fixed value, one variant.
+FROZEN_R_PAD = 16
+_INT32_MAX = 2**31 - 1
+
+
+def is_nf4(weight) -> bool:
+    return hasattr(weight, "packed") and hasattr(weight, "absmax")
+
+
+def tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+def rank_pad(r: int) -> int:
+    """r rounded up to a power of two, at least 16 (the smallest tl.dot dimension)."""
+    return max(16, 1 << (r - 1).bit_length())
+
+
+def precisions(x, *adapters) -> dict:
+    """Low-rank dtype (promotion of x and the adapters A, B; x's dtype without them) and dot precisions; see
+    lora_fwd.py for the tf32 choice."""
+    lowrank = x.dtype
+    for t in adapters:
+        lowrank = torch.promote_types(lowrank, t.dtype)
+    exact = x.dtype == torch.float32
+    return {
+        "BASE_PRECISION": "ieee" if exact else "tf32",
+        "LOWRANK_DTYPE": tl_dtype(lowrank),
+        "LOWRANK_PRECISION": "ieee" if exact else "tf32",
+    }
+
+
+# ---------------------------------------------------------------------------------------------- NF4 scales
+
+
+# NF4 weight -> (signature of its scale tensors, fp32 scale per block). The scale of block b is
+# absmax_fp32()[b] = absmax[b], or fl(fl(nested_code[absmax_q[b]]·nested_absmax[b // 256]) + offset) with double
+# quant, computed once by NF4Weight.absmax_fp32 (bitsandbytes' rounding, byte-exact) and kept beside the weight
+# (N·K/blocksize·4 bytes: 1/8 of the packed bytes at blocksize 64) while the weight lives.
+_SCALES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _scale_signature(weight) -> tuple:
+    tensors = (weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
+    return tuple((t.data_ptr(), t._version, t.device) if t is not None else None for t in tensors)
+
+
+def decoded_scales(weight) -> torch.Tensor:
+    """fp32 [n_blocks] scale of every NF4 block of ``weight`` (contiguous), decoded once and cached beside it;
+    recomputed when one of its scale tensors is replaced or modified in place."""
+    signature = _scale_signature(weight)
+    cached = _SCALES.get(weight)
+    if cached is None or cached[0] != signature:
+        cached = (signature, weight.absmax_fp32().float().contiguous())
+        _SCALES[weight] = cached
+    return cached[1]
+
+
+class WeightArgs(NamedTuple):
+    """How a launcher passes W to lora_fwd.load_weight_tile: the six pointer arguments (w_ptr, absmax_ptr, code_ptr,
+    nested_absmax_ptr, nested_code_ptr, offset_ptr; None where absent), W's strides (dense W only; 0 for NF4) and
+    the constexprs that select the layout."""
+
+    pointers: tuple
+    stride_wn: int
+    stride_wk: int
+    constexprs: dict
+
+
+_STANDARD_CODE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def has_standard_code(weight) -> bool:
+    """Whether ``weight.code`` is bitsandbytes' NF4 table (the register lookups hold it as constants), checked once
+    per weight (and again when its code tensor changes)."""
+    from .nf4_lookup import NF4_VALUES
+
+    signature = (weight.code.data_ptr(), weight.code._version, weight.code.device)
+    cached = _STANDARD_CODE.get(weight)
+    if cached is None or cached[0] != signature:
+        table = torch.tensor(NF4_VALUES, dtype=torch.float32)
+        cached = (signature, bool(torch.equal(weight.code.detach().float().cpu().reshape(-1), table)))
+        _STANDARD_CODE[weight] = cached
+    return cached[1]
+
+
+def lookup_mode(weight, dtype: torch.dtype) -> str:
+    """How the NF4 kernels turn a 4-bit code into its value (nf4_lookup.py): "prmt" (byte permutes in registers,
+    inline PTX; bf16/fp16 on a GPU: code and scale rounded to the compute dtype, then multiplied), "tree" (a select
+    tree over the 16 fp32 values in registers: exact; the CPU interpreter, which runs no inline assembly), or
+    "gather" (a load from the 16-entry table: exact; fp32 on a GPU)."""
+    if not is_nf4(weight) or not has_standard_code(weight):
+        return "gather"  # not read, or a table other than NF4's
+    if interpreting():
+        return "tree"
+    return "prmt" if dtype in (torch.float16, torch.bfloat16) else "gather"
+
+
+def weight_args(weight, K: int, dtype: torch.dtype) -> WeightArgs:
+    """The W arguments of the GEMM kernels for a dense or NF4 weight with K input features, computing in ``dtype``.
+
+    NF4 weights are passed with their decoded fp32 scales (``decoded_scales``) as absmax and DOUBLE_QUANT False:
+    the kernels read one fp32 scale per (row, block) and never decode the double-quant chain themselves."""
+    if not is_nf4(weight):
+        return WeightArgs(
+            pointers=(weight, None, None, None, None, None), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+            constexprs={"IS_NF4": False, "DOUBLE_QUANT": False, "BLOCKSIZE": 1, "NESTED_BLOCKSIZE": 1,
+                        "ROW_SCALES": False},
+        )  # fmt: skip
+    blocksize = int(weight.blocksize)
+    # The kernels index every NF4 tensor as contiguous: packed bytes are W-sized, and unsupported_reason sends
+    # non-contiguous ones to the reference; the code table is made contiguous here (no copy when it already is).
+    even_power_of_two = blocksize >= 2 and blocksize & (blocksize - 1) == 0
+    row_scales = even_power_of_two and K % blocksize == 0
+    return WeightArgs(
+        pointers=(weight.packed, decoded_scales(weight), weight.code.contiguous(), None, None, None),
+        stride_wn=K // 2 if row_scales else 0, stride_wk=1 if row_scales else 0,
+        constexprs={"IS_NF4": True, "DOUBLE_QUANT": False, "BLOCKSIZE": blocksize,
+                    "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE, "ROW_SCALES": row_scales},
+    )  # fmt: skip
+
+
+def compile_options(weight) -> dict:
+    """Triton compile options of the GEMM kernels for this W. NF4: no FP contraction (a decoded weight is a multiply
+    of two exact fp32 values, never fused with an add; the option is kept so that a double-quant scale decoded in a
+    kernel would round like bitsandbytes, see lora_fwd.py); the interpreter ignores it. Dense: contraction on
+    (stated explicitly, because triton 3.9 warns when the option is left to its changing default)."""
+    return {"enable_fp_fusion": not is_nf4(weight)}
+
+
+def strides(t) -> tuple[int, int]:
+    """t's two strides, or (0, 0) for an operand that is absent (None) and never read."""
+    return (0, 0) if t is None else t.stride()
+
+
+def dropout_args(dropout_p: float, seed: int) -> dict:
+    return {"seed": int(seed), "p": float(dropout_p), "keep_scale": 1.0 / (1.0 - dropout_p)}
+
+
+def gemm(kernel, x, out_name: str, reduce_name: str, reset_to_zero: tuple = ()):
+    """The GEMM kernel to launch and the fixed meta-parameters: autotuned on a GPU, one small config when
+    interpreting."""
+    if interpreting():
+        from .autotune import INTERPRETER_CONFIG
+
+        return kernel, dict(INTERPRETER_CONFIG)
+    from .autotune import autotuned
+
+    capability = torch.cuda.get_device_capability(x.device)
+    return autotuned(kernel, capability, out_name, reduce_name, reset_to_zero), {}
+
+
+def device_guard(x):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def int32_columns(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy of it when a column offset (column index · column stride) would overflow int32.
+
+    The kernels compute row offsets in int64 and column offsets in int32 (cheaper, and exact for any tensor whose
+    last dimension is contiguous); only a huge transposed x or g needs the copy.
+    """
+    if t.shape[1] > 0 and (t.shape[1] - 1) * abs(t.stride(1)) > _INT32_MAX:
+        return t.contiguous()
+    return t
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of ``device`` (8 under the interpreter: enough programs to cross every split)."""
+    if interpreting() or torch.device(device).type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fixed_order_sum(parts: torch.Tensor) -> torch.Tensor:
+    """Σ over dim 0 of the partial results of a split reduction. torch's reduction kernels use no atomics: the
+    order of the additions depends only on the shape and the device, so the result is bitwise reproducible."""
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0)

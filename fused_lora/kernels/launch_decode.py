@@ -1,0 +1,117 @@
+"""Launchers of the decode path (M ≤ 64, all rows in one tile): the split-K kernels of lora_decode.py.
+
+Symbols as in lora.py. The number of splits S is chosen so that (tiles of N or K)·S programs fill the GPU
+(strategy.Thresholds.programs_per_sm per SM); the partial sums ([S, M, N] or [S, M, K] fp32, a few MB at most and
+read back at once, so mostly from L2) are summed in a fixed order by the epilogue kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import interpreting
+from . import common
+from .common import dropout_args, rank_pad, strides
+from .launch_gemm import _splits
+
+
+def supports(M: int, weight) -> bool:
+    """Whether the decode kernels take this call: M ≤ 64 and, for NF4, whole blocks per row (one scale per
+    (row, block), K a multiple of an even power-of-two blocksize)."""
+    if M > 64:
+        return False
+    if not common.is_nf4(weight):
+        return True
+    return bool(common.weight_args(weight, weight.shape[1], torch.float32).constexprs["ROW_SCALES"])
+
+
+def _block_m(M: int) -> int:
+    return max(16, 1 << (max(M, 1) - 1).bit_length())
+
+
+def _w_args(weight, K: int, dtype) -> tuple:
+    """(w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, IS_NF4, BLOCKSIZE, LOOKUP)."""
+    w = common.weight_args(weight, K, dtype)
+    pointers = w.pointers
+    return (pointers[0], pointers[1], pointers[2], w.stride_wn, w.stride_wk, w.constexprs["IS_NF4"],
+            w.constexprs["BLOCKSIZE"], common.lookup_mode(weight, dtype))  # fmt: skip
+
+
+def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, dropout_p=0.0, seed=0):
+    """y = x·deq(W)ᵀ + b (+ s·u·Bᵀ); returns u = (m⊙x)·Aᵀ (M, r) fp32 when A is given, else None."""
+    import triton
+
+    from .lora_decode import lora_decode_fwd_epilogue_kernel, lora_decode_fwd_kernel
+
+    M, K = x2d.shape
+    N = y.shape[1]
+    has_lora = A is not None
+    r = A.shape[0] if has_lora else 0
+    r_pad = rank_pad(r) if has_lora else common.FROZEN_R_PAD
+    block_m = _block_m(M)
+    block_n, block_k, warps = (32, 64, 4) if interpreting() else (64, 256, 4)
+    splits, k_per_split = _splits(K, block_k, triton.cdiv(N, block_n), x2d.device)
+    y_part = torch.empty((splits, M, N), device=x2d.device, dtype=torch.float32)
+    u_part = torch.empty((splits, M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
+    w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize, lookup = _w_args(weight, K, x2d.dtype)
+    lora_decode_fwd_kernel[(triton.cdiv(N, block_n), splits)](
+        x2d, w_ptr, scale_ptr, code_ptr, A, y_part, u_part,
+        M, N, K, r, k_per_split,
+        x2d.stride(0), x2d.stride(1), stride_wn, stride_wk, *strides(A),
+        y_part.stride(0), y_part.stride(1), *(u_part.stride()[:2] if has_lora else (0, 0)),
+        **dropout_args(dropout_p, seed),
+        IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup, HAS_LORA=has_lora, DROPOUT=dropout_p > 0.0, **precisions,
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        **common.compile_options(weight),
+    )  # fmt: skip
+    u = torch.empty((M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
+    if bias is not None:
+        bias = bias.contiguous()
+    epilogue_n = 32 if interpreting() else 128
+    lora_decode_fwd_epilogue_kernel[(triton.cdiv(N, epilogue_n),)](
+        y_part, u_part, B, bias, y, u,
+        M, N, r, splits, y_part.stride(0), y_part.stride(1), *(u_part.stride()[:2] if has_lora else (0, 0)),
+        *strides(B), y.stride(0), y.stride(1), u.stride(0) if has_lora else 0, float(scaling),
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"],
+        LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"], R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=epilogue_n,
+        num_warps=4,
+    )  # fmt: skip
+    return u
+
+
+def dx(g, weight, dx_out, precisions, x2d=None, A=None, v=None, need_dA=False, scaling=0.0, dropout_p=0.0, seed=0):
+    """dx_out = g·deq(W) (+ s·m⊙(v·A)) when dx_out is given; returns dA = s·vᵀ·(m⊙x) (r, K) fp32 when need_dA."""
+    import triton
+
+    from .lora_decode import lora_decode_dx_epilogue_kernel, lora_decode_dx_kernel
+
+    M, N = g.shape
+    K = weight.shape[1]
+    has_lora = v is not None
+    r = A.shape[0] if has_lora else 0
+    r_pad = rank_pad(r) if has_lora else common.FROZEN_R_PAD
+    block_m = _block_m(M)
+    dx_part, splits = None, 1
+    if dx_out is not None:
+        block_n, block_k, warps = (32, 32, 4) if interpreting() else (128, 128, 4)
+        splits, n_per_split = _splits(N, block_n, triton.cdiv(K, block_k), g.device)
+        dx_part = torch.empty((splits, M, K), device=g.device, dtype=torch.float32)
+        w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize, lookup = _w_args(weight, K, g.dtype)
+        lora_decode_dx_kernel[(triton.cdiv(K, block_k), splits)](
+            g, w_ptr, scale_ptr, code_ptr, dx_part,
+            M, N, K, n_per_split, g.stride(0), g.stride(1), stride_wn, stride_wk, dx_part.stride(0), dx_part.stride(1),
+            IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup, BASE_PRECISION=precisions["BASE_PRECISION"],
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **common.compile_options(weight),
+        )  # fmt: skip
+    dA32 = torch.empty((r, K), device=g.device, dtype=torch.float32) if need_dA else None
+    epilogue_k = 32 if interpreting() else 128
+    lora_decode_dx_epilogue_kernel[(triton.cdiv(K, epilogue_k),)](
+        dx_part, x2d, A, v, dx_out, dA32,
+        M, K, r, splits, *(dx_part.stride()[:2] if dx_part is not None else (0, 0)),
+        *strides(x2d), *strides(A), *strides(v), *strides(dx_out), *strides(dA32), float(scaling),
+        **dropout_args(dropout_p, seed),
+        NEED_DX=dx_out is not None, NEED_DA=need_dA, HAS_LORA=has_lora, DROPOUT=dropout_p > 0.0,
+        LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=epilogue_k, num_warps=4,
+    )  # fmt: skip
+    return dA32

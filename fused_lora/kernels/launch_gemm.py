@@ -1,0 +1,269 @@
+"""Launchers of the GEMM kernels (lora_fwd.py, lora_bwd.py) and of the backward reductions (lora_reduce.py).
+
+The middle-M path launches the GEMMs over the NF4 weight itself (decoded in registers in the main loop); the large-M
+path (launch_slab.py) launches the same GEMMs over dense slabs of W; a dense W always takes them at M above the
+decode path. Symbols as in lora.py.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..backend import interpreting
+from . import common, strategy
+from .common import FROZEN_R_PAD, dropout_args, rank_pad, strides
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _splits(total: int, block: int, other_programs: int, device) -> tuple[int, int]:
+    """(splits, elements per split) of a reduction axis of ``total`` elements in steps of ``block``: enough splits
+    that other_programs · splits fills the GPU (strategy.Thresholds.programs_per_sm per SM), at most one per step."""
+    wanted = strategy.thresholds(device).programs_per_sm * common.sm_count(device)
+    steps = _cdiv(max(total, 1), block)
+    splits = max(1, min(steps, _cdiv(wanted, max(other_programs, 1))))
+    per_split = _cdiv(steps, splits) * block
+    return _cdiv(max(total, 1), per_split), per_split
+
+
+def compute_u(x2d, A, dropout_p, seed, precisions) -> torch.Tensor:
+    """u = (m⊙x)·Aᵀ, (M, r) fp32: lora_u_kernel split over K so that the GPU is full even at small M, the splits
+    summed in a fixed order."""
+    import triton
+
+    from .lora_fwd import lora_u_kernel
+
+    M, K = x2d.shape
+    r = A.shape[0]
+    r_pad = rank_pad(r)
+    block_r = min(r_pad, 64)
+    block_m = 16 if interpreting() else min(64, max(16, triton.next_power_of_2(M)))
+    block_k = 32 if interpreting() else 64
+    programs = triton.cdiv(M, block_m) * (r_pad // block_r)
+    splits, k_per_split = _splits(K, block_k, programs, x2d.device)
+    parts = torch.empty((splits, M, r), device=x2d.device, dtype=torch.float32)
+    lora_u_kernel[(triton.cdiv(M, block_m), r_pad // block_r, splits)](
+        x2d, A, parts, M, K, r, k_per_split,
+        x2d.stride(0), x2d.stride(1), A.stride(0), A.stride(1), *parts.stride(),
+        **dropout_args(dropout_p, seed), DROPOUT=dropout_p > 0.0,
+        LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
+    )  # fmt: skip
+    return common.fixed_order_sum(parts)
+
+
+def m_bucket(M: int) -> int:
+    from .autotune import m_bucket as bucket
+
+    return bucket(M)
+
+
+def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0):
+    """lora_fwd_kernel into y: y = x·deq(W)ᵀ + b, plus s·u·Bᵀ when u and B are given (HAS_LORA). ``weight`` is an
+    NF4Weight (decoded in the main loop) or a dense (N, K) tensor, e.g. a slab of the large path; y may be a column
+    slice of the layer's output."""
+    import triton
+
+    from .lora_fwd import lora_fwd_kernel
+
+    if bias is not None:
+        bias = bias.contiguous()  # the kernel reads b[n] at bias_ptr + n; N elements, no copy when contiguous
+    M, K = x2d.shape
+    N = y.shape[1]
+    has_lora = u is not None
+    r = u.shape[1] if has_lora else 0
+    r_pad = rank_pad(r) if has_lora else FROZEN_R_PAD
+    w = common.weight_args(weight, K, x2d.dtype)
+    kernel, meta = common.gemm(lora_fwd_kernel, x2d, "BLOCK_N", "BLOCK_K")
+    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](
+        x2d, *w.pointers, u, B, bias, y,
+        M, N, K, r, m_bucket(M),
+        x2d.stride(0), x2d.stride(1), w.stride_wn, w.stride_wk,
+        *strides(u), *strides(B), y.stride(0), y.stride(1),
+        float(scaling),
+        **w.constexprs, LOOKUP=common.lookup_mode(weight, x2d.dtype), HAS_BIAS=bias is not None,
+        HAS_LORA=has_lora, **precisions, R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta,
+        **common.compile_options(weight),
+    )  # fmt: skip
+
+
+def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, scaling=0.0, dropout_p=0.0, seed=0,
+              mask_col0=0, mask_width=None):  # fmt: skip
+    """lora_dx_kernel: dx = g·deq(W) (when dx is given), plus s·m⊙(v·A) and dA32 += s·vᵀ·(m⊙x) when the low-rank
+    operands x2d, A, v are given (HAS_LORA). For a column slab (the large path) x2d, A, dx, dA32 are the slab's
+    column slices and (mask_col0, mask_width) place it in the layer's dropout mask."""
+    import triton
+
+    from .lora_bwd import lora_dx_kernel
+
+    M, N = g.shape
+    K = weight.shape[1]
+    has_lora = v is not None
+    r = A.shape[0] if has_lora else 0
+    r_pad = rank_pad(r) if has_lora else FROZEN_R_PAD
+    w = common.weight_args(weight, K, g.dtype)
+    kernel, meta = common.gemm(lora_dx_kernel, g, "BLOCK_K", "BLOCK_N", ("da_ptr",) if dA32 is not None else ())
+    grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)  # noqa: E731
+    kernel[grid](
+        g, *w.pointers, x2d, A, v, dx, dA32,
+        M, N, K, r, m_bucket(M),
+        g.stride(0), g.stride(1), w.stride_wn, w.stride_wk,
+        *strides(x2d), *strides(A), *strides(v), *strides(dx), *strides(dA32), float(scaling),
+        **dropout_args(dropout_p, seed), mask_col0=int(mask_col0), mask_width=int(K if mask_width is None else mask_width),
+        NEED_DX=dx is not None, NEED_DA=dA32 is not None, DROPOUT=dropout_p > 0.0, HAS_LORA=has_lora,
+        **w.constexprs, LOOKUP=common.lookup_mode(weight, g.dtype), **precisions, R_PAD=r_pad,
+        R_CHUNK=min(r_pad, 64), **meta, **common.compile_options(weight),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- v, dB, db, dA
+
+
+class VdbTile(NamedTuple):
+    """The tile of the v/dB pass on a GPU."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+
+
+def vdb_tile(M: int, r_pad: int) -> VdbTile:
+    """The tile (BLOCK_M, BLOCK_N, num_warps) of the v/dB pass on a GPU (3 pipeline stages, Triton's default). At
+    R_PAD=256 the B tile is BLOCK_N·256 and the v accumulator BLOCK_M·256, so BLOCK_N is 32: at 64 the kernel needs
+    180224 B of shared memory, over the A100's 166912 B (tests/test_kernels_compile.py compiles it for sm_80/sm_90)."""
+    import triton
+
+    rows = 128 if r_pad <= 32 else 64 if r_pad <= 64 else 32
+    block_m = min(rows, max(16, triton.next_power_of_2(M)))
+    block_n = 32 if r_pad >= 256 else 64
+    return VdbTile(block_m, block_n, 8 if block_m >= 128 else 4)
+
+
+def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, columns per program, num_warps) of the v/dB pass. Tall row tiles keep the dB atomics
+    ((M / BLOCK_M)·N·r adds) few; N is split across programs until the GPU is full."""
+    import triton
+
+    if interpreting():
+        block_m, block_n, warps, programs_wanted = 16, 32, 4, 2 * triton.cdiv(M, 16)
+    else:
+        block_m, block_n, warps = vdb_tile(M, r_pad)
+        programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    n_tiles = triton.cdiv(N, block_n)
+    splits = max(1, min(n_tiles, programs_wanted // triton.cdiv(M, block_m)))
+    return block_m, block_n, triton.cdiv(n_tiles, splits) * block_n, warps
+
+
+def launch_vdb(g, precisions, need_v: bool, need_dB: bool, need_db: bool, B=None, u=None, scaling=0.0):
+    """(v, dB32, db) = (g·B, s·gᵀ·u, Σ_M g), fp32, each None unless asked for: one pass over g with relaxed atomics,
+    or in the deterministic mode split reductions summed in a fixed order (lora_reduce.py)."""
+    M, N = g.shape
+    r = B.shape[1] if B is not None else 0
+    device = g.device
+    if not strategy.deterministic():
+        v = torch.zeros((M, r), device=device, dtype=torch.float32) if need_v else None
+        dB32 = torch.zeros((N, r), device=device, dtype=torch.float32) if need_dB else None
+        db = torch.zeros((N,), device=device, dtype=torch.float32) if need_db else None
+        _launch_vdb_atomic(g, precisions, v, dB32, db, B, u, scaling)
+        return v, dB32, db
+    v = _v_split(g, B, precisions) if need_v else None
+    dB32, db = _db_split(g, u, precisions, need_dB, need_db, scaling) if (need_dB or need_db) else (None, None)
+    return v, dB32, db
+
+
+def _launch_vdb_atomic(g, precisions, v, dB32, db, B, u, scaling):
+    import triton
+
+    from .lora_bwd import lora_vdb_kernel
+
+    M, N = g.shape
+    r = B.shape[1] if B is not None else 0
+    r_pad = rank_pad(r) if B is not None else FROZEN_R_PAD
+    block_m, block_n, n_per_split, warps = _vdb_blocks(M, N, r_pad, g.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, n_per_split))
+    lora_vdb_kernel[grid](
+        g, B, u, v, dB32, db,
+        M, N, r, n_per_split,
+        g.stride(0), g.stride(1), *strides(B), *strides(u), *strides(v), *strides(dB32), float(scaling),
+        NEED_V=v is not None, NEED_DB_LORA=dB32 is not None, NEED_DB_BIAS=db is not None,
+        LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )  # fmt: skip
+
+
+def _reduce_blocks(M: int, r_pad: int) -> tuple[int, int, int]:
+    """(rows, columns, num_warps) of a split-reduction tile."""
+    if interpreting():
+        return 16, 32, 4
+    block_m, block_n, warps = vdb_tile(M, r_pad)
+    return block_m, block_n, warps
+
+
+def _v_split(g, B, precisions) -> torch.Tensor:
+    import triton
+
+    from .lora_reduce import lora_v_split_kernel
+
+    M, N = g.shape
+    r = B.shape[1]
+    r_pad = rank_pad(r)
+    block_m, block_n, warps = _reduce_blocks(M, r_pad)
+    splits, n_per_split = _splits(N, block_n, triton.cdiv(M, block_m), g.device)
+    parts = torch.empty((splits, M, r), device=g.device, dtype=torch.float32)
+    lora_v_split_kernel[(triton.cdiv(M, block_m), splits)](
+        g, B, parts, M, N, r, n_per_split, g.stride(0), g.stride(1), *B.stride(), *parts.stride(),
+        LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )  # fmt: skip
+    return common.fixed_order_sum(parts)
+
+
+def _db_split(g, u, precisions, need_dB: bool, need_db: bool, scaling: float):
+    import triton
+
+    from .lora_reduce import lora_db_split_kernel
+
+    M, N = g.shape
+    r = u.shape[1] if need_dB else 0
+    r_pad = rank_pad(r) if need_dB else FROZEN_R_PAD
+    block_m, block_n, warps = _reduce_blocks(M, r_pad)
+    block_m = min(block_m, 64)
+    splits, m_per_split = _splits(M, block_m, triton.cdiv(N, block_n), g.device)
+    dB_parts = torch.empty((splits, N, r), device=g.device, dtype=torch.float32) if need_dB else None
+    db_parts = torch.empty((splits, N), device=g.device, dtype=torch.float32) if need_db else None
+    lora_db_split_kernel[(triton.cdiv(N, block_n), splits)](
+        g, u if need_dB else None, dB_parts, db_parts, M, N, r, m_per_split,
+        g.stride(0), g.stride(1), *(u.stride() if need_dB else (0, 0)),
+        *(dB_parts.stride() if need_dB else (0, 0, 0)), db_parts.stride(0) if need_db else 0, float(scaling),
+        NEED_DB_LORA=need_dB, NEED_DB_BIAS=need_db,
+        LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+    )  # fmt: skip
+    dB32 = common.fixed_order_sum(dB_parts) if need_dB else None
+    db = common.fixed_order_sum(db_parts) if need_db else None
+    return dB32, db
+
+
+def da_split(x2d, v, r: int, precisions, scaling: float, dropout_p: float, seed: int) -> torch.Tensor:
+    """dA32 = s·vᵀ·(m⊙x), (r, K) fp32, without atomics (the deterministic mode)."""
+    import triton
+
+    from .lora_reduce import lora_da_split_kernel
+
+    M, K = x2d.shape
+    r_pad = rank_pad(r)
+    block_m, block_k, warps = (16, 32, 4) if interpreting() else (64, 64 if r_pad <= 64 else 32, 4)
+    splits, m_per_split = _splits(M, block_m, triton.cdiv(K, block_k), x2d.device)
+    parts = torch.empty((splits, r, K), device=x2d.device, dtype=torch.float32)
+    lora_da_split_kernel[(triton.cdiv(K, block_k), splits)](
+        x2d, v, parts, M, K, r, m_per_split, x2d.stride(0), x2d.stride(1), *v.stride(), *parts.stride(),
+        float(scaling), **dropout_args(dropout_p, seed), DROPOUT=dropout_p > 0.0,
+        LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
+        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+    )  # fmt: skip
+    return common.fixed_order_sum(parts)

@@ -1,0 +1,141 @@
+"""The large-M path: W dequantized in slabs into a bounded, reused workspace, each slab followed by the dense GEMM.
+
+Symbols as in lora.py. The workspace (strategy.workspace) holds two slabs of at most
+Thresholds.workspace_bytes / 2 bytes each, in the compute dtype:
+
+    forward   for each row slab S = [n0, n1) of W:     slab = deq(W[S, :])              (nf4_slab.py, exact)
+                                                       y[:, S] = x·slabᵀ + b[S] + s·u·B[S]ᵀ   (lora_fwd_kernel, dense)
+    backward  for each column slab C = [k0, k1) of W:  slab = deq(W[:, C])
+                                                       dx[:, C] = s·m⊙(v·A[:, C]) + g·slab  (lora_dx_kernel, dense;
+                                                       dA[:, C] += s·vᵀ·(m⊙x)[:, C] there too, unless deterministic)
+
+The GEMM is the one a dense W takes (overlapped wgmma main loop), with the low-rank term, bias and dropout in it; no
+copy of the whole W exists when W is larger than the workspace. With Thresholds.slab_overlap the slabs are
+dequantized on a side CUDA stream, alternating between the two halves of the workspace, so the dequantization of
+slab i+1 runs while slab i's GEMM does; events order each slab's GEMM after its dequantization and the reuse of a
+half after the GEMM that read it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import interpreting
+from . import common, strategy
+
+_SLAB_ALIGN = 256  # slab sizes are multiples of the largest GEMM tile (whole tiles, a stable autotune key)
+_MIN_SLABS = 4  # with overlap: the first slab's dequantization is the part that no GEMM hides
+_side_streams: dict = {}
+
+
+def _slab_size(total: int, other: int, element_bytes: int, t: strategy.Thresholds) -> int:
+    """Rows (or columns) of W per slab: as many as half the workspace holds, at most total / _MIN_SLABS when the
+    slabs overlap; a multiple of _SLAB_ALIGN when more than that fit, else of 4 (a column slab starts on a group of
+    four dropout columns, dropout.py), at least 4 even if the workspace holds fewer."""
+    fit = max(1, t.workspace_bytes // 2 // (other * element_bytes))
+    size = min(total, fit)
+    if t.slab_overlap:
+        size = min(size, max(_SLAB_ALIGN, -(-total // _MIN_SLABS)))
+    if size < total:
+        size -= size % (_SLAB_ALIGN if size > _SLAB_ALIGN else 4)
+    return max(4, size) if size < total else total
+
+
+def _dequantize_window(weight, slab, n0: int, k0: int) -> None:
+    """slab[:, :] = deq(W[n0 : n0 + rows, k0 : k0 + cols]) (nf4_slab.py)."""
+    import triton
+
+    from .nf4_slab import nf4_slab_kernel
+
+    rows, cols = slab.shape
+    K = weight.shape[1]
+    block_r, block_c = (16, 32) if interpreting() else (16, 256)
+    nf4_slab_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
+        weight.packed, common.decoded_scales(weight), weight.code.contiguous(), slab,
+        K, n0, k0, rows, cols, slab.stride(0),
+        BLOCKSIZE=int(weight.blocksize), PAIRS=K % 2 == 0 and k0 % 2 == 0, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=4,
+    )  # fmt: skip
+
+
+def _pipeline(device, count: int, dequantize, gemm, overlap: bool) -> None:
+    """For i in range(count): dequantize(i, half) then gemm(i, half), half = i % 2; with ``overlap`` the
+    dequantizations run on a side stream, ordered by events."""
+    if not (overlap and device.type == "cuda" and count > 1):
+        for i in range(count):
+            dequantize(i, i % 2)
+            gemm(i, i % 2)
+        return
+    main = torch.cuda.current_stream(device)
+    side = _side_streams.setdefault(device, torch.cuda.Stream(device))
+    side.wait_stream(main)  # the inputs, and the previous users of the workspace, are ready
+    dequantized = [torch.cuda.Event() for _ in range(count)]
+    consumed = [torch.cuda.Event() for _ in range(count)]
+    for i in range(count):
+        with torch.cuda.stream(side):
+            if i >= 2:
+                side.wait_event(consumed[i - 2])  # the GEMM that read this half is done
+            dequantize(i, i % 2)
+            dequantized[i].record(side)
+        main.wait_event(dequantized[i])
+        gemm(i, i % 2)
+        consumed[i].record(main)
+
+
+def _halves(device, dtype, shape) -> torch.Tensor:
+    """The workspace as two slabs of ``shape`` in ``dtype``."""
+    element_bytes = torch.empty((), dtype=dtype).element_size()
+    count = 2 * shape[0] * shape[1]
+    buffer = strategy.workspace(device, count * element_bytes)
+    return buffer[: count * element_bytes].view(dtype).view(2, *shape)
+
+
+def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0) -> None:
+    """y = x·deq(W)ᵀ + b (+ s·u·Bᵀ) through row slabs of W (module docstring)."""
+    from .launch_gemm import launch_y as gemm_y
+
+    K = x2d.shape[1]
+    N = y.shape[1]
+    t = strategy.thresholds(x2d.device)
+    rows = _slab_size(N, K, x2d.element_size(), t)
+    halves = _halves(x2d.device, x2d.dtype, (rows, K))
+    starts = list(range(0, N, rows))
+
+    def dequantize(i, half):
+        n0 = starts[i]
+        _dequantize_window(weight, halves[half, : min(rows, N - n0)], n0, 0)
+
+    def gemm(i, half):
+        n0 = starts[i]
+        n1 = min(n0 + rows, N)
+        gemm_y(x2d, halves[half, : n1 - n0], None if bias is None else bias[n0:n1], y[:, n0:n1], precisions,
+               u=u, B=None if B is None else B[n0:n1], scaling=scaling)  # fmt: skip
+
+    _pipeline(x2d.device, len(starts), dequantize, gemm, t.slab_overlap)
+
+
+def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, scaling=0.0, dropout_p=0.0,
+              seed=0) -> None:  # fmt: skip
+    """dx = g·deq(W) (+ s·m⊙(v·A)), dA32 += s·vᵀ·(m⊙x) when given, through column slabs of W (module docstring)."""
+    from .launch_gemm import launch_dx as gemm_dx
+
+    N, K = weight.shape
+    t = strategy.thresholds(g.device)
+    cols = _slab_size(K, N, g.element_size(), t)
+    halves = _halves(g.device, g.dtype, (N, cols))
+    starts = list(range(0, K, cols))
+
+    def dequantize(i, half):
+        k0 = starts[i]
+        _dequantize_window(weight, halves[half, :, : min(cols, K - k0)], 0, k0)
+
+    def gemm(i, half):
+        k0 = starts[i]
+        k1 = min(k0 + cols, K)
+        part = slice(k0, k1)
+        gemm_dx(g, halves[half, :, : k1 - k0], None if dx is None else dx[:, part], precisions,
+                x2d=None if x2d is None else x2d[:, part], A=None if A is None else A[:, part], v=v,
+                dA32=None if dA32 is None else dA32[:, part], scaling=scaling, dropout_p=dropout_p, seed=seed,
+                mask_col0=k0, mask_width=K)  # fmt: skip
+
+    _pipeline(g.device, len(starts), dequantize, gemm, t.slab_overlap)

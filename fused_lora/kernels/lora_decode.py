@@ -1,0 +1,276 @@
+"""The decode path (M ≤ 64 rows, all in one tile): split-K kernels that stream W once and fill every SM.
+
+Symbols (docs/DESIGN.md): x (M×K), W (N×K) frozen NF4 or dense, A (r×K), B (N×r), b (N), s scaling, m (M×K) dropout
+mask (dropout.py), g = ∂L/∂y (M×N), v = g·B. deq(W) tiles come from lora_fwd.load_weight_tile (NF4 decoded in
+registers, one scale per (row, block); 16-byte loads of the packed bytes). Split s covers K_s (forward) or N_s
+(backward), S splits in all; partial sums go to fp32 buffers that the epilogue kernels sum in a fixed order.
+
+    forward    yᵀ_part[s] = Σ_{k ∈ K_s} deq(W)[:, k]·x[:, k]ᵀ            lora_decode_fwd_kernel, grid (N tiles, S)
+               u_part[s]  = Σ_{k ∈ K_s} (m⊙x)[:, k]·A[:, k]ᵀ             (same kernel, programs of N tile 0)
+               u = Σ_s u_part[s];  y = Σ_s y_part[s] + b + s·u·Bᵀ         lora_decode_fwd_epilogue_kernel, grid (N tiles)
+    backward   dxᵀ_part[s] = Σ_{n ∈ N_s} deq(W)[n, :]ᵀ·g[:, n]ᵀ          lora_decode_dx_kernel, grid (K tiles, S)
+               dx = Σ_s dx_part[s] + s·m⊙(v·A);  dA = s·vᵀ·(m⊙x)         lora_decode_dx_epilogue_kernel, grid (K tiles)
+
+The GEMMs are computed transposed (W's tile is the first operand of the dot: the MMA's M dimension is W's, so a
+one-row x wastes no MMA rows of W). All M rows are in one BLOCK_M tile, so dA needs no cross-program reduction:
+the decode path is deterministic in every mode.
+"""
+
+import triton
+import triton.language as tl
+
+from .dropout import dropout_mask_tile
+from .lora_fwd import load_weight_tile
+
+
+@triton.jit
+def lora_decode_fwd_kernel(
+    x_ptr,  # (M, K) compute dtype
+    w_ptr,  # dense (N, K) compute dtype, or NF4 packed uint8
+    scale_ptr,  # NF4: fp32 scale per block (None for a dense W)
+    code_ptr,  # NF4: [16] fp32
+    a_ptr,  # A (r, K) (None without HAS_LORA)
+    y_ptr,  # (S, M, N) fp32 partial sums
+    u_ptr,  # (S, M, r) fp32 partial sums (None without HAS_LORA)
+    M,
+    N,
+    K,
+    R,
+    K_PER_SPLIT,  # a multiple of BLOCK_K
+    stride_xm,
+    stride_xk,
+    stride_wn,  # dense: W's row stride; NF4: bytes per row (K // 2)
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_ys,
+    stride_ym,
+    stride_us,
+    stride_um,
+    seed,
+    p,
+    keep_scale,
+    IS_NF4: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    LOOKUP: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
+    LOWRANK_DTYPE: tl.constexpr,
+    LOWRANK_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # ≥ M
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """y_part[s, :, cols]ᵀ = Σ_{k ∈ K_s} deq(W)[cols, k]·x[:, k]ᵀ; u_part[s] = Σ_{k ∈ K_s} (m⊙x)[:, k]·A[:, k]ᵀ."""
+    COMPUTE_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = split * K_PER_SPLIT
+    k_end = min(k_start + K_PER_SPLIT, K)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # yᵀ
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = load_weight_tile(
+            w_ptr, scale_ptr, code_ptr, scale_ptr, code_ptr, code_ptr,
+            offs_n, k0, N, K, stride_wn, stride_wk,
+            IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+        )  # fmt: skip
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=BASE_PRECISION)
+    y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
+    tl.store(y_ptrs, acc, mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+
+    if HAS_LORA:
+        if pid_n == 0:
+            offs_r = tl.arange(0, R_PAD)
+            u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=in_range, other=0.0)
+                if DROPOUT:
+                    x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, k0, K, p, keep_scale, BLOCK_K)
+                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+                a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+                u = tl.dot(x.to(LOWRANK_DTYPE), tl.trans(a.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
+            u_ptrs = u_ptr + split * stride_us + offs_m[:, None] * stride_um + offs_r[None, :]
+            tl.store(u_ptrs, u, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+
+
+@triton.jit
+def lora_decode_fwd_epilogue_kernel(
+    y_part_ptr,  # (S, M, N) fp32
+    u_part_ptr,  # (S, M, r) fp32 (None without HAS_LORA)
+    b_ptr,  # B (N, r)
+    bias_ptr,  # (N,) or None
+    y_ptr,  # (M, N) compute dtype output
+    u_ptr,  # (M, r) fp32 output
+    M,
+    N,
+    R,
+    S,
+    stride_ps,
+    stride_pm,
+    stride_qs,
+    stride_qm,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    stride_um,
+    scaling,
+    HAS_LORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    LOWRANK_DTYPE: tl.constexpr,
+    LOWRANK_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """y[:, cols] = Σ_s y_part[s, :, cols] + b[cols] + s·u·B[cols]ᵀ with u = Σ_s u_part[s] (program 0 stores u)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_in = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(y_part_ptr + s * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :], mask=tile_in, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        u_in = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+        u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for s in range(0, S):
+            u += tl.load(u_part_ptr + s * stride_qs + offs_m[:, None] * stride_qm + offs_r[None, :], mask=u_in, other=0.0)
+        if tl.program_id(0) == 0:
+            tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], u, mask=u_in)
+        bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
+        bt = tl.load(bt_ptrs, mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+        lowrank = tl.dot(u.to(LOWRANK_DTYPE), bt.to(LOWRANK_DTYPE), input_precision=LOWRANK_PRECISION)
+        acc += scaling * lowrank
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=tile_in)
+
+
+@triton.jit
+def lora_decode_dx_kernel(
+    g_ptr,  # (M, N) compute dtype
+    w_ptr,  # dense (N, K) compute dtype, or NF4 packed uint8
+    scale_ptr,
+    code_ptr,
+    dx_ptr,  # (S, M, K) fp32 partial sums
+    M,
+    N,
+    K,
+    N_PER_SPLIT,  # a multiple of BLOCK_N
+    stride_gm,
+    stride_gn,
+    stride_wn,
+    stride_wk,
+    stride_ds,
+    stride_dm,
+    IS_NF4: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    LOOKUP: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # reduction tile over N
+    BLOCK_K: tl.constexpr,  # output tile over K
+):
+    """dx_part[s, :, cols]ᵀ = Σ_{n ∈ N_s} deq(W)[n, cols]ᵀ·g[:, n]ᵀ."""
+    COMPUTE_DTYPE: tl.constexpr = g_ptr.dtype.element_ty
+    split = tl.program_id(1)
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    n_start = split * N_PER_SPLIT
+    n_end = min(n_start + N_PER_SPLIT, N)
+    g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)  # dxᵀ
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        w = load_weight_tile(
+            w_ptr, scale_ptr, code_ptr, scale_ptr, code_ptr, code_ptr,
+            offs_n, k0, N, K, stride_wn, stride_wk,
+            IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+        )  # fmt: skip
+        acc = tl.dot(tl.trans(w), tl.trans(g), acc, input_precision=BASE_PRECISION)
+    dx_ptrs = dx_ptr + split * stride_ds + offs_m[None, :] * stride_dm + offs_k[:, None]
+    tl.store(dx_ptrs, acc, mask=(offs_m[None, :] < M) & (offs_k[:, None] < K))
+
+
+@triton.jit
+def lora_decode_dx_epilogue_kernel(
+    dx_part_ptr,  # (S, M, K) fp32 (None when dx is not needed)
+    x_ptr,  # (M, K) compute dtype (read for dA)
+    a_ptr,  # A (r, K)
+    v_ptr,  # (M, r) fp32
+    dx_ptr,  # (M, K) compute dtype output (None when not needed)
+    da_ptr,  # dA (r, K) fp32 output (None when not needed)
+    M,
+    K,
+    R,
+    S,
+    stride_ps,
+    stride_pm,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_vm,
+    stride_vr,
+    stride_dxm,
+    stride_dxk,
+    stride_dar,
+    stride_dak,
+    scaling,
+    seed,
+    p,
+    keep_scale,
+    NEED_DX: tl.constexpr,
+    NEED_DA: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    LOWRANK_DTYPE: tl.constexpr,
+    LOWRANK_PRECISION: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """dx[:, cols] = Σ_s dx_part[s, :, cols] + s·m⊙(v·A[:, cols]); dA[:, cols] = s·vᵀ·(m⊙x)[:, cols] (every row is
+    in this program: no reduction across programs)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tile_in = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if NEED_DX:
+        for s in range(0, S):
+            acc += tl.load(dx_part_ptr + s * stride_ps + offs_m[:, None] * stride_pm + offs_k[None, :], mask=tile_in, other=0.0)
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        v_ptrs = v_ptr + offs_m[:, None] * stride_vm + offs_r[None, :] * stride_vr
+        v = tl.load(v_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0).to(LOWRANK_DTYPE)
+        if DROPOUT:
+            m = dropout_mask_tile(seed, offs_m, tl.program_id(0) * BLOCK_K, K, p, keep_scale, BLOCK_K)
+        if NEED_DX:
+            a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+            a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+            lowrank = scaling * tl.dot(v, a.to(LOWRANK_DTYPE), input_precision=LOWRANK_PRECISION)
+            if DROPOUT:
+                lowrank = lowrank * m
+            acc += lowrank
+        if NEED_DA:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=tile_in, other=0.0)
+            if DROPOUT:
+                x = x.to(tl.float32) * m
+            da = tl.dot(tl.trans(v), x.to(LOWRANK_DTYPE), input_precision=LOWRANK_PRECISION)
+            da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
+            tl.store(da_ptrs, scaling * da, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+    if NEED_DX:
+        dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=tile_in)

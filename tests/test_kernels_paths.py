@@ -1,0 +1,257 @@
+"""Every kernel path of fused_lora/kernels (decode, middle, large M; NF4 and dense; with and without the low-rank
+term, bias, dropout) against the float64 reference under the CPU interpreter, with the M thresholds moved so that
+each path runs at small ragged shapes (strategy.use_thresholds); and the deterministic mode.
+
+The tolerance rule is DESIGN's (tests/test_kernels.py): kernel error ≤ 2 × plain PyTorch error in the same dtype +
+atol, outputs poisoned with NaN.
+"""
+
+import pytest
+import torch
+
+import fused_lora as fl
+from fused_lora.testing import assert_close_to_reference, relative_error
+
+from test_kernels import SCALING, _check_all, _frozen_reference, _make_case
+
+pytestmark = pytest.mark.usefixtures("interpret_triton")
+
+# Thresholds that send every call of these tests to one path.
+PATHS = {
+    "decode": {"decode_max_m": 64, "large_min_m": 10**9},
+    "middle": {"decode_max_m": 0, "large_min_m": 10**9},
+    # a tiny workspace: several slabs in both passes, the last one partial
+    "large": {"decode_max_m": 0, "large_min_m": 1, "workspace_bytes": 8 * 1024, "slab_overlap": False},
+}
+
+
+def _modules():
+    from fused_lora.kernels import launch_decode, launch_gemm, launch_slab, lora, strategy
+
+    return lora, strategy, launch_decode, launch_gemm, launch_slab
+
+
+def _spy(monkeypatch, module, name, calls, active=None):
+    """Record module.name's calls in ``calls`` (only the outermost ones when ``active`` is a shared depth list)."""
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        if active is None or not active:
+            calls.append(f"{module.__name__.rsplit('.', 1)[-1]}.{name}")
+        if active is not None:
+            active.append(name)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            if active is not None:
+                active.pop()
+
+    monkeypatch.setattr(module, name, spy)
+
+
+def _record_paths(monkeypatch):
+    """The launcher entry points called from lora.py, in order (not the GEMM launches inside the slab path)."""
+    _, _, launch_decode, launch_gemm, launch_slab = _modules()
+    calls, active = [], []
+    for module, names in ((launch_decode, ("forward", "dx")), (launch_gemm, ("launch_y", "launch_dx")),
+                          (launch_slab, ("launch_y", "launch_dx"))):  # fmt: skip
+        for name in names:
+            _spy(monkeypatch, module, name, calls, active)
+    return calls
+
+
+EXPECTED_CALLS = {
+    "decode": ["launch_decode.forward", "launch_decode.dx"],
+    "middle": ["launch_gemm.launch_y", "launch_gemm.launch_dx"],
+    "large": ["launch_slab.launch_y", "launch_slab.launch_dx"],
+}
+
+CASES = [
+    # (M, K, N, r, dtype, base, adapter dtype, bias, dropout p, x layout, NF4 blocksize)
+    (1, 64, 80, 4, torch.float32, "nf4-dq", torch.float32, True, 0.0, "contiguous", 64),
+    (13, 128, 72, 8, torch.float16, "nf4-dq", torch.float32, False, 0.2, "transposed", 32),
+    (29, 96, 50, 5, torch.float32, "nf4", torch.float32, True, 0.1, "sliced", 32),
+    (17, 64, 40, 16, torch.float16, "dense", torch.float16, True, 0.3, "contiguous", 64),
+    (7, 70, 33, 3, torch.float32, "dense", torch.float32, False, 0.0, "3d", 64),
+]
+
+
+def _id(case):
+    M, K, N, r, dtype, base, _, bias, p, layout, bs = case
+    return f"M{M}-K{K}-N{N}-r{r}-{str(dtype)[-7:]}-{base}-bs{bs}" + ("-bias" if bias else "") + (f"-p{p}" if p else "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("path", list(PATHS))
+def test_each_path_matches_the_reference(path, case, monkeypatch, poison_empty):
+    M, K, N, r, dtype, base, adapter_dtype, bias, p, layout, blocksize = case
+    if layout == "3d":
+        M = 9
+    lora, strategy, *_ = _modules()
+    x, weight, w_compute, A, B, b, g = _make_case(M, K, N, r, dtype, base, adapter_dtype, bias, layout, blocksize, M)
+    calls = _record_paths(monkeypatch)
+    with strategy.use_thresholds(**PATHS[path]):
+        y, u = lora.forward(x, weight, A, B, SCALING, b, p, 123)
+        grads = lora.backward(g, x, weight, A, B, SCALING, p, 123, u, True, True, True, b is not None)
+    expected = EXPECTED_CALLS["middle" if path == "large" and base == "dense" else path]
+    assert calls == expected
+    m = lora.dropout_mask(123, M, K, p, "cpu") if p > 0 else None
+    _check_all((y, u) + grads, x, w_compute, A, B, b, g, m, dtype)
+
+
+FROZEN = [
+    (1, 64, 48, torch.float32, "nf4", True, 64),
+    (11, 96, 40, torch.float16, "nf4-dq", False, 32),
+    (5, 32, 24, torch.float16, "dense", True, 64),
+]
+
+
+@pytest.mark.parametrize("case", FROZEN, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-{str(c[3])[-7:]}-{c[4]}")
+@pytest.mark.parametrize("path", list(PATHS))
+def test_each_path_of_the_frozen_layer_matches_the_reference(path, case, monkeypatch, poison_empty):
+    M, K, N, dtype, base, bias, blocksize = case
+    lora, strategy, *_ = _modules()
+    x, weight, w_compute, _, _, b, g = _make_case(M, K, N, 4, dtype, base, dtype, bias, "contiguous", blocksize, 3)
+    calls = _record_paths(monkeypatch)
+    with strategy.use_thresholds(**PATHS[path]):
+        y = lora.frozen_forward(x, weight, b)
+        dx, db = lora.frozen_backward(g, weight, True, b is not None)
+    assert calls == EXPECTED_CALLS["middle" if path == "large" and base == "dense" else path]
+    ref = _frozen_reference(x, w_compute, b, g, lambda t: t.double())
+    plain = _frozen_reference(x, w_compute, b, g, lambda t: t)
+    for name, ours, plain_t, ref_t in zip(("y", "dx", "db"), (y, dx, db), plain, ref):
+        if ref_t is None:
+            assert ours is None
+        else:
+            assert_close_to_reference(name, ours, plain_t, ref_t, dtype)
+
+
+def test_decode_path_falls_back_to_the_gemm_when_k_is_not_a_whole_number_of_blocks(monkeypatch, poison_empty):
+    lora, strategy, *_ = _modules()
+    x, weight, w_compute, A, B, b, g = _make_case(3, 65, 30, 4, torch.float32, "nf4-dq", torch.float32, True,
+                                                  "contiguous", 64, 1)
+    calls = _record_paths(monkeypatch)
+    with strategy.use_thresholds(**PATHS["decode"]):
+        y, u = lora.forward(x, weight, A, B, SCALING, b, 0.0, 0)
+        grads = lora.backward(g, x, weight, A, B, SCALING, 0.0, 0, u, True, True, True, True)
+    assert calls == EXPECTED_CALLS["middle"]
+    _check_all((y, u) + grads, x, w_compute, A, B, b, g, None, torch.float32)
+
+
+@pytest.mark.parametrize("K, blocksize", [(192, 64), (65, 64)], ids=["pairs-K192", "flat-K65"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_each_path_dequantizes_bit_exactly_in_fp32(path, K, blocksize, poison_empty):
+    """x = I, g = I: y = deq(W)ᵀ and dx = deq(W) bit for bit on every path (fp32 compute: exact code values)."""
+    lora, strategy, *_ = _modules()
+    N = 40
+    weight = fl.quantize_nf4(torch.randn(N, K, generator=torch.Generator().manual_seed(K)), blocksize=blocksize)
+    dense = weight.dequantize(torch.float32)
+    thresholds = dict(PATHS[path])
+    if path == "decode":
+        thresholds["decode_max_m"] = 10**9  # decode's own limit (M ≤ 64) sends larger M to the GEMM
+    with strategy.use_thresholds(**thresholds):
+        for rows in (1, 7):  # one row (decode) and a few rows of the identity
+            assert torch.equal(lora.frozen_forward(torch.eye(K)[:rows], weight, None), dense.t()[:rows])
+            assert torch.equal(lora.frozen_backward(torch.eye(N)[:rows], weight, True, False)[0], dense[:rows])
+
+
+def test_large_path_workspace_stays_under_its_cap_and_is_reused(monkeypatch, poison_empty):
+    lora, strategy, *_ = _modules()
+    strategy.release_workspaces()
+    x, weight, w_compute, A, B, b, g = _make_case(10, 96, 70, 4, torch.float32, "nf4-dq", torch.float32, True,
+                                                  "contiguous", 32, 2)
+    cap = 6000
+    with strategy.use_thresholds(**{**PATHS["large"], "workspace_bytes": cap}):
+        y, u = lora.forward(x, weight, A, B, SCALING, b, 0.1, 5)
+        grads = lora.backward(g, x, weight, A, B, SCALING, 0.1, 5, u, True, True, True, True)
+        buffers = list(strategy._WORKSPACES.values())
+        lora.forward(x, weight, A, B, SCALING, b, 0.1, 5)
+        assert [t.data_ptr() for t in strategy._WORKSPACES.values()] == [t.data_ptr() for t in buffers]
+    assert len(buffers) == 1 and buffers[0].numel() <= cap
+    _check_all((y, u) + grads, x, w_compute, A, B, b, g, lora.dropout_mask(5, 10, 96, 0.1, "cpu"), torch.float32)
+
+
+def test_slab_sizes_are_bounded_aligned_and_cover_the_weight():
+    from fused_lora.kernels.launch_slab import _slab_size
+    from fused_lora.kernels.strategy import Thresholds
+
+    t = Thresholds()
+    rows = _slab_size(14336, 4096, 2, t)  # Llama-3-8B up-projection in bf16
+    assert rows % 256 == 0 and 2 * rows * 4096 * 2 <= t.workspace_bytes and rows <= -(-14336 // 4)
+    assert _slab_size(100, 64, 2, Thresholds(slab_overlap=False)) == 100  # one slab when it fits
+    assert _slab_size(10**6, 8192, 2, t) * 8192 * 2 * 2 <= t.workspace_bytes
+
+
+def test_path_choice_follows_the_thresholds():
+    _, strategy, *_ = _modules()
+    t = strategy.Thresholds(decode_max_m=16, large_min_m=512)
+    with strategy.use_thresholds(t):
+        assert [strategy.path(M, True, "cpu") for M in (1, 16, 17, 511, 512, 10**5)] == (
+            ["decode"] * 2 + ["middle"] * 2 + ["large"] * 2
+        )
+        assert [strategy.path(M, False, "cpu") for M in (16, 17, 10**5)] == ["decode", "middle", "middle"]
+    with strategy.use_thresholds(decode_max_m=1000):
+        assert strategy.path(65, True, "cpu") == "middle"  # the decode kernels hold at most 64 rows
+
+
+# ---------------------------------------------------------------- deterministic mode
+
+
+@pytest.mark.parametrize("path", ["middle", "large", "decode"])
+def test_deterministic_mode_uses_no_atomic_kernel_and_matches_the_reference(path, monkeypatch, poison_empty):
+    lora, strategy, launch_decode, launch_gemm, launch_slab = _modules()
+    x, weight, w_compute, A, B, b, g = _make_case(21, 64, 48, 8, torch.float32, "nf4-dq", torch.float32, True,
+                                                  "contiguous", 64, 8)
+    atomic = []
+    _spy(monkeypatch, launch_gemm, "_launch_vdb_atomic", atomic)
+    dx_launches = []
+    real_dx = launch_gemm.launch_dx
+
+    def dx_spy(*args, **kwargs):
+        dx_launches.append(kwargs.get("dA32"))
+        return real_dx(*args, **kwargs)
+
+    monkeypatch.setattr(launch_gemm, "launch_dx", dx_spy)
+    with strategy.use_thresholds(**PATHS[path]), strategy.use_deterministic(True):
+        y, u = lora.forward(x, weight, A, B, SCALING, b, 0.2, 9)
+        grads = lora.backward(g, x, weight, A, B, SCALING, 0.2, 9, u, True, True, True, True)
+    assert atomic == [] and all(dA is None for dA in dx_launches)
+    _check_all((y, u) + grads, x, w_compute, A, B, b, g, lora.dropout_mask(9, 21, 64, 0.2, "cpu"), torch.float32)
+
+
+def test_deterministic_mode_follows_torch_and_the_environment(monkeypatch):
+    _, strategy, *_ = _modules()
+    monkeypatch.delenv("FUSED_LORA_DETERMINISTIC", raising=False)
+    assert not strategy.deterministic()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert strategy.deterministic()
+        with strategy.use_deterministic(False):
+            assert not strategy.deterministic()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    monkeypatch.setenv("FUSED_LORA_DETERMINISTIC", "1")
+    assert strategy.deterministic()
+
+
+def test_default_mode_accumulates_with_relaxed_atomics_only():
+    """Every tl.atomic_add in the kernel sources asks for sem="relaxed" (no acq_rel fence)."""
+    import inspect
+
+    from fused_lora.kernels import lora_bwd
+
+    source = inspect.getsource(lora_bwd)
+    calls = source.count("tl.atomic_add(")
+    assert calls == 4 and source.count('sem="relaxed"') == calls
+
+
+def test_split_u_matches_and_is_reproducible(poison_empty):
+    """u = (m⊙x)·Aᵀ split over K in several programs, summed in a fixed order."""
+    _, _, _, launch_gemm, _ = _modules()
+    from fused_lora.kernels.common import precisions
+
+    x, _, _, A, _, _, _ = _make_case(9, 300, 8, 6, torch.float32, "dense", torch.float32, False, "contiguous", 64, 4)
+    u = launch_gemm.compute_u(x, A, 0.0, 0, precisions(x, A))
+    assert relative_error(u, x.double() @ A.double().t()) < 1e-6
+    assert torch.equal(u, launch_gemm.compute_u(x, A, 0.0, 0, precisions(x, A)))
