@@ -10,6 +10,8 @@ train it. The forward pass is ``fused_lora.functional.lora_linear``.
 State dict keys: ``weight`` and, for an NF4 base, bitsandbytes' ``weight.absmax``, ``weight.quant_map``,
 ``weight.nested_absmax``, ``weight.nested_quant_map``, ``weight.quant_state.bitsandbytes__nf4``; then ``bias``,
 ``lora_A``, ``lora_B``. The base keys are exactly those of a ``bitsandbytes.nn.Linear4bit`` (or ``nn.Linear``).
+With ``use_dora=True`` (PEFT's DoRA, ``fused_lora.dora.dora_linear``) the key ``lora_magnitude_vector`` (mag, (N,))
+scales each output row: y = (mag / ‖W + s·B·A‖_row)⊙(x·Wᵀ + s·u·Bᵀ) + b, the norm detached; merge folds that scale in.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from . import functional
+from .dora import dora_linear, dora_row_norm_naive
 from ._common import COMPUTE_DTYPES, dtype_name, dtype_names, side_dtypes
 from .backend import validate_backend_name
 from .nf4 import BLOCKSIZES, NF4Weight, quantize_nf4
@@ -50,6 +53,7 @@ class LayerOptions:
     use_rslora: bool = False
     backend: str = "auto"
     adapter_dtype: torch.dtype = torch.float32
+    use_dora: bool = False
 
     def validate(self, in_features: int, out_features: int) -> None:
         """Raise ValueError naming the first bad value."""
@@ -111,6 +115,8 @@ class FusedLoraLinear(nn.Module):
         backend: "auto", "triton" or "reference" (see ``functional.lora_linear``).
         device: where parameters are created.
         adapter_dtype: dtype of lora_A / lora_B (fp32 by default, like PEFT).
+        use_dora: DoRA (PEFT's ``use_dora``): a trainable ``lora_magnitude_vector`` (out_features,) in the adapter
+            dtype, initialised to the row norms ‖W + s·B·A‖ (‖W‖ for a fresh layer), scales each output row.
 
     The base weight of a layer built this way is nn.Linear's random initialisation; use ``from_linear`` or
     ``from_bnb`` to wrap an existing layer. lora_A is initialised kaiming-uniform(a=√5) and lora_B with zeros,
@@ -139,10 +145,11 @@ class FusedLoraLinear(nn.Module):
         backend: str = "auto",
         device=None,
         adapter_dtype: torch.dtype = torch.float32,
+        use_dora: bool = False,
     ):
         super().__init__()
         options = LayerOptions(r, lora_alpha, lora_dropout, quant, compute_dtype, blocksize, double_quant,
-                               use_rslora, backend, adapter_dtype)
+                               use_rslora, backend, adapter_dtype, use_dora)
         self._configure(in_features, out_features, options, device)
         weight, bias_values = _nn_linear_init(out_features, in_features, bias, device)
         self._set_base(weight, bias_values)
@@ -172,6 +179,8 @@ class FusedLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=options.adapter_dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=options.adapter_dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.use_dora = bool(options.use_dora)
+        self.register_parameter("lora_magnitude_vector", None)  # DoRA's magnitude, set by _set_base
 
     def _set_base(self, weight, bias):
         """Install the frozen base: ``weight`` is an NF4Weight or a dense (out, in) tensor (quantized here when
@@ -186,6 +195,9 @@ class FusedLoraLinear(nn.Module):
         if bias is not None:
             bias = nn.Parameter(bias.detach().to(self.compute_dtype, copy=True), requires_grad=False)
         self.bias = bias
+        if self.use_dora:  # DoRA's magnitude starts at the row norms ‖W + s·B·A‖ of W as stored (as PEFT's)
+            norm = dora_row_norm_naive(self._dense_base(torch.float32), self.lora_A, self.lora_B, self.scaling)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(self.lora_A.dtype))
 
     def _install_weight(self, base):
         """Make ``base`` (an NF4Weight or a dense tensor) the module's ``weight``; an NF4 base also sets the layer's
@@ -211,7 +223,7 @@ class FusedLoraLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
                     quant: str | None = "nf4", compute_dtype: torch.dtype | None = None, blocksize: int = 64,
                     double_quant: bool = True, use_rslora: bool = False, backend: str = "auto",
-                    adapter_dtype: torch.dtype = torch.float32) -> "FusedLoraLinear":
+                    adapter_dtype: torch.dtype = torch.float32, use_dora: bool = False) -> "FusedLoraLinear":
         """Wrap an ``nn.Linear``: its weight is copied (quantized to NF4 when quant="nf4") and its bias copied.
 
         The device follows the linear layer, and so does the compute dtype unless ``compute_dtype`` is given.
@@ -243,7 +255,7 @@ class FusedLoraLinear(nn.Module):
         if compute_dtype is None:
             compute_dtype = weight.dtype
         options = LayerOptions(r, lora_alpha, lora_dropout, quant, compute_dtype, blocksize, double_quant,
-                               use_rslora, backend, adapter_dtype)
+                               use_rslora, backend, adapter_dtype, use_dora)
         layer = cls._empty(linear.in_features, linear.out_features, options, weight.device)
         layer._set_base(weight, linear.bias)
         return layer
@@ -251,7 +263,7 @@ class FusedLoraLinear(nn.Module):
     @classmethod
     def from_bnb(cls, linear4bit, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
                  compute_dtype: torch.dtype | None = None, use_rslora: bool = False, backend: str = "auto",
-                 adapter_dtype: torch.dtype = torch.float32) -> "FusedLoraLinear":
+                 adapter_dtype: torch.dtype = torch.float32, use_dora: bool = False) -> "FusedLoraLinear":
         """Wrap a quantized ``bitsandbytes.nn.Linear4bit`` (quant_type="nf4") without requantizing.
 
         The NF4Weight shares the Linear4bit's packed bytes and quantization statistics; the bias is copied.
@@ -287,7 +299,7 @@ class FusedLoraLinear(nn.Module):
         if compute_dtype is None:
             compute_dtype = getattr(linear4bit, "compute_dtype", None) or quant_state.dtype
         options = LayerOptions(r, lora_alpha, lora_dropout, "nf4", compute_dtype, weight.blocksize,
-                               weight.double_quant, use_rslora, backend, adapter_dtype)
+                               weight.double_quant, use_rslora, backend, adapter_dtype, use_dora)
         layer = cls._empty(in_features, out_features, options, weight.device)
         layer._set_base(weight, linear4bit.bias)
         return layer
@@ -337,7 +349,11 @@ class FusedLoraLinear(nn.Module):
     def _exact_merged(self) -> torch.Tensor:
         """W + s·B·A in float64 (W as stored: dequantized when NF4)."""
         delta = self.lora_B.detach().to(torch.float64) @ self.lora_A.detach().to(torch.float64)
-        return self._dense_base(torch.float64) + self.scaling * delta
+        merged = self._dense_base(torch.float64) + self.scaling * delta
+        if self.use_dora:  # (mag / ‖W + s·B·A‖_row)⊙(W + s·B·A), as PEFT's DoRA merge
+            norm = torch.linalg.vector_norm(merged, dim=1, keepdim=True)
+            merged = self.lora_magnitude_vector.detach().to(torch.float64).unsqueeze(1) / norm * merged
+        return merged
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense merged weight W + s·B·A, (out_features, in_features), in ``dtype`` (default: compute dtype).
@@ -452,6 +468,12 @@ class FusedLoraLinear(nn.Module):
         with torch.autocast(device_type, enabled=False):
             if self.merged or not self._adapter_enabled:
                 y = self._base_forward(x, weight, bias)
+            elif self.use_dora:
+                y = dora_linear(
+                    x, weight, self._operand(self.lora_A, dtype), self._operand(self.lora_B, dtype),
+                    self._operand(self.lora_magnitude_vector, dtype), self.scaling,
+                    bias=bias, dropout_p=self.lora_dropout, training=self.training, backend=self.backend,
+                )
             else:
                 y = functional.lora_linear(
                     x, weight, self._operand(self.lora_A, dtype), self._operand(self.lora_B, dtype), self.scaling,
@@ -565,6 +587,8 @@ class FusedLoraLinear(nn.Module):
         ]
         if self.use_rslora:
             parts.append("use_rslora=True")
+        if self.use_dora:
+            parts.append("use_dora=True")
         if not self._adapter_enabled:
             parts.append("adapter_enabled=False")
         if self.merged:

@@ -17,6 +17,10 @@ The fused forward computes, for the single active adapter (symbols of fused_lora
     y = x·Wᵀ + b + s·((m⊙x)·Aᵀ)·Bᵀ,   W = base weight (NF4 or dense), A = lora_A.weight, B = lora_B.weight,
                                        s = scaling[adapter] (α/r or α/√r), m = LoRA dropout mask.
 
+DoRA (``use_dora``, one active adapter), several active plain adapters (``set_adapter([...])``) and mixed batches
+(``adapter_names=[...]``) run fused as well, through fused_lora/peft_routes.py (``dora_linear``,
+``lora_linear_multi``); the PEFT fallback below covers what those cannot take (e.g. DoRA among several adapters).
+
 A layer that computes its base alone (adapters disabled, e.g. the reference model of DPO/GRPO under
 ``disable_adapter()``; merged; no active adapter in this layer) runs ``frozen_linear``: y = x·Wᵀ + b with the same
 NF4 decode, never bitsandbytes' forward. Cases the fused path does not cover run PEFT's own forward, with one
@@ -46,6 +50,7 @@ from torch import nn
 from ._common import side_dtypes, warn_once
 from .functional import frozen_linear, lora_linear
 from .nf4 import NF4Weight
+from .peft_routes import fused_adapters_forward
 
 __all__ = [
     "patch_peft_model",
@@ -98,6 +103,9 @@ class _FusedLoraForward:
     fused_backend = "auto"
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = fused_adapters_forward(self, x, args, kwargs)  # DoRA, several adapters, adapter_names (peft_routes.py)
+        if y is not None:
+            return y
         route, value = self._route(args, kwargs)
         reason = value if route == "peft" else None
         if route != "peft":

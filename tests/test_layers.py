@@ -23,7 +23,7 @@ LAYERS = [
     ["fused_lora.nf4"],
     ["fused_lora.functional", "fused_lora.optim", "fused_lora.dora", "fused_lora.mixed"],
     ["fused_lora.modules"],
-    ["fused_lora.peft"],
+    ["fused_lora.peft", "fused_lora.peft_routes"],
     ["fused_lora"],  # the package's __init__: the public names
     ["fused_lora.cli", "fused_lora.bench", "fused_lora.__main__"],  # tooling, on top
 ]

@@ -1,0 +1,132 @@
+"""The fused forward of PEFT LoRA layers for DoRA, several active adapters and mixed-adapter batches.
+
+``fused_lora.peft``'s layers call ``fused_adapters_forward`` first; it returns the layer's output for the cases
+below, or None, and the layer then goes on as before (one plain adapter, the frozen base, or PEFT's forward with one
+warning naming the case).
+
+* DoRA (``use_dora=True``), one active adapter: ``fused_lora.dora.dora_linear`` with PEFT's magnitude
+  (``lora_magnitude_vector[adapter].weight``); PEFT's formula, the dropped-input variant when the layer trains with
+  dropout (PEFT's ``module.training`` and an ``nn.Dropout``).
+* several active adapters (``set_adapter([...])``), none of them a variant: ``lora_linear_multi`` without ids, the
+  terms added, each with its own dropout.
+* ``adapter_names=[...]`` (one name per sample; "__base__" or a name this layer lacks: no adapter), after PEFT's own
+  argument checks (length, merged layers, DoRA refused as PEFT refuses it): ``lora_linear_multi`` with per-sample
+  ids, the frozen product once.
+Anything else (a DoRA adapter among several, other variants, ``lora_bias``, ``fan_in_fan_out``, adapter dtypes the
+layer functions refuse, unsupported bases) returns None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ._common import side_dtypes
+from .dora import dora_linear
+from .functional import frozen_linear
+from .mixed import Adapter, lora_linear_multi
+
+__all__ = ["fused_adapters_forward"]
+
+
+def fused_adapters_forward(layer, x: torch.Tensor, args, kwargs) -> torch.Tensor | None:
+    """The output of PEFT LoRA ``layer`` for DoRA / several adapters / ``adapter_names``, or None (module docstring).
+
+    ``layer`` is a ``fused_lora.peft`` fused layer (it provides ``_frozen_base`` and ``_adapter_problem``).
+    """
+    if args or any(value is not None for key, value in kwargs.items() if key != "adapter_names"):
+        return None
+    if layer.disable_adapters:
+        return None
+    names = kwargs.get("adapter_names")
+    if names is not None:
+        layer._check_forward_args(x, adapter_names=names)  # PEFT's checks and errors, as its forward runs them
+        return _mixed_batch(layer, x, list(names))
+    if layer.merged:
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) > 1:
+        return _several(layer, x, active)
+    if len(active) == 1 and layer.use_dora.get(active[0], False):
+        return _dora(layer, x, active[0])
+    return None
+
+
+def _base(layer, x):
+    base = layer._frozen_base(x)
+    return None if isinstance(base, str) else base
+
+
+def _plain_adapter(layer, adapter: str, compute_dtype) -> Adapter | None:
+    """The adapter as lora_linear_multi takes it, or None when it is not plain LoRA the layer functions accept."""
+    if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
+        return None
+    if layer.lora_bias.get(adapter, False) or getattr(layer, "fan_in_fan_out", False):
+        return None
+    if layer._adapter_problem(adapter, compute_dtype) is not None:
+        return None
+    dropout = layer.lora_dropout[adapter]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    return Adapter(layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter], p)
+
+
+def _call(layer, function, x, compute_dtype, out_dtype, bias, **kwargs) -> torch.Tensor:
+    """``function`` on x in the compute dtype with autocast off and the bias in a dtype it takes; the result in
+    ``out_dtype`` (as fused_lora.peft runs lora_linear)."""
+    if bias is not None and bias.dtype not in side_dtypes(compute_dtype):
+        bias = bias.to(compute_dtype)
+    device_type = x.device.type
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        y = function(x.to(compute_dtype), bias=bias, backend=layer.fused_backend, **kwargs)
+    return y.to(out_dtype)
+
+
+def _dora(layer, x, adapter: str):
+    base = _base(layer, x)
+    if base is None:
+        return None
+    weight, compute_dtype, bias, out_dtype = base
+    if layer.lora_bias.get(adapter, False) or getattr(layer, "fan_in_fan_out", False):
+        return None
+    if layer._adapter_problem(adapter, compute_dtype) is not None:
+        return None
+    magnitude = layer.lora_magnitude_vector[adapter].weight
+    if magnitude.dtype not in side_dtypes(compute_dtype):
+        return None
+    dropout = layer.lora_dropout[adapter]
+    # PEFT's DoRA takes its dropout branch when the layer trains and the dropout is not an Identity
+    training = bool(layer.training) and isinstance(dropout, nn.Dropout) and dropout.training
+    return _call(layer, dora_linear, x, compute_dtype, out_dtype, bias, weight=weight,
+                 lora_A=layer.lora_A[adapter].weight, lora_B=layer.lora_B[adapter].weight, magnitude=magnitude,
+                 scaling=layer.scaling[adapter], dropout_p=dropout.p if training else 0.0, training=training)
+
+
+def _several(layer, x, active: list[str]):
+    base = _base(layer, x)
+    if base is None:
+        return None
+    weight, compute_dtype, bias, out_dtype = base
+    adapters = [_plain_adapter(layer, name, compute_dtype) for name in active]
+    if any(adapter is None for adapter in adapters):
+        return None
+    return _call(layer, lora_linear_multi, x, compute_dtype, out_dtype, bias, weight=weight, adapters=adapters)
+
+
+def _mixed_batch(layer, x, names: list[str]):
+    base = _base(layer, x)
+    if base is None:
+        return None
+    weight, compute_dtype, bias, out_dtype = base
+    present = list(dict.fromkeys(name for name in names if name != "__base__" and name in layer.lora_A))
+    if not present:
+        return _call(layer, frozen_linear, x, compute_dtype, out_dtype, bias, weight=weight)
+    adapters = [_plain_adapter(layer, name, compute_dtype) for name in present]
+    if any(adapter is None for adapter in adapters):
+        return None
+    index = {name: i for i, name in enumerate(present)}
+    ids = torch.tensor([index.get(name, -1) for name in names], device=x.device)
+    return _call(layer, lora_linear_multi, x, compute_dtype, out_dtype, bias, weight=weight, adapters=adapters,
+                 adapter_ids=ids)
