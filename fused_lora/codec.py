@@ -5,14 +5,21 @@ Dynamic map (``dynamic_map(signed)``, bitsandbytes' ``create_dynamic_map``): 256
 
 Quantization of a block of ``blocksize`` elements x (default 256; the last block may be shorter), fp32 throughout:
 
-    a = max |x|                                       (stored as the block's absmax; a block with a = 0 gets codes 0)
+    a = max |x| over the non-NaN x                     (stored as the block's absmax; a block with a = 0 gets codes 0)
     u = clamp(x · fl(1 / a), -1, 1)
     t = fl(fl(u + 1) · 0.5)
     q = lut[trunc(t · 65535 + 0.5)]                    (the index rule, below)
+    q = 0 where u is NaN                               (a NaN x; x = 0 or ±inf times an inf or 0 reciprocal)
     lut[i] = #{ j < 255 : mid_j < fl(fl(2i) / 65535) - 1 },   mid_j = fl(fl(code[j] + code[j+1]) · 0.5)
 
 that is, lut[i] is the code nearest to the grid point u_i = 2i/65535 - 1 (a value exactly on a midpoint takes the
 lower code), and q is the lut entry of the grid point nearest to u.
+
+Extreme values, as bitsandbytes' CPU quantizer treats them (tests/test_codec.py checks each against it): an absmax
+below 2^-128 (subnormal) has an inf reciprocal, so the block's positive elements get the top code (u = +inf clamped
+to 1), its negative ones code 0 and its zeros code 0 (0 · inf is NaN); a block holding an inf has absmax inf and
+reciprocal 0, so its finite elements get the code that 0 gets and the inf itself code 0; a NaN element is left out
+of the absmax and gets code 0. Nothing raises: NaN optimizer moments propagate as in bitsandbytes.
 
 The index rule. bitsandbytes 0.50.2's CPU quantizer (``quantize_cpu_impl<float>`` in libbitsandbytes_cpu.so, which
 ``bitsandbytes.functional.quantize_blockwise``, ``quantize_4bit(compress_statistics=True)`` and the CPU
@@ -124,12 +131,13 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, lut: torch.Tensor | 
     lut = quantization_lut(code) if lut is None else lut
     flat = x.reshape(-1).float()
     blocks = _blocks(flat, blocksize)
-    absmax = blocks.abs().amax(dim=1)
+    magnitude = blocks.abs()
+    absmax = magnitude.masked_fill_(magnitude.isnan(), 0.0).amax(dim=1)  # NaN elements do not count (bitsandbytes)
     empty = (absmax == 0)[:, None]
-    reciprocal = 1.0 / torch.where(empty[:, 0], torch.ones_like(absmax), absmax)
+    reciprocal = 1.0 / torch.where(empty[:, 0], torch.ones_like(absmax), absmax)  # inf for a subnormal absmax
     u = (blocks * reciprocal[:, None]).clamp_(-1.0, 1.0)
     t = (u + 1.0) * 0.5
-    index = (t * float(_GRID) + 0.5).long()  # fp32 product and sum, then truncation: the index rule (docstring)
+    index = (t * float(_GRID) + 0.5).nan_to_num_(0.0).long()  # fp32 product and sum, truncation (docstring); NaN → 0
     q = lut[index].masked_fill_(empty, 0)
     return q.reshape(-1)[: flat.numel()].view(x.shape), absmax
 

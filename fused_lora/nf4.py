@@ -36,6 +36,7 @@ byte-exact with bitsandbytes' CPU implementation (bitsandbytes' own CUDA kernels
 from __future__ import annotations
 
 import json
+import numbers
 
 import torch
 
@@ -128,9 +129,10 @@ def _dequantize_reference(packed, absmax32, code, n: int, blocksize: int, dtype)
 
 
 def _check_blocksize(who: str, blocksize) -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
+    """``blocksize`` as a Python int (NumPy and other integers are accepted), or a ValueError naming the choices."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) or int(blocksize) not in BLOCKSIZES:
         raise ValueError(f"{who}: blocksize {blocksize!r} is not supported; bitsandbytes accepts {dtype_names(BLOCKSIZES)}")
-    return blocksize
+    return int(blocksize)
 
 
 class NF4Weight:
@@ -413,7 +415,9 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 
     Args:
         weight: float32 / float16 / bfloat16 tensor of any shape (usually [out_features, in_features]), ≥ 1
-            element, all finite. It is flattened row-major.
+            element, all finite. It is flattened row-major. Subnormal values quantize as in bitsandbytes; with
+            double_quant, a weight whose block scales' float32 mean overflows (|weight| near 1e38) raises
+            ValueError (bitsandbytes would store offset = inf and dequantize it to NaN).
         blocksize: elements per absmax block; one of 32, 64, 128, 256, 512, 1024, 2048, 4096.
         double_quant: also quantize the absmax values (bitsandbytes' ``compress_statistics=True``).
         backend: "auto", "triton" or "reference" (see the module docstring).
@@ -435,7 +439,11 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise TypeError(f"{who}: weight must be {dtype_names(INPUT_DTYPES)}, got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"{who}: weight of shape {tuple(weight.shape)} is empty")
-    _check_blocksize(who, blocksize)
+    if weight.device.type == "meta":
+        raise ValueError(f"{who}: weight is on the meta device (shapes only, no values); materialise it first")
+    blocksize = _check_blocksize(who, blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"{who}: double_quant must be True or False, got {double_quant!r}")
     weight = weight.detach()
     if not bool(torch.isfinite(weight).all()):
         raise ValueError(f"{who}: weight contains NaN or inf")
@@ -452,8 +460,16 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         # float32 mean on the CPU, as bitsandbytes computes it there: the bytes do not depend on the device.
         offset = absmax.cpu().mean().to(absmax.device)
         nested_code = dynamic_code(weight.device)
-        absmax, nested_absmax = quantize_blockwise(absmax - offset, nested_code, dynamic_lut(True, weight.device),
-                                                   NESTED_BLOCKSIZE)  # fmt: skip
+        absmax_q, nested_absmax = quantize_blockwise(absmax - offset, nested_code, dynamic_lut(True, weight.device),
+                                                     NESTED_BLOCKSIZE)  # fmt: skip
+        if not bool(torch.isfinite(_absmax_from_nested(absmax_q, nested_absmax, nested_code, offset)).all()):
+            raise ValueError(
+                f"{who}: double quantization cannot store the block scales of this weight (largest |weight| "
+                f"{absmax.max().item():.4g}): their float32 mean or its sum with a scale overflows to inf; "
+                "bitsandbytes stores such a weight anyway and dequantizes it to NaN. Use double_quant=False, or scale "
+                "the weight down"
+            )
+        absmax = absmax_q
         nested = dict(offset=offset, nested_absmax=nested_absmax, nested_code=nested_code)
     return NF4Weight(
         packed=packed, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, code=nf4_code(weight.device),

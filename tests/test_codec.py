@@ -161,3 +161,32 @@ def test_bad_blocksize_is_a_clear_error():
         codec.quantize_blockwise(torch.ones(3), codec.dynamic_map(), blocksize=0)
     with pytest.raises(ValueError, match="dequantize_blockwise: blocksize must be a positive int"):
         codec.dequantize_blockwise(torch.zeros(3, dtype=torch.uint8), torch.ones(1), codec.dynamic_map(), 2.0)
+
+
+def _extreme_blocks() -> torch.Tensor:
+    """Blocks of 256 that reach every extreme branch of bitsandbytes' quantizer: a subnormal absmax (inf
+    reciprocal; positive, negative and zero elements), a normal but tiny absmax, an inf element (reciprocal 0), a
+    NaN element (left out of the absmax), a block of NaN only, and an ordinary block."""
+    gen = torch.Generator().manual_seed(5)
+    subnormal = torch.randn(256, generator=gen) * 1e-40
+    subnormal[::7] = 0.0
+    tiny = torch.randn(256, generator=gen) * 1e-37
+    with_inf = torch.randn(256, generator=gen)
+    with_inf[[3, 100]] = torch.tensor([float("inf"), -float("inf")])
+    with_nan = torch.randn(256, generator=gen)
+    with_nan[[0, 17]] = float("nan")
+    all_nan = torch.full((256,), float("nan"))
+    return torch.cat([subnormal, tiny, with_inf, with_nan, all_nan, torch.randn(100, generator=gen)])
+
+
+@SIGNED
+def test_extreme_values_quantize_like_bitsandbytes_without_raising(F, signed):
+    """Subnormal absmax (its reciprocal is inf), inf and NaN elements: the codes and absmax of bitsandbytes' CPU
+    quantizer; before, the NaN of 0 · inf became index -2^63 and raised an IndexError (NF4 double quantization of
+    subnormal-range weights, an 8-bit optimizer step with a NaN gradient)."""
+    x = _extreme_blocks()
+    code = codec.dynamic_map(signed)
+    q_ref, absmax_ref = _bnb_quantize(F, x, code, 256)
+    q, absmax = codec.quantize_blockwise(x, code, codec.dynamic_lut(signed))
+    assert torch.equal(absmax.nan_to_num(), absmax_ref.nan_to_num()) and not absmax.isnan().any()
+    _assert_codes_equal(q, q_ref)

@@ -320,6 +320,67 @@ def test_bad_inputs_raise_clear_errors():
         fl.dequantize_nf4(w)
 
 
+SUBNORMAL_WEIGHTS = {
+    "subnormal": lambda gen: torch.randn(8, 64, generator=gen) * 1e-39,
+    "subnormal-and-normal-rows": lambda gen: torch.cat([torch.randn(4, 64, generator=gen) * 1e-40,
+                                                        torch.randn(4, 64, generator=gen)]),
+    "near-smallest-normal": lambda gen: torch.randn(8, 64, generator=gen) * 1e-37,
+    "huge-but-storable": lambda gen: torch.randn(3, 50, generator=gen) * 1e37,
+}
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("name", list(SUBNORMAL_WEIGHTS))
+def test_subnormal_and_huge_finite_weights_quantize_like_bitsandbytes(name, double_quant):
+    """Weights whose block scales are subnormal (the nested absmax of double quantization then has an inf
+    reciprocal) or near the top of float32: byte for byte what bitsandbytes stores, dequantized the same. Before,
+    double quantization raised IndexError: index -9223372036854775808."""
+    w = SUBNORMAL_WEIGHTS[name](torch.Generator().manual_seed(3))
+    packed, state = _bnb_quantize(w, 64, double_quant)
+    ours = fl.quantize_nf4(w, blocksize=64, double_quant=double_quant, backend="reference")
+    _assert_same_format(ours, packed, state)
+    assert torch.equal(ours.dequantize(), _bnb_dequantize(packed, state, torch.float32, w.shape))
+
+
+@pytest.mark.xfail(strict=True, reason="fused_lora/kernels/nf4.py takes the reciprocal of a subnormal absmax (inf) "
+                   "where bitsandbytes and the reference clamp it to 1e-38 first")
+def test_triton_quantizes_subnormal_weights_like_bitsandbytes(interpret_triton):
+    w = SUBNORMAL_WEIGHTS["subnormal"](torch.Generator().manual_seed(3))
+    packed, state = _bnb_quantize(w, 64, False)
+    _assert_same_format(fl.quantize_nf4(w, blocksize=64, double_quant=False, backend="triton"), packed, state)
+
+
+@pytest.mark.parametrize("make", [lambda: torch.full((8, 64), 1e38),
+                                  lambda: torch.cat([torch.full((4, 64), 1e38), torch.randn(4, 64)]),
+                                  lambda: torch.full((8, 64), 3.4e38)], ids=["1e38", "1e38-rows", "float32-max"])
+def test_double_quant_of_weights_near_float32_max_is_a_clear_error(make):
+    """The float32 mean of the block scales overflows: bitsandbytes stores offset = inf and dequantizes the weight
+    to NaN; quantize_nf4 says why and what to do instead, and quantizes it without double quantization."""
+    w = make()
+    packed, state = _bnb_quantize(w, 64, True)
+    assert torch.isinf(state.offset) and torch.isnan(F.dequantize_4bit(packed, state)).all()
+    with pytest.raises(ValueError, match="quantize_nf4: double quantization cannot store the block scales of this "
+                       "weight .*overflows to inf.*Use double_quant=False"):
+        fl.quantize_nf4(w, double_quant=True)
+    plain_packed, plain_state = _bnb_quantize(w, 64, False)
+    _assert_same_format(fl.quantize_nf4(w, double_quant=False), plain_packed, plain_state)
+
+
+def test_numpy_integer_blocksize_is_accepted_and_meta_weights_and_non_bool_double_quant_are_named():
+    """blocksize=np.int64(64) was refused with the self-contradictory "64 is not supported; accepts ... 64 ..."."""
+    np = pytest.importorskip("numpy")
+    w = _random_weight((8, 64), torch.float32, seed=2)
+    ours = fl.quantize_nf4(w, blocksize=np.int64(64))
+    assert ours.blocksize == 64 and type(ours.blocksize) is int
+    assert torch.equal(ours.packed, fl.quantize_nf4(w, blocksize=64).packed)
+    with pytest.raises(ValueError, match="blocksize 48 is not supported"):
+        fl.quantize_nf4(w, blocksize=np.int64(48))
+    with pytest.raises(ValueError, match="quantize_nf4: weight is on the meta device"):
+        fl.quantize_nf4(torch.empty(8, 64, device="meta"))
+    with pytest.raises(TypeError, match="quantize_nf4: double_quant must be True or False, got 'no'"):
+        fl.quantize_nf4(w, double_quant="no")
+
+
 def test_env_var_overrides_auto(monkeypatch, interpret_triton):
     w = _random_weight((37, 129), torch.float32, seed=37)
     expected = fl.quantize_nf4(w, backend="reference")

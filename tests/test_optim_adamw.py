@@ -84,6 +84,25 @@ def test_8bit_low_precision_parameters_match_bitsandbytes_bit_exact(bnb, dtype):
     assert ours[0].dtype == dtype and opt.state[ours[1]]["state1"].dtype == torch.float32
 
 
+def test_8bit_step_with_nan_and_inf_gradients_matches_bitsandbytes(bnb):
+    """A NaN or inf gradient propagates into the parameter and the 8-bit state exactly as in bitsandbytes' AdamW8bit
+    (its quantizer leaves NaN out of a block's absmax and gives NaN code 0); before, the step raised IndexError."""
+    ref = make_params([(64, 80)])
+    ref_opt = bnb.optim.AdamW8bit(ref, lr=1e-2)
+    ours = make_params([(64, 80)])
+    opt = fo.AdamW8bit(ours, lr=1e-2)
+    for t in range(3):
+        g = torch.randn(64, 80, generator=torch.Generator().manual_seed(t))
+        g[t, 5], g[7, t] = float("nan"), float("inf")
+        ref[0].grad, ours[0].grad = g.clone(), g.clone()
+        ref_opt.step()
+        opt.step()
+    assert torch.equal(ours[0].isnan(), ref[0].isnan()) and ours[0].isnan().any()
+    assert torch.equal(ours[0].nan_to_num(), ref[0].nan_to_num())
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        assert torch.equal(opt.state[ours[0]][key].nan_to_num(), ref_opt.state[ref[0]][key].nan_to_num()), key
+
+
 def test_closure_is_evaluated_with_grad_enabled_and_its_loss_returned():
     params = make_params([(37, 9)])
     opt = fo.AdamW8bit(params, lr=1e-2)
