@@ -234,7 +234,8 @@ def lora_linear_multi(
 
     Example:
         >>> W = fl.quantize_nf4(torch.randn(80, 64))
-        >>> ads = [Adapter(torch.randn(8, 64), torch.randn(80, 8), 2.0), Adapter(torch.randn(4, 64), torch.randn(80, 4), 1.0)]
+        >>> ads = [Adapter(torch.randn(8, 64), torch.randn(80, 8), 2.0),
+        ...        Adapter(torch.randn(4, 64), torch.randn(80, 4), 1.0)]
         >>> lora_linear_multi(torch.randn(3, 5, 64), W, ads, adapter_ids=[0, -1, 1]).shape
         torch.Size([3, 5, 80])
     """

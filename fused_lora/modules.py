@@ -245,7 +245,7 @@ class FusedLoraLinear(nn.Module):
             if quant == "nf4" and hasattr(linear.weight, "quant_state"):  # a Linear4bit (from_bnb checks it is NF4)
                 return cls.from_bnb(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                     compute_dtype=compute_dtype, use_rslora=use_rslora, backend=backend,
-                                    adapter_dtype=adapter_dtype)
+                                    adapter_dtype=adapter_dtype, use_dora=use_dora)
             raise TypeError(
                 f"FusedLoraLinear.from_linear: got a bitsandbytes {type(linear).__name__}, whose weight is packed "
                 "bytes; wrap a quantized NF4 Linear4bit with FusedLoraLinear.from_bnb (it reuses the bytes; "

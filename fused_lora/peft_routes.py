@@ -14,6 +14,9 @@ warning naming the case).
   ids, the frozen product once.
 Anything else (a DoRA adapter among several, other variants, ``lora_bias``, ``fan_in_fan_out``, adapter dtypes the
 layer functions refuse, unsupported bases) returns None.
+
+PEFT accepts ``adapter_names=`` only in eval mode; ``mixed_adapter_batch`` gives the fused layers one adapter per
+sample in training mode too, to train several adapters in one batch (each sample's loss reaches only its adapter).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .dora import dora_linear
 from .functional import frozen_linear
 from .mixed import Adapter, lora_linear_multi
 
-__all__ = ["fused_adapters_forward"]
+__all__ = ["fused_adapters_forward", "mixed_adapter_batch"]
 
 
 def fused_adapters_forward(layer, x: torch.Tensor, args, kwargs) -> torch.Tensor | None:
@@ -54,22 +57,74 @@ def fused_adapters_forward(layer, x: torch.Tensor, args, kwargs) -> torch.Tensor
     return None
 
 
+@contextlib.contextmanager
+def mixed_adapter_batch(model: nn.Module, adapter_names):
+    """Inside the block, every fused PEFT LoRA layer of ``model`` runs with ``adapter_names`` (one adapter name per
+    sample, "__base__" for none), in training mode too, and every adapter named becomes trainable (PEFT marks only
+    the active ones); PEFT's own ``model(..., adapter_names=...)`` refuses training mode.
+
+    Example:
+        >>> with fl.peft_routes.mixed_adapter_batch(model, ["a", "b", "a", "__base__"]):
+        ...     loss = model(**batch).loss          # rows 0, 2 reach adapter a only, row 1 adapter b
+        >>> loss.backward()
+    """
+    names = list(adapter_names)
+    wanted = set(names) - {"__base__"}
+
+    def inject(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+
+    handles = []
+    try:
+        for module in model.modules():
+            if getattr(type(module), "fused_backend", None) is not None and hasattr(module, "lora_A"):
+                handles.append(module.register_forward_pre_hook(inject, with_kwargs=True))
+                for name in wanted & set(module.lora_A.keys()):
+                    module.lora_A[name].weight.requires_grad_(True)
+                    module.lora_B[name].weight.requires_grad_(True)
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _base(layer, x):
     base = layer._frozen_base(x)
     return None if isinstance(base, str) else base
+
+
+def _operand(weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor | None:
+    """An adapter tensor as the layer functions take it beside x in ``compute_dtype``: as it is when allowed (the
+    compute dtype or fp32), widened to fp32 when it is another 16-bit dtype (exact), else None."""
+    allowed = side_dtypes(compute_dtype)
+    if weight.dtype in allowed:
+        return weight
+    if weight.dtype in (torch.bfloat16, torch.float16) and torch.float32 in allowed:
+        return weight.float()
+    return None
+
+
+def _adapter_tensors(layer, adapter: str, compute_dtype) -> tuple | None:
+    """(lora_A, lora_B) in dtypes the layer functions take, or None when the adapter is not one they can run."""
+    if layer.lora_bias.get(adapter, False) or getattr(layer, "fan_in_fan_out", False):
+        return None
+    if layer._adapter_problem(adapter, compute_dtype) is not None:
+        return None
+    A = _operand(layer.lora_A[adapter].weight, compute_dtype)
+    B = _operand(layer.lora_B[adapter].weight, compute_dtype)
+    return None if A is None or B is None else (A, B)
 
 
 def _plain_adapter(layer, adapter: str, compute_dtype) -> Adapter | None:
     """The adapter as lora_linear_multi takes it, or None when it is not plain LoRA the layer functions accept."""
     if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
         return None
-    if layer.lora_bias.get(adapter, False) or getattr(layer, "fan_in_fan_out", False):
-        return None
-    if layer._adapter_problem(adapter, compute_dtype) is not None:
+    tensors = _adapter_tensors(layer, adapter, compute_dtype)
+    if tensors is None:
         return None
     dropout = layer.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    return Adapter(layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter], p)
+    return Adapter(*tensors, layer.scaling[adapter], p)
 
 
 def _call(layer, function, x, compute_dtype, out_dtype, bias, **kwargs) -> torch.Tensor:
@@ -89,19 +144,16 @@ def _dora(layer, x, adapter: str):
     if base is None:
         return None
     weight, compute_dtype, bias, out_dtype = base
-    if layer.lora_bias.get(adapter, False) or getattr(layer, "fan_in_fan_out", False):
-        return None
-    if layer._adapter_problem(adapter, compute_dtype) is not None:
-        return None
-    magnitude = layer.lora_magnitude_vector[adapter].weight
-    if magnitude.dtype not in side_dtypes(compute_dtype):
+    tensors = _adapter_tensors(layer, adapter, compute_dtype)
+    magnitude = _operand(layer.lora_magnitude_vector[adapter].weight, compute_dtype)
+    if tensors is None or magnitude is None:
         return None
     dropout = layer.lora_dropout[adapter]
     # PEFT's DoRA takes its dropout branch when the layer trains and the dropout is not an Identity
     training = bool(layer.training) and isinstance(dropout, nn.Dropout) and dropout.training
-    return _call(layer, dora_linear, x, compute_dtype, out_dtype, bias, weight=weight,
-                 lora_A=layer.lora_A[adapter].weight, lora_B=layer.lora_B[adapter].weight, magnitude=magnitude,
-                 scaling=layer.scaling[adapter], dropout_p=dropout.p if training else 0.0, training=training)
+    return _call(layer, dora_linear, x, compute_dtype, out_dtype, bias, weight=weight, lora_A=tensors[0],
+                 lora_B=tensors[1], magnitude=magnitude, scaling=layer.scaling[adapter],
+                 dropout_p=dropout.p if training else 0.0, training=training)
 
 
 def _several(layer, x, active: list[str]):
