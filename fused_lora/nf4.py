@@ -130,8 +130,10 @@ def _dequantize_reference(packed, absmax32, code, n: int, blocksize: int, dtype)
 
 def _check_blocksize(who: str, blocksize) -> int:
     """``blocksize`` as a Python int (NumPy and other integers are accepted), or a ValueError naming the choices."""
-    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) or int(blocksize) not in BLOCKSIZES:
-        raise ValueError(f"{who}: blocksize {blocksize!r} is not supported; bitsandbytes accepts {dtype_names(BLOCKSIZES)}")
+    integer = isinstance(blocksize, numbers.Integral) and not isinstance(blocksize, bool)
+    if not integer or int(blocksize) not in BLOCKSIZES:
+        shown = int(blocksize) if integer else repr(blocksize)
+        raise ValueError(f"{who}: blocksize {shown} is not supported; bitsandbytes accepts {dtype_names(BLOCKSIZES)}")
     return int(blocksize)
 
 
