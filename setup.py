@@ -73,6 +73,7 @@ setup(
             "peft>=0.14",
             "transformers>=4.46",
             "safetensors",
+            "trl>=1.0",
             "pytest",
             "pytest-benchmark",
             "matplotlib",

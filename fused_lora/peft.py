@@ -89,6 +89,19 @@ def _base_kind(base: nn.Module) -> str | None:
     return "dense" if isinstance(base, nn.Linear) else None
 
 
+def _adapter_operand(weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor | None:
+    """An adapter weight as lora_linear takes it beside x in ``compute_dtype``: as it is when its dtype is allowed
+    there (the compute dtype or fp32), widened to fp32 when it is a 16-bit dtype beside another one or beside fp32
+    (exact; e.g. TRL casts a QLoRA model's adapters to bf16 whatever its 4-bit compute dtype; the LoRA path then
+    accumulates in fp32 and the gradient is rounded back to the adapter's dtype), else None (PEFT's forward runs)."""
+    allowed = side_dtypes(compute_dtype)
+    if weight.dtype in allowed:
+        return weight
+    if weight.dtype in (torch.bfloat16, torch.float16) and torch.float32 in allowed:
+        return weight.float()
+    return None
+
+
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -167,13 +180,13 @@ class _FusedLoraForward:
         if not base.compute_type_is_set:
             base.set_compute_type(x)
             base.compute_type_is_set = True
-        compute_dtype = base.compute_dtype or x.dtype
+        # under autocast bitsandbytes' matmul runs in the autocast dtype (its F.linear is autocast), else in its own
+        compute_dtype = _autocast_dtype(x.device.type) or base.compute_dtype or x.dtype
         return self._nf4_weight(base.weight, quant_state), compute_dtype, base.bias, x.dtype
 
     def _adapter_problem(self, adapter: str, compute_dtype: torch.dtype) -> str | None:
-        allowed = side_dtypes(compute_dtype)
         for name, linear in (("lora_A", self.lora_A[adapter]), ("lora_B", self.lora_B[adapter])):
-            if linear.weight.dtype not in allowed:
+            if _adapter_operand(linear.weight, compute_dtype) is None:
                 return f"{name} in {linear.weight.dtype} with compute dtype {compute_dtype}"
         dropout = self.lora_dropout[adapter]
         if not isinstance(dropout, (nn.Identity, nn.Dropout)):
@@ -235,8 +248,8 @@ class _FusedLoraForward:
         return self._run(
             lora_linear, x, compute_dtype, out_dtype, bias,
             weight=weight,
-            lora_A=self.lora_A[adapter].weight,
-            lora_B=self.lora_B[adapter].weight,
+            lora_A=_adapter_operand(self.lora_A[adapter].weight, compute_dtype),
+            lora_B=_adapter_operand(self.lora_B[adapter].weight, compute_dtype),
             scaling=self.scaling[adapter],
             dropout_p=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
             training=dropout.training,

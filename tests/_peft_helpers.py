@@ -115,3 +115,23 @@ def no_fallback_warning():
         yield
     fallbacks = [str(w.message) for w in record if "PEFT's own forward" in str(w.message)]
     assert not fallbacks, fallbacks
+
+
+def save_char_tokenizer(path):
+    """A character-level fast tokenizer (no download): <pad>=0, <s>=1, </s>=2, <unk>=3, then printable characters,
+    VOCAB ids in all, saved beside the model so TRL's trainers can load it."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_lowercase + string.digits + " .,?!:'-" + string.ascii_uppercase
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
+    assert len(vocab) <= VOCAB
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(path)
+    return fast
