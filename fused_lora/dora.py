@@ -26,11 +26,14 @@ fused_lora/reference.py; PEFT computes its norm in the adapter's dtype, fp32 by 
 A's / B's / mag's dtype, db in at least fp32.
 
 Backends (``backend`` as in ``lora_linear``): "reference" runs the twin below. Any other backend ("triton", and
-"cpu" where it exists) composes the backend's own kernels: ``forward`` (x·Wᵀ + s·u·Bᵀ in one fused pass) then c
-and the bias applied in PyTorch, ``backward`` on c⊙g, ``frozen_forward`` of A for W·Aᵀ and of x_d for PEFT's
-dropped product. That path keeps z (M×N, x's dtype) for dmag and makes M×N temporaries (c⊙z, c⊙g): DoRA's
-per-row scale is not in the GEMM epilogue yet, and the first Triton call says so once. It never makes an N×K copy
-of W per step (‖W_n‖² is computed once, from one dequantized copy).
+"cpu" where it exists) composes the backend's own kernels (``_ComposedDora``): without dropout, the fused LoRA
+forward gives z = x·Wᵀ + s·u·Bᵀ and one pass y = c⊙z + b follows (fused_lora/kernels/dora.py on Triton: fp32, one
+rounding, no M×N temporary), z kept for dmag; the backward runs the LoRA backward kernels over (c⊙W, A, c⊙B) with
+c folded into an NF4 weight's block scales (no copy of W), or over (W, A, B) with c⊙g for a dense W; dmag is one
+column reduction of g⊙z. Without a magnitude gradient (inference) an NF4 layer is one fused pass over (c⊙W, c⊙B).
+W·Aᵀ for the norm is the frozen kernel over the r rows of A. With dropout, PEFT's second frozen product x_d·Wᵀ
+runs on ``frozen_forward`` and the rest in PyTorch (M×N and M×K temporaries). No N×K copy of W is made per step
+(‖W_n‖² is computed once, from one dequantized copy).
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ import weakref
 import torch
 
 from . import functional, reference
-from ._common import warn_once
 from .nf4 import NF4Weight
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "dora_row_norm",
     "dora_row_norm_naive",
     "row_squares",
+    "row_scaled_nf4",
     "dora_forward",
     "dora_backward",
     "dora_linear_naive",
@@ -291,13 +294,49 @@ class _ReferenceDora:
         return dora_backward(g, x2d, W, A, B, s, mag, norm, u, m, *needs)
 
 
-class _ComposedDora:
-    """DoRA over another backend's kernels (module docstring, "Backends"): the fused LoRA forward and backward
-    where they apply, the frozen products through ``frozen_forward`` / ``frozen_backward``, c and the rest in
-    PyTorch. ``impl`` is a backend module of ``functional`` (forward, backward, frozen_forward, frozen_backward)."""
+def row_scaled_nf4(weight: NF4Weight, c: torch.Tensor) -> NF4Weight | None:
+    """The NF4 weight of c⊙W (row n times c[n]) with W's very codes: each block's scale times its row's c (fp32, no
+    double quantization), or None when blocks straddle rows (K not a multiple of the blocksize).
 
-    def __init__(self, impl):
-        self.impl = impl
+    Example:
+        >>> w = fl.quantize_nf4(torch.randn(80, 64)); c = torch.rand(80)
+        >>> torch.allclose(row_scaled_nf4(w, c).dequantize(torch.float32), c[:, None] * w.dequantize(torch.float32))
+        True
+    """
+    N, K = weight.shape
+    if K % weight.blocksize:
+        return None
+    absmax = weight.absmax_fp32().view(N, K // weight.blocksize) * c.detach().to(torch.float32)[:, None]
+    return NF4Weight(weight.packed, weight.shape, weight.dtype, weight.blocksize, weight.code, absmax.reshape(-1))
+
+
+class _TorchOps:
+    """scale_columns / column_dot in PyTorch (fp32 temporaries), for composed backends without DoRA kernels."""
+
+    @staticmethod
+    def scale_columns(z, c, bias=None, out_dtype=None):
+        y = c * z.to(c.dtype)
+        return (y if bias is None else y + bias.to(c.dtype)).to(out_dtype or z.dtype)
+
+    @staticmethod
+    def column_dot(g, z):
+        return (g.to(torch.float32) * z.to(torch.float32)).sum(0)
+
+
+class _ComposedDora:
+    """DoRA over another backend's kernels (module docstring, "Backends"). ``impl`` is a backend module of
+    ``functional`` (forward, backward, frozen_forward, frozen_backward); ``ops`` gives scale_columns and column_dot
+    (fused_lora/kernels/dora.py on the Triton backend).
+
+    Without dropout: forward z = x·Wᵀ + s·u·Bᵀ by the fused LoRA kernel, then y = c⊙z + b (scale_columns; z kept for
+    dmag), or, when mag needs no gradient and W is NF4 with K a multiple of the blocksize, y in one fused pass over
+    (c⊙W, A, c⊙B) (``row_scaled_nf4``: c folded into the block scales). Backward: the LoRA backward kernels over
+    (c⊙W, A, c⊙B) with g itself (dB = c⊙dB'), or, for a dense W or ragged NF4 blocks, over (W, A, B) with c⊙g;
+    dmag = column_dot(g, z) / n. With dropout, PEFT's second frozen product x_d·Wᵀ runs on ``frozen_forward`` and
+    the combination in PyTorch."""
+
+    def __init__(self, impl, ops=_TorchOps):
+        self.impl, self.ops = impl, ops
 
     def norm(self, x2d, weight, A, B, s, mag):
         L = _lowrank_dtype(x2d, A, B, mag)
@@ -307,16 +346,23 @@ class _ComposedDora:
         WA = self.impl.frozen_forward(A_in.contiguous(), weight, None).t().to(L)
         return dora_row_norm(row_squares(weight, L), WA, A.detach().to(L), B.detach().to(L), s)
 
+    @staticmethod
+    def _scaled(weight, B, c):
+        """(c⊙W as NF4, c⊙B in the low-rank dtype), or None when W cannot be row-scaled without a copy."""
+        scaled = row_scaled_nf4(weight, c) if isinstance(weight, NF4Weight) else None
+        return None if scaled is None else (scaled, B.detach().to(c.dtype) * c[:, None])
+
     def forward(self, x2d, weight, A, B, s, mag, bias, dropout_p, seed, keep_z):
         norm = self.norm(x2d, weight, A, B, s, mag)
         c = _scale(mag, norm)
         L = norm.dtype
         if dropout_p == 0.0:
+            scaled = None if keep_z else self._scaled(weight, B, c)
+            if scaled is not None:
+                y, u = self.impl.forward(x2d, scaled[0], A, scaled[1], s, bias, 0.0, 0)
+                return y, norm, u, None
             z, u = self.impl.forward(x2d, weight, A, B, s, None, 0.0, 0)
-            y = c * z.to(L)
-            if bias is not None:
-                y = y + bias.to(L)
-            return y.to(x2d.dtype), norm, u, (z if keep_z else None)
+            return self.ops.scale_columns(z, c, bias, x2d.dtype), norm, u, (z if keep_z else None)
         m = reference.dropout_mask(x2d.shape, dropout_p, seed, x2d.device, L)
         x_d = x2d.to(L) * m
         u = x_d @ A.to(L).t()
@@ -329,16 +375,22 @@ class _ComposedDora:
         need_dx, need_dA, need_dB, need_dmag, need_db = needs
         L = norm.dtype
         c = _scale(mag, norm)
-        g_L = g.to(L)
         dx = dA = dB = dmag = db = None
         if dropout_p == 0.0:
             if need_dx or need_dA or need_dB:
-                cg = (g_L * c).to(g.dtype)
-                dx, dA, dB, _ = self.impl.backward(cg, x2d, weight, A, B, s, 0.0, 0, u, need_dx, need_dA, need_dB,
-                                                   False)
+                scaled = self._scaled(weight, B, c)
+                if scaled is not None:
+                    dx, dA, dB, _ = self.impl.backward(g, x2d, scaled[0], A, scaled[1], s, 0.0, 0, u, need_dx,
+                                                       need_dA, need_dB, False)
+                    dB = None if dB is None else (c[:, None] * dB.to(L)).to(B.dtype)
+                else:
+                    cg = self.ops.scale_columns(g, c, None, g.dtype)
+                    dx, dA, dB, _ = self.impl.backward(cg, x2d, weight, A, B, s, 0.0, 0, u, need_dx, need_dA,
+                                                       need_dB, False)
             if need_dmag:
-                dmag = ((g_L * z.to(L)).sum(0) / norm).to(mag.dtype)
+                dmag = (self.ops.column_dot(g, z).to(L) / norm).to(mag.dtype)
         else:
+            g_L = g.to(L)
             m = reference.dropout_mask(x2d.shape, dropout_p, seed, x2d.device, L)
             A_L, B_L = A.to(L), B.to(L)
             cg = g_L * c
@@ -363,11 +415,9 @@ def _dora_impl(backend: str):
     if backend == "reference":
         return _ReferenceDora
     if backend == "triton":
-        warn_once(
-            "dora_linear: DoRA on the Triton backend runs the fused LoRA kernels with the per-row scale "
-            "mag/‖W + s·B·A‖ applied outside the GEMM epilogue (M×N temporaries; the row norm by the identity, "
-            "without an N×K weight); the results meet the tolerance rule, the speed is not yet the kernels' own"
-        )
+        from .kernels import dora as dora_kernels
+
+        return _ComposedDora(functional._implementation(backend), dora_kernels)
     return _ComposedDora(functional._implementation(backend))
 
 

@@ -137,16 +137,79 @@ def test_float64_reference_is_exact():
 # ------------------------------------------------------------------------------------------- Triton backend
 
 
-@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+WEIGHTS = [(False, 67), (True, 67), (True, 128)]  # dense; NF4 blocks straddling rows; NF4 blocks within rows
+
+
+@pytest.mark.parametrize("nf4, K", WEIGHTS, ids=["dense", "nf4-ragged", "nf4-aligned"])
 @pytest.mark.parametrize("p", [0.0, 0.3], ids=["no-dropout", "dropout"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_triton_backend_matches_peft_formula_in_float64(dtype, p, nf4, interpret_triton):
-    x, weight, A, B, mag, b = _case(dtype=dtype, nf4=nf4, M=3 * 7, K=67, N=41, r=3)
+def test_triton_backend_matches_peft_formula_in_float64(dtype, p, nf4, K, interpret_triton):
+    x, weight, A, B, mag, b = _case(dtype=dtype, nf4=nf4, M=3 * 7, K=K, N=41, r=3)
     _assert_matches_oracle(x, weight, A, B, mag, b, p, "triton", leading=(3, 7))
 
 
+def test_triton_backward_folds_c_into_the_nf4_block_scales(monkeypatch, interpret_triton):
+    """K a multiple of the blocksize: the LoRA backward kernels run over c⊙W (W's codes, scales times c) and c⊙B
+    with g itself, no c⊙g; ragged blocks take c⊙g (scale_columns) instead."""
+    from fused_lora.kernels import dora as dora_kernels
+
+    scaled_calls, scale_calls = [], []
+    real_scaled, real_scale = dora.row_scaled_nf4, dora_kernels.scale_columns
+    monkeypatch.setattr(dora, "row_scaled_nf4", lambda w, c: scaled_calls.append(1) or real_scaled(w, c))
+    monkeypatch.setattr(dora_kernels, "scale_columns", lambda *a, **k: scale_calls.append(a[2]) or real_scale(*a, **k))
+    for K, folded in ((128, True), (67, False)):
+        scaled_calls.clear(), scale_calls.clear()
+        x, weight, A, B, mag, b = _case(nf4=True, M=9, K=K, N=41, r=3)
+        y, leaves = _run(x, weight, A, B, mag, b, 0.0, "triton")
+        torch.autograd.grad(y.sum(), leaves)
+        # forward: y = c⊙z + b (with the bias); backward: c⊙g (no bias) only when W cannot be row-scaled
+        assert [bias is not None for bias in scale_calls] == ([True] if folded else [True, False])
+        assert bool(scaled_calls) and (real_scaled(weight, torch.ones(41)) is not None) == folded
+
+
+@pytest.mark.parametrize("nf4, K", WEIGHTS, ids=["dense", "nf4-ragged", "nf4-aligned"])
+def test_triton_inference_without_magnitude_gradient(nf4, K, interpret_triton):
+    """No gradient for mag (inference, or a frozen magnitude): an aligned NF4 layer is one fused pass over (c⊙W, c⊙B)."""
+    x, weight, A, B, mag, b = _case(nf4=nf4, M=11, K=K, N=41, r=3)
+    with torch.no_grad():
+        y = dora.dora_linear(x, weight, A, B, mag, SCALING, bias=b, backend="triton")
+    y64, _ = _oracle(x, weight, A, B, mag, b, None, torch.float64)
+    assert relative_error(y, y64) < 1e-5
+    A_trained = A.clone().requires_grad_(True)  # A trains, mag frozen: z is not kept
+    y = dora.dora_linear(x, weight, A_trained, B, mag, SCALING, bias=b, backend="triton")
+    (dA,) = torch.autograd.grad(y, A_trained, torch.ones_like(y))
+    y64, leaves64 = _oracle(x, weight, A, B, mag, b, None, torch.float64)
+    assert relative_error(dA, torch.autograd.grad(y64, leaves64[1], torch.ones_like(y64))[0]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dora_kernels_scale_columns_and_column_dot(dtype, poison_empty, interpret_triton):
+    from fused_lora.kernels import dora as dora_kernels
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(75, 53, generator=g).to(dtype)
+    gz = torch.randn(53, 75, generator=g).to(dtype).t()  # a strided operand
+    c, b = torch.randn(53, generator=g), torch.randn(53, generator=g).to(dtype)
+    expected = (c * z.double() + b.double())
+    for bias, ref in ((b, expected), (None, c * z.double())):
+        y = dora_kernels.scale_columns(z, c, bias)
+        assert y.dtype == dtype and relative_error(y, ref) < (1e-6 if dtype == torch.float32 else 1e-3)
+    d = dora_kernels.column_dot(gz, z)
+    assert d.dtype == torch.float32 and relative_error(d, (gz.double() * z.double()).sum(0)) < 1e-6
+    assert torch.equal(d, dora_kernels.column_dot(gz, z))  # a fixed summation order
+
+
+def test_row_scaled_nf4_keeps_the_codes_and_scales_rows():
+    w = fl.quantize_nf4(torch.randn(45, 128), blocksize=64)
+    c = torch.randn(45)
+    scaled = dora.row_scaled_nf4(w, c)
+    assert scaled.packed is w.packed and not scaled.double_quant
+    torch.testing.assert_close(scaled.dequantize(torch.float32), c[:, None] * w.dequantize(torch.float32))
+    assert dora.row_scaled_nf4(fl.quantize_nf4(torch.randn(45, 70)), c) is None
+
+
 def test_triton_backend_equals_reference_backend_with_dropout(interpret_triton):
-    x, weight, A, B, mag, b = _case(nf4=True, M=13, r=6)
+    x, weight, A, B, mag, b = _case(nf4=True, M=13, r=6, K=128)
     y_t, leaves_t = _run(x, weight, A, B, mag, b, 0.4, "triton")
     y_r, leaves_r = _run(x, weight, A, B, mag, b, 0.4, "reference")
     assert relative_error(y_t, y_r) < 1e-6
