@@ -37,14 +37,16 @@ from __future__ import annotations
 
 import json
 import numbers
+from collections.abc import Mapping
 
 import torch
 
 from ._common import dtype_name, dtype_names
 from .backend import resolve_backend
+from .bnb_compat import bnb_cpu_dequantize_is_wrong, check_finite, quant_state_fields
 from .codec import dequantize_blockwise, dynamic_lut, dynamic_map, quantize_blockwise
 
-__all__ = ["NF4Weight", "quantize_nf4", "dequantize_nf4", "NF4_CODE", "BLOCKSIZES"]
+__all__ = ["NF4Weight", "quantize_nf4", "dequantize_nf4", "NF4_CODE", "BLOCKSIZES", "bnb_cpu_dequantize_is_wrong"]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -137,6 +139,15 @@ def _check_blocksize(who: str, blocksize) -> int:
     return int(blocksize)
 
 
+def _check_shape(who: str, shape) -> torch.Size:
+    """``shape`` (a sequence of integers >= 0) as a torch.Size, or a TypeError naming it."""
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__iter__") or not all(
+        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise TypeError(f"{who}: shape must be a sequence of integers >= 0, got {shape!r}")
+    return torch.Size(int(d) for d in shape)
+
+
 class NF4Weight:
     """A frozen weight in bitsandbytes' NF4 format (see the module docstring for the exact layout).
 
@@ -163,9 +174,9 @@ class NF4Weight:
         nested_blocksize: int = NESTED_BLOCKSIZE,
     ):
         self.packed = packed
-        self.shape = torch.Size(shape)
+        self.shape = _check_shape("NF4Weight", shape)
         self.dtype = dtype
-        self.blocksize = blocksize
+        self.blocksize = _check_blocksize("NF4Weight", blocksize)
         self.code = code
         self.absmax = absmax
         self.offset = offset
@@ -176,7 +187,14 @@ class NF4Weight:
 
     def _validate(self) -> None:
         who = "NF4Weight"
-        _check_blocksize(who, self.blocksize)
+        for name in ("packed", "code", "absmax", "offset", "nested_absmax", "nested_code"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(value).__name__}")
+        nested = self.nested_blocksize
+        if isinstance(nested, bool) or not isinstance(nested, numbers.Integral) or nested < 1:
+            raise ValueError(f"{who}: nested_blocksize must be an integer >= 1, got {nested!r}")
+        self.nested_blocksize = int(nested)
         n = self.shape.numel()
         if n == 0:
             raise ValueError(f"{who}: shape {tuple(self.shape)} has no elements")
@@ -258,6 +276,10 @@ class NF4Weight:
                 f"NF4Weight.to: got the dtype {device}; an NF4Weight only moves between devices and its packed "
                 "format never changes dtype (dequantize(dtype) returns a dense copy)"
             )
+        try:
+            device = torch.device(device) if isinstance(device, str) else device
+        except RuntimeError as error:
+            raise ValueError(f"NF4Weight.to: {device!r} is not a device ({error})") from None
         moved = {name: t.to(device) for name, t in self._tensors().items()}
         return NF4Weight(
             shape=self.shape, dtype=self.dtype, blocksize=self.blocksize, nested_blocksize=self.nested_blocksize,
@@ -299,8 +321,20 @@ class NF4Weight:
             >>> NF4Weight.from_bnb(packed, state).packed.data_ptr() == packed.data_ptr()
             True
         """
+        who = "NF4Weight.from_bnb"
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"{who}: packed must be the packed weight tensor, got {type(packed).__name__}")
+        if not all(hasattr(quant_state, a) for a in ("quant_type", "absmax", "shape", "code", "blocksize", "nested")):
+            raise TypeError(
+                f"{who}: quant_state must be a bitsandbytes.functional.QuantState (a Linear4bit's "
+                f"weight.quant_state), got {type(quant_state).__name__}"
+            )
         if quant_state.quant_type != "nf4":
-            raise ValueError(f"NF4Weight.from_bnb: quant_type is {quant_state.quant_type!r}; only 'nf4' is supported")
+            raise ValueError(f"{who}: quant_type is {quant_state.quant_type!r}; only 'nf4' is supported")
+        if quant_state.nested and (getattr(quant_state, "state2", None) is None or quant_state.offset is None):
+            raise ValueError(f"{who}: the QuantState is nested (double quantization) but has no state2 or offset")
+        if quant_state.nested and not torch.compiler.is_compiling():
+            check_finite(who, "the QuantState's offset", quant_state.offset)
         if packed.dtype != torch.uint8:
             packed = packed.view(torch.uint8)
         if getattr(quant_state, "packing_format_for_cpu", False):
@@ -378,37 +412,33 @@ class NF4Weight:
             torch.Size([37, 129])
         """
         who = "NF4Weight.from_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"{who}: state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
 
         def entry(key):
             if prefix + key not in state_dict:
                 raise KeyError(f"{who}: missing key {prefix + key!r}")
             value = state_dict[prefix + key]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{who}: {prefix + key} must be a tensor, got {type(value).__name__}")
+            check_finite(who, prefix + key, value)
             return value if device is None else value.to(device)
 
         if prefix + "weight.quant_state.bitsandbytes__fp4" in state_dict:
             raise ValueError(f"{who}: {prefix}weight holds FP4, only NF4 is supported")
-        fields = json.loads(bytes(entry("weight." + _QUANT_STATE_KEY).tolist()).decode("utf-8"))
-        if fields.get("quant_type") != "nf4":
-            raise ValueError(f"{who}: quant_type is {fields.get('quant_type')!r}; only 'nf4' is supported")
         double_quant = prefix + "weight.nested_absmax" in state_dict
+        key = "weight." + _QUANT_STATE_KEY
+        fields = quant_state_fields(entry(key), who, prefix + key, double_quant)
         packed = entry("weight")
         if packed.dtype != torch.uint8:
             packed = packed.view(torch.uint8).view(-1, 1)
         absmax = entry("weight.absmax")
-        offset = None
         if double_quant:
-            offset = torch.tensor(float(fields["nested_offset"]), dtype=torch.float32, device=absmax.device)
+            fields["offset"] = torch.tensor(fields["offset"], dtype=torch.float32, device=absmax.device)
         return cls(
-            packed=packed,
-            shape=fields["shape"],
-            dtype=getattr(torch, fields["dtype"]),
-            blocksize=fields["blocksize"],
-            code=entry("weight.quant_map"),
-            absmax=absmax,
-            offset=offset,
+            packed=packed, code=entry("weight.quant_map"), absmax=absmax,
             nested_absmax=entry("weight.nested_absmax") if double_quant else None,
-            nested_code=entry("weight.nested_quant_map") if double_quant else None,
-            nested_blocksize=fields.get("nested_blocksize", NESTED_BLOCKSIZE),
+            nested_code=entry("weight.nested_quant_map") if double_quant else None, **fields,
         )
 
 
@@ -499,7 +529,7 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, backend: str 
         raise TypeError(f"{who}: expected an NF4Weight, got {type(w).__name__}")
     dtype = w.dtype if dtype is None else dtype
     if dtype not in OUTPUT_DTYPES:
-        raise TypeError(f"{who}: dtype must be one of {dtype_names(OUTPUT_DTYPES)}, got {dtype}")
+        raise TypeError(f"{who}: dtype must be one of {dtype_names(OUTPUT_DTYPES)}, got {dtype!r}")
     n = w.numel()
     if resolve_backend(backend, w.device, who) == "triton":
         from .kernels import nf4 as nf4_kernels
