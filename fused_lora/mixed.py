@@ -13,7 +13,11 @@ in at least fp32, as the kernels accumulate them. Backward, per adapter on its r
     v = g_R·B;  dx_R += s·m⊙(v·A);  dA = s·vᵀ·(m⊙x_R);  dB = s·g_Rᵀ·u
 so each row's gradient reaches only its adapter (several adapters trained in one batch, as LoRAFusion does).
 Several active adapters without dropout take one fused ``lora_linear`` call instead: their ranks concatenated
-(A = [A_0; A_1; ..], B = [s_0·B_0, s_1·B_1, ..], s = 1), which is the same sum.
+(A = [A_0; A_1; ..], B = [s_0·B_0, s_1·B_1, ..], s = 1), which is the same sum. A mixed batch whose adapter groups
+all have at least ``GROUP_ROWS`` rows runs, on a kernel backend, each group through the fused LoRA kernels (forward
+and backward, the low-rank term inside the GEMM) and the base rows through the frozen kernel: every row is computed
+once, so the frozen FLOPs are those of one pass; W is read once per group, which costs nothing once a group is large
+enough for the GEMM to be compute-bound (smaller groups share one frozen pass instead).
 
 Each adapter draws its own dropout mask (from its own seed, regenerated in backward, never stored), as PEFT's
 per-adapter ``nn.Dropout`` does; masks are drawn with torch's generator on every backend.
@@ -30,6 +34,11 @@ from . import functional, reference
 from .nf4 import NF4Weight
 
 __all__ = ["Adapter", "lora_linear_multi", "adapter_rows", "lora_linear_multi_naive"]
+
+
+# A mixed batch runs group by group through the fused LoRA kernels when every adapter group has this many rows
+# (an NF4 GEMM on an H200 is compute-bound from about 50 rows: 0.52 bytes per weight against 2·rows FLOPs).
+GROUP_ROWS = 128
 
 
 class Adapter(NamedTuple):
@@ -56,10 +65,15 @@ def adapter_rows(ids: torch.Tensor, n_adapters: int) -> list[torch.Tensor]:
         >>> adapter_rows(torch.tensor([1, -1, 0, 1]), 2)
         [tensor([2]), tensor([0, 3])]
     """
+    return _grouped_rows(ids, n_adapters)[1]
+
+
+def _grouped_rows(ids: torch.Tensor, n_adapters: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(rows without an adapter, [rows of each adapter]) from one stable sort."""
     order = torch.argsort(ids, stable=True)
     counts = torch.bincount(ids + 1, minlength=n_adapters + 1).tolist()
-    starts = [sum(counts[: a + 1]) for a in range(n_adapters + 1)]
-    return [order[starts[a]: starts[a] + counts[a + 1]] for a in range(n_adapters)]
+    starts = [sum(counts[:a]) for a in range(n_adapters + 2)]
+    return order[: counts[0]], [order[starts[a + 1]: starts[a + 2]] for a in range(n_adapters)]
 
 
 class _Plan(NamedTuple):
@@ -160,6 +174,68 @@ class _MultiLoraFunction(torch.autograd.Function):
         return (dx, None, db, None, None, None, *grads)
 
 
+class _GroupedLoraFunction(torch.autograd.Function):
+    """Autograd of a mixed batch run group by group (module docstring): each adapter's rows through the backend's
+    fused ``forward`` / ``backward`` (its dropout drawn by the backend from the group's seed), the base rows through
+    ``frozen_forward`` / ``frozen_backward``. Saved: x, a dense W, each group's u."""
+
+    @staticmethod
+    def forward(ctx, x2d, dense_weight, bias, nf4_weight, plan, backend, base_rows, *adapter_tensors):
+        weight = nf4_weight if nf4_weight is not None else dense_weight
+        impl = functional._implementation(backend)
+        pairs = list(zip(adapter_tensors[0::2], adapter_tensors[1::2]))
+        y = torch.empty((x2d.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
+        if base_rows.numel():
+            y.index_copy_(0, base_rows, impl.frozen_forward(x2d.index_select(0, base_rows), weight, bias))
+        us = []
+        for (A, B), s, p, seed, rows in zip(pairs, plan.scalings, plan.dropout_ps, plan.seeds, plan.rows):
+            if rows.numel() == 0:
+                us.append(None)
+                continue
+            y_rows, u = impl.forward(x2d.index_select(0, rows), weight, A, B, s, bias, p, seed)
+            y.index_copy_(0, rows, y_rows)
+            us.append(u)
+        ctx.save_for_backward(x2d, dense_weight, base_rows, *adapter_tensors, *us)
+        ctx.nf4_weight, ctx.plan, ctx.impl, ctx.n = nf4_weight, plan, impl, len(pairs)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        functional._refuse_double_backward("lora_linear_multi")
+        saved = ctx.saved_tensors
+        x2d, dense_weight, base_rows = saved[:3]
+        n, plan = ctx.n, ctx.plan
+        adapter_tensors, us = saved[3: 3 + 2 * n], saved[3 + 2 * n:]
+        weight = ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight
+        need_dx, _, need_db = ctx.needs_input_grad[:3]
+        needs = ctx.needs_input_grad[7:]
+        g = g.contiguous()
+        dx = torch.empty_like(x2d) if need_dx else None
+        db_parts, grads = [], []
+        with functional._autocast_off(g.device):
+            if base_rows.numel() and (need_dx or need_db):
+                dx_rows, db_rows = ctx.impl.frozen_backward(g.index_select(0, base_rows), weight, need_dx, need_db)
+                if need_dx:
+                    dx.index_copy_(0, base_rows, dx_rows)
+                db_parts.append(db_rows)
+            for i in range(n):
+                A, B, u, rows = adapter_tensors[2 * i], adapter_tensors[2 * i + 1], us[i], plan.rows[i]
+                need_dA, need_dB = needs[2 * i], needs[2 * i + 1]
+                if rows.numel() == 0:
+                    grads += [None, None]
+                    continue
+                dx_rows, dA, dB, db_rows = ctx.impl.backward(
+                    g.index_select(0, rows), x2d.index_select(0, rows), weight, A, B, plan.scalings[i],
+                    plan.dropout_ps[i], plan.seeds[i], u, need_dx, need_dA, need_dB, need_db)
+                if need_dx:
+                    dx.index_copy_(0, rows, dx_rows)
+                db_parts.append(db_rows)
+                grads += [dA, dB]
+        db = sum(db_parts[1:], db_parts[0]).to(ctx.bias_dtype) if need_db else None
+        return (dx, None, db, None, None, None, None, *grads)
+
+
 def _check_adapters(caller, x, out_features, in_features, adapters) -> list[Adapter]:
     if isinstance(adapters, (torch.Tensor, str)) or not isinstance(adapters, Sequence) or not adapters:
         raise TypeError(f"{caller}: adapters must be a non-empty sequence of fused_lora.mixed.Adapter "
@@ -254,16 +330,27 @@ def lora_linear_multi(
         A = torch.cat([a.lora_A.to(side) for a in adapters])
         B = torch.cat([a.scaling * a.lora_B.to(side) for a in adapters], dim=1)
         return functional.lora_linear(x, weight, A, B, 1.0, bias=bias, training=training, backend=backend)
-    rows = (None,) * len(adapters)
+    rows, base_rows = (None,) * len(adapters), None
     if adapter_ids is not None:
-        rows = tuple(adapter_rows(_row_ids(caller, adapter_ids, x, len(adapters)), len(adapters)))
+        base_rows, rows = _grouped_rows(_row_ids(caller, adapter_ids, x, len(adapters)), len(adapters))
+        rows = tuple(rows)
     seeds = tuple(int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0 for p in ps)
     plan = _Plan(tuple(a.scaling for a in adapters), ps, seeds, rows)
     chosen = functional._choose_backend(backend, x2d, weight, None, None, bias, 0.0, caller)
     nf4_weight, dense_weight = (weight, None) if isinstance(weight, NF4Weight) else (None, weight)
     tensors = [t for a in adapters for t in (a.lora_A, a.lora_B)]
+    grouped = base_rows is not None and chosen == "triton" and all(
+        r.numel() == 0 or r.numel() >= GROUP_ROWS for r in rows)
+    if grouped:
+        from .kernels import lora as triton_lora
+
+        grouped = all(triton_lora.unsupported_reason(x2d, weight, a.lora_A, a.lora_B, bias, p) is None
+                      for a, p in zip(adapters, ps))
     with functional._autocast_off(x2d.device):
-        y = _MultiLoraFunction.apply(x2d, dense_weight, bias, nf4_weight, plan, chosen, *tensors)
+        if grouped:
+            y = _GroupedLoraFunction.apply(x2d, dense_weight, bias, nf4_weight, plan, chosen, base_rows, *tensors)
+        else:
+            y = _MultiLoraFunction.apply(x2d, dense_weight, bias, nf4_weight, plan, chosen, *tensors)
     return y.reshape(*leading, out_features)
 
 

@@ -103,6 +103,62 @@ def test_triton_backend_matches_float64(dtype, mode, p, nf4, interpret_triton):
     _run_and_check(x, weight, adapters, b, IDS if mode == "mixed" else None, "triton")
 
 
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["no-dropout", "dropout"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_triton_groups_through_the_fused_lora_kernels(dtype, p, nf4, monkeypatch, poison_empty, interpret_triton):
+    """Every group at least GROUP_ROWS rows: each adapter's rows run the fused LoRA kernels (their own dropout, drawn
+    from the group's seed), the base rows the frozen kernel; output and gradients against float64."""
+    from fused_lora.kernels import lora as triton_lora
+
+    monkeypatch.setattr(mixed, "GROUP_ROWS", 4)
+    calls = []
+    real = mixed._GroupedLoraFunction.forward
+    monkeypatch.setattr(mixed._GroupedLoraFunction, "forward", staticmethod(
+        lambda *a: calls.append(1) or real(*a)))
+    x, weight, adapters, b = _case(dtype=dtype, nf4=nf4, p=p, K=128, N=41)
+    M, K = x.shape
+    leaves = [x.clone().requires_grad_(True), b.clone().requires_grad_(True)]
+    leaves += [t.clone().requires_grad_(True) for a in adapters for t in (a.lora_A, a.lora_B)]
+    ads = [Adapter(leaves[2 + 2 * i], leaves[3 + 2 * i], a.scaling, a.dropout_p) for i, a in enumerate(adapters)]
+    torch.manual_seed(5)
+    y = mixed.lora_linear_multi(leaves[0], weight, ads, adapter_ids=IDS, bias=leaves[1], backend="triton")
+    assert calls == [1]
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    grads = torch.autograd.grad(y, leaves, g)
+    masks = None
+    if p:
+        torch.manual_seed(5)
+        seeds = [int(torch.randint(0, 2**31 - 1, (1,)).item()) for _ in adapters]
+        masks = []
+        for rows, seed in zip(mixed.adapter_rows(IDS, len(adapters)), seeds):
+            full = torch.zeros(M, K)
+            full[rows] = triton_lora.dropout_mask(seed, rows.numel(), K, p, "cpu")
+            masks.append(full)
+    W = weight.dequantize(dtype) if nf4 else weight
+
+    def oracle(to):
+        ls = [to(t).requires_grad_(True) for t in leaves]
+        out = mixed.lora_linear_multi_naive(ls[0], to(W), [(ls[2 + 2 * i], ls[3 + 2 * i], a.scaling)
+                                                           for i, a in enumerate(adapters)], IDS, ls[1], masks)
+        return out, torch.autograd.grad(out, ls, to(g))
+
+    y64, ref = oracle(lambda t: t.detach().double())
+    y_plain, plain = oracle(lambda t: t.detach().clone())
+    assert_close_to_reference("y", y, y_plain, y64, dtype)
+    for name, ours, pl, rf in zip(["dx", "db", "dA0", "dB0", "dA1", "dB1", "dA2", "dB2"], grads, plain, ref):
+        assert_close_to_reference(name, ours, pl, rf, dtype)
+
+
+def test_small_groups_share_one_frozen_pass(monkeypatch, interpret_triton):
+    calls = []
+    real = mixed._GroupedLoraFunction.forward
+    monkeypatch.setattr(mixed._GroupedLoraFunction, "forward", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    x, weight, adapters, b = _case(K=64, N=41)
+    mixed.lora_linear_multi(x, weight, adapters, adapter_ids=IDS, bias=b, backend="triton")
+    assert calls == []  # groups of 5-8 rows, below GROUP_ROWS
+
+
 def test_one_id_per_sample_of_a_3d_input():
     x, weight, adapters, b = _case(M=4 * 6)
     ids = torch.tensor([2, -1, 0, 2]).repeat_interleave(6)

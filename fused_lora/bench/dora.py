@@ -1,0 +1,338 @@
+"""DoRA and mixed-adapter batches: an offline prediction of GPU time (no GPU needed) and a CPU timing of the
+reference paths.
+
+    python -m fused_lora.bench.dora                   # the prediction tables (H200) and a short CPU timing
+    python -m fused_lora.bench.dora --output DIR      # also DIR/dora-<YYYYmmdd-HHMM>.json
+    python -m fused_lora.bench.dora --no-cpu          # the prediction only
+
+The model (``predict``): an implementation is the list of GPU operations its code runs (read from PEFT's DoRA layer
+and mixed-batch loop, peft/tuners/lora/{dora,variants,bnb}.py, and from fused_lora/dora.py, mixed.py), each with
+its FLOPs and the HBM bytes it reads and writes; an operation takes max(FLOPs / rate, bytes / HBM) + one launch, and
+an implementation the sum. Rates: bf16 tensor-core GEMMs at the measured cuBLAS rate, fp32 GEMMs and fp32
+element-wise math at the fp32 CUDA-core rate, everything else memory-bound at the measured copy bandwidth
+(``H200``; the same figures as the offline instrument's cost model). Every GEMM runs at that roofline, ours and
+PEFT's alike, so the predictions are the best each implementation could do: they compare the bytes, FLOPs and
+launches the implementations add, not kernel quality (the fused kernels' own efficiency is the offline
+instrument's subject). Sizes: x and y bf16, W NF4 with double quantization (0.5 + 1/64 + 1/16384 bytes per
+element), adapters and magnitude fp32 (PEFT's default), no bias (Llama), no dropout.
+
+Implementations, one layer, a training step (forward + backward) unless said:
+
+- ``peft_dora``: PEFT's DoRA over bitsandbytes' Linear4bit: bitsandbytes' dequantize + GEMM, the clone, x cast to
+  fp32, lora_weight = B(A(I_K)) (a K×K identity through both adapters: N×K fp32), W dequantized again and cast to fp32,
+  ‖W + s·lora_weight‖ over N×K fp32, lora_result = B(A(x)) in fp32, (c−1)⊙base + c⊙s·lora in fp32, the cast back;
+  autograd's backward of each (fp32 M×N passes), bitsandbytes' backward (dequantize again + GEMM).
+- ``peft_lora``: the same layer without DoRA (the DoRA overhead's baseline).
+- ``fused_dora``: ``dora_linear`` on the Triton backend as built (NF4, K a multiple of the blocksize): W·Aᵀ by the
+  frozen kernel over A's r rows (‖W_n‖² cached), the fused LoRA forward writing z, y = c⊙z (one pass), the LoRA backward
+  kernels over (c⊙W, A, c⊙B) with c in the block scales, dmag by one column reduction of g⊙z.
+- ``fused_lora``: ``lora_linear`` on the Triton backend (the plain LoRA baseline).
+- ``dense_cublas``: the bf16 GEMMs x·Wᵀ and g·W alone (the roofline of any QLoRA layer).
+
+Mixed batch of ``n`` adapters (forward, inference; each adapter M/n rows):
+
+- ``peft_mixed``: PEFT's ``_mixed_batch_forward`` over Linear4bit (bitsandbytes' forward once, then per adapter:
+  the rows gathered, A and B in fp32, the result rows updated with ``+=``).
+- ``peft_loop``: one forward per adapter over its M/n rows (``set_adapter``), each dequantizing W.
+- ``fused_mixed``: ``lora_linear_multi`` as built: groups of at least ``GROUP_ROWS`` rows run one fused LoRA pass each
+  over their gathered rows (W read once per group, the rows of y written back); smaller groups share one frozen
+  pass, then per adapter the rows gathered, u and the low-rank term in fp32, the rows of y updated.
+- ``fused_grouped``: the target, not built: the low-rank term of each row group in the GEMM's epilogue (a plain
+  fused LoRA pass plus the per-group reads of A and B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..mixed import GROUP_ROWS
+
+__all__ = ["H200", "Op", "predict", "dora_ops", "mixed_ops", "prediction_rows", "cpu_timing", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    name: str = "NVIDIA H200 (sm_90a)"
+    bf16_tflops: float = 790.0  # measured: cuBLAS bf16 8192^3 (769-798 TFLOP/s), as in the offline cost model
+    fp32_tflops: float = 60.0  # lead: fp32 CUDA-core rate (datasheet 67 TFLOP/s)
+    hbm_tbps: float = 4.3  # measured: device-to-device copy, bytes read + written
+    launch_us: float = 2.0  # lead: GPU time per launch on a busy stream
+
+
+H200 = Gpu()
+NF4_BYTES = 0.5 + 1 / 64 + 1 / 16384  # packed codes, 8-bit absmax per 64, fp32 nested absmax per 256 blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """One GPU operation: FLOPs, HBM bytes and the rate its FLOPs run at ("bf16", "fp32")."""
+
+    name: str
+    flops: float = 0.0
+    bytes: float = 0.0
+    rate: str = "fp32"
+
+    def ms(self, gpu: Gpu = H200) -> float:
+        tflops = gpu.bf16_tflops if self.rate == "bf16" else gpu.fp32_tflops
+        return max(self.flops / (tflops * 1e9), self.bytes / (gpu.hbm_tbps * 1e9)) + gpu.launch_us * 1e-3
+
+
+def _gemm(name, m, n, k, a_bytes, b_bytes, c_bytes, rate="fp32") -> Op:
+    """C (m×n) = A (m×k) · B (k×n), each operand read or written once."""
+    return Op(name, 2.0 * m * n * k, m * k * a_bytes + k * n * b_bytes + m * n * c_bytes, rate)
+
+
+def _pass(name, elements, bytes_per_element, flops_per_element=1.0) -> Op:
+    """An element-wise pass (or reduction) over ``elements``, moving ``bytes_per_element`` each."""
+    return Op(name, flops_per_element * elements, bytes_per_element * elements)
+
+
+def predict(ops, gpu: Gpu = H200) -> dict:
+    """{ms, gflop, hbm_gb, launches} of a list of Ops."""
+    return {"ms": sum(op.ms(gpu) for op in ops), "gflop": sum(op.flops for op in ops) / 1e9,
+            "hbm_gb": sum(op.bytes for op in ops) / 1e9, "launches": len(ops)}
+
+
+def _bnb_forward(M, N, K):
+    return [_pass("bnb dequantize W", N * K, NF4_BYTES + 2), _gemm("x·Wᵀ", M, N, K, 2, 2, 2, "bf16")]
+
+
+def _bnb_backward(M, N, K):
+    return [_pass("bnb dequantize W", N * K, NF4_BYTES + 2), _gemm("g·W", M, K, N, 2, 2, 2, "bf16")]
+
+
+def _peft_lora_path(M, N, K, r):
+    """PEFT's LoRA term over fp32 adapters: x cast, A, B, ×s, cast back, added; and its backward."""
+    fwd = [_pass("x to fp32", M * K, 6), _gemm("x·Aᵀ", M, r, K, 4, 4, 4), _gemm("u·Bᵀ", M, N, r, 4, 4, 4),
+           _pass("×s", M * N, 8), _pass("to bf16", M * N, 6), _pass("result + lora", M * N, 6)]
+    bwd = [_pass("g to fp32", M * N, 6), _pass("×s", M * N, 8), _gemm("dB = gᵀ·u", N, r, M, 4, 4, 4),
+           _gemm("v = g·B", M, r, N, 4, 4, 4), _gemm("dA = vᵀ·x", r, K, M, 4, 4, 4),
+           _gemm("v·A", M, K, r, 4, 4, 4), _pass("dx to bf16", M * K, 6), _pass("dx accumulate", M * K, 6)]
+    return fwd, bwd
+
+
+def dora_ops(impl: str, M: int, N: int, K: int, r: int) -> list[Op]:
+    """The operations of one training step (forward + backward) of ``impl`` (module docstring)."""
+    if impl == "dense_cublas":
+        return [_gemm("x·Wᵀ", M, N, K, 2, 2, 2, "bf16"), _gemm("g·W", M, K, N, 2, 2, 2, "bf16")]
+    if impl in ("fused_lora", "fused_dora"):
+        ops = [_gemm("u = x·Aᵀ", M, r, K, 2, 4, 4),
+               _gemm("fused fwd x·Wᵀ + s·u·Bᵀ", M, N, K, 2, NF4_BYTES, 2, "bf16"),
+               _gemm("fused v, dB, db over g", M, r, N, 2, 4, 4),
+               _gemm("fused dx = g·W + s·v·A, dA", M, K, N, 2, NF4_BYTES, 2, "bf16")]
+        ops[1] = dataclasses.replace(ops[1], flops=ops[1].flops + 2.0 * M * N * r)
+        ops[2] = dataclasses.replace(ops[2], flops=2 * ops[2].flops)  # v = g·B and dB = s·gᵀ·u in one pass
+        ops[3] = dataclasses.replace(ops[3], flops=ops[3].flops + 4.0 * M * K * r, bytes=ops[3].bytes + 2.0 * M * K)
+        if impl == "fused_dora":
+            ops += [Op("W·Aᵀ: frozen kernel over A's r rows", 2.0 * r * N * K, N * K * NF4_BYTES + 4 * r * (K + N)),
+                    Op("A·Aᵀ, B·AAᵀ, row sums, norm, c", 2.0 * r * r * (K + N), 4.0 * (r * K + 3 * N * r + 4 * N)),
+                    _pass("y = c⊙z", M * N, 4),
+                    Op("c into the block scales, c⊙B, c⊙dB", 0, 4.0 * (N * K / 32 + 4 * N * r)),
+                    _pass("dmag: column_dot(g, z)", M * N, 4, 2.0)]
+        return ops
+    lora_fwd, lora_bwd = _peft_lora_path(M, N, K, r)
+    ops = _bnb_forward(M, N, K) + [_pass("result.clone()", M * N, 4)] + lora_fwd + lora_bwd + _bnb_backward(M, N, K)
+    if impl == "peft_lora":
+        return ops
+    assert impl == "peft_dora", impl
+    dora = [
+        _pass("eye(K) fp32", K * K, 4), _gemm("lora_A(eye)", K, r, K, 4, 4, 4), _gemm("lora_B(..)", K, N, r, 4, 4, 4),
+        _pass("dequantize W again", N * K, NF4_BYTES + 2), _pass("W to fp32", N * K, 6),
+        _pass("s·lora_weight", N * K, 8), _pass("W + s·lora_weight", N * K, 12), _pass("row norm", N * K, 4, 2.0),
+        _pass("(c−1)⊙base (fp32 out)", M * N, 6), _pass("c⊙lora", M * N, 8), _pass("sum", M * N, 12),
+        _pass("result + dora (fp32)", M * N, 10), _pass("to bf16", M * N, 6),
+        # backward of those: grads of base (×(c−1)), lora (×c), dmag = Σ g⊙base + Σ g⊙lora (products then sums)
+        _pass("g to fp32", M * N, 6), _pass("g⊙(c−1) to bf16", M * N, 6), _pass("g⊙c", M * N, 8),
+        _pass("g⊙base", M * N, 10), _pass("Σ_M", M * N, 4), _pass("g⊙lora", M * N, 12), _pass("Σ_M", M * N, 4),
+        _pass("grads of result summed", M * N, 6),
+    ]
+    return ops + dora
+
+
+def mixed_ops(impl: str, M: int, N: int, K: int, r: int, n: int) -> list[Op]:
+    """The operations of one forward (inference) over a batch of M rows split evenly over n adapters."""
+    Ma = M / n
+    if impl == "peft_loop":
+        ops = []
+        for _ in range(n):
+            fwd, _ = _peft_lora_path(Ma, N, K, r)
+            ops += _bnb_forward(Ma, N, K) + [_pass("result.clone()", Ma * N, 4)] + fwd
+        return ops
+    if impl == "fused_grouped":
+        op = _gemm("grouped fused fwd", M, N, K, 2, NF4_BYTES, 2, "bf16")
+        return [_gemm("u per group", M, r, K, 2, 4, 4), dataclasses.replace(
+            op, flops=op.flops + 2.0 * M * N * r, bytes=op.bytes + n * 4.0 * N * r)]
+    if impl == "peft_mixed":
+        ops = _bnb_forward(M, N, K) + [_pass("x to fp32", M * K, 6)]
+        for _ in range(n):
+            ops += [_pass("x[rows]", Ma * K, 8), _gemm("x·Aᵀ", Ma, r, K, 4, 4, 4), _gemm("u·Bᵀ", Ma, N, r, 4, 4, 4),
+                    _pass("×s", Ma * N, 8), _pass("to bf16", Ma * N, 6), _pass("result[rows] +=", Ma * N, 8)]
+        return ops
+    assert impl == "fused_mixed", impl
+    if Ma >= GROUP_ROWS:
+        ops = [_pass("x.index_select", M * K, 4)]
+        for _ in range(n):
+            op = _gemm("fused fwd x·Wᵀ + s·u·Bᵀ", Ma, N, K, 2, NF4_BYTES, 2, "bf16")
+            ops += [_gemm("u", Ma, r, K, 2, 4, 4), dataclasses.replace(op, flops=op.flops + 2.0 * Ma * N * r),
+                    _pass("y.index_copy_", Ma * N, 4)]
+        return ops
+    ops = [_gemm("frozen fwd x·Wᵀ", M, N, K, 2, NF4_BYTES, 2, "bf16")]
+    for _ in range(n):
+        ops += [_pass("x.index_select", Ma * K, 4), _pass("to fp32", Ma * K, 6), _gemm("u", Ma, r, K, 4, 4, 4),
+                _gemm("u·Bᵀ", Ma, N, r, 4, 4, 4), _pass("×s", Ma * N, 8), _pass("y.index_select", Ma * N, 4),
+                _pass("+ (fp32)", Ma * N, 14), _pass("to bf16", Ma * N, 6), _pass("y.index_copy_", Ma * N, 4)]
+    return ops
+
+
+DORA_IMPLS = ("dense_cublas", "fused_lora", "fused_dora", "peft_lora", "peft_dora")
+MIXED_IMPLS = ("fused_grouped", "fused_mixed", "peft_mixed", "peft_loop")
+SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N): Llama-3-8B q/o, gate/up, down
+M_VALUES = (16, 2048, 8192)
+
+
+def prediction_rows(shapes=SHAPES, m_values=M_VALUES, r: int = 16, n_adapters: int = 4, gpu: Gpu = H200):
+    rows = []
+    for (K, N) in shapes:
+        for M in m_values:
+            for impl in DORA_IMPLS:
+                rows.append({"bench": "dora_linear", "pass": "fwd_bwd", "impl": impl, "M": M, "K": K, "N": N, "r": r,
+                             **predict(dora_ops(impl, M, N, K, r), gpu)})
+            for impl in MIXED_IMPLS:
+                rows.append({"bench": "mixed_batch", "pass": "fwd", "impl": impl, "adapters": n_adapters, "M": M,
+                             "K": K, "N": N, "r": r, **predict(mixed_ops(impl, M, N, K, r, n_adapters), gpu)})
+    return rows
+
+
+def _table(rows, bench: str, baseline: str) -> str:
+    lines = [f"| K×N | M | impl | predicted ms | ×{baseline} | GFLOP | HBM GB | launches |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = {(r["K"], r["N"], r["M"]): r["ms"] for r in rows if r["bench"] == bench and r["impl"] == baseline}
+    for r in rows:
+        if r["bench"] == bench:
+            ratio = r["ms"] / base[(r["K"], r["N"], r["M"])]
+            lines.append(f"| {r['K']}×{r['N']} | {r['M']} | {r['impl']} | {r['ms']:.3f} | {ratio:.2f} | "
+                         f"{r['gflop']:.1f} | {r['hbm_gb']:.3f} | {r['launches']} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- CPU timing
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def cpu_timing(K=512, N=768, M=256, r=16, n_adapters=4, repeats=5) -> list[dict]:
+    """Median ms on the CPU (fp32, dense W, reference backend) of: a DoRA training step, PEFT's DoRA layer's, plain
+    LoRA's; a mixed batch of ``n_adapters`` through lora_linear_multi, PEFT's adapter_names and PEFT's loop. CPU
+    numbers exercise the code paths; they say nothing about GPU speed."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from ..dora import dora_linear
+    from ..functional import lora_linear
+    from ..mixed import Adapter, lora_linear_multi
+
+    torch.manual_seed(0)
+    rows = []
+    x = torch.randn(M, K, requires_grad=True)
+    g = torch.randn(M, N)
+
+    def peft_layer(use_dora: bool, adapters: int = 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(K, N, bias=False)), LoraConfig(
+                r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False, use_dora=use_dora))
+            for i in range(1, adapters):
+                model.add_adapter(f"a{i}", LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"],
+                                                      init_lora_weights=False))
+        return model
+
+    def step(forward):
+        def run():
+            y = forward()
+            y.backward(g)
+        return run
+
+    dora_model, lora_model = peft_layer(True), peft_layer(False)
+    layer = dora_model.base_model.model[0]
+    W = layer.base_layer.weight.detach()
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    mag, s = layer.lora_magnitude_vector["default"].weight, layer.scaling["default"]
+    cases = {
+        "reference dora_linear": step(lambda: dora_linear(x, W, A, B, mag, s, backend="reference")),
+        "peft_dora": step(lambda: dora_model(x)),
+        "reference lora_linear": step(lambda: lora_linear(x, W, A, B, s, backend="reference")),
+        "peft_lora": step(lambda: lora_model(x)),
+    }
+    for name, fn in cases.items():
+        rows.append({"bench": "dora_linear", "pass": "fwd_bwd", "impl": name, "M": M, "K": K, "N": N, "r": r,
+                     "cpu_ms": _median_ms(fn, repeats)})
+
+    mixed_model = peft_layer(False, n_adapters).eval()
+    names = ["default"] + [f"a{i}" for i in range(1, n_adapters)]
+    mixed_layer = mixed_model.base_model.model[0]
+    adapters = [Adapter(mixed_layer.lora_A[a].weight, mixed_layer.lora_B[a].weight, mixed_layer.scaling[a])
+                for a in names]
+    per_row = [names[i % n_adapters] for i in range(M)]
+    ids = torch.arange(M) % n_adapters
+    xs = x.detach()
+
+    def peft_loop():
+        for a in names:
+            mixed_model.base_model.set_adapter(a)
+            mixed_model(xs[ids == names.index(a)])
+
+    with torch.no_grad():
+        cases = {
+            "reference lora_linear_multi": lambda: lora_linear_multi(xs, W, adapters, ids, backend="reference"),
+            "peft_mixed": lambda: mixed_model(xs, adapter_names=per_row),
+            "peft_loop": peft_loop,
+        }
+        for name, fn in cases.items():
+            rows.append({"bench": "mixed_batch", "pass": "fwd", "impl": name, "adapters": n_adapters, "M": M, "K": K,
+                         "N": N, "r": r, "cpu_ms": _median_ms(fn, repeats)})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fused_lora.bench.dora", description=__doc__.split("\n")[0])
+    parser.add_argument("--output", type=Path, default=None, help="write DIR/dora-<YYYYmmdd-HHMM>.json")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU timing")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--adapters", type=int, default=4)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    rows = prediction_rows(r=args.r, n_adapters=args.adapters)
+    print(f"Predicted on {H200.name} (roofline model of fused_lora/bench/dora.py)\n")
+    print("DoRA training step (fwd+bwd), one layer\n\n" + _table(rows, "dora_linear", "dense_cublas") + "\n")
+    print(f"Mixed batch of {args.adapters} adapters (fwd)\n\n" + _table(rows, "mixed_batch", "peft_loop") + "\n")
+    cpu = [] if args.no_cpu else cpu_timing(r=args.r, n_adapters=args.adapters)
+    for row in cpu:
+        print(f"CPU {row['bench']:12s} {row['impl']:30s} M={row['M']} K={row['K']} N={row['N']} r={row['r']}: "
+              f"{row['cpu_ms']:.2f} ms")
+    if args.output is not None:
+        args.output.mkdir(parents=True, exist_ok=True)
+        path = args.output / time.strftime("dora-%Y%m%d-%H%M.json")
+        env = {"torch": torch.__version__, "gpu_model": dataclasses.asdict(H200)}
+        path.write_text(json.dumps({"env": env, "predicted": rows, "cpu": cpu}, indent=1))
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
