@@ -29,6 +29,7 @@ from . import functional
 from .dora import dora_linear, dora_row_norm_naive
 from ._common import COMPUTE_DTYPES, dtype_name, dtype_names, side_dtypes
 from .backend import validate_backend_name
+from .checkpoint import read_base
 from .nf4 import BLOCKSIZES, NF4Weight, quantize_nf4
 from .reference import lora_scaling
 from .testing import relative_error
@@ -36,7 +37,6 @@ from .testing import relative_error
 __all__ = ["FusedLoraLinear", "LayerOptions"]
 
 QUANT_TYPES = ("nf4", None)
-_NF4_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,9 @@ class LayerOptions:
             raise ValueError(f"FusedLoraLinear: lora_alpha must be a finite number, got {self.lora_alpha!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"FusedLoraLinear: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for name, value in (("double_quant", self.double_quant), ("use_rslora", self.use_rslora)):
+            if not isinstance(value, bool):
+                raise TypeError(f"FusedLoraLinear: {name} must be True or False, got {value!r}")
         if self.quant not in QUANT_TYPES:
             raise ValueError(f"FusedLoraLinear: quant must be 'nf4' or None, got {self.quant!r}")
         if self.quant == "nf4" and (isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES):
@@ -151,6 +154,8 @@ class FusedLoraLinear(nn.Module):
         options = LayerOptions(r, lora_alpha, lora_dropout, quant, compute_dtype, blocksize, double_quant,
                                use_rslora, backend, adapter_dtype, use_dora)
         self._configure(in_features, out_features, options, device)
+        if not isinstance(bias, bool):
+            raise TypeError(f"FusedLoraLinear: bias must be True or False, got {bias!r}")
         weight, bias_values = _nn_linear_init(out_features, in_features, bias, device)
         self._set_base(weight, bias_values)
 
@@ -188,6 +193,11 @@ class FusedLoraLinear(nn.Module):
         if isinstance(weight, NF4Weight):
             base = weight
         elif self.quant == "nf4":
+            if weight.device.type == "meta":
+                raise ValueError(
+                    "FusedLoraLinear: quant='nf4' quantizes the weight's values and the meta device has none; build "
+                    "the layer on a real device, or with quant=None on meta and load a checkpoint after to_empty()"
+                )
             base = quantize_nf4(weight.detach(), blocksize=self.blocksize, double_quant=self.double_quant)
         else:
             base = weight.detach().to(self.compute_dtype, copy=True)
@@ -318,7 +328,9 @@ class FusedLoraLinear(nn.Module):
         Example:
             >>> layer.enable_adapters(False); assert not layer.adapter_enabled
         """
-        self._adapter_enabled = bool(enabled)
+        if not isinstance(enabled, bool):
+            raise TypeError(f"FusedLoraLinear.enable_adapters: enabled must be True or False, got {enabled!r}")
+        self._adapter_enabled = enabled
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -385,6 +397,8 @@ class FusedLoraLinear(nn.Module):
             >>> error = layer.merge()          # NF4: requantized; error ≈ 0.1
             >>> layer.unmerge()                # the original NF4 bytes are back
         """
+        if not isinstance(requantize, bool):
+            raise TypeError(f"FusedLoraLinear.merge: requantize must be True or False, got {requantize!r}")
         if self.merged:
             warnings.warn("FusedLoraLinear.merge: already merged; call unmerge() first", RuntimeWarning, stacklevel=2)
             return self.merge_error
@@ -432,6 +446,9 @@ class FusedLoraLinear(nn.Module):
             raise TypeError(f"FusedLoraLinear: x must be a floating-point tensor, got {x.dtype}")
         if x.dim() < 1:
             raise ValueError(f"FusedLoraLinear: x is a 0-d tensor; expected shape (..., {self.in_features})")
+        if x.device.type == "meta":
+            raise ValueError("FusedLoraLinear: x is on the meta device (shapes only, no data); materialise the model "
+                             "first, e.g. model.to_empty(device=...) and load its weights")  # fmt: skip
         if x.shape[-1] != self.in_features:
             raise ValueError(f"FusedLoraLinear: x has {x.shape[-1]} features, expected {self.in_features}")
         if x.device != self.lora_A.device:
@@ -519,52 +536,23 @@ class FusedLoraLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # The base may come as an NF4 checkpoint (bitsandbytes' keys) or a dense weight; either is converted to
-        # the layer's kind (a dense weight is quantized into an NF4 layer, an NF4 one dequantized into a dense
-        # layer). A merged layer is unmerged first: a checkpoint holds an unmerged base.
+        # the layer's kind by checkpoint.read_base, which also reports missing NF4 entries and unexpected weight.*
+        # keys. A merged layer is unmerged first: a checkpoint holds an unmerged base.
         if self.merged:
             self.unmerge()
         weight_key = prefix + "weight"
         rest = {k: v for k, v in state_dict.items() if k != weight_key and not k.startswith(weight_key + ".")}
-        if weight_key in state_dict:
-            loaded = self._read_base(state_dict, prefix, error_msgs)
-            if isinstance(self.weight, NF4Weight):
-                if loaded is not None:
-                    self._install_weight(loaded)
-            else:
-                rest[weight_key] = self.weight if loaded is None else loaded
-        elif strict and isinstance(self.weight, NF4Weight):
-            missing_keys.append(weight_key)
+        nf4 = self.weight if isinstance(self.weight, NF4Weight) else None
+        loaded = read_base(state_dict, prefix, shape=(self.out_features, self.in_features), nf4=nf4,
+                           dtype=self.compute_dtype, device=self.lora_A.device, strict=strict,
+                           missing_keys=missing_keys, unexpected_keys=unexpected_keys, error_msgs=error_msgs)
+        if nf4 is not None:
+            if loaded is not None:
+                self._install_weight(loaded)
+        elif weight_key in state_dict:
+            rest[weight_key] = self.weight if loaded is None else loaded
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-    def _read_base(self, state_dict, prefix, error_msgs):
-        """The checkpoint's base weight in the layer's kind (NF4Weight, or a dense tensor for the Parameter
-        copy), or None after appending to ``error_msgs``."""
-        weight_key = prefix + "weight"
-        device = self.lora_A.device
-        expected = (self.out_features, self.in_features)
-        try:
-            if (weight_key + ".absmax") in state_dict:
-                loaded = NF4Weight.from_state_dict(state_dict, prefix, device=device)
-            else:
-                loaded = state_dict[weight_key]
-            if tuple(loaded.shape) != expected:
-                error_msgs.append(
-                    f"size mismatch for {weight_key}: the checkpoint has shape {tuple(loaded.shape)}, "
-                    f"the FusedLoraLinear expects {expected}"
-                )
-                return None
-            if isinstance(self.weight, NF4Weight):
-                if isinstance(loaded, NF4Weight):
-                    return loaded
-                return quantize_nf4(loaded.detach().to(device), blocksize=self.blocksize,
-                                    double_quant=self.double_quant)
-            if isinstance(loaded, NF4Weight):
-                return loaded.dequantize(self.compute_dtype)
-            return loaded
-        except (KeyError, ValueError, RuntimeError) as error:
-            error_msgs.append(f"could not load {weight_key}: {error}")
-            return None
 
     def extra_repr(self) -> str:
         quant = self.quant

@@ -134,3 +134,83 @@ def test_nf4_entry_points_name_the_problem(case):
     fn, error, match = NF4_CASES[case]
     with pytest.raises(error, match=match):
         fn()
+
+
+def _layer(**kwargs):
+    return fl.FusedLoraLinear(K, N, r=R, compute_dtype=torch.float32, **kwargs)
+
+
+def _loaded(layer, sd, strict=True):
+    return layer.load_state_dict(sd, strict=strict)
+
+
+def _without(sd, *keys):
+    return {k: v for k, v in sd.items() if k not in keys}
+
+
+def _fake_bnb_linear():
+    bnb = pytest.importorskip("bitsandbytes")
+    return bnb.nn.Linear4bit(K, N, quant_type="fp4").to("cpu")
+
+
+MODULE_CASES = {
+    "ctor-r-zero": (lambda: fl.FusedLoraLinear(K, N, r=0), ValueError,
+                    "FusedLoraLinear: r must be an integer >= 1, got 0"),
+    "ctor-in-features-float": (lambda: fl.FusedLoraLinear(64.0, N), ValueError, "in_features must be an integer"),
+    "ctor-alpha-str": (lambda: _layer(lora_alpha="16"), TypeError, "lora_alpha must be a number, got str '16'"),
+    "ctor-alpha-nan": (lambda: _layer(lora_alpha=math.nan), ValueError, "lora_alpha must be a finite number"),
+    "ctor-dropout-one": (lambda: _layer(lora_dropout=1.0), ValueError, "lora_dropout must be in \\[0, 1\\), got 1.0"),
+    "ctor-quant-fp4": (lambda: _layer(quant="fp4"), ValueError, "quant must be 'nf4' or None, got 'fp4'"),
+    "ctor-blocksize": (lambda: _layer(blocksize=100), ValueError, "FusedLoraLinear: blocksize 100 is not supported"),
+    "ctor-compute-dtype-str": (lambda: fl.FusedLoraLinear(K, N, compute_dtype="bf16"), ValueError,
+                               "compute_dtype must be one of .*got 'bf16'"),
+    "ctor-adapter-dtype-int": (lambda: _layer(adapter_dtype=torch.int8), ValueError,
+                               "adapter_dtype must be a floating-point dtype"),
+    "ctor-backend": (lambda: _layer(backend="gpu"), ValueError, "FusedLoraLinear: unknown backend 'gpu'"),
+    "ctor-bias-str": (lambda: _layer(bias="yes"), TypeError, "bias must be True or False, got 'yes'"),
+    "ctor-double-quant-str": (lambda: _layer(double_quant="no"), TypeError,
+                              "double_quant must be True or False, got 'no'"),
+    "ctor-rslora-str": (lambda: _layer(use_rslora="no"), TypeError, "use_rslora must be True or False, got 'no'"),
+    "ctor-nf4-on-meta": (lambda: _layer(device="meta"), ValueError,
+                         "quant='nf4' quantizes the weight's values and the meta device has none"),
+    "from-linear-not-linear": (lambda: fl.FusedLoraLinear.from_linear(torch.nn.Conv1d(3, 3, 1)), TypeError,
+                               "from_linear: expected an nn.Linear, got Conv1d"),
+    "from-linear-r-zero": (lambda: fl.FusedLoraLinear.from_linear(torch.nn.Linear(K, N), r=0), ValueError,
+                           "r must be an integer >= 1"),
+    "from-bnb-plain-linear": (lambda: fl.FusedLoraLinear.from_bnb(torch.nn.Linear(K, N)), ValueError,
+                              "from_bnb: Linear has no quantized weight"),
+    "from-bnb-fp4": (lambda: fl.FusedLoraLinear.from_bnb(_fake_bnb_linear()), ValueError,
+                     "only NF4 is supported, got quant_type='fp4'"),
+    "forward-int-x": (lambda: _layer()(torch.ones(2, K, dtype=torch.long)), TypeError,
+                      "x must be a floating-point tensor, got torch.int64"),
+    "forward-wrong-features": (lambda: _layer()(torch.randn(2, K - 1)), ValueError, "x has 63 features, expected 64"),
+    "forward-not-tensor": (lambda: _layer()([1.0]), TypeError, "x must be a torch.Tensor, got list"),
+    "forward-0d": (lambda: _layer()(torch.tensor(1.0)), ValueError, "x is a 0-d tensor"),
+    "forward-meta-x": (lambda: _layer(quant=None)(torch.empty(2, K, device="meta")), ValueError,
+                       "FusedLoraLinear: x is on the meta device"),
+    "forward-meta-layer": (lambda: _layer(quant=None, device="meta")(torch.randn(2, K)), ValueError,
+                           "x is on cpu but the layer is on meta"),
+    "load-wrong-shape": (lambda: _loaded(_layer(), fl.FusedLoraLinear(K - 1, N, r=R).state_dict()), RuntimeError,
+                         "size mismatch for weight: the checkpoint has shape \\(40, 63\\)"),
+    "load-missing-absmax": (lambda: _loaded(_layer(), _without(_layer().state_dict(), "weight.absmax")),
+                            RuntimeError, 'Missing key\\(s\\) in state_dict: "weight.absmax"'),
+    "load-unexpected-weight-key": (lambda: _loaded(_layer(), {**_layer().state_dict(), "weight.x": torch.ones(1)}),
+                                   RuntimeError, 'Unexpected key\\(s\\) in state_dict: "weight.x"'),
+    "load-dense-weight-not-tensor": (lambda: _loaded(_layer(quant=None), {**_layer(quant=None).state_dict(),
+                                                                           "weight": [1.0]}),
+                                     RuntimeError, "could not load weight: a dense weight must be a floating-point"),
+    "load-bad-quant-dtype": (lambda: _loaded(_layer(), {**_layer().state_dict(), **{
+        k.replace("l.", ""): v for k, v in _sd(dtype="float99").items() if "quant_state" in k}}), RuntimeError,
+        "could not load weight: .*dtype 'float99'"),
+    "merge-requantize-str": (lambda: _layer().merge(requantize="no"), TypeError,
+                             "merge: requantize must be True or False, got 'no'"),
+    "enable-adapters-str": (lambda: _layer().enable_adapters("no"), TypeError,
+                            "enable_adapters: enabled must be True or False, got 'no'"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODULE_CASES))
+def test_layer_entry_points_name_the_problem(case):
+    fn, error, match = MODULE_CASES[case]
+    with pytest.raises(error, match=match):
+        fn()

@@ -1,6 +1,7 @@
 """FusedLoraLinear: output and gradients vs the float64 reference, dtypes, dropout, from_linear / from_bnb,
 adapter on/off, merge/unmerge, state dicts (bitsandbytes keys), device/dtype moves and errors."""
 
+import json
 import math
 import warnings
 
@@ -427,6 +428,54 @@ def test_load_rejects_a_wrong_shape_and_missing_base():
     del sd["weight"]
     with pytest.raises(RuntimeError, match="Missing key.*weight"):
         layer.load_state_dict({k: v for k, v in sd.items() if not k.startswith("weight")})
+
+
+def _with_quant_state(sd, **fields):
+    key = "weight.quant_state.bitsandbytes__nf4"
+    state = {k: v for k, v in {**json.loads(bytes(sd[key].tolist()).decode("utf-8")), **fields}.items() if v is not None}
+    return {**sd, key: torch.tensor(list(json.dumps(state).encode("utf-8")), dtype=torch.uint8)}
+
+
+@pytest.mark.parametrize("quant", ["nf4", None], ids=["nf4-layer", "dense-layer"])
+def test_load_reports_unexpected_weight_keys_and_missing_nf4_entries_by_name(quant):
+    """strict=True ignored unexpected weight.* keys, and an NF4 checkpoint without weight.absmax was reported as
+    "size mismatch for weight: (1280, 1) vs (40, 64)"; now torch's own Missing/Unexpected key messages name them,
+    strict=False returns them, and an incomplete NF4 base leaves the layer's base as it was."""
+    layer = fl.FusedLoraLinear(64, 40, r=4, quant=quant, compute_dtype=torch.float32)
+    sd = fl.FusedLoraLinear(64, 40, r=4, compute_dtype=torch.float32).state_dict()
+    with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "weight.scale"'):
+        layer.load_state_dict({**sd, "weight.scale": torch.ones(1)})  # the rest loads, as torch does
+    before = layer.state_dict()
+    no_absmax = {k: v for k, v in sd.items() if k != "weight.absmax"}
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "weight.absmax"') as raised:
+        layer.load_state_dict(no_absmax)
+    assert "size mismatch" not in str(raised.value)
+    assert layer.load_state_dict(no_absmax, strict=False).missing_keys == ["weight.absmax"]
+    dense = fl.FusedLoraLinear(64, 40, r=4, quant=None, compute_dtype=torch.float32).state_dict()
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "weight.quant_map", "weight.quant_st'):
+        layer.load_state_dict({**dense, "weight.absmax": sd["weight.absmax"].float()})  # an NF4 entry: NF4 rules
+    for key in ("weight", "weight.absmax"):
+        if key in before:
+            assert torch.equal(layer.state_dict()[key], before[key]), key
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [({"dtype": "float99"}, "the quant state's dtype 'float99' is not one of float32"),
+     ({"nested_offset": float("nan")}, "nested_offset is nan; it must be a finite number"),
+     ({"nested_offset": None}, "has no nested_offset")],
+    ids=["bad-dtype-name", "nan-offset", "no-offset"],
+)
+def test_load_of_a_bad_quant_state_is_a_load_error_naming_the_field(fields, message):
+    """A bad dtype string escaped as a raw AttributeError and a missing nested_offset as a KeyError; a NaN
+    nested_offset was accepted and every output became NaN."""
+    layer = fl.FusedLoraLinear(64, 40, r=4, compute_dtype=torch.float32)
+    packed = layer.weight.packed.clone()
+    sd = _with_quant_state(layer.state_dict(), **fields)
+    with pytest.raises(RuntimeError, match=f"could not load weight: NF4Weight.from_state_dict: .*{message}"):
+        layer.load_state_dict(sd)
+    assert torch.equal(layer.weight.packed, packed)
+    assert torch.isfinite(layer(torch.randn(3, 64))).all()
 
 
 def test_dtype_casts_never_touch_the_nf4_bytes():
