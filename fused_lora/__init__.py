@@ -7,7 +7,7 @@ bitsandbytes, PEFT and ``fused_lora._C`` are imported lazily, when a feature tha
 from . import functional, reference
 from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 from .modules import FusedLoraLinear
-from .peft import patch_peft_model
+from .peft import apply_fused_lora, patch_peft_model
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "functional",
     "reference",
     "patch_peft_model",
+    "apply_fused_lora",
     "optim",
     "__version__",
 ]

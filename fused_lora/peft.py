@@ -1,6 +1,6 @@
 """PEFT integration: run PEFT's LoRA layers through ``fused_lora.functional.lora_linear``.
 
-Two ways in, both keeping PEFT's module structure (``base_layer``, ``lora_A[adapter]`` / ``lora_B[adapter]`` as
+Three ways in, all keeping PEFT's module structure (``base_layer``, ``lora_A[adapter]`` / ``lora_B[adapter]`` as
 ``nn.Linear``, ``lora_dropout``, ``scaling``), so ``save_pretrained`` writes an ordinary PEFT adapter that plain
 PEFT loads, and ``merge_and_unload``, ``disable_adapter()``, ``set_adapter`` and friends keep working:
 
@@ -11,6 +11,9 @@ PEFT loads, and ``merge_and_unload``, ``disable_adapter()``, ``set_adapter`` and
   the very same objects (the NF4 base is read through ``NF4Weight.from_bnb``, never requantized).
 * ``register_fused_lora(lora_config)`` makes ``get_peft_model`` build the fused layers directly, through PEFT's
   custom-module registration.
+* ``apply_fused_lora()`` (``fl.apply_fused_lora``, the one line for transformers/TRL users) does so for every LoRA
+  layer PEFT builds afterwards in the process, including those TRL's trainers build from a ``peft_config``, by
+  wrapping PEFT's LoRA layer factory; ``unapply_fused_lora()`` restores it.
 
 The fused forward computes, for the single active adapter (symbols of fused_lora/reference.py),
 
@@ -53,6 +56,8 @@ from .nf4 import NF4Weight
 from .peft_routes import fused_adapters_forward
 
 __all__ = [
+    "apply_fused_lora",
+    "unapply_fused_lora",
     "patch_peft_model",
     "unpatch_peft_model",
     "register_fused_lora",
@@ -372,6 +377,72 @@ def _create_fused_layer(target: nn.Module, adapter_name: str, config, **kwargs):
             config.fan_in_fan_out = False
         return _fused_class("Linear")(target, adapter_name, config=config, **kwargs)
     return None
+
+
+def _fuse_created_module(create):
+    """PEFT's ``LoraModel._create_new_module`` wrapped so that a LoRA layer it builds over an nn.Linear or NF4
+    Linear4bit base comes out fused (its class switched as ``patch_peft_model`` does)."""
+
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        module = create(lora_config, adapter_name, target, **kwargs)
+        peft_name = _peft_lora_classes().get(type(module))
+        if peft_name is not None and _base_kind(module.get_base_layer()) is not None:
+            module.__class__ = _fused_class(peft_name)
+        return module
+
+    _create_new_module.fused_lora_original = create
+    return _create_new_module
+
+
+def apply_fused_lora(model: nn.Module | None = None) -> int:
+    """The one line for transformers/PEFT/TRL users: every PEFT LoRA layer built from now on in this process is
+    fused, and the LoRA layers already in ``model`` (when given) are converted; returns how many of those were.
+
+    "From now on" covers ``get_peft_model``, ``PeftModel.from_pretrained``, ``add_adapter``/``load_adapter`` on a new
+    module, and the trainers that build the PEFT model themselves from a ``peft_config`` (TRL's SFTTrainer,
+    DPOTrainer, GRPOTrainer): PEFT's LoRA factory (``LoraModel._create_new_module``) is wrapped so that each LoRA
+    layer over an nn.Linear or NF4 Linear4bit base comes out as ``FusedPeftLinear(4bit)``, exactly what
+    ``patch_peft_model`` makes. Saved adapters stay ordinary PEFT adapters. Calling it again changes nothing;
+    ``unapply_fused_lora()`` stops it.
+
+    Args:
+        model: optional; a PEFT model (or any module holding PEFT LoRA layers) to convert now.
+    Returns:
+        the number of layers of ``model`` converted by this call (0 without a model).
+
+    Example:
+        >>> import fused_lora as fl
+        >>> fl.apply_fused_lora()                       # before get_peft_model / SFTTrainer(peft_config=...)
+        0
+        >>> model = get_peft_model(base_model, LoraConfig(r=16, target_modules="all-linear"))   # fused layers
+    """
+    if model is not None:
+        _check_module("apply_fused_lora", model)
+    from peft.tuners.lora.model import LoraModel
+
+    create = LoraModel._create_new_module
+    if not hasattr(create, "fused_lora_original"):
+        LoraModel._create_new_module = staticmethod(_fuse_created_module(create))
+    return patch_peft_model(model) if model is not None else 0
+
+
+def unapply_fused_lora(model: nn.Module | None = None) -> int:
+    """Undo ``apply_fused_lora``: PEFT builds its own LoRA layers again, and the fused layers of ``model`` (when
+    given) turn back into PEFT's; returns how many of those were turned back.
+
+    Example:
+        >>> fl.peft.unapply_fused_lora(model)
+        154
+    """
+    if model is not None:
+        _check_module("unapply_fused_lora", model)
+    if "peft.tuners.lora.model" in sys.modules:
+        from peft.tuners.lora.model import LoraModel
+
+        create = LoraModel._create_new_module
+        if hasattr(create, "fused_lora_original"):
+            LoraModel._create_new_module = staticmethod(create.fused_lora_original)
+    return unpatch_peft_model(model) if model is not None else 0
 
 
 def register_fused_lora(lora_config):

@@ -1,11 +1,17 @@
-"""The README's Python snippets run as written (on the CPU here: the reference backend)."""
+"""The README's Python snippets run as written (on the CPU here: the reference backend), in order and in one
+namespace, as a reader runs them top to bottom (a block may continue the one before it). Each block is checked for
+what it shows; a block that no check recognises fails, so a new block comes with its check."""
 
 from __future__ import annotations
 
+import math
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
+
+import fused_lora as fl
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -18,9 +24,50 @@ def test_the_readme_has_a_python_snippet():
     assert python_blocks(), "README.md has no ```python block"
 
 
+def fused_count(model) -> int:
+    return sum(isinstance(m, fl.peft._FusedLoraForward) for m in model.modules())
+
+
+def losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def check_use(ns):
+    assert ns["y"].shape == (2, 64, 1024)
+    assert ns["lora_A"].grad is not None and ns["n"] > 0
+
+
+def check_recipe(ns):
+    assert fused_count(ns["trainer"].model) == 14, "the one line fused every LoRA layer of the recipe"
+    assert len(losses(ns["trainer"])) == 4 and all(math.isfinite(v) for v in losses(ns["trainer"]))
+
+
+def check_trl(ns):
+    assert fused_count(ns["sft"].model) == 14 and fused_count(ns["dpo"].model) == 14
+    assert all(math.isfinite(v) for v in losses(ns["sft"]))
+    assert losses(ns["dpo"])[0] == pytest.approx(math.log(2), abs=1e-6), "the policy starts equal to its reference"
+
+
+CHECKS = {"y": check_use, "trainer": check_recipe, "dpo": check_trl}  # a name the block defines -> its check
+
+
+@pytest.fixture(scope="module")
+def namespace(tmp_path_factory):
+    """One namespace for all blocks; temporary folders the blocks make go under pytest's; apply_fused_lora undone."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("readme"))
+    try:
+        yield {}
+    finally:
+        tempfile.tempdir = previous
+        fl.peft.unapply_fused_lora()
+
+
 @pytest.mark.parametrize("index", range(len(python_blocks())))
-def test_readme_snippet_runs_as_written(index, one_torch_thread):
-    namespace: dict = {}
+def test_readme_snippet_runs_as_written(index, namespace, one_torch_thread):
+    defined_before = set(namespace)
     exec(compile(python_blocks()[index], f"README.md python block {index}", "exec"), namespace)
-    assert namespace["y"].shape == (2, 64, 1024)
-    assert namespace["lora_A"].grad is not None and namespace["n"] > 0
+    checks = [check for name, check in CHECKS.items() if name in namespace and name not in defined_before]
+    assert checks, f"README python block {index} has no check in tests/test_readme.py CHECKS"
+    for check in checks:
+        check(namespace)

@@ -154,3 +154,23 @@ def test_trainer_under_bf16_autocast_runs_fused(tiny_dir, tmp_path, monkeypatch,
     exact = plain_losses(kind, tiny_dir, "fp32", "fp32", False, tmp_path)
     for step, (fused, plain, reference) in enumerate(zip(losses, peft, exact)):
         assert abs(fused - reference) <= 2 * abs(plain - reference) + 5e-4, (step, losses, peft, exact)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_apply_fused_lora_line_covers_the_layers_trl_builds(tiny_dir, tmp_path, monkeypatch, kind):
+    """fl.apply_fused_lora() before the trainer: TRL's own get_peft_model builds fused layers."""
+    fl.apply_fused_lora()
+    try:
+        trainer = make_trainer(kind, tiny_dir, torch.float32, False, str(tmp_path / "fused"))
+    finally:
+        fl.peft.unapply_fused_lora()
+    assert fl.patch_peft_model(trainer.model) == 0, "already fused"
+    counts = count_calls(monkeypatch, "lora_linear", "frozen_linear")
+    monkeypatch.setattr(fl._common, "_warned", set())
+    with no_fallback_warning():
+        losses = train_losses(trainer)
+    assert counts["lora_linear"] > 0 and (kind == "sft" or counts["frozen_linear"] > 0)
+    peft = plain_losses(kind, tiny_dir, "fp32", "bf16", False, tmp_path)
+    exact = plain_losses(kind, tiny_dir, "fp32", "fp32", False, tmp_path)
+    for step, (fused, plain, reference) in enumerate(zip(losses, peft, exact)):
+        assert abs(fused - reference) <= 2 * abs(plain - reference) + 5e-4, (step, losses, peft, exact)
