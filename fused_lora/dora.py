@@ -167,19 +167,20 @@ def _scale(mag: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     return mag.detach().to(norm.dtype) / norm
 
 
-def dora_forward(x, W, A, B, s: float, mag, b=None, m=None, norm=None):
+def dora_forward(x, W, A, B, s: float, mag, b=None, m=None, norm=None, keep_z=False):
     """Forward of the DoRA layer (formulas in the module docstring).
 
     Args:
         x: (M, K). W: (N, K) dense frozen weight in x's dtype. A: (r, K). B: (N, r). s: scaling. mag: (N,).
         b: (N,) or None. m: (M, K) dropout mask (0 or 1/(1-p)) or None. norm: (N,) row norms in the low-rank dtype,
-        or None to compute them here from W.
+        or None to compute them here from W. keep_z: also return z = x_d·Wᵀ + s·u·Bᵀ (for dmag) instead of None.
     Returns:
-        y (M, N) in x's dtype; u (M, r) in the low-rank dtype; norm (N,) in the low-rank dtype.
+        y (M, N) in x's dtype; u (M, r) in the low-rank dtype; norm (N,) in the low-rank dtype; z (M, N) in the
+        low-rank dtype or None.
 
     Example:
         >>> x, W, A, B = torch.randn(37, 64), torch.randn(80, 64), torch.randn(8, 64), torch.randn(80, 8)
-        >>> y, u, n = dora_forward(x, W, A, B, 2.0, torch.rand(80) + 0.5)
+        >>> y, u, n, _ = dora_forward(x, W, A, B, 2.0, torch.rand(80) + 0.5)
     """
     L = _lowrank_dtype(x, A, B, mag)
     A_L, B_L = A.to(L), B.to(L)
@@ -190,28 +191,32 @@ def dora_forward(x, W, A, B, s: float, mag, b=None, m=None, norm=None):
     base = x @ W.t()  # the frozen product in x's dtype, as reference.lora_forward rounds it
     if m is None:
         u = x.to(L) @ A_L.t()
-        y = c * (base.to(L) + s * (u @ B_L.t()))
+        z = base.to(L) + s * (u @ B_L.t())
+        y = c * z
     else:
         x_d = x.to(L) * m.to(L)
         u = x_d @ A_L.t()
-        y = base.to(L) + (c - 1.0) * (x_d @ W.to(L).t()) + c * (s * (u @ B_L.t()))
+        base_d, lowrank = x_d @ W.to(L).t(), s * (u @ B_L.t())
+        y = base.to(L) + (c - 1.0) * base_d + c * lowrank
+        z = base_d + lowrank if keep_z else None
     if b is not None:
         y = y + b.to(L)
-    return y.to(x.dtype), u, norm
+    return y.to(x.dtype), u, norm, (z if keep_z else None)
 
 
 def dora_backward(g, x, W, A, B, s: float, mag, norm, u, m=None, need_dx=True, need_dA=True, need_dB=True,
-                  need_dmag=True, need_db=False):
+                  need_dmag=True, need_db=False, z=None):
     """Backward of the DoRA layer (formulas in the module docstring); the norm gets no gradient.
 
     Args:
-        g: (M, N) ∂L/∂y in x's dtype. x, W, A, B, s, mag, m: as in ``dora_forward``. norm, u: from the forward.
+        g: (M, N) ∂L/∂y in x's dtype. x, W, A, B, s, mag, m: as in ``dora_forward``. norm, u (and z, optional):
+        from the forward.
     Returns:
         (dx, dA, dB, dmag, db): dx in x's dtype, dA / dB / dmag in A's / B's / mag's dtype, db in at least fp32;
         an entry is None when its ``need_*`` flag is False.
 
-    dmag is Σ_m g⊙z / n computed without z: Σ_m g_mn·(x_d·Wᵀ)_mn = Σ_k W_nk·(gᵀ·x_d)_nk and
-    Σ_m g_mn·(u·Bᵀ)_mn = Σ_j B_nj·(gᵀ·u)_nj (an N×K temporary, fine for the reference).
+    dmag is Σ_m g⊙z / n; without z it is computed as Σ_k W_nk·(gᵀ·x_d)_nk + s·Σ_j B_nj·(gᵀ·u)_nj (one more GEMM and
+    an N×K temporary).
     """
     L = _lowrank_dtype(x, A, B, mag)
     A_L, B_L, g_L = A.to(L), B.to(L), g.to(L)
@@ -231,7 +236,9 @@ def dora_backward(g, x, W, A, B, s: float, mag, norm, u, m=None, need_dx=True, n
         dA = (s * (v.t() @ x_d)).to(A.dtype)
     if need_dB:
         dB = (s * (cg.t() @ u.to(L))).to(B.dtype)
-    if need_dmag:
+    if need_dmag and z is not None:
+        dmag = ((g_L * z.to(L)).sum(0) / norm).to(mag.dtype)
+    elif need_dmag:
         frozen = (W.to(L) * (g_L.t() @ x_d)).sum(1)
         lowrank = (B_L * (g_L.t() @ u.to(L))).sum(1)
         dmag = ((frozen + s * lowrank) / norm).to(mag.dtype)
@@ -269,29 +276,31 @@ def dora_linear_naive(x, W, A, B, s: float, mag, b=None, m=None):
 
 
 class _ReferenceDora:
-    """DoRA on the reference backend: the twin above, W dequantized to x's dtype for the frozen products and to
-    the low-rank dtype for W·Aᵀ (the norm)."""
+    """DoRA on the reference backend: the twin above, W dequantized to x's dtype for the frozen products (and once
+    more to the low-rank dtype for W·Aᵀ when x is in a lower one); z (M×N) is kept for dmag when mag needs a
+    gradient, as PEFT keeps its base result."""
 
     @staticmethod
-    def norm(x2d, weight, A, B, s, mag):
+    def norm(x2d, W, weight, A, B, s, mag):
         L = _lowrank_dtype(x2d, A, B, mag)
         A_L = A.detach().to(L)
-        WA = _dense(weight, L) @ A_L.t()
+        WA = (W if W.dtype == L else _dense(weight, L)) @ A_L.t()
         return dora_row_norm(row_squares(weight, L), WA, A_L, B.detach().to(L), s)
 
     @classmethod
     def forward(cls, x2d, weight, A, B, s, mag, bias, dropout_p, seed, keep_z):
         m = reference.dropout_mask(x2d.shape, dropout_p, seed, x2d.device)
-        norm = cls.norm(x2d, weight, A, B, s, mag)
-        y, u, _ = dora_forward(x2d, _dense(weight, x2d.dtype), A, B, s, mag, bias, m, norm)
-        return y, norm, u, None
+        W = _dense(weight, x2d.dtype)
+        norm = cls.norm(x2d, W, weight, A, B, s, mag)
+        y, u, _, z = dora_forward(x2d, W, A, B, s, mag, bias, m, norm, keep_z)
+        return y, norm, u, z
 
     @staticmethod
     def backward(g, x2d, weight, A, B, s, mag, norm, u, z, dropout_p, seed, needs):
         m = reference.dropout_mask(x2d.shape, dropout_p, seed, x2d.device)
         need_dx, need_dA, need_dB, need_dmag, need_db = needs
-        W = _dense(weight, x2d.dtype) if (need_dx or need_dmag) else None
-        return dora_backward(g, x2d, W, A, B, s, mag, norm, u, m, *needs)
+        W = _dense(weight, x2d.dtype) if (need_dx or (need_dmag and z is None)) else None
+        return dora_backward(g, x2d, W, A, B, s, mag, norm, u, m, *needs, z=z)
 
 
 def row_scaled_nf4(weight: NF4Weight, c: torch.Tensor) -> NF4Weight | None:

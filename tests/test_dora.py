@@ -128,6 +128,18 @@ def test_reference_backend_adapters_and_magnitude_in_the_compute_dtype():
     _assert_matches_oracle(x, weight, A, B, mag, b, 0.0, "reference")
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_reference_dmag_with_and_without_the_kept_z_agree(p):
+    x, weight, A, B, mag, b = _case(M=29, r=4)
+    m = reference.dropout_mask(x.shape, p, 5, "cpu")
+    y, u, norm, z = dora.dora_forward(x, weight, A, B, SCALING, mag, b, m, keep_z=True)
+    g = torch.randn_like(y)
+    kept = dora.dora_backward(g, x, weight, A, B, SCALING, mag, norm, u, m, z=z)
+    recomputed = dora.dora_backward(g, x, weight, A, B, SCALING, mag, norm, u, m)
+    for ours, other in zip(kept[:4], recomputed[:4]):
+        assert relative_error(ours, other) < 1e-6
+
+
 def test_float64_reference_is_exact():
     x, weight, A, B, mag, b = _case(dtype=torch.float64, adapter_dtype=torch.float64, M=23, r=9)
     errors = _assert_matches_oracle(x, weight, A, B, mag, b, 0.2, "reference")
