@@ -106,12 +106,13 @@ def has_standard_code(weight) -> bool:
 def lookup_mode(weight, dtype: torch.dtype) -> str:
     """How the NF4 kernels turn a 4-bit code into its value (nf4_lookup.py): "prmt" (byte permutes in registers,
     inline PTX; bf16/fp16 on a GPU: code and scale rounded to the compute dtype, then multiplied), "tree" (a select
-    tree over the 16 fp32 values in registers: exact; the CPU interpreter, which runs no inline assembly), or
-    "gather" (a load from the 16-entry table: exact; fp32 on a GPU)."""
-    if not is_nf4(weight) or not has_standard_code(weight):
-        return "gather"  # not read, or a table other than NF4's
+    tree over NF4's 16 fp32 values in registers: exact; the CPU interpreter, which runs no inline assembly, for a
+    weight with NF4's table), or "gather" (a load from the 16-entry table: exact; fp32 on a GPU, and any other
+    table under the interpreter)."""
+    if not is_nf4(weight):
+        return "gather"  # not read
     if interpreting():
-        return "tree"
+        return "tree" if has_standard_code(weight) else "gather"
     return "prmt" if dtype in (torch.float16, torch.bfloat16) else "gather"
 
 

@@ -52,7 +52,7 @@ def _dequantize_window(weight, slab, n0: int, k0: int) -> None:
     block_r, block_c = (16, 32) if interpreting() else (16, 256)
     nf4_slab_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
         weight.packed, common.decoded_scales(weight), weight.code.contiguous(), slab,
-        K, n0, k0, rows, cols, slab.stride(0),
+        K, n0, k0, rows, cols, slab.stride(0), K // 2, k0 // 2,
         BLOCKSIZE=int(weight.blocksize), PAIRS=K % 2 == 0 and k0 % 2 == 0, BLOCK_R=block_r, BLOCK_C=block_c,
         num_warps=4,
     )  # fmt: skip

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .dropout import dropout_mask_tile
 from .lora_fwd import grouped_tile, load_weight_tile
+from .nf4_lookup import nf4_lut
 
 
 @triton.jit
@@ -208,13 +209,15 @@ def lora_dx_kernel(
 
     if NEED_DX:
         g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+        lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if LOOKUP == "prmt" else None
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
             w = load_weight_tile(
                 w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                 offs_n, k0, N, K, stride_wn, stride_wk,
-                IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, LOOKUP, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+                IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, LOOKUP, lut, BLOCK_N, BLOCK_K,
+                COMPUTE_DTYPE,
             )  # fmt: skip
             acc = tl.dot(g, w, acc, input_precision=BASE_PRECISION)
 

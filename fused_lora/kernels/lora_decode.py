@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .dropout import dropout_mask_tile
 from .lora_fwd import load_weight_tile
+from .nf4_lookup import nf4_lut
 
 
 @triton.jit
@@ -73,13 +74,14 @@ def lora_decode_fwd_kernel(
     k_end = min(k_start + K_PER_SPLIT, K)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # yᵀ
+    lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if LOOKUP == "prmt" else None
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = load_weight_tile(
             w_ptr, scale_ptr, code_ptr, scale_ptr, code_ptr, code_ptr,
             offs_n, k0, N, K, stride_wn, stride_wk,
-            IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+            IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
         )  # fmt: skip
         acc = tl.dot(w, tl.trans(x), acc, input_precision=BASE_PRECISION)
     y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
@@ -191,13 +193,14 @@ def lora_decode_dx_kernel(
     n_end = min(n_start + N_PER_SPLIT, N)
     g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)  # dxᵀ
+    lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if LOOKUP == "prmt" else None
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
         w = load_weight_tile(
             w_ptr, scale_ptr, code_ptr, scale_ptr, code_ptr, code_ptr,
             offs_n, k0, N, K, stride_wn, stride_wk,
-            IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+            IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
         )  # fmt: skip
         acc = tl.dot(tl.trans(w), tl.trans(g), acc, input_precision=BASE_PRECISION)
     dx_ptrs = dx_ptr + split * stride_ds + offs_m[None, :] * stride_dm + offs_k[:, None]

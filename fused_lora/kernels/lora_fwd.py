@@ -3,7 +3,7 @@
 Symbols (docs/DESIGN.md): x (M×K) input, W (N×K) frozen weight, A (r×K), B (N×r), b (N) bias, s scaling,
 m (M×K) dropout mask (0 or 1/(1-p), regenerated from the seed, see dropout.py).
 
-    u = (m⊙x)·Aᵀ                    (M×r, fp32)          lora_u_kernel
+    u = (m⊙x)·Aᵀ                    (M×r, fp32)          lora_u_kernel (split over K, the splits summed in order)
     y = x·deq(W)ᵀ + b + s·u·Bᵀ       (M×N, x's dtype)     lora_fwd_kernel, HAS_LORA=True
     y = x·deq(W)ᵀ + b                (M×N, x's dtype)     lora_fwd_kernel, HAS_LORA=False (the frozen layer alone:
                                                           adapter disabled, or merged; u and B are not read)
@@ -12,29 +12,37 @@ deq(W) is computed tile by tile in registers inside the GEMM main loop and never
 
     i = n·K + k                     flat row-major index of W[n, k]
     q = packed[i // 2] >> 4         if i is even, else packed[i // 2] & 15
-    absmax_b = fl(fl(nested_code[absmax[b]] · nested_absmax[b // 256]) + offset)   (double quant; b = i // blocksize)
-    W[n, k] = round_to_compute_dtype(code[q] · absmax_b)                          (fp32 product, rounded once)
+    scale_b                         the fp32 scale of block b = i // blocksize: absmax[b], or with double quant
+                                    fl(fl(nested_code[absmax[b]] · nested_absmax[b // 256]) + offset)
+    W[n, k] = round(code[q] · scale_b)   LOOKUP "tree" / "gather": fp32 product of the exact fp32 values, rounded
+                                         once to the compute dtype (bitsandbytes' value, bit for bit)
+            = round(round(code[q]) · round(scale_b))   LOOKUP "prmt" (bf16/fp16 on a GPU): code and scale rounded to
+                                         the compute dtype first, their product rounded (nf4_lookup.py)
 
-absmax_b is a rounded fp32 multiply followed by a separately rounded add, as bitsandbytes and
-``NF4Weight.dequantize`` compute it. On a GPU Triton would contract the two into one FMA (one rounding, up to 1 ulp
-away from bitsandbytes' scale), so the launchers in lora.py compile the NF4 variants of the GEMM kernels with
-``enable_fp_fusion=False``. The main loop keeps its speed: the dot is an MMA, or for IEEE fp32 dots an
-llvm.fmuladd chain that LLVM still fuses (the option only stops the contraction of a separate multiply and add, in
-LLVM and in ptxas via --fmad=false); W[n, k] is a multiply without an add; the scale costs one more instruction per
-decoded absmax. The CPU interpreter never contracts, so only a GPU can show the difference
-(tests/test_kernels_gpu.py, bit-exact dequantization through the GEMM).
+The launchers pass scale_b decoded once per weight (common.decoded_scales, bitsandbytes' two roundings) as an fp32
+absmax with DOUBLE_QUANT False, so the main loop reads one fp32 scale per (row, block). The kernels still accept a
+double-quant weight (DOUBLE_QUANT True): then the scale is a rounded fp32 multiply followed by a separately rounded
+add, as bitsandbytes computes it, and the NF4 variants are compiled with ``enable_fp_fusion=False`` so that Triton
+does not contract the two into one FMA (the option stops only the contraction of a separate multiply and add; the
+dot is an MMA, W[n, k] a multiply without an add). The CPU interpreter never contracts.
 
-The accumulator is fp32; the bias and the low-rank term are added in the epilogue, so no M×N intermediate exists.
-Low-rank dots run in the promoted dtype of x, A and B (``LOWRANK_DTYPE``). fp32 dots use IEEE fp32 when x is fp32
-(the tolerance rule compares with plain fp32 PyTorch); with fp16/bf16 x and fp32 adapters they use tf32, whose
-10-bit mantissa is finer than the rounding of the fp16/bf16 output the low-rank term is added to.
+The code lookup is done in registers (nf4_lookup.py), never by a per-element gather from the table in memory except
+for LOOKUP "gather" (fp32 on a GPU, and the element-wise layout below). With ROW_SCALES (K a multiple of an even
+power-of-two blocksize) the packed bytes of a tile row are loaded with 16-byte loads (bytes per row, K // 2, passed
+as stride_wn so that the JIT sees its divisibility), as int32 words of 8 codes for LOOKUP "prmt".
+
+The accumulator is fp32 and starts with the low-rank term and the bias (LoRAFusion: no second [BLOCK_M, BLOCK_N]
+tile and no M×N intermediate). Low-rank dots run in the promoted dtype of x, A and B (``LOWRANK_DTYPE``). fp32 dots
+use IEEE fp32 when x is fp32 (the tolerance rule compares with plain fp32 PyTorch); with fp16/bf16 x and fp32
+adapters they use tf32, whose 10-bit mantissa is finer than the rounding of the fp16/bf16 output the low-rank term
+is added to.
 """
 
 import triton
 import triton.language as tl
 
 from .dropout import dropout_mask_tile
-from .nf4_lookup import nf4_tree, nf4_values
+from .nf4_lookup import nf4_lut, nf4_tree, nf4_values
 
 
 @triton.jit
@@ -95,6 +103,7 @@ def load_weight_tile(
     NESTED_BLOCKSIZE: tl.constexpr,
     ROW_SCALES: tl.constexpr,  # K % BLOCKSIZE == 0, BLOCKSIZE an even power of two: scales per (row, block)
     LOOKUP: tl.constexpr,  # "tree", "gather" or "prmt" (nf4_lookup.py)
+    lut,  # LOOKUP "prmt": nf4_lookup.nf4_lut(code_ptr, COMPUTE_DTYPE), computed before the main loop; else None
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -107,12 +116,18 @@ def load_weight_tile(
             # K is a multiple of the (even) blocksize: a row of W starts on a byte and on a block, each byte of
             # the row holds elements (2j, 2j+1), and a tile row holds SCALES_PER_ROW whole blocks (or a part of
             # one): load the bytes once, split the nibbles, decode one absmax per (row, block) and broadcast it.
-            offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             # stride_wn = K // 2, the bytes of a row, passed by the launcher so that the JIT specialises its
             # divisibility (16 when K % 32 == 0): 16-byte loads of the packed bytes.
-            byte_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :]
-            packed = tl.load(byte_ptrs, mask=(offs_n[:, None] < N) & (offs_byte[None, :] < K // 2), other=0)
-            values = nf4_values(packed, code_ptr, LOOKUP, COMPUTE_DTYPE)
+            if LOOKUP == "prmt":  # int32 words of 4 bytes (8 codes); K is a multiple of 8 (BLOCKSIZE ≥ 32)
+                offs_word = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                word_rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None] * (stride_wn // 4)
+                packed = tl.load(word_rows + offs_word[None, :], mask=(offs_n[:, None] < N) & (offs_word[None, :] < K // 8),
+                                 other=0)  # fmt: skip
+            else:
+                offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                byte_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :]
+                packed = tl.load(byte_ptrs, mask=(offs_n[:, None] < N) & (offs_byte[None, :] < K // 2), other=0)
+            values = nf4_values(packed, code_ptr, lut, LOOKUP, COMPUTE_DTYPE)
             SCALES_PER_ROW: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
             first_block = (offs_n.to(tl.int64) * K + k0) // BLOCKSIZE
             block = first_block[:, None] + tl.arange(0, SCALES_PER_ROW)[None, :]
@@ -260,35 +275,59 @@ def lora_fwd_kernel(
     GROUP_M: tl.constexpr,
 ):
     """y[rows, cols] = (s·Σ_r u[rows, r]·B[cols, r] when HAS_LORA) + b[cols] + Σ_k x[rows, k]·deq(W)[cols, k], the
-    first two terms accumulated before the K loop into its accumulator; 1-D grouped grid."""
+    first two terms accumulated before the K loop into its accumulator; 1-D grouped grid.
+
+    An NF4 W decoded in registers (LOOKUP "prmt" or "tree") is the first operand of the dot: the accumulator is
+    yᵀ[cols, rows] = Σ_k deq(W)[cols, k]·x[rows, k] (the transposed sums, stored transposed), so the decoded tile
+    feeds the MMA from registers and never waits in shared memory for the previous MMA to finish reading it."""
     COMPUTE_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+    W_FIRST: tl.constexpr = IS_NF4 and LOOKUP != "gather"
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     # The low-rank term and the bias start the accumulator (LoRAFusion): no second [BLOCK_M, BLOCK_N] tile.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if W_FIRST:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
         for r0 in tl.static_range(0, R_PAD, R_CHUNK):
             offs_r = r0 + tl.arange(0, R_CHUNK)
             u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
-            u = tl.load(u_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-            bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
-            bt = tl.load(bt_ptrs, mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
-            acc = tl.dot(u.to(LOWRANK_DTYPE), bt.to(LOWRANK_DTYPE), acc, input_precision=LOWRANK_PRECISION)
+            u = tl.load(u_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0).to(LOWRANK_DTYPE)
+            b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+            b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0).to(LOWRANK_DTYPE)
+            if W_FIRST:
+                acc = tl.dot(b, tl.trans(u), acc, input_precision=LOWRANK_PRECISION)
+            else:
+                acc = tl.dot(u, tl.trans(b), acc, input_precision=LOWRANK_PRECISION)
         acc = acc * scaling
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        if W_FIRST:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+    lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if LOOKUP == "prmt" else None
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = load_weight_tile(
             w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
             offs_n, k0, N, K, stride_wn, stride_wk,
-            IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, LOOKUP, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+            IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, LOOKUP, lut, BLOCK_N, BLOCK_K,
+            COMPUTE_DTYPE,
         )  # fmt: skip
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=BASE_PRECISION)
+        if W_FIRST:
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=BASE_PRECISION)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=BASE_PRECISION)
 
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(COMPUTE_DTYPE), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    y_tile = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    in_range = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if W_FIRST:
+        tl.store(y_ptr + tl.trans(y_tile), acc.to(COMPUTE_DTYPE), mask=tl.trans(in_range))
+    else:
+        tl.store(y_ptr + y_tile, acc.to(COMPUTE_DTYPE), mask=in_range)

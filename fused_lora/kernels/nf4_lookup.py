@@ -1,25 +1,29 @@
 """NF4 code → value in registers, without a per-element memory gather.
 
 Symbols: a packed byte holds two 4-bit codes, q_hi = byte >> 4 (the even element, first in memory) and
-q_lo = byte & 15; code[q] is bitsandbytes' NF4 table (NF4_VALUES below, the same 16 fp32 numbers as
-fused_lora.nf4.NF4_CODE; launchers use these lookups only for a weight whose ``code`` is that table).
+q_lo = byte & 15; code[q] is the weight's 16-entry fp32 table (bitsandbytes' NF4 values, NF4_VALUES below, the same
+numbers as fused_lora.nf4.NF4_CODE).
 
-    nf4_tree(q)            code[q] in fp32, exactly: a 4-level tl.where tree on the bits of q over the 16 values
-                           as constants (15 selects; pure Triton, so the CPU interpreter runs it)
-    nf4_prmt(bytes, DTYPE) (code[q_hi], code[q_lo]) rounded to DTYPE (bf16 or fp16), 4 bytes (8 codes) per
-                           23 instructions: byte permutes (PRMT) over the 16 values' low and high bytes held in 8
-                           registers; inline PTX, so GPU only (the interpreter runs no assembly)
+    nf4_tree(q)              code[q] in fp32, exactly: a 4-level tl.where tree on the bits of q over the 16 NF4
+                             values as constants (15 selects; pure Triton, so the CPU interpreter runs it; used for
+                             a weight whose code is NF4's, common.has_standard_code)
+    nf4_prmt(words, lut, T)  the 8 values of each int32 word (4 packed bytes, 8 codes) rounded to T (bf16 or fp16),
+                             in 21 instructions: byte permutes (PRMT) over the low and high bytes of the 16 rounded
+                             values, held in 8 registers (lut = nf4_lut(code_ptr, T), computed once per program from
+                             the table in memory, so any 16-entry table works); inline PTX, so GPU only
 
 How nf4_prmt decodes one 32-bit word x = bytes B0..B3 (B0 lowest): its low 16 bits are the nibbles
-n0 = lo(B0), n1 = hi(B0), n2 = lo(B1), n3 = hi(B1). With s = x & 0x7777 and t = (x >> 3) & 0x1111,
+n0 = lo(B0), n1 = hi(B0), n2 = lo(B1), n3 = hi(B1). With s = x & 0x77777777,
     L = prmt(L0, L1, s) where n < 8, prmt(L2, L3, s) where n ≥ 8   (byte i = low byte of T[n_i]; the choice per
-    H = the same over the high bytes H0..H3                          byte is a bit-select with the mask
-    mask = prmt(0xFF00, 0, t)                                       byte i = 0xFF iff n_i ≥ 8)
-then the two bf16 results of B0, B1's high nibbles are prmt(L, H, 0x7351) and of their low nibbles
-prmt(L, H, 0x6240); the high 16 bits of x (B2, B3) the same way with s >> 16, t >> 16. T[j] is code[j] rounded
-to DTYPE (round to nearest even); Lk/Hk hold the low/high bytes of T[4k..4k+3].
-tests/test_kernels_lookup.py runs this PTX text through a small emulator of the five instructions it uses, for
-every byte value, on the CPU.
+    H = the same over the high bytes H0..H3                          byte is a bit-select with the mask below)
+    mask = prmt(x << 4, x, 0xD9C8)                                   (byte i = 0xFF iff n_i ≥ 8: the sign, i.e.
+                                                                      bit 7, of the byte holding bit 3 of n_i,
+                                                                      replicated by prmt's sign mode)
+then (T[hi B0], T[lo B0]) = prmt(L, H, 0x4051) and (T[hi B1], T[lo B1]) = prmt(L, H, 0x6273); the high 16 bits of x
+(B2, B3) the same way with s >> 16 and the mask selector 0xFBEA. T[j] is code[j] rounded to T (round to nearest
+even); Lk/Hk hold the low/high bytes of T[4k..4k+3].
+tests/test_kernels_lookup.py runs this PTX text through a small emulator of the instructions it uses, for every byte
+value in every position, on the CPU, and checks nf4_lut and the element order of join8 under the interpreter.
 """
 
 import struct
@@ -75,42 +79,46 @@ def prmt_tables(dtype: str) -> tuple[list[int], list[int]]:
     return low, high
 
 
-def prmt_asm(dtype: str) -> str:
-    """The PTX of nf4_prmt for one 32-bit word ($4) → hi-nibble values ($0: B0,B1; $1: B2,B3) and lo-nibble values
-    ($2: B0,B1; $3: B2,B3), each register two ``dtype`` values (the first in the low half)."""
-    low, high = prmt_tables(dtype)
+def prmt_asm() -> str:
+    """The PTX of nf4_prmt for one 32-bit word $8 (bytes B0..B3, B0 lowest) → its 8 values $0..$7 (16-bit registers,
+    in element order: $2j from the high nibble of Bj, $2j+1 from its low nibble, each consecutive pair one 32-bit
+    register). $9..$12 are L0..L3 and $13..$16 H0..H3 (nf4_lut): operands loaded from memory rather than
+    immediates, so that they stay in registers across a loop instead of being rematerialised for every word."""
     lines = [
         "{",
-        ".reg .b32 s, t, m, l, h, la, lb, ha, hb;",
-        "and.b32 s, $4, 0x77777777;",
-        "shr.u32 t, $4, 3;",
-        "and.b32 t, t, 0x11111111;",
+        ".reg .b32 s, x4, m, l, h, la, lb, ha, hb, o;",
+        "and.b32 s, $8, 0x77777777;",
+        "shl.b32 x4, $8, 4;",
     ]
-    for half, (out_hi, out_lo) in enumerate((("$0", "$2"), ("$1", "$3"))):
+    # mask byte i = 0xFF iff bit 3 of nibble i is set: the sign of the byte whose bit 7 is that bit (bytes of x4
+    # for the low nibbles, of x for the high ones), replicated by prmt's sign mode (selector bit 3)
+    for half, mask_selector in enumerate(("0xD9C8", "0xFBEA")):
         if half:
-            lines += ["shr.u32 s, s, 16;", "shr.u32 t, t, 16;"]
+            lines.append("shr.u32 s, s, 16;")
+        first = 4 * half
         lines += [
-            "prmt.b32 m, 0xFF00, 0, t;",
-            f"prmt.b32 la, {low[0]:#010x}, {low[1]:#010x}, s;",
-            f"prmt.b32 lb, {low[2]:#010x}, {low[3]:#010x}, s;",
-            f"prmt.b32 ha, {high[0]:#010x}, {high[1]:#010x}, s;",
-            f"prmt.b32 hb, {high[2]:#010x}, {high[3]:#010x}, s;",
+            f"prmt.b32 m, x4, $8, {mask_selector};",
+            "prmt.b32 la, $9, $10, s;",
+            "prmt.b32 lb, $11, $12, s;",
+            "prmt.b32 ha, $13, $14, s;",
+            "prmt.b32 hb, $15, $16, s;",
             "and.b32 lb, lb, m;",
+            "and.b32 hb, hb, m;",
             "not.b32 m, m;",
             "and.b32 la, la, m;",
-            "or.b32 l, la, lb;",
             "and.b32 ha, ha, m;",
-            "not.b32 m, m;",
-            "and.b32 hb, hb, m;",
+            "or.b32 l, la, lb;",
             "or.b32 h, ha, hb;",
-            f"prmt.b32 {out_hi}, l, h, 0x7351;",
-            f"prmt.b32 {out_lo}, l, h, 0x6240;",
+            "prmt.b32 o, l, h, 0x4051;",  # (T[hi B0], T[lo B0]) of this half: two consecutive elements
+            f"mov.b32 {{${first}, ${first + 1}}}, o;",
+            "prmt.b32 o, l, h, 0x6273;",  # (T[hi B1], T[lo B1])
+            f"mov.b32 {{${first + 2}, ${first + 3}}}, o;",
         ]
     return "\n".join(lines + ["}"])
 
 
-PRMT_BF16 = tl.constexpr(prmt_asm("bf16"))
-PRMT_FP16 = tl.constexpr(prmt_asm("fp16"))
+PRMT_ASM = tl.constexpr(prmt_asm())
+PRMT_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r")
 
 
 @triton.jit
@@ -137,26 +145,68 @@ def nf4_tree(q):
 
 
 @triton.jit
-def nf4_prmt(packed, DTYPE: tl.constexpr):
-    """(code[q_hi], code[q_lo]) of every byte of ``packed`` (uint8), in DTYPE (bf16 or fp16); GPU only."""
-    if DTYPE == tl.bfloat16:
-        hi, lo = tl.inline_asm_elementwise(
-            PRMT_BF16, "=r,=r,=r,=r,r", [packed], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
-        )
-    else:
-        hi, lo = tl.inline_asm_elementwise(
-            PRMT_FP16, "=r,=r,=r,=r,r", [packed], dtype=(tl.float16, tl.float16), is_pure=True, pack=4
-        )
-    return hi, lo
+def _lut_word(code_ptr, FIRST: tl.constexpr, SHIFT: tl.constexpr, DTYPE: tl.constexpr):
+    """Bytes SHIFT/8 of code[FIRST..FIRST+3] rounded to DTYPE, packed little-endian into one int32."""
+    word = tl.full((), 0, tl.int32)
+    for i in tl.static_range(4):
+        bits = tl.load(code_ptr + FIRST + i).to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32)
+        word = word | (((bits >> SHIFT) & 0xFF) << (8 * i))
+    return word
 
 
 @triton.jit
-def nf4_values(packed, code_ptr, LOOKUP: tl.constexpr, DTYPE: tl.constexpr):
-    """The two code values of every byte of ``packed`` (uint8 tile), interleaved along the last axis (element 2j from
-    the high nibble of byte j, 2j+1 from its low nibble): fp32 for LOOKUP "tree" and "gather", DTYPE for "prmt"."""
-    if LOOKUP == "prmt":
-        hi, lo = nf4_prmt(packed, DTYPE)
-        return tl.interleave(hi, lo)
+def nf4_lut(code_ptr, DTYPE: tl.constexpr):
+    """The registers of nf4_prmt, (L0, L1, L2, L3, H0, H1, H2, H3) (see the module docstring), from the 16 fp32 code
+    values at code_ptr rounded to DTYPE. Computed once per program, before its main loop: values loaded from memory
+    stay in ordinary registers, where constants would be rematerialised from uniform registers for every word."""
+    return (
+        _lut_word(code_ptr, 0, 0, DTYPE), _lut_word(code_ptr, 4, 0, DTYPE),
+        _lut_word(code_ptr, 8, 0, DTYPE), _lut_word(code_ptr, 12, 0, DTYPE),
+        _lut_word(code_ptr, 0, 8, DTYPE), _lut_word(code_ptr, 4, 8, DTYPE),
+        _lut_word(code_ptr, 8, 8, DTYPE), _lut_word(code_ptr, 12, 8, DTYPE),
+    )  # fmt: skip
+
+
+@triton.jit
+def nf4_prmt(words, lut, DTYPE: tl.constexpr):
+    """The 8 values of every int32 word of packed bytes (8 tensors of ``words``' shape, element order), in DTYPE
+    (bf16 or fp16), ``lut`` from nf4_lut; GPU only. Not marked pure, so that Triton decodes in the layout the words
+    are loaded in (16 contiguous bytes per thread) and converts the decoded values, rather than moving the
+    conversion up to the bytes (one byte-wide shared-memory load per byte)."""
+    zero = tl.zeros_like(words)
+    operands = [
+        words, lut[0] + zero, lut[1] + zero, lut[2] + zero, lut[3] + zero, lut[4] + zero, lut[5] + zero,
+        lut[6] + zero, lut[7] + zero,
+    ]  # fmt: skip
+    if DTYPE == tl.bfloat16:
+        values = tl.inline_asm_elementwise(
+            PRMT_ASM, PRMT_CONSTRAINTS, operands, is_pure=False, pack=1,
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                   tl.bfloat16),
+        )  # fmt: skip
+    else:
+        values = tl.inline_asm_elementwise(
+            PRMT_ASM, PRMT_CONSTRAINTS, operands, is_pure=False, pack=1,
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+        )  # fmt: skip
+    return values
+
+
+@triton.jit
+def join8(v0, v1, v2, v3, v4, v5, v6, v7):
+    """[..., W] × 8 → [..., 8·W] with element 8w + j = v_j[w]."""
+    joined = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    return tl.reshape(joined, (v0.shape[0], 8 * v0.shape[1]))
+
+
+@triton.jit
+def nf4_values(packed, code_ptr, lut, LOOKUP: tl.constexpr, DTYPE: tl.constexpr):
+    """The code values of a 2-D tile of packed bytes, in element order along the last axis (element 2j from the high
+    nibble of byte j, 2j+1 from its low nibble): ``packed`` is uint8 for LOOKUP "tree" and "gather" (values in fp32),
+    int32 words of 4 bytes for "prmt" (values in DTYPE, ``lut`` from nf4_lut; None otherwise)."""
+    if LOOKUP == "prmt":  # ``packed`` holds int32 words (4 bytes each) here
+        v0, v1, v2, v3, v4, v5, v6, v7 = nf4_prmt(packed, lut, DTYPE)
+        return join8(v0, v1, v2, v3, v4, v5, v6, v7)
     else:
         q = packed.to(tl.int32)
         q = tl.interleave(q >> 4, q & 15)

@@ -29,6 +29,8 @@ def nf4_slab_kernel(
     ROWS,
     COLS,
     stride_sn,
+    stride_pn,  # PAIRS: K // 2, bytes per row of W (passed so that the JIT specialises its divisibility)
+    byte0,  # PAIRS: k0 // 2
     BLOCKSIZE: tl.constexpr,
     PAIRS: tl.constexpr,  # K and k0 even: one byte load per element pair
     BLOCK_R: tl.constexpr,
@@ -41,9 +43,11 @@ def nf4_slab_kernel(
     out_rows = slab_ptr + rows.to(tl.int64)[:, None] * stride_sn
     if PAIRS:
         pairs = tl.program_id(1) * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)
-        in_range = row_in & (2 * pairs[None, :] < COLS)
+        in_range = row_in & (pairs[None, :] < COLS // 2)  # COLS is even with PAIRS
         flat = flat_row + 2 * pairs[None, :]  # even: the byte's high nibble
-        byte = tl.load(packed_ptr + flat // 2, mask=in_range, other=0).to(tl.int32)
+        # byte flat // 2 = row·K/2 + k0/2 + pair, from row pointers whose alignment the JIT can see (16-byte loads)
+        byte_rows = packed_ptr + (n0 + rows).to(tl.int64)[:, None] * stride_pn + byte0
+        byte = tl.load(byte_rows + pairs[None, :], mask=in_range, other=0).to(tl.int32)
         scale = tl.load(scale_ptr + flat // BLOCKSIZE, mask=in_range, other=0.0)
         hi = tl.load(code_ptr + (byte >> 4)) * scale
         lo = tl.load(code_ptr + (byte & 15)) * scale
