@@ -1,9 +1,13 @@
 """DoRA and mixed-adapter batches: an offline prediction of GPU time (no GPU needed) and a CPU timing of the
 reference paths.
 
-    python -m fused_lora.bench.dora                   # the prediction tables (H200) and a short CPU timing
+    python -m fused_lora.bench.dora                   # the prediction tables (H200) and a timing (GPU, else CPU)
     python -m fused_lora.bench.dora --output DIR      # also DIR/dora-<YYYYmmdd-HHMM>.json
-    python -m fused_lora.bench.dora --no-cpu          # the prediction only
+    python -m fused_lora.bench.dora --no-timing       # the prediction only
+
+The timing (``timing``) runs PEFT's QLoRA layers over a bitsandbytes NF4 Linear4bit against the same layers patched
+(DoRA and LoRA training steps; a mixed batch of 4 adapters, PEFT's adapter_names and PEFT's loop over set_adapter):
+on a GPU in bf16 at Llama-3-8B shapes with triton.testing.do_bench, on the CPU in fp32 at a small shape.
 
 The model (``predict``): an implementation is the list of GPU operations its code runs (read from PEFT's DoRA layer
 and mixed-batch loop, peft/tuners/lora/{dora,variants,bnb}.py, and from fused_lora/dora.py, mixed.py), each with
@@ -54,8 +58,9 @@ from pathlib import Path
 import torch
 
 from ..mixed import GROUP_ROWS
+from ..testing import torch_threads
 
-__all__ = ["H200", "Op", "predict", "dora_ops", "mixed_ops", "prediction_rows", "cpu_timing", "main"]
+__all__ = ["H200", "Op", "predict", "dora_ops", "mixed_ops", "prediction_rows", "timing", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,10 +228,14 @@ def _table(rows, bench: str, baseline: str) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------- CPU timing
+# ------------------------------------------------------------------------------------------- timing
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _median_ms(fn, repeats: int, device) -> float:
+    if device.type == "cuda":
+        import triton
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     fn()
     times = []
     for _ in range(repeats):
@@ -236,84 +245,95 @@ def _median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def cpu_timing(K=512, N=768, M=256, r=16, n_adapters=4, repeats=5) -> list[dict]:
-    """Median ms on the CPU (fp32, dense W, reference backend) of: a DoRA training step, PEFT's DoRA layer's, plain
-    LoRA's; a mixed batch of ``n_adapters`` through lora_linear_multi, PEFT's adapter_names and PEFT's loop. CPU
-    numbers exercise the code paths; they say nothing about GPU speed."""
+def _qlora_model(K, N, dtype, device, configs):
+    """A one-layer PEFT model over a bitsandbytes NF4 Linear4bit (double quant), PEFT's QLoRA layer, with the
+    adapters of ``configs`` ({name: LoraConfig}, the first active)."""
     import warnings
 
-    from peft import LoraConfig, get_peft_model
+    import bitsandbytes as bnb
+    from peft import get_peft_model
 
-    from ..dora import dora_linear
-    from ..functional import lora_linear
-    from ..mixed import Adapter, lora_linear_multi
+    linear = torch.nn.Linear(K, N, bias=False)
+    q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(linear.weight.data.to(dtype), requires_grad=False, quant_type="nf4",
+                                 compress_statistics=True)
+    base = torch.nn.Sequential(q.to(device))
+    base.is_loaded_in_4bit = True  # PEFT then builds its bitsandbytes LoRA layer (peft.tuners.lora.bnb.Linear4bit)
+    names = list(configs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, configs[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, configs[name])
+    return model.to(device)
 
+
+def timing(device=None, K=512, N=768, M=256, r=16, n_adapters=4, repeats=5) -> list[dict]:
+    """Median ms of: a training step (forward + backward) of PEFT's DoRA and LoRA QLoRA layers (bitsandbytes NF4
+    Linear4bit, fp32 adapters) and of the same layers patched (``patch_peft_model``: dora_linear / lora_linear);
+    a forward (inference) of a batch mixing ``n_adapters`` adapters, patched and PEFT's, and PEFT's loop over the
+    adapters. On a GPU: bf16, triton.testing.do_bench; on the CPU: fp32, the CPU backends, time.perf_counter (CPU
+    numbers, on one thread, exercise the code paths; they say nothing about GPU speed)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":  # many small ops: spinning worker threads make a busy machine's numbers meaningless
+        with torch_threads(1):
+            return _timing(device, K, N, M, r, n_adapters, repeats)
+    return _timing(device, K, N, M, r, n_adapters, repeats)
+
+
+def _timing(device, K, N, M, r, n_adapters, repeats) -> list[dict]:
+    import copy
+
+    from peft import LoraConfig
+
+    from ..peft import patch_peft_model
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    g = torch.randn(M, N, device=device, dtype=dtype)
+    shape = {"M": M, "K": K, "N": N, "r": r, "device": device.type, "dtype": str(dtype)[6:]}
     rows = []
-    x = torch.randn(M, K, requires_grad=True)
-    g = torch.randn(M, N)
-
-    def peft_layer(use_dora: bool, adapters: int = 1):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(K, N, bias=False)), LoraConfig(
-                r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False, use_dora=use_dora))
-            for i in range(1, adapters):
-                model.add_adapter(f"a{i}", LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"],
-                                                      init_lora_weights=False))
-        return model
-
-    def step(forward):
-        def run():
-            y = forward()
-            y.backward(g)
-        return run
-
-    dora_model, lora_model = peft_layer(True), peft_layer(False)
-    layer = dora_model.base_model.model[0]
-    W = layer.base_layer.weight.detach()
-    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    mag, s = layer.lora_magnitude_vector["default"].weight, layer.scaling["default"]
-    cases = {
-        "reference dora_linear": step(lambda: dora_linear(x, W, A, B, mag, s, backend="reference")),
-        "peft_dora": step(lambda: dora_model(x)),
-        "reference lora_linear": step(lambda: lora_linear(x, W, A, B, s, backend="reference")),
-        "peft_lora": step(lambda: lora_model(x)),
-    }
-    for name, fn in cases.items():
-        rows.append({"bench": "dora_linear", "pass": "fwd_bwd", "impl": name, "M": M, "K": K, "N": N, "r": r,
-                     "cpu_ms": _median_ms(fn, repeats)})
-
-    mixed_model = peft_layer(False, n_adapters).eval()
-    names = ["default"] + [f"a{i}" for i in range(1, n_adapters)]
-    mixed_layer = mixed_model.base_model.model[0]
-    adapters = [Adapter(mixed_layer.lora_A[a].weight, mixed_layer.lora_B[a].weight, mixed_layer.scaling[a])
-                for a in names]
-    per_row = [names[i % n_adapters] for i in range(M)]
-    ids = torch.arange(M) % n_adapters
-    xs = x.detach()
+    for use_dora in (True, False):
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False, use_dora=use_dora)
+        peft_model = _qlora_model(K, N, dtype, device, {"default": config}).train()
+        fused_model = copy.deepcopy(peft_model)
+        patch_peft_model(fused_model)
+        kind = "dora" if use_dora else "lora"
+        x_train = x.clone().requires_grad_(True)
+        for impl, model in ((f"fused_{kind}", fused_model), (f"peft_{kind}", peft_model)):
+            def step(model=model):
+                model(x_train).backward(g)
+                model.zero_grad(set_to_none=True)
+                x_train.grad = None
+            rows.append({"bench": "dora_linear", "pass": "fwd_bwd", "impl": impl, **shape,
+                         "median_ms": _median_ms(step, repeats, device)})
+    names = [f"a{i}" for i in range(n_adapters)]
+    configs = {name: LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"], init_lora_weights=False)
+               for name in names}
+    peft_model = _qlora_model(K, N, dtype, device, configs).eval()
+    fused_model = copy.deepcopy(peft_model)
+    patch_peft_model(fused_model)
+    per_row = [names[i * n_adapters // M] for i in range(M)]
+    groups = {name: [i for i, n in enumerate(per_row) if n == name] for name in names}
 
     def peft_loop():
-        for a in names:
-            mixed_model.base_model.set_adapter(a)
-            mixed_model(xs[ids == names.index(a)])
+        for name, rows_ in groups.items():
+            peft_model.base_model.set_adapter(name)
+            peft_model(x[rows_])
 
     with torch.no_grad():
-        cases = {
-            "reference lora_linear_multi": lambda: lora_linear_multi(xs, W, adapters, ids, backend="reference"),
-            "peft_mixed": lambda: mixed_model(xs, adapter_names=per_row),
-            "peft_loop": peft_loop,
-        }
-        for name, fn in cases.items():
-            rows.append({"bench": "mixed_batch", "pass": "fwd", "impl": name, "adapters": n_adapters, "M": M, "K": K,
-                         "N": N, "r": r, "cpu_ms": _median_ms(fn, repeats)})
+        for impl, fn in (("fused_mixed", lambda: fused_model(x, adapter_names=per_row)),
+                         ("peft_mixed", lambda: peft_model(x, adapter_names=per_row)), ("peft_loop", peft_loop)):
+            rows.append({"bench": "mixed_batch", "pass": "fwd", "impl": impl, "adapters": n_adapters, **shape,
+                         "median_ms": _median_ms(fn, repeats, device)})
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fused_lora.bench.dora", description=__doc__.split("\n")[0])
     parser.add_argument("--output", type=Path, default=None, help="write DIR/dora-<YYYYmmdd-HHMM>.json")
-    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU timing")
+    parser.add_argument("--no-timing", action="store_true", help="skip the timing (GPU when there is one, else CPU)")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--adapters", type=int, default=4)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -321,15 +341,18 @@ def main(argv=None) -> int:
     print(f"Predicted on {H200.name} (roofline model of fused_lora/bench/dora.py)\n")
     print("DoRA training step (fwd+bwd), one layer\n\n" + _table(rows, "dora_linear", "dense_cublas") + "\n")
     print(f"Mixed batch of {args.adapters} adapters (fwd)\n\n" + _table(rows, "mixed_batch", "peft_loop") + "\n")
-    cpu = [] if args.no_cpu else cpu_timing(r=args.r, n_adapters=args.adapters)
-    for row in cpu:
-        print(f"CPU {row['bench']:12s} {row['impl']:30s} M={row['M']} K={row['K']} N={row['N']} r={row['r']}: "
-              f"{row['cpu_ms']:.2f} ms")
+    measured = [] if args.no_timing else (
+        [row for K, N in ((4096, 4096), (4096, 14336)) for M in (2048, 8192)
+         for row in timing("cuda", K, N, M, args.r, args.adapters)] if torch.cuda.is_available()
+        else timing("cpu", r=args.r, n_adapters=args.adapters))
+    for row in measured:
+        print(f"{row['device']} {row['bench']:12s} {row['impl']:12s} M={row['M']} K={row['K']} N={row['N']} "
+              f"r={row['r']} {row['dtype']}: {row['median_ms']:.3f} ms")
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
         path = args.output / time.strftime("dora-%Y%m%d-%H%M.json")
         env = {"torch": torch.__version__, "gpu_model": dataclasses.asdict(H200)}
-        path.write_text(json.dumps({"env": env, "predicted": rows, "cpu": cpu}, indent=1))
+        path.write_text(json.dumps({"env": env, "predicted": rows, "measured": measured}, indent=1))
         print(f"wrote {path}", file=sys.stderr)
     return 0
 
