@@ -1,6 +1,6 @@
-"""Optimizer state dicts on the CPU: resume mid-training bit for bit (paged / plain / torch.optim.AdamW), loading
-bitsandbytes' AdamW8bit state, fresh quantization tables per loaded map, and state dicts of another kind rejected
-with nothing changed."""
+"""Optimizer state dicts on the CPU: resume mid-training bit for bit (paged / plain / torch.optim.AdamW) through
+torch.save / torch.load(weights_only=True), loading bitsandbytes' AdamW8bit state, fresh quantization tables per
+loaded map, and state dicts of another kind or malformed ones rejected whole, with nothing changed."""
 
 import io
 
@@ -23,10 +23,12 @@ def bnb():
 
 
 def _roundtrip(sd):
+    """Save and load as a checkpoint is: with weights_only=True (torch.load's safe default), which every state dict
+    of these optimizers, torch.optim.AdamW's and bitsandbytes' must pass."""
     buffer = io.BytesIO()
     torch.save(sd, buffer)
     buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
+    return torch.load(buffer, weights_only=True)
 
 
 RESUME_CASES = {
@@ -148,3 +150,107 @@ def test_load_state_dict_rejects_mismatched_groups():
     other = fo.AdamW8bit(make_params([(5,)]))
     with pytest.raises(ValueError, match="parameter groups do not match"):
         opt.load_state_dict(other.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# All or nothing: a malformed checkpoint is rejected before anything is replaced
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _trained_8bit(steps=2, seed=0):
+    params = make_params([(37, 129), (64, 80)])
+    opt = fo.AdamW8bit(params, lr=1e-2)
+    train(params, opt, steps, seed=seed)
+    return params, opt
+
+
+def _state_of(opt, params):
+    return [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()} for p in params]
+
+
+def _assert_state_equal(opt, params, before):
+    for i, (p, saved) in enumerate(zip(params, before)):
+        assert set(opt.state[p]) == set(saved), i
+        for key, value in saved.items():
+            now = opt.state[p][key]
+            assert torch.equal(now, value) if isinstance(value, torch.Tensor) else now == value, (i, key)
+
+
+def _malformed(change):
+    """A checkpoint of the same two parameters (another run) with ``change`` applied to parameter 1's state."""
+    _, other = _trained_8bit(steps=3, seed=7)
+    sd = other.state_dict()
+    sd["state"][1] = dict(sd["state"][1])
+    change(sd["state"][1])
+    return sd
+
+
+MALFORMED = {
+    "absmax1-size": (lambda s: s.update(absmax1=s["absmax1"][:-1]), ValueError,
+                     "absmax1 of parameter 1 has 19 values; 5120 elements in blocks of 256 need 20"),
+    "absmax2-nan": (lambda s: s.update(absmax2=s["absmax2"].clone().fill_(float("nan"))), ValueError,
+                    "absmax2 of parameter 1 holds NaN or inf"),
+    "qmap1-size": (lambda s: s.update(qmap1=s["qmap1"][:255]), ValueError,
+                   "qmap1 of parameter 1 has 255 values; an 8-bit quantization map has 256"),
+    "qmap2-unsorted": (lambda s: s.update(qmap2=s["qmap2"].flip(0)), ValueError, "qmap2 of parameter 1 is not sorted"),
+    "qmap1-nan": (lambda s: s.update(qmap1=s["qmap1"].clone().index_fill_(0, torch.tensor([3]), float("nan"))),
+                  ValueError,
+                  "qmap1 of parameter 1 must hold finite values in \\[-1, 1\\]"),
+    "step-negative": (lambda s: s.update(step=-1), ValueError, "step of parameter 1 is -1; it must be a whole number"),
+    "step-nan": (lambda s: s.update(step=float("nan")), ValueError, "step of parameter 1 is nan"),
+    "step-fraction": (lambda s: s.update(step=2.5), ValueError, "step of parameter 1 is 2.5"),
+    "step-string": (lambda s: s.update(step="3"), TypeError, "step of parameter 1 must be a number, got str"),
+    "state-kinds-mixed": (lambda s: s.update(state2=s["state2"].float()), ValueError,
+                          "state1 and state2 of parameter 1 must both be 8-bit"),
+    "moment-int": (lambda s: s.update(state1=s["state1"].to(torch.int32)), ValueError,
+                   "state1 of parameter 1 must be uint8 or floating point, got torch.int32"),
+    "moment-not-tensor": (lambda s: s.update(state1=[0] * 5120), TypeError,
+                          "state1 of parameter 1 must be a tensor, got list"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_checkpoint_is_rejected_whole_naming_parameter_and_field(case):
+    """Before: a wrong-sized absmax for parameter 1 raised an obscure error after parameter 0's state was already
+    replaced (and every other state cleared), so a caller that caught it trained on from zero; a malformed map
+    failed only in step() with an IndexError; a negative or NaN step reached a ZeroDivisionError."""
+    change, error, match = MALFORMED[case]
+    params, opt = _trained_8bit()
+    before = _state_of(opt, params)
+    with pytest.raises(error, match=f"AdamW8bit.load_state_dict: {match}"):
+        opt.load_state_dict(_malformed(change))
+    _assert_state_equal(opt, params, before)
+    straight, straight_opt = _trained_8bit(steps=4)
+    train(params, opt, 2, start=2)
+    assert_params_equal(params, straight)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [(lambda sd: [sd], TypeError, "expected a state dict \\(a mapping\\), got list"),
+     (lambda sd: {"param_groups": sd["param_groups"]}, ValueError, "the state dict has no 'state'"),
+     (lambda sd: {**sd, "param_groups": [{"lr": 1.0}]}, ValueError, "param_groups\\[0\\] is not a parameter group"),
+     (lambda sd: {**sd, "state": {0: "state"}}, TypeError, "the state of parameter 0 must be a mapping")],
+    ids=["not-a-mapping", "no-state", "group-without-params", "state-not-a-mapping"],
+)
+def test_malformed_layout_is_rejected_whole(make, error, match):
+    params, opt = _trained_8bit()
+    before = _state_of(opt, params)
+    with pytest.raises(error, match=match):
+        opt.load_state_dict(make(opt.state_dict()))
+    _assert_state_equal(opt, params, before)
+
+
+@needs_ext
+def test_paged_adamw_rejects_a_negative_step_from_a_torch_checkpoint():
+    """torch.optim.AdamW saves step as a float tensor; a negative one must not reach 1 - beta**0 = 0."""
+    params = make_params([(37, 129)])
+    ref = torch.optim.AdamW(make_params([(37, 129)]), foreach=False)
+    train(ref.param_groups[0]["params"], ref, 1)
+    sd = _roundtrip(ref.state_dict())
+    sd["state"][0]["step"] = torch.tensor(-1.0)
+    opt = fo.PagedAdamW(params, page_min_bytes=0)
+    train(params, opt, 1)
+    with pytest.raises(ValueError, match="PagedAdamW.load_state_dict: step of parameter 0 is -1.0"):
+        opt.load_state_dict(sd)
+    assert opt.state[params[0]]["step"] == 1

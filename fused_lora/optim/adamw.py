@@ -14,6 +14,7 @@ import torch
 from .. import codec
 from ..backend import resolve_backend, validate_backend_name
 from . import update
+from .checkpoint import check_layout, check_state_dict
 from .pager import PageManager
 from .update import AdamWScalars, UpdateKind, adamw_scalars
 
@@ -321,21 +322,23 @@ class _AdamWBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Load a state dict of this class, of its paged / non-paged sibling, or of the matching reference
         optimizer (torch.optim.AdamW for PagedAdamW; bitsandbytes' AdamW8bit / PagedAdamW8bit for the 8-bit ones).
+
+        All or nothing: the whole checkpoint is checked first (groups and their hyperparameters, and for every
+        parameter its step, moments, absmax and quantization maps; see fused_lora/optim/checkpoint.py), and a
+        problem raises ValueError / TypeError naming the parameter and the field with every state left as it was.
         """
         name = type(self).__name__
+        who = f"{name}.load_state_dict"
+        check_layout(who, state_dict)
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
         if len(groups) != len(saved_groups) or any(
             len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)
         ):
-            raise ValueError(f"{name}.load_state_dict: parameter groups do not match the optimizer's")
+            raise ValueError(f"{who}: parameter groups do not match the optimizer's")
         for group, saved in zip(groups, saved_groups):
             self._check_group({**group, **{k: v for k, v in saved.items() if k != "params"}})
         id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), self._all_params()))
-        entries = [
-            (id_map[saved_id], self._flat_saved_state(saved_id, id_map[saved_id], saved))
-            for saved_id, saved in state_dict["state"].items()
-            if saved_id in id_map
-        ]
+        entries = check_state_dict(who, state_dict, id_map, self._EIGHT_BIT)
         for p in self._all_params():
             if self.pager is not None:
                 self.pager.release(p)
@@ -347,34 +350,8 @@ class _AdamWBase(torch.optim.Optimizer):
                 if key != "params":
                     group[key] = tuple(value) if key == "betas" else value
 
-    def _flat_saved_state(self, saved_id, p, saved: dict) -> dict:
-        """One parameter's saved state with bitsandbytes' wrapped quantization state unwrapped, checked before
-        anything is loaded: the keys this optimizer needs are there and the moments have p's number of elements."""
-        name = type(self).__name__
-        saved = dict(saved)
-        saved.update(saved.pop("__bnb_optimizer_quant_state__", {}))
-        if self._EIGHT_BIT:
-            moments, expected = ("state1", "state2"), "bitsandbytes' AdamW8bit or an 8-bit fused_lora optimizer"
-            if isinstance(saved.get("state1"), torch.Tensor) and saved["state1"].dtype == torch.uint8:
-                moments += ("absmax1", "absmax2")
-        else:
-            moments, expected = ("exp_avg", "exp_avg_sq"), "torch.optim.AdamW or PagedAdamW"
-        missing = [key for key in ("step", *moments) if key not in saved]
-        if missing:
-            raise ValueError(
-                f"{name}.load_state_dict: the state of parameter {saved_id} has no {', '.join(missing)}; "
-                f"expected a state dict of {expected}"
-            )
-        for key in moments[:2]:
-            if saved[key].numel() != p.numel():
-                raise ValueError(
-                    f"{name}.load_state_dict: {key} of parameter {saved_id} has {saved[key].numel()} elements, "
-                    f"the parameter has {p.numel()}"
-                )
-        return saved
-
     def _import_state(self, p, saved: dict) -> dict:
-        """New state for p filled from a checked, flat saved state (see _flat_saved_state)."""
+        """New state for p filled from a checked, flat saved state (see checkpoint.check_param_state)."""
         eight_bit = self._EIGHT_BIT and saved["state1"].dtype == torch.uint8
         state = self._new_state(p, eight_bit)
         for key, value in saved.items():
