@@ -12,6 +12,7 @@ requirement, so pip never downloads a CUDA torch into an isolated build environm
 
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -39,14 +40,21 @@ def extension_modules():
         and os.environ.get("FUSED_LORA_FORCE_CPU_EXT") != "1"
     )
     extra = {"cxx": ["-O3", "-std=c++17"]}
+    # OpenMP runs at::parallel_for in the CPU kernels (csrc/cpu_kernels.cpp) on torch's own intra-op threads: on
+    # Linux torch ships libgomp.so.1, which the extension then shares. Elsewhere the kernels run on one thread.
+    link = []
+    if sys.platform.startswith("linux"):
+        extra["cxx"].append("-fopenmp")
+        link.append("-fopenmp")
     if with_cuda:
         extra["cxx"].append("-DFUSED_LORA_WITH_CUDA")
         extra["nvcc"] = ["-O3", "-std=c++17", "-DFUSED_LORA_WITH_CUDA"]
         ext = cpp_extension.CUDAExtension(
-            "fused_lora._C", cpp_sources + cuda_sources, extra_compile_args=extra, libraries=["cudart"]
+            "fused_lora._C", cpp_sources + cuda_sources, extra_compile_args=extra, extra_link_args=link,
+            libraries=["cudart"],
         )
     else:
-        ext = cpp_extension.CppExtension("fused_lora._C", cpp_sources, extra_compile_args=extra)
+        ext = cpp_extension.CppExtension("fused_lora._C", cpp_sources, extra_compile_args=extra, extra_link_args=link)
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

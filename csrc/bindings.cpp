@@ -1,9 +1,11 @@
-// Python bindings of fused_lora._C: torch tensors over managed memory (managed_memory.h).
+// Python bindings of fused_lora._C: torch tensors over managed memory (managed_memory.h), and the CPU backend's
+// kernels (cpu_kernels.h).
 //
 // empty_managed returns a uint8 tensor that owns its allocation: the deleter handed to torch::from_blob frees it
 // when the last tensor or view sharing the storage dies. Python views it as the state dtype and shape.
 #include <torch/extension.h>
 
+#include "cpu_kernels.h"
 #include "managed_memory.h"
 
 namespace {
@@ -104,4 +106,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("memory_info", &memory_info, "(free, total) bytes of the device (host memory in a CPU build)",
         py::arg("device"));
   m.def("stats", &stats, "Counters of live managed allocations, bytes and prefetches");
+
+  // the "cpu" backend (fused_lora/cpu.py)
+  m.def("nf4_dequantize_into", &fused_lora::nf4_dequantize_into,
+        "Dequantize NF4 bytes into a 2-D tensor (fl32(code[q] * absmax), optionally through bf16/fp16, one rounding)",
+        py::arg("out"), py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("blocksize"),
+        py::arg("round_to") = "", py::arg("nested_absmax") = py::none(), py::arg("nested_code") = py::none(),
+        py::arg("offset") = 0.0, py::arg("nested_blocksize") = 256);
+  m.def("dropout_keep", &fused_lora::dropout_keep,
+        "uint8 keep mask of fused_lora.reference.dropout_mask (torch's CPU generator, same seed, same draws)",
+        py::arg("rows"), py::arg("cols"), py::arg("seed"), py::arg("p"));
+  m.def("dropout_apply", &fused_lora::dropout_apply, "src * (keep ? scale : 0) as a new contiguous tensor of dtype",
+        py::arg("src"), py::arg("keep"), py::arg("scale"), py::arg("dtype"));
+  m.def("dropout_add_", &fused_lora::dropout_add_, "dst += (alpha * src) * (keep ? scale : 0), in place",
+        py::arg("dst"), py::arg("src"), py::arg("keep"), py::arg("alpha"), py::arg("scale"));
+  m.def("cpu_has_avx2", &fused_lora::cpu_has_avx2, "Whether this CPU has the AVX2 paths of the CPU kernels");
+  m.def("cpu_use_avx2", &fused_lora::cpu_use_avx2,
+        "Switch the AVX2 paths on (where the CPU has them) or off; returns the previous setting", py::arg("enable"));
 }

@@ -1,4 +1,5 @@
-"""Lazy loader for the compiled extension ``fused_lora._C`` (managed memory for paged optimizer state).
+"""Lazy loader for the compiled extension ``fused_lora._C`` (managed memory for paged optimizer state, and the
+CPU backend's kernels: NF4 dequantization and the dropout mask, used by fused_lora/cpu.py).
 
 ``import fused_lora`` never loads the extension. :func:`load` imports it on first use; when it is missing,
 :func:`load` returns a stand-in whose every attribute raises an error that says how to build it, so the failure
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import importlib
 
-_BUILD_HINT = (
+BUILD_COMMAND_HINT = (
     "build it with `pip install --no-build-isolation -e .` from the fused-lora checkout (a C++ compiler is "
-    "needed; a CUDA toolkit and a CUDA build of torch give the CUDA version), or use the non-paged optimizers "
-    "(fused_lora.optim.AdamW8bit, torch.optim.AdamW)"
+    "needed; a CUDA toolkit and a CUDA build of torch give the CUDA version)"
+)
+_BUILD_HINT = (
+    f"{BUILD_COMMAND_HINT}, or use the non-paged optimizers (fused_lora.optim.AdamW8bit, torch.optim.AdamW)"
 )
 
 _module = None

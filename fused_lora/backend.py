@@ -5,14 +5,19 @@ Names:
     "reference"  plain PyTorch (fused_lora/reference.py, and the optimizers' update math); any device.
     "triton"     the Triton kernels in fused_lora/kernels/; CUDA tensors, or CPU tensors under Triton's interpreter
                  (TRITON_INTERPRET=1 set before triton is imported).
-    "auto"       "triton" for CUDA tensors when Triton imports, "reference" otherwise (with one warning when CUDA
-                 tensors meet a missing Triton).
-The environment variable FUSED_LORA_BACKEND, when set, replaces "auto" (an explicit "triton" or "reference" argument
-wins over it). Every misuse gets the same message wherever it happens: an unknown name lists the choices and names
-the caller (or the variable); "triton" without Triton, or on a CPU without the interpreter, says what to do.
+    "cpu"        the fast CPU path (fused_lora/cpu.py over the C++ kernels of fused_lora._C); CPU tensors. For the
+                 NF4 quantizer and the optimizers, which have no CPU-specific code, it runs the reference code.
+    "auto"       "triton" for CUDA tensors when Triton imports; "cpu" for CPU tensors when fused_lora._C has the CPU
+                 kernels; "reference" otherwise (with one warning when CUDA tensors meet a missing Triton, or CPU
+                 tensors a missing or stale extension).
+The environment variable FUSED_LORA_BACKEND, when set, replaces "auto" (an explicit "triton", "cpu" or "reference"
+argument wins over it). Every misuse gets the same message wherever it happens: an unknown name lists the choices
+and names the caller (or the variable); "triton" without Triton, or on a CPU without the interpreter, and "cpu"
+without the extension or on another device, say what to do.
 
-This module imports only torch and the standard library (Triton is looked up, never imported at module level), so
-every layer of the package, the kernels included, may import it.
+This module imports only torch, the standard library and ``_ext`` (Triton is looked up, never imported at module
+level; the extension is loaded only when a CPU backend is resolved), so every layer of the package, the kernels
+included, may import it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 
 import torch
 
+from . import _ext
 from ._common import warn_once
 
 __all__ = [
@@ -32,6 +38,7 @@ __all__ = [
     "resolve_backend",
     "interpreting",
     "triton_import_error",
+    "cpu_kernels_error",
     "cuda_available",
 ]
 
@@ -43,6 +50,7 @@ class Backend(str, enum.Enum):
 
     AUTO = "auto"
     TRITON = "triton"
+    CPU = "cpu"
     REFERENCE = "reference"
 
 
@@ -77,6 +85,21 @@ def triton_import_error() -> str | None:
     return None
 
 
+# The functions of fused_lora._C that the "cpu" backend calls (an older build of the extension lacks them).
+CPU_KERNELS = ("nf4_dequantize_into", "dropout_keep", "dropout_apply", "dropout_add_")
+
+
+def cpu_kernels_error() -> str | None:
+    """None when fused_lora._C has the CPU backend's kernels, else why not and how to fix it."""
+    if not _ext.is_available():
+        return f"the compiled extension fused_lora._C is not importable; {_ext.BUILD_COMMAND_HINT}"
+    missing = [name for name in CPU_KERNELS if not hasattr(_ext.load(), name)]
+    if missing:
+        return (f"fused_lora._C is a stale build without {', '.join(missing)}; rebuild it "
+                f"({_ext.BUILD_COMMAND_HINT})")
+    return None
+
+
 def cuda_available() -> bool:
     """torch.cuda.is_available(), False where querying CUDA itself fails (a driver torch cannot use)."""
     try:
@@ -102,16 +125,23 @@ def requested_backend(backend, caller: str) -> str:
 
 
 def resolve_backend(backend, device: torch.device, caller: str = "lora_linear") -> str:
-    """The concrete backend ("triton" or "reference") that ``backend`` selects for tensors on ``device``;
+    """The concrete backend ("triton", "cpu" or "reference") that ``backend`` selects for tensors on ``device``;
     ``caller`` names the public function in warnings and errors.
 
     Example:
-        >>> resolve_backend("auto", torch.device("cpu"))      # without FUSED_LORA_BACKEND set
-        'reference'
+        >>> resolve_backend("auto", torch.device("cpu"))      # without FUSED_LORA_BACKEND set, extension built
+        'cpu'
     """
     backend = requested_backend(backend, caller)
     device = torch.device(device)
     if backend == Backend.AUTO:
+        if device.type == "cpu":
+            problem = cpu_kernels_error()
+            if problem is not None:
+                warn_once(f"{caller}: falling back to the reference backend on the CPU because {problem}",
+                          key=("cpu-fallback", problem))
+                return Backend.REFERENCE.value
+            return Backend.CPU.value
         if device.type != "cuda":
             return Backend.REFERENCE.value
         problem = triton_import_error()
@@ -128,4 +158,13 @@ def resolve_backend(backend, device: torch.device, caller: str = "lora_linear") 
                 f"{caller}: backend='triton' got {device.type} tensors; the kernels run on CUDA, or on the "
                 "CPU only under Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
             )
+    if backend == Backend.CPU:
+        if device.type != "cpu":
+            raise RuntimeError(
+                f"{caller}: backend='cpu' got {device.type} tensors; it runs on CPU tensors (use backend='auto', "
+                "or 'triton' for CUDA tensors)"
+            )
+        problem = cpu_kernels_error()
+        if problem is not None:
+            raise RuntimeError(f"{caller}: backend='cpu' needs the CPU kernels, but {problem}")
     return backend

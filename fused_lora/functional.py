@@ -6,9 +6,12 @@
 Backends:
     "reference"  plain PyTorch (fused_lora/reference.py); an NF4 weight is dequantized to x's dtype first.
     "triton"     the fused kernels (fused_lora.kernels.lora); on CPU this needs TRITON_INTERPRET=1.
-    "auto"       "triton" for CUDA tensors when Triton is installed, "reference" otherwise. The environment
-                 variable FUSED_LORA_BACKEND overrides "auto".
-A case the kernels do not support (their ``unsupported_reason``) runs on the reference with one warning that
+    "cpu"        the fast CPU path (fused_lora/cpu.py: C++ NF4 decode, BLAS GEMMs with the LoRA term and the bias
+                 added in place, row chunks); CPU tensors.
+    "auto"       "triton" for CUDA tensors when Triton is installed, "cpu" for CPU tensors when the extension is
+                 built, "reference" otherwise (fused_lora/backend.py). The environment variable FUSED_LORA_BACKEND
+                 overrides "auto".
+A case a fast backend does not support (its ``unsupported_reason``) runs on the reference with one warning that
 names the case; the fast path never returns a silently wrong answer.
 """
 
@@ -20,7 +23,7 @@ import numbers
 
 import torch
 
-from . import reference
+from . import cpu, reference
 from ._common import COMPUTE_DTYPES, dtype_names, side_dtypes, warn_once
 from .backend import BACKEND_ENV_VAR, BACKENDS, resolve_backend, validate_backend_name
 from .nf4 import NF4Weight
@@ -171,8 +174,11 @@ class _ReferenceImpl:
 
 
 def _implementation(backend: str):
+    """The module (or class) with forward / backward / frozen_forward / frozen_backward / unsupported_reason."""
     if backend == "reference":
         return _ReferenceImpl
+    if backend == "cpu":
+        return cpu
     from .kernels import lora as triton_lora
 
     return triton_lora
@@ -260,14 +266,13 @@ def _autocast_off(device: torch.device):
 def _choose_backend(backend, x2d, weight, lora_A, lora_B, bias, dropout_p, caller="lora_linear") -> str:
     """The backend that runs this call; lora_A = lora_B = None for the frozen layer alone."""
     chosen = resolve_backend(backend, x2d.device, caller)
-    if chosen == "triton":
+    if chosen != "reference":
         if x2d.shape[0] == 0:
             return "reference"
-        from .kernels import lora as triton_lora
-
-        reason = triton_lora.unsupported_reason(x2d, weight, lora_A, lora_B, bias, dropout_p)
+        reason = _implementation(chosen).unsupported_reason(x2d, weight, lora_A, lora_B, bias, dropout_p)
         if reason is not None:
-            warn_once(f"{caller}: the Triton kernels do not support {reason}; using the reference backend")
+            what = "the Triton kernels do" if chosen == "triton" else f"the {chosen!r} backend does"
+            warn_once(f"{caller}: {what} not support {reason}; using the reference backend")
             return "reference"
     return chosen
 
@@ -294,7 +299,7 @@ def lora_linear(
         dropout_p: LoRA dropout on the adapter input, applied only when ``training``; the mask m is drawn
             from a seed (torch's CPU generator) and regenerated in backward, never stored.
         training: whether dropout is active.
-        backend: "auto", "triton" or "reference" (see the module docstring).
+        backend: "auto", "triton", "cpu" or "reference" (see the module docstring).
     Returns:
         y: (..., N) in x's dtype, computed in x's dtype whether or not ``torch.autocast`` is active (cast x to
         the autocast dtype first, or use ``FusedLoraLinear``, which does). Gradients flow to x, lora_A, lora_B
@@ -333,8 +338,8 @@ def frozen_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, bac
         weight: frozen W, an ``NF4Weight`` of shape (N, K) or a dense (N, K) tensor in x's dtype that does not
             require grad.
         bias: optional (N,) in x's dtype or fp32; it gets a gradient only if it requires one.
-        backend: "auto", "triton" or "reference" (see the module docstring); a case the kernels do not support runs
-            on the reference with one warning.
+        backend: "auto", "triton", "cpu" or "reference" (see the module docstring); a case a fast backend does not
+            support runs on the reference with one warning.
     Returns:
         y: (..., N) in x's dtype, whether or not ``torch.autocast`` is active. Gradients flow to x (dx = g·W) and
         bias (db = Σ g over the leading dims); W gets none; second derivatives raise.

@@ -115,7 +115,7 @@ class FusedLoraLinear(nn.Module):
             Linear4bit does) and the output is cast back to the input's dtype; under ``torch.autocast`` the
             autocast dtype is used instead and the output stays in it.
         blocksize, double_quant: NF4 quantization parameters (bitsandbytes' rules; ignored when quant=None).
-        backend: "auto", "triton" or "reference" (see ``functional.lora_linear``).
+        backend: "auto", "triton", "cpu" or "reference" (see ``functional.lora_linear``).
         device: where parameters are created.
         adapter_dtype: dtype of lora_A / lora_B (fp32 by default, like PEFT).
         use_dora: DoRA (PEFT's ``use_dora``): a trainable ``lora_magnitude_vector`` (out_features,) in the adapter

@@ -27,7 +27,9 @@ State dicts use bitsandbytes' ``Linear4bit`` key names (module prefix P): ``P+"w
 ``P+"weight.quant_state.bitsandbytes__nf4"`` (a uint8 tensor holding the UTF-8 JSON of the non-tensor fields).
 
 Backends: "reference" is plain PyTorch (any device), "triton" the kernels in fused_lora/kernels/nf4.py (CUDA, or
-the CPU under TRITON_INTERPRET=1), "auto" picks Triton for CUDA tensors; FUSED_LORA_BACKEND overrides "auto".
+the CPU under TRITON_INTERPRET=1), "cpu" the C++ dequantizer of fused_lora/cpu.py (vectorised, threaded; the
+quantizer runs the reference code), "auto" picks Triton for CUDA tensors and "cpu" for CPU tensors
+(fused_lora/backend.py); FUSED_LORA_BACKEND overrides "auto".
 The double quantization of the (small) absmax vector runs in PyTorch on the weight's device, except
 offset = mean(absmax), which is taken on the CPU so that the bytes never depend on the device. Every output is
 byte-exact with bitsandbytes' CPU implementation (bitsandbytes' own CUDA kernels may differ in rare last bits).
@@ -41,6 +43,7 @@ from collections.abc import Mapping
 
 import torch
 
+from . import cpu
 from ._common import dtype_name, dtype_names
 from .backend import resolve_backend
 from .bnb_compat import bnb_cpu_dequantize_is_wrong, check_finite, quant_state_fields
@@ -452,7 +455,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
             ValueError (bitsandbytes would store offset = inf and dequantize it to NaN).
         blocksize: elements per absmax block; one of 32, 64, 128, 256, 512, 1024, 2048, 4096.
         double_quant: also quantize the absmax values (bitsandbytes' ``compress_statistics=True``).
-        backend: "auto", "triton" or "reference" (see the module docstring).
+        backend: "auto", "triton", "cpu" or "reference" (see the module docstring; quantization has no CPU-specific
+            code: "cpu" runs the reference quantizer).
     Returns:
         NF4Weight on weight's device; ``packed`` is uint8 [(n + 1) // 2, 1].
 
@@ -516,7 +520,7 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, backend: str 
     Args:
         w: the NF4Weight.
         dtype: output dtype (float32, float16, bfloat16 or float64); default ``w.dtype``.
-        backend: "auto", "triton" or "reference".
+        backend: "auto", "triton", "cpu" (the C++ dequantizer of fused_lora/cpu.py) or "reference".
     Returns:
         Tensor of ``w.shape`` and ``dtype`` on ``w.device``.
 
@@ -531,7 +535,10 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, backend: str 
     if dtype not in OUTPUT_DTYPES:
         raise TypeError(f"{who}: dtype must be one of {dtype_names(OUTPUT_DTYPES)}, got {dtype!r}")
     n = w.numel()
-    if resolve_backend(backend, w.device, who) == "triton":
+    chosen = resolve_backend(backend, w.device, who)
+    if chosen == "cpu":
+        return cpu.dequantize_nf4(w, dtype).view(w.shape)
+    if chosen == "triton":
         from .kernels import nf4 as nf4_kernels
 
         nested = {}

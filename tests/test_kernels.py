@@ -25,6 +25,17 @@ def _kernels():
     return lora
 
 
+@pytest.fixture(params=["triton", "cpu"])
+def lora(request):
+    """The backend module under test: the cases below marked with this fixture run on the Triton kernels
+    (interpreted) and on the CPU backend (fused_lora/cpu.py), which has the same protocol."""
+    if request.param == "cpu":
+        from fused_lora import cpu
+
+        return cpu
+    return _kernels()
+
+
 def _make_case(M, K, N, r, dtype, base, adapter_dtype, bias, layout, blocksize, seed):
     gen = torch.Generator().manual_seed(seed)
     if layout == "transposed":
@@ -97,10 +108,9 @@ def _check_all(kernel_out, x, w_compute, A, B, b, g, m, dtype):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_forward_and_backward_match_reference(case, poison_empty):
+def test_forward_and_backward_match_reference(lora, case, poison_empty):
     M, K, N, r, dtype, base, adapter_dtype, bias, p, layout, blocksize = case
     x, weight, w_compute, A, B, b, g = _make_case(M, K, N, r, dtype, base, adapter_dtype, bias, layout, blocksize, M)
-    lora = _kernels()
     assert lora.unsupported_reason(x, weight, A, B, b, p) is None
     seed = 1000 + M
     y, u = lora.forward(x, weight, A, B, SCALING, b, p, seed)
@@ -132,11 +142,10 @@ def test_several_nf4_blocks_per_tile_row(block_k, blocksize, monkeypatch, poison
     [(True, False, False, False), (False, True, False, False), (False, False, True, True), (False, True, True, False)],
     ids=["dx-only", "dA-only", "dB-db-only", "dA-dB"],
 )
-def test_backward_computes_exactly_the_requested_gradients(needs, poison_empty):
+def test_backward_computes_exactly_the_requested_gradients(lora, needs, poison_empty):
     x, weight, w_compute, A, B, b, g = _make_case(
         37, 64, 80, 8, torch.float32, "nf4-dq", torch.float32, True, "contiguous", 64, 5
     )
-    lora = _kernels()
     y, u = lora.forward(x, weight, A, B, SCALING, b, 0.2, 77)
     grads = lora.backward(g, x, weight, A, B, SCALING, 0.2, 77, u, *needs)
     m = lora.dropout_mask(77, 37, 64, 0.2, "cpu").double()
@@ -148,13 +157,12 @@ def test_backward_computes_exactly_the_requested_gradients(needs, poison_empty):
             assert ours is None, f"{name} was not requested but was returned"
 
 
-def test_dropout_mask_is_the_one_the_kernels_use_in_forward_and_backward(poison_empty):
+def test_dropout_mask_is_the_one_the_kernels_use_in_forward_and_backward(lora, poison_empty):
     """u (forward) and dA (backward) both see m⊙x: they match the reference only with the materialised mask, and
     both differ from the reference under a mask drawn from another seed."""
     x, weight, w_compute, A, B, b, g = _make_case(
         37, 64, 80, 8, torch.float32, "dense", torch.float32, False, "contiguous", 64, 9
     )
-    lora = _kernels()
     y, u = lora.forward(x, weight, A, B, SCALING, None, 0.3, 4242)
     dx, dA, _, _ = lora.backward(g, x, weight, A, B, SCALING, 0.3, 4242, u, True, True, False, False)
     same = _reference(x, w_compute, A, B, None, g, lora.dropout_mask(4242, 37, 64, 0.3, "cpu").double())
@@ -164,8 +172,7 @@ def test_dropout_mask_is_the_one_the_kernels_use_in_forward_and_backward(poison_
         assert relative_error(ours, other[i]) > 1e-2, name
 
 
-def test_dropout_mask_values_rate_and_determinism():
-    lora = _kernels()
+def test_dropout_mask_values_rate_and_determinism(lora):
     m = lora.dropout_mask(7, 129, 200, 0.25, "cpu")
     assert m.shape == (129, 200) and m.dtype == torch.float32
     assert torch.equal(m.unique(), torch.tensor([0.0, 1 / 0.75]))
@@ -291,10 +298,9 @@ def _frozen_reference(x, w_compute, b, g, cast):
 
 
 @pytest.mark.parametrize("case", FROZEN_CASES, ids=[_frozen_case_id(c) for c in FROZEN_CASES])
-def test_frozen_forward_and_backward_match_reference(case, poison_empty):
+def test_frozen_forward_and_backward_match_reference(lora, case, poison_empty):
     M, K, N, dtype, base, bias, layout, blocksize = case
     x, weight, w_compute, _, _, b, g = _make_case(M, K, N, 4, dtype, base, dtype, bias, layout, blocksize, M + 7)
-    lora = _kernels()
     assert lora.unsupported_reason(x, weight, None, None, b, 0.0) is None
     y = lora.frozen_forward(x, weight, b)
     assert y.dtype == dtype and y.shape == (M, N)
@@ -310,11 +316,11 @@ def test_frozen_forward_and_backward_match_reference(case, poison_empty):
 
 
 @pytest.mark.parametrize("needs", [(True, False), (False, True)], ids=["dx-only", "db-only"])
-def test_frozen_backward_computes_exactly_the_requested_gradients(needs, poison_empty):
+def test_frozen_backward_computes_exactly_the_requested_gradients(lora, needs, poison_empty):
     x, weight, w_compute, _, _, b, g = _make_case(
         37, 64, 80, 4, torch.float32, "nf4-dq", torch.float32, True, "contiguous", 64, 6
     )
-    dx, db = _kernels().frozen_backward(g, weight, *needs)
+    dx, db = lora.frozen_backward(g, weight, *needs)
     _, dx_ref, db_ref = _frozen_reference(x, w_compute, b, g, lambda t: t.double())
     for name, need, ours, ref_t in (("dx", needs[0], dx, dx_ref), ("db", needs[1], db, db_ref)):
         if need:
@@ -473,7 +479,7 @@ NONFINITE_CASES = [
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
 @pytest.mark.parametrize("case", NONFINITE_CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-p{c[3]}")
-def test_nan_and_inf_reach_the_same_outputs_as_in_the_reference(case):
+def test_nan_and_inf_reach_the_same_outputs_as_in_the_reference(lora, case):
     """Each of y, u, dx, dA, dB, db has NaN, +inf and −inf exactly where the fp32 reference has them (masked tile
     padding must not turn inf·0 into NaN in a real element, nor hide one)."""
     name, value, base, p = case
@@ -481,7 +487,6 @@ def test_nan_and_inf_reach_the_same_outputs_as_in_the_reference(case):
                                                   "contiguous", 32, 11)
     poisoned = {"x": x, "g": g, "A": A, "B": B, "bias": b}[name]
     poisoned.view(-1)[[2, poisoned.numel() // 2]] = value
-    lora = _kernels()
     y, u = lora.forward(x, weight, A, B, SCALING, b, p, 99)
     ours = (y, u) + lora.backward(g, x, weight, A, B, SCALING, p, 99, u, True, True, True, True)
     m = lora.dropout_mask(99, 19, 40, p, "cpu") if p > 0 else None

@@ -19,7 +19,7 @@ LAYERS = [
     ["fused_lora._common"],
     ["fused_lora.backend", "fused_lora._ext", "fused_lora.testing"],
     ["fused_lora.kernels"],
-    ["fused_lora.reference", "fused_lora.codec", "fused_lora.bnb_compat"],
+    ["fused_lora.reference", "fused_lora.codec", "fused_lora.cpu", "fused_lora.bnb_compat"],
     ["fused_lora.nf4"],
     ["fused_lora.functional", "fused_lora.optim", "fused_lora.dora", "fused_lora.mixed", "fused_lora.checkpoint"],
     ["fused_lora.modules"],

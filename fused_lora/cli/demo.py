@@ -4,14 +4,14 @@ What it does, start to end:
   1. builds a small Llama-architecture model from a config (random init, no download), or loads ``--model PATH``
      (a local Hugging Face model directory), with its linear layers quantized to NF4 by bitsandbytes;
   2. wraps it with PEFT LoRA (all linear layers) and converts the LoRA layers with ``fl.patch_peft_model``, so
-     training runs through ``fused_lora.functional.lora_linear`` (Triton kernels on CUDA, the reference on CPU);
+     training runs through ``fused_lora.functional.lora_linear`` (Triton kernels on CUDA, the "cpu" backend's C++
+     NF4 decoding and BLAS GEMMs on a CPU);
   3. fine-tunes on a synthetic instruction set shipped with the package (``fused_lora/data/instructions.jsonl``,
      byte-level tokens: token = byte + 3 after <pad>, <bos>, <eos>), loss on the response tokens only;
   4. prints the loss at the start and end, tokens/s and peak memory, and checks parity against PEFT +
      bitsandbytes: the same model, weights and batch with the LoRA layers turned back into PEFT's own (on CUDA
-     this compares the Triton kernels with bitsandbytes; on the CPU the fused side runs the plain-PyTorch
-     reference backend, so it checks the NF4 decoding, the LoRA math and its backward, not the kernels; the
-     output says which);
+     this compares the Triton kernels with bitsandbytes; on the CPU the fused side runs the "cpu" backend, so it
+     checks its NF4 decoding, the LoRA math and its backward, not the Triton kernels; the output says which);
   5. saves the adapter with ``save_pretrained`` (an ordinary PEFT adapter) and a ``metrics.json`` under
      ``--output`` (default ./fused_lora_demo_out), next to ``base_model/`` (the generated base model in float32,
      which the adapter needs; absent with ``--model``).

@@ -71,7 +71,8 @@ def parity_with_peft(model, batch) -> dict:
 
 
 def parity_sides(backend: str) -> str:
-    """What the parity check compares: which code computes each side on ``backend`` ("triton" or "reference").
+    """What the parity check compares: which code computes each side on ``backend`` ("triton", "cpu" or
+    "reference").
 
     Example:
         >>> parity_sides("triton")[:38]
@@ -80,6 +81,12 @@ def parity_sides(backend: str) -> str:
     peft_side = "PEFT+bitsandbytes: PEFT's LoRA layers over bitsandbytes' dequantize_4bit + matmul"
     if backend == "triton":
         return f"fused: the Triton kernels (NF4 decoded inside the GEMM, LoRA term fused); {peft_side}"
+    if backend == "cpu":
+        return (
+            f"fused: backend 'cpu', the CPU kernels (fused_lora._C's NF4 dequantization into the GEMM's dtype, BLAS "
+            f"GEMMs with the LoRA term and bias added in place), NOT the Triton kernels, which run on CUDA; "
+            f"{peft_side}. Both sides decode the same NF4 bytes to the same weights; the GEMMs sum in another order"
+        )
     return (
         f"fused: backend {backend!r}, plain PyTorch (fused_lora's own NF4 dequantization + matmul, its explicit LoRA "
         f"backward), NOT the Triton kernels, which run on CUDA; {peft_side}. Both sides decode the same NF4 bytes to "

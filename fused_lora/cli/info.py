@@ -110,8 +110,8 @@ def auto_backend() -> dict:
     unusable (e.g. a bad ``FUSED_LORA_BACKEND``); "override" is the environment setting, if any.
 
     Example:
-        >>> auto_backend()      # on a CPU-only machine with Triton installed, no override
-        {'cuda': 'triton', 'cpu': 'reference', 'override': None}
+        >>> auto_backend()      # on a CPU-only machine with Triton and the extension installed, no override
+        {'cuda': 'triton', 'cpu': 'cpu', 'override': None}
     """
     choice = {}
     for device_type in ("cuda", "cpu"):
@@ -133,7 +133,7 @@ def collect() -> dict:
 
     Example:
         >>> collect()["auto_backend"]["cpu"]
-        'reference'
+        'cpu'
     """
     return {
         "fused_lora": __version__,
