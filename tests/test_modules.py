@@ -1,6 +1,7 @@
 """FusedLoraLinear: output and gradients vs the float64 reference, dtypes, dropout, from_linear / from_bnb,
 adapter on/off, merge/unmerge, state dicts (bitsandbytes keys), device/dtype moves and errors."""
 
+import io
 import json
 import math
 import warnings
@@ -371,10 +372,15 @@ def test_bitsandbytes_checkpoint_loads_into_the_layer_and_back():
 
 @pytest.mark.parametrize("quant", ["nf4", None], ids=["nf4", "dense"])
 def test_state_dict_round_trip_is_exact(quant):
+    """Through torch.save and torch.load(weights_only=True), as a checkpoint is loaded: nothing in the state dict
+    needs pickle (the NF4 quant state is a uint8 tensor of JSON)."""
     layer = _layer(quant=quant, dtype=torch.bfloat16)
     fresh = fl.FusedLoraLinear(129, 37, r=8, lora_alpha=16, bias=True, quant=quant, compute_dtype=torch.bfloat16,
                                backend="reference")
-    fresh.load_state_dict(layer.state_dict())
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
     for key, value in layer.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
     x = torch.randn(3, 4, 129).bfloat16()

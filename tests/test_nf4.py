@@ -1,6 +1,7 @@
 """NF4: byte-exact against bitsandbytes on the CPU (packed bytes, absmax, double quant, dequantized values),
 for the PyTorch twin and the Triton kernels (under TRITON_INTERPRET=1 here), plus bitsandbytes interop."""
 
+import io
 import json
 
 import pytest
@@ -282,7 +283,10 @@ def test_our_state_dict_loads_into_bnb(double_quant):
     x = torch.randn(3, 129, dtype=torch.bfloat16)
     assert torch.allclose(layer(x).float(), (x @ ours.dequantize().T).float(), rtol=2e-2, atol=2e-2)
 
-    again = fl.NF4Weight.from_state_dict(sd, prefix)
+    buffer = io.BytesIO()
+    torch.save(sd, buffer)  # a checkpoint loads with weights_only=True: tensors only, the quant state as uint8 JSON
+    buffer.seek(0)
+    again = fl.NF4Weight.from_state_dict(torch.load(buffer, weights_only=True), prefix)
     assert torch.equal(again.dequantize(), ours.dequantize())
 
 

@@ -285,6 +285,22 @@ def test_adapter_saved_by_fused_model_loads_into_plain_peft(tiny_llama_dir, tmp_
         torch.testing.assert_close(reloaded(**inputs).logits, fused(**inputs).logits, rtol=0, atol=0)
 
 
+def test_pickle_format_adapter_of_a_fused_model_loads_with_weights_only(tiny_llama_dir, tmp_path):
+    """An adapter saved in the pickle format (safe_serialization=False, adapter_model.bin) holds tensors only:
+    torch.load(weights_only=True) reads it, and PEFT loads it into a fused model with the same logits."""
+    fused = make_peft(load_qlora_base(tiny_llama_dir), seed=6)
+    fl.patch_peft_model(fused)
+    fused.save_pretrained(tmp_path / "adapter", safe_serialization=False)
+    saved = torch.load(tmp_path / "adapter" / "adapter_model.bin", weights_only=True)
+    assert saved and all(isinstance(v, torch.Tensor) for v in saved.values())
+
+    reloaded = PeftModel.from_pretrained(load_qlora_base(tiny_llama_dir), tmp_path / "adapter").train()
+    fl.patch_peft_model(reloaded)
+    inputs = batch(seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, fused(**inputs).logits, rtol=0, atol=0)
+
+
 def test_adapter_saved_by_plain_peft_loads_into_fused_model(tiny_llama_dir, tmp_path):
     plain = make_peft(load_qlora_base(tiny_llama_dir), seed=4)
     plain.save_pretrained(tmp_path / "adapter")
