@@ -88,10 +88,20 @@ def _base_kind(base: nn.Module) -> str | None:
     """"nf4" for a bitsandbytes NF4 Linear4bit, "dense" for any other nn.Linear, None otherwise (FP4 included)."""
     linear4bit = _bnb_linear4bit_type()
     if linear4bit is not None and isinstance(base, linear4bit):
-        return "nf4" if base.weight.quant_type == "nf4" else None
+        state = _quant_state(base)
+        quant_type = getattr(base.weight, "quant_type", None) or getattr(state, "quant_type", None)
+        return "nf4" if quant_type == "nf4" else None
     if type(base).__module__.startswith("bitsandbytes"):
         return None
     return "dense" if isinstance(base, nn.Linear) else None
+
+
+def _quant_state(base: nn.Module):
+    """A Linear4bit's QuantState, or None before quantization. The weight's own when it is bitsandbytes' Params4bit,
+    else the module's copy: FSDP2 (fully_shard) and DDP replace the Params4bit by a plain Parameter over the same
+    packed bytes (sharded, then all-gathered as bytes), and bitsandbytes keeps the state on the module for that."""
+    state = getattr(base.weight, "quant_state", None)
+    return state if state is not None else getattr(base, "quant_state", None)
 
 
 def _adapter_operand(weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor | None:
@@ -179,7 +189,7 @@ class _FusedLoraForward:
                 return "a trainable base weight (lora_linear keeps W frozen)"
             compute_dtype = _autocast_dtype(x.device.type) or base.weight.dtype
             return base.weight.to(compute_dtype), compute_dtype, base.bias, compute_dtype
-        quant_state = base.weight.quant_state if base.weight.quant_state is not None else base.quant_state
+        quant_state = _quant_state(base)
         if quant_state is None:
             return "a bitsandbytes weight that is not quantized yet (move the model to its device first)"
         if not base.compute_type_is_set:
@@ -219,7 +229,7 @@ class _FusedLoraForward:
         base = self.get_base_layer()
         if _base_kind(base) != "nf4":
             return
-        quant_state = base.weight.quant_state
+        quant_state = getattr(base.weight, "quant_state", None)
         if quant_state is not None and getattr(quant_state, "packing_format_for_cpu", False):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 

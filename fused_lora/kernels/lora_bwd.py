@@ -168,8 +168,12 @@ def lora_dx_kernel(
     GROUP_M: tl.constexpr,
 ):
     """dx[rows, cols] = (s·m⊙(v·A)[rows, cols] when HAS_LORA) + Σ_n g[rows, n]·deq(W)[n, cols], the low-rank term
-    accumulated first; dA[:, cols] += s·v[rows]ᵀ·(m⊙x)[rows, cols] (NEED_DA, relaxed atomics, before the loop)."""
+    accumulated first; dA[:, cols] += s·v[rows]ᵀ·(m⊙x)[rows, cols] (NEED_DA, relaxed atomics, before the loop).
+
+    An NF4 W decoded in registers (LOOKUP "prmt" or "tree") is the first operand of the dot, as in lora_fwd: the
+    accumulator is dxᵀ[cols, rows] = Σ_n deq(W)[n, cols]·g[rows, n], stored transposed."""
     COMPUTE_DTYPE: tl.constexpr = g_ptr.dtype.element_ty
+    W_FIRST: tl.constexpr = IS_NF4 and LOOKUP != "gather"
     pid_m, pid_k = grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
     k0 = pid_k * BLOCK_K
@@ -179,7 +183,15 @@ def lora_dx_kernel(
 
     # The low-rank term starts the accumulator (no second [BLOCK_M, BLOCK_K] tile), and dA's share of this tile is
     # added before the main loop, so m, x and v are dead before it starts.
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if W_FIRST:
+        if HAS_LORA:  # the low-rank term's dot defines the accumulator
+            acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+        else:
+            # Zeros from an MMA: an accumulator defined by ordinary instructions makes ptxas serialise this loop's
+            # wgmma pipeline (C7515, "non wgmma instructions defining accumulator registers").
+            acc = tl.dot(tl.zeros((BLOCK_K, 16), COMPUTE_DTYPE), tl.zeros((16, BLOCK_M), COMPUTE_DTYPE))
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if HAS_LORA:
         if DROPOUT:
             m = dropout_mask_tile(seed, offs_m, mask_col0 + k0, mask_width, p, keep_scale, BLOCK_K)
@@ -201,11 +213,17 @@ def lora_dx_kernel(
                 offs_r = r0 + tl.arange(0, R_CHUNK)
                 v = tl.load(v_rows + offs_r[None, :] * stride_vr, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
                 a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
-                a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
-                acc = tl.dot(v.to(LOWRANK_DTYPE), a.to(LOWRANK_DTYPE), acc, input_precision=LOWRANK_PRECISION)
+                a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0).to(LOWRANK_DTYPE)
+                if W_FIRST:
+                    acc = tl.dot(tl.trans(a), tl.trans(v.to(LOWRANK_DTYPE)), acc, input_precision=LOWRANK_PRECISION)
+                else:
+                    acc = tl.dot(v.to(LOWRANK_DTYPE), a, acc, input_precision=LOWRANK_PRECISION)
             acc = acc * scaling
             if DROPOUT:
-                acc = acc * m
+                if W_FIRST:
+                    acc = acc * tl.trans(m)
+                else:
+                    acc = acc * m
 
     if NEED_DX:
         g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
@@ -219,8 +237,14 @@ def lora_dx_kernel(
                 IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, LOOKUP, lut, BLOCK_N, BLOCK_K,
                 COMPUTE_DTYPE,
             )  # fmt: skip
-            acc = tl.dot(g, w, acc, input_precision=BASE_PRECISION)
+            if W_FIRST:
+                acc = tl.dot(tl.trans(w), tl.trans(g), acc, input_precision=BASE_PRECISION)
+            else:
+                acc = tl.dot(g, w, acc, input_precision=BASE_PRECISION)
 
     if NEED_DX:
-        dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-        tl.store(dx_ptrs, acc.to(COMPUTE_DTYPE), mask=tile_in_range)
+        dx_tile = offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+        if W_FIRST:
+            tl.store(dx_ptr + tl.trans(dx_tile), acc.to(COMPUTE_DTYPE), mask=tl.trans(tile_in_range))
+        else:
+            tl.store(dx_ptr + dx_tile, acc.to(COMPUTE_DTYPE), mask=tile_in_range)

@@ -289,7 +289,10 @@ def lora_fwd_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     # The low-rank term and the bias start the accumulator (LoRAFusion): no second [BLOCK_M, BLOCK_N] tile.
     if W_FIRST:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        if HAS_LORA:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:  # zeros from an MMA: see lora_dx_kernel
+            acc = tl.dot(tl.zeros((BLOCK_N, 16), COMPUTE_DTYPE), tl.zeros((16, BLOCK_M), COMPUTE_DTYPE))
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_LORA:
