@@ -1,13 +1,22 @@
-"""Autotuning of the two GEMM kernels (forward y, backward dx/dA) on Hopper (sm90) and Ampere (sm80).
+"""Autotuning of the two GEMM kernels (forward y, backward dx/dA) on Hopper (sm90) and Ampere (sm80), made so that a
+user does not notice it.
 
 The tuning key buckets M to a power of two (``m_bucket``), so decode-size calls (M ≤ 16) and training-size calls
 (M in the thousands) get different tiles while every M inside a bucket reuses one measurement. The key also
 holds HAS_LORA: without the low-rank epilogue (the frozen layer alone) a program needs fewer registers, so the
 best tile can differ from the LoRA layer's. Under the Triton CPU interpreter nothing is tuned:
 ``INTERPRETER_CONFIG`` is used as is.
+
+Unnoticed: for each bucket the pruning (``keep_tiles_for_m``) keeps at most ``MAX_CONFIGS_PER_BUCKET`` configs,
+those whose BLOCK_M is nearest the bucket (the first training step compiles and times a handful, not a dozen);
+the winners are cached on disk across runs (``cache_results``, Triton ≥ 3.4, in Triton's cache directory, keyed by
+Triton, the GPU, the kernel's source, the key and the config list); and configs are timed by
+``bench_without_flush``, which allocates nothing, instead of ``triton.testing.do_bench``, which allocates a 256 MB
+buffer to flush the L2 cache before every timed call.
 """
 
 import functools
+import inspect
 from typing import NamedTuple
 
 import triton
@@ -72,6 +81,17 @@ def gemm_configs(capability: tuple[int, int], out_name: str, reduce_name: str) -
     ]
 
 
+MAX_CONFIGS_PER_BUCKET = 3
+# The BLOCK_M a bucket prefers: the bucket itself between 16 and 128 rows (taller tiles only add padding at small M,
+# and at large M 128-row tiles fill the GPU with room for the low-rank epilogue).
+_PREFERRED_BLOCK_M = (16, 128)
+
+
+def _preferred_block_m(bucket: int) -> int:
+    low, high = _PREFERRED_BLOCK_M
+    return min(max(low, bucket), high)
+
+
 # A dx tile with the low-rank term keeps acc, the low-rank tile, the dropout mask and x in shared memory: above
 # BLOCK_M·BLOCK_K = 128·128 it needs 256 KiB on sm_90 (limit 227 KiB), so such tiles are never compiled.
 DX_LORA_MAX_TILE = 128 * 128
@@ -83,6 +103,8 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
 
     - drop tiles with BLOCK_M far above M (all-padding rows); keep the smallest when none fits;
     - lora_dx_kernel (it has ``dx_ptr``) with HAS_LORA: drop tiles with BLOCK_M·BLOCK_K > DX_LORA_MAX_TILE;
+    - keep at most MAX_CONFIGS_PER_BUCKET: the tiles whose BLOCK_M is nearest the bucket's preferred BLOCK_M (the
+      bucket, clamped to 16..128), in the config list's order among equals;
     - NF4 with K not a multiple of the blocksize (ROW_SCALES False): the element-wise scale gather makes every
       pipeline stage hold per-element scale tiles (180–650 KiB at 3–4 stages), so every config runs at
       num_stages=1 (36–80 KiB).
@@ -93,18 +115,56 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_TILE]
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * bucket)]
     kept = fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    preferred = _preferred_block_m(bucket).bit_length()
+    kept = sorted(kept, key=lambda c: abs(c.kwargs["BLOCK_M"].bit_length() - preferred))[:MAX_CONFIGS_PER_BUCKET]
     if args.get("IS_NF4") and not args.get("ROW_SCALES"):
         kept = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1) for c in kept]
     return kept
 
 
+def bench_without_flush(kernel_call, quantiles=None, budget_ms: float = 5.0, max_reps: int = 20):
+    """The autotuner's timer (its ``do_bench``): run ``kernel_call`` once (it compiles and warms up), then time
+    3..``max_reps`` calls (as many as fit ``budget_ms`` by a first timed call) with CUDA events; the ``quantiles``
+    of the times (nearest rank), or their median. No L2 flush between calls and no buffer allocated: the times are
+    L2-warm, as a layer's GEMM after the previous layer is; configs are compared with each other, all timed alike.
+    """
+    import torch
+
+    kernel_call()
+    torch.cuda.synchronize()
+    first = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+    first[0].record()
+    kernel_call()
+    first[1].record()
+    torch.cuda.synchronize()
+    reps = int(max(3, min(max_reps, budget_ms / max(first[0].elapsed_time(first[1]), 1e-3))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        kernel_call()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    if quantiles is None:
+        return times[len(times) // 2]
+    return [times[min(len(times) - 1, int(q * len(times)))] for q in quantiles]
+
+
+def _disk_cache_option() -> dict:
+    """``cache_results=True`` where triton.autotune has it (Triton ≥ 3.4; the GPU machines run 3.6, CI 3.9)."""
+    return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 @functools.cache
 def autotuned(kernel, capability: tuple[int, int], out_name: str, reduce_name: str, reset_to_zero: tuple = ()):
     """``kernel`` wrapped in triton.autotune for ``capability``, keyed on the M bucket, N, K, r and the variant
-    (low-rank term or not, NF4 layout)."""
+    (low-rank term or not, NF4 layout): at most MAX_CONFIGS_PER_BUCKET configs timed per key by
+    ``bench_without_flush``, the results cached on disk."""
     return triton.autotune(
         configs=gemm_configs(capability, out_name, reduce_name),
         key=["M_BUCKET", "N", "K", "R_PAD", "HAS_LORA", "IS_NF4", "DOUBLE_QUANT", "ROW_SCALES"],
         prune_configs_by={"early_config_prune": keep_tiles_for_m},
         reset_to_zero=list(reset_to_zero) or None,
+        do_bench=bench_without_flush,
+        **_disk_cache_option(),
     )(kernel)

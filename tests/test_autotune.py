@@ -1,0 +1,106 @@
+"""Autotuning the user does not notice (fused_lora/kernels/autotune.py): a small pruned set of configs per M bucket,
+winners cached on disk across runs, and a timer that allocates no L2-flush buffer.
+
+Without a GPU the autotuner can be built and asked which configs it would time, but not run: these tests check the
+construction (the options triton.autotune receives and keeps), the pruning, and the timer with CUDA events faked.
+"""
+
+import inspect
+
+import pytest
+import torch
+import triton
+
+from fused_lora.kernels import autotune
+from fused_lora.kernels.autotune import MAX_CONFIGS_PER_BUCKET, bench_without_flush, gemm_configs, keep_tiles_for_m
+
+BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+KERNELS = {"lora_fwd_kernel": ("BLOCK_N", "BLOCK_K", {}), "lora_dx_kernel": ("BLOCK_K", "BLOCK_N", {"dx_ptr": 0})}
+
+
+def _kept(capability, kernel, bucket, **constexprs):
+    out_name, reduce_name, positional = KERNELS[kernel]
+    configs = gemm_configs(capability, out_name, reduce_name)
+    return keep_tiles_for_m(configs, {"M_BUCKET": bucket, **positional}, **constexprs)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])
+def test_every_bucket_times_a_few_configs_with_tiles_that_fit_it(capability, kernel):
+    for bucket in BUCKETS:
+        for lora in (True, False):
+            kept = _kept(capability, kernel, bucket, HAS_LORA=lora, IS_NF4=True, ROW_SCALES=True)
+            assert 1 <= len(kept) <= MAX_CONFIGS_PER_BUCKET, (bucket, lora, kept)
+            rows = [c.kwargs["BLOCK_M"] for c in kept]
+            if bucket <= 8:
+                assert rows == [16] * len(rows), (bucket, rows)  # decode sizes: no padding rows beyond one tile
+            if bucket >= 128:
+                assert rows[0] == 128, (bucket, rows)  # training sizes: the 128-row tiles first
+
+
+def test_the_pruned_sets_are_the_ones_recorded():
+    """The sm90 sets per bucket (change deliberately: the offline report prices exactly these)."""
+    def tiles(bucket):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                for c in _kept((9, 0), "lora_fwd_kernel", bucket, HAS_LORA=True, IS_NF4=True, ROW_SCALES=True)]
+
+    assert tiles(1) == [(16, 128, 128, 4, 4), (16, 64, 256, 4, 3)]
+    assert tiles(16) == [(16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (32, 128, 128, 4, 4)]
+    assert tiles(256) == tiles(8192) == [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)]
+
+
+def test_autotuner_is_built_with_the_pruning_the_disk_cache_and_the_flushless_timer(monkeypatch):
+    from fused_lora.kernels.lora_fwd import lora_fwd_kernel
+
+    assert "cache_results" in inspect.signature(triton.autotune).parameters  # Triton >= 3.4 (CI 3.9, GPU 3.6)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the Autotuner turns its disk cache off under the interpreter
+    tuner = autotune.autotuned.__wrapped__(lora_fwd_kernel, (9, 0), "BLOCK_N", "BLOCK_K")
+    assert isinstance(tuner, triton.runtime.autotuner.Autotuner)
+    assert tuner.cache_results is True
+    assert tuner.do_bench is bench_without_flush
+    assert tuner.early_config_prune is keep_tiles_for_m
+    assert len(tuner.configs) > MAX_CONFIGS_PER_BUCKET  # the full list; the pruning picks per bucket
+    tuner.nargs = {"M_BUCKET": 8192}
+    kept = tuner.prune_configs({"HAS_LORA": True, "IS_NF4": True, "ROW_SCALES": True})
+    assert len(kept) == MAX_CONFIGS_PER_BUCKET
+
+
+def test_disk_cache_is_requested_only_where_triton_has_it(monkeypatch):
+    assert autotune._disk_cache_option() == {"cache_results": True}
+
+    def old_autotune(configs, key, prune_configs_by=None, reset_to_zero=None, do_bench=None):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(triton, "autotune", old_autotune)
+    assert autotune._disk_cache_option() == {}
+
+
+class _FakeEvent:
+    clock = 0.0
+
+    def __init__(self, enable_timing=False):
+        self.time = None
+
+    def record(self, stream=None):
+        _FakeEvent.clock += 0.25
+        self.time = _FakeEvent.clock
+
+    def elapsed_time(self, end):
+        return end.time - self.time
+
+
+def test_timer_allocates_no_flush_buffer_and_returns_the_quantiles(monkeypatch):
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("bench_without_flush allocated a tensor")
+
+    for name in ("empty", "zeros", "ones", "empty_like", "zeros_like", "full", "randn"):
+        monkeypatch.setattr(torch, name, no_allocation)
+    monkeypatch.setattr(triton.testing, "do_bench", no_allocation)  # the flushing timer is never used
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    calls = []
+    result = bench_without_flush(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8), budget_ms=1.0, max_reps=20)
+    assert len(result) == 3 and all(t > 0 for t in result)
+    reps = len(calls) - 2  # one warm-up (compilation) call and one first timed call
+    assert 3 <= reps <= 20
+    assert bench_without_flush(lambda: None) > 0  # no quantiles: the median
