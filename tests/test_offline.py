@@ -1,0 +1,233 @@
+"""The offline performance instrument (fused_lora.bench.offline*) on made-up compiled code and made-up records: how it
+reads SASS, PTX and TTGIR, the cost model's arithmetic, the peers, the report and the join with GPU results; and, in
+a subprocess without the interpreter, that it sees what the launchers launch.
+
+The compiled figures of the real kernels are checked by tests/test_kernels_compile.py (the CI subset)."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fused_lora.bench.offline_compile import analyse_sass, analyse_ttgir
+from fused_lora.bench.offline_kernels import KERNELS
+from fused_lora.bench.offline_model import H200, occupancy, peer_pass, predict_kernel, simulate_pass
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sass(loop_body: list[str], prologue=("MOV R1, R2;",), epilogue=("STG.E [R2], R4;", "EXIT;")) -> str:
+    """Triton's SASS listing (ctrl<TAB>instruction, LBBn: labels) around one loop; it ends with the BRA-to-itself
+    trap that follows EXIT in every kernel."""
+    lines = ["Function:k"] + [f"--:-:-:-:1\t{s}" for s in prologue] + ["LBB0:"]
+    lines += [f"--:-:-:-:1\t{s}" for s in loop_body] + ["--:-:-:-:1\t@P0 BRA LBB0;"]
+    lines += [f"--:-:-:-:1\t{s}" for s in epilogue] + ["LBB1:", "--:-:-:Y:0\tBRA LBB1;"]
+    return "\n".join(lines)
+
+
+def _ptx(mma_per_iteration: int) -> str:
+    return "\n".join(["$L__BB0_1:", *["wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};"]
+                      * mma_per_iteration, "@%p1 bra $L__BB0_1;", "ret;"])  # fmt: skip
+
+
+HGMMA = "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24, gsb0;"
+
+
+def test_sass_main_loop_mma_and_overlap():
+    body = ["LDGSTS.E.BYPASS.128 [R5], desc[UR6][R8.64];", "LDG.E.U8 R3, desc[UR4][R2.64];", "WARPGROUP.ARRIVE;",
+            HGMMA, HGMMA, "WARPGROUP.DEPBAR.LE gsb0, 0x1;", "IADD3 R1, R1, 0x1, RZ;"]
+    got = analyse_sass(_sass(body), _ptx(2), num_warps=8)
+    assert got["sass_loop"] == len(body) + 1  # the body and its branch
+    assert got["unroll"] == 1 and got["mma"] == "HGMMA" and got["mma_pipelined"] is True and got["depbar_min"] == 1
+    assert got["loop_mma_flops"] == {"16bit": 2 * (2 * 64 * 128 * 16) * 2}  # 2 HGMMA × 2 warpgroups
+    assert got["loop_load_bytes"] == (16 + 1) * 32 * 8
+    assert got["sass_total"] == 1 + len(body) + 1 + 2 + 1
+
+
+def test_sass_serial_wgmma_and_unrolled_loop():
+    body = ["WARPGROUP.ARRIVE;", HGMMA, "WARPGROUP.DEPBAR.LE gsb0, 0x0;"] * 2 + ["IADD3 R1, R1, 0x1, RZ;"]
+    got = analyse_sass(_sass(body), _ptx(1), num_warps=4)
+    assert got["unroll"] == 2 and got["sass_loop"] == round((len(body) + 1) / 2)
+    assert got["mma_pipelined"] is False and got["depbar_min"] == 0
+
+
+def test_sass_kernel_without_loop_and_mma_sync():
+    got = analyse_sass(_sass([], prologue=("HMMA.16816.F32.BF16 R4, R8, R12, R4;",)).replace(
+        "--:-:-:-:1\t@P0 BRA LBB0;", "--:-:-:-:1\tNOP;"), "", num_warps=4)
+    assert got["sass_loop"] is None and got["mma"] is None and got["mma_pipelined"] is None
+    assert got["rest_mma_flops"] == {"16bit": 2 * 16 * 8 * 16 * 4}
+
+
+TTGIR = """
+    %x_75 = ttg.local_alloc : () -> !ttg.memdesc<3x128x64xbf16, #shared, #smem, mutable> loc(#loc1)
+    %w_76 = ttg.local_alloc : () -> !ttg.memdesc<2x128x64xbf16, #shared, #smem, mutable> loc(#loc2)
+    %t_77 = ttg.local_alloc %v : (tensor<64x64xbf16>) -> !ttg.memdesc<64x64xbf16, #shared, #smem> loc(#loc3)
+    %acc:3 = scf.for %k = %c0_i32 to %K step %c64_i32 iter_args(%a = %cst) -> (tensor<128x128xf32, #mma>) : i32 {
+      %d = ttng.warp_group_dot %x, %w, %a {isAsync = true} : tensor<...>
+      %e:2 = ttng.warp_group_dot_wait %d, %x {pendings = 1 : i32} : tensor<...>
+      scf.yield %e
+    } loc(#loc4)
+    %f = ttng.warp_group_dot_wait %acc#0 {pendings = 0 : i32} : tensor<...>
+"""
+
+
+def test_ttgir_ring_depth_and_pendings_of_the_main_loop():
+    got = analyse_ttgir(TTGIR)
+    assert got["ring_depths"] == {"x": 3, "w": 2} and got["smem_ring_depth"] == 2
+    assert got["ttgir_pendings"] == 1  # the wait after the loop (pendings 0) is not the main loop's
+
+
+def _record(**changes) -> dict:
+    record = {"num_warps": 8, "registers": 168, "shared": 100_000, "sass_loop": 400, "sass_total": 1000, "unroll": 1,
+              "mma": "HGMMA", "mma_pipelined": True, "loop_mma_flops": {"16bit": 2 * 128 * 128 * 64},
+              "rest_mma_flops": {}, "loop_membar": 0, "rest_membar": 0, "loop_load_bytes": 0,
+              "smem_ring_depth": 3}  # fmt: skip
+    return {**record, **changes}
+
+
+def test_occupancy_from_registers_and_shared_memory():
+    assert occupancy(_record(registers=168, shared=100_000)) == 1  # 168·256 regs: one program of 8 warps
+    assert occupancy(_record(num_warps=4, registers=128, shared=40_000)) == 4  # 65536 / (128·128)
+    assert occupancy(_record(num_warps=4, registers=64, shared=100_000)) == 2  # shared memory bound
+
+
+def test_a_loop_that_waits_for_its_mma_pays_issue_plus_mma():
+    issue = 400 * 8 / 4
+    mma = 2 * 128 * 128 * 64 / H200.mma_flops_per_cycle("HGMMA", "16bit")
+    programs, trips = 132 * 10, 64  # ten full waves of one program per SM
+    overlapped = predict_kernel(_record(), programs, trips, 0)
+    serial = predict_kernel(_record(mma_pipelined=False), programs, trips, 0)
+    outside = 10 * (1000 - 400) * 8 / 4
+    assert overlapped.compute_ms == pytest.approx((10 * trips * max(issue, mma) + outside) / H200.clock_hz * 1e3)
+    assert serial.compute_ms == pytest.approx((10 * trips * (issue + mma) + outside) / H200.clock_hz * 1e3)
+    assert serial.bound == "serial" and overlapped.bound == "issue"  # 800 issue cycles > 694 MMA cycles
+
+
+def test_an_underfilled_grid_pays_one_program_and_memory_bound_kernels_stream():
+    one_wave = predict_kernel(_record(), 112, 32, 0)
+    assert one_wave.waves < 1
+    streaming = predict_kernel(_record(sass_loop=10, loop_mma_flops={}), 132 * 8, 4, 4.3e9)  # 4.3 GB
+    assert streaming.bound == "memory" and streaming.memory_ms == pytest.approx(1.0)
+    assert streaming.ms == pytest.approx(1.0 + H200.launch_us * 1e-3)
+
+
+class _T:  # a KernelTime stand-in for simulate_pass
+    def __init__(self, ms, compute, memory):
+        self.ms, self.compute_ms, self.memory_ms = ms, compute, memory
+
+
+def test_a_side_stream_overlaps_but_shares_the_gpu():
+    steps = [("work", 1, _T(1.0, 0.1, 1.0)), ("record", 1, 0), ("wait_event", 0, 0), ("work", 0, _T(2.0, 2.0, 0.1)),
+             ("work", 1, _T(1.0, 0.1, 1.0)), ("record", 1, 1), ("wait_event", 0, 1), ("work", 0, _T(2.0, 2.0, 0.1))]
+    assert simulate_pass(steps) == pytest.approx(5.0)  # dequantize 1, then GEMM 2 ‖ dequantize 1, then GEMM 2
+    serial = [("work", 0, _T(1.0, 0.5, 0.5))] * 3
+    assert simulate_pass(serial) == pytest.approx(3.0)
+    contended = [("work", 1, _T(1.0, 0.0, 1.0)), ("work", 0, _T(1.0, 0.0, 1.0))]
+    assert simulate_pass(contended) == pytest.approx(2.0)  # two streams on one HBM
+
+
+def test_peers_at_training_size():
+    M, K, N, r = 8192, 4096, 14336, 16
+    dense = peer_pass("dense_cublas", "fwd", M, K, N, r)["ms"]
+    assert dense == pytest.approx(2 * M * N * K / 790e12 * 1e3 + H200.launch_us * 1e-3)
+    dequant = peer_pass("dequant_cublas", "fwd_bwd", M, K, N, r)["ms"] / peer_pass("dense_cublas", "fwd_bwd", M, K, N,
+                                                                                r)["ms"]  # fmt: skip
+    peft = peer_pass("peft_bnb", "fwd_bwd", M, K, N, r, adapter_bytes=4)["ms"] / peer_pass(
+        "dense_cublas", "fwd_bwd", M, K, N, r)["ms"]  # fmt: skip
+    assert 1.0 < dequant < 1.3 and 1.5 < peft < 2.0, (dequant, peft)
+    decode = peer_pass("dense_cublas", "fwd", 1, K, N, r)
+    assert decode["weight_read_bytes"] / (decode["ms"] * 1e-3) / 4.3e12 > 0.9  # a GEMV at copy speed
+
+
+def _kernel_functions() -> set:
+    names = set()
+    for path in (REPO / "fused_lora" / "kernels").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                names.add(node.name)
+    return names
+
+
+def test_every_registered_kernel_exists():
+    assert set(KERNELS) <= _kernel_functions(), set(KERNELS) - _kernel_functions()
+
+
+def _total(impl, M, ms, pass_name="fwd_bwd"):
+    return {"impl": impl, "kernel": "total", "pass": pass_name, "arch": 90, "M": M, "K": 4096, "N": 14336, "r": 16,
+            "weight": "nf4dq", "x_dtype": "bf16", "adapter_dtype": "fp32", "predicted_ms": ms,
+            "predicted_ratio_vs_cublas": ms, "predicted_hbm_fraction": 0.5, "path": impl, "chosen": True}
+
+
+def test_measured_gpu_rows_join_the_predictions(tmp_path):
+    from fused_lora.bench.offline import join_measured
+
+    gpu = tmp_path / "nvidia-h200"
+    gpu.mkdir()
+    rows = [{"bench": "qlora_linear", "impl": impl, "pass": "fwd_bwd", "M": 8192, "K": 4096, "N": 14336, "r": 16,
+             "dtype": "bfloat16", "adapter_dtype": "float32", "median_ms": ms}
+            for impl, ms in (("fused", 3.0), ("dense_cublas", 2.5))]  # fmt: skip
+    (gpu / "20261201-1200.json").write_text(json.dumps({"env": {}, "results": rows}))
+    (tmp_path / "offline").mkdir()
+    predicted = [_total("fused", 8192, 2.7), _total("dense_cublas", 8192, 2.4), _total("fused", 2048, 0.8)]
+    assert join_measured(predicted, tmp_path) == [str(gpu / "20261201-1200.json")]
+    assert predicted[0]["measured_ms"] == 3.0 and predicted[0]["measured_ratio_vs_cublas"] == 1.2
+    assert "measured_ms" not in predicted[2]
+
+
+def test_targets_and_report_render():
+    from fused_lora.bench.offline_report import offline_report, target_checks
+
+    rows = [_total("fused", 8192, 1.1), _total("fused", 2048, 1.3), _total("fused", 1, 0.02, "fwd"),
+            _total("dense_cublas", 8192, 1.0)]
+    kernel = {**_total("fused", 8192, 0.5), "kernel": "lora_fwd_kernel", "path": "dense", "config": "128x128x64w8s4",
+              "spill_bytes": 80, "mma": "HGMMA", "mma_pipelined": True, "sass_ratio": None}
+    checks = {c["target"]: c for c in target_checks(rows + [kernel])}
+    spills = next(c for t, c in checks.items() if t.startswith("no config"))
+    assert not spills["met"] and "spill 80 B" in spills["value"]
+    assert next(c for t, c in checks.items() if "M=8192" in t)["met"]
+    assert not next(c for t, c in checks.items() if "M=2048" in t)["met"]
+    env = {"command": "python -m fused_lora.bench.offline", "runtime_s": 1.0, "cpu_count": 2, "triton": "3.9",
+           "torch": "2.13", "commit": "abc"}
+    text = offline_report({"env": env, "constants": {"sms": 132}, "gpu_results": [], "rows": rows + [kernel]}, "x.json")
+    assert "## Targets" in text and "lora_fwd_kernel" in text and "## Cost model" in text
+
+
+CAPTURE = """
+import json
+from fused_lora.bench.offline_capture import LayerSpec, capture_pass
+from fused_lora.bench.offline_kernels import KERNELS
+from fused_lora.kernels.autotune import MAX_CONFIGS_PER_BUCKET
+out = {}
+for M in (1, 256, 8192):
+    steps, facts = capture_pass("fwd_bwd", LayerSpec(M, 4096, 14336, 16), 90)
+    launches = [s for s in steps if s.candidates]
+    out[M] = {"kernels": [c.kernel for s in launches for c in s.candidates],
+              "max_candidates": max(len(s.candidates) for s in launches),
+              "streams": sorted({s.stream for s in steps}), "syncs": sum(1 for s in steps if s.sync),
+              "torch_ops": [s.torch_op.name for s in steps if s.torch_op], "weight_bytes": facts["weight_bytes"],
+              "unregistered": sorted({c.kernel for s in launches for c in s.candidates} - set(KERNELS)),
+              "cap": MAX_CONFIGS_PER_BUCKET}
+print(json.dumps(out))
+"""
+
+
+def test_capture_sees_the_launches_streams_and_device_work():
+    """In a subprocess without the interpreter (the launchers take their GPU paths): every launch is a registered
+    kernel, an autotuned launch brings the configs the autotuner keeps, side-stream work and its events are seen."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", CAPTURE], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout)
+    for M, seen in got.items():
+        assert seen["unregistered"] == [], (M, seen["unregistered"])
+        assert 1 <= seen["max_candidates"] <= seen["cap"], (M, seen)
+        assert seen["weight_bytes"] == 4096 * 14336 // 2 + 4096 * 14336 // 64 + 4 * -(-4096 * 14336 // 64 // 256) \
+            + 4 * (16 + 256 + 1)  # packed, absmax codes, nested absmax, code tables, offset
+    assert got["8192"]["max_candidates"] > 1  # the GEMMs are autotuned
+    if len(got["8192"]["streams"]) > 1:  # a side stream (slab dequantization) is ordered by events
+        assert got["8192"]["syncs"] > 0
