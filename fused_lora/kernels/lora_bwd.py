@@ -227,7 +227,7 @@ def lora_dx_kernel(
 
     if NEED_DX:
         g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
-        lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if LOOKUP == "prmt" else None
+        lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)

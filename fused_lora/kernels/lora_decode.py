@@ -73,8 +73,9 @@ def lora_decode_fwd_kernel(
     k_start = split * K_PER_SPLIT
     k_end = min(k_start + K_PER_SPLIT, K)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # yᵀ
-    lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if LOOKUP == "prmt" else None
+    # yᵀ, from an MMA of zeros (an accumulator defined by ordinary instructions serialises the wgmma pipeline)
+    acc = tl.dot(tl.zeros((BLOCK_N, 16), COMPUTE_DTYPE), tl.zeros((16, BLOCK_M), COMPUTE_DTYPE))
+    lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
@@ -192,8 +193,8 @@ def lora_decode_dx_kernel(
     n_start = split * N_PER_SPLIT
     n_end = min(n_start + N_PER_SPLIT, N)
     g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
-    acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)  # dxᵀ
-    lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if LOOKUP == "prmt" else None
+    acc = tl.dot(tl.zeros((BLOCK_K, 16), COMPUTE_DTYPE), tl.zeros((16, BLOCK_M), COMPUTE_DTYPE))  # dxᵀ, as above
+    lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)

@@ -313,7 +313,7 @@ def lora_fwd_kernel(
             acc += bias[:, None]
         else:
             acc += bias[None, :]
-    lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if LOOKUP == "prmt" else None
+    lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
