@@ -1,0 +1,155 @@
+"""Every kernel path of fused_lora/kernels on a CUDA device, at Llama-3-8B shapes in bf16 (and fp16, fp32 where the
+rounding differs): decode (split-K), middle (NF4 decoded in registers in the GEMM, byte-permute lookup) and large M
+(slabs of W dequantized into the workspace, then the dense GEMM), NF4 and dense, with and without the low-rank term,
+bias and dropout, each forced by strategy.use_thresholds; the deterministic mode bitwise reproducible; the large
+path's workspace bounded. DESIGN's tolerance rule against the float64 reference over bitsandbytes' dequantized W."""
+
+import pytest
+import torch
+from test_kernels_gpu import SCALING, _layer, _reference
+
+import fused_lora as fl
+from fused_lora.testing import assert_close_to_reference
+
+pytestmark = pytest.mark.gpu
+
+# Thresholds that send every call to one path (the large one with several overlapped slabs: 32 MiB of workspace).
+PATHS = {
+    "decode": {"decode_max_m": 64, "large_min_m": 10**9},
+    "middle": {"decode_max_m": 0, "large_min_m": 10**9},
+    "large": {"decode_max_m": 0, "large_min_m": 1, "workspace_bytes": 32 << 20, "slab_overlap": True},
+}
+SHAPES = [(4096, 14336), (14336, 4096)]
+
+
+def _modules():
+    from fused_lora.kernels import launch_decode, launch_gemm, launch_slab, lora, strategy
+
+    return lora, strategy, launch_decode, launch_gemm, launch_slab
+
+
+def _launchers_called(monkeypatch):
+    """Names of the outermost launcher entry points called (launch_decode.forward, launch_slab.launch_y, ...)."""
+    _, _, *modules = _modules()
+    calls, depth = [], []
+    for module in modules:
+        for name in ("forward", "dx", "launch_y", "launch_dx"):
+            real = getattr(module, name, None)
+            if real is None:
+                continue
+
+            def spy(*args, _real=real, _name=f"{module.__name__.rsplit('.', 1)[-1]}.{name}", **kwargs):
+                if not depth:
+                    calls.append(_name)
+                depth.append(_name)
+                try:
+                    return _real(*args, **kwargs)
+                finally:
+                    depth.pop()
+
+            monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def _check(M, K, N, r, dtype, base, bias, p, path, monkeypatch, adapter_dtype=torch.float32):
+    lora, strategy, *_ = _modules()
+    x, weight, w_compute, A, B, b, g = _layer(M, K, N, r, dtype, base, bias, seed=M + K + N, adapter_dtype=adapter_dtype)
+    calls = _launchers_called(monkeypatch)
+    with strategy.use_thresholds(**PATHS[path]):
+        y, u = lora.forward(x, weight, A, B, SCALING, b, p, 4321)
+        grads = lora.backward(g, x, weight, A, B, SCALING, p, 4321, u, True, True, True, b is not None)
+    expected = {"decode": "launch_decode", "middle": "launch_gemm", "large": "launch_slab"}[path]
+    if path == "large" and base == "dense":
+        expected = "launch_gemm"
+    assert calls and all(c.startswith(expected) for c in calls), calls
+    m = lora.dropout_mask(4321, M, K, p, "cuda") if p > 0 else None
+    ref = _reference(x, w_compute, A, B, b, g, None if m is None else m.double(), lambda t: t.double())
+    plain = _reference(x, w_compute, A, B, b, g, None if m is None else m.to(dtype), lambda t: t)
+    for name, ours, plain_t, ref_t in zip(("y", "u", "dx", "dA", "dB", "db"), (y, u) + grads, plain, ref):
+        if ref_t is not None:
+            assert_close_to_reference(name, ours, plain_t, ref_t, dtype)
+
+
+@pytest.mark.parametrize("base", ["nf4-dq", "dense"])
+@pytest.mark.parametrize("K, N", SHAPES, ids=[f"K{k}-N{n}" for k, n in SHAPES])
+@pytest.mark.parametrize("path, M", [("decode", 1), ("decode", 16), ("middle", 256), ("large", 2048)],
+                         ids=["decode-M1", "decode-M16", "middle-M256", "large-M2048"])
+def test_each_path_in_bf16_at_llama_shapes(path, M, K, N, base, monkeypatch, poison_empty):
+    _check(M, K, N, 16, torch.bfloat16, base, bias=True, p=0.1, path=path, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("path, M", [("decode", 7), ("middle", 300), ("large", 1000)])
+def test_each_path_in_fp16_and_fp32_with_ragged_shapes(path, M, dtype, monkeypatch, poison_empty):
+    _check(M, 4160, 1000, 64, dtype, "nf4-dq", bias=False, p=0.2, path=path, monkeypatch=monkeypatch,
+           adapter_dtype=dtype)
+
+
+@pytest.mark.parametrize("base", ["nf4-dq", "dense"])
+@pytest.mark.parametrize("path, M", [("decode", 16), ("middle", 256), ("large", 2048)])
+def test_each_path_of_the_frozen_layer_in_bf16(path, M, base, monkeypatch):
+    from fused_lora.functional import frozen_linear
+
+    _, strategy, *_ = _modules()
+    x, weight, w_compute, _, _, b, g = _layer(M, 4096, 14336, 4, torch.bfloat16, base, True, seed=M)
+    leaves = [x.clone().requires_grad_(True), b.clone().requires_grad_(True)]
+    with strategy.use_thresholds(**PATHS[path]):
+        y = frozen_linear(leaves[0], weight, leaves[1], backend="triton")
+        grads = torch.autograd.grad(y, leaves, g)
+
+    def plain_torch(cast):
+        copies = [cast(t).detach().requires_grad_(True) for t in leaves]
+        out = torch.nn.functional.linear(copies[0], cast(w_compute), copies[1])
+        return (out,) + torch.autograd.grad(out, copies, cast(g))
+
+    ref, plain = plain_torch(lambda t: t.double()), plain_torch(lambda t: t)
+    for name, ours, plain_t, ref_t in zip(("y", "dx", "db"), (y,) + grads, plain, ref):
+        assert_close_to_reference(name, ours, plain_t, ref_t, torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_each_path_dequantizes_bit_exactly_in_fp32(path):
+    """x = I, g = I (fp32, IEEE dots, exact code values): y = deq(W)ᵀ and dx = deq(W) bit for bit on every path."""
+    lora, strategy, *_ = _modules()
+    K, N = 4096, 1024
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    weight = fl.quantize_nf4(torch.randn(N, K, device="cuda", generator=gen), blocksize=64, double_quant=True)
+    dense = weight.dequantize(torch.float32)
+    rows = 16 if path == "decode" else 512
+    with strategy.use_thresholds(**PATHS[path]):
+        assert torch.equal(lora.frozen_forward(torch.eye(K, device="cuda")[:rows], weight, None), dense.t()[:rows])
+        assert torch.equal(lora.frozen_backward(torch.eye(N, device="cuda")[:rows], weight, True, False)[0],
+                           dense[:rows])  # fmt: skip
+
+
+@pytest.mark.parametrize("path, M", [("decode", 16), ("middle", 256), ("large", 2048)])
+def test_deterministic_mode_is_bitwise_reproducible(path, M):
+    lora, strategy, *_ = _modules()
+    x, weight, _, A, B, b, g = _layer(M, 4096, 14336, 16, torch.bfloat16, "nf4-dq", True, seed=3)
+
+    def run():
+        y, u = lora.forward(x, weight, A, B, SCALING, b, 0.1, 99)
+        return (y, u) + lora.backward(g, x, weight, A, B, SCALING, 0.1, 99, u, True, True, True, True)
+
+    with strategy.use_thresholds(**PATHS[path]), strategy.use_deterministic(True):
+        first, second = run(), run()
+    for name, a, c in zip(("y", "u", "dx", "dA", "dB", "db"), first, second):
+        assert torch.equal(a, c), f"{name} differs between two deterministic runs"
+    with strategy.use_thresholds(**PATHS[path]):
+        relaxed = run()  # relaxed atomics: the same values up to the order of the additions
+    for name, a, c in zip(("y", "u", "dx", "dA", "dB", "db"), first, relaxed):
+        torch.testing.assert_close(a.float(), c.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_large_path_workspace_is_bounded_and_reused():
+    """4096 × 14336 bf16 W is 112 MiB; the workspace stays at its 32 MiB cap and one buffer serves every call."""
+    lora, strategy, *_ = _modules()
+    strategy.release_workspaces()
+    x, weight, _, A, B, _, g = _layer(2048, 4096, 14336, 16, torch.bfloat16, "nf4-dq", False, seed=5)
+    with strategy.use_thresholds(**PATHS["large"]):
+        y, u = lora.forward(x, weight, A, B, SCALING, None, 0.0, 0)
+        lora.backward(g, x, weight, A, B, SCALING, 0.0, 0, u, True, True, True, False)
+        buffers = list(strategy._WORKSPACES.values())
+        lora.forward(x, weight, A, B, SCALING, None, 0.0, 0)
+        assert [t.data_ptr() for t in strategy._WORKSPACES.values()] == [t.data_ptr() for t in buffers]
+    assert len(buffers) == 1 and buffers[0].numel() <= 32 << 20
