@@ -23,7 +23,7 @@ import numbers
 
 import torch
 
-from . import cpu, reference
+from . import reference
 from ._common import COMPUTE_DTYPES, dtype_names, side_dtypes, warn_once
 from .backend import BACKEND_ENV_VAR, BACKENDS, resolve_backend, validate_backend_name
 from .nf4 import NF4Weight
@@ -178,6 +178,10 @@ def _implementation(backend: str):
     if backend == "reference":
         return _ReferenceImpl
     if backend == "cpu":
+        # imported on first use, like the kernels: fused_lora.cpu marks its entry points with torch.compiler.disable,
+        # which imports torch._dynamo (and with it Triton), and `import fused_lora` must import neither
+        from . import cpu
+
         return cpu
     from .kernels import lora as triton_lora
 

@@ -43,7 +43,6 @@ from collections.abc import Mapping
 
 import torch
 
-from . import cpu
 from ._common import dtype_name, dtype_names
 from .backend import resolve_backend
 from .bnb_compat import bnb_cpu_dequantize_is_wrong, check_finite, quant_state_fields
@@ -537,6 +536,8 @@ def dequantize_nf4(w: NF4Weight, dtype: torch.dtype | None = None, backend: str 
     n = w.numel()
     chosen = resolve_backend(backend, w.device, who)
     if chosen == "cpu":
+        from . import cpu  # on first use (see functional._implementation)
+
         return cpu.dequantize_nf4(w, dtype).view(w.shape)
     if chosen == "triton":
         from .kernels import nf4 as nf4_kernels
