@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import fused_lora as fl
 
@@ -48,7 +49,16 @@ def check_trl(ns):
     assert losses(ns["dpo"])[0] == pytest.approx(math.log(2), abs=1e-6), "the policy starts equal to its reference"
 
 
-CHECKS = {"y": check_use, "trainer": check_recipe, "dpo": check_trl}  # a name the block defines -> its check
+def check_fsdp(ns):
+    import torch.distributed as dist
+
+    assert fused_count(ns["fsdp_model"]) == 14 and math.isfinite(ns["fsdp_loss"].item())
+    weight = ns["fsdp_model"].base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert type(weight).__name__ == "DTensor" and weight.dtype == torch.uint8, "the packed NF4 bytes are sharded"
+    assert not dist.is_initialized(), "the block destroys its process group"
+
+
+CHECKS = {"y": check_use, "trainer": check_recipe, "dpo": check_trl, "fsdp_model": check_fsdp}  # name -> check
 
 
 @pytest.fixture(scope="module")

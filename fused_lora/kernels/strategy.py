@@ -16,9 +16,13 @@ A dense W takes the decode path at small M and the GEMM otherwise (middle and la
 
 The thresholds are a ``Thresholds`` per GPU family, recalibrated from measurements (bench sweeps) by editing
 ``THRESHOLDS`` or, for one process, with ``use_thresholds``. Before any GPU run they come from the offline cost
-model in PERF-NOTES: the in-loop decode of the middle path costs about 4 SASS instructions per W element per
-BLOCK_M rows (byte-permute lookup), the slab dequantization one pass over W at HBM speed (2.6 bytes per element)
-that the side stream overlaps with the previous slab's GEMM.
+model (compiled SASS, sm_90a, 128×128×64 tiles): the middle path's NF4 main loop issues about 283 instructions per
+warp and K step against the dense loop's 100, i.e. its decode adds ~0.1-0.4 of the dense GEMM time at every M (it is
+repeated for every BLOCK_M rows); the large path adds one pass over W (read N·K/2 bytes plus scales, write N·K·2:
+~37 µs for 14336×4096 on an H200), of which the side stream hides all but the first of at least four slabs. The two
+cross near M = 512 on an H200 (dense GEMM of 14336×4096 at M=512: ~80 µs); an A100's MMA is 3× slower against its
+ALUs, so the in-loop decode stays cheap longer there (1024). Decode: the split-K partial sums cost S·M·N·4 bytes
+(mostly in L2), ~8 % of the NF4 bytes at M=16 and twice that at 32.
 
 Deterministic mode (``deterministic()``): torch.are_deterministic_algorithms_enabled(), or FUSED_LORA_DETERMINISTIC=1
 in the environment, or ``use_deterministic(True)``. Then no kernel accumulates with atomics: every cross-program
@@ -62,7 +66,7 @@ class Thresholds:
 THRESHOLDS: dict[str, Thresholds] = {
     "default": Thresholds(),
     "sm90": Thresholds(decode_max_m=16, large_min_m=512),
-    "sm80": Thresholds(decode_max_m=16, large_min_m=512),
+    "sm80": Thresholds(decode_max_m=16, large_min_m=1024),
 }
 
 _override: list[Thresholds] = []
