@@ -5,9 +5,11 @@ through ``BitsAndBytesConfig`` (bnb ``Linear4bit``, NF4, double quant), so PEFT 
 it does for a real checkpoint. Models stay in training mode: on CPUs with AVX512-BF16, bitsandbytes repacks a
 4-bit weight for its inference kernel in eval mode without grad, which is a different computation.
 
-Every in_features here is a multiple of 64 or not a multiple of 16: bitsandbytes 0.50.2's native CPU
-dequantize_4bit returns wrong values when in_features % 16 == 0 but in_features % 64 != 0 (e.g. 160), which
-would make the PEFT side, not the fused side, wrong.
+bitsandbytes 0.50.2's CPU dequantize_4bit returns wrong values on CPUs with AVX-512F when a row is not whole
+blocks (in_features % 16 == 0 but in_features % 64 != 0, e.g. 160; fused_lora.nf4.bnb_cpu_dequantize_is_wrong),
+which makes the PEFT side, not the fused side, wrong. The whole-model tests use in_features that are multiples of
+64, so they compare fused-lora with PEFT on any CPU; the single-layer test includes in_features 160 and says
+"bitsandbytes' CPU dequantization is wrong for this shape" (xfail) where the rule holds instead of failing.
 """
 
 import copy
@@ -24,6 +26,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 import fused_lora as fl
+from fused_lora.nf4 import bnb_cpu_dequantize_is_wrong
 from fused_lora.testing import relative_error
 
 # fp32 on both sides; only the summation order of the backward differs.
@@ -233,10 +236,14 @@ def single_layer(kind, in_features, out_features):
 
 
 @pytest.mark.parametrize(
-    "kind, in_features, r", [("dense", 129, 5), ("nf4", 200, 16)], ids=["dense-K129-r5", "nf4-K200-r16"]
+    "kind, in_features, r", [("dense", 129, 5), ("nf4", 200, 16), ("nf4", 160, 8)],
+    ids=["dense-K129-r5", "nf4-K200-r16", "nf4-K160-r8"],
 )
 def test_single_layer_with_bias_odd_shapes_3d_input(kind, in_features, r):
     """One PEFT layer over a biased base (N = 37): output, dx, dA and dB of the fused layer against PEFT's."""
+    if kind == "nf4" and bnb_cpu_dequantize_is_wrong((37, in_features), 64):
+        pytest.xfail(f"bitsandbytes' CPU dequantization is wrong for this shape ((37, {in_features}), blocksize 64): "
+                     "PEFT's side is wrong, not fused-lora's")
     peft_model = make_peft(single_layer(kind, in_features, 37), r=r, lora_alpha=7, target_modules=["0"])
     fused_model = copy.deepcopy(peft_model)
     assert fl.patch_peft_model(fused_model) == 1

@@ -4,17 +4,20 @@ of the fused model against PEFT + bitsandbytes on the same weights and batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
 
 import torch
 
+from ..nf4 import bnb_cpu_dequantize_is_wrong
 from ..peft import patch_peft_model, unpatch_peft_model
 from ..testing import relative_error
 from .demo_data import collate
 
-__all__ = ["train", "held_out_loss", "peak_memory", "parity_with_peft", "parity_sides", "parity_tolerance"]
+__all__ = ["train", "held_out_loss", "peak_memory", "eval_mode", "bnb_wrong_layers", "parity_with_peft", "parity_sides",
+           "parity_tolerance"]
 
 
 def peak_memory(device: torch.device) -> tuple[float, str]:
@@ -38,12 +41,47 @@ def _loss_logits_grads(model, batch) -> tuple[float, torch.Tensor, dict]:
     return out.loss.item(), out.logits.detach().float(), grads
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode for a block (its own dropout, e.g. OPT's 0.1, and LoRA dropout off), each module's
+    training flag restored after. Gradients still flow, so bitsandbytes never repacks a weight for its no-grad
+    CPU inference kernel here."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def bnb_wrong_layers(model) -> list[str]:
+    """The model's bitsandbytes 4-bit layers whose weights bitsandbytes' own CPU dequantize_4bit gets wrong
+    (``fused_lora.nf4.bnb_cpu_dequantize_is_wrong``), as "name (out, in), blocksize b"; empty off the CPU.
+
+    Example:
+        >>> bnb_wrong_layers(model)          # on a CPU with AVX-512F, a model with in_features 160
+        ['base_model.model.model.layers.0.mlp.down_proj.base_layer (64, 160), blocksize 64', ...]
+    """
+    wrong = []
+    for name, module in model.named_modules():
+        weight = module._parameters.get("weight")  # the Linear4bit itself, not a PEFT layer that forwards .weight
+        state = getattr(weight, "quant_state", None)
+        if state is None or weight.device.type != "cpu" or getattr(state, "shape", None) is None:
+            continue
+        if bnb_cpu_dequantize_is_wrong(state.shape, state.blocksize):
+            wrong.append(f"{name} {tuple(state.shape)}, blocksize {state.blocksize}")
+    return wrong
+
+
 def parity_with_peft(model, batch) -> dict:
     """Loss, logits and LoRA gradients of the fused model and of PEFT + bitsandbytes on one batch.
 
     The PEFT side is the same model with its LoRA layers turned back into PEFT's classes
-    (``unpatch_peft_model``): same NF4 bytes, same adapter tensors, same batch. Run in training mode (LoRA
-    dropout must be 0 for an exact comparison). ``parity_sides`` says which code computes each side.
+    (``unpatch_peft_model``): same NF4 bytes, same adapter tensors, same batch. Both sides run in eval mode with
+    gradients (``eval_mode``), so neither the model's own dropout nor LoRA dropout draws different masks on the two
+    sides. ``parity_sides`` says which code computes each side; ``bnb_wrong_layers`` where the PEFT side's
+    bitsandbytes CPU dequantization is known to be wrong.
 
     Returns:
         {"fused_loss", "peft_bnb_loss", "loss_abs_diff", "logits_rel_err" (‖fused − peft‖/‖peft‖ over the
@@ -53,12 +91,13 @@ def parity_with_peft(model, batch) -> dict:
         >>> parity_with_peft(model, collate(eval_set[:16], pad_id=0, device="cpu"))["logits_rel_err"] < 1e-4
         True
     """
-    fused_loss, fused_logits, fused_grads = _loss_logits_grads(model, batch)
-    unpatch_peft_model(model)
-    try:
-        peft_loss, peft_logits, peft_grads = _loss_logits_grads(model, batch)
-    finally:
-        patch_peft_model(model)
+    with eval_mode(model):
+        fused_loss, fused_logits, fused_grads = _loss_logits_grads(model, batch)
+        unpatch_peft_model(model)
+        try:
+            peft_loss, peft_logits, peft_grads = _loss_logits_grads(model, batch)
+        finally:
+            patch_peft_model(model)
     grad_errors = [relative_error(fused_grads[name], peft_grads[name]) for name in peft_grads]
     return {
         "fused_loss": fused_loss,
@@ -107,12 +146,13 @@ def parity_tolerance(compute_dtype) -> float:
 
 @torch.no_grad()
 def held_out_loss(model, batches) -> float:
-    """Mean loss over ``batches`` (model kept in its current mode; LoRA dropout off in the demo), without grad.
+    """Mean loss over ``batches`` in eval mode (no dropout of the model's own or LoRA's), without grad.
 
     Example:
         >>> loss = held_out_loss(model, [collate(eval_set[:16], pad_id=0, device="cpu")])   # a float
     """
-    return sum(model(**batch).loss.item() for batch in batches) / len(batches)
+    with eval_mode(model):
+        return sum(model(**batch).loss.item() for batch in batches) / len(batches)
 
 
 def train(model, train_set: list, pad_id: int, device, steps: int, batch_size: int, lr: float, seed: int):
