@@ -86,7 +86,8 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0):
         x2d.stride(0), x2d.stride(1), w.stride_wn, w.stride_wk,
         *strides(u), *strides(B), y.stride(0), y.stride(1),
         float(scaling),
-        **w.constexprs, LOOKUP=common.lookup_mode(weight, x2d.dtype), HAS_BIAS=bias is not None,
+        **w.constexprs, LOOKUP=common.lookup_mode(weight, x2d.dtype),
+        W_FIRST=common.w_first(weight, x2d.dtype), HAS_BIAS=bias is not None,
         HAS_LORA=has_lora, **precisions, R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta,
         **common.compile_options(weight),
     )  # fmt: skip
@@ -116,7 +117,8 @@ def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, sc
         *strides(x2d), *strides(A), *strides(v), *strides(dx), *strides(dA32), float(scaling),
         **dropout_args(dropout_p, seed), mask_col0=int(mask_col0), mask_width=int(K if mask_width is None else mask_width),
         NEED_DX=dx is not None, NEED_DA=dA32 is not None, DROPOUT=dropout_p > 0.0, HAS_LORA=has_lora,
-        **w.constexprs, LOOKUP=common.lookup_mode(weight, g.dtype), **precisions, R_PAD=r_pad,
+        **w.constexprs, LOOKUP=common.lookup_mode(weight, g.dtype), W_FIRST=common.w_first(weight, g.dtype),
+        **precisions, R_PAD=r_pad,
         R_CHUNK=min(r_pad, 64), **meta, **common.compile_options(weight),
     )  # fmt: skip
 

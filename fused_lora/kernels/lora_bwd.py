@@ -157,6 +157,7 @@ def lora_dx_kernel(
     NESTED_BLOCKSIZE: tl.constexpr,
     ROW_SCALES: tl.constexpr,
     LOOKUP: tl.constexpr,  # NF4 code lookup: "tree", "gather" or "prmt" (nf4_lookup.py)
+    W_FIRST: tl.constexpr,  # W's tile is the first (register) operand of the dot: the transposed product
     BASE_PRECISION: tl.constexpr,
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
@@ -170,10 +171,9 @@ def lora_dx_kernel(
     """dx[rows, cols] = (s·m⊙(v·A)[rows, cols] when HAS_LORA) + Σ_n g[rows, n]·deq(W)[n, cols], the low-rank term
     accumulated first; dA[:, cols] += s·v[rows]ᵀ·(m⊙x)[rows, cols] (NEED_DA, relaxed atomics, before the loop).
 
-    An NF4 W decoded in registers (LOOKUP "prmt" or "tree") is the first operand of the dot, as in lora_fwd: the
-    accumulator is dxᵀ[cols, rows] = Σ_n deq(W)[n, cols]·g[rows, n], stored transposed."""
+    With W_FIRST W's tile is the first operand of the dot, as in lora_fwd: the accumulator is
+    dxᵀ[cols, rows] = Σ_n deq(W)[n, cols]·g[rows, n], stored transposed."""
     COMPUTE_DTYPE: tl.constexpr = g_ptr.dtype.element_ty
-    W_FIRST: tl.constexpr = IS_NF4 and LOOKUP != "gather"
     pid_m, pid_k = grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
     k0 = pid_k * BLOCK_K

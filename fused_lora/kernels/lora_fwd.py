@@ -31,8 +31,9 @@ for LOOKUP "gather" (fp32 on a GPU, and the element-wise layout below). With ROW
 power-of-two blocksize) the packed bytes of a tile row are loaded with 16-byte loads (bytes per row, K // 2, passed
 as stride_wn so that the JIT sees its divisibility), as int32 words of 8 codes for LOOKUP "prmt".
 
-The accumulator is fp32 and starts with the low-rank term and the bias (LoRAFusion: no second [BLOCK_M, BLOCK_N]
-tile and no M×N intermediate). Low-rank dots run in the promoted dtype of x, A and B (``LOWRANK_DTYPE``). fp32 dots
+The accumulator is fp32 and starts with the low-rank term (LoRAFusion: no second [BLOCK_M, BLOCK_N] tile and no M×N
+intermediate); the bias is added after the main loop (a broadcast bias held through the pipeline's prologue made
+128×256 tiles spill). Low-rank dots run in the promoted dtype of x, A and B (``LOWRANK_DTYPE``). fp32 dots
 use IEEE fp32 when x is fp32 (the tolerance rule compares with plain fp32 PyTorch); with fp16/bf16 x and fp32
 adapters they use tf32, whose 10-bit mantissa is finer than the rounding of the fp16/bf16 output the low-rank term
 is added to.
@@ -262,6 +263,7 @@ def lora_fwd_kernel(
     NESTED_BLOCKSIZE: tl.constexpr,
     ROW_SCALES: tl.constexpr,
     LOOKUP: tl.constexpr,  # NF4 code lookup: "tree", "gather" or "prmt" (nf4_lookup.py)
+    W_FIRST: tl.constexpr,  # W's tile is the first (register) operand of the dot: the transposed product
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,  # False: y = x·deq(W)ᵀ + b only (u, B, R, scaling unused)
     BASE_PRECISION: tl.constexpr,
@@ -274,14 +276,14 @@ def lora_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """y[rows, cols] = (s·Σ_r u[rows, r]·B[cols, r] when HAS_LORA) + b[cols] + Σ_k x[rows, k]·deq(W)[cols, k], the
-    first two terms accumulated before the K loop into its accumulator; 1-D grouped grid.
+    """y[rows, cols] = (s·Σ_r u[rows, r]·B[cols, r] when HAS_LORA) + Σ_k x[rows, k]·deq(W)[cols, k] + b[cols]: the
+    low-rank term starts the accumulator (before the K loop), the bias is added to it after; 1-D grouped grid.
 
-    An NF4 W decoded in registers (LOOKUP "prmt" or "tree") is the first operand of the dot: the accumulator is
-    yᵀ[cols, rows] = Σ_k deq(W)[cols, k]·x[rows, k] (the transposed sums, stored transposed), so the decoded tile
-    feeds the MMA from registers and never waits in shared memory for the previous MMA to finish reading it."""
+    With W_FIRST (the launchers set it for an NF4 W decoded in registers, common.w_first) W's tile
+    is the first operand of the dot: the accumulator is yᵀ[cols, rows] = Σ_k deq(W)[cols, k]·x[rows, k] (the
+    transposed sums, stored transposed), so the decoded tile feeds the wgmma from registers and never waits in shared
+    memory for the previous MMA to finish reading it."""
     COMPUTE_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
-    W_FIRST: tl.constexpr = IS_NF4 and LOOKUP != "gather"
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -307,12 +309,6 @@ def lora_fwd_kernel(
             else:
                 acc = tl.dot(u, tl.trans(b), acc, input_precision=LOWRANK_PRECISION)
         acc = acc * scaling
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        if W_FIRST:
-            acc += bias[:, None]
-        else:
-            acc += bias[None, :]
     lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -328,6 +324,12 @@ def lora_fwd_kernel(
         else:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=BASE_PRECISION)
 
+    if HAS_BIAS:  # after the loop: held through the pipeline's prologue, the broadcast bias made 128×256 spill
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        if W_FIRST:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
     y_tile = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     in_range = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if W_FIRST:

@@ -131,15 +131,17 @@ def path(M: int, weight_is_nf4: bool, device) -> str:
 
 # ---------------------------------------------------------------------------------------------- the workspace
 
-# One workspace per device (and side stream), allocated at its first use and reused by every layer: the slabs are
-# produced and consumed in stream order, so layers never overlap in it.
+# One workspace per device and stream, allocated at its first use and reused by every layer: the slabs are produced
+# and consumed in that stream's order, so layers never overlap in it.
 _WORKSPACES: dict = {}
 
 
 def workspace(device, nbytes: int) -> torch.Tensor:
-    """A uint8 buffer of at least ``nbytes`` on ``device``, kept for reuse (grown when a larger one is asked for)."""
+    """A uint8 buffer of at least ``nbytes`` on ``device`` for the current stream, kept for reuse (grown when a
+    larger one is asked for)."""
     device = torch.device(device)
-    key = (device.type, device.index)
+    stream = getattr(torch.cuda.current_stream(device), "cuda_stream", 0) if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
     buffer = _WORKSPACES.get(key)
     if buffer is None or buffer.numel() < nbytes:
         _WORKSPACES.pop(key, None)
