@@ -116,10 +116,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_keep", &fused_lora::dropout_keep,
         "uint8 keep mask of fused_lora.reference.dropout_mask (torch's CPU generator, same seed, same draws)",
         py::arg("rows"), py::arg("cols"), py::arg("seed"), py::arg("p"));
-  m.def("dropout_apply", &fused_lora::dropout_apply, "src * (keep ? scale : 0) as a new contiguous tensor of dtype",
-        py::arg("src"), py::arg("keep"), py::arg("scale"), py::arg("dtype"));
-  m.def("dropout_add_", &fused_lora::dropout_add_, "dst += (alpha * src) * (keep ? scale : 0), in place",
-        py::arg("dst"), py::arg("src"), py::arg("keep"), py::arg("alpha"), py::arg("scale"));
+  m.def("dropout_apply_into", &fused_lora::dropout_apply_into,
+        "out = (alpha * src) * (keep ? scale : 0), out may be src; returns out", py::arg("out"), py::arg("src"),
+        py::arg("keep"), py::arg("scale"), py::arg("alpha") = 1.0);
   m.def("cpu_has_avx2", &fused_lora::cpu_has_avx2, "Whether this CPU has the AVX2 paths of the CPU kernels");
   m.def("cpu_use_avx2", &fused_lora::cpu_use_avx2,
         "Switch the AVX2 paths on (where the CPU has them) or off; returns the previous setting", py::arg("enable"));

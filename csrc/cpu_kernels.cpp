@@ -401,77 +401,56 @@ torch::Tensor dropout_keep(int64_t rows, int64_t cols, int64_t seed, double p) {
   return keep;
 }
 
-torch::Tensor dropout_apply(const torch::Tensor& src, const torch::Tensor& keep, double scale,
-                            c10::ScalarType dtype) {
-  check_cpu("dropout_apply", src, "src");
-  TORCH_CHECK(src.dim() == 2, "fused_lora._C.dropout_apply: src must be 2-D");
+namespace {
+
+// out[r, c] = (alpha · src[r, c]) · m[r, c] for rows [r0, r1); contiguous columns, so the compiler vectorises it.
+template <typename src_t, typename out_t, typename acc_t>
+void dropout_apply_rows(const src_t* src, int64_t src_stride, const uint8_t* keep, out_t* out, int64_t out_stride,
+                        int64_t r0, int64_t r1, int64_t cols, acc_t alpha, acc_t keep_value) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const src_t* s = src + r * src_stride;
+    const uint8_t* k = keep + r * cols;
+    out_t* o = out + r * out_stride;
+    for (int64_t c = 0; c < cols; ++c) {
+      const acc_t m = static_cast<acc_t>(k[c]) * keep_value;  // 0 or keep_value, exactly
+      o[c] = static_cast<out_t>((alpha * static_cast<acc_t>(s[c])) * m);
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor dropout_apply_into(torch::Tensor out, const torch::Tensor& src, const torch::Tensor& keep, double scale,
+                                 double alpha) {
+  const char* who = "dropout_apply_into";
+  check_cpu(who, src, "src");
+  check_cpu(who, out, "out");
+  TORCH_CHECK(src.dim() == 2 && out.sizes() == src.sizes(),
+              "fused_lora._C.dropout_apply_into: out and src must be 2-D tensors of one shape");
+  TORCH_CHECK((src.stride(1) == 1 || src.size(1) <= 1) && (out.stride(1) == 1 || out.size(1) <= 1),
+              "fused_lora._C.dropout_apply_into: out and src need unit column strides");
   const int64_t rows = src.size(0), cols = src.size(1);
-  check_mask("dropout_apply", keep, rows, cols);
-  auto out = torch::empty({rows, cols}, src.options().dtype(dtype));
+  check_mask(who, keep, rows, cols);
+  if (rows == 0 || cols == 0) return out;
   const uint8_t* k = keep.data_ptr<uint8_t>();
-  const int64_t s0 = src.stride(0), s1 = src.stride(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "dropout_apply_src", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "dropout_apply_into_src", [&] {
     using src_t = scalar_t;
-    const src_t* in = src.const_data_ptr<src_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "dropout_apply_out", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "dropout_apply_into_out", [&] {
       using out_t = scalar_t;
       using acc_t = std::conditional_t<std::is_same_v<src_t, double> || std::is_same_v<out_t, double>, double, float>;
       // the reference's mask is float32 (0 or fl32(1 / (1 - p))), widened to the arithmetic type
       const acc_t keep_value = static_cast<acc_t>(static_cast<float>(scale));
+      const src_t* in = src.const_data_ptr<src_t>();
       out_t* o = out.data_ptr<out_t>();
+      const int64_t src_stride = src.stride(0), out_stride = out.stride(0);
       at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)),
                        [&](int64_t r0, int64_t r1) {
-                         for (int64_t r = r0; r < r1; ++r) {
-                           const src_t* row = in + r * s0;
-                           const uint8_t* kr = k + r * cols;
-                           out_t* orow = o + r * cols;
-                           for (int64_t c = 0; c < cols; ++c) {
-                             const acc_t m = kr[c] ? keep_value : acc_t(0);
-                             orow[c] = static_cast<out_t>(static_cast<acc_t>(row[c * s1]) * m);
-                           }
-                         }
+                         dropout_apply_rows<src_t, out_t, acc_t>(in, src_stride, k, o, out_stride, r0, r1, cols,
+                                                                 static_cast<acc_t>(alpha), keep_value);
                        });
     });
   });
   return out;
-}
-
-void dropout_add_(torch::Tensor dst, const torch::Tensor& src, const torch::Tensor& keep, double alpha,
-                  double scale) {
-  check_cpu("dropout_add_", dst, "dst");
-  check_cpu("dropout_add_", src, "src");
-  TORCH_CHECK(dst.dim() == 2 && src.sizes() == dst.sizes(), "fused_lora._C.dropout_add_: dst and src must be 2-D "
-              "tensors of one shape");
-  TORCH_CHECK((dst.stride(1) == 1 || dst.size(1) <= 1) && (src.stride(1) == 1 || src.size(1) <= 1),
-              "fused_lora._C.dropout_add_: dst and src need unit column strides");
-  const int64_t rows = dst.size(0), cols = dst.size(1);
-  check_mask("dropout_add_", keep, rows, cols);
-  const uint8_t* k = keep.data_ptr<uint8_t>();
-  const int64_t d0 = dst.stride(0), s0 = src.stride(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dst.scalar_type(), "dropout_add_dst", [&] {
-    using dst_t = scalar_t;
-    dst_t* d = dst.data_ptr<dst_t>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "dropout_add_src", [&] {
-      using src_t = scalar_t;
-      using acc_t = std::conditional_t<std::is_same_v<src_t, double> || std::is_same_v<dst_t, double>, double, float>;
-      const src_t* s = src.const_data_ptr<src_t>();
-      const acc_t keep_value = static_cast<acc_t>(static_cast<float>(scale));
-      const acc_t a = static_cast<acc_t>(alpha);
-      at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1)),
-                       [&](int64_t r0, int64_t r1) {
-                         for (int64_t r = r0; r < r1; ++r) {
-                           dst_t* drow = d + r * d0;
-                           const src_t* srow = s + r * s0;
-                           const uint8_t* kr = k + r * cols;
-                           for (int64_t c = 0; c < cols; ++c) {
-                             const acc_t m = kr[c] ? keep_value : acc_t(0);
-                             const acc_t term = (a * static_cast<acc_t>(srow[c])) * m;
-                             drow[c] = static_cast<dst_t>(static_cast<acc_t>(drow[c]) + term);
-                           }
-                         }
-                       });
-    });
-  });
 }
 
 }  // namespace fused_lora

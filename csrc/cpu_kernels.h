@@ -25,15 +25,11 @@ void nf4_dequantize_into(torch::Tensor out, const torch::Tensor& packed, const t
 // (mt19937 seeded with `seed`) draws rand = (r & 0xFFFFFF) · 2^-24 in row-major order, keep = rand ≥ fl32(p).
 torch::Tensor dropout_keep(int64_t rows, int64_t cols, int64_t seed, double p);
 
-// out = src · m with m = keep ? scale : 0 (src any 2-D strides, out contiguous of `dtype`), computed in fp32
-// (fp64 when src or out is fp64) and rounded once to `dtype`.
-torch::Tensor dropout_apply(const torch::Tensor& src, const torch::Tensor& keep, double scale,
-                            c10::ScalarType dtype);
-
-// dst = dst + (alpha · src) · m with m = keep ? scale : 0, in place (dst and src 2-D, unit column stride), in fp32
-// (fp64 when dst or src is fp64), rounded once to dst's dtype.
-void dropout_add_(torch::Tensor dst, const torch::Tensor& src, const torch::Tensor& keep, double alpha,
-                  double scale);
+// out = (alpha · src) · m with m = keep ? scale : 0, computed in fp32 (fp64 when src or out is fp64) and rounded once
+// to out's dtype; src and out are 2-D with unit column strides (any row strides) and may be the same tensor (in
+// place). Returns out. As the reference applies its fp32 mask: a dropped inf or NaN gives NaN.
+torch::Tensor dropout_apply_into(torch::Tensor out, const torch::Tensor& src, const torch::Tensor& keep, double scale,
+                                 double alpha);
 
 // Whether this CPU has the vectorised (AVX2) paths of the NF4 decode and the dropout mask.
 bool cpu_has_avx2();

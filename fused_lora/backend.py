@@ -86,7 +86,7 @@ def triton_import_error() -> str | None:
 
 
 # The functions of fused_lora._C that the "cpu" backend calls (an older build of the extension lacks them).
-CPU_KERNELS = ("nf4_dequantize_into", "dropout_keep", "dropout_apply", "dropout_add_")
+CPU_KERNELS = ("nf4_dequantize_into", "dropout_keep", "dropout_apply_into")
 
 
 def cpu_kernels_error() -> str | None:

@@ -16,11 +16,13 @@ What it does instead of the reference (the readable oracle, which stays as it is
   check; AVX2 machines), torch's half GEMM is a slow fallback, so the products run in fp32 over the exact bf16/fp16
   values of x and W (each product exact, fp32 accumulation, one rounding of y and dx to x's dtype: a half GEMM
   with fp32 accumulation). Where the CPU has native half GEMMs they run in x's dtype, as the reference does.
-* The rows of x (and g) run in chunks of ``chunk_rows``: the dtype conversions, m⊙x, v·A and the GEMM output of
-  a chunk are chunk-sized temporaries, and the low-rank term and the bias are added to the chunk of y (dx) in
-  place by ``addmm`` (no M×N temporary); u, the sum over rows of dA, dB and db accumulate across chunks.
-* Dropout: the reference's mask (torch's CPU generator, same seed, bit for bit: ``fused_lora._C.dropout_keep``),
-  drawn as a uint8 keep mask and regenerated in backward; m⊙x is never saved.
+* No M×N temporary: the bias and the low-rank term s·u·Bᵀ are written into y first and the frozen GEMM accumulates
+  onto them (``addmm_``, beta = 1: BLAS reads its C once, no extra pass over y); in backward s·m⊙(v·A) is written
+  into dx (the mask applied in place) and g·W accumulates onto it. With fp32 x the GEMMs cover all rows at once;
+  with a dtype conversion (bf16/fp16 x in fp32 GEMMs) the rows run in chunks of ``chunk_rows`` so that the
+  converted x, g and the fp32 output exist one chunk at a time. m⊙x is a chunk temporary (M×K at most, 4 MB).
+* Dropout: the reference's mask (torch's CPU generator, same seed, bit for bit: ``fused_lora._C.dropout_keep``, a
+  vectorised mt19937), drawn as a uint8 keep mask and regenerated in backward; m⊙x is never saved.
 * u is kept in fp32 (fp64 for fp64 x) whatever the adapters' dtype, like the Triton backend; the low-rank path
   runs in fp32 (the reference runs it in the adapters' dtype: fp16/bf16 adapters are more accurate here).
 
@@ -29,6 +31,9 @@ module imports only torch and the package's lower layers; the extension loads on
 """
 
 from __future__ import annotations
+
+import math
+import threading
 
 import torch
 
@@ -46,11 +51,47 @@ __all__ = [
     "dropout_mask",
     "gemm_dtype",
     "chunk_rows",
+    "release_workspace",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
-# Rows per chunk: about this many elements in the widest chunk temporary (M×max(N, K) split by rows).
+# Rows per chunk: about this many elements (4 MB in fp32) in the widest chunk temporary (M×max(N, K) split by rows).
 CHUNK_ELEMENTS = 1 << 20
+# Temporaries up to this size are kept between calls (see _Workspace); larger ones are allocated per call.
+WORKSPACE_MAX_BYTES = 64 << 20
+
+
+class _Workspace(threading.local):
+    """Reused buffers for the temporaries of one call (the decoded W, m⊙x, dtype conversions, chunk outputs), one
+    set per thread. A fresh multi-megabyte tensor costs its page faults on every call (about 0.1 ms per MB, as much
+    as decoding W); a buffer is handed out again only after the call that used it has returned, and none of them is
+    ever returned to the caller. Buffers above WORKSPACE_MAX_BYTES are not kept."""
+
+    def __init__(self):
+        self.buffers = {}
+
+    def get(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` and ``dtype`` on the CPU, the same storage for the same ``name``."""
+        numel = math.prod(shape)
+        if numel * torch.finfo(dtype).bits // 8 > WORKSPACE_MAX_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        buffer = self.buffers.get((name, dtype))
+        if buffer is None or buffer.numel() < numel:
+            buffer = torch.empty(numel, dtype=dtype)
+            self.buffers[(name, dtype)] = buffer
+        return buffer[:numel].view(shape)
+
+
+_workspace = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free this thread's reused temporaries (they come back, at their page-fault cost, on the next call).
+
+    Example:
+        >>> release_workspace()
+    """
+    _workspace.buffers.clear()
 
 
 def _opaque_to_dynamo(function):
@@ -158,9 +199,10 @@ def dequantize_nf4(w, dtype: torch.dtype) -> torch.Tensor:
 def _frozen_weight(weight, dtype: torch.dtype, x_dtype: torch.dtype) -> torch.Tensor:
     """W as an [N, K] tensor of ``dtype`` (the GEMM dtype) holding the values of W in x's dtype."""
     if _is_nf4(weight):
-        out = torch.empty(tuple(weight.shape), dtype=dtype)
-        return dequantize_into(out, weight, round_to=x_dtype)
-    return weight.to(dtype)
+        return dequantize_into(_workspace.get("weight", tuple(weight.shape), dtype), weight, round_to=x_dtype)
+    if weight.dtype == dtype:
+        return weight
+    return _workspace.get("weight", tuple(weight.shape), dtype).copy_(weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,10 +235,19 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device="cpu") -> torch.Ten
 
 
 def _masked(t: torch.Tensor, keep, p: float, dtype: torch.dtype) -> torch.Tensor:
-    """m⊙t in ``dtype`` (a chunk temporary), or t in ``dtype`` without dropout."""
+    """m⊙t in ``dtype`` (a workspace temporary), or t in ``dtype`` without dropout (t itself when it has it)."""
     if keep is None:
-        return t.to(dtype)
-    return _kernels().dropout_apply(t, keep, _keep_scale(p), dtype)
+        return _converted(t, dtype, "masked")
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return _kernels().dropout_apply_into(_workspace.get("masked", tuple(t.shape), dtype), t, keep, _keep_scale(p))
+
+
+def _converted(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """t in ``dtype``: t itself when it has it, else a copy in the workspace buffer ``name``."""
+    if t.dtype == dtype:
+        return t
+    return _workspace.get(name, tuple(t.shape), dtype).copy_(t)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,36 +260,17 @@ def _chunks(M: int, rows: int):
 
 
 def _gemm_rows(M: int, width: int, x_dtype: torch.dtype, acc: torch.dtype) -> int:
-    """Rows per frozen GEMM: all M when x is already in the accumulation dtype (the GEMM writes y / dx in place, one
+    """Rows per frozen GEMM: all M when x is already in the accumulation dtype (the GEMMs write y / dx in place, one
     call keeps BLAS at full speed), else chunks whose conversion temporaries hold about CHUNK_ELEMENTS."""
     return M if x_dtype == acc else chunk_rows(M, width)
 
 
-def _linear_rows(x_rows, W, bias, gemm: torch.dtype, out_rows: torch.Tensor, acc: torch.dtype):
-    """x_rows·Wᵀ + b for one chunk; returns the chunk of y to add the low-rank term to: ``out_rows`` itself when it
-    has the accumulation dtype, else an accumulation-dtype temporary of the chunk."""
-    x_gemm = x_rows.to(gemm)
-    if gemm == acc:
-        target = out_rows if out_rows.dtype == acc else torch.empty(out_rows.shape, dtype=acc)
-        if bias is None:
-            torch.mm(x_gemm, W.t(), out=target)
-        else:
-            torch.addmm(bias.to(acc), x_gemm, W.t(), out=target)
-        return target
-    # native half GEMM: the product in x's dtype with the bias added there (the reference's rounding), then widened
-    base = torch.mm(x_gemm, W.t())
-    if bias is not None:
-        base += bias.to(base.dtype)
-    return base.to(acc)
-
-
-def _grad_input_rows(g_rows, g_acc, W, gemm: torch.dtype, acc: torch.dtype, out_rows: torch.Tensor):
-    """g_rows·W for one chunk; like _linear_rows, ``out_rows`` itself when it has the accumulation dtype."""
-    if gemm == acc:
-        target = out_rows if out_rows.dtype == acc else torch.empty(out_rows.shape, dtype=acc)
-        torch.mm(g_acc, W, out=target)
-        return target
-    return torch.mm(g_rows, W).to(acc)
+def _accumulate_gemm(target: torch.Tensor, a: torch.Tensor, b: torch.Tensor, started: bool) -> torch.Tensor:
+    """target = a·b (started False) or target += a·b (started True: the GEMM reads target as its C, beta = 1, so a
+    term written there first costs no extra pass over the output)."""
+    if started:
+        return target.addmm_(a, b)
+    return torch.mm(a, b, out=target)
 
 
 def _lowrank_in(x2d, A_acc, keep, dropout_p: float, acc: torch.dtype) -> torch.Tensor:
@@ -253,15 +285,30 @@ def _lowrank_in(x2d, A_acc, keep, dropout_p: float, acc: torch.dtype) -> torch.T
     return u
 
 
-def _add_lowrank_grad_input(dx_rows, v_rows, A_acc, keep_rows, scaling: float, dropout_p: float) -> None:
-    """dx_rows += s·m⊙(v·A) in place; v·A exists only one row chunk at a time (and not at all without dropout)."""
-    if keep_rows is None:
-        dx_rows.addmm_(v_rows, A_acc, alpha=scaling)
-        return
-    rows, K = dx_rows.shape
-    scale = _keep_scale(dropout_p)
-    for i0, i1 in _chunks(rows, chunk_rows(rows, K)):
-        _kernels().dropout_add_(dx_rows[i0:i1], v_rows[i0:i1] @ A_acc, keep_rows[i0:i1], float(scaling), scale)
+def _forward_rows(x_rows, W, bias, u_rows, sB_acc, gemm, acc, y_view):
+    """One chunk of y = b + s·u·Bᵀ + x·Wᵀ. With an fp32 (fp64) GEMM the bias and the low-rank term are written into
+    the chunk first and the frozen GEMM accumulates onto them; a native half GEMM rounds x·Wᵀ (+ b) to x's dtype
+    first, as the reference does, and the low-rank term is added in fp32."""
+    if gemm == acc:
+        target = y_view if y_view.dtype == acc else _workspace.get("out_rows", tuple(y_view.shape), acc)
+        started = u_rows is not None or bias is not None
+        if u_rows is not None and bias is not None:
+            torch.addmm(bias.to(acc), u_rows, sB_acc.t(), out=target)
+        elif u_rows is not None:
+            torch.mm(u_rows, sB_acc.t(), out=target)
+        elif bias is not None:
+            target.copy_(bias.to(acc).expand_as(target))
+        _accumulate_gemm(target, _converted(x_rows, gemm, "in_rows"), W.t(), started)
+    else:
+        base = torch.mm(x_rows, W.t())
+        if bias is not None:
+            base += bias.to(base.dtype)
+        if u_rows is None:
+            target = base
+        else:
+            target = base.to(acc).addmm_(u_rows, sB_acc.t())
+    if target is not y_view:
+        y_view.copy_(target)
 
 
 def _run_forward(x2d, weight, A, B, scaling, bias, dropout_p, seed):
@@ -270,17 +317,12 @@ def _run_forward(x2d, weight, A, B, scaling, bias, dropout_p, seed):
     gemm, acc = gemm_dtype(x2d.dtype), _acc_dtype(x2d.dtype)
     W = _frozen_weight(weight, gemm, x2d.dtype)
     y = torch.empty((M, N), dtype=x2d.dtype)
-    u = None
+    u = sB_acc = None
     if A is not None:
-        B_acc = B.to(acc)
+        sB_acc = B.to(acc) * scaling
         u = _lowrank_in(x2d, A.to(acc), _keep(M, K, dropout_p, seed), dropout_p, acc)
     for i0, i1 in _chunks(M, _gemm_rows(M, max(N, K), x2d.dtype, acc)):
-        y_view = y[i0:i1]
-        y_rows = _linear_rows(x2d[i0:i1], W, bias, gemm, y_view, acc)
-        if u is not None:
-            y_rows.addmm_(u[i0:i1], B_acc.t(), alpha=scaling)
-        if y_rows is not y_view:
-            y_view.copy_(y_rows)
+        _forward_rows(x2d[i0:i1], W, bias, None if u is None else u[i0:i1], sB_acc, gemm, acc, y[i0:i1])
     return y, u
 
 
@@ -294,6 +336,27 @@ def forward(x2d, weight, A, B, scaling, bias, dropout_p, seed):
         >>> y, u = forward(torch.randn(37, 64), quantize_nf4(torch.randn(80, 64)), A, B, 2.0, None, 0.1, 1234)
     """
     return _run_forward(x2d, weight, A, B, scaling, bias, dropout_p, seed)
+
+
+def _grad_input_rows(g_rows, g_acc, W, v_rows, sA_acc, keep_rows, dropout_p, gemm, acc, dx_view):
+    """One chunk of dx = s·m⊙(v·A) + g·W: the low-rank term (masked in place) is written first and the frozen GEMM
+    accumulates onto it (fp32/fp64 GEMM), or, with a native half GEMM, g·W rounded to g's dtype is added to it."""
+    native = gemm != acc
+    started = v_rows is not None
+    if native and not started:
+        torch.mm(g_rows, W, out=dx_view)
+        return
+    target = dx_view if (dx_view.dtype == acc and not native) else _workspace.get("out_rows", tuple(dx_view.shape), acc)
+    if started:
+        torch.mm(v_rows, sA_acc, out=target)
+        if keep_rows is not None:
+            _kernels().dropout_apply_into(target, target, keep_rows, _keep_scale(dropout_p))
+    if native:
+        target.add_(torch.mm(g_rows, W))
+    else:
+        _accumulate_gemm(target, g_acc, W, started)
+    if target is not dx_view:
+        dx_view.copy_(target)
 
 
 def _run_backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA, need_dB, need_db):
@@ -310,10 +373,10 @@ def _run_backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, ne
     v = torch.empty((M, A.shape[0]), dtype=acc) if need_v else None
     keep = _keep(M, K, dropout_p, seed) if need_v else None
     if lora:
-        A_acc, B_acc = A.to(acc), B.to(acc)
+        B_acc, sA_acc = B.to(acc), A.to(acc) * scaling
     for i0, i1 in _chunks(M, _gemm_rows(M, max(N, K), g.dtype, acc)):
         g_rows = g[i0:i1]
-        g_acc = g_rows.to(acc)
+        g_acc = _converted(g_rows, acc, "in_rows") if (need_db or need_dB or need_v or gemm == acc) else None
         if need_db:
             db += g_acc.sum(0)
         if need_dB:
@@ -321,13 +384,9 @@ def _run_backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, ne
         if need_v:
             torch.mm(g_acc, B_acc, out=v[i0:i1])
         if need_dx:
-            dx_view = dx[i0:i1]
-            dx_rows = _grad_input_rows(g_rows, g_acc, W, gemm, acc, dx_view)
-            if lora:
-                rows_keep = None if keep is None else keep[i0:i1]
-                _add_lowrank_grad_input(dx_rows, v[i0:i1], A_acc, rows_keep, scaling, dropout_p)
-            if dx_rows is not dx_view:
-                dx_view.copy_(dx_rows)
+            rows_keep = None if keep is None else keep[i0:i1]
+            _grad_input_rows(g_rows, g_acc, W, v[i0:i1] if lora else None, sA_acc if lora else None, rows_keep,
+                             dropout_p, gemm, acc, dx[i0:i1])  # fmt: skip
     dA = None
     if need_dA:
         dA = torch.zeros(A.shape, dtype=acc)

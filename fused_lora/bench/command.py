@@ -10,6 +10,10 @@ Where the results JSON goes (``results_root``); the tables are printed in every 
   anywhere else no file is written;
 * without ``--output`` on a CPU: no file. CPU numbers only exercise the tooling, so a plain run writes nothing.
 
+``--cpu`` runs the CPU benchmark instead (``fused_lora.bench.cpu``: the fused CPU path against PEFT +
+bitsandbytes on one layer, NF4 dequantization and a whole-model step, fp32 and bf16, as same-run ratios); its JSON
+is written only with ``--output DIR``, to ``DIR/cpu/<YYYYmmdd-HHMM>.json``.
+
 ``--report [PATH]`` renders report.md and PNG plots next to the newest results JSON under PATH (a file or a
 folder; default: ``--output``, else ``./bench/results``).
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..backend import cuda_available
+from .cpu import ISSUE_CONFIG, QUICK_CONFIG, run_cpu_bench
 from .impls import CPU_IMPLS, GPU_IMPLS
 from .report import render_report
 from .schema import find_newest_results
@@ -74,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end QLoRA step")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="time budget: cases not started by then are recorded as skipped")
+    parser.add_argument("--cpu", action="store_true",
+                        help="the CPU benchmark instead: fused vs PEFT+bitsandbytes on one layer, NF4 dequantization "
+                        "and a whole-model step, fp32 and bf16 (JSON only with --output; --quick: fewer repetitions)")
     return parser
 
 
@@ -110,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         report, plots = render_report(results_path)
         print(report.read_text())
         print(f"bench --report: wrote {report} and {len(plots)} plot(s)", file=sys.stderr)
+        return 0
+    if args.cpu:
+        run_cpu_bench(QUICK_CONFIG if args.quick else ISSUE_CONFIG, results_root(args.output, on_cuda=False))
         return 0
     device = _device(args.device)
     run_benchmarks(args, device, results_root(args.output, device.type == "cuda"), start)
