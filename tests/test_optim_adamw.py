@@ -190,7 +190,7 @@ def test_parameters_without_gradient_are_untouched():
         ({"betas": (0.9, -0.1)}, r"betas must be two numbers in \[0, 1\)"),
         ({"eps": -1e-8}, "eps must be >= 0"),
         ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
-        ({"backend": "cuda"}, "unknown backend 'cuda'; expected one of 'auto', 'triton', 'reference'"),
+        ({"backend": "cuda"}, "unknown backend 'cuda'; expected one of 'auto', 'triton', 'cpu', 'reference'"),
     ],
     ids=["negative-lr", "beta1-one", "beta2-negative", "negative-eps", "negative-wd", "bad-backend"],
 )

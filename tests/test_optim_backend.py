@@ -25,7 +25,7 @@ OPTIMIZERS = {
     "AdamW8bit": ({"min_8bit_size": 1}, "adamw8bit_update_"),
 }
 
-UNKNOWN_ENV = ValueError, "FUSED_LORA_BACKEND: unknown backend 'garbage'; expected one of 'auto', 'triton', 'reference'"
+UNKNOWN_ENV = ValueError, "FUSED_LORA_BACKEND: unknown backend 'garbage'; expected one of 'auto', 'triton', 'cpu', 'reference'"
 
 # (backend argument, FUSED_LORA_BACKEND or None) -> the path that runs, or (error type, message)
 CASES = {
