@@ -374,9 +374,3 @@ def test_meta_tensors_and_zero_input_features_get_clear_errors():
                     torch.randn(2, 16, device="meta"), torch.zeros(8, 2, device="meta"), 2.0)
     with pytest.raises(ValueError, match="0 input features"):
         functional.frozen_linear(torch.randn(3, 0), torch.randn(8, 0))
-
-
-def test_patch_peft_model_refuses_a_non_module():
-    for bad in (None, "model"):
-        with pytest.raises(TypeError, match="patch_peft_model: expected a PEFT model"):
-            fl.patch_peft_model(bad)

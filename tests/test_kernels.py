@@ -244,28 +244,6 @@ def test_lora_linear_uses_the_kernels_for_3d_input(poison_empty):
         assert relative_error(ours.reshape(ref_t.shape), ref_t) < 1e-5, name
 
 
-def test_check_command_passes_on_the_kernels_and_fails_on_a_wrong_backend(monkeypatch, capsys):
-    from fused_lora import functional
-    from fused_lora.cli import check
-
-    assert check.main(["--backend", "triton"]) == 0
-    assert "all passed" in capsys.readouterr().out
-    real = functional.lora_linear
-    monkeypatch.setattr(functional, "lora_linear", lambda *args, **kwargs: real(*args, **kwargs) * 1.01)
-    assert check.main(["--backend", "triton"]) == 1
-    assert "FAIL" in capsys.readouterr().out
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-@pytest.mark.parametrize("device, message", [("cuda", "CUDA is not available"), ("gpu0", "device string")])
-def test_check_command_reports_an_unusable_device_without_a_traceback(device, message, capsys):
-    from fused_lora.cli import check
-
-    assert check.main(["--device", device]) == 1
-    out = capsys.readouterr().out
-    assert out.startswith("fused_lora check: ") and message in out
-
-
 # ---------------------------------------------------------------- the frozen layer alone (HAS_LORA=False)
 
 

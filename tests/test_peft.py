@@ -263,6 +263,13 @@ def test_single_layer_with_bias_odd_shapes_3d_input(kind, in_features, r):
         assert relative_error(grads_fused[name], grads_peft[name]) <= TIGHT, name
 
 
+def test_patch_peft_model_refuses_a_non_module():
+    """A non-module argument (None, a string) is named, not an AttributeError from deep inside."""
+    for bad in (None, "model"):
+        with pytest.raises(TypeError, match="patch_peft_model: expected a PEFT model"):
+            fl.patch_peft_model(bad)
+
+
 def test_fp4_base_is_neither_converted_nor_counted():
     """Only NF4 is fused: a PEFT layer over an FP4 Linear4bit stays PEFT's own (the count says what runs fused)."""
     model = make_peft(single_layer("fp4", 64, 37), r=4, lora_alpha=8, target_modules=["0"])

@@ -74,20 +74,26 @@ def _check_case(M, K, N, r, dtype, base, device, backend):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print a pass/fail table of the active backend against the reference; return 1 on any failure."""
+    """Print a pass/fail table of the active backend against the reference; return 1 on any failure, 2 (one line,
+    no traceback) for an unusable --device or backend."""
     parser = argparse.ArgumentParser(prog="python -m fused_lora check", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="auto", choices=BACKENDS, help="backend to check")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     args = parser.parse_args(argv)
 
     try:
-        device = torch.device(args.device or ("cuda" if cuda_available() else "cpu"))
+        try:
+            device = torch.device(args.device or ("cuda" if cuda_available() else "cpu"))
+        except RuntimeError as error:
+            raise ValueError(f"--device {args.device!r} is not a device ({error})") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {args.device} is not supported; use cpu or cuda[:index]")
         if device.type == "cuda" and not cuda_available():
             raise RuntimeError("--device cuda, but CUDA is not available here (run without --device for the CPU)")
         backend = resolve_backend(args.backend, device)
     except (RuntimeError, ValueError) as error:
-        print(f"fused_lora check: {error}")
-        return 1
+        print(f"fused_lora check: {' '.join(str(error).split())}")
+        return 2
     dtypes = [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float32, torch.float16]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"fused_lora check: backend {backend!r} on {name}; relative error vs float64 reference (bound)")
