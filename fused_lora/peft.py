@@ -336,13 +336,19 @@ def patch_peft_model(peft_model: nn.Module) -> int:
     """
     _check_module("patch_peft_model", peft_model)
     peft_classes = _peft_lora_classes()
-    count = 0
+    count = lora_layers = 0
     for module in peft_model.modules():
+        lora_layers += isinstance(module, _FusedLoraForward) or hasattr(module, "lora_A")
         peft_name = peft_classes.get(type(module))
         if peft_name is None or _base_kind(module.get_base_layer()) is None:
             continue
         module.__class__ = _fused_class(peft_name)
         count += 1
+    if not lora_layers:
+        warnings.warn(
+            f"patch_peft_model: {type(peft_model).__name__} has no PEFT LoRA layer, so nothing was converted; pass "
+            "the model that peft.get_peft_model returns (a base model has none)", UserWarning, stacklevel=2
+        )
     return count
 
 

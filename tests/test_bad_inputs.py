@@ -61,7 +61,8 @@ def _ctor(**changes):
 
 
 NF4_CASES = {
-    "quantize-not-a-tensor": (lambda: fl.quantize_nf4([[1.0]]), TypeError, "quantize_nf4: weight must be a torch.Tensor"),
+    "quantize-not-a-tensor": (lambda: fl.quantize_nf4([[1.0]]), TypeError,
+                              "quantize_nf4: weight must be a torch.Tensor"),
     "quantize-int-weight": (lambda: fl.quantize_nf4(torch.ones(4, 4, dtype=torch.int32)), TypeError,
                             "weight must be float32, float16, bfloat16, got torch.int32"),
     "quantize-empty": (lambda: fl.quantize_nf4(torch.empty(0, 8)), ValueError, "weight of shape \\(0, 8\\) is empty"),
@@ -132,6 +133,92 @@ NF4_CASES = {
 @pytest.mark.parametrize("case", list(NF4_CASES))
 def test_nf4_entry_points_name_the_problem(case):
     fn, error, match = NF4_CASES[case]
+    with pytest.raises(error, match=match):
+        fn()
+
+
+def _x(*shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(2)).to(dtype).to(device)
+
+
+def _lora(x=None, weight=None, A=None, B=None, scaling=2.0, **kwargs):
+    x = _x(3, K) if x is None else x
+    weight = _w() if weight is None else weight
+    A = _x(R, K) if A is None else A
+    B = _x(N, R) if B is None else B
+    return functional.lora_linear(x, weight, A, B, scaling, **kwargs)
+
+
+LAYER_FUNCTION_CASES = {
+    "x-not-a-tensor": (lambda: _lora(x=[1.0]), TypeError, "lora_linear: x must be a torch.Tensor, got list"),
+    "x-int": (lambda: _lora(x=torch.ones(3, K, dtype=torch.long)), TypeError, "x must be a floating-point tensor"),
+    "x-wrong-features": (lambda: _lora(x=_x(3, K - 1)), ValueError, "lora_linear: x has 63 features, expected 64"),
+    "x-0d": (lambda: _lora(x=torch.tensor(1.0)), ValueError, "x must have at least one dimension"),
+    "x-meta": (lambda: _lora(x=_x(3, K, device="meta")), ValueError, "lora_linear: x is on the meta device"),
+    "weight-none": (lambda: functional.lora_linear(_x(3, K), None, _x(R, K), _x(N, R), 2.0), TypeError,
+                    "weight must be an NF4Weight or a torch.Tensor, got NoneType"),
+    "weight-3d": (lambda: _lora(weight=_x(2, N, K)), ValueError, "weight must be 2-D \[out, in\]"),
+    "weight-other-dtype": (lambda: _lora(weight=_x(N, K, dtype=torch.float64)), TypeError,
+                           "weight dtype torch.float64 differs from x dtype torch.float32"),
+    "weight-requires-grad": (lambda: _lora(weight=_x(N, K).requires_grad_()), ValueError,
+                             "the frozen weight requires grad"),
+    "weight-zero-features": (lambda: functional.lora_linear(_x(3, 0), _x(N, 0), _x(R, 0), _x(N, R), 2.0),
+                             ValueError, "the weight has 0 input features"),
+    "weight-on-meta": (lambda: _lora(weight=_x(N, K, device="meta")), ValueError, "weight is on meta but x is on cpu"),
+    "lora-a-shape": (lambda: _lora(A=_x(R, K + 1)), ValueError, "lora_A has shape \(4, 65\), expected \(4, 64\)"),
+    "lora-a-rank-zero": (lambda: _lora(A=_x(0, K), B=_x(N, 0)), ValueError,
+                         "lora_A must be \(r, in_features\) with r >= 1"),
+    "lora-b-shape": (lambda: _lora(B=_x(N + 1, R)), ValueError, "lora_B has shape \(41, 4\), expected \(40, 4\)"),
+    "lora-a-half-beside-fp32": (lambda: _lora(A=_x(R, K, dtype=torch.float16)), TypeError,
+                                "lora_A is torch.float16; with x in torch.float32 it must be float32"),
+    "lora-b-list": (lambda: _lora(B=[1.0]), TypeError, "lora_B must be a torch.Tensor, got list"),
+    "bias-shape": (lambda: _lora(bias=_x(N + 1)), ValueError, "bias has shape \(41,\), expected \(40,\)"),
+    "bias-int": (lambda: _lora(bias=torch.ones(N, dtype=torch.long)), TypeError, "bias is torch.int64"),
+    "scaling-nan": (lambda: _lora(scaling=math.nan), ValueError, "scaling must be finite, got nan"),
+    "scaling-string": (lambda: _lora(scaling="2"), TypeError, "scaling must be a Python number .*got str '2'"),
+    "scaling-bool": (lambda: _lora(scaling=True), TypeError, "scaling must be a Python number .*got bool"),
+    "scaling-tensor": (lambda: _lora(scaling=torch.tensor(2.0)), TypeError, "scaling must be a Python number"),
+    "dropout-one": (lambda: _lora(dropout_p=1.0), ValueError, "dropout_p must be in \[0, 1\), got 1.0"),
+    "dropout-string": (lambda: _lora(dropout_p="0.5"), TypeError, "dropout_p must be a probability"),
+    "training-string": (lambda: _lora(training="no"), TypeError, "training must be True or False, got 'no'"),
+    "backend-unknown": (lambda: _lora(backend="gpu"), ValueError, "lora_linear: unknown backend 'gpu'"),
+    "backend-env-unknown": (lambda: _with_env("FUSED_LORA_BACKEND", "fast", _lora), ValueError,
+                            "FUSED_LORA_BACKEND: unknown backend 'fast'"),
+    "double-backward": (lambda: _double_backward(), RuntimeError, "second derivatives are not supported"),
+    "frozen-x-not-a-tensor": (lambda: functional.frozen_linear([1.0], _w()), TypeError,
+                              "frozen_linear: x must be a torch.Tensor"),
+    "frozen-wrong-features": (lambda: functional.frozen_linear(_x(3, K - 1), _w()), ValueError,
+                              "frozen_linear: x has 63 features, expected 64"),
+    "frozen-bias-shape": (lambda: functional.frozen_linear(_x(3, K), _w(), bias=_x(N + 1)), ValueError,
+                          "frozen_linear: bias has shape \(41,\)"),
+    "frozen-weight-string": (lambda: functional.frozen_linear(_x(3, K), "W"), TypeError,
+                             "frozen_linear: weight must be an NF4Weight or a torch.Tensor, got str"),
+    "frozen-weight-requires-grad": (lambda: functional.frozen_linear(_x(3, K), _x(N, K).requires_grad_()),
+                                    ValueError, "frozen_linear: the frozen weight requires grad"),
+    "frozen-meta-x": (lambda: functional.frozen_linear(_x(3, K, device="meta"), _w()), ValueError,
+                      "frozen_linear: x is on the meta device"),
+    "frozen-backend": (lambda: functional.frozen_linear(_x(3, K), _w(), backend="gpu"), ValueError,
+                       "frozen_linear: unknown backend 'gpu'"),
+}
+
+
+def _with_env(name, value, fn):
+    from unittest import mock
+
+    with mock.patch.dict("os.environ", {name: value}):
+        return fn()
+
+
+def _double_backward():
+    x = _x(3, K).requires_grad_()
+    y = _lora(x=x, A=_x(R, K).requires_grad_(), B=_x(N, R).requires_grad_())
+    (dx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    dx.sum().backward()
+
+
+@pytest.mark.parametrize("case", list(LAYER_FUNCTION_CASES))
+def test_layer_functions_name_the_problem(case):
+    fn, error, match = LAYER_FUNCTION_CASES[case]
     with pytest.raises(error, match=match):
         fn()
 
@@ -214,3 +301,179 @@ def test_layer_entry_points_name_the_problem(case):
     fn, error, match = MODULE_CASES[case]
     with pytest.raises(error, match=match):
         fn()
+
+
+def _param(*shape):
+    return torch.nn.Parameter(torch.randn(*shape, generator=torch.Generator().manual_seed(1)))
+
+
+def _step(cls=fo.AdamW8bit, grad=None, **kwargs):
+    p = _param(64, 80)
+    opt = cls([p], **kwargs)
+    p.grad = grad if grad is not None else torch.randn(64, 80)
+    opt.step()
+    return opt
+
+
+def _with_grad_of(cls, grad):
+    """A step where the gradient no longer matches its parameter (torch refuses such assignments through p.grad,
+    but a grad replaced in place, e.g. by a hook or .data, reaches the optimizer)."""
+    p = _param(64, 80)
+    opt = cls([p])
+    p.grad = torch.randn(64, 80)
+    p.grad.data = grad
+    opt.step()
+
+
+def _load(cls, change):
+    p = _param(64, 80)
+    opt = cls([p])
+    p.grad = torch.randn(64, 80)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0] = dict(sd["state"][0])
+    change(sd["state"][0])
+    opt.load_state_dict(sd)
+
+
+OPTIMIZER_CASES = {
+    "params-none": (lambda: fo.AdamW8bit(None), TypeError, "AdamW8bit: params must be an iterable of parameters"),
+    "params-tensor": (lambda: fo.PagedAdamW(torch.randn(3)), TypeError, "PagedAdamW: params must be an iterable"),
+    "lr-negative": (lambda: fo.AdamW8bit([_param(3)], lr=-1.0), ValueError,
+                    "AdamW8bit: lr must be a finite number >= 0, got -1.0"),
+    "lr-string": (lambda: fo.AdamW8bit([_param(3)], lr="1e-3"), ValueError,
+                  "lr must be a finite number >= 0, got '1e-3'"),
+    "lr-inf": (lambda: fo.PagedAdamW8bit([_param(3)], lr=math.inf), ValueError,
+               "lr must be a finite number >= 0, got inf"),
+    "eps-string": (lambda: fo.AdamW8bit([_param(3)], eps="x"), ValueError, "eps must be a finite number >= 0, got 'x'"),
+    "eps-nan": (lambda: fo.PagedAdamW([_param(3)], eps=math.nan), ValueError, "eps must be a finite number >= 0"),
+    "weight-decay-inf": (lambda: fo.AdamW8bit([_param(3)], weight_decay=math.inf), ValueError,
+                         "weight_decay must be a finite number >= 0, got inf"),
+    "betas-one": (lambda: fo.AdamW8bit([_param(3)], betas=(0.9, 1.0)), ValueError,
+                  "betas must be two numbers in \\[0, 1\\), got \\(0.9, 1.0\\)"),
+    "betas-string": (lambda: fo.AdamW8bit([_param(3)], betas="0.9"), ValueError,
+                     "betas must be two numbers in \\[0, 1\\), got '0.9'"),
+    "amsgrad": (lambda: fo.PagedAdamW([_param(3)], amsgrad=True), ValueError, "amsgrad=True is not supported"),
+    "maximize": (lambda: fo.AdamW8bit([_param(3)], maximize=True), ValueError, "maximize=True is not supported"),
+    "min-8bit-size-string": (lambda: fo.AdamW8bit([_param(3)], min_8bit_size="4096"), ValueError,
+                             "min_8bit_size must be an integer >= 0, got '4096'"),
+    "chunk-bytes-zero": (lambda: fo.PagedAdamW([_param(3)], chunk_bytes=0), ValueError,
+                         "chunk_bytes must be an integer >= 1, got 0"),
+    "gpu-budget-string": (lambda: fo.PagedAdamW8bit([_param(3)], gpu_budget_bytes="1G"), ValueError,
+                          "gpu_budget_bytes must be an integer >= 0, got '1G'"),
+    "page-min-bytes-negative": (lambda: fo.PagedAdamW([_param(3)], page_min_bytes=-1), ValueError,
+                                "page_min_bytes must be an integer >= 0, got -1"),
+    "backend": (lambda: fo.PagedAdamW([_param(3)], backend="gpu"), ValueError, "PagedAdamW: unknown backend 'gpu'"),
+    "complex-param": (lambda: fo.AdamW8bit([torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))]), ValueError,
+                      "parameters must be real floating point"),
+    "group-added-bad-lr": (lambda: fo.AdamW8bit([_param(3)]).add_param_group({"params": [_param(4)], "lr": -1}),
+                           ValueError, "AdamW8bit: lr must be a finite number >= 0"),
+    "step-grad-wrong-shape": (lambda: _with_grad_of(fo.AdamW8bit, torch.randn(80, 64)), RuntimeError,
+                              "AdamW8bit: gradient shape \\(80, 64\\) != parameter \\(64, 80\\)"),
+    "step-grad-sparse": (lambda: _step(grad=torch.randn(64, 80).to_sparse()), RuntimeError,
+                         "AdamW8bit does not support sparse gradients"),
+    "step-closure-not-callable": (lambda: fo.AdamW8bit([_param(3)]).step(closure=3), TypeError,
+                                  "AdamW8bit.step: closure must be callable"),
+    "step-triton-on-cpu": (lambda: _step_without_interpreter(), RuntimeError, "backend='triton' got cpu tensors"),
+    "load-not-a-mapping": (lambda: fo.AdamW8bit([_param(3)]).load_state_dict([1]), TypeError,
+                           "AdamW8bit.load_state_dict: expected a state dict \\(a mapping\\), got list"),
+    "load-groups-mismatch": (lambda: fo.AdamW8bit([_param(3), _param(4)]).load_state_dict(
+        fo.AdamW8bit([_param(3)]).state_dict()), ValueError, "parameter groups do not match"),
+    "load-absmax-size": (lambda: _load(fo.AdamW8bit, lambda s: s.update(absmax1=s["absmax1"][:-1])), ValueError,
+                         "absmax1 of parameter 0 has 19 values"),
+    "load-qmap-size": (lambda: _load(fo.AdamW8bit, lambda s: s.update(qmap2=s["qmap2"][:100])), ValueError,
+                       "qmap2 of parameter 0 has 100 values"),
+    "load-step-negative": (lambda: _load(fo.AdamW8bit, lambda s: s.update(step=-3)), ValueError,
+                           "step of parameter 0 is -3"),
+    "load-step-nan": (lambda: _load(fo.PagedAdamW8bit, lambda s: s.update(step=math.nan)), ValueError,
+                      "step of parameter 0 is nan"),
+    "load-moment-size": (lambda: _load(fo.AdamW8bit, lambda s: s.update(state2=s["state2"][:10])), ValueError,
+                         "state2 of parameter 0 has 800 elements, the parameter has 5120"),
+    "load-torch-into-8bit": (lambda: _load(fo.AdamW8bit, lambda s: [s.pop(k) for k in ("state1", "state2")]),
+                             ValueError, "the state of parameter 0 has no state1, state2"),
+}
+
+
+def _step_without_interpreter():
+    """backend='triton' for CPU parameters when Triton's interpreter is off."""
+    from unittest import mock
+
+    with mock.patch.dict("os.environ", {"TRITON_INTERPRET": "0"}):
+        _step(fo.AdamW8bit, backend="triton")
+
+
+@pytest.mark.parametrize("case", list(OPTIMIZER_CASES))
+def test_optimizer_entry_points_name_the_problem(case):
+    if "Paged" in case or "chunk" in case or "page-min" in case or "gpu-budget" in case or case == "backend":
+        pytest.importorskip("fused_lora._C")
+    fn, error, match = OPTIMIZER_CASES[case]
+    with pytest.raises(error, match=match):
+        fn()
+
+
+def _peft_model():
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    base = torch.nn.Sequential(torch.nn.Linear(K, N))
+    return get_peft_model(base, LoraConfig(r=R, target_modules=["0"]))
+
+
+PEFT_CASES = {
+    "patch-none": (lambda: fl.patch_peft_model(None), TypeError, "patch_peft_model: expected a PEFT model"),
+    "patch-string": (lambda: fl.patch_peft_model("model"), TypeError, "patch_peft_model: expected a PEFT model"),
+    "unpatch-none": (lambda: fl.peft.unpatch_peft_model(None), TypeError, "unpatch_peft_model: expected a PEFT model"),
+    "register-dict": (lambda: fl.peft.register_fused_lora({"r": 8}), TypeError,
+                      "register_fused_lora: expected a peft.LoraConfig, got dict"),
+    "register-model": (lambda: fl.peft.register_fused_lora(_peft_model()), TypeError,
+                       "register_fused_lora: expected a peft.LoraConfig"),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+def test_peft_entry_points_name_the_problem(case):
+    fn, error, match = PEFT_CASES[case]
+    with pytest.raises(error, match=match):
+        fn()
+
+
+def test_patching_a_model_without_lora_layers_warns_instead_of_silently_returning_zero():
+    with pytest.warns(UserWarning, match="patch_peft_model: Sequential has no PEFT LoRA layer"):
+        assert fl.patch_peft_model(torch.nn.Sequential(torch.nn.Linear(K, N))) == 0
+    assert fl.patch_peft_model(_peft_model()) == 1  # no warning with LoRA layers
+
+
+# The command line: each unusable argument is one line and exit status 2 (argparse's usage errors go to stderr).
+CLI_CASES = {
+    "demo-steps-zero": (["demo", "--steps", "0"], "--steps must be at least 1"),
+    "demo-steps-text": (["demo", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    "demo-lr-nan": (["demo", "--lr", "nan"], "--lr must be a positive number"),
+    "demo-device": (["demo", "--device", "gpu"], "fused-lora demo: --device 'gpu' is not a device"),
+    "demo-model-missing": (["demo", "--model", "/nonexistent/model"], "--model /nonexistent/model is not a directory"),
+    "demo-data-missing": (["demo", "--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl: no such file"),
+    "demo-output-is-a-file": (["demo", "--output", "{file}"], "exists and is not a directory"),
+    "check-device": (["check", "--device", "tpu"], "fused_lora check: --device 'tpu' is not a device"),
+    "check-backend": (["check", "--backend", "gpu"], "argument --backend: invalid choice: 'gpu'"),
+    "info-option": (["info", "--bogus"], "unrecognized arguments: --bogus"),
+    "bench-option": (["bench", "--bogus"], "unrecognized arguments: --bogus"),
+    "unknown-command": (["train"], "train"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_command_line_names_the_problem_in_one_line(case, tmp_path, capsys):
+    from fused_lora.__main__ import main
+
+    argv, message = CLI_CASES[case]
+    (tmp_path / "file").write_text("")
+    argv = [a.format(file=tmp_path / "file") for a in argv]
+    if argv[0] == "demo" and "--output" not in argv:
+        argv += ["--output", str(tmp_path / "out")]
+    try:
+        status = main(argv)
+    except SystemExit as exit_info:
+        status = exit_info.code
+    captured = capsys.readouterr()
+    assert status == 2, captured.out + captured.err
+    assert message in captured.out + captured.err
+    assert "Traceback" not in captured.out + captured.err

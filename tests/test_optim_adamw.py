@@ -126,29 +126,6 @@ def test_8bit_state_is_two_bytes_per_parameter():
     assert state_bytes == 2 * 5120 + 2 * 4 * 20
 
 
-def test_dynamic_maps_match_bitsandbytes(bnb):
-    from bitsandbytes.functional import create_dynamic_map
-
-    assert torch.equal(fo.dynamic_map(True), create_dynamic_map(signed=True))
-    assert torch.equal(fo.dynamic_map(False), create_dynamic_map(signed=False))
-
-
-@pytest.mark.parametrize("n", [37, 256, 1000, 4773])
-@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_quantize_blockwise_matches_bitsandbytes(bnb, n, signed):
-    code = fo.dynamic_map(signed)
-    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 1e-3
-    x = x if signed else x * x
-    if n >= 512:
-        x[256:512] = 0.0  # an all-zero block
-    q_ref, absmax_ref = torch.ops.bitsandbytes.quantize_blockwise(x, code, 256)
-    q, absmax = fo.quantize_blockwise(x, code)
-    assert torch.equal(absmax, absmax_ref)
-    assert torch.equal(q, q_ref)
-    back = fo.dequantize_blockwise(q, absmax, code)
-    assert torch.equal(back, torch.ops.bitsandbytes.dequantize_blockwise(q, absmax, code, 256, torch.float32))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # torch.optim semantics and argument checks
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,12 +162,12 @@ def test_parameters_without_gradient_are_untouched():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"lr": -1e-3}, "lr must be a number >= 0"),
+        ({"lr": -1e-3}, "lr must be a finite number >= 0"),
         ({"betas": (1.0, 0.999)}, r"betas must be two numbers in \[0, 1\)"),
         ({"betas": (0.9, -0.1)}, r"betas must be two numbers in \[0, 1\)"),
-        ({"eps": -1e-8}, "eps must be >= 0"),
-        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
-        ({"backend": "cuda"}, "unknown backend 'cuda'; expected one of 'auto', 'triton', 'cpu', 'reference'"),
+        ({"eps": -1e-8}, "eps must be a finite number >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
+        ({"backend": "cuda"}, "unknown backend 'cuda'; expected one of 'auto', 'triton', "),
     ],
     ids=["negative-lr", "beta1-one", "beta2-negative", "negative-eps", "negative-wd", "bad-backend"],
 )
@@ -203,9 +180,9 @@ def test_bad_arguments_raise_clear_errors(cls, kwargs, message):
 @pytest.mark.parametrize(
     "group, message",
     [
-        ({"lr": -1e-3}, "lr must be a number >= 0"),
+        ({"lr": -1e-3}, "lr must be a finite number >= 0"),
         ({"betas": (0.9, 1.5)}, r"betas must be two numbers in \[0, 1\)"),
-        ({"eps": -1.0}, "eps must be >= 0"),
+        ({"eps": -1.0}, "eps must be a finite number >= 0"),
         ({"amsgrad": True}, "amsgrad=True is not supported"),
         ({"params": [torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))]}, "parameters must be real floating"),
     ],

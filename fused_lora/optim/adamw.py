@@ -7,6 +7,8 @@ follows fused_lora.backend's rules, as for lora_linear.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from itertools import chain
 
 import torch
@@ -41,6 +43,11 @@ class _Work:
         return self.param.device
 
 
+def _is_real(value) -> bool:
+    """A real Python or NumPy number (bools and strings are not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 class _AdamWBase(torch.optim.Optimizer):
     """Shared machinery of the three optimizers: argument checks, state layout, chunked fused updates, paging."""
 
@@ -70,8 +77,17 @@ class _AdamWBase(torch.optim.Optimizer):
             backend = validate_backend_name(backend)
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
-        if chunk_bytes <= 0:
-            raise ValueError(f"{name}: chunk_bytes must be > 0, got {chunk_bytes}")
+        if params is None or isinstance(params, torch.Tensor):
+            raise TypeError(
+                f"{name}: params must be an iterable of parameters or parameter groups (e.g. model.parameters()), "
+                f"got {type(params).__name__}"
+            )
+        for option, value, least in (("chunk_bytes", chunk_bytes, 1), ("min_8bit_size", min_8bit_size, 0),
+                                     ("page_min_bytes", page_min_bytes, 0), ("gpu_budget_bytes", gpu_budget_bytes, 0)):
+            if option == "gpu_budget_bytes" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"{name}: {option} must be an integer >= {least}, got {value!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
         super().__init__(params, defaults)  # checks every group through add_param_group
         self.min_8bit_size = min_8bit_size
@@ -87,16 +103,14 @@ class _AdamWBase(torch.optim.Optimizer):
         """Raise ValueError naming the problem when a group's hyperparameters or parameters are not supported."""
         name = type(self).__name__
         lr, betas = group["lr"], group["betas"]
-        if isinstance(lr, torch.Tensor):
+        if isinstance(lr, torch.Tensor) and lr.numel() == 1:
             lr = float(lr)
-        if not (isinstance(lr, (int, float)) and lr >= 0.0):
-            raise ValueError(f"{name}: lr must be a number >= 0, got {lr}")
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {betas}")
-        if not group["eps"] >= 0.0:
-            raise ValueError(f"{name}: eps must be >= 0, got {group['eps']}")
-        if not group["weight_decay"] >= 0.0:
-            raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']}")
+        for option, value in (("lr", lr), ("eps", group["eps"]), ("weight_decay", group["weight_decay"])):
+            if not (_is_real(value) and math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"{name}: {option} must be a finite number >= 0, got {value!r}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_real(b) and 0.0 <= b < 1.0
+                                                                              for b in betas):  # fmt: skip
+            raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {betas!r}")
         for flag in ("amsgrad", "maximize"):
             if group.get(flag, False):
                 raise ValueError(f"{name}: {flag}=True is not supported; use torch.optim.AdamW for it")
@@ -116,8 +130,8 @@ class _AdamWBase(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            group["betas"] = tuple(group["betas"])
             self._check_group(group)
+            group["betas"] = tuple(group["betas"])
         except Exception:
             self.param_groups.pop()
             raise
@@ -268,6 +282,9 @@ class _AdamWBase(torch.optim.Optimizer):
     def step(self, closure=None):
         """One AdamW step over every parameter that has a gradient; returns closure's loss when given."""
         loss = None
+        if closure is not None and not callable(closure):
+            raise TypeError(f"{type(self).__name__}.step: closure must be callable (returning the loss), got "
+                            f"{type(closure).__name__}")  # fmt: skip
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
