@@ -14,7 +14,6 @@ Example::
 
 from __future__ import annotations
 
-import importlib
 
 BUILD_COMMAND_HINT = (
     "build it with `pip install --no-build-isolation -e .` from the fused-lora checkout (a C++ compiler is "
@@ -45,7 +44,9 @@ def load():
     global _module
     if _module is None:
         try:
-            _module = importlib.import_module("fused_lora._C")
+            # an import statement, not importlib.import_module: torch.compile traces it (backend "auto" on the CPU
+            # asks whether the extension is there while a model is being compiled)
+            import fused_lora._C as _module
         except ImportError as error:
             _module = MissingExtension(f"{type(error).__name__}: {error}")
     return _module

@@ -1,4 +1,4 @@
-"""``lora_linear`` and ``frozen_linear``: input checks, backend dispatch and the autograd functions.
+"""``lora_linear`` and ``frozen_linear``: input checks, backend dispatch and the custom ops (with their autograd).
 
     lora_linear:    y = x·Wᵀ + b + s·((m⊙x)·Aᵀ)·Bᵀ   (symbols and backward formulas: fused_lora/reference.py)
     frozen_linear:  y = x·Wᵀ + b                     (the frozen layer alone: dx = g·W, db = Σ_M g, no dW)
@@ -197,65 +197,193 @@ def _refuse_double_backward(caller: str) -> None:
         )
 
 
-class _LoraLinearFunction(torch.autograd.Function):
-    """Autograd over a backend's forward/backward. Only x, A, B, u (and a dense W) are saved; the dropout mask
-    is regenerated from ``seed`` in backward; the NF4 weight is frozen and never receives a gradient.
-    Not twice differentiable: u is saved without a graph and the kernels have no derivatives, so a second derivative
-    would be silently incomplete; backward with create_graph=True raises instead."""
-
-    @staticmethod
-    def forward(ctx, x2d, dense_weight, lora_A, lora_B, bias, nf4_weight, scaling, dropout_p, seed, backend):
-        weight = nf4_weight if nf4_weight is not None else dense_weight
-        y, u = _implementation(backend).forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
-        ctx.save_for_backward(x2d, dense_weight, lora_A, lora_B, u)
-        ctx.nf4_weight = nf4_weight
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.hyper = (scaling, dropout_p, seed, backend)
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        _refuse_double_backward("lora_linear")
-        x2d, dense_weight, lora_A, lora_B, u = ctx.saved_tensors
-        scaling, dropout_p, seed, backend = ctx.hyper
-        weight = ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight
-        need_dx, _, need_dA, need_dB, need_db = ctx.needs_input_grad[:5]
-        with _autocast_off(g.device):
-            dx, dA, dB, db = _implementation(backend).backward(
-                g.contiguous(), x2d, weight, lora_A, lora_B, scaling, dropout_p, seed, u,
-                need_dx, need_dA, need_dB, need_db,
-            )
-        if db is not None:
-            db = db.to(ctx.bias_dtype)
-        return dx, None, dA, dB, db, None, None, None, None, None
+# ---------------------------------------------------------------------------------------------------------------
+# The layer functions as torch.library custom ops: torch.compile (Dynamo, AOTAutograd, Inductor) sees each forward and
+# backward as one opaque op with a fake (meta) implementation and a registered autograd formula, so a compiled model
+# has no graph break here. The ops take the frozen W as plain tensors and ints (a dense W, or an NF4 weight's packed
+# bytes, absmax, code, nested absmax and code, offset, blocksize, nested blocksize, shape and original dtype; no
+# Python object crosses the op boundary) and the dropout seed as a 1-element int64 CPU tensor drawn by torch.randint
+# (None without dropout), so nothing calls .item() or builds a Generator in a traced region. Their bodies dispatch to
+# ``_implementation(backend)`` ("reference", "triton", "cpu"). Not twice differentiable (see
+# ``_refuse_double_backward``): u is saved without a graph and the kernels have no derivatives.
 
 
-class _FrozenLinearFunction(torch.autograd.Function):
-    """Autograd over a backend's frozen_forward/frozen_backward. Only a dense W is saved (x is not needed: dx = g·W
-    and db = Σ_M g); the NF4 weight is frozen and never receives a gradient. Not twice differentiable, like
-    ``_LoraLinearFunction``."""
+def _weight_args(weight) -> tuple:
+    """W as the ops take it: (dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize,
+    nested_blocksize, shape, nf4_dtype); a dense W fills ``dense`` and its shape only."""
+    if _is_nf4(weight):
+        return (None, weight.packed, weight.absmax, weight.code, weight.nested_absmax, weight.nested_code,
+                weight.offset, weight.blocksize, weight.nested_blocksize, list(weight.shape), weight.dtype)
+    return (weight, None, None, None, None, None, None, 0, 0, list(weight.shape), weight.dtype)
 
-    @staticmethod
-    def forward(ctx, x2d, dense_weight, bias, nf4_weight, backend):
-        weight = nf4_weight if nf4_weight is not None else dense_weight
-        y = _implementation(backend).frozen_forward(x2d, weight, bias)
-        ctx.save_for_backward(dense_weight)
-        ctx.nf4_weight = nf4_weight
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.backend = backend
-        return y
 
-    @staticmethod
-    def backward(ctx, g):
-        _refuse_double_backward("frozen_linear")
-        (dense_weight,) = ctx.saved_tensors
-        weight = ctx.nf4_weight if ctx.nf4_weight is not None else dense_weight
-        need_dx, _, need_db = ctx.needs_input_grad[:3]
-        with _autocast_off(g.device):
-            dx, db = _implementation(ctx.backend).frozen_backward(g.contiguous(), weight, need_dx, need_db)
-        if db is not None:
-            db = db.to(ctx.bias_dtype)
-        return dx, None, db, None, None
+def _weight_of(dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
+               nf4_dtype):
+    """The inverse of ``_weight_args``: the dense tensor, or an NF4Weight over the same tensors."""
+    if packed is None:
+        return dense
+    return NF4Weight(packed, shape, nf4_dtype, blocksize, code, absmax, offset, nested_absmax, nested_code,
+                     nested_blocksize)
+
+
+def _seed_value(seed: torch.Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+def _lowrank_dtype(x2d: torch.Tensor) -> torch.dtype:
+    """u's dtype on every backend: fp32, fp64 for fp64 x (adapters beside fp64 x are fp64)."""
+    return torch.float64 if x2d.dtype == torch.float64 else torch.float32
+
+
+def _grad_or_empty(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A gradient the op returns: ``t``, or an empty tensor when it was not asked for (ops return no None)."""
+    return t if t is not None else like.new_empty(0, dtype=dtype or like.dtype)
+
+
+@torch.library.custom_op("fused_lora::lora_linear", mutates_args=())
+def _lora_op(
+    x2d: torch.Tensor, dense: torch.Tensor | None, packed: torch.Tensor | None, absmax: torch.Tensor | None,
+    code: torch.Tensor | None, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None, blocksize: int, nested_blocksize: int, shape: list[int], nf4_dtype: torch.dtype,
+    lora_A: torch.Tensor, lora_B: torch.Tensor, bias: torch.Tensor | None, seed: torch.Tensor | None,
+    scaling: float, dropout_p: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, u) of lora_linear on a 2-D x; u = (m⊙x)·Aᵀ is saved for the backward op."""
+    weight = _weight_of(dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                        shape, nf4_dtype)
+    with _autocast_off(x2d.device):
+        y, u = _implementation(backend).forward(x2d, weight, lora_A, lora_B, scaling, bias, dropout_p,
+                                                _seed_value(seed))
+    return y.to(x2d.dtype), u.to(_lowrank_dtype(x2d))  # the dtypes the fake implementation promises
+
+
+@_lora_op.register_fake
+def _(x2d, dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
+      nf4_dtype, lora_A, lora_B, bias, seed, scaling, dropout_p, backend):
+    return x2d.new_empty(x2d.shape[0], shape[0]), x2d.new_empty(x2d.shape[0], lora_A.shape[0],
+                                                                 dtype=_lowrank_dtype(x2d))
+
+
+@torch.library.custom_op("fused_lora::lora_linear_backward", mutates_args=())
+def _lora_backward_op(
+    g: torch.Tensor, x2d: torch.Tensor, dense: torch.Tensor | None, packed: torch.Tensor | None,
+    absmax: torch.Tensor | None, code: torch.Tensor | None, nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int, nested_blocksize: int,
+    shape: list[int], nf4_dtype: torch.dtype, lora_A: torch.Tensor, lora_B: torch.Tensor, u: torch.Tensor,
+    seed: torch.Tensor | None, scaling: float, dropout_p: float, backend: str,
+    need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB, db) of lora_linear; a gradient not asked for is an empty tensor; db in at least fp32."""
+    weight = _weight_of(dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                        shape, nf4_dtype)
+    with _autocast_off(g.device):
+        dx, dA, dB, db = _implementation(backend).backward(
+            g.contiguous(), x2d, weight, lora_A, lora_B, scaling, dropout_p, _seed_value(seed), u,
+            need_dx, need_dA, need_dB, need_db,
+        )
+    db_dtype = torch.promote_types(g.dtype, torch.float32)
+    dx, dA, dB = (None if t is None else t.to(like.dtype) for t, like in ((dx, x2d), (dA, lora_A), (dB, lora_B)))
+    return (_grad_or_empty(dx, x2d), _grad_or_empty(dA, lora_A), _grad_or_empty(dB, lora_B),
+            _grad_or_empty(None if db is None else db.to(db_dtype), g, db_dtype))
+
+
+@_lora_backward_op.register_fake
+def _(g, x2d, dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
+      nf4_dtype, lora_A, lora_B, u, seed, scaling, dropout_p, backend, need_dx, need_dA, need_dB, need_db):
+    db_dtype = torch.promote_types(g.dtype, torch.float32)
+    return (torch.empty_like(x2d) if need_dx else x2d.new_empty(0), torch.empty_like(lora_A) if need_dA else
+            lora_A.new_empty(0), torch.empty_like(lora_B) if need_dB else lora_B.new_empty(0),
+            g.new_empty(shape[0] if need_db else 0, dtype=db_dtype))
+
+
+_N_WEIGHT_ARGS = 11  # the tensors and ints of _weight_args
+
+
+def _lora_setup_context(ctx, inputs, output):
+    x2d, *weight, lora_A, lora_B, bias, seed, scaling, dropout_p, backend = inputs
+    ctx.save_for_backward(x2d, *weight[:7], lora_A, lora_B, output[1], seed)
+    ctx.weight_ints = weight[7:]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.hyper = (scaling, dropout_p, backend)
+
+
+def _lora_backward(ctx, g, _grad_u):
+    _refuse_double_backward("lora_linear")
+    x2d, *weight_tensors, lora_A, lora_B, u, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dx, need_dA, need_dB = need[0], need[1 + _N_WEIGHT_ARGS], need[2 + _N_WEIGHT_ARGS]
+    need_db = need[3 + _N_WEIGHT_ARGS]
+    dx, dA, dB, db = _lora_backward_op(g, x2d, *weight_tensors, *ctx.weight_ints, lora_A, lora_B, u, seed,
+                                       *ctx.hyper, need_dx, need_dA, need_dB, need_db)
+    grads = (dx if need_dx else None, dA if need_dA else None, dB if need_dB else None,
+             db.to(ctx.bias_dtype) if need_db else None)
+    return grads[0], *([None] * _N_WEIGHT_ARGS), grads[1], grads[2], grads[3], None, None, None, None
+
+
+_lora_op.register_autograd(_lora_backward, setup_context=_lora_setup_context)
+
+
+@torch.library.custom_op("fused_lora::frozen_linear", mutates_args=())
+def _frozen_op(
+    x2d: torch.Tensor, dense: torch.Tensor | None, packed: torch.Tensor | None, absmax: torch.Tensor | None,
+    code: torch.Tensor | None, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None, blocksize: int, nested_blocksize: int, shape: list[int], nf4_dtype: torch.dtype,
+    bias: torch.Tensor | None, backend: str,
+) -> torch.Tensor:
+    """y = x·Wᵀ + b on a 2-D x."""
+    weight = _weight_of(dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                        shape, nf4_dtype)
+    with _autocast_off(x2d.device):
+        return _implementation(backend).frozen_forward(x2d, weight, bias).to(x2d.dtype)
+
+
+@_frozen_op.register_fake
+def _(x2d, dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
+      nf4_dtype, bias, backend):
+    return x2d.new_empty(x2d.shape[0], shape[0])
+
+
+@torch.library.custom_op("fused_lora::frozen_linear_backward", mutates_args=())
+def _frozen_backward_op(
+    g: torch.Tensor, dense: torch.Tensor | None, packed: torch.Tensor | None, absmax: torch.Tensor | None,
+    code: torch.Tensor | None, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None, blocksize: int, nested_blocksize: int, shape: list[int], nf4_dtype: torch.dtype,
+    backend: str, need_dx: bool, need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, db) of frozen_linear; a gradient not asked for is an empty tensor; db in at least fp32."""
+    weight = _weight_of(dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
+                        shape, nf4_dtype)
+    with _autocast_off(g.device):
+        dx, db = _implementation(backend).frozen_backward(g.contiguous(), weight, need_dx, need_db)
+    db_dtype = torch.promote_types(g.dtype, torch.float32)
+    dx = None if dx is None else dx.to(g.dtype)
+    return _grad_or_empty(dx, g), _grad_or_empty(None if db is None else db.to(db_dtype), g, db_dtype)
+
+
+@_frozen_backward_op.register_fake
+def _(g, dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
+      nf4_dtype, backend, need_dx, need_db):
+    db_dtype = torch.promote_types(g.dtype, torch.float32)
+    return (g.new_empty(g.shape[0], shape[1]) if need_dx else g.new_empty(0),
+            g.new_empty(shape[0] if need_db else 0, dtype=db_dtype))
+
+
+def _frozen_setup_context(ctx, inputs, output):
+    x2d, *weight, bias, backend = inputs
+    ctx.save_for_backward(*weight[:7])
+    ctx.weight_ints = weight[7:]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.backend = backend
+
+
+def _frozen_backward(ctx, g):
+    _refuse_double_backward("frozen_linear")
+    need_dx, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1 + _N_WEIGHT_ARGS]
+    dx, db = _frozen_backward_op(g, *ctx.saved_tensors, *ctx.weight_ints, ctx.backend, need_dx, need_db)
+    return dx if need_dx else None, *([None] * _N_WEIGHT_ARGS), db.to(ctx.bias_dtype) if need_db else None, None
+
+
+_frozen_op.register_autograd(_frozen_backward, setup_context=_frozen_setup_context)
 
 
 def _autocast_off(device: torch.device):
@@ -318,15 +446,13 @@ def lora_linear(
     """
     _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)
     dropout_p = float(dropout_p) if training else 0.0
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
+    # the seed stays a tensor (torch's CPU generator, which checkpointing restores); the op reads it
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64) if dropout_p > 0.0 else None
     leading, in_features = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, in_features)
     chosen = _choose_backend(backend, x2d, weight, lora_A, lora_B, bias, dropout_p)
-    nf4_weight, dense_weight = (weight, None) if _is_nf4(weight) else (None, weight)
     with _autocast_off(x2d.device):
-        y = _LoraLinearFunction.apply(
-            x2d, dense_weight, lora_A, lora_B, bias, nf4_weight, float(scaling), dropout_p, seed, chosen
-        )
+        y, _ = _lora_op(x2d, *_weight_args(weight), lora_A, lora_B, bias, seed, float(scaling), dropout_p, chosen)
     return y.reshape(*leading, y.shape[-1])
 
 
@@ -362,7 +488,6 @@ def frozen_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, bac
     leading = x.shape[:-1]
     x2d = x.reshape(-1, in_features)
     chosen = _choose_backend(backend, x2d, weight, None, None, bias, 0.0, caller)
-    nf4_weight, dense_weight = (weight, None) if _is_nf4(weight) else (None, weight)
     with _autocast_off(x2d.device):
-        y = _FrozenLinearFunction.apply(x2d, dense_weight, bias, nf4_weight, chosen)
+        y = _frozen_op(x2d, *_weight_args(weight), bias, chosen)
     return y.reshape(*leading, out_features)

@@ -20,12 +20,12 @@ VOCAB = 128
 N_LINEAR = 2 * 7  # q, k, v, o, gate, up, down per layer
 
 
-def save_tiny_llama(path) -> str:
+def save_tiny_llama(path, num_hidden_layers=2) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
+                         num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)

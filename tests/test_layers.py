@@ -17,7 +17,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "fused_lora"
 # new module must be given a place). Prefixes name subpackages.
 LAYERS = [
     ["fused_lora._common"],
-    ["fused_lora.backend", "fused_lora._ext", "fused_lora.testing"],
+    ["fused_lora.backend", "fused_lora._ext", "fused_lora._C", "fused_lora.testing"],  # _C: the compiled extension
     ["fused_lora.kernels"],
     ["fused_lora.reference", "fused_lora.codec", "fused_lora.cpu", "fused_lora.bnb_compat"],
     ["fused_lora.nf4"],

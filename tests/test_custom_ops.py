@@ -1,0 +1,158 @@
+"""lora_linear and frozen_linear as torch.library custom ops (fused_lora::lora_linear, ::lora_linear_backward,
+::frozen_linear, ::frozen_linear_backward), and torch.compile over them.
+
+* torch.library.opcheck of every op (schema, autograd registration, fake tensors, AOT dispatch with dynamic shapes)
+  on every backend the machine runs: the reference, "cpu" (when the extension has its kernels) and the Triton kernels
+  (under TRITON_INTERPRET=1 on the CPU), with an NF4 weight (dropout, bias) and a dense one;
+* torch.compile(fullgraph=True) of a patched 4-bit PEFT Llama with LoRA dropout: no graph break (before the ops:
+  45 with lora_dropout=0.05, from Tensor.item() on the dropout seed, the opaque NF4 object made inside the autograd
+  Function and torch.Generator.manual_seed), and the compiled loss and LoRA gradients equal eager's bit for bit
+  (aot_eager: the dropout seeds come from the same torch.randint calls in the same order);
+* FusedLoraLinear compiled with fullgraph=True matches eager, and second derivatives still raise.
+"""
+
+import pytest
+import torch
+from _peft_helpers import batch, fused_layers, load_qlora_base, lora_grads, make_peft, save_tiny_llama
+
+import fused_lora as fl
+from fused_lora import functional
+from fused_lora.backend import cpu_kernels_error
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+OPS = ("lora_linear", "lora_linear_backward", "frozen_linear", "frozen_linear_backward")
+
+
+def _backends():
+    out = ["reference", "triton"]
+    if cpu_kernels_error() is None:
+        out.append("cpu")
+    return out
+
+
+def op_cases(backend: str, kind: str) -> dict:
+    """Arguments of each op for one small case: M=7 (3-D input flattened), K=64, N=48, r=4, fp32."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 64, requires_grad=True)
+    dense = torch.randn(48, 64) / 8
+    weight = fl.quantize_nf4(dense, blocksize=64, double_quant=True) if kind == "nf4" else dense
+    A = torch.randn(4, 64, requires_grad=True)
+    B = torch.randn(48, 4, requires_grad=True)
+    bias = torch.randn(48, requires_grad=True) if kind == "nf4" else None
+    seed, p = (torch.tensor([1234]), 0.25) if kind == "nf4" else (None, 0.0)
+    w = functional._weight_args(weight)
+    y, u = torch.ops.fused_lora.lora_linear(x, *w, A, B, bias, seed, 2.0, p, backend)
+    g = torch.randn_like(y)
+    return {
+        "lora_linear": (x, *w, A, B, bias, seed, 2.0, p, backend),
+        "lora_linear_backward": (g, x.detach(), *w, A.detach(), B.detach(), u.detach(), seed, 2.0, p, backend,
+                                 True, True, True, bias is not None),
+        "frozen_linear": (x, *w, bias, backend),
+        "frozen_linear_backward": (g, *w, backend, True, bias is not None),
+    }
+
+
+# opcheck's AOT test compiles each op (seconds per op on a busy 2-core machine): it runs once per op and weight kind,
+# on the reference; the other backends get the schema, autograd-registration and fake-tensor tests (the fake
+# implementation is shared, so what differs per backend is whether the real outputs match it).
+FAST_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+@pytest.mark.parametrize("kind", ["nf4", "dense"])
+@pytest.mark.parametrize("backend", _backends())
+def test_opcheck_every_op(backend, kind, interpret_triton):
+    cases = op_cases(backend, kind)
+    assert set(cases) == set(OPS)
+    utils = torch.library._OPCHECK_DEFAULT_UTILS if backend == "reference" else FAST_UTILS
+    for name in OPS:
+        result = torch.library.opcheck(getattr(torch.ops.fused_lora, name).default, cases[name], test_utils=utils)
+        assert set(result) == set(utils) and set(result.values()) == {"SUCCESS"}, (name, result)
+
+
+def test_ops_give_lora_linears_results(interpret_triton):
+    """The op is what lora_linear runs: its y and the autograd gradients equal the reference formulas."""
+    from fused_lora import reference
+
+    x, *rest = op_cases("reference", "nf4")["lora_linear"]
+    w, (A, B, bias, seed, s, p, _) = rest[:11], rest[11:]
+    y, u = torch.ops.fused_lora.lora_linear(x, *w, A, B, bias, seed, s, p, "reference")
+    m = reference.dropout_mask(x.shape, p, int(seed), "cpu")
+    W = functional._weight_of(*w).dequantize(torch.float32)
+    expected = reference.lora_linear_naive(x, W, A, B, s, bias, m)
+    torch.testing.assert_close(y, expected.detach(), rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad(y.sum(), (x, A, B, bias))
+    for got, want in zip(grads, torch.autograd.grad(expected.sum(), (x, A, B, bias))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_layer_llama(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama_compile"), num_hidden_layers=1)
+
+
+def test_compiled_qlora_peft_llama_with_dropout_has_no_graph_break_and_eager_numbers(one_layer_llama):
+    model = make_peft(load_qlora_base(one_layer_llama), lora_dropout=0.05)
+    assert fl.patch_peft_model(model) == 7
+    inputs = batch(seed=4)
+
+    graphs = []
+
+    def counting_aot_eager(graph_module, example_inputs):  # fullgraph=True already fails on any graph break
+        graphs.append(graph_module)
+        return torch._dynamo.backends.debugging.aot_eager(graph_module, example_inputs)
+
+    def step(m, seed):
+        torch.manual_seed(seed)
+        model.zero_grad(set_to_none=True)
+        loss = m(**inputs).loss
+        loss.backward()
+        return loss.detach(), lora_grads(model)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counting_aot_eager, fullgraph=True)
+    for seed in (0, 1):
+        compiled_loss, compiled_grads = step(compiled, seed)
+        eager_loss, eager_grads = step(model, seed)
+        assert compiled_loss == eager_loss
+        assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) == 14
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, rtol=0, atol=0)
+    assert len(graphs) == 1, "one graph, compiled once for both seeds"
+    assert step(model, 0)[0] != step(model, 1)[0], "dropout is active: another seed, another loss"
+    assert len(fused_layers(model)) == 7
+
+
+@pytest.mark.parametrize("quant", ["nf4", None])
+def test_compiled_fused_lora_linear_matches_eager(quant):
+    torch.manual_seed(0)
+    layer = fl.FusedLoraLinear(64, 48, r=4, lora_alpha=8, lora_dropout=0.1, quant=quant, bias=True,
+                               compute_dtype=torch.float32)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 64)
+    results = []
+    torch._dynamo.reset()
+    for module in (torch.compile(layer, backend="aot_eager", fullgraph=True), layer):
+        torch.manual_seed(7)
+        xi = x.clone().requires_grad_(True)
+        y = module(xi)
+        grads = torch.autograd.grad(y.square().sum(), (xi, layer.lora_A, layer.lora_B))
+        results.append((y.detach(), *grads))
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    with layer.disable_adapter():
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), layer(x),
+                                   rtol=0, atol=0)
+
+
+def test_second_derivatives_still_raise():
+    W = fl.quantize_nf4(torch.randn(48, 64))
+    x = torch.randn(3, 64, requires_grad=True)
+    A, B = torch.randn(4, 64, requires_grad=True), torch.randn(48, 4, requires_grad=True)
+    y = functional.lora_linear(x, W, A, B, 2.0, backend="reference")
+    with pytest.raises(RuntimeError, match="lora_linear: second derivatives are not supported"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+    y = functional.frozen_linear(x, W, backend="reference")
+    with pytest.raises(RuntimeError, match="frozen_linear: second derivatives are not supported"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
