@@ -73,6 +73,7 @@ CASES = [
     (29, 96, 50, 5, torch.float32, "nf4", torch.float32, True, 0.1, "sliced", 32),
     (17, 64, 40, 16, torch.float16, "dense", torch.float16, True, 0.3, "contiguous", 64),
     (7, 70, 33, 3, torch.float32, "dense", torch.float32, False, 0.0, "3d", 64),
+    (5, 128, 40, 100, torch.float32, "nf4", torch.float32, True, 0.2, "contiguous", 32),  # two chunks of 64 ranks
 ]
 
 

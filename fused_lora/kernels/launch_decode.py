@@ -61,7 +61,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
         y_part.stride(0), y_part.stride(1), *(u_part.stride()[:2] if has_lora else (0, 0)),
         **dropout_args(dropout_p, seed),
         IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup, HAS_LORA=has_lora, DROPOUT=dropout_p > 0.0, **precisions,
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         **common.compile_options(weight),
     )  # fmt: skip
     u = torch.empty((M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
@@ -73,7 +73,8 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
         M, N, r, splits, y_part.stride(0), y_part.stride(1), *(u_part.stride()[:2] if has_lora else (0, 0)),
         *strides(B), y.stride(0), y.stride(1), u.stride(0) if has_lora else 0, float(scaling),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"],
-        LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"], R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=epilogue_n,
+        LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"], R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m,
+        BLOCK_N=epilogue_n,
         num_warps=4,
     )  # fmt: skip
     return u
@@ -112,6 +113,6 @@ def dx(g, weight, dx_out, precisions, x2d=None, A=None, v=None, need_dA=False, s
         **dropout_args(dropout_p, seed),
         NEED_DX=dx_out is not None, NEED_DA=need_dA, HAS_LORA=has_lora, DROPOUT=dropout_p > 0.0,
         LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_K=epilogue_k, num_warps=4,
+        R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m, BLOCK_K=epilogue_k, num_warps=4,
     )  # fmt: skip
     return dA32

@@ -60,6 +60,7 @@ def lora_decode_fwd_kernel(
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
     R_PAD: tl.constexpr,
+    R_CHUNK: tl.constexpr,  # ranks per low-rank dot (min(R_PAD, 64))
     BLOCK_M: tl.constexpr,  # ≥ M
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -89,20 +90,22 @@ def lora_decode_fwd_kernel(
     tl.store(y_ptrs, acc, mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
 
     if HAS_LORA:
-        if pid_n == 0:
-            offs_r = tl.arange(0, R_PAD)
-            u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-            for k0 in range(k_start, k_end, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=in_range, other=0.0)
-                if DROPOUT:
-                    x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, k0, K, p, keep_scale, BLOCK_K)
-                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
-                a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
-                u = tl.dot(x.to(LOWRANK_DTYPE), tl.trans(a.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
-            u_ptrs = u_ptr + split * stride_us + offs_m[:, None] * stride_um + offs_r[None, :]
-            tl.store(u_ptrs, u, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+        if pid_n == 0:  # u_part[split], R_CHUNK ranks and U_BLOCK_K columns at a time (small tiles of A at any r)
+            U_BLOCK_K: tl.constexpr = BLOCK_K if BLOCK_K < 64 else 64
+            for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+                offs_r = r0 + tl.arange(0, R_CHUNK)
+                u = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
+                for k0 in range(k_start, k_end, U_BLOCK_K):
+                    offs_k = k0 + tl.arange(0, U_BLOCK_K)
+                    in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+                    x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=in_range, other=0.0)
+                    if DROPOUT:
+                        x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, k0, K, p, keep_scale, U_BLOCK_K)
+                    a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+                    a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+                    u = tl.dot(x.to(LOWRANK_DTYPE), tl.trans(a.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
+                u_ptrs = u_ptr + split * stride_us + offs_m[:, None] * stride_um + offs_r[None, :]
+                tl.store(u_ptrs, u, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
 @triton.jit
@@ -132,6 +135,7 @@ def lora_decode_fwd_epilogue_kernel(
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
     R_PAD: tl.constexpr,
+    R_CHUNK: tl.constexpr,  # ranks per low-rank dot (min(R_PAD, 64))
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -145,16 +149,19 @@ def lora_decode_fwd_epilogue_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
-        offs_r = tl.arange(0, R_PAD)
-        u_in = (offs_m[:, None] < M) & (offs_r[None, :] < R)
-        u = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-        for s in range(0, S):
-            u += tl.load(u_part_ptr + s * stride_qs + offs_m[:, None] * stride_qm + offs_r[None, :], mask=u_in, other=0.0)
-        if tl.program_id(0) == 0:
-            tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], u, mask=u_in)
-        bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
-        bt = tl.load(bt_ptrs, mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
-        lowrank = tl.dot(u.to(LOWRANK_DTYPE), bt.to(LOWRANK_DTYPE), input_precision=LOWRANK_PRECISION)
+        lowrank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+            offs_r = r0 + tl.arange(0, R_CHUNK)
+            u_in = (offs_m[:, None] < M) & (offs_r[None, :] < R)
+            u = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
+            for s in range(0, S):
+                u_ptrs = u_part_ptr + s * stride_qs + offs_m[:, None] * stride_qm + offs_r[None, :]
+                u += tl.load(u_ptrs, mask=u_in, other=0.0)
+            if tl.program_id(0) == 0:
+                tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], u, mask=u_in)
+            bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
+            bt = tl.load(bt_ptrs, mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+            lowrank = tl.dot(u.to(LOWRANK_DTYPE), bt.to(LOWRANK_DTYPE), lowrank, input_precision=LOWRANK_PRECISION)
         acc += scaling * lowrank
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=tile_in)
 
@@ -243,6 +250,7 @@ def lora_decode_dx_epilogue_kernel(
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
     R_PAD: tl.constexpr,
+    R_CHUNK: tl.constexpr,  # ranks per low-rank dot (min(R_PAD, 64))
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -256,25 +264,31 @@ def lora_decode_dx_epilogue_kernel(
         for s in range(0, S):
             acc += tl.load(dx_part_ptr + s * stride_ps + offs_m[:, None] * stride_pm + offs_k[None, :], mask=tile_in, other=0.0)
     if HAS_LORA:
-        offs_r = tl.arange(0, R_PAD)
-        v_ptrs = v_ptr + offs_m[:, None] * stride_vm + offs_r[None, :] * stride_vr
-        v = tl.load(v_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0).to(LOWRANK_DTYPE)
         if DROPOUT:
             m = dropout_mask_tile(seed, offs_m, tl.program_id(0) * BLOCK_K, K, p, keep_scale, BLOCK_K)
-        if NEED_DX:
-            a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
-            a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
-            lowrank = scaling * tl.dot(v, a.to(LOWRANK_DTYPE), input_precision=LOWRANK_PRECISION)
-            if DROPOUT:
-                lowrank = lowrank * m
-            acc += lowrank
         if NEED_DA:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=tile_in, other=0.0)
             if DROPOUT:
                 x = x.to(tl.float32) * m
-            da = tl.dot(tl.trans(v), x.to(LOWRANK_DTYPE), input_precision=LOWRANK_PRECISION)
-            da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
-            tl.store(da_ptrs, scaling * da, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+            x = x.to(LOWRANK_DTYPE)
+        lowrank = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+            offs_r = r0 + tl.arange(0, R_CHUNK)
+            v_ptrs = v_ptr + offs_m[:, None] * stride_vm + offs_r[None, :] * stride_vr
+            v = tl.load(v_ptrs, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0).to(LOWRANK_DTYPE)
+            if NEED_DX:
+                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+                a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+                lowrank = tl.dot(v, a.to(LOWRANK_DTYPE), lowrank, input_precision=LOWRANK_PRECISION)
+            if NEED_DA:
+                da = tl.dot(tl.trans(v), x, input_precision=LOWRANK_PRECISION)
+                da_ptrs = da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak
+                tl.store(da_ptrs, scaling * da, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+        if NEED_DX:
+            lowrank = scaling * lowrank
+            if DROPOUT:
+                lowrank = lowrank * m
+            acc += lowrank
     if NEED_DX:
         dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=tile_in)
