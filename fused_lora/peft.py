@@ -439,7 +439,9 @@ def apply_fused_lora(model: nn.Module | None = None) -> int:
     create = LoraModel._create_new_module
     if not hasattr(create, "fused_lora_original"):
         LoraModel._create_new_module = staticmethod(_fuse_created_module(create))
-    return patch_peft_model(model) if model is not None else 0
+    if model is None or not any(hasattr(module, "lora_A") for module in model.modules()):
+        return 0  # e.g. a base model that get_peft_model or a trainer wraps later: its LoRA layers come out fused
+    return patch_peft_model(model)
 
 
 def unapply_fused_lora(model: nn.Module | None = None) -> int:

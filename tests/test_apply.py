@@ -43,6 +43,13 @@ def test_apply_fused_lora_fuses_every_lora_layer_built_afterwards(tiny_dir, tmp_
     finally:
         assert fl.peft.unapply_fused_lora(plain) == N_LINEAR
     assert not fused_layers(make_peft(load_qlora_base(tiny_dir))), "PEFT builds its own layers again"
+    base = load_qlora_base(tiny_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a base model is fine: its LoRA layers are fused when PEFT builds them
+        try:
+            assert fl.apply_fused_lora(base) == 0
+        finally:
+            fl.peft.unapply_fused_lora()
     with pytest.raises(TypeError, match="apply_fused_lora: expected a PEFT model"):
         fl.apply_fused_lora("model")
 
