@@ -276,19 +276,22 @@ FUSED_LORA_AVX2 void mt_twist_avx2(uint32_t* mt) {
 FUSED_LORA_AVX2 void mt_keep_avx2(const uint32_t* mt, int count, uint32_t threshold, uint8_t* keep) {
   const __m256i low24 = _mm256_set1_epi32(0xFFFFFF);
   const __m256i below = _mm256_set1_epi32(static_cast<int>(threshold) - 1);  // k >= threshold <=> k > threshold-1
+  const __m256i temper_b = _mm256_set1_epi32(static_cast<int>(0x9D2C5680u));
+  const __m256i temper_c = _mm256_set1_epi32(static_cast<int>(0xEFC60000u));
   int j = 0;
   for (; j + 32 <= count; j += 32) {
     __m256i kept[4];
     for (int q = 0; q < 4; ++q) {
       __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(mt + j + 8 * q));
       y = _mm256_xor_si256(y, _mm256_srli_epi32(y, 11));
-      y = _mm256_xor_si256(y, _mm256_and_si256(_mm256_slli_epi32(y, 7), _mm256_set1_epi32(static_cast<int>(0x9D2C5680u))));
-      y = _mm256_xor_si256(y, _mm256_and_si256(_mm256_slli_epi32(y, 15), _mm256_set1_epi32(static_cast<int>(0xEFC60000u))));
+      y = _mm256_xor_si256(y, _mm256_and_si256(_mm256_slli_epi32(y, 7), temper_b));
+      y = _mm256_xor_si256(y, _mm256_and_si256(_mm256_slli_epi32(y, 15), temper_c));
       y = _mm256_xor_si256(y, _mm256_srli_epi32(y, 18));
       kept[q] = _mm256_cmpgt_epi32(_mm256_and_si256(y, low24), below);  // 0 or -1 per word
     }
     // 4 × 8 words of 0/-1 -> 32 bytes of 0/1 in order (the packs interleave 128-bit lanes; the permute undoes it)
-    const __m256i words16 = _mm256_packs_epi16(_mm256_packs_epi32(kept[0], kept[1]), _mm256_packs_epi32(kept[2], kept[3]));
+    const __m256i words16 =
+        _mm256_packs_epi16(_mm256_packs_epi32(kept[0], kept[1]), _mm256_packs_epi32(kept[2], kept[3]));
     const __m256i ordered = _mm256_permutevar8x32_epi32(words16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + j), _mm256_and_si256(ordered, _mm256_set1_epi8(1)));
   }

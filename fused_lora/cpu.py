@@ -21,6 +21,8 @@ What it does instead of the reference (the readable oracle, which stays as it is
   into dx (the mask applied in place) and g·W accumulates onto it. With fp32 x the GEMMs cover all rows at once;
   with a dtype conversion (bf16/fp16 x in fp32 GEMMs) the rows run in chunks of ``chunk_rows`` so that the
   converted x, g and the fp32 output exist one chunk at a time. m⊙x is a chunk temporary (M×K at most, 4 MB).
+  The temporaries (decoded W, m⊙x, conversions) live in a per-thread workspace reused between calls, so their page
+  faults are paid once (``release_workspace`` frees it); y, dx, u and the gradients are always fresh tensors.
 * Dropout: the reference's mask (torch's CPU generator, same seed, bit for bit: ``fused_lora._C.dropout_keep``, a
   vectorised mt19937), drawn as a uint8 keep mask and regenerated in backward; m⊙x is never saved.
 * u is kept in fp32 (fp64 for fp64 x) whatever the adapters' dtype, like the Triton backend; the low-rank path
@@ -346,7 +348,8 @@ def _grad_input_rows(g_rows, g_acc, W, v_rows, sA_acc, keep_rows, dropout_p, gem
     if native and not started:
         torch.mm(g_rows, W, out=dx_view)
         return
-    target = dx_view if (dx_view.dtype == acc and not native) else _workspace.get("out_rows", tuple(dx_view.shape), acc)
+    in_place = dx_view.dtype == acc and not native
+    target = dx_view if in_place else _workspace.get("out_rows", tuple(dx_view.shape), acc)
     if started:
         torch.mm(v_rows, sA_acc, out=target)
         if keep_rows is not None:

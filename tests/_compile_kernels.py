@@ -15,6 +15,10 @@ per CPU core. It compiles
     TRITON_INTERPRET=0 python tests/_compile_kernels.py            # one JSON object: {"records": [...]}
     TRITON_INTERPRET=0 python tests/_compile_kernels.py --record   # the RECORD table of test_kernels_compile.py
 
+``--cache DIR`` reuses the records of earlier compilations of the very same code (the instrument's cache,
+~/.cache/fused_lora/offline by default there; keys cover the kernel sources and the reading): for regenerating
+RECORD after ``python -m fused_lora.bench.offline``. The test never passes it: CI compiles everything.
+
 Record ids: sm<arch>-<kernel>-<path>-<W>-<x>-A<adapters>-r<r>-<config> (the instrument's job ids).
 """
 
@@ -102,12 +106,12 @@ def ci_jobs() -> list[tuple[Job, dict]]:
     return found
 
 
-def run() -> dict:
+def run(cache_dir=None) -> dict:
     from fused_lora.bench.offline_compile import run_jobs
 
     start = time.perf_counter()
     jobs = ci_jobs()
-    records = run_jobs([job for job, _ in jobs])
+    records = run_jobs([job for job, _ in jobs], cache_dir)
     return {"seconds": round(time.perf_counter() - start, 1),
             "records": [{**record, "facts": facts} for record, (_, facts) in zip(records, jobs)]}
 
@@ -126,8 +130,9 @@ def _record_table(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--record", action="store_true", help="print the RECORD table instead of JSON")
+    parser.add_argument("--cache", metavar="DIR", help="reuse (and keep) compile records in DIR")
     options = parser.parse_args()
-    report = run()
+    report = run(options.cache)
     if options.record:
         print(_record_table(report))
     else:

@@ -49,6 +49,35 @@ def test_the_pruned_sets_are_the_ones_recorded():
     assert tiles(256) == tiles(8192) == [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)]
 
 
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])
+def test_dx_with_lowrank_term_never_tries_tiles_above_128x128(capability):
+    """The sm_90 dx tiles 128x256x64 and 256x128x64 need 262144 B of shared memory with the low-rank term (limit
+    232448 B)."""
+    def tiles(kernel, lora):
+        out_name, reduce_name, _ = KERNELS[kernel]
+        return [(c.kwargs["BLOCK_M"], c.kwargs[out_name], c.kwargs[reduce_name], c.num_stages)
+                for c in _kept(capability, kernel, 8192, HAS_LORA=lora, IS_NF4=True, ROW_SCALES=True)]
+
+    with_lora = tiles("lora_dx_kernel", True)
+    assert with_lora and all(bm * bk <= 128 * 128 for bm, bk, _, _ in with_lora), with_lora
+    assert (128, 256, 64, 3) in tiles("lora_dx_kernel", False)
+    assert (128, 256, 64, 3) in tiles("lora_fwd_kernel", True)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("bucket", [8, 8192], ids=["M8", "M8192"])
+def test_nf4_without_row_scales_runs_single_stage(capability, kernel, bucket):
+    """NF4 with K not a multiple of the blocksize gathers a scale per element: at 3-4 stages every config needs
+    180-650 KiB of shared memory, at 1 stage 36-80 KiB."""
+    def stages(**constexprs):
+        return [c.num_stages for c in _kept(capability, kernel, bucket, HAS_LORA=True, **constexprs)]
+
+    assert stages(IS_NF4=True, ROW_SCALES=False) and set(stages(IS_NF4=True, ROW_SCALES=False)) == {1}
+    assert all(s > 1 for s in stages(IS_NF4=True, ROW_SCALES=True))
+    assert all(s > 1 for s in stages(IS_NF4=False, ROW_SCALES=False))
+
+
 def test_autotuner_is_built_with_the_pruning_the_disk_cache_and_the_flushless_timer(monkeypatch):
     from fused_lora.kernels.lora_fwd import lora_fwd_kernel
 

@@ -25,7 +25,9 @@ def test_interleaved_medians_alternate_the_implementations():
 
 
 def test_tiny_cpu_bench_writes_rows_and_ratios(tmp_path, capsys):
-    rows, path = cpu_bench.run_cpu_bench(cpu_bench.TINY_CONFIG, results_root=tmp_path)
+    threads = torch.get_num_threads()
+    rows, path = cpu_bench.run_cpu_bench(cpu_bench.TINY_CONFIG, results_root=tmp_path, threads=1)
+    assert torch.get_num_threads() == threads, "the thread count is restored"
     out = capsys.readouterr().out
     assert path is not None and path.parent == tmp_path / "cpu" and path.exists()
     data = json.loads(path.read_text())
@@ -38,7 +40,7 @@ def test_tiny_cpu_bench_writes_rows_and_ratios(tmp_path, capsys):
         if row["impl"] == "fused":
             assert row["ratio_vs_peft_bnb"] > 0 and row["first_call_ms"] > 0
         assert len(row["samples_ms"]) == {"cpu_qlora_layer": 2, "cpu_qlora_step": 2, "nf4_dequant": 2}[row["bench"]]
-        assert row["threads"] == torch.get_num_threads()
+        assert row["threads"] == 1
     assert out.count("first fused call") == 1
     assert out.count("ratio") >= 6
 
@@ -47,10 +49,11 @@ def test_tiny_cpu_bench_writes_rows_and_ratios(tmp_path, capsys):
 def test_bench_cpu_flag_writes_a_json_only_with_output(argv, root, monkeypatch, tmp_path):
     """Even in a checkout (./bench/results exists) a plain --cpu run writes nothing; --quick takes fewer reps."""
     calls = []
-    monkeypatch.setattr(command, "run_cpu_bench", lambda config, results_root: calls.append((config, results_root)))
+    monkeypatch.setattr(command, "run_cpu_bench",
+                        lambda config, results_root, threads: calls.append((config, results_root, threads)))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bench" / "results").mkdir(parents=True)
     assert command.main(argv) == 0
-    assert calls == [(cpu_bench.ISSUE_CONFIG, None if root is None else Path(root))]
-    assert command.main(argv + ["--quick"]) == 0
-    assert calls[-1][0] == cpu_bench.QUICK_CONFIG
+    assert calls == [(cpu_bench.ISSUE_CONFIG, None if root is None else Path(root), None)]
+    assert command.main(argv + ["--quick", "--threads", "1"]) == 0
+    assert calls[-1][0] == cpu_bench.QUICK_CONFIG and calls[-1][2] == 1

@@ -1,4 +1,4 @@
-"""The README's Python snippets run as written (on the CPU here: the reference backend), in order and in one
+"""The README's Python snippets run as written (on the CPU here: the "cpu" backend), in order and in one
 namespace, as a reader runs them top to bottom (a block may continue the one before it). Each block is checked for
 what it shows; a block that no check recognises fails, so a new block comes with its check."""
 

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu", action="store_true",
                         help="the CPU benchmark instead: fused vs PEFT+bitsandbytes on one layer, NF4 dequantization "
                         "and a whole-model step, fp32 and bf16 (JSON only with --output; --quick: fewer repetitions)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="with --cpu: torch's intra-op thread count for the run (default: torch's current, all "
+                        "cores)")
     return parser
 
 
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench --report: wrote {report} and {len(plots)} plot(s)", file=sys.stderr)
         return 0
     if args.cpu:
-        run_cpu_bench(QUICK_CONFIG if args.quick else ISSUE_CONFIG, results_root(args.output, on_cuda=False))
+        run_cpu_bench(QUICK_CONFIG if args.quick else ISSUE_CONFIG, results_root(args.output, on_cuda=False),
+                      threads=args.threads)
         return 0
     device = _device(args.device)
     run_benchmarks(args, device, results_root(args.output, device.type == "cuda"), start)

@@ -15,7 +15,9 @@ faster):
   ``fused_lora.dequantize_nf4`` (backend "auto": the CPU kernel) against bitsandbytes' ``dequantize_4bit``.
 
 The machine may be shared: the load average before and after is printed and recorded, and the interleaving keeps
-a load change from favouring one side. Threads: torch's current intra-op thread count (all cores by default).
+a load change from favouring one side. Threads: torch's current intra-op thread count (all cores by default), or
+``--threads N``. On a machine shared with other jobs, 2-thread timings suffer most (an intra-op thread that
+is descheduled stalls every parallel region), so the load is printed with every line.
 The first fused call is timed separately and said once (the CPU path compiles nothing; it includes loading the
 extension). Results are printed; a JSON is written only with ``--output DIR`` (``DIR/cpu/<YYYYmmdd-HHMM>.json``,
 e.g. ``--output bench/results`` in the checkout), with the schema of ``fused_lora.bench.schema`` and the extra
@@ -231,15 +233,25 @@ BENCHES = ("cpu_qlora_layer", "cpu_qlora_step", "nf4_dequant")
 
 
 def run_cpu_bench(config: CpuBenchConfig = ISSUE_CONFIG, results_root: Path | None = None, benches=BENCHES,
-                  out=None) -> tuple[list, Path | None]:
+                  out=None, threads: int | None = None) -> tuple[list, Path | None]:
     """Run the benches of the module docstring; print one line per (bench, dtype) and return (rows, JSON path or
     None). ``results_root``: write ``results_root/cpu/<YYYYmmdd-HHMM>.json``; None writes nothing. ``out``: where
-    the lines go (default sys.stdout).
+    the lines go (default sys.stdout). ``threads``: torch's intra-op thread count for the run (restored after);
+    default: the current one.
 
     Example:
         >>> rows, path = run_cpu_bench(TINY_CONFIG)          # prints ratios, writes no file
     """
-    out = out or sys.stdout
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(config, results_root, benches, out or sys.stdout)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(config: CpuBenchConfig, results_root: Path | None, benches, out) -> tuple[list, Path | None]:
     env = collect_env(torch.device("cpu"))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
     path = results_path(results_root, "cpu", stamp) if results_root is not None else None
@@ -271,9 +283,9 @@ def run_cpu_bench(config: CpuBenchConfig = ISSUE_CONFIG, results_root: Path | No
                 continue
             extra = {"first_call_ms": _first_call_ms(fns["fused"])}
             if not said_first_call:
-                print(f"  first fused call: {extra['first_call_ms'] / 1e3:.2f} s ({bench}, {dtype_name(dtype)}; nothing "
-                      "is compiled or tuned: the CPU kernels are prebuilt in fused_lora._C, which the first call "
-                      "of a process loads)", file=out)
+                print(f"  first fused call: {extra['first_call_ms'] / 1e3:.2f} s ({bench}, {dtype_name(dtype)}; "
+                      "nothing is compiled or tuned: the CPU kernels are prebuilt in fused_lora._C, which the first "
+                      "call of a process loads)", file=out)
                 said_first_call = True
             bench_rows = _bench_rows(bench, fns, reps, c.warmup, shapes[bench], dtype, extra)
             for row in bench_rows:

@@ -321,6 +321,16 @@ def _environment(started: float) -> dict:
             "runtime_s": round(time.time() - started, 1), "cpu_count": os.cpu_count()}  # fmt: skip
 
 
+def _json_text(data: dict) -> str:
+    """The results file: one row per line, compact; a row leaves out the extra fields that do not apply (None), never
+    the schema's (ROW_KEYS)."""
+    def row(r):
+        return json.dumps({k: v for k, v in r.items() if v is not None or k in ROW_KEYS}, separators=(",", ":"))
+
+    head = ",\n".join(f'"{k}": {json.dumps(v)}' for k, v in data.items() if k != "rows")
+    return "{\n" + head + ',\n"rows": [\n' + ",\n".join(map(row, data["rows"])) + "\n]\n}\n"
+
+
 def _constants(pairs: list[str]) -> GpuConstants:
     fields = {f.name: f.type for f in dataclasses.fields(GpuConstants)}
     changes = {}
@@ -361,9 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     env = _environment(started)
     data = {"env": env, "constants": dataclasses.asdict(gpu), "gpu_results": read, "rows": rows}
     json_path = out_dir / f"{stamp}.json"
-    json_path.write_text("{\n" + ",\n".join(
-        f'"{k}": ' + (json.dumps(v) if k != "rows" else "[\n" + ",\n".join(json.dumps(r) for r in v) + "\n]")
-        for k, v in data.items()) + "\n}\n")  # fmt: skip
+    json_path.write_text(_json_text(data))
     (out_dir / "report.md").write_text(offline_report(data, json_path.name))
     (options.output / "compile_report.md").write_text(compile_report(list(records.values()), env))
     print(f"offline: wrote {json_path}, {out_dir / 'report.md'}, {options.output / 'compile_report.md'} "

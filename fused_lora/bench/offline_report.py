@@ -65,7 +65,7 @@ def target_checks(rows: list[dict]) -> list[dict]:
         total = _total(rows, "fused", "fwd_bwd", M)
         value = total["predicted_ratio_vs_cublas"] if total else None
         checks.append({"target": f"predicted fused fwd+bwd / dense cuBLAS <= {bound} at M={M}",
-                       "value": _fmt(value), "met": value is not None and value <= bound})
+                       "value": "–" if value is None else f"{value:.3f}", "met": value is not None and value <= bound})
     for M in (1, 16):
         total = _total(rows, "fused", "fwd", M)
         value = total["predicted_hbm_fraction"] if total else None
