@@ -35,7 +35,7 @@ def results(tmp_path_factory):
                str(TESTS / "_distributed_worker.py"), model_dir, str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -355,10 +355,11 @@ def test_subnormal_and_huge_finite_weights_quantize_like_bitsandbytes(name, doub
     assert torch.equal(ours.dequantize(), _bnb_dequantize(packed, state, torch.float32, w.shape))
 
 
-@pytest.mark.xfail(strict=True, reason="fused_lora/kernels/nf4.py takes the reciprocal of a subnormal absmax (inf) "
-                   "where bitsandbytes and the reference clamp it to 1e-38 first")
-def test_triton_quantizes_subnormal_weights_like_bitsandbytes(interpret_triton):
-    w = SUBNORMAL_WEIGHTS["subnormal"](torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("name", ["subnormal", "subnormal-and-normal-rows", "near-smallest-normal"])
+def test_triton_quantizes_subnormal_weights_like_bitsandbytes(interpret_triton, name):
+    """The kernel clamps a block's absmax to 1e-38 before its reciprocal, as bitsandbytes and the reference do (an
+    inf reciprocal used to give every positive element of a subnormal block the top code)."""
+    w = SUBNORMAL_WEIGHTS[name](torch.Generator().manual_seed(3))
     packed, state = _bnb_quantize(w, 64, False)
     _assert_same_format(fl.quantize_nf4(w, blocksize=64, double_quant=False, backend="triton"), packed, state)
 

@@ -58,7 +58,17 @@ def check_fsdp(ns):
     assert not dist.is_initialized(), "the block destroys its process group"
 
 
-CHECKS = {"y": check_use, "trainer": check_recipe, "dpo": check_trl, "fsdp_model": check_fsdp}  # name -> check
+def check_dora_mixed(ns):
+    assert ns["y_dora"].shape == (2, 64, 1024) and "lora_magnitude_vector" in dict(ns["dora"].named_parameters())
+    x, w, second = ns["x"], ns["w"], ns["second"]
+    lora = ns["fl"].functional.lora_linear
+    expected = [lora(x[:1], w, ns["lora_A"], ns["lora_B"], scaling=2.0, training=False),
+                lora(x[1:], w, second.lora_A, second.lora_B, scaling=1.0, training=False)]
+    for row, want in zip(ns["y_mixed"], expected):
+        assert torch.allclose(row, want[0], rtol=1e-4, atol=1e-4), "each sample gets its own adapter's term"
+
+
+CHECKS = {"y": check_use, "y_mixed": check_dora_mixed, "trainer": check_recipe, "dpo": check_trl, "fsdp_model": check_fsdp}  # name -> check
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,9 @@ _PAIRS_PER_PROGRAM = 1024
 
 # Quantize, per block b of the flattened weight x (all float32):
 #   absmax[b] = max_{i∈b} |x_i|
-#   r_i       = x_i · fl(1 / absmax[b])   for a full block      (bitsandbytes multiplies by the reciprocal)
-#             = fl(x_i / absmax[b])        for the last, partial block  (bitsandbytes divides there)
+#   d_b       = max(absmax[b], 1e-38)      (a subnormal absmax would have an inf reciprocal; bitsandbytes clamps)
+#   r_i       = x_i · fl(1 / d_b)          for a full block      (bitsandbytes multiplies by the reciprocal)
+#             = fl(x_i / d_b)              for the last, partial block  (bitsandbytes divides there)
 #             = 0                          when absmax[b] == 0
 #   r_i       = min(max(r_i, -1), 1)
 #   q_i       = #{ j < 15 : r_i > bounds[j] }            (strict >: a value on a midpoint takes the lower code)
@@ -60,7 +61,7 @@ def nf4_quantize_kernel(
 
     absmax = tl.maximum(tl.max(tl.abs(x_hi), axis=1), tl.max(tl.abs(x_lo), axis=1))  # [R]
     nonzero = absmax > 0.0
-    divisor = tl.where(nonzero, absmax, 1.0)[:, None]
+    divisor = tl.where(nonzero, tl.maximum(absmax, 1e-38), 1.0)[:, None]
     reciprocal = tl.math.div_rn(tl.full(divisor.shape, 1.0, tl.float32), divisor)
     partial = ((block + 1) * BLOCKSIZE > n_elements)[:, None]
 
