@@ -33,10 +33,9 @@ HELPER = Path(__file__).with_name("_compile_kernels.py")
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 # id -> (spill store bytes, spill load bytes, mma_pipelined: True / False / None for mma.sync or no MMA), as compiled
-# by triton 3.9 with its ptxas, kernels of commit f9d6d9b (its decode forward keeps a wgmma in flight). Known today:
-# the decode dx kernel, the middle-M NF4 dx GEMM and the low-rank u/vdb kernels wait for each wgmma (False: ptxas keeps a DEPBAR 0 after every HGMMA, even where
-# the TTGIR asks for pendings 1); dx 64x256x64 spills 36 B (NF4 in the loop) / 80 B (dense slab); on sm_80 the
-# 128-row NF4 forward tiles spill 44-104 B and the 128x128 dx tiles 904 B (NF4 in the loop) / 592 B (dense slab).
+# by triton 3.9 with its ptxas, kernels of commit f9d6d9b (its decode forward keeps a wgmma in flight). The entries
+# are the numbers; a kernel change that moves any of them fails here until RECORD is regenerated with
+# `TRITON_INTERPRET=0 python tests/_compile_kernels.py --record` and the change is explained in its commit.
 RECORD = {
     "sm90-lora_decode_fwd-decode-nf4dq-bf16-Afp32-r16-64x16x64x256w4": (0, 0, True),
     "sm90-lora_decode_fwd_epilogue-decode-nf4dq-bf16-Afp32-r16-16x128w4": (0, 0, None),
