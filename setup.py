@@ -82,6 +82,8 @@ setup(
             "transformers>=4.46",
             "safetensors",
             "trl>=1.0",
+            "accelerate",
+            "hypothesis",
             "pytest",
             "pytest-benchmark",
             "matplotlib",

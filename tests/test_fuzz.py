@@ -25,17 +25,17 @@ import os
 import warnings
 from unittest import mock
 
+import hypothesis  # a test dependency (setup.py's "test" extra, .ci/run): missing, this file fails, never skips
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
 
 from fused_lora import functional, reference
 from fused_lora.backend import BACKENDS
 from fused_lora.nf4 import NF4_CODE, NF4Weight, quantize_nf4
 from fused_lora.testing import ATOL, relative_error
 
-hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
-from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny matrices; spinning threads slow a busy machine
 
