@@ -34,8 +34,9 @@ def test_every_bucket_times_a_few_configs_with_tiles_that_fit_it(capability, ker
             rows = [c.kwargs["BLOCK_M"] for c in kept]
             if bucket <= 8:
                 assert rows == [16] * len(rows), (bucket, rows)  # decode sizes: no padding rows beyond one tile
-            if bucket >= 128:
-                assert rows[0] == 128, (bucket, rows)  # training sizes: the 128-row tiles first
+            if bucket >= 128:  # training sizes: the 128-row tiles first, where one fits the register rule
+                narrow = capability == (8, 0) and kernel == "lora_dx_kernel" and lora
+                assert rows[0] == (64 if narrow else 128), (bucket, rows)
 
 
 def test_the_pruned_sets_are_the_ones_recorded():
@@ -62,6 +63,19 @@ def test_dx_with_lowrank_term_never_tries_tiles_above_128x128(capability):
     assert with_lora and all(bm * bk <= 128 * 128 for bm, bk, _, _ in with_lora), with_lora
     assert (128, 256, 64, 3) in tiles("lora_dx_kernel", False)
     assert (128, 256, 64, 3) in tiles("lora_fwd_kernel", True)
+
+
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])
+def test_dx_with_lowrank_term_keeps_at_most_64_accumulator_values_per_thread(capability):
+    """64x256 with 4 warps (sm_90) and 128x128 with 4 warps (sm_80) hold 128 fp32 accumulator values per thread and
+    spill beside the low-rank term (compile report); every bucket keeps tiles of at most 64."""
+    for bucket in BUCKETS:
+        kept = _kept(capability, "lora_dx_kernel", bucket, HAS_LORA=True, IS_NF4=True, ROW_SCALES=True)
+        per_thread = [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps) for c in kept]
+        assert kept and max(per_thread) <= autotune.DX_LORA_MAX_ACC_PER_THREAD == 64, (bucket, per_thread)
+    without = _kept(capability, "lora_dx_kernel", 64, HAS_LORA=False, IS_NF4=True, ROW_SCALES=True)
+    assert any(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps) == 128 for c in without), \
+        "without the low-rank term the wide tiles stay"
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))

@@ -95,6 +95,11 @@ def _preferred_block_m(bucket: int) -> int:
 # A dx tile with the low-rank term keeps acc, the low-rank tile, the dropout mask and x in shared memory: above
 # BLOCK_M·BLOCK_K = 128·128 it needs 256 KiB on sm_90 (limit 227 KiB), so such tiles are never compiled.
 DX_LORA_MAX_TILE = 128 * 128
+# ... and its fp32 accumulator may hold at most this many values per thread (BLOCK_M·BLOCK_K / (32·num_warps)): at 128
+# (64x256 with 4 warps on sm_90, 128x128 with 4 warps on sm_80) the accumulator, the low-rank operands and the NF4
+# decode need more than 255 registers and ptxas spills 80-324 B (sm_90) and 176 B (sm_80) per thread
+# (bench/results/compile_report.md).
+DX_LORA_MAX_ACC_PER_THREAD = 64
 
 
 def keep_tiles_for_m(configs, named_args, **kwargs):
@@ -102,7 +107,8 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
     passed by keyword in ``kwargs``; either may hold any of them):
 
     - drop tiles with BLOCK_M far above M (all-padding rows); keep the smallest when none fits;
-    - lora_dx_kernel (it has ``dx_ptr``) with HAS_LORA: drop tiles with BLOCK_M·BLOCK_K > DX_LORA_MAX_TILE;
+    - lora_dx_kernel (it has ``dx_ptr``) with HAS_LORA: drop tiles with BLOCK_M·BLOCK_K > DX_LORA_MAX_TILE or more
+      than DX_LORA_MAX_ACC_PER_THREAD accumulator values per thread;
     - keep at most MAX_CONFIGS_PER_BUCKET: the tiles whose BLOCK_M is nearest the bucket's preferred BLOCK_M (the
       bucket, clamped to 16..128), in the config list's order among equals;
     - NF4 with K not a multiple of the blocksize (ROW_SCALES False): the element-wise scale gather makes every
@@ -112,7 +118,8 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     bucket = args["M_BUCKET"]
     if "dx_ptr" in args and args.get("HAS_LORA"):
-        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_TILE]
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_TILE
+                   and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_ACC_PER_THREAD * 32 * c.num_warps]
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * bucket)]
     kept = fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
     preferred = _preferred_block_m(bucket).bit_length()
