@@ -26,9 +26,10 @@ fused_lora/reference.py; PEFT computes its norm in the adapter's dtype, fp32 by 
 A's / B's / mag's dtype, db in at least fp32.
 
 Backends (``backend`` as in ``lora_linear``): "reference" runs the twin below. Any other backend ("triton", and
-"cpu" where it exists) composes the backend's own kernels (``_ComposedDora``): without dropout, the fused LoRA
-forward gives z = x·Wᵀ + s·u·Bᵀ and one pass y = c⊙z + b follows (fused_lora/kernels/dora.py on Triton: fp32, one
-rounding, no M×N temporary), z kept for dmag; the backward runs the LoRA backward kernels over (c⊙W, A, c⊙B) with
+"cpu" where it exists) composes the backend's own kernels (``_ComposedDora``): without dropout, on Triton the fused
+LoRA GEMM's epilogue writes both z = x·Wᵀ + s·u·Bᵀ and y = c⊙z + b from its fp32 accumulator (the per-row scale in
+the epilogue; at decode sizes the decode kernels give z and one fp32 pass y); elsewhere the backend's fused forward
+gives z and one pass y = c⊙z + b follows; z is kept for dmag. The backward runs the LoRA backward kernels over (c⊙W, A, c⊙B) with
 c folded into an NF4 weight's block scales (no copy of W), or over (W, A, B) with c⊙g for a dense W; dmag is one
 column reduction of g⊙z. Without a magnitude gradient (inference) an NF4 layer is one fused pass over (c⊙W, c⊙B).
 W·Aᵀ for the norm is the frozen kernel over the r rows of A. With dropout, PEFT's second frozen product x_d·Wᵀ
@@ -320,7 +321,14 @@ def row_scaled_nf4(weight: NF4Weight, c: torch.Tensor) -> NF4Weight | None:
 
 
 class _TorchOps:
-    """scale_columns / column_dot in PyTorch (fp32 temporaries), for composed backends without DoRA kernels."""
+    """scale_columns / column_dot / forward_scaled in PyTorch (fp32 temporaries), for composed backends without DoRA
+    kernels."""
+
+    @classmethod
+    def forward_scaled(cls, impl, x2d, weight, A, B, s, bias, c):
+        """(y, u, z): z = x·Wᵀ + s·u·Bᵀ by the backend's fused forward, then y = c⊙z + b in one pass."""
+        z, u = impl.forward(x2d, weight, A, B, s, None, 0.0, 0)
+        return cls.scale_columns(z, c, bias, x2d.dtype), u, z
 
     @staticmethod
     def scale_columns(z, c, bias=None, out_dtype=None):
@@ -337,8 +345,8 @@ class _ComposedDora:
     ``functional`` (forward, backward, frozen_forward, frozen_backward); ``ops`` gives scale_columns and column_dot
     (fused_lora/kernels/dora.py on the Triton backend).
 
-    Without dropout: forward z = x·Wᵀ + s·u·Bᵀ by the fused LoRA kernel, then y = c⊙z + b (scale_columns; z kept for
-    dmag), or, when mag needs no gradient and W is NF4 with K a multiple of the blocksize, y in one fused pass over
+    Without dropout: forward z = x·Wᵀ + s·u·Bᵀ and y = c⊙z + b (``ops.forward_scaled``: on Triton both from the GEMM's
+    epilogue, elsewhere the fused forward then one scale_columns pass; z kept for dmag), or, when mag needs no gradient and W is NF4 with K a multiple of the blocksize, y in one fused pass over
     (c⊙W, A, c⊙B) (``row_scaled_nf4``: c folded into the block scales). Backward: the LoRA backward kernels over
     (c⊙W, A, c⊙B) with g itself (dB = c⊙dB'), or, for a dense W or ragged NF4 blocks, over (W, A, B) with c⊙g;
     dmag = column_dot(g, z) / n. With dropout, PEFT's second frozen product x_d·Wᵀ runs on ``frozen_forward`` and
@@ -370,8 +378,8 @@ class _ComposedDora:
             if scaled is not None:
                 y, u = self.impl.forward(x2d, scaled[0], A, scaled[1], s, bias, 0.0, 0)
                 return y, norm, u, None
-            z, u = self.impl.forward(x2d, weight, A, B, s, None, 0.0, 0)
-            return self.ops.scale_columns(z, c, bias, x2d.dtype), norm, u, (z if keep_z else None)
+            y, u, z = self.ops.forward_scaled(self.impl, x2d, weight, A, B, s, bias, c)
+            return y, norm, u, (z if keep_z else None)
         m = reference.dropout_mask(x2d.shape, dropout_p, seed, x2d.device, L)
         x_d = x2d.to(L) * m
         u = x_d @ A.to(L).t()

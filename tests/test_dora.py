@@ -174,9 +174,66 @@ def test_triton_backward_folds_c_into_the_nf4_block_scales(monkeypatch, interpre
         x, weight, A, B, mag, b = _case(nf4=True, M=9, K=K, N=41, r=3)
         y, leaves = _run(x, weight, A, B, mag, b, 0.0, "triton")
         torch.autograd.grad(y.sum(), leaves)
-        # forward: y = c⊙z + b (with the bias); backward: c⊙g (no bias) only when W cannot be row-scaled
-        assert [bias is not None for bias in scale_calls] == ([True] if folded else [True, False])
+        # forward (M=9): the decode kernels give z, then y = c⊙z + b in one pass (with the bias) where W has whole
+        # blocks per row; ragged blocks take the GEMM, whose epilogue writes y itself. Backward: c⊙g (no bias) only
+        # when W cannot be row-scaled.
+        assert [bias is not None for bias in scale_calls] == ([True] if folded else [False])
         assert bool(scaled_calls) and (real_scaled(weight, torch.ones(41)) is not None) == folded
+
+
+PATHS = {  # strategy thresholds that send every NF4 call down one path (as tests/test_kernels_paths.py)
+    "decode": {"decode_max_m": 64, "large_min_m": 10**9},
+    "middle": {"decode_max_m": 0, "large_min_m": 10**9},
+    "large": {"decode_max_m": 0, "large_min_m": 1, "workspace_bytes": 8 * 1024, "slab_overlap": False},
+}
+
+
+@pytest.mark.parametrize("nf4, K", WEIGHTS, ids=["dense", "nf4-ragged", "nf4-aligned"])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_training_forward_scales_in_the_gemm_epilogue_on_every_path(monkeypatch, path, nf4, K, dtype,
+                                                                    interpret_triton):
+    """The training forward (mag needs a gradient, so z is kept): the GEMM's epilogue (middle and large paths) writes
+    z and y = c⊙z + b from one fp32 accumulator, no scale_columns pass; the decode kernels give z and one pass gives
+    y. Output and every gradient against PEFT's formula in float64."""
+    from fused_lora.kernels import dora as dora_kernels
+    from fused_lora.kernels import lora, strategy
+
+    forward_calls, real_scale = [], dora_kernels.scale_columns
+    monkeypatch.setattr(dora_kernels, "scale_columns",
+                        lambda *a, **k: forward_calls.append(a[2] is not None) or real_scale(*a, **k))
+    taken = []
+    real_path = lora._path
+    monkeypatch.setattr(lora, "_path", lambda *a: taken.append(real_path(*a)) or taken[-1])
+    x, weight, A, B, mag, b = _case(dtype=dtype, nf4=nf4, M=2 * 9, K=K, N=300, r=3)
+    with strategy.use_thresholds(**PATHS[path]):
+        _assert_matches_oracle(x, weight, A, B, mag, b, 0.0, "triton", leading=(2, 9))
+    expected = path if (nf4 or path != "large") else "middle"  # a dense W has no slab path
+    if path == "decode" and nf4 and K % weight.blocksize:
+        expected = "middle"  # the decode kernels need whole NF4 blocks per row
+    assert taken and set(taken) == {expected}, taken
+    forward_passes = [with_bias for with_bias in forward_calls if with_bias]  # the backward's c⊙g has no bias
+    assert len(forward_passes) == (1 if expected == "decode" else 0), (expected, forward_calls)
+
+
+def test_scaled_forward_writes_z_and_y_from_one_accumulator(interpret_triton):
+    """kernels.lora.forward_scaled: z equals the plain fused forward's y without bias, y = c⊙z + b from the fp32
+    accumulator (within one rounding of z's), on the middle and large paths."""
+    from fused_lora.kernels import lora, strategy
+
+    x, weight, A, B, _, b = _case(nf4=True, M=20, K=128, N=300, r=3)
+    c = torch.rand(300) + 0.5
+    for path in ("middle", "large"):
+        with strategy.use_thresholds(**PATHS[path]):
+            y, u, z = lora.forward_scaled(x, weight, A, B, SCALING, b, c)
+            z_plain, u_plain = lora.forward(x, weight, A, B, SCALING, None, 0.0, 0)
+        torch.testing.assert_close(z, z_plain, rtol=0, atol=0)
+        torch.testing.assert_close(u, u_plain, rtol=0, atol=0)
+        torch.testing.assert_close(y, c * z + b, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="z and col_scale come together"):
+        from fused_lora.kernels import launch_gemm
+
+        launch_gemm.launch_y(x, weight, None, torch.empty(20, 300), {}, z=torch.empty(20, 300))
 
 
 @pytest.mark.parametrize("nf4, K", WEIGHTS, ids=["dense", "nf4-ragged", "nf4-aligned"])

@@ -115,3 +115,9 @@ def column_dot(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         column_dot_kernel[(splits, column_blocks)](g, z, partial, M, N, g.stride(0), z.stride(0), rows_per_program,
                                                    BLOCK_M=block_m, BLOCK_N=block_n)
     return partial.sum(0)
+
+
+def forward_scaled(impl, x2d, weight, A, B, s, bias, c):
+    """(y, u, z) of DoRA's training forward: y = c⊙z + b and z = x·Wᵀ + s·u·Bᵀ from the fused GEMM's epilogue
+    (``fused_lora.kernels.lora.forward_scaled``; ``impl`` is that module, as fused_lora/dora.py passes it)."""
+    return impl.forward_scaled(x2d, weight, A, B, s, bias, c)

@@ -62,10 +62,11 @@ def m_bucket(M: int) -> int:
     return bucket(M)
 
 
-def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0):
+def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=None, col_scale=None):
     """lora_fwd_kernel into y: y = x·deq(W)ᵀ + b, plus s·u·Bᵀ when u and B are given (HAS_LORA). ``weight`` is an
     NF4Weight (decoded in the main loop) or a dense (N, K) tensor, e.g. a slab of the large path; y may be a column
-    slice of the layer's output."""
+    slice of the layer's output. With ``z`` and ``col_scale`` (c, (N,) fp32; COL_SCALE): z = the sum before the bias
+    and y = c⊙z + b, both from the kernel's epilogue; z has y's strides."""
     import triton
 
     from .lora_fwd import lora_fwd_kernel
@@ -74,6 +75,8 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0):
         bias = bias.contiguous()  # the kernel reads b[n] at bias_ptr + n; N elements, no copy when contiguous
     M, K = x2d.shape
     N = y.shape[1]
+    if (z is None) != (col_scale is None) or (z is not None and z.stride() != y.stride()):
+        raise ValueError("launch_y: z and col_scale come together, and z has y's strides")
     has_lora = u is not None
     r = u.shape[1] if has_lora else 0
     r_pad = rank_pad(r) if has_lora else FROZEN_R_PAD
@@ -81,14 +84,14 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0):
     kernel, meta = common.gemm(lora_fwd_kernel, x2d, "BLOCK_N", "BLOCK_K")
     grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
     kernel[grid](
-        x2d, *w.pointers, u, B, bias, y,
+        x2d, *w.pointers, u, B, bias, y, z, col_scale,
         M, N, K, r, m_bucket(M),
         x2d.stride(0), x2d.stride(1), w.stride_wn, w.stride_wk,
         *strides(u), *strides(B), y.stride(0), y.stride(1),
         float(scaling),
         **w.constexprs, LOOKUP=common.lookup_mode(weight, x2d.dtype),
         W_FIRST=common.w_first(weight, x2d.dtype), HAS_BIAS=bias is not None,
-        HAS_LORA=has_lora, **precisions, R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta,
+        HAS_LORA=has_lora, COL_SCALE=col_scale is not None, **precisions, R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta,
         **common.compile_options(weight),
     )  # fmt: skip
 

@@ -90,8 +90,9 @@ def _halves(device, dtype, shape) -> torch.Tensor:
     return buffer[: count * element_bytes].view(dtype).view(2, *shape)
 
 
-def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0) -> None:
-    """y = x·deq(W)ᵀ + b (+ s·u·Bᵀ) through row slabs of W (module docstring)."""
+def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=None, col_scale=None) -> None:
+    """y = x·deq(W)ᵀ + b (+ s·u·Bᵀ) through row slabs of W (module docstring); with z and col_scale, z = the sum
+    before the bias and y = c⊙z + b (launch_gemm.launch_y)."""
     from .launch_gemm import launch_y as gemm_y
 
     K = x2d.shape[1]
@@ -109,7 +110,8 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0) -> N
         n0 = starts[i]
         n1 = min(n0 + rows, N)
         gemm_y(x2d, halves[half, : n1 - n0], None if bias is None else bias[n0:n1], y[:, n0:n1], precisions,
-               u=u, B=None if B is None else B[n0:n1], scaling=scaling)  # fmt: skip
+               u=u, B=None if B is None else B[n0:n1], scaling=scaling, z=None if z is None else z[:, n0:n1],
+               col_scale=None if col_scale is None else col_scale[n0:n1])  # fmt: skip
 
     _pipeline(x2d.device, len(starts), dequantize, gemm, t.slab_overlap)
 

@@ -133,6 +133,25 @@ def forward(x2d, weight, A, B, scaling: float, bias, dropout_p: float, seed: int
         >>> A, B = torch.randn(8, 64, device="cuda"), torch.randn(200, 8, device="cuda")
         >>> y, u = forward(x, w, A, B, 2.0, None, 0.0, 0)      # y (37, 200) bf16, u (37, 8) fp32
     """
+    y, u, _ = _forward(x2d, weight, A, B, scaling, bias, dropout_p, seed, None)
+    return y, u
+
+
+def forward_scaled(x2d, weight, A, B, scaling: float, bias, col_scale):
+    """DoRA's training forward (fused_lora/dora.py, no dropout): z = x·Wᵀ + s·u·Bᵀ and y = c⊙z + b, both written by
+    the GEMM's epilogue from one fp32 accumulator (at decode sizes z by the decode kernels, then one column-scale pass).
+
+    Args: as ``forward``, plus col_scale: c, (N,) fp32 (mag / ‖W + s·B·A‖_row).
+    Returns: y and z (M, N) in x's dtype, u (M, r) fp32.
+
+    Example:
+        >>> y, u, z = forward_scaled(x, w, A, B, 2.0, None, c)   # y == c * z (+ bias), z == forward(...)[0]
+    """
+    return _forward(x2d, weight, A, B, scaling, bias, 0.0, 0, col_scale.to(torch.float32).contiguous())
+
+
+def _forward(x2d, weight, A, B, scaling, bias, dropout_p, seed, col_scale):
+    """(y, u, z): z is None without col_scale."""
     x2d = _int32_columns(x2d)
     M, K = x2d.shape
     N = weight.shape[0]
@@ -143,19 +162,25 @@ def forward(x2d, weight, A, B, scaling: float, bias, dropout_p: float, seed: int
             f"B {tuple(B.shape)} do not fit x (M, K), W (N, K), A (r, K), B (N, r)"
         )
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+    z = None if col_scale is None else torch.empty_like(y)
     if M == 0:
-        return y, torch.zeros((0, r), device=x2d.device, dtype=torch.float32)
+        return y, torch.zeros((0, r), device=x2d.device, dtype=torch.float32), z
     precisions = _precisions(x2d, A, B)
     route = _path(M, weight, x2d.device)
     with device_guard(x2d):
         if route == "decode":
-            u = launch_decode.forward(x2d, weight, y, precisions, A=A, B=B, scaling=scaling, bias=bias,
-                                      dropout_p=dropout_p, seed=seed)  # fmt: skip
+            out = y if z is None else z
+            u = launch_decode.forward(x2d, weight, out, precisions, A=A, B=B, scaling=scaling,
+                                      bias=bias if z is None else None, dropout_p=dropout_p, seed=seed)  # fmt: skip
+            if z is not None:
+                from .dora import scale_columns
+
+                y = scale_columns(z, col_scale, bias, x2d.dtype)
         else:
             u = launch_gemm.compute_u(x2d, A, dropout_p, seed, precisions)
             launcher = launch_slab.launch_y if route == "large" else launch_gemm.launch_y
-            launcher(x2d, weight, bias, y, precisions, u=u, B=B, scaling=scaling)
-    return y, u
+            launcher(x2d, weight, bias, y, precisions, u=u, B=B, scaling=scaling, z=z, col_scale=col_scale)
+    return y, u, z
 
 
 def _path(M: int, weight, device) -> str:

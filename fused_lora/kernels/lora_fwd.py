@@ -7,6 +7,9 @@ m (M×K) dropout mask (0 or 1/(1-p), regenerated from the seed, see dropout.py).
     y = x·deq(W)ᵀ + b + s·u·Bᵀ       (M×N, x's dtype)     lora_fwd_kernel, HAS_LORA=True
     y = x·deq(W)ᵀ + b                (M×N, x's dtype)     lora_fwd_kernel, HAS_LORA=False (the frozen layer alone:
                                                           adapter disabled, or merged; u and B are not read)
+    z = x·deq(W)ᵀ + s·u·Bᵀ           (M×N, x's dtype)     lora_fwd_kernel, COL_SCALE=True (DoRA's training forward,
+    y = c⊙z + b                      (M×N, x's dtype)     fused_lora/dora.py): both stored by the epilogue from the
+                                                          one fp32 accumulator; c (N,) fp32 scales y's columns
 
 deq(W) is computed tile by tile in registers inside the GEMM main loop and never written to memory:
 
@@ -238,6 +241,8 @@ def lora_fwd_kernel(
     b_ptr,  # B (N, r) (None without HAS_LORA)
     bias_ptr,  # (N,) or None
     y_ptr,  # (M, N) compute dtype output
+    z_ptr,  # (M, N) compute dtype, y's strides: the output before c and b (COL_SCALE only, else None)
+    col_scale_ptr,  # (N,) fp32 c (COL_SCALE only, else None)
     # sizes
     M,
     N,
@@ -266,6 +271,7 @@ def lora_fwd_kernel(
     W_FIRST: tl.constexpr,  # W's tile is the first (register) operand of the dot: the transposed product
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,  # False: y = x·deq(W)ᵀ + b only (u, B, R, scaling unused)
+    COL_SCALE: tl.constexpr,  # True: z = acc and y = c⊙acc + b are both stored (DoRA)
     BASE_PRECISION: tl.constexpr,
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
@@ -324,14 +330,22 @@ def lora_fwd_kernel(
         else:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=BASE_PRECISION)
 
+    y_tile = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    in_range = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if COL_SCALE:  # z, then y = c⊙z (+ b below) from the same fp32 accumulator
+        c = tl.load(col_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        if W_FIRST:
+            tl.store(z_ptr + tl.trans(y_tile), acc.to(COMPUTE_DTYPE), mask=tl.trans(in_range))
+            acc = acc * c[:, None]
+        else:
+            tl.store(z_ptr + y_tile, acc.to(COMPUTE_DTYPE), mask=in_range)
+            acc = acc * c[None, :]
     if HAS_BIAS:  # after the loop: held through the pipeline's prologue, the broadcast bias made 128×256 spill
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         if W_FIRST:
             acc += bias[:, None]
         else:
             acc += bias[None, :]
-    y_tile = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    in_range = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if W_FIRST:
         tl.store(y_ptr + tl.trans(y_tile), acc.to(COMPUTE_DTYPE), mask=tl.trans(in_range))
     else:
