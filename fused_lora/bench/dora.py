@@ -28,8 +28,9 @@ Implementations, one layer, a training step (forward + backward) unless said:
   autograd's backward of each (fp32 M×N passes), bitsandbytes' backward (dequantize again + GEMM).
 - ``peft_lora``: the same layer without DoRA (the DoRA overhead's baseline).
 - ``fused_dora``: ``dora_linear`` on the Triton backend as built (NF4, K a multiple of the blocksize): W·Aᵀ by the
-  frozen kernel over A's r rows (‖W_n‖² cached), the fused LoRA forward writing z, y = c⊙z (one pass), the LoRA backward
-  kernels over (c⊙W, A, c⊙B) with c in the block scales, dmag by one column reduction of g⊙z.
+  frozen kernel over A's r rows (‖W_n‖² cached), the fused LoRA forward writing z and y = c⊙z from its epilogue (one
+  extra M×N store, no extra pass), the LoRA backward kernels over (c⊙W, A, c⊙B) with c in the block scales, dmag by
+  one column reduction of g⊙z.
 - ``fused_lora``: ``lora_linear`` on the Triton backend (the plain LoRA baseline).
 - ``dense_cublas``: the bf16 GEMMs x·Wᵀ and g·W alone (the roofline of any QLoRA layer).
 
@@ -136,10 +137,10 @@ def dora_ops(impl: str, M: int, N: int, K: int, r: int) -> list[Op]:
         ops[1] = dataclasses.replace(ops[1], flops=ops[1].flops + 2.0 * M * N * r)
         ops[2] = dataclasses.replace(ops[2], flops=2 * ops[2].flops)  # v = g·B and dB = s·gᵀ·u in one pass
         ops[3] = dataclasses.replace(ops[3], flops=ops[3].flops + 4.0 * M * K * r, bytes=ops[3].bytes + 2.0 * M * K)
-        if impl == "fused_dora":
+        if impl == "fused_dora":  # the forward's epilogue stores z beside y: one more M×N bf16 write, no launch
+            ops[1] = dataclasses.replace(ops[1], flops=ops[1].flops + M * N, bytes=ops[1].bytes + 2.0 * M * N)
             ops += [Op("W·Aᵀ: frozen kernel over A's r rows", 2.0 * r * N * K, N * K * NF4_BYTES + 4 * r * (K + N)),
                     Op("A·Aᵀ, B·AAᵀ, row sums, norm, c", 2.0 * r * r * (K + N), 4.0 * (r * K + 3 * N * r + 4 * N)),
-                    _pass("y = c⊙z", M * N, 4),
                     Op("c into the block scales, c⊙B, c⊙dB", 0, 4.0 * (N * K / 32 + 4 * N * r)),
                     _pass("dmag: column_dot(g, z)", M * N, 4, 2.0)]
         return ops
