@@ -36,9 +36,9 @@ def rank_pad(r: int) -> int:
 
 
 def precisions(x, *adapters) -> dict:
-    """Low-rank dtype (promotion of x and the adapters A, B; x's dtype without them) and dot precisions; see
-    lora_fwd.py for the tf32 choice."""
-    lowrank = x.dtype
+    """Low-rank dtype (promotion of fp32, x and the adapters A, B: at least fp32, as the reference's) and dot
+    precisions; see lora_fwd.py for the tf32 choice."""
+    lowrank = torch.promote_types(x.dtype, torch.float32)
     for t in adapters:
         lowrank = torch.promote_types(lowrank, t.dtype)
     exact = x.dtype == torch.float32

@@ -36,10 +36,12 @@ as stride_wn so that the JIT sees its divisibility), as int32 words of 8 codes f
 
 The accumulator is fp32 and starts with the low-rank term (LoRAFusion: no second [BLOCK_M, BLOCK_N] tile and no M×N
 intermediate); the bias is added after the main loop (a broadcast bias held through the pipeline's prologue made
-128×256 tiles spill). Low-rank dots run in the promoted dtype of x, A and B (``LOWRANK_DTYPE``). fp32 dots
-use IEEE fp32 when x is fp32 (the tolerance rule compares with plain fp32 PyTorch); with fp16/bf16 x and fp32
-adapters they use tf32, whose 10-bit mantissa is finer than the rounding of the fp16/bf16 output the low-rank term
-is added to.
+128×256 tiles spill). Low-rank dots run in fp32 whatever the dtypes of x, A and B (``LOWRANK_DTYPE``, the
+promotion of fp32, x, A and B, as the reference's low-rank path): m⊙x, u and v never round to fp16/bf16 or overflow
+their range. fp32 dots use IEEE fp32 when x is fp32 (the tolerance rule compares with plain fp32 PyTorch); with
+fp16/bf16 x they use tf32, whose 10-bit mantissa holds fp16/bf16 operands exactly and is finer than the rounding of
+the fp16/bf16 output the low-rank term is added to. The low-rank dots are a small share of the work (r ≪ N, K), so
+tf32's rate costs little.
 """
 
 import triton
