@@ -240,21 +240,32 @@ def run_e2e_rows(args, results: ResultsFile):
                      entry["reason"])
 
 
+def stage_seconds(args) -> dict:
+    """{stage: seconds} each stage after the layer sweep needs on a GPU; it starts only with that much time left.
+
+    Estimates for an H100/H200 (bench/README.md): the end-to-end step is two ~1.24B-parameter builds, 2 × 20 steps
+    and the fused kernels' autotuning at the model's four shapes (~45–90 s with --quick); the optimizer rows ~10 s.
+    """
+    stages = {}
+    if not args.no_optim:
+        stages["optimizer"] = 15.0 if args.quick else 60.0
+    if not args.no_e2e:
+        stages["e2e_qlora_step"] = 90.0 if args.quick else 240.0
+    return stages
+
+
 def later_stage_seconds(args, on_cuda: bool) -> dict:
     """{stage: seconds} kept for the stages after the layer sweep on a GPU: the sweep (and the dequantization rows)
-    stop starting cases that much before the --max-seconds deadline, and each stage starts only with its time left.
-
-    Estimates for an H100 (bench/README.md): the end-to-end step is two ~1.24B-parameter builds, 2 × 20 steps and
-    the fused kernels' autotuning at the model's four shapes (~45–90 s with --quick); the optimizer rows ~10 s.
-    On a CPU nothing is kept (the tiny end-to-end model takes seconds).
+    stop starting cases that much before the --max-seconds deadline. With --quick (bench/gpu_check.sh's run, inside
+    a 6-minute GPU check) the end-to-end step is optional: nothing is kept for it, it runs last and only if its time
+    is left after the sweep, the dequantization and the optimizer rows. On a CPU nothing is kept (the tiny
+    end-to-end model takes seconds).
     """
     if not on_cuda:
         return {}
-    stages = {}
-    if not args.no_e2e:
-        stages["e2e_qlora_step"] = 90.0 if args.quick else 240.0
-    if not args.no_optim:
-        stages["optimizer"] = 15.0 if args.quick else 60.0
+    stages = stage_seconds(args)
+    if args.quick:
+        stages.pop("e2e_qlora_step", None)
     return stages
 
 
@@ -333,12 +344,13 @@ def _run_all(args, device, results_root: Path | None, start: float, deadline: fl
     run_sweep(args, device, results, sweep_deadline)
     if not args.no_dequant:
         run_dequant_bench(args, device, results, sweep_deadline)
-    if not args.no_e2e:
-        run_stage("e2e_qlora_step", later.get("e2e_qlora_step", 0.0), deadline, results,
-                  lambda: run_e2e_rows(args, results))
-    if not args.no_optim:
-        run_stage("optimizer", later.get("optimizer", 0.0), deadline, results,
+    needs = stage_seconds(args) if on_cuda else {}
+    if not args.no_optim:  # before the end-to-end step: the optimizer rows are required, the step optional (--quick)
+        run_stage("optimizer", needs.get("optimizer", 0.0), deadline, results,
                   lambda: run_optimizer_rows(args, results))
+    if not args.no_e2e:
+        run_stage("e2e_qlora_step", needs.get("e2e_qlora_step", 0.0), deadline, results,
+                  lambda: run_e2e_rows(args, results))
     results.data["wall_s"] = time.monotonic() - start
     results.flush()
     print(summary_table(results.data))
