@@ -4,6 +4,7 @@ inputs, odd shapes and ranks, fp32/fp16 (bf16 on the reference only: the Triton 
 
 import pytest
 import torch
+from test_kernels_paths import PATHS  # the strategy thresholds that send every NF4 call down one path
 
 import fused_lora as fl
 from fused_lora import dora, reference
@@ -179,13 +180,6 @@ def test_triton_backward_folds_c_into_the_nf4_block_scales(monkeypatch, interpre
         # when W cannot be row-scaled.
         assert [bias is not None for bias in scale_calls] == ([True] if folded else [False])
         assert bool(scaled_calls) and (real_scaled(weight, torch.ones(41)) is not None) == folded
-
-
-PATHS = {  # strategy thresholds that send every NF4 call down one path (as tests/test_kernels_paths.py)
-    "decode": {"decode_max_m": 64, "large_min_m": 10**9},
-    "middle": {"decode_max_m": 0, "large_min_m": 10**9},
-    "large": {"decode_max_m": 0, "large_min_m": 1, "workspace_bytes": 8 * 1024, "slab_overlap": False},
-}
 
 
 @pytest.mark.parametrize("nf4, K", WEIGHTS, ids=["dense", "nf4-ragged", "nf4-aligned"])

@@ -51,10 +51,17 @@ def _run_and_check(M, K, N, r, dtype, base, bias, p, adapter_dtype=torch.float32
     assert lora.unsupported_reason(x, weight, A, B, b, p) is None
     y, u = lora.forward(x, weight, A, B, SCALING, b, p, 31337)
     grads = lora.backward(g, x, weight, A, B, SCALING, p, 31337, u, True, True, True, b is not None)
-    m = lora.dropout_mask(31337, M, K, p, "cuda") if p > 0 else None
-    ref = _reference(x, w_compute, A, B, b, g, None if m is None else m.double(), lambda t: t.double())
-    plain = _reference(x, w_compute, A, B, b, g, None if m is None else m.to(dtype), lambda t: t)
-    for name, ours, plain_t, ref_t in zip(("y", "u", "dx", "dA", "dB", "db"), (y, u) + grads, plain, ref):
+    _assert_outputs_match_reference(lora, 31337, p, (x, w_compute, A, B, b, g), (y, u) + grads, dtype)
+
+
+def _assert_outputs_match_reference(lora, seed, p, inputs, outputs, dtype):
+    """outputs = (y, u, dx, dA, dB, db) of the kernels for inputs = (x, w_compute, A, B, b, g), with the dropout mask
+    of ``seed``, against the float64 reference by the tolerance rule (plain PyTorch in ``dtype`` beside it)."""
+    x = inputs[0]
+    m = lora.dropout_mask(seed, x.shape[0], x.shape[1], p, "cuda") if p > 0 else None
+    ref = _reference(*inputs, None if m is None else m.double(), lambda t: t.double())
+    plain = _reference(*inputs, None if m is None else m.to(dtype), lambda t: t)
+    for name, ours, plain_t, ref_t in zip(("y", "u", "dx", "dA", "dB", "db"), outputs, plain, ref):
         if ref_t is not None:
             assert_close_to_reference(name, ours, plain_t, ref_t, dtype)
 

@@ -6,7 +6,7 @@ path's workspace bounded. DESIGN's tolerance rule against the float64 reference 
 
 import pytest
 import torch
-from test_kernels_gpu import SCALING, _layer, _reference
+from test_kernels_gpu import SCALING, _assert_outputs_match_reference, _layer
 
 import fused_lora as fl
 from fused_lora.testing import assert_close_to_reference
@@ -62,12 +62,7 @@ def _check(M, K, N, r, dtype, base, bias, p, path, monkeypatch, adapter_dtype=to
     if path == "large" and base == "dense":
         expected = "launch_gemm"
     assert calls and all(c.startswith(expected) for c in calls), calls
-    m = lora.dropout_mask(4321, M, K, p, "cuda") if p > 0 else None
-    ref = _reference(x, w_compute, A, B, b, g, None if m is None else m.double(), lambda t: t.double())
-    plain = _reference(x, w_compute, A, B, b, g, None if m is None else m.to(dtype), lambda t: t)
-    for name, ours, plain_t, ref_t in zip(("y", "u", "dx", "dA", "dB", "db"), (y, u) + grads, plain, ref):
-        if ref_t is not None:
-            assert_close_to_reference(name, ours, plain_t, ref_t, dtype)
+    _assert_outputs_match_reference(lora, 4321, p, (x, w_compute, A, B, b, g), (y, u) + grads, dtype)
 
 
 @pytest.mark.parametrize("base", ["nf4-dq", "dense"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..kernels.lora_fwd import grouped_tile
 from .offline_compile import Job, Ptr
 
 __all__ = ["dense_gemm_kernel", "baseline_job"]
@@ -40,15 +41,9 @@ def dense_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """c[rows, cols] = Σ_k a[rows, k]·b[k, cols]; 1-D grouped grid (Triton's matmul tutorial)."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_pid_m = (pid // group_size) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % group_size) % group_rows
-    pid_n = (pid % group_size) // group_rows
+    """c[rows, cols] = Σ_k a[rows, k]·b[k, cols]; 1-D grouped grid (Triton's matmul tutorial), the fused GEMMs' own
+    tile order (lora_fwd.grouped_tile)."""
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
