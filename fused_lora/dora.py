@@ -29,9 +29,9 @@ Backends (``backend`` as in ``lora_linear``): "reference" runs the twin below. A
 "cpu" where it exists) composes the backend's own kernels (``_ComposedDora``): without dropout, on Triton the fused
 LoRA GEMM's epilogue writes both z = x·Wᵀ + s·u·Bᵀ and y = c⊙z + b from its fp32 accumulator (the per-row scale in
 the epilogue; at decode sizes the decode kernels give z and one fp32 pass y); elsewhere the backend's fused forward
-gives z and one pass y = c⊙z + b follows; z is kept for dmag. The backward runs the LoRA backward kernels over (c⊙W, A, c⊙B) with
-c folded into an NF4 weight's block scales (no copy of W), or over (W, A, B) with c⊙g for a dense W; dmag is one
-column reduction of g⊙z. Without a magnitude gradient (inference) an NF4 layer is one fused pass over (c⊙W, c⊙B).
+gives z and one pass y = c⊙z + b follows; z is kept for dmag. The backward runs the LoRA backward kernels over
+(c⊙W, A, c⊙B) with c folded into an NF4 weight's block scales (no copy of W), or over (W, A, B) with c⊙g for a dense
+W; dmag is one column reduction of g⊙z. Without a magnitude gradient (inference) an NF4 layer is one fused pass over (c⊙W, c⊙B).
 W·Aᵀ for the norm is the frozen kernel over the r rows of A. With dropout, PEFT's second frozen product x_d·Wᵀ
 runs on ``frozen_forward`` and the rest in PyTorch (M×N and M×K temporaries). No N×K copy of W is made per step
 (‖W_n‖² is computed once, from one dequantized copy).
@@ -346,8 +346,9 @@ class _ComposedDora:
     (fused_lora/kernels/dora.py on the Triton backend).
 
     Without dropout: forward z = x·Wᵀ + s·u·Bᵀ and y = c⊙z + b (``ops.forward_scaled``: on Triton both from the GEMM's
-    epilogue, elsewhere the fused forward then one scale_columns pass; z kept for dmag), or, when mag needs no gradient and W is NF4 with K a multiple of the blocksize, y in one fused pass over
-    (c⊙W, A, c⊙B) (``row_scaled_nf4``: c folded into the block scales). Backward: the LoRA backward kernels over
+    epilogue, elsewhere the fused forward then one scale_columns pass; z kept for dmag), or, when mag needs no
+    gradient and W is NF4 with K a multiple of the blocksize, y in one fused pass over (c⊙W, A, c⊙B)
+    (``row_scaled_nf4``: c folded into the block scales). Backward: the LoRA backward kernels over
     (c⊙W, A, c⊙B) with g itself (dB = c⊙dB'), or, for a dense W or ragged NF4 blocks, over (W, A, B) with c⊙g;
     dmag = column_dot(g, z) / n. With dropout, PEFT's second frozen product x_d·Wᵀ runs on ``frozen_forward`` and
     the combination in PyTorch."""

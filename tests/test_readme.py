@@ -68,7 +68,9 @@ def check_dora_mixed(ns):
         assert torch.allclose(row, want[0], rtol=1e-4, atol=1e-4), "each sample gets its own adapter's term"
 
 
-CHECKS = {"y": check_use, "y_mixed": check_dora_mixed, "trainer": check_recipe, "dpo": check_trl, "fsdp_model": check_fsdp}  # name -> check
+CHECKS = {  # name -> check
+    "y": check_use, "y_mixed": check_dora_mixed, "trainer": check_recipe, "dpo": check_trl, "fsdp_model": check_fsdp,
+}
 
 
 @pytest.fixture(scope="module")
