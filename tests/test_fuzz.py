@@ -49,6 +49,7 @@ settings.register_profile("ci", derandomize=True, **_PROFILE)
 settings.register_profile("long", derandomize=False, **_PROFILE)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 HALF_MAX = float(torch.finfo(torch.float16).max)
+FP32_EPS = torch.finfo(torch.float32).eps
 
 
 def _decode_nf4(w: NF4Weight) -> torch.Tensor:
@@ -152,6 +153,12 @@ def check_case(backend: str, case: dict) -> None:
         limit = HALF_MAX if out_dtypes[name] == torch.float16 else 3e38
         assume(bool(value.abs().max() < limit / 2))  # the exact value fits the output dtype
 
+    # The same sums over absolute values (|g| as the cotangent: every product positive): Σ|terms| of each output,
+    # whose ratio to the exact value is the condition of its cancellation.
+    abs_leaves = [t.detach().double().abs().requires_grad_() if t is not None else None for t in (x, A, B, b)]
+    y_abs = _expression(abs_leaves[0], w64.abs(), abs_leaves[1], abs_leaves[2], abs_leaves[3], m64, abs(s))
+    terms = {"y": y_abs.detach(), **_grads_of(y_abs, abs_leaves, g.double().abs())}
+
     # Plain PyTorch in x's dtype (adapters, W, bias and the mask cast to it), by autograd.
     plain_leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in (x, A, B, b)]
     y_plain = _expression(plain_leaves[0], w64.to(dtype), plain_leaves[1], plain_leaves[2], plain_leaves[3],
@@ -180,7 +187,12 @@ def check_case(backend: str, case: dict) -> None:
         assert got.dtype == out_dtypes[name], (name, got.dtype)
         assert bool(torch.isfinite(got).all()), f"{name}: non-finite values where the exact ones are finite"
         err = relative_error(got, value)
-        bound = 2.0 * min(relative_error(plain[name], value), 1.0) + ATOL[dtype]
+        # DESIGN's rule, plus two fp32 roundings of the largest terms where the exact value cancels them: every
+        # backend accumulates in fp32, and any fp32 summation order may differ from the oracle by that much (the
+        # plain PyTorch error can be luckily small there: x at M=K=r=1, N=25 with ‖terms‖/‖value‖ = 233 measured
+        # 6e-8 for plain and 2.4e-6 for the reference backend, under an fp32 bound of 1.1e-6 without this term)
+        cancellation = FP32_EPS * float(terms[name].norm() / value.norm().clamp_min(1e-300))
+        bound = 2.0 * min(relative_error(plain[name], value), 1.0) + ATOL[dtype] + 2.0 * cancellation
         assert err <= bound, f"{name}: relative error {err:.3e} > bound {bound:.3e} on {chosen} ({case})"
 
 

@@ -12,7 +12,7 @@ import torch
 import fused_lora as fl
 from fused_lora.testing import assert_close_to_reference, relative_error
 
-from test_kernels import SCALING, _check_all, _frozen_reference, _make_case
+from test_kernels import SCALING, _check_all, _frozen_reference, _make_case, _reference
 
 pytestmark = pytest.mark.usefixtures("interpret_triton")
 
@@ -193,6 +193,54 @@ def test_path_choice_follows_the_thresholds():
         assert [strategy.path(M, False, "cpu") for M in (16, 17, 10**5)] == ["decode", "middle", "middle"]
     with strategy.use_thresholds(decode_max_m=1000):
         assert strategy.path(65, True, "cpu") == "middle"  # the decode kernels hold at most 64 rows
+
+
+# ---------------------------------------------------------------- split low-rank dots (bf16 x on a GPU)
+
+SPLIT_CASES = [
+    # (M, K, N, r, dtype, base, adapter dtype, bias, dropout p, x layout, NF4 blocksize)
+    (13, 128, 72, 8, torch.float16, "nf4-dq", torch.float32, False, 0.2, "transposed", 32),
+    (17, 64, 40, 16, torch.float16, "dense", torch.float16, True, 0.3, "contiguous", 64),
+    (29, 96, 50, 20, torch.float16, "nf4", torch.float32, True, 0.0, "sliced", 32),  # r_pad 32: padded rank rows
+    (5, 128, 40, 100, torch.float16, "nf4", torch.float32, False, 0.1, "contiguous", 32),  # two programs along r
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=_id)
+@pytest.mark.parametrize("path", ["middle", "large"])
+def test_split_lowrank_dots_match_the_reference(path, case, monkeypatch, poison_empty):
+    """The u and v/dB kernels' split dots (lora_fwd.split_wide: 16-bit x or g times the hi and lo parts of the fp32
+    operand, bf16 on a GPU) run here with fp16 added to common.SPLIT_DTYPES: every output and gradient within the
+    tolerance rule, and the split taken by both kernels (lowrank_split answered True for u and for v/dB)."""
+    from fused_lora.kernels import common
+
+    M, K, N, r, dtype, base, adapter_dtype, bias, p, layout, blocksize = case
+    lora, strategy, *_ = _modules()
+    monkeypatch.setattr(common, "SPLIT_DTYPES", (torch.bfloat16, torch.float16))
+    answers = []
+    real = common.lowrank_split
+    monkeypatch.setattr(common, "lowrank_split", lambda *t: answers.append(real(*t)) or answers[-1])
+    x, weight, w_compute, A, B, b, g = _make_case(M, K, N, r, dtype, base, adapter_dtype, bias, layout, blocksize, M)
+    with strategy.use_thresholds(**PATHS[path]):
+        y, u = lora.forward(x, weight, A, B, SCALING, b, p, 77)
+        grads = lora.backward(g, x, weight, A, B, SCALING, p, 77, u, True, True, True, b is not None)
+    assert answers == [True, True]
+    m = lora.dropout_mask(77, M, K, p, "cpu") if p > 0 else None
+    _check_all((y, u) + grads, x, w_compute, A, B, b, g, m, dtype)
+    # finer than the rule: the fp32 results keep the lo parts (measured 2e-7; hi alone, like tf32, gives 2-3e-4)
+    ref = _reference(x, w_compute, A, B, b, g, None if m is None else m.double())
+    for name, ours, expected in (("u", u, ref[1]), ("dB", grads[2], ref[4])):
+        if ours.dtype == torch.float32:
+            assert relative_error(ours, expected) < 1e-5, name
+
+
+def test_split_wide_keeps_sixteen_bits_of_the_wide_operand():
+    """hi + lo of split_wide, in bf16, is within 2^-16 of the fp32 value (tf32 keeps 2^-11), checked on the CPU by
+    the same two roundings the kernel does."""
+    wide = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * torch.logspace(-30, 30, 4096)
+    hi = wide.to(torch.bfloat16)
+    lo = (wide - hi.float()).to(torch.bfloat16)
+    assert ((hi.float() + lo.float() - wide).abs() <= wide.abs() * 2.0**-16).all()
 
 
 # ---------------------------------------------------------------- deterministic mode

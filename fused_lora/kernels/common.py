@@ -49,6 +49,18 @@ def precisions(x, *adapters) -> dict:
     }
 
 
+# x dtypes whose low-rank dots in lora_u_kernel and lora_vdb_kernel split their fp32 operand in two (lora_fwd.split_dot):
+# bf16 only, whose range is fp32's, so hi and lo never overflow (an fp16 hi would above 65504, and an fp16 lo
+# flushes to zero below 6e-8). Tests add fp16 to run the split code under the CPU interpreter.
+SPLIT_DTYPES = (torch.bfloat16,)
+
+
+def lowrank_split(x, *operands) -> bool:
+    """LOWRANK_SPLIT of the u and v/dB kernels: x's dtype in SPLIT_DTYPES and every low-rank operand (A, B, u; None
+    skipped) fp32 or x's dtype."""
+    return x.dtype in SPLIT_DTYPES and all(t.dtype in (torch.float32, x.dtype) for t in operands if t is not None)
+
+
 # ---------------------------------------------------------------------------------------------- NF4 scales
 
 

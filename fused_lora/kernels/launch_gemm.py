@@ -40,18 +40,20 @@ def compute_u(x2d, A, dropout_p, seed, precisions) -> torch.Tensor:
     M, K = x2d.shape
     r = A.shape[0]
     r_pad = rank_pad(r)
-    block_r = min(r_pad, 64)
+    split = common.lowrank_split(x2d, A)
+    # With the split the dot is transposed, A's hi and lo rows first: a wgmma needs at least 64 of them
+    block_r = max(32, min(r_pad, 64)) if split else min(r_pad, 64)
     block_m = 16 if interpreting() else min(64, max(16, triton.next_power_of_2(M)))
     block_k = 32 if interpreting() else 64
-    programs = triton.cdiv(M, block_m) * (r_pad // block_r)
+    programs = triton.cdiv(M, block_m) * triton.cdiv(r_pad, block_r)
     splits, k_per_split = _splits(K, block_k, programs, x2d.device)
     parts = torch.empty((splits, M, r), device=x2d.device, dtype=torch.float32)
-    lora_u_kernel[(triton.cdiv(M, block_m), r_pad // block_r, splits)](
+    lora_u_kernel[(triton.cdiv(M, block_m), triton.cdiv(r_pad, block_r), splits)](
         x2d, A, parts, M, K, r, k_per_split,
         x2d.stride(0), x2d.stride(1), A.stride(0), A.stride(1), *parts.stride(),
         **dropout_args(dropout_p, seed), DROPOUT=dropout_p > 0.0,
         LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
+        LOWRANK_SPLIT=split, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
     return common.fixed_order_sum(parts)
 
@@ -197,7 +199,7 @@ def _launch_vdb_atomic(g, precisions, v, dB32, db, B, u, scaling):
         g.stride(0), g.stride(1), *strides(B), *strides(u), *strides(v), *strides(dB32), float(scaling),
         NEED_V=v is not None, NEED_DB_LORA=dB32 is not None, NEED_DB_BIAS=db is not None,
         LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
-        R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        LOWRANK_SPLIT=common.lowrank_split(g, B, u), R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
     )  # fmt: skip
 
 

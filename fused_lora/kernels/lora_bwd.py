@@ -20,13 +20,19 @@ is the full layer's: m[i, mask_col0 + j] of rows mask_width long.
 Reductions that cross programs (v and dB over split N, dA over M) are relaxed fp32 atomic adds into zeroed buffers
 (no memory fence; their order varies run to run). The deterministic mode replaces them with the split reductions
 of lora_reduce.py. Dot precision, the low-rank dtype and the NF4 lookup follow lora_fwd.py.
+
+lora_vdb_kernel's loop waits for its dB MMA every iteration: one pass over g reduces v over N inside a program and dB
+over M across programs, so every iteration's gᵀ·u leaves the loop at once (an atomic add), and Triton waits for a
+dot whose result is used inside the loop (carrying it to the next iteration waits all the same, tried with Triton
+3.9). With bf16 g (split dots, no conversion) the loop's loads stay pipelined and the kernel is bound by reading g
+(bench/results/offline/report.md).
 """
 
 import triton
 import triton.language as tl
 
 from .dropout import dropout_mask_tile
-from .lora_fwd import grouped_tile, load_weight_tile
+from .lora_fwd import fold_split, grouped_tile, load_weight_tile, split_wide
 from .nf4_lookup import nf4_lut
 
 
@@ -62,6 +68,7 @@ def lora_vdb_kernel(
     NEED_DB_BIAS: tl.constexpr,
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
+    LOWRANK_SPLIT: tl.constexpr,  # common.lowrank_split: 16-bit dots on g and lora_fwd.split_wide(B or u)
     R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -76,8 +83,9 @@ def lora_vdb_kernel(
     g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
     if NEED_DB_LORA:
         u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
-        u = tl.load(u_ptrs, mask=row_in_range & rank_in_range, other=0.0).to(LOWRANK_DTYPE)
-    v = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        u = tl.load(u_ptrs, mask=row_in_range & rank_in_range, other=0.0)
+        u = split_wide(u, g_ptr.dtype.element_ty) if LOWRANK_SPLIT else u.to(LOWRANK_DTYPE)
+    v = tl.zeros((BLOCK_M, 2 * R_PAD if LOWRANK_SPLIT else R_PAD), dtype=tl.float32)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=row_in_range & (offs_n[None, :] < N), other=0.0)
@@ -87,9 +95,15 @@ def lora_vdb_kernel(
                 mask=(offs_n[:, None] < N) & rank_in_range,
                 other=0.0,
             )
-            v = tl.dot(g.to(LOWRANK_DTYPE), b.to(LOWRANK_DTYPE), v, input_precision=LOWRANK_PRECISION)
+            if LOWRANK_SPLIT:
+                v = tl.dot(g, split_wide(b, g.dtype), v)
+            else:
+                v = tl.dot(g.to(LOWRANK_DTYPE), b.to(LOWRANK_DTYPE), v, input_precision=LOWRANK_PRECISION)
         if NEED_DB_LORA:
-            db_lora = tl.dot(tl.trans(g.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
+            if LOWRANK_SPLIT:
+                db_lora = fold_split(tl.dot(tl.trans(g), u))
+            else:
+                db_lora = tl.dot(tl.trans(g.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
             tl.atomic_add(
                 db_lora_ptr + offs_n[:, None] * stride_dbn + offs_r[None, :] * stride_dbr,
                 scaling * db_lora,
@@ -99,6 +113,8 @@ def lora_vdb_kernel(
         if NEED_DB_BIAS:
             tl.atomic_add(db_bias_ptr + offs_n, tl.sum(g.to(tl.float32), axis=0), mask=offs_n < N, sem="relaxed")
     if NEED_V:
+        if LOWRANK_SPLIT:
+            v = fold_split(v)
         v_ptrs = v_ptr + offs_m.to(tl.int64)[:, None] * stride_vm + offs_r[None, :] * stride_vr
         tl.atomic_add(v_ptrs, v, mask=row_in_range & rank_in_range, sem="relaxed")
 

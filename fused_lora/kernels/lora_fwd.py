@@ -41,7 +41,8 @@ promotion of fp32, x, A and B, as the reference's low-rank path): m⊙x, u and v
 their range. fp32 dots use IEEE fp32 when x is fp32 (the tolerance rule compares with plain fp32 PyTorch); with
 fp16/bf16 x they use tf32, whose 10-bit mantissa holds fp16/bf16 operands exactly and is finer than the rounding of
 the fp16/bf16 output the low-rank term is added to. The low-rank dots are a small share of the work (r ≪ N, K), so
-tf32's rate costs little.
+tf32's rate costs little. With bf16 x the u and v/dB kernels split their fp32 operand instead (LOWRANK_SPLIT,
+common.lowrank_split): w = hi + lo in bf16 (split_wide), two bf16 MMAs on x or g as stored, 16 mantissa bits of w.
 """
 
 import triton
@@ -179,6 +180,38 @@ def load_weight_tile(
 
 
 @triton.jit
+def split_wide(wide, NARROW: tl.constexpr):
+    """[rows, C] fp32 -> [rows, 2C] in the 16-bit dtype NARROW: column 2c = hi_c = round(wide[:, c]), column
+    2c + 1 = lo_c = round(wide[:, c] - hi_c). hi + lo keeps 16 mantissa bits of wide (tf32 keeps 10)."""
+    hi = wide.to(NARROW)
+    lo = (wide.to(tl.float32) - hi.to(tl.float32)).to(NARROW)
+    return tl.reshape(tl.join(hi, lo), (wide.shape[0], 2 * wide.shape[1]))
+
+
+@triton.jit
+def split_wide_rows(wide, NARROW: tl.constexpr):
+    """split_wide along rows: [R, C] fp32 -> [2R, C] in NARROW, row 2i = hi_i, row 2i + 1 = lo_i (built directly,
+    not as split_wide's transpose: that layout makes ptxas reuse the wgmma's operand registers and wait for it)."""
+    hi = wide.to(NARROW)
+    lo = (wide.to(tl.float32) - hi.to(tl.float32)).to(NARROW)
+    return tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (2 * wide.shape[0], wide.shape[1]))
+
+
+@triton.jit
+def fold_split_rows(acc):
+    """[2R, C] accumulator of split_wide_rows(wide)·narrow -> [R, C]: the hi and lo rows summed (fp32)."""
+    hi, lo = tl.split(tl.permute(tl.reshape(acc, (acc.shape[0] // 2, 2, acc.shape[1])), (0, 2, 1)))
+    return hi + lo
+
+
+@triton.jit
+def fold_split(acc):
+    """[rows, 2C] accumulator of narrow·split_wide(wide) -> [rows, C]: the hi and lo products summed (fp32)."""
+    hi, lo = tl.split(tl.reshape(acc, (acc.shape[0], acc.shape[1] // 2, 2)))
+    return hi + lo
+
+
+@triton.jit
 def lora_u_kernel(
     # pointers
     x_ptr,  # (M, K) compute dtype
@@ -205,26 +238,41 @@ def lora_u_kernel(
     DROPOUT: tl.constexpr,
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
+    LOWRANK_SPLIT: tl.constexpr,  # common.lowrank_split: 16-bit dots on x and split_wide(A)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     """u_part[s, rows, ranks] = Σ_{k in split s} (m⊙x)[rows, k] · A[ranks, k]; grid (M / BLOCK_M, r_pad / BLOCK_R,
-    splits). The launcher sums the splits in a fixed order (u = Σ_s u_part[s]), so u is reproducible."""
+    splits). The launcher sums the splits in a fixed order (u = Σ_s u_part[s]), so u is reproducible.
+    With LOWRANK_SPLIT the dots take x in its own 16-bit dtype (exact) and A as split_wide's hi and lo, accumulated in
+    separate columns and summed after the loop (fold_split): one MMA chain from shared memory that keeps a wgmma in
+    flight. With dropout the dots take the kept entries of x and u_part is scaled by 1/(1-p) once at the end:
+    Σ_k (m⊙x)·A = 1/(1-p) · Σ_{k kept} x·A."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     k_start = tl.program_id(2) * K_PER_SPLIT
     k_end = min(k_start + K_PER_SPLIT, K)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    u = tl.zeros((2 * BLOCK_R, BLOCK_M) if LOWRANK_SPLIT else (BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         if DROPOUT:
-            x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, k0, K, p, keep_scale, BLOCK_K)
+            if LOWRANK_SPLIT:
+                x = tl.where(dropout_mask_tile(seed, offs_m, k0, K, p, 1.0, BLOCK_K) != 0.0, x, 0.0).to(x.dtype)
+            else:
+                x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, k0, K, p, keep_scale, BLOCK_K)
         a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
         a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
-        u = tl.dot(x.to(LOWRANK_DTYPE), tl.trans(a.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
+        if LOWRANK_SPLIT:  # transposed, A's split rows as the register operand: uᵀ += [hi; lo]·xᵀ
+            u = tl.dot(split_wide_rows(a, x.dtype), tl.trans(x), u)
+        else:
+            u = tl.dot(x.to(LOWRANK_DTYPE), tl.trans(a.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
+    if LOWRANK_SPLIT:
+        u = tl.trans(fold_split_rows(u))
+        if DROPOUT:
+            u = u * keep_scale
     u_ptrs = u_ptr + tl.program_id(2) * stride_us + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
     tl.store(u_ptrs, u, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
