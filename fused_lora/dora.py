@@ -30,8 +30,10 @@ Backends (``backend`` as in ``lora_linear``): "reference" runs the twin below. A
 LoRA GEMM's epilogue writes both z = x·Wᵀ + s·u·Bᵀ and y = c⊙z + b from its fp32 accumulator (the per-row scale in
 the epilogue; at decode sizes the decode kernels give z and one fp32 pass y); elsewhere the backend's fused forward
 gives z and one pass y = c⊙z + b follows; z is kept for dmag. The backward runs the LoRA backward kernels over
-(c⊙W, A, c⊙B) with c folded into an NF4 weight's block scales (no copy of W), or over (W, A, B) with c⊙g for a dense
-W; dmag is one column reduction of g⊙z. Without a magnitude gradient (inference) an NF4 layer is one fused pass over (c⊙W, c⊙B).
+(c⊙W, A, c⊙B) with c folded into an NF4 weight's block scales (no copy of W), or, for a dense W or ragged NF4 blocks,
+over (W, A, B) with c⊙g: on Triton c inside the kernels (v = g·(c⊙B), dB = c⊙(s·gᵀ·u), c⊙g in the dx GEMM's main
+loop: no M×N pass), elsewhere one c⊙g pass; db comes from the backward's own pass over g; dmag is one column
+reduction of g⊙z. Without a magnitude gradient (inference) an NF4 layer is one fused pass over (c⊙W, c⊙B).
 W·Aᵀ for the norm is the frozen kernel over the r rows of A. With dropout, PEFT's second frozen product x_d·Wᵀ
 runs on ``frozen_forward`` and the rest in PyTorch (M×N and M×K temporaries). No N×K copy of W is made per step
 (‖W_n‖² is computed once, from one dequantized copy).
@@ -320,6 +322,11 @@ def row_scaled_nf4(weight: NF4Weight, c: torch.Tensor) -> NF4Weight | None:
     return NF4Weight(weight.packed, weight.shape, weight.dtype, weight.blocksize, weight.code, absmax.reshape(-1))
 
 
+def _sum_rows(g: torch.Tensor) -> torch.Tensor:
+    """db = Σ_M g in at least fp32."""
+    return g.to(torch.promote_types(g.dtype, torch.float32)).sum(0)
+
+
 class _TorchOps:
     """scale_columns / column_dot / forward_scaled in PyTorch (fp32 temporaries), for composed backends without DoRA
     kernels."""
@@ -329,6 +336,13 @@ class _TorchOps:
         """(y, u, z): z = x·Wᵀ + s·u·Bᵀ by the backend's fused forward, then y = c⊙z + b in one pass."""
         z, u = impl.forward(x2d, weight, A, B, s, None, 0.0, 0)
         return cls.scale_columns(z, c, bias, x2d.dtype), u, z
+
+    @classmethod
+    def backward_scaled(cls, impl, g, x2d, weight, A, B, s, u, c, need_dx, need_dA, need_dB, need_db):
+        """(dx, dA, dB, db): the backend's LoRA backward of c⊙g (one M×N pass), db = Σ_M g."""
+        cg = cls.scale_columns(g, c, None, g.dtype)
+        dx, dA, dB, _ = impl.backward(cg, x2d, weight, A, B, s, 0.0, 0, u, need_dx, need_dA, need_dB, False)
+        return dx, dA, dB, (_sum_rows(g) if need_db else None)
 
     @staticmethod
     def scale_columns(z, c, bias=None, out_dtype=None):
@@ -349,8 +363,8 @@ class _ComposedDora:
     epilogue, elsewhere the fused forward then one scale_columns pass; z kept for dmag), or, when mag needs no
     gradient and W is NF4 with K a multiple of the blocksize, y in one fused pass over (c⊙W, A, c⊙B)
     (``row_scaled_nf4``: c folded into the block scales). Backward: the LoRA backward kernels over
-    (c⊙W, A, c⊙B) with g itself (dB = c⊙dB'), or, for a dense W or ragged NF4 blocks, over (W, A, B) with c⊙g;
-    dmag = column_dot(g, z) / n. With dropout, PEFT's second frozen product x_d·Wᵀ runs on ``frozen_forward`` and
+    (c⊙W, A, c⊙B) with g itself (dB = c⊙dB'), or, for a dense W or ragged NF4 blocks, over (W, A, B) with c⊙g
+    (``ops.backward_scaled``: c inside the kernels on Triton, one c⊙g pass elsewhere); dmag = column_dot(g, z) / n. With dropout, PEFT's second frozen product x_d·Wᵀ runs on ``frozen_forward`` and
     the combination in PyTorch."""
 
     def __init__(self, impl, ops=_TorchOps):
@@ -395,16 +409,15 @@ class _ComposedDora:
         c = _scale(mag, norm)
         dx = dA = dB = dmag = db = None
         if dropout_p == 0.0:
-            if need_dx or need_dA or need_dB:
+            if need_dx or need_dA or need_dB or need_db:
                 scaled = self._scaled(weight, B, c)
-                if scaled is not None:
-                    dx, dA, dB, _ = self.impl.backward(g, x2d, scaled[0], A, scaled[1], s, 0.0, 0, u, need_dx,
-                                                       need_dA, need_dB, False)
+                if scaled is not None:  # g itself; db from the same pass over g
+                    dx, dA, dB, db = self.impl.backward(g, x2d, scaled[0], A, scaled[1], s, 0.0, 0, u, need_dx,
+                                                        need_dA, need_dB, need_db)
                     dB = None if dB is None else (c[:, None] * dB.to(L)).to(B.dtype)
                 else:
-                    cg = self.ops.scale_columns(g, c, None, g.dtype)
-                    dx, dA, dB, _ = self.impl.backward(cg, x2d, weight, A, B, s, 0.0, 0, u, need_dx, need_dA,
-                                                       need_dB, False)
+                    dx, dA, dB, db = self.ops.backward_scaled(self.impl, g, x2d, weight, A, B, s, u, c, need_dx,
+                                                              need_dA, need_dB, need_db)
             if need_dmag:
                 dmag = (self.ops.column_dot(g, z).to(L) / norm).to(mag.dtype)
         else:
@@ -424,8 +437,8 @@ class _ComposedDora:
             if need_dmag:
                 zd = z.to(L) + s * (u.to(L) @ B_L.t())
                 dmag = ((g_L * zd).sum(0) / norm).to(mag.dtype)
-        if need_db:
-            db = g.to(torch.promote_types(g.dtype, torch.float32)).sum(0)
+        if need_db and db is None:
+            db = _sum_rows(g)
         return dx, dA, dB, dmag, db
 
 

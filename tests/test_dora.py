@@ -163,7 +163,7 @@ def test_triton_backend_matches_peft_formula_in_float64(dtype, p, nf4, K, interp
 
 def test_triton_backward_folds_c_into_the_nf4_block_scales(monkeypatch, interpret_triton):
     """K a multiple of the blocksize: the LoRA backward kernels run over c⊙W (W's codes, scales times c) and c⊙B
-    with g itself, no c⊙g; ragged blocks take c⊙g (scale_columns) instead."""
+    with g itself; ragged blocks take c inside the kernels (lora.backward's col_scale). Neither makes a c⊙g pass."""
     from fused_lora.kernels import dora as dora_kernels
 
     scaled_calls, scale_calls = [], []
@@ -176,9 +176,8 @@ def test_triton_backward_folds_c_into_the_nf4_block_scales(monkeypatch, interpre
         y, leaves = _run(x, weight, A, B, mag, b, 0.0, "triton")
         torch.autograd.grad(y.sum(), leaves)
         # forward (M=9): the decode kernels give z, then y = c⊙z + b in one pass (with the bias) where W has whole
-        # blocks per row; ragged blocks take the GEMM, whose epilogue writes y itself. Backward: c⊙g (no bias) only
-        # when W cannot be row-scaled.
-        assert [bias is not None for bias in scale_calls] == ([True] if folded else [False])
+        # blocks per row; ragged blocks take the GEMM, whose epilogue writes y itself. Backward: no pass.
+        assert [bias is not None for bias in scale_calls] == ([True] if folded else [])
         assert bool(scaled_calls) and (real_scaled(weight, torch.ones(41)) is not None) == folded
 
 
@@ -189,7 +188,8 @@ def test_training_forward_scales_in_the_gemm_epilogue_on_every_path(monkeypatch,
                                                                     interpret_triton):
     """The training forward (mag needs a gradient, so z is kept): the GEMM's epilogue (middle and large paths) writes
     z and y = c⊙z + b from one fp32 accumulator, no scale_columns pass; the decode kernels give z and one pass gives
-    y. Output and every gradient against PEFT's formula in float64."""
+    y. The backward takes c inside its kernels (no c⊙g pass) except on the decode path over W's own rows (one pass,
+    M ≤ 64). Output and every gradient against PEFT's formula in float64."""
     from fused_lora.kernels import dora as dora_kernels
     from fused_lora.kernels import lora, strategy
 
@@ -208,6 +208,9 @@ def test_training_forward_scales_in_the_gemm_epilogue_on_every_path(monkeypatch,
     assert taken and set(taken) == {expected}, taken
     forward_passes = [with_bias for with_bias in forward_calls if with_bias]  # the backward's c⊙g has no bias
     assert len(forward_passes) == (1 if expected == "decode" else 0), (expected, forward_calls)
+    folded = nf4 and K % weight.blocksize == 0  # the backward runs over c⊙W, c⊙B with g itself
+    backward_passes = len(forward_calls) - len(forward_passes)
+    assert backward_passes == (1 if expected == "decode" and not folded else 0), (expected, forward_calls)
 
 
 def test_scaled_forward_writes_z_and_y_from_one_accumulator(interpret_triton):

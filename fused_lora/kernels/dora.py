@@ -1,4 +1,5 @@
-"""The two small kernels DoRA adds beside the fused LoRA GEMMs (fused_lora/dora.py uses them on the Triton backend).
+"""The two small kernels DoRA adds beside the fused LoRA GEMMs (fused_lora/dora.py uses them on the Triton backend),
+and its entry points into those GEMMs (forward_scaled, backward_scaled: c in the GEMMs themselves).
 
     scale_columns:  y[m, n] = c[n]·z[m, n] + b[n]     (DoRA's per-row scale of W, i.e. per column of y, then the bias)
     column_dot:     d[n]    = Σ_m g[m, n]·z[m, n]      (dmag's reduction over the rows of the batch)
@@ -16,7 +17,7 @@ import triton.language as tl
 
 from .common import device_guard
 
-__all__ = ["scale_columns", "column_dot"]
+__all__ = ["scale_columns", "column_dot", "forward_scaled", "backward_scaled"]
 
 
 @triton.jit
@@ -115,6 +116,12 @@ def column_dot(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         column_dot_kernel[(splits, column_blocks)](g, z, partial, M, N, g.stride(0), z.stride(0), rows_per_program,
                                                    BLOCK_M=block_m, BLOCK_N=block_n)
     return partial.sum(0)
+
+
+def backward_scaled(impl, g, x2d, weight, A, B, s, u, c, need_dx, need_dA, need_dB, need_db):
+    """(dx, dA, dB, db) of DoRA's backward without dropout: the LoRA backward of c⊙g with c inside the kernels, no
+    M×N pass (``fused_lora.kernels.lora.backward`` with col_scale); db = Σ_M g."""
+    return impl.backward(g, x2d, weight, A, B, s, 0.0, 0, u, need_dx, need_dA, need_dB, need_db, col_scale=c)
 
 
 def forward_scaled(impl, x2d, weight, A, B, s, bias, c):

@@ -42,7 +42,7 @@ def compute_u(x2d, A, dropout_p, seed, precisions) -> torch.Tensor:
     r_pad = rank_pad(r)
     split = common.lowrank_split(x2d, A)
     # With the split the dot is transposed, A's hi and lo rows first: a wgmma needs at least 64 of them
-    block_r = max(32, min(r_pad, 64)) if split else min(r_pad, 64)
+    block_r = 32 if split else min(r_pad, 64)
     block_m = 16 if interpreting() else min(64, max(16, triton.next_power_of_2(M)))
     block_k = 32 if interpreting() else 64
     programs = triton.cdiv(M, block_m) * triton.cdiv(r_pad, block_r)
@@ -99,10 +99,11 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=No
 
 
 def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, scaling=0.0, dropout_p=0.0, seed=0,
-              mask_col0=0, mask_width=None):  # fmt: skip
+              mask_col0=0, mask_width=None, col_scale=None):  # fmt: skip
     """lora_dx_kernel: dx = g·deq(W) (when dx is given), plus s·m⊙(v·A) and dA32 += s·vᵀ·(m⊙x) when the low-rank
     operands x2d, A, v are given (HAS_LORA). For a column slab (the large path) x2d, A, dx, dA32 are the slab's
-    column slices and (mask_col0, mask_width) place it in the layer's dropout mask."""
+    column slices and (mask_col0, mask_width) place it in the layer's dropout mask. With ``col_scale`` (c, (N,)
+    fp32; COL_SCALE) the GEMM reads c⊙g instead of g."""
     import triton
 
     from .lora_bwd import lora_dx_kernel
@@ -116,12 +117,13 @@ def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, sc
     kernel, meta = common.gemm(lora_dx_kernel, g, "BLOCK_K", "BLOCK_N", ("da_ptr",) if dA32 is not None else ())
     grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)  # noqa: E731
     kernel[grid](
-        g, *w.pointers, x2d, A, v, dx, dA32,
+        g, *w.pointers, x2d, A, v, dx, dA32, col_scale,
         M, N, K, r, m_bucket(M),
         g.stride(0), g.stride(1), w.stride_wn, w.stride_wk,
         *strides(x2d), *strides(A), *strides(v), *strides(dx), *strides(dA32), float(scaling),
         **dropout_args(dropout_p, seed), mask_col0=int(mask_col0), mask_width=int(K if mask_width is None else mask_width),
         NEED_DX=dx is not None, NEED_DA=dA32 is not None, DROPOUT=dropout_p > 0.0, HAS_LORA=has_lora,
+        COL_SCALE=col_scale is not None,
         **w.constexprs, LOOKUP=common.lookup_mode(weight, g.dtype), W_FIRST=common.w_first(weight, g.dtype),
         **precisions, R_PAD=r_pad,
         R_CHUNK=min(r_pad, 64), **meta, **common.compile_options(weight),

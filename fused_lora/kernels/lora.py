@@ -227,13 +227,16 @@ def frozen_forward(x2d, weight, bias):
     return y
 
 
-def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA, need_dB, need_db):
+def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA, need_dB, need_db, col_scale=None):
     """Fused backward of the LoRA layer (W is frozen: no dW).
 
     Args:
         g: (M, N) ∂L/∂y in x's dtype, any strides. x2d, weight, A, B, scaling, dropout_p, seed: as in ``forward``
             (the same seed, so the kernels regenerate the same mask). u: (M, r) fp32 from ``forward``.
         need_dx, need_dA, need_dB, need_db: which gradients to compute.
+        col_scale: None, or c (N,) (DoRA's backward without dropout, fused_lora/dora.py): the LoRA backward of
+            c⊙g without an M×N pass over it: v = g·(c⊙B), dB = c⊙(s·gᵀ·u), dx = (c⊙g)·deq(W) + s·v·A with the
+            scaling inside the dx GEMM's main loop (at decode sizes one c⊙g pass, M ≤ 64); db stays Σ_M g.
     Returns:
         (dx (M, K) x's dtype, dA (r, K) A's dtype, dB (N, r) B's dtype, db (N,) fp32), None where not needed.
 
@@ -255,18 +258,26 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
     precisions = _precisions(x2d, A, B)
     route = _path(M, weight, device)
     dA32 = None
+    c = None if col_scale is None else col_scale.detach().to(torch.float32).contiguous()
     with device_guard(x2d):
-        v, dB32, db = launch_gemm.launch_vdb(g, precisions, need_v, need_dB, need_db, B=B, u=u, scaling=scaling) \
+        B_v = B if c is None else B.to(torch.float32) * c[:, None]  # (c⊙g)·B = g·(c⊙B)
+        v, dB32, db = launch_gemm.launch_vdb(g, precisions, need_v, need_dB, need_db, B=B_v, u=u, scaling=scaling) \
             if (need_v or need_dB or need_db) else (None, None, None)
+        if c is not None and dB32 is not None:
+            dB32 = dB32 * c[:, None]  # s·(c⊙g)ᵀ·u = c⊙(s·gᵀ·u), row by row
         lowrank = {"x2d": x2d, "A": A, "v": v, "scaling": scaling, "dropout_p": dropout_p, "seed": seed}
         if route == "decode" and need_v:
+            if c is not None:
+                from .dora import scale_columns
+
+                g = scale_columns(g, c, None, g.dtype)
             dA32 = launch_decode.dx(g, weight, dx, precisions, need_dA=need_dA, **lowrank)
         elif need_dx:
             # dA rides on the dx GEMM with relaxed atomics, or (deterministic mode) takes its split reduction
             fused_dA = need_dA and not strategy.deterministic()
             dA32 = torch.zeros((r, K), device=device, dtype=torch.float32) if fused_dA else None
             launcher = launch_slab.launch_dx if route == "large" else launch_gemm.launch_dx
-            launcher(g, weight, dx, precisions, dA32=dA32, **lowrank)
+            launcher(g, weight, dx, precisions, dA32=dA32, col_scale=c, **lowrank)
         if need_dA and dA32 is None:
             dA32 = launch_gemm.da_split(x2d, v, r, precisions, scaling, dropout_p, seed)
 

@@ -134,6 +134,7 @@ def lora_dx_kernel(
     v_ptr,  # (M, r) fp32 from lora_vdb_kernel
     dx_ptr,  # (M, K) compute dtype output
     da_ptr,  # dA (r, K) fp32 output, zeroed (relaxed atomic adds)
+    col_scale_ptr,  # c (N,) fp32 with COL_SCALE (None otherwise)
     # sizes
     M,
     N,
@@ -167,6 +168,7 @@ def lora_dx_kernel(
     NEED_DA: tl.constexpr,  # only with HAS_LORA
     DROPOUT: tl.constexpr,  # only with HAS_LORA
     HAS_LORA: tl.constexpr,  # False: dx = g·deq(W) only
+    COL_SCALE: tl.constexpr,  # the main loop reads c⊙g (DoRA's backward) instead of g
     IS_NF4: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
@@ -184,7 +186,8 @@ def lora_dx_kernel(
     BLOCK_K: tl.constexpr,  # output tile over K
     GROUP_M: tl.constexpr,
 ):
-    """dx[rows, cols] = (s·m⊙(v·A)[rows, cols] when HAS_LORA) + Σ_n g[rows, n]·deq(W)[n, cols], the low-rank term
+    """dx[rows, cols] = (s·m⊙(v·A)[rows, cols] when HAS_LORA) + Σ_n g'[rows, n]·deq(W)[n, cols] with g' = g, or
+    c⊙g (COL_SCALE: g[:, n]·c[n], DoRA's backward with v = (c⊙g)·B from lora_vdb_kernel over c⊙B), the low-rank term
     accumulated first; dA[:, cols] += s·v[rows]ᵀ·(m⊙x)[rows, cols] (NEED_DA, relaxed atomics, before the loop).
 
     With W_FIRST W's tile is the first operand of the dot, as in lora_fwd: the accumulator is
@@ -253,6 +256,12 @@ def lora_dx_kernel(
                 IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, LOOKUP, lut, BLOCK_N, BLOCK_K,
                 COMPUTE_DTYPE,
             )  # fmt: skip
+            if COL_SCALE:  # c⊙g rounded to the compute dtype, as an M×N pass would store it (W's rows with W_FIRST)
+                c = tl.load(col_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+                if W_FIRST:
+                    w = (w.to(tl.float32) * c[:, None]).to(COMPUTE_DTYPE)
+                else:
+                    g = (g.to(tl.float32) * c[None, :]).to(COMPUTE_DTYPE)
             if W_FIRST:
                 acc = tl.dot(tl.trans(w), tl.trans(g), acc, input_precision=BASE_PRECISION)
             else:
