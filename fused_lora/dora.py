@@ -34,9 +34,11 @@ gives z and one pass y = c⊙z + b follows; z is kept for dmag. The backward run
 over (W, A, B) with c⊙g: on Triton c inside the kernels (v = g·(c⊙B), dB = c⊙(s·gᵀ·u), c⊙g in the dx GEMM's main
 loop: no M×N pass), elsewhere one c⊙g pass; db comes from the backward's own pass over g; dmag is one column
 reduction of g⊙z. Without a magnitude gradient (inference) an NF4 layer is one fused pass over (c⊙W, c⊙B).
-W·Aᵀ for the norm is the frozen kernel over the r rows of A. With dropout, PEFT's second frozen product x_d·Wᵀ
-runs on ``frozen_forward`` and the rest in PyTorch (M×N and M×K temporaries). No N×K copy of W is made per step
-(‖W_n‖² is computed once, from one dequantized copy).
+W·Aᵀ for the norm is the frozen kernel over the r rows of A. With dropout, on Triton off decode sizes, PEFT's second
+frozen product x_d·Wᵀ is a second fused GEMM whose epilogue combines it (``kernels.lora.forward_scaled_dropout``) and
+the backward keeps c and the mask in its kernels; at decode sizes, and on the other backends, x_d·Wᵀ runs on
+``frozen_forward`` and the rest in PyTorch (M×N and M×K temporaries), with the backend's own mask (``ops``). No N×K
+copy of W is made per step (‖W_n‖² is computed once, from one dequantized copy).
 """
 
 from __future__ import annotations
@@ -345,6 +347,21 @@ class _TorchOps:
         return dx, dA, dB, (_sum_rows(g) if need_db else None)
 
     @staticmethod
+    def dropout_mask(shape, p, seed, device, dtype):
+        """The backend's mask for ``seed``: the reference's (torch's generator), as the "cpu" backend draws it."""
+        return reference.dropout_mask(shape, p, seed, device, dtype)
+
+    @staticmethod
+    def forward_dropout(impl, x2d, weight, A, B, s, bias, c, p, seed):
+        """None: composed in PyTorch (``_ComposedDora.forward``)."""
+        return None
+
+    @staticmethod
+    def backward_dropout(impl, g, x2d, weight, A, B, s, p, seed, u, c, need_dx, need_dA, need_dB, need_db):
+        """None: composed in PyTorch (``_ComposedDora.backward``)."""
+        return None
+
+    @staticmethod
     def scale_columns(z, c, bias=None, out_dtype=None):
         y = c * z.to(c.dtype)
         return (y if bias is None else y + bias.to(c.dtype)).to(out_dtype or z.dtype)
@@ -364,8 +381,10 @@ class _ComposedDora:
     gradient and W is NF4 with K a multiple of the blocksize, y in one fused pass over (c⊙W, A, c⊙B)
     (``row_scaled_nf4``: c folded into the block scales). Backward: the LoRA backward kernels over
     (c⊙W, A, c⊙B) with g itself (dB = c⊙dB'), or, for a dense W or ragged NF4 blocks, over (W, A, B) with c⊙g
-    (``ops.backward_scaled``: c inside the kernels on Triton, one c⊙g pass elsewhere); dmag = column_dot(g, z) / n. With dropout, PEFT's second frozen product x_d·Wᵀ runs on ``frozen_forward`` and
-    the combination in PyTorch."""
+    (``ops.backward_scaled``: c inside the kernels on Triton, one c⊙g pass elsewhere); dmag = column_dot(g, z) / n.
+    With dropout: ``ops.forward_dropout`` / ``ops.backward_dropout`` (two fused GEMMs, c and the mask inside the
+    kernels; Triton off decode sizes), or PEFT's second frozen product x_d·Wᵀ on ``frozen_forward`` and the
+    combination in PyTorch with ``ops.dropout_mask``; z is z_d = x_d·Wᵀ + s·u·Bᵀ either way."""
 
     def __init__(self, impl, ops=_TorchOps):
         self.impl, self.ops = impl, ops
@@ -395,13 +414,18 @@ class _ComposedDora:
                 return y, norm, u, None
             y, u, z = self.ops.forward_scaled(self.impl, x2d, weight, A, B, s, bias, c)
             return y, norm, u, (z if keep_z else None)
-        m = reference.dropout_mask(x2d.shape, dropout_p, seed, x2d.device, L)
+        fused = self.ops.forward_dropout(self.impl, x2d, weight, A, B, s, bias, c, dropout_p, seed)
+        if fused is not None:
+            y, u, z_d = fused
+            return y, norm, u, (z_d if keep_z else None)
+        m = self.ops.dropout_mask(x2d.shape, dropout_p, seed, x2d.device, L)
         x_d = x2d.to(L) * m
         u = x_d @ A.to(L).t()
         base = self.impl.frozen_forward(x2d, weight, bias).to(L)
-        base_d = self.impl.frozen_forward(x_d.to(x2d.dtype), weight, None)
-        y = base + (c - 1.0) * base_d.to(L) + c * (s * (u @ B.to(L).t()))
-        return y.to(x2d.dtype), norm, u, (base_d if keep_z else None)
+        base_d = self.impl.frozen_forward(x_d.to(x2d.dtype), weight, None).to(L)
+        lora = s * (u @ B.to(L).t())
+        y = base + (c - 1.0) * base_d + c * lora
+        return y.to(x2d.dtype), norm, u, (base_d + lora if keep_z else None)  # z_d = x_d·Wᵀ + s·u·Bᵀ
 
     def backward(self, g, x2d, weight, A, B, s, mag, norm, u, z, dropout_p, seed, needs):
         need_dx, need_dA, need_dB, need_dmag, need_db = needs
@@ -421,8 +445,15 @@ class _ComposedDora:
             if need_dmag:
                 dmag = (self.ops.column_dot(g, z).to(L) / norm).to(mag.dtype)
         else:
+            fused = self.ops.backward_dropout(self.impl, g, x2d, weight, A, B, s, dropout_p, seed, u, c,
+                                              need_dx, need_dA, need_dB, need_db)
+            if fused is not None:
+                dx, dA, dB, db = fused
+                if need_dmag:
+                    dmag = (self.ops.column_dot(g, z).to(L) / norm).to(mag.dtype)
+                return dx, dA, dB, dmag, db
             g_L = g.to(L)
-            m = reference.dropout_mask(x2d.shape, dropout_p, seed, x2d.device, L)
+            m = self.ops.dropout_mask(x2d.shape, dropout_p, seed, x2d.device, L)
             A_L, B_L = A.to(L), B.to(L)
             cg = g_L * c
             v = cg @ B_L if (need_dx or need_dA) else None
@@ -435,8 +466,7 @@ class _ComposedDora:
             if need_dB:
                 dB = (s * (cg.t() @ u.to(L))).to(B.dtype)
             if need_dmag:
-                zd = z.to(L) + s * (u.to(L) @ B_L.t())
-                dmag = ((g_L * zd).sum(0) / norm).to(mag.dtype)
+                dmag = (self.ops.column_dot(g, z).to(L) / norm).to(mag.dtype)
         if need_db and db is None:
             db = _sum_rows(g)
         return dx, dA, dB, dmag, db

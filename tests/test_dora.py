@@ -27,10 +27,15 @@ def _case(M=37, K=70, N=45, r=5, dtype=torch.float32, nf4=False, bias=True, seed
     return x, weight, A, B, mag.to(adapter_dtype), b
 
 
-def _seeded_mask(call_seed, shape, p):
-    """The mask dora_linear draws after torch.manual_seed(call_seed) (its seed is the first torch.randint)."""
+def _seeded_mask(call_seed, shape, p, backend="reference"):
+    """The mask dora_linear draws after torch.manual_seed(call_seed) (its seed is the first torch.randint): the
+    reference's generator, or on the Triton backend the kernels' (Philox), on every path."""
     torch.manual_seed(call_seed)
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    if backend == "triton":
+        from fused_lora.kernels import lora
+
+        return lora.dropout_mask(seed, shape[0], shape[1], p, "cpu")
     return reference.dropout_mask(shape, p, seed, "cpu")
 
 
@@ -63,7 +68,7 @@ def _assert_matches_oracle(x, weight, A, B, mag, b, p, backend, leading=None):
     grads = torch.autograd.grad(y, leaves, g)
     for grad, leaf in zip(grads, leaves):
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
-    m = _seeded_mask(3, (x.shape[0], x.shape[1]), p) if p > 0 else None
+    m = _seeded_mask(3, (x.shape[0], x.shape[1]), p, backend) if p > 0 else None
     y64, leaves64 = _oracle(x, weight, A, B, mag, b, m, torch.float64)
     ref_grads = torch.autograd.grad(y64, leaves64, g.reshape(y64.shape).double())
     y_plain, leaves_plain = _oracle(x, weight, A, B, mag, b, m, dtype)
@@ -274,14 +279,25 @@ def test_row_scaled_nf4_keeps_the_codes_and_scales_rows():
     assert dora.row_scaled_nf4(fl.quantize_nf4(torch.randn(45, 70)), c) is None
 
 
-def test_triton_backend_equals_reference_backend_with_dropout(interpret_triton):
-    x, weight, A, B, mag, b = _case(nf4=True, M=13, r=6, K=128)
-    y_t, leaves_t = _run(x, weight, A, B, mag, b, 0.4, "triton")
-    y_r, leaves_r = _run(x, weight, A, B, mag, b, 0.4, "reference")
-    assert relative_error(y_t, y_r) < 1e-6
-    g = torch.randn_like(y_t)
-    for gt, gr in zip(torch.autograd.grad(y_t, leaves_t, g), torch.autograd.grad(y_r, leaves_r, g)):
-        assert relative_error(gt, gr) < 1e-6
+@pytest.mark.parametrize("nf4, K", WEIGHTS, ids=["dense", "nf4-ragged", "nf4-aligned"])
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dropout_runs_in_the_gemms_off_decode_sizes(monkeypatch, path, nf4, K, dtype, interpret_triton):
+    """DoRA with dropout on Triton: on the middle and large paths two GEMMs over W give z_d = x_d·Wᵀ + s·u·Bᵀ and
+    y = x·Wᵀ + s·u·Bᵀ + b + (c−1)⊙z_d (frozen_forward only for the norm's W·Aᵀ, no PyTorch composition), and the
+    backward takes c and the mask inside its kernels; the decode path composes (frozen_forward twice more). One
+    mask, the kernels', on every path.
+    Output and every gradient against PEFT's formula in float64."""
+    from fused_lora.kernels import lora, strategy
+
+    frozen, real_frozen = [], lora.frozen_forward
+    monkeypatch.setattr(lora, "frozen_forward", lambda *a: frozen.append(1) or real_frozen(*a))
+    x, weight, A, B, mag, b = _case(dtype=dtype, nf4=nf4, M=2 * 9, K=K, N=300, r=3)
+    with strategy.use_thresholds(**PATHS[path]):
+        _assert_matches_oracle(x, weight, A, B, mag, b, 0.3, "triton", leading=(2, 9))
+        composed = not lora.fuses_dora_dropout(18, weight, x.device)
+    assert composed == (path == "decode" and (not nf4 or K % weight.blocksize == 0))
+    assert len(frozen) == 1 + (2 if composed else 0)  # W·Aᵀ for the norm, then the composition's x·Wᵀ and x_d·Wᵀ
 
 
 # ------------------------------------------------------------------------------------------- semantics

@@ -26,16 +26,24 @@ def _dora_case(device, M, K, N, r, dtype, nf4, seed=0):
     return x, weight, A, B, mag, g
 
 
-def check_dora(device, M, K, N, r, dtype, nf4, backend="triton"):
+def check_dora(device, M, K, N, r, dtype, nf4, backend="triton", p=0.0):
     x, weight, A, B, mag, g = _dora_case(device, M, K, N, r, dtype, nf4, seed=M + K)
     leaves = [t.clone().requires_grad_(True) for t in (x, A, B, mag)]
-    y = dora.dora_linear(leaves[0], weight, *leaves[1:3], leaves[3], SCALING, backend=backend)
+    torch.manual_seed(M)
+    y = dora.dora_linear(leaves[0], weight, *leaves[1:3], leaves[3], SCALING, dropout_p=p, backend=backend)
     grads = torch.autograd.grad(y, leaves, g)
     W = weight.dequantize(dtype) if nf4 else weight
+    m = None
+    if p > 0:  # the kernels' mask for the seed dora_linear drew (its first torch.randint)
+        from fused_lora.kernels import lora
+
+        torch.manual_seed(M)
+        m = lora.dropout_mask(int(torch.randint(0, 2**31 - 1, (1,)).item()), M, K, p, device)
 
     def oracle(cast):
         copies = [cast(t).detach().requires_grad_(True) for t in leaves]
-        out = dora.dora_linear_naive(copies[0], cast(W), copies[1], copies[2], SCALING, copies[3])
+        mask = None if m is None else m.to(torch.float64 if cast(g).dtype == torch.float64 else torch.float32)
+        out = dora.dora_linear_naive(copies[0], cast(W), copies[1], copies[2], SCALING, copies[3], None, mask)
         return out, torch.autograd.grad(out, copies, cast(g))
 
     y64, ref = oracle(lambda t: t.double())
@@ -77,18 +85,21 @@ def check_mixed(device, M, K, N, dtype, ranks=(16, 8, 32, 4), backend="triton"):
 def test_check_logic_on_the_cpu(interpret_triton):
     """The GPU checks below, at a small fp32 shape on the CPU (the Triton interpreter)."""
     check_dora("cpu", 19, 128, 40, 4, torch.float32, nf4=True)
+    check_dora("cpu", 80, 64, 40, 4, torch.float32, nf4=False, p=0.2)  # dropout, the fused GEMMs (M above decode)
     check_mixed("cpu", 24, 64, 40, torch.float32, ranks=(4, 2))
 
 
-DORA_GPU_CASES = [(torch.bfloat16, 4096, 14336, M, nf4) for M in (16, 2048) for nf4 in (True, False)] + [
-    (torch.float16, 14336, 4096, 2048, True)]
+DORA_GPU_CASES = [(torch.bfloat16, 4096, 14336, M, nf4, 0.0) for M in (16, 2048) for nf4 in (True, False)] + [
+    (torch.float16, 14336, 4096, 2048, True, 0.0), (torch.bfloat16, 4096, 14336, 2048, True, 0.1),
+    (torch.bfloat16, 4096, 14336, 16, False, 0.1)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, K, N, M, nf4", DORA_GPU_CASES, ids=[
-    f"{str(c[0])[6:]}-{c[1]}x{c[2]}-M{c[3]}-{'nf4' if c[4] else 'dense'}" for c in DORA_GPU_CASES])
-def test_dora_on_the_gpu_matches_float64(dtype, K, N, M, nf4):
-    check_dora("cuda", M, K, N, 16, dtype, nf4)
+@pytest.mark.parametrize("dtype, K, N, M, nf4, p", DORA_GPU_CASES, ids=[
+    f"{str(c[0])[6:]}-{c[1]}x{c[2]}-M{c[3]}-{'nf4' if c[4] else 'dense'}" + (f"-p{c[5]}" if c[5] else "")
+    for c in DORA_GPU_CASES])  # fmt: skip
+def test_dora_on_the_gpu_matches_float64(dtype, K, N, M, nf4, p):
+    check_dora("cuda", M, K, N, 16, dtype, nf4, p=p)
 
 
 @pytest.mark.gpu

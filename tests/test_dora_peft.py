@@ -144,12 +144,19 @@ def test_dora_in_eval_mode_ignores_dropout_as_peft_does(tiny_llama_dir):
     assert relative_error(fused_model(**inputs).logits, peft_model(**inputs).logits) <= TIGHT
 
 
-def test_dora_dropout_follows_peft_with_the_same_mask():
+@pytest.mark.parametrize("backend, M", [("auto", 11), ("triton", 11), ("triton", 80)],
+                         ids=["auto", "triton-decode", "triton-fused"])
+def test_dora_dropout_follows_peft_with_the_same_mask(backend, M, monkeypatch, request):
     """One PEFT DoRA layer trains with dropout: PEFT's second frozen product over the dropped input. The PEFT side gets
-    the very mask the fused side draws (a module multiplying by it), so both must agree to fp32 rounding."""
+    the very mask the fused side draws (a module multiplying by it: the reference's generator on the CPU backend, the
+    kernels' on Triton, composed at decode sizes and in two fused GEMMs above), so both must agree to fp32
+    rounding."""
     from peft import LoraConfig, get_peft_model
 
-    K, N, M, p = 64, 37, 11, 0.3
+    K, N, p = 64, 37, 0.3
+    if backend == "triton":
+        request.getfixturevalue("interpret_triton")
+        monkeypatch.setenv("FUSED_LORA_BACKEND", "triton")
 
     def make():
         torch.manual_seed(0)
@@ -163,7 +170,13 @@ def test_dora_dropout_follows_peft_with_the_same_mask():
     fl.patch_peft_model(fused_model)
     torch.manual_seed(21)
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    mask = reference.dropout_mask((M, K), p, seed, "cpu")
+    if backend == "triton":
+        from fused_lora.kernels import lora
+
+        mask = lora.dropout_mask(seed, M, K, p, "cpu")
+        assert lora.fuses_dora_dropout(M, torch.empty(N, K), torch.device("cpu")) == (M == 80)
+    else:
+        mask = reference.dropout_mask((M, K), p, seed, "cpu")
 
     class FixedMask(nn.Module):
         def forward(self, x):

@@ -49,7 +49,8 @@ def precisions(x, *adapters) -> dict:
     }
 
 
-# x dtypes whose low-rank dots in lora_u_kernel and lora_vdb_kernel split their fp32 operand in two (lora_fwd.split_dot):
+# x dtypes whose low-rank dots in lora_u_kernel and lora_vdb_kernel split their fp32 operand in two
+# (lora_fwd.split_wide):
 # bf16 only, whose range is fp32's, so hi and lo never overflow (an fp16 hi would above 65504, and an fp16 lo
 # flushes to zero below 6e-8). Tests add fp16 to run the split code under the CPU interpreter.
 SPLIT_DTYPES = (torch.bfloat16,)

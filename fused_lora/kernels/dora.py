@@ -1,5 +1,6 @@
 """The two small kernels DoRA adds beside the fused LoRA GEMMs (fused_lora/dora.py uses them on the Triton backend),
-and its entry points into those GEMMs (forward_scaled, backward_scaled: c in the GEMMs themselves).
+and its entry points into those GEMMs (forward_scaled, backward_scaled, forward_dropout, backward_dropout: c, and
+the dropout mask, in the GEMMs themselves).
 
     scale_columns:  y[m, n] = c[n]·z[m, n] + b[n]     (DoRA's per-row scale of W, i.e. per column of y, then the bias)
     column_dot:     d[n]    = Σ_m g[m, n]·z[m, n]      (dmag's reduction over the rows of the batch)
@@ -17,7 +18,8 @@ import triton.language as tl
 
 from .common import device_guard
 
-__all__ = ["scale_columns", "column_dot", "forward_scaled", "backward_scaled"]
+__all__ = ["scale_columns", "column_dot", "forward_scaled", "backward_scaled", "forward_dropout", "backward_dropout",
+           "dropout_mask"]
 
 
 @triton.jit
@@ -122,6 +124,28 @@ def backward_scaled(impl, g, x2d, weight, A, B, s, u, c, need_dx, need_dA, need_
     """(dx, dA, dB, db) of DoRA's backward without dropout: the LoRA backward of c⊙g with c inside the kernels, no
     M×N pass (``fused_lora.kernels.lora.backward`` with col_scale); db = Σ_M g."""
     return impl.backward(g, x2d, weight, A, B, s, 0.0, 0, u, need_dx, need_dA, need_dB, need_db, col_scale=c)
+
+
+def dropout_mask(shape, p, seed, device, dtype):
+    """The Triton kernels' mask for ``seed`` (``fused_lora.kernels.lora.dropout_mask``, Philox), for the rows DoRA
+    composes at decode sizes: the same mask as the fused GEMMs and the LoRA layer draw."""
+    from .lora import dropout_mask as kernel_mask
+
+    return kernel_mask(seed, shape[0], shape[1], p, device).to(dtype)
+
+
+def forward_dropout(impl, x2d, weight, A, B, s, bias, c, p, seed):
+    """(y, u, z_d) of DoRA's training forward with dropout from two fused GEMMs
+    (``fused_lora.kernels.lora.forward_scaled_dropout``), or None at decode sizes."""
+    return impl.forward_scaled_dropout(x2d, weight, A, B, s, bias, c, p, seed)
+
+
+def backward_dropout(impl, g, x2d, weight, A, B, s, p, seed, u, c, need_dx, need_dA, need_dB, need_db):
+    """(dx, dA, dB, db) of DoRA's backward with dropout, c and the mask inside the kernels
+    (``fused_lora.kernels.lora.backward`` with col_scale), or None at decode sizes."""
+    if not impl.fuses_dora_dropout(x2d.shape[0], weight, x2d.device):
+        return None
+    return impl.backward(g, x2d, weight, A, B, s, p, seed, u, need_dx, need_dA, need_dB, need_db, col_scale=c)
 
 
 def forward_scaled(impl, x2d, weight, A, B, s, bias, c):

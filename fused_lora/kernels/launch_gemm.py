@@ -64,11 +64,12 @@ def m_bucket(M: int) -> int:
     return bucket(M)
 
 
-def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=None, col_scale=None):
+def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=None, col_scale=None, z_in=False):
     """lora_fwd_kernel into y: y = x·deq(W)ᵀ + b, plus s·u·Bᵀ when u and B are given (HAS_LORA). ``weight`` is an
     NF4Weight (decoded in the main loop) or a dense (N, K) tensor, e.g. a slab of the large path; y may be a column
     slice of the layer's output. With ``z`` and ``col_scale`` (c, (N,) fp32; COL_SCALE): z = the sum before the bias
-    and y = c⊙z + b, both from the kernel's epilogue; z has y's strides."""
+    and y = c⊙z + b, both from the kernel's epilogue; z has y's strides. With ``z_in`` (ADD_Z) z is read instead:
+    y = (the sum) + b + c⊙z."""
     import triton
 
     from .lora_fwd import lora_fwd_kernel
@@ -93,17 +94,21 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=No
         float(scaling),
         **w.constexprs, LOOKUP=common.lookup_mode(weight, x2d.dtype),
         W_FIRST=common.w_first(weight, x2d.dtype), HAS_BIAS=bias is not None,
-        HAS_LORA=has_lora, COL_SCALE=col_scale is not None, **precisions, R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta,
+        HAS_LORA=has_lora, COL_SCALE=col_scale is not None and not z_in, ADD_Z=z_in, **precisions, R_PAD=r_pad,
+        R_CHUNK=min(r_pad, 64), **meta,
         **common.compile_options(weight),
     )  # fmt: skip
 
 
 def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, scaling=0.0, dropout_p=0.0, seed=0,
-              mask_col0=0, mask_width=None, col_scale=None):  # fmt: skip
+              mask_col0=0, mask_width=None, col_scale=None, t_add=None):  # fmt: skip
     """lora_dx_kernel: dx = g·deq(W) (when dx is given), plus s·m⊙(v·A) and dA32 += s·vᵀ·(m⊙x) when the low-rank
     operands x2d, A, v are given (HAS_LORA). For a column slab (the large path) x2d, A, dx, dA32 are the slab's
     column slices and (mask_col0, mask_width) place it in the layer's dropout mask. With ``col_scale`` (c, (N,)
-    fp32; COL_SCALE) the GEMM reads c⊙g instead of g."""
+    fp32; COL_SCALE) the GEMM reads c⊙g instead of g; with ``t_add`` (dx's shape and strides, dropout only;
+    ADD_MASKED_T) dx gets + m⊙t in the epilogue."""
+    if t_add is not None and (dropout_p == 0.0 or dx is None or t_add.stride() != dx.stride()):
+        raise ValueError("launch_dx: t_add needs dropout, dx, and dx's strides")
     import triton
 
     from .lora_bwd import lora_dx_kernel
@@ -117,13 +122,13 @@ def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, sc
     kernel, meta = common.gemm(lora_dx_kernel, g, "BLOCK_K", "BLOCK_N", ("da_ptr",) if dA32 is not None else ())
     grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)  # noqa: E731
     kernel[grid](
-        g, *w.pointers, x2d, A, v, dx, dA32, col_scale,
+        g, *w.pointers, x2d, A, v, dx, dA32, col_scale, t_add,
         M, N, K, r, m_bucket(M),
         g.stride(0), g.stride(1), w.stride_wn, w.stride_wk,
         *strides(x2d), *strides(A), *strides(v), *strides(dx), *strides(dA32), float(scaling),
         **dropout_args(dropout_p, seed), mask_col0=int(mask_col0), mask_width=int(K if mask_width is None else mask_width),
         NEED_DX=dx is not None, NEED_DA=dA32 is not None, DROPOUT=dropout_p > 0.0, HAS_LORA=has_lora,
-        COL_SCALE=col_scale is not None,
+        COL_SCALE=col_scale is not None, ADD_MASKED_T=t_add is not None,
         **w.constexprs, LOOKUP=common.lookup_mode(weight, g.dtype), W_FIRST=common.w_first(weight, g.dtype),
         **precisions, R_PAD=r_pad,
         R_CHUNK=min(r_pad, 64), **meta, **common.compile_options(weight),

@@ -90,9 +90,10 @@ def _halves(device, dtype, shape) -> torch.Tensor:
     return buffer[: count * element_bytes].view(dtype).view(2, *shape)
 
 
-def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=None, col_scale=None) -> None:
+def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=None, col_scale=None,
+             z_in=False) -> None:  # fmt: skip
     """y = x·deq(W)ᵀ + b (+ s·u·Bᵀ) through row slabs of W (module docstring); with z and col_scale, z = the sum
-    before the bias and y = c⊙z + b (launch_gemm.launch_y)."""
+    before the bias and y = c⊙z + b, or with z_in y = (the sum) + b + c⊙z (launch_gemm.launch_y)."""
     from .launch_gemm import launch_y as gemm_y
 
     K = x2d.shape[1]
@@ -111,15 +112,15 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=No
         n1 = min(n0 + rows, N)
         gemm_y(x2d, halves[half, : n1 - n0], None if bias is None else bias[n0:n1], y[:, n0:n1], precisions,
                u=u, B=None if B is None else B[n0:n1], scaling=scaling, z=None if z is None else z[:, n0:n1],
-               col_scale=None if col_scale is None else col_scale[n0:n1])  # fmt: skip
+               col_scale=None if col_scale is None else col_scale[n0:n1], z_in=z_in)  # fmt: skip
 
     _pipeline(x2d.device, len(starts), dequantize, gemm, t.slab_overlap)
 
 
 def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, scaling=0.0, dropout_p=0.0,
-              seed=0, col_scale=None) -> None:  # fmt: skip
+              seed=0, col_scale=None, t_add=None) -> None:  # fmt: skip
     """dx = g'·deq(W) (+ s·m⊙(v·A)), dA32 += s·vᵀ·(m⊙x) when given, through column slabs of W (module docstring);
-    g' = g, or c⊙g with ``col_scale`` c (launch_gemm.launch_dx)."""
+    g' = g, or c⊙g with ``col_scale`` c; + m⊙t with ``t_add`` (launch_gemm.launch_dx)."""
     from .launch_gemm import launch_dx as gemm_dx
 
     N, K = weight.shape
@@ -139,6 +140,7 @@ def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, sc
         gemm_dx(g, halves[half, :, : k1 - k0], None if dx is None else dx[:, part], precisions,
                 x2d=None if x2d is None else x2d[:, part], A=None if A is None else A[:, part], v=v,
                 dA32=None if dA32 is None else dA32[:, part], scaling=scaling, dropout_p=dropout_p, seed=seed,
-                mask_col0=k0, mask_width=K, col_scale=col_scale)  # fmt: skip
+                mask_col0=k0, mask_width=K, col_scale=col_scale,
+                t_add=None if t_add is None else t_add[:, part])  # fmt: skip
 
     _pipeline(g.device, len(starts), dequantize, gemm, t.slab_overlap)

@@ -150,6 +150,42 @@ def forward_scaled(x2d, weight, A, B, scaling: float, bias, col_scale):
     return _forward(x2d, weight, A, B, scaling, bias, 0.0, 0, col_scale.to(torch.float32).contiguous())
 
 
+def forward_scaled_dropout(x2d, weight, A, B, scaling: float, bias, col_scale, dropout_p: float, seed: int):
+    """DoRA's training forward with dropout (fused_lora/dora.py): y = x·Wᵀ + b + (c−1)⊙(x_d·Wᵀ) + c⊙s·u·Bᵀ with
+    x_d = m⊙x and u = x_d·Aᵀ, as two GEMMs over W on the middle and large paths: z_d = x_d·Wᵀ + s·u·Bᵀ (x_d written
+    once in x's dtype), then y = x·Wᵀ + s·u·Bᵀ + b + (c−1)⊙z_d from the second GEMM's epilogue (lora_fwd ADD_Z).
+    No M×N temporary besides z_d, which DoRA's backward needs (dmag = Σ_M g⊙z_d / n).
+
+    Args: as ``forward_scaled``, plus dropout_p > 0 and seed (the mask the backward regenerates).
+    Returns: (y, u, z_d), or None at decode sizes (M ≤ the decode threshold: the caller composes the layer).
+
+    Example:
+        >>> y, u, z_d = forward_scaled_dropout(x, w, A, B, 2.0, None, c, 0.1, 1234)
+    """
+    x2d = _int32_columns(x2d)
+    M, K = x2d.shape
+    N = weight.shape[0]
+    if dropout_p <= 0.0 or not fuses_dora_dropout(M, weight, x2d.device):
+        return None
+    route = _path(M, weight, x2d.device)
+    c = col_scale.detach().to(torch.float32).contiguous()
+    precisions = _precisions(x2d, A, B)
+    y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+    z_d = torch.empty_like(y)
+    launcher = launch_slab.launch_y if route == "large" else launch_gemm.launch_y
+    with device_guard(x2d):
+        u = launch_gemm.compute_u(x2d, A, dropout_p, seed, precisions)
+        launcher(dropout_apply(x2d, dropout_p, seed), weight, None, z_d, precisions, u=u, B=B, scaling=scaling)
+        launcher(x2d, weight, bias, y, precisions, u=u, B=B, scaling=scaling, z=z_d, col_scale=c - 1.0, z_in=True)
+    return y, u, z_d
+
+
+def fuses_dora_dropout(M: int, weight, device) -> bool:
+    """Whether ``forward_scaled_dropout`` and ``backward`` with col_scale and dropout take M rows: not at decode
+    sizes (the decode kernels have no DoRA epilogues; fused_lora/dora.py composes those few rows)."""
+    return M > 0 and _path(M, weight, device) != "decode"
+
+
 def _forward(x2d, weight, A, B, scaling, bias, dropout_p, seed, col_scale):
     """(y, u, z): z is None without col_scale."""
     x2d = _int32_columns(x2d)
@@ -234,9 +270,11 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
         g: (M, N) ∂L/∂y in x's dtype, any strides. x2d, weight, A, B, scaling, dropout_p, seed: as in ``forward``
             (the same seed, so the kernels regenerate the same mask). u: (M, r) fp32 from ``forward``.
         need_dx, need_dA, need_dB, need_db: which gradients to compute.
-        col_scale: None, or c (N,) (DoRA's backward without dropout, fused_lora/dora.py): the LoRA backward of
-            c⊙g without an M×N pass over it: v = g·(c⊙B), dB = c⊙(s·gᵀ·u), dx = (c⊙g)·deq(W) + s·v·A with the
-            scaling inside the dx GEMM's main loop (at decode sizes one c⊙g pass, M ≤ 64); db stays Σ_M g.
+        col_scale: None, or c (N,): DoRA's backward (fused_lora/dora.py) without an M×N pass over c⊙g:
+            v = g·(c⊙B), dB = c⊙(s·gᵀ·u), dx = g·deq(W) + m⊙(((c−1)⊙g)·deq(W) + s·v·A), db = Σ_M g. Without
+            dropout dx = (c⊙g)·deq(W) + s·v·A, c inside the dx GEMM's main loop (at decode sizes one c⊙g pass,
+            M ≤ 64); with dropout t = ((c−1)⊙g)·deq(W) by a frozen dx GEMM, then the LoRA dx GEMM adds m⊙t in its
+            epilogue (not at decode sizes: ValueError, fused_lora/dora.py composes those).
     Returns:
         (dx (M, K) x's dtype, dA (r, K) A's dtype, dB (N, r) B's dtype, db (N,) fp32), None where not needed.
 
@@ -266,6 +304,9 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
         if c is not None and dB32 is not None:
             dB32 = dB32 * c[:, None]  # s·(c⊙g)ᵀ·u = c⊙(s·gᵀ·u), row by row
         lowrank = {"x2d": x2d, "A": A, "v": v, "scaling": scaling, "dropout_p": dropout_p, "seed": seed}
+        if c is not None and dropout_p > 0.0 and route == "decode" and need_dx:
+            raise ValueError("fused LoRA backward: DoRA with dropout (col_scale and dropout_p > 0) is not fused at "
+                             "decode sizes")
         if route == "decode" and need_v:
             if c is not None:
                 from .dora import scale_columns
@@ -277,7 +318,11 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
             fused_dA = need_dA and not strategy.deterministic()
             dA32 = torch.zeros((r, K), device=device, dtype=torch.float32) if fused_dA else None
             launcher = launch_slab.launch_dx if route == "large" else launch_gemm.launch_dx
-            launcher(g, weight, dx, precisions, dA32=dA32, col_scale=c, **lowrank)
+            t = None
+            if c is not None and dropout_p > 0.0:  # DoRA with dropout: t = ((c−1)⊙g)·W, added as m⊙t
+                t = torch.empty_like(dx)
+                launcher(g, weight, t, precisions, col_scale=c - 1.0)
+            launcher(g, weight, dx, precisions, dA32=dA32, col_scale=None if t is not None else c, t_add=t, **lowrank)
         if need_dA and dA32 is None:
             dA32 = launch_gemm.da_split(x2d, v, r, precisions, scaling, dropout_p, seed)
 
@@ -320,6 +365,28 @@ def frozen_backward(g, weight, need_dx: bool, need_db: bool):
                 launcher = launch_slab.launch_dx if route == "large" else launch_gemm.launch_dx
                 launcher(g, weight, dx, precisions)
     return dx, db
+
+
+def dropout_apply(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x_d = m⊙x (M, K) in x's dtype, contiguous, m the kernels' mask for (seed, p).
+
+    Example:
+        >>> x_d = dropout_apply(x, 0.1, 1234)        # x * dropout_mask(1234, *x.shape, 0.1, x.device), rounded once
+    """
+    import triton
+
+    from .dropout import dropout_apply_kernel
+
+    M, K = x2d.shape
+    out = torch.empty((M, K), device=x2d.device, dtype=x2d.dtype)
+    if M and K:
+        block_m, block_k = 16, 64
+        with device_guard(x2d):
+            dropout_apply_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
+                x2d, out, int(seed), M, K, x2d.stride(0), x2d.stride(1), float(p), 1.0 / (1.0 - p),
+                BLOCK_M=block_m, BLOCK_K=block_k,
+            )  # fmt: skip
+    return out
 
 
 def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:

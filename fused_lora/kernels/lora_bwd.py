@@ -135,6 +135,7 @@ def lora_dx_kernel(
     dx_ptr,  # (M, K) compute dtype output
     da_ptr,  # dA (r, K) fp32 output, zeroed (relaxed atomic adds)
     col_scale_ptr,  # c (N,) fp32 with COL_SCALE (None otherwise)
+    t_ptr,  # (M, K) compute dtype, dx's strides, read with ADD_MASKED_T (None otherwise)
     # sizes
     M,
     N,
@@ -169,6 +170,7 @@ def lora_dx_kernel(
     DROPOUT: tl.constexpr,  # only with HAS_LORA
     HAS_LORA: tl.constexpr,  # False: dx = g·deq(W) only
     COL_SCALE: tl.constexpr,  # the main loop reads c⊙g (DoRA's backward) instead of g
+    ADD_MASKED_T: tl.constexpr,  # dx = acc + m⊙t, t read (DoRA with dropout; only with DROPOUT)
     IS_NF4: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
@@ -191,7 +193,9 @@ def lora_dx_kernel(
     accumulated first; dA[:, cols] += s·v[rows]ᵀ·(m⊙x)[rows, cols] (NEED_DA, relaxed atomics, before the loop).
 
     With W_FIRST W's tile is the first operand of the dot, as in lora_fwd: the accumulator is
-    dxᵀ[cols, rows] = Σ_n deq(W)[n, cols]·g[rows, n], stored transposed."""
+    dxᵀ[cols, rows] = Σ_n deq(W)[n, cols]·g[rows, n], stored transposed.
+
+    ADD_MASKED_T (DoRA with dropout, fused_lora/dora.py): dx = acc + m⊙t with t read in dx's layout."""
     COMPUTE_DTYPE: tl.constexpr = g_ptr.dtype.element_ty
     pid_m, pid_k = grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
@@ -269,6 +273,13 @@ def lora_dx_kernel(
 
     if NEED_DX:
         dx_tile = offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+        if ADD_MASKED_T:  # + m⊙t, the mask regenerated for this tile
+            t = tl.load(t_ptr + dx_tile, mask=tile_in_range, other=0.0).to(tl.float32)
+            t = t * dropout_mask_tile(seed, offs_m, mask_col0 + k0, mask_width, p, keep_scale, BLOCK_K)
+            if W_FIRST:
+                acc += tl.trans(t)
+            else:
+                acc += t
         if W_FIRST:
             tl.store(dx_ptr + tl.trans(dx_tile), acc.to(COMPUTE_DTYPE), mask=tl.trans(tile_in_range))
         else:

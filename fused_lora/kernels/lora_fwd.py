@@ -291,8 +291,8 @@ def lora_fwd_kernel(
     b_ptr,  # B (N, r) (None without HAS_LORA)
     bias_ptr,  # (N,) or None
     y_ptr,  # (M, N) compute dtype output
-    z_ptr,  # (M, N) compute dtype, y's strides: the output before c and b (COL_SCALE only, else None)
-    col_scale_ptr,  # (N,) fp32 c (COL_SCALE only, else None)
+    z_ptr,  # (M, N) compute dtype, y's strides: written with COL_SCALE (the sum before c and b), read with ADD_Z
+    col_scale_ptr,  # (N,) fp32 c (COL_SCALE or ADD_Z, else None)
     # sizes
     M,
     N,
@@ -322,6 +322,7 @@ def lora_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,  # False: y = x·deq(W)ᵀ + b only (u, B, R, scaling unused)
     COL_SCALE: tl.constexpr,  # True: z = acc and y = c⊙acc + b are both stored (DoRA)
+    ADD_Z: tl.constexpr,  # True: y = acc + b + c⊙z with z read (DoRA with dropout: c − 1 and x_d·Wᵀ + s·u·Bᵀ)
     BASE_PRECISION: tl.constexpr,
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
@@ -338,7 +339,10 @@ def lora_fwd_kernel(
     With W_FIRST (the launchers set it for an NF4 W decoded in registers, common.w_first) W's tile
     is the first operand of the dot: the accumulator is yᵀ[cols, rows] = Σ_k deq(W)[cols, k]·x[rows, k] (the
     transposed sums, stored transposed), so the decoded tile feeds the wgmma from registers and never waits in shared
-    memory for the previous MMA to finish reading it."""
+    memory for the previous MMA to finish reading it.
+
+    Epilogues (DoRA, fused_lora/dora.py): COL_SCALE stores z = acc and y = c⊙acc + b; ADD_Z reads z and stores
+    y = acc + b + c⊙z (one M×N read, in place of the passes that would combine them)."""
     COMPUTE_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -390,6 +394,13 @@ def lora_fwd_kernel(
         else:
             tl.store(z_ptr + y_tile, acc.to(COMPUTE_DTYPE), mask=in_range)
             acc = acc * c[None, :]
+    if ADD_Z:  # + c⊙z, z read in y's layout
+        c = tl.load(col_scale_ptr + offs_n, mask=offs_n < N, other=0.0)
+        z = tl.load(z_ptr + y_tile, mask=in_range, other=0.0).to(tl.float32) * c[None, :]
+        if W_FIRST:
+            acc += tl.trans(z)
+        else:
+            acc += z
     if HAS_BIAS:  # after the loop: held through the pipeline's prologue, the broadcast bias made 128×256 spill
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         if W_FIRST:
