@@ -6,8 +6,8 @@
 covers four consecutive columns of a row (a quarter of the work and of the registers of one evaluation per
 element, which made 128×128 dx tiles spill). Every kernel that needs the mask (u in the forward pass, dx/dA in the
 backward pass, on every path) draws exactly the same values for the same element. ``dropout_mask_kernel``
-materialises the same mask for tests; ``dropout_apply_kernel`` writes m⊙x in x's dtype (DoRA with dropout, whose
-second frozen product x_d·Wᵀ needs x_d as a GEMM operand).
+materialises the same mask for tests, or m⊙x in x's dtype (DoRA with dropout, whose second frozen product x_d·Wᵀ
+needs x_d as a GEMM operand).
 """
 
 import triton
@@ -28,41 +28,25 @@ def dropout_mask_tile(seed, offs_m, col0, K, p, keep_scale, BLOCK_K: tl.constexp
 
 @triton.jit
 def dropout_mask_kernel(
-    m_ptr,  # (M, K) fp32 output, contiguous
+    m_ptr,  # (M, K) output, contiguous: m in fp32, or m⊙x in x's dtype when x_ptr is given
     seed,
     M,
     K,
     p,
     keep_scale,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr=None,  # (M, K) any strides, or None
+    stride_xm=0,
+    stride_xk=0,
+    BLOCK_M: tl.constexpr = 16,
+    BLOCK_K: tl.constexpr = 64,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = dropout_mask_tile(seed, offs_m, tl.program_id(1) * BLOCK_K, K, p, keep_scale, BLOCK_K)
-    in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    tl.store(m_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], m, mask=in_range)
-
-
-@triton.jit
-def dropout_apply_kernel(
-    x_ptr,  # (M, K) any strides
-    out_ptr,  # (M, K) x's dtype output, contiguous
-    seed,
-    M,
-    K,
-    stride_xm,
-    stride_xk,
-    p,
-    keep_scale,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """out = m⊙x rounded once to x's dtype (the kernels' mask for this seed: dropout_mask_tile)."""
+    """m for this seed (dropout_mask_tile), or m⊙x rounded once to x's dtype."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     rows = offs_m.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :] * stride_xk, mask=in_range, other=0.0)
     m = dropout_mask_tile(seed, offs_m, tl.program_id(1) * BLOCK_K, K, p, keep_scale, BLOCK_K)
-    tl.store(out_ptr + rows * K + offs_k[None, :], (x.to(tl.float32) * m).to(x.dtype), mask=in_range)
+    if x_ptr is not None:
+        x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :] * stride_xk, mask=in_range, other=0.0)
+        m = m * x.to(tl.float32)
+    tl.store(m_ptr + rows * K + offs_k[None, :], m.to(m_ptr.dtype.element_ty), mask=in_range)

@@ -367,26 +367,29 @@ def frozen_backward(g, weight, need_dx: bool, need_db: bool):
     return dx, db
 
 
+def _launch_dropout(out: torch.Tensor, seed: int, p: float, x2d=None) -> torch.Tensor:
+    """dropout_mask_kernel into ``out`` (M, K) contiguous: m, or m⊙x with x2d."""
+    import triton
+
+    from .dropout import dropout_mask_kernel
+
+    M, K = out.shape
+    if M and K:
+        x_args = {} if x2d is None else {"x_ptr": x2d, "stride_xm": x2d.stride(0), "stride_xk": x2d.stride(1)}
+        with device_guard(out):
+            dropout_mask_kernel[(triton.cdiv(M, 16), triton.cdiv(K, 64))](
+                out, int(seed), M, K, float(p), 1.0 / (1.0 - p), **x_args, BLOCK_M=16, BLOCK_K=64,
+            )  # fmt: skip
+    return out
+
+
 def dropout_apply(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x_d = m⊙x (M, K) in x's dtype, contiguous, m the kernels' mask for (seed, p).
+    """x_d = m⊙x (M, K) in x's dtype, contiguous, m the kernels' mask for (seed, p) (0 < p < 1).
 
     Example:
         >>> x_d = dropout_apply(x, 0.1, 1234)        # x * dropout_mask(1234, *x.shape, 0.1, x.device), rounded once
     """
-    import triton
-
-    from .dropout import dropout_apply_kernel
-
-    M, K = x2d.shape
-    out = torch.empty((M, K), device=x2d.device, dtype=x2d.dtype)
-    if M and K:
-        block_m, block_k = 16, 64
-        with device_guard(x2d):
-            dropout_apply_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
-                x2d, out, int(seed), M, K, x2d.stride(0), x2d.stride(1), float(p), 1.0 / (1.0 - p),
-                BLOCK_M=block_m, BLOCK_K=block_k,
-            )  # fmt: skip
-    return out
+    return _launch_dropout(torch.empty(x2d.shape, device=x2d.device, dtype=x2d.dtype), seed, p, x2d)
 
 
 def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
@@ -398,16 +401,10 @@ def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
     Example:
         >>> m = dropout_mask(1234, 37, 64, 0.1, "cpu")     # pass as ``m`` to fused_lora.reference.lora_forward
     """
-    import triton
-
-    from .dropout import dropout_mask_kernel
-
     device = torch.device(device)
     if p == 0.0:
         return torch.ones((M, K), device=device, dtype=torch.float32)
-    m = torch.empty((M, K), device=device, dtype=torch.float32)
-    if M == 0 or K == 0:
-        return m
+    return _launch_dropout(torch.empty((M, K), device=device, dtype=torch.float32), seed, p)
     block_m, block_k = 16, 64
     with device_guard(m):
         dropout_mask_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
