@@ -129,7 +129,7 @@ def backward_scaled(impl, g, x2d, weight, A, B, s, u, c, need_dx, need_dA, need_
 def dropout_mask(shape, p, seed, device, dtype):
     """The Triton kernels' mask for ``seed`` (``fused_lora.kernels.lora.dropout_mask``, Philox), for the rows DoRA
     composes at decode sizes: the same mask as the fused GEMMs and the LoRA layer draw."""
-    from .lora import dropout_mask as kernel_mask
+    from .dropout import dropout_mask as kernel_mask
 
     return kernel_mask(seed, shape[0], shape[1], p, device).to(dtype)
 

@@ -10,8 +10,11 @@ materialises the same mask for tests, or m⊙x in x's dtype (DoRA with dropout, 
 needs x_d as a GEMM operand).
 """
 
+import torch
 import triton
 import triton.language as tl
+
+from .common import device_guard
 
 
 @triton.jit
@@ -50,3 +53,39 @@ def dropout_mask_kernel(
         x = tl.load(x_ptr + rows * stride_xm + offs_k[None, :] * stride_xk, mask=in_range, other=0.0)
         m = m * x.to(tl.float32)
     tl.store(m_ptr + rows * K + offs_k[None, :], m.to(m_ptr.dtype.element_ty), mask=in_range)
+
+
+def _launch_dropout(out: torch.Tensor, seed: int, p: float, x2d=None) -> torch.Tensor:
+    """dropout_mask_kernel into ``out`` (M, K) contiguous: m, or m⊙x with x2d."""
+    M, K = out.shape
+    if M and K:
+        x_args = {} if x2d is None else {"x_ptr": x2d, "stride_xm": x2d.stride(0), "stride_xk": x2d.stride(1)}
+        with device_guard(out):
+            dropout_mask_kernel[(triton.cdiv(M, 16), triton.cdiv(K, 64))](
+                out, int(seed), M, K, float(p), 1.0 / (1.0 - p), **x_args, BLOCK_M=16, BLOCK_K=64,
+            )  # fmt: skip
+    return out
+
+
+def dropout_apply(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x_d = m⊙x (M, K) in x's dtype, contiguous, m the kernels' mask for (seed, p) (0 < p < 1).
+
+    Example:
+        >>> x_d = dropout_apply(x, 0.1, 1234)        # x * dropout_mask(1234, *x.shape, 0.1, x.device), rounded once
+    """
+    return _launch_dropout(torch.empty(x2d.shape, device=x2d.device, dtype=x2d.dtype), seed, p, x2d)
+
+
+def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
+    """The dropout mask m that the kernels regenerate for (seed, p), materialised (for tests).
+
+    Returns:
+        (M, K) fp32 tensor with entries 0 or 1/(1-p); all ones when p == 0.
+
+    Example:
+        >>> m = dropout_mask(1234, 37, 64, 0.1, "cpu")     # pass as ``m`` to fused_lora.reference.lora_forward
+    """
+    device = torch.device(device)
+    if p == 0.0:
+        return torch.ones((M, K), device=device, dtype=torch.float32)
+    return _launch_dropout(torch.empty((M, K), device=device, dtype=torch.float32), seed, p)

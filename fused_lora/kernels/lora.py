@@ -175,6 +175,8 @@ def forward_scaled_dropout(x2d, weight, A, B, scaling: float, bias, col_scale, d
     launcher = launch_slab.launch_y if route == "large" else launch_gemm.launch_y
     with device_guard(x2d):
         u = launch_gemm.compute_u(x2d, A, dropout_p, seed, precisions)
+        from .dropout import dropout_apply
+
         launcher(dropout_apply(x2d, dropout_p, seed), weight, None, z_d, precisions, u=u, B=B, scaling=scaling)
         launcher(x2d, weight, bias, y, precisions, u=u, B=B, scaling=scaling, z=z_d, col_scale=c - 1.0, z_in=True)
     return y, u, z_d
@@ -367,47 +369,14 @@ def frozen_backward(g, weight, need_dx: bool, need_db: bool):
     return dx, db
 
 
-def _launch_dropout(out: torch.Tensor, seed: int, p: float, x2d=None) -> torch.Tensor:
-    """dropout_mask_kernel into ``out`` (M, K) contiguous: m, or m⊙x with x2d."""
-    import triton
-
-    from .dropout import dropout_mask_kernel
-
-    M, K = out.shape
-    if M and K:
-        x_args = {} if x2d is None else {"x_ptr": x2d, "stride_xm": x2d.stride(0), "stride_xk": x2d.stride(1)}
-        with device_guard(out):
-            dropout_mask_kernel[(triton.cdiv(M, 16), triton.cdiv(K, 64))](
-                out, int(seed), M, K, float(p), 1.0 / (1.0 - p), **x_args, BLOCK_M=16, BLOCK_K=64,
-            )  # fmt: skip
-    return out
-
-
-def dropout_apply(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x_d = m⊙x (M, K) in x's dtype, contiguous, m the kernels' mask for (seed, p) (0 < p < 1).
-
-    Example:
-        >>> x_d = dropout_apply(x, 0.1, 1234)        # x * dropout_mask(1234, *x.shape, 0.1, x.device), rounded once
-    """
-    return _launch_dropout(torch.empty(x2d.shape, device=x2d.device, dtype=x2d.dtype), seed, p, x2d)
-
-
 def dropout_mask(seed: int, M: int, K: int, p: float, device) -> torch.Tensor:
-    """The dropout mask m that the kernels regenerate for (seed, p), materialised (for tests).
-
-    Returns:
-        (M, K) fp32 tensor with entries 0 or 1/(1-p); all ones when p == 0.
+    """The dropout mask m that the kernels regenerate for (seed, p), materialised (for tests): (M, K) fp32, entries
+    0 or 1/(1-p), all ones when p == 0 (``fused_lora.kernels.dropout.dropout_mask``, imported when first used, like
+    every kernel module).
 
     Example:
         >>> m = dropout_mask(1234, 37, 64, 0.1, "cpu")     # pass as ``m`` to fused_lora.reference.lora_forward
     """
-    device = torch.device(device)
-    if p == 0.0:
-        return torch.ones((M, K), device=device, dtype=torch.float32)
-    return _launch_dropout(torch.empty((M, K), device=device, dtype=torch.float32), seed, p)
-    block_m, block_k = 16, 64
-    with device_guard(m):
-        dropout_mask_kernel[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
-            m, int(seed), M, K, float(p), 1.0 / (1.0 - p), BLOCK_M=block_m, BLOCK_K=block_k
-        )
-    return m
+    from .dropout import dropout_mask as kernel_mask
+
+    return kernel_mask(seed, M, K, p, device)
