@@ -21,6 +21,10 @@ def test_prediction_rows_cover_every_impl_and_rank_them_as_the_model_says():
         assert by[("dora_linear", "fused_dora", M)]["ms"] < by[("dora_linear", "peft_dora", M)]["ms"]
         # PEFT materialises the N×K weight (and an identity through both adapters): more bytes than ours
         assert by[("dora_linear", "peft_dora", M)]["hbm_gb"] > 3 * by[("dora_linear", "fused_dora", M)]["hbm_gb"]
+        # dropout adds a second GEMM over W each way on both sides; ours stays below PEFT's
+        ms = {impl: by[("dora_linear", impl, M)]["ms"] for impl in bench_dora.DORA_IMPLS}
+        assert ms["fused_dora"] < ms["fused_dora_dropout"] < ms["peft_dora_dropout"]
+        assert ms["peft_dora"] < ms["peft_dora_dropout"]
     # the loop reads W once per adapter: at decode it moves several times the bytes of one shared pass
     assert by[("mixed_batch", "peft_loop", 16)]["hbm_gb"] > 3 * by[("mixed_batch", "fused_mixed", 16)]["hbm_gb"]
     assert by[("mixed_batch", "fused_mixed", 8192)]["ms"] < by[("mixed_batch", "peft_mixed", 8192)]["ms"]

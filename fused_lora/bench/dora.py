@@ -18,7 +18,7 @@ element-wise math at the fp32 CUDA-core rate, everything else memory-bound at th
 PEFT's alike, so the predictions are the best each implementation could do: they compare the bytes, FLOPs and
 launches the implementations add, not kernel quality (the fused kernels' own efficiency is the offline
 instrument's subject). Sizes: x and y bf16, W NF4 with double quantization (0.5 + 1/64 + 1/16384 bytes per
-element), adapters and magnitude fp32 (PEFT's default), no bias (Llama), no dropout.
+element), adapters and magnitude fp32 (PEFT's default), no bias (Llama), no dropout unless the name says so.
 
 Implementations, one layer, a training step (forward + backward) unless said:
 
@@ -31,6 +31,12 @@ Implementations, one layer, a training step (forward + backward) unless said:
   frozen kernel over A's r rows (‖W_n‖² cached), the fused LoRA forward writing z and y = c⊙z from its epilogue (one
   extra M×N store, no extra pass), the LoRA backward kernels over (c⊙W, A, c⊙B) with c in the block scales, dmag by
   one column reduction of g⊙z.
+- ``fused_dora_dropout`` / ``peft_dora_dropout``: the same with LoRA dropout in training (PEFT's second frozen
+  product over the dropped input). Ours (fused_lora/kernels/lora.forward_scaled_dropout): u with the mask in its
+  kernel, x_d = m⊙x written once, z_d = x_d·Wᵀ + s·u·Bᵀ by the fused GEMM, y by a second fused GEMM whose epilogue
+  reads z_d; backward t = ((c−1)⊙g)·W by the frozen dx GEMM and the LoRA dx GEMM adding m⊙t, c⊙B instead of the
+  block scales. PEFT's: dropout(x), the DoRA base recomputed (dequantize W again + x_d·Wᵀ) and its backward GEMM,
+  the two gradients of x_d summed, the dropout backward, the sum into dx.
 - ``fused_lora``: ``lora_linear`` on the Triton backend (the plain LoRA baseline).
 - ``dense_cublas``: the bf16 GEMMs x·Wᵀ and g·W alone (the roofline of any QLoRA layer).
 
@@ -125,8 +131,39 @@ def _peft_lora_path(M, N, K, r):
     return fwd, bwd
 
 
+def _dropout_ops(impl: str, M: int, N: int, K: int, r: int) -> list[Op]:
+    """``fused_dora_dropout`` / ``peft_dora_dropout`` (module docstring): the no-dropout step changed as each
+    implementation's dropout path changes it."""
+    if impl == "fused_dora_dropout":
+        ops = dora_ops("fused_dora", M, N, K, r)
+        by_name = {op.name: i for i, op in enumerate(ops)}
+        ops[by_name["u = x·Aᵀ"]] = _gemm("u = (m⊙x)·Aᵀ (mask in the kernel)", M, r, K, 2, 4, 4)
+        fwd = ops[by_name["fused fwd x·Wᵀ + s·u·Bᵀ"]]  # z stored beside y: now z_d = x_d·Wᵀ + s·u·Bᵀ
+        ops[by_name["fused fwd x·Wᵀ + s·u·Bᵀ"]] = dataclasses.replace(
+            fwd, name="fused fwd z_d = x_d·Wᵀ + s·u·Bᵀ", flops=fwd.flops - M * N, bytes=fwd.bytes - 2.0 * M * N)
+        ops.insert(1, _pass("x_d = m⊙x (bf16)", M * K, 4))
+        ops.insert(3, dataclasses.replace(fwd, name="fused fwd y = x·Wᵀ + s·u·Bᵀ + b + (c−1)⊙z_d"))  # reads z_d
+        dx = ops[by_name["fused dx = g·W + s·v·A, dA"] + 2]
+        ops[by_name["fused dx = g·W + s·v·A, dA"] + 2] = dataclasses.replace(
+            dx, name="fused dx = g·W + s·m⊙(v·A) + m⊙t, dA", bytes=dx.bytes + 2.0 * M * K)
+        ops.insert(by_name["fused dx = g·W + s·v·A, dA"] + 2,
+                   _gemm("t = ((c−1)⊙g)·W (frozen dx GEMM)", M, K, N, 2, NF4_BYTES, 2, "bf16"))
+        return [op for op in ops if not op.name.startswith("c into the block scales")] + [
+            Op("c⊙B, c⊙dB", 0, 4.0 * 4 * N * r)]
+    assert impl == "peft_dora_dropout", impl
+    ops = [op for op in dora_ops("peft_dora", M, N, K, r) if op.name != "grads of result summed"]
+    return ops + [
+        _pass("dropout(x) (bf16, bool mask)", M * K, 5),
+        _pass("dequantize W for base(x_d)", N * K, NF4_BYTES + 2), _gemm("x_d·Wᵀ", M, N, K, 2, 2, 2, "bf16"),
+        _gemm("((c−1)⊙g)·W", M, K, N, 2, 2, 2, "bf16"), _pass("grads of x_d summed", M * K, 6),
+        _pass("dropout backward", M * K, 5), _pass("dx += grad of x", M * K, 6),
+    ]
+
+
 def dora_ops(impl: str, M: int, N: int, K: int, r: int) -> list[Op]:
     """The operations of one training step (forward + backward) of ``impl`` (module docstring)."""
+    if impl.endswith("_dropout"):
+        return _dropout_ops(impl, M, N, K, r)
     if impl == "dense_cublas":
         return [_gemm("x·Wᵀ", M, N, K, 2, 2, 2, "bf16"), _gemm("g·W", M, K, N, 2, 2, 2, "bf16")]
     if impl in ("fused_lora", "fused_dora"):
@@ -198,7 +235,8 @@ def mixed_ops(impl: str, M: int, N: int, K: int, r: int, n: int) -> list[Op]:
     return ops
 
 
-DORA_IMPLS = ("dense_cublas", "fused_lora", "fused_dora", "peft_lora", "peft_dora")
+DORA_IMPLS = ("dense_cublas", "fused_lora", "fused_dora", "peft_lora", "peft_dora", "fused_dora_dropout",
+              "peft_dora_dropout")
 MIXED_IMPLS = ("fused_grouped", "fused_mixed", "peft_mixed", "peft_loop")
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N): Llama-3-8B q/o, gate/up, down
 M_VALUES = (16, 2048, 8192)
