@@ -162,6 +162,8 @@ def forward_scaled_dropout(x2d, weight, A, B, scaling: float, bias, col_scale, d
     Example:
         >>> y, u, z_d = forward_scaled_dropout(x, w, A, B, 2.0, None, c, 0.1, 1234)
     """
+    from .dropout import dropout_apply
+
     x2d = _int32_columns(x2d)
     M, K = x2d.shape
     N = weight.shape[0]
@@ -175,8 +177,6 @@ def forward_scaled_dropout(x2d, weight, A, B, scaling: float, bias, col_scale, d
     launcher = launch_slab.launch_y if route == "large" else launch_gemm.launch_y
     with device_guard(x2d):
         u = launch_gemm.compute_u(x2d, A, dropout_p, seed, precisions)
-        from .dropout import dropout_apply
-
         launcher(dropout_apply(x2d, dropout_p, seed), weight, None, z_d, precisions, u=u, B=B, scaling=scaling)
         launcher(x2d, weight, bias, y, precisions, u=u, B=B, scaling=scaling, z=z_d, col_scale=c - 1.0, z_in=True)
     return y, u, z_d
