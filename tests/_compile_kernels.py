@@ -9,6 +9,9 @@ per CPU core. It compiles
   K=4096, N=14336, r=16, fp32 adapters) on sm_90a, with every autotune config the autotuner keeps, at the
   instrument's ``CI_VARIANTS`` (one M per path the launchers choose: decode, middle, large), found by running the
   launchers (fused_lora.bench.offline_capture), so a new kernel or config is compiled here without a change;
+- the DoRA variants of those GEMM launches on sm_90a (``_dora_jobs``: the forward's COL_SCALE and ADD_Z epilogues,
+  dx with c in its main loop, the LoRA dx adding t, and the frozen dx storing t = m⊙(((c−1)⊙g)·W) at every config
+  the autotuner keeps for the frozen dx), as fused_lora/kernels/lora.py launches them for fused_lora/dora.py;
 - the other kernels of the package as their launchers launch them (dropout mask, NF4 quantize/dequantize, the
   AdamW kernels), on sm_90a and sm_80.
 
@@ -78,6 +81,35 @@ def _small_kernel_jobs(arch: int) -> list[Job]:
             for name, module, kernel, args, options in cases]
 
 
+def _dora_jobs(job: Job, facts: dict) -> list[tuple[Job, dict]]:
+    """The DoRA variants of one sm_90 LoRA GEMM job (module docstring), named <job id>-dora-<variant>."""
+    import dataclasses
+
+    from fused_lora.kernels.autotune import gemm_configs, keep_tiles_for_m
+
+    x = job.args["x_ptr" if facts["kernel"] == "lora_fwd_kernel" else "g_ptr"]
+    dropout = {"p": 0.1, "keep_scale": 1 / 0.9}
+    if facts["kernel"] == "lora_fwd_kernel":
+        variants = {"COL_SCALE": {"COL_SCALE": True, "z_ptr": x, "col_scale_ptr": Ptr("fp32")},
+                    "ADD_Z": {"ADD_Z": True, "z_ptr": x, "col_scale_ptr": Ptr("fp32")}}
+    else:
+        variants = {"COL_SCALE": {"COL_SCALE": True, "col_scale_ptr": Ptr("fp32")},
+                    "ADD_T": {"ADD_T": True, "DROPOUT": True, "t_ptr": x, **dropout}}
+    out = [(dataclasses.replace(job, id=f"{job.id}-dora-{name}", args={**job.args, **extra}), facts)
+           for name, extra in variants.items()]
+    if facts["kernel"] == "lora_dx_kernel" and job.args["BLOCK_M"] == facts["first_block_m"]:
+        # t = m⊙(((c−1)⊙g)·W): the frozen dx (no low-rank operands) at the configs kept for it
+        frozen = {**job.args, "HAS_LORA": False, "NEED_DA": False, "x_ptr": None, "a_ptr": None, "v_ptr": None,
+                  "da_ptr": None, "COL_SCALE": True, "col_scale_ptr": Ptr("fp32"), "MASK_DX": True, **dropout}
+        for config in keep_tiles_for_m(gemm_configs((9, 0), "BLOCK_K", "BLOCK_N"), {**frozen, "dx_ptr": None}):
+            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_K", "BLOCK_N"))
+            name = f"{job.id.rsplit('-', 1)[0]}-{tile}w{config.num_warps}s{config.num_stages}-dora-MASK_DX"
+            options = {**job.options, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            out.append((Job(name, job.module, job.kernel, {**frozen, **config.kwargs}, options, job.arch),
+                        {**facts, "block_m": config.kwargs["BLOCK_M"]}))
+    return out
+
+
 def ci_jobs() -> list[tuple[Job, dict]]:
     """[(job, facts)]: the CI subset, each job with what the test needs to know about its launch."""
     from fused_lora.bench.offline import launch_job
@@ -98,9 +130,14 @@ def ci_jobs() -> list[tuple[Job, dict]]:
                 if job_key(job) in seen:
                     continue
                 seen.add(job_key(job))
-                found.append((job, {"M": M, "kernel": launch.kernel, "candidates": len(step.candidates),
-                                    "reads_nf4": bool(launch.weight_reads) and spec.weight != "dense",
-                                    "block_m": launch.args.get("BLOCK_M")}))  # fmt: skip
+                facts = {"M": M, "kernel": launch.kernel, "candidates": len(step.candidates),
+                         "reads_nf4": bool(launch.weight_reads) and spec.weight != "dense",
+                         "block_m": launch.args.get("BLOCK_M")}  # fmt: skip
+                found.append((job, facts))
+                if arch == 90 and launch.kernel in ("lora_fwd_kernel", "lora_dx_kernel") and launch.args["HAS_LORA"]:
+                    first_block_m = step.candidates[0].args["BLOCK_M"]
+                    found += [(j, f) for j, f in _dora_jobs(job, {**facts, "first_block_m": first_block_m})
+                              if job_key(j) not in seen and not seen.add(job_key(j))]
     for arch in ARCHS:
         found += [(job, {"kernel": job.kernel}) for job in _small_kernel_jobs(arch)]
     return found

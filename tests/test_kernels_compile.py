@@ -44,19 +44,49 @@ RECORD = {
     "sm90-lora_decode_dx_epilogue-decode-nf4dq-bf16-Afp32-r16-16x128w4": (0, 0, None),
     "sm90-lora_u-lowrank-nf4dq-bf16-Afp32-r16-64x64x32w4": (0, 0, True),
     "sm90-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-128x256x64w8s3": (0, 0, True),
+    "sm90-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-128x256x64w8s3-dora-COL_SCALE": (0, 0, True),
+    "sm90-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-128x256x64w8s3-dora-ADD_Z": (0, 0, True),
     "sm90-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-128x128x64w8s4": (0, 0, True),
+    "sm90-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-128x128x64w8s4-dora-COL_SCALE": (0, 0, True),
+    "sm90-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-128x128x64w8s4-dora-ADD_Z": (0, 0, True),
     "sm90-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-128x128x128w8s3": (0, 0, True),
+    "sm90-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-128x128x128w8s3-dora-COL_SCALE": (0, 0, True),
+    "sm90-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-128x128x128w8s3-dora-ADD_Z": (0, 0, True),
     "sm90-lora_vdb-lowrank-nf4dq-bf16-Afp32-r16-128x64w8": (0, 0, False),
     "sm90-lora_dx-inloop-nf4dq-bf16-Afp32-r16-128x128x64w8s4": (0, 0, True),
+    "sm90-lora_dx-inloop-nf4dq-bf16-Afp32-r16-128x128x64w8s4-dora-COL_SCALE": (0, 0, True),
+    "sm90-lora_dx-inloop-nf4dq-bf16-Afp32-r16-128x128x64w8s4-dora-ADD_T": (0, 0, True),
+    "sm90-lora_dx-inloop-nf4dq-bf16-Afp32-r16-128x128x64w8s4-dora-MASK_DX": (0, 0, True),
+    "sm90-lora_dx-inloop-nf4dq-bf16-Afp32-r16-128x128x128w8s3-dora-MASK_DX": (0, 0, True),
+    "sm90-lora_dx-inloop-nf4dq-bf16-Afp32-r16-64x128x64w4s4-dora-MASK_DX": (0, 0, True),
     "sm90-lora_dx-inloop-nf4dq-bf16-Afp32-r16-128x128x128w8s3": (0, 0, True),
+    "sm90-lora_dx-inloop-nf4dq-bf16-Afp32-r16-128x128x128w8s3-dora-COL_SCALE": (0, 0, True),
+    "sm90-lora_dx-inloop-nf4dq-bf16-Afp32-r16-128x128x128w8s3-dora-ADD_T": (0, 0, True),
     "sm90-lora_dx-inloop-nf4dq-bf16-Afp32-r16-64x128x64w4s4": (0, 0, True),
+    "sm90-lora_dx-inloop-nf4dq-bf16-Afp32-r16-64x128x64w4s4-dora-COL_SCALE": (0, 0, True),
+    "sm90-lora_dx-inloop-nf4dq-bf16-Afp32-r16-64x128x64w4s4-dora-ADD_T": (0, 0, True),
     "sm90-nf4_slab-slab-nf4dq-bf16-Afp32-r16-64x16x256w4": (0, 0, None),
     "sm90-lora_fwd-dense-nf4dq-bf16-Afp32-r16-128x256x64w8s3": (0, 0, True),
+    "sm90-lora_fwd-dense-nf4dq-bf16-Afp32-r16-128x256x64w8s3-dora-COL_SCALE": (0, 0, True),
+    "sm90-lora_fwd-dense-nf4dq-bf16-Afp32-r16-128x256x64w8s3-dora-ADD_Z": (0, 0, True),
     "sm90-lora_fwd-dense-nf4dq-bf16-Afp32-r16-128x128x64w8s4": (0, 0, True),
+    "sm90-lora_fwd-dense-nf4dq-bf16-Afp32-r16-128x128x64w8s4-dora-COL_SCALE": (0, 0, True),
+    "sm90-lora_fwd-dense-nf4dq-bf16-Afp32-r16-128x128x64w8s4-dora-ADD_Z": (0, 0, True),
     "sm90-lora_fwd-dense-nf4dq-bf16-Afp32-r16-128x128x128w8s3": (0, 0, True),
+    "sm90-lora_fwd-dense-nf4dq-bf16-Afp32-r16-128x128x128w8s3-dora-COL_SCALE": (0, 0, True),
+    "sm90-lora_fwd-dense-nf4dq-bf16-Afp32-r16-128x128x128w8s3-dora-ADD_Z": (0, 0, True),
     "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-128x128x64w8s4": (0, 0, True),
+    "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-128x128x64w8s4-dora-COL_SCALE": (0, 0, True),
+    "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-128x128x64w8s4-dora-ADD_T": (0, 0, True),
+    "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-128x128x64w8s4-dora-MASK_DX": (0, 0, True),
+    "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-128x128x128w8s3-dora-MASK_DX": (0, 0, True),
+    "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-64x128x64w4s4-dora-MASK_DX": (0, 0, True),
     "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-128x128x128w8s3": (0, 0, True),
+    "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-128x128x128w8s3-dora-COL_SCALE": (0, 0, True),
+    "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-128x128x128w8s3-dora-ADD_T": (0, 0, True),
     "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-64x128x64w4s4": (0, 0, True),
+    "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-64x128x64w4s4-dora-COL_SCALE": (0, 0, True),
+    "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-64x128x64w4s4-dora-ADD_T": (0, 0, True),
     "sm80-lora_decode_fwd-decode-nf4dq-bf16-Afp32-r16-64x16x64x256w4": (0, 0, None),
     "sm80-lora_decode_fwd_epilogue-decode-nf4dq-bf16-Afp32-r16-16x128w4": (0, 0, None),
     "sm80-lora_vdb-lowrank-nf4dq-bf16-Afp32-r16-16x64w4": (0, 0, None),
@@ -210,6 +240,21 @@ def _pruned(arch: int, kernel: str, m_bucket: int, **constexprs) -> list[tuple]:
     positional = {"M_BUCKET": m_bucket, **({"dx_ptr": object()} if kernel == "lora_dx_kernel" else {})}
     kept = keep_tiles_for_m(gemm_configs((arch // 10, arch % 10), *names), positional, **constexprs)
     return [(c.kwargs["BLOCK_M"], c.kwargs[names[0]], c.kwargs[names[1]], c.num_stages) for c in kept]
+
+
+@pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
+def test_doras_masked_dx_keeps_at_most_64_accumulator_values_per_thread(arch):
+    """The frozen dx that stores DoRA's t = m⊙(((c−1)⊙g)·W) (MASK_DX) holds the kept-mask tile through its loop: at
+    128 fp32 accumulator values per thread (128x256, 8 warps) it spilled 192–408 B on sm_90."""
+    from fused_lora.kernels.autotune import DX_LORA_MAX_ACC_PER_THREAD, gemm_configs
+
+    masked = _pruned(arch, "lora_dx_kernel", 8192, HAS_LORA=False, MASK_DX=True, IS_NF4=True, ROW_SCALES=True)
+    warps = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_stages): c.num_warps
+             for c in gemm_configs((arch // 10, arch % 10), "BLOCK_K", "BLOCK_N")}
+    assert masked and all(bm * bk <= DX_LORA_MAX_ACC_PER_THREAD * 32 * warps[(bm, bk, bn, st)]
+                          for bm, bk, bn, st in masked), masked
+    frozen = _pruned(arch, "lora_dx_kernel", 8192, HAS_LORA=False, IS_NF4=True, ROW_SCALES=True)
+    assert any(bm * bk > DX_LORA_MAX_ACC_PER_THREAD * 32 * warps[(bm, bk, bn, st)] for bm, bk, bn, st in frozen)
 
 
 @pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))

@@ -108,7 +108,9 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
 
     - drop tiles with BLOCK_M far above M (all-padding rows); keep the smallest when none fits;
     - lora_dx_kernel (it has ``dx_ptr``) with HAS_LORA: drop tiles with BLOCK_M·BLOCK_K > DX_LORA_MAX_TILE or more
-      than DX_LORA_MAX_ACC_PER_THREAD accumulator values per thread;
+      than DX_LORA_MAX_ACC_PER_THREAD accumulator values per thread; with MASK_DX (DoRA's masked t, whose kept-mask
+      tile lives through the loop beside the accumulator: 128 values per thread spilled 192–408 B on sm_90) the
+      accumulator rule only;
     - keep at most MAX_CONFIGS_PER_BUCKET: the tiles whose BLOCK_M is nearest the bucket's preferred BLOCK_M (the
       bucket, clamped to 16..128), in the config list's order among equals;
     - NF4 with K not a multiple of the blocksize (ROW_SCALES False): the element-wise scale gather makes every
@@ -120,6 +122,9 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
     if "dx_ptr" in args and args.get("HAS_LORA"):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_TILE
                    and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_ACC_PER_THREAD * 32 * c.num_warps]
+    elif "dx_ptr" in args and args.get("MASK_DX"):
+        configs = [c for c in configs
+                   if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_ACC_PER_THREAD * 32 * c.num_warps]
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * bucket)]
     kept = fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
     preferred = _preferred_block_m(bucket).bit_length()
@@ -162,14 +167,17 @@ def _disk_cache_option() -> dict:
     return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
+TUNING_KEY = ("M_BUCKET", "N", "K", "R_PAD", "HAS_LORA", "MASK_DX", "IS_NF4", "DOUBLE_QUANT", "ROW_SCALES")
+
+
 @functools.cache
 def autotuned(kernel, capability: tuple[int, int], out_name: str, reduce_name: str, reset_to_zero: tuple = ()):
     """``kernel`` wrapped in triton.autotune for ``capability``, keyed on the M bucket, N, K, r and the variant
-    (low-rank term or not, NF4 layout): at most MAX_CONFIGS_PER_BUCKET configs timed per key by
-    ``bench_without_flush``, the results cached on disk."""
+    (low-rank term or not, DoRA's masked dx, NF4 layout: ``TUNING_KEY``, the names the kernel has): at most
+    MAX_CONFIGS_PER_BUCKET configs timed per key by ``bench_without_flush``, the results cached on disk."""
     return triton.autotune(
         configs=gemm_configs(capability, out_name, reduce_name),
-        key=["M_BUCKET", "N", "K", "R_PAD", "HAS_LORA", "IS_NF4", "DOUBLE_QUANT", "ROW_SCALES"],
+        key=[name for name in TUNING_KEY if name in kernel.arg_names],
         prune_configs_by={"early_config_prune": keep_tiles_for_m},
         reset_to_zero=list(reset_to_zero) or None,
         do_bench=bench_without_flush,

@@ -101,14 +101,15 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=No
 
 
 def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, scaling=0.0, dropout_p=0.0, seed=0,
-              mask_col0=0, mask_width=None, col_scale=None, t_add=None):  # fmt: skip
+              mask_col0=0, mask_width=None, col_scale=None, mask_dx=False, t_add=None):  # fmt: skip
     """lora_dx_kernel: dx = g·deq(W) (when dx is given), plus s·m⊙(v·A) and dA32 += s·vᵀ·(m⊙x) when the low-rank
     operands x2d, A, v are given (HAS_LORA). For a column slab (the large path) x2d, A, dx, dA32 are the slab's
     column slices and (mask_col0, mask_width) place it in the layer's dropout mask. With ``col_scale`` (c, (N,)
-    fp32; COL_SCALE) the GEMM reads c⊙g instead of g; with ``t_add`` (dx's shape and strides, dropout only;
-    ADD_MASKED_T) dx gets + m⊙t in the epilogue."""
-    if t_add is not None and (dropout_p == 0.0 or dx is None or t_add.stride() != dx.stride()):
-        raise ValueError("launch_dx: t_add needs dropout, dx, and dx's strides")
+    fp32; COL_SCALE) the GEMM reads c⊙g instead of g; with ``mask_dx`` (dropout_p > 0; MASK_DX) dx = m⊙(the sum);
+    with ``t_add`` (dx's shape and strides; ADD_T) dx gets + t in the epilogue."""
+    if (mask_dx and (dropout_p == 0.0 or dx is None)) or (
+            t_add is not None and (dx is None or t_add.stride() != dx.stride())):
+        raise ValueError("launch_dx: mask_dx needs dropout and dx; t_add needs dx and dx's strides")
     import triton
 
     from .lora_bwd import lora_dx_kernel
@@ -128,7 +129,7 @@ def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, sc
         *strides(x2d), *strides(A), *strides(v), *strides(dx), *strides(dA32), float(scaling),
         **dropout_args(dropout_p, seed), mask_col0=int(mask_col0), mask_width=int(K if mask_width is None else mask_width),
         NEED_DX=dx is not None, NEED_DA=dA32 is not None, DROPOUT=dropout_p > 0.0, HAS_LORA=has_lora,
-        COL_SCALE=col_scale is not None, ADD_MASKED_T=t_add is not None,
+        COL_SCALE=col_scale is not None, MASK_DX=mask_dx, ADD_T=t_add is not None,
         **w.constexprs, LOOKUP=common.lookup_mode(weight, g.dtype), W_FIRST=common.w_first(weight, g.dtype),
         **precisions, R_PAD=r_pad,
         R_CHUNK=min(r_pad, 64), **meta, **common.compile_options(weight),

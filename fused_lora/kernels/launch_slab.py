@@ -118,9 +118,9 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=No
 
 
 def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, scaling=0.0, dropout_p=0.0,
-              seed=0, col_scale=None, t_add=None) -> None:  # fmt: skip
+              seed=0, col_scale=None, mask_dx=False, t_add=None) -> None:  # fmt: skip
     """dx = g'·deq(W) (+ s·m⊙(v·A)), dA32 += s·vᵀ·(m⊙x) when given, through column slabs of W (module docstring);
-    g' = g, or c⊙g with ``col_scale`` c; + m⊙t with ``t_add`` (launch_gemm.launch_dx)."""
+    g' = g, or c⊙g with ``col_scale`` c; m⊙dx with ``mask_dx``; + t with ``t_add`` (launch_gemm.launch_dx)."""
     from .launch_gemm import launch_dx as gemm_dx
 
     N, K = weight.shape
@@ -140,7 +140,7 @@ def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, sc
         gemm_dx(g, halves[half, :, : k1 - k0], None if dx is None else dx[:, part], precisions,
                 x2d=None if x2d is None else x2d[:, part], A=None if A is None else A[:, part], v=v,
                 dA32=None if dA32 is None else dA32[:, part], scaling=scaling, dropout_p=dropout_p, seed=seed,
-                mask_col0=k0, mask_width=K, col_scale=col_scale,
+                mask_col0=k0, mask_width=K, col_scale=col_scale, mask_dx=mask_dx,
                 t_add=None if t_add is None else t_add[:, part])  # fmt: skip
 
     _pipeline(g.device, len(starts), dequantize, gemm, t.slab_overlap)

@@ -275,8 +275,8 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
         col_scale: None, or c (N,): DoRA's backward (fused_lora/dora.py) without an M×N pass over c⊙g:
             v = g·(c⊙B), dB = c⊙(s·gᵀ·u), dx = g·deq(W) + m⊙(((c−1)⊙g)·deq(W) + s·v·A), db = Σ_M g. Without
             dropout dx = (c⊙g)·deq(W) + s·v·A, c inside the dx GEMM's main loop (at decode sizes one c⊙g pass,
-            M ≤ 64); with dropout t = ((c−1)⊙g)·deq(W) by a frozen dx GEMM, then the LoRA dx GEMM adds m⊙t in its
-            epilogue (not at decode sizes: ValueError, fused_lora/dora.py composes those).
+            M ≤ 64); with dropout t = m⊙(((c−1)⊙g)·deq(W)) by a frozen dx GEMM (the mask in its epilogue), then the
+            LoRA dx GEMM adds t in its epilogue (not at decode sizes: ValueError, fused_lora/dora.py composes those).
     Returns:
         (dx (M, K) x's dtype, dA (r, K) A's dtype, dB (N, r) B's dtype, db (N,) fp32), None where not needed.
 
@@ -321,9 +321,9 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
             dA32 = torch.zeros((r, K), device=device, dtype=torch.float32) if fused_dA else None
             launcher = launch_slab.launch_dx if route == "large" else launch_gemm.launch_dx
             t = None
-            if c is not None and dropout_p > 0.0:  # DoRA with dropout: t = ((c−1)⊙g)·W, added as m⊙t
+            if c is not None and dropout_p > 0.0:  # DoRA with dropout: t = m⊙(((c−1)⊙g)·W), then dx + t
                 t = torch.empty_like(dx)
-                launcher(g, weight, t, precisions, col_scale=c - 1.0)
+                launcher(g, weight, t, precisions, dropout_p=dropout_p, seed=seed, col_scale=c - 1.0, mask_dx=True)
             launcher(g, weight, dx, precisions, dA32=dA32, col_scale=None if t is not None else c, t_add=t, **lowrank)
         if need_dA and dA32 is None:
             dA32 = launch_gemm.da_split(x2d, v, r, precisions, scaling, dropout_p, seed)

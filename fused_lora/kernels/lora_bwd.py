@@ -135,7 +135,7 @@ def lora_dx_kernel(
     dx_ptr,  # (M, K) compute dtype output
     da_ptr,  # dA (r, K) fp32 output, zeroed (relaxed atomic adds)
     col_scale_ptr,  # c (N,) fp32 with COL_SCALE (None otherwise)
-    t_ptr,  # (M, K) compute dtype, dx's strides, read with ADD_MASKED_T (None otherwise)
+    t_ptr,  # (M, K) compute dtype, dx's strides, read with ADD_T (None otherwise)
     # sizes
     M,
     N,
@@ -170,7 +170,8 @@ def lora_dx_kernel(
     DROPOUT: tl.constexpr,  # only with HAS_LORA
     HAS_LORA: tl.constexpr,  # False: dx = g·deq(W) only
     COL_SCALE: tl.constexpr,  # the main loop reads c⊙g (DoRA's backward) instead of g
-    ADD_MASKED_T: tl.constexpr,  # dx = acc + m⊙t, t read (DoRA with dropout; only with DROPOUT)
+    MASK_DX: tl.constexpr,  # dx = m⊙acc, the mask regenerated for the output tile (DoRA with dropout: m⊙t)
+    ADD_T: tl.constexpr,  # dx = acc + t, t read (DoRA with dropout: t = m⊙((c−1)⊙g)·W from a MASK_DX launch)
     IS_NF4: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
@@ -195,7 +196,10 @@ def lora_dx_kernel(
     With W_FIRST W's tile is the first operand of the dot, as in lora_fwd: the accumulator is
     dxᵀ[cols, rows] = Σ_n deq(W)[n, cols]·g[rows, n], stored transposed.
 
-    ADD_MASKED_T (DoRA with dropout, fused_lora/dora.py): dx = acc + m⊙t with t read in dx's layout."""
+    DoRA with dropout (fused_lora/dora.py) takes two launches: MASK_DX stores t = m⊙(((c−1)⊙g)·deq(W)) (COL_SCALE
+    with c − 1, no low-rank term), then ADD_T adds t to the LoRA dx. The mask is drawn in the launch without the
+    low-rank operands (in the LoRA dx's epilogue, beside its accumulator, it spilled 4–96 B per thread on sm_90),
+    before the main loop (drawn after it, ptxas serialised the loop's wgmma over a dense W)."""
     COMPUTE_DTYPE: tl.constexpr = g_ptr.dtype.element_ty
     pid_m, pid_k = grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
@@ -248,6 +252,8 @@ def lora_dx_kernel(
                 else:
                     acc = acc * m
 
+    if MASK_DX:  # the kept entries of m for this output tile, drawn before the loop (see the docstring)
+        keep_out = dropout_mask_tile(seed, offs_m, mask_col0 + k0, mask_width, p, keep_scale, BLOCK_K) != 0.0
     if NEED_DX:
         g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
         lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
@@ -273,9 +279,13 @@ def lora_dx_kernel(
 
     if NEED_DX:
         dx_tile = offs_m.to(tl.int64)[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
-        if ADD_MASKED_T:  # + m⊙t, the mask regenerated for this tile
+        if MASK_DX:
+            if W_FIRST:
+                acc = tl.where(tl.trans(keep_out), acc * keep_scale, 0.0)
+            else:
+                acc = tl.where(keep_out, acc * keep_scale, 0.0)
+        if ADD_T:
             t = tl.load(t_ptr + dx_tile, mask=tile_in_range, other=0.0).to(tl.float32)
-            t = t * dropout_mask_tile(seed, offs_m, mask_col0 + k0, mask_width, p, keep_scale, BLOCK_K)
             if W_FIRST:
                 acc += tl.trans(t)
             else:
