@@ -442,34 +442,38 @@ class _ComposedDora:
                 else:
                     dx, dA, dB, db = self.ops.backward_scaled(self.impl, g, x2d, weight, A, B, s, u, c, need_dx,
                                                               need_dA, need_dB, need_db)
-            if need_dmag:
-                dmag = (self.ops.column_dot(g, z).to(L) / norm).to(mag.dtype)
         else:
             fused = self.ops.backward_dropout(self.impl, g, x2d, weight, A, B, s, dropout_p, seed, u, c,
                                               need_dx, need_dA, need_dB, need_db)
             if fused is not None:
                 dx, dA, dB, db = fused
-                if need_dmag:
-                    dmag = (self.ops.column_dot(g, z).to(L) / norm).to(mag.dtype)
-                return dx, dA, dB, dmag, db
-            g_L = g.to(L)
-            m = self.ops.dropout_mask(x2d.shape, dropout_p, seed, x2d.device, L)
-            A_L, B_L = A.to(L), B.to(L)
-            cg = g_L * c
-            v = cg @ B_L if (need_dx or need_dA) else None
-            if need_dx:
-                frozen, _ = self.impl.frozen_backward(g, weight, True, False)
-                dropped, _ = self.impl.frozen_backward((g_L * (c - 1.0)).to(g.dtype), weight, True, False)
-                dx = (frozen.to(L) + m * (dropped.to(L) + s * (v @ A_L))).to(x2d.dtype)
-            if need_dA:
-                dA = (s * (v.t() @ (x2d.to(L) * m))).to(A.dtype)
-            if need_dB:
-                dB = (s * (cg.t() @ u.to(L))).to(B.dtype)
-            if need_dmag:
-                dmag = (self.ops.column_dot(g, z).to(L) / norm).to(mag.dtype)
+            else:
+                dx, dA, dB = self._composed_dropout_backward(g, x2d, weight, A, B, s, u, c, dropout_p, seed,
+                                                             need_dx, need_dA, need_dB)
+        if need_dmag:
+            dmag = (self.ops.column_dot(g, z).to(L) / norm).to(mag.dtype)
         if need_db and db is None:
             db = _sum_rows(g)
         return dx, dA, dB, dmag, db
+
+    def _composed_dropout_backward(self, g, x2d, weight, A, B, s, u, c, dropout_p, seed, need_dx, need_dA, need_dB):
+        """(dx, dA, dB) with dropout composed in PyTorch from the frozen kernels (decode sizes, other backends)."""
+        L = c.dtype
+        g_L = g.to(L)
+        m = self.ops.dropout_mask(x2d.shape, dropout_p, seed, x2d.device, L)
+        A_L, B_L = A.to(L), B.to(L)
+        cg = g_L * c
+        v = cg @ B_L if (need_dx or need_dA) else None
+        dx = dA = dB = None
+        if need_dx:
+            frozen, _ = self.impl.frozen_backward(g, weight, True, False)
+            dropped, _ = self.impl.frozen_backward((g_L * (c - 1.0)).to(g.dtype), weight, True, False)
+            dx = (frozen.to(L) + m * (dropped.to(L) + s * (v @ A_L))).to(x2d.dtype)
+        if need_dA:
+            dA = (s * (v.t() @ (x2d.to(L) * m))).to(A.dtype)
+        if need_dB:
+            dB = (s * (cg.t() @ u.to(L))).to(B.dtype)
+        return dx, dA, dB
 
 
 def _dora_impl(backend: str):
