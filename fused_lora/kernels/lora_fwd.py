@@ -180,21 +180,24 @@ def load_weight_tile(
 
 
 @triton.jit
-def split_wide(wide, NARROW: tl.constexpr):
-    """[rows, C] fp32 -> [rows, 2C] in the 16-bit dtype NARROW: column 2c = hi_c = round(wide[:, c]), column
-    2c + 1 = lo_c = round(wide[:, c] - hi_c). hi + lo keeps 16 mantissa bits of wide (tf32 keeps 10)."""
+def hi_lo(wide, NARROW: tl.constexpr):
+    """(hi, lo) in the 16-bit dtype NARROW: hi = round(wide), lo = round(wide - hi). hi + lo keeps 16 mantissa bits
+    of an fp32 wide (tf32 keeps 10)."""
     hi = wide.to(NARROW)
-    lo = (wide.to(tl.float32) - hi.to(tl.float32)).to(NARROW)
-    return tl.reshape(tl.join(hi, lo), (wide.shape[0], 2 * wide.shape[1]))
+    return tl.join(hi, (wide.to(tl.float32) - hi.to(tl.float32)).to(NARROW))
+
+
+@triton.jit
+def split_wide(wide, NARROW: tl.constexpr):
+    """[rows, C] fp32 -> [rows, 2C] in NARROW (hi_lo): column 2c = hi_c, column 2c + 1 = lo_c."""
+    return tl.reshape(hi_lo(wide, NARROW), (wide.shape[0], 2 * wide.shape[1]))
 
 
 @triton.jit
 def split_wide_rows(wide, NARROW: tl.constexpr):
     """split_wide along rows: [R, C] fp32 -> [2R, C] in NARROW, row 2i = hi_i, row 2i + 1 = lo_i (built directly,
     not as split_wide's transpose: that layout makes ptxas reuse the wgmma's operand registers and wait for it)."""
-    hi = wide.to(NARROW)
-    lo = (wide.to(tl.float32) - hi.to(tl.float32)).to(NARROW)
-    return tl.reshape(tl.permute(tl.join(hi, lo), (0, 2, 1)), (2 * wide.shape[0], wide.shape[1]))
+    return tl.reshape(tl.permute(hi_lo(wide, NARROW), (0, 2, 1)), (2 * wide.shape[0], wide.shape[1]))
 
 
 @triton.jit
