@@ -34,7 +34,7 @@ Implementations, one layer, a training step (forward + backward) unless said:
 - ``fused_dora_dropout`` / ``peft_dora_dropout``: the same with LoRA dropout in training (PEFT's second frozen
   product over the dropped input). Ours (fused_lora/kernels/lora.forward_scaled_dropout): u with the mask in its
   kernel, x_d = m⊙x written once, z_d = x_d·Wᵀ + s·u·Bᵀ by the fused GEMM, y by a second fused GEMM whose epilogue
-  reads z_d; backward t = ((c−1)⊙g)·W by the frozen dx GEMM and the LoRA dx GEMM adding m⊙t, c⊙B instead of the
+  reads z_d; backward t = m⊙(((c−1)⊙g)·W) by the frozen dx GEMM and the LoRA dx GEMM adding t, c⊙B instead of the
   block scales. PEFT's: dropout(x), the DoRA base recomputed (dequantize W again + x_d·Wᵀ) and its backward GEMM,
   the two gradients of x_d summed, the dropout backward, the sum into dx.
 - ``fused_lora``: ``lora_linear`` on the Triton backend (the plain LoRA baseline).
@@ -135,21 +135,20 @@ def _dropout_ops(impl: str, M: int, N: int, K: int, r: int) -> list[Op]:
     """``fused_dora_dropout`` / ``peft_dora_dropout`` (module docstring): the no-dropout step changed as each
     implementation's dropout path changes it."""
     if impl == "fused_dora_dropout":
-        ops = dora_ops("fused_dora", M, N, K, r)
-        by_name = {op.name: i for i, op in enumerate(ops)}
-        ops[by_name["u = x·Aᵀ"]] = _gemm("u = (m⊙x)·Aᵀ (mask in the kernel)", M, r, K, 2, 4, 4)
-        fwd = ops[by_name["fused fwd x·Wᵀ + s·u·Bᵀ"]]  # z stored beside y: now z_d = x_d·Wᵀ + s·u·Bᵀ
-        ops[by_name["fused fwd x·Wᵀ + s·u·Bᵀ"]] = dataclasses.replace(
-            fwd, name="fused fwd z_d = x_d·Wᵀ + s·u·Bᵀ", flops=fwd.flops - M * N, bytes=fwd.bytes - 2.0 * M * N)
-        ops.insert(1, _pass("x_d = m⊙x (bf16)", M * K, 4))
-        ops.insert(3, dataclasses.replace(fwd, name="fused fwd y = x·Wᵀ + s·u·Bᵀ + b + (c−1)⊙z_d"))  # reads z_d
-        dx = ops[by_name["fused dx = g·W + s·v·A, dA"] + 2]
-        ops[by_name["fused dx = g·W + s·v·A, dA"] + 2] = dataclasses.replace(
-            dx, name="fused dx = g·W + s·m⊙(v·A) + m⊙t, dA", bytes=dx.bytes + 2.0 * M * K)
-        ops.insert(by_name["fused dx = g·W + s·v·A, dA"] + 2,
-                   _gemm("t = ((c−1)⊙g)·W (frozen dx GEMM)", M, K, N, 2, NF4_BYTES, 2, "bf16"))
-        return [op for op in ops if not op.name.startswith("c into the block scales")] + [
-            Op("c⊙B, c⊙dB", 0, 4.0 * 4 * N * r)]
+        base = dora_ops("fused_dora", M, N, K, r)
+        fwd = next(op for op in base if op.name == "fused fwd x·Wᵀ + s·u·Bᵀ")  # z stored beside y
+        dx = next(op for op in base if op.name == "fused dx = g·W + s·v·A, dA")
+        replaced = {
+            "u = x·Aᵀ": [_gemm("u = (m⊙x)·Aᵀ (mask in the kernel)", M, r, K, 2, 4, 4),
+                          _pass("x_d = m⊙x (bf16)", M * K, 4)],
+            fwd.name: [dataclasses.replace(fwd, name="fused fwd z_d = x_d·Wᵀ + s·u·Bᵀ", flops=fwd.flops - M * N,
+                                           bytes=fwd.bytes - 2.0 * M * N),
+                       dataclasses.replace(fwd, name="fused fwd y = x·Wᵀ + s·u·Bᵀ + b + (c−1)⊙z_d")],  # reads z_d
+            dx.name: [_gemm("t = m⊙(((c−1)⊙g)·W) (frozen dx GEMM)", M, K, N, 2, NF4_BYTES, 2, "bf16"),
+                      dataclasses.replace(dx, name="fused dx = g·W + s·m⊙(v·A) + t, dA", bytes=dx.bytes + 2.0 * M * K)],
+            "c into the block scales, c⊙B, c⊙dB": [Op("c⊙B, c⊙dB", 0, 4.0 * 4 * N * r)],
+        }
+        return [new for op in base for new in replaced.get(op.name, [op])]
     assert impl == "peft_dora_dropout", impl
     ops = [op for op in dora_ops("peft_dora", M, N, K, r) if op.name != "grads of result summed"]
     return ops + [
