@@ -132,7 +132,8 @@ def ci_jobs() -> list[tuple[Job, dict]]:
                 seen.add(job_key(job))
                 facts = {"M": M, "kernel": launch.kernel, "candidates": len(step.candidates),
                          "reads_nf4": bool(launch.weight_reads) and spec.weight != "dense",
-                         "block_m": launch.args.get("BLOCK_M")}  # fmt: skip
+                         "block_m": launch.args.get("BLOCK_M"),
+                         "fragment": bool(launch.args.get("FRAGMENT"))}  # fmt: skip
                 found.append((job, facts))
                 if arch == 90 and launch.kernel in ("lora_fwd_kernel", "lora_dx_kernel") and launch.args["HAS_LORA"]:
                     first_block_m = step.candidates[0].args["BLOCK_M"]

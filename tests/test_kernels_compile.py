@@ -33,11 +33,11 @@ HELPER = Path(__file__).with_name("_compile_kernels.py")
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 # id -> (spill store bytes, spill load bytes, mma_pipelined: True / False / None for mma.sync or no MMA), as compiled
-# by triton 3.9 with its ptxas, kernels of commit f9d6d9b (its decode forward keeps a wgmma in flight). The entries
+# by triton 3.9 with its ptxas (the decode forward in the fragment order of nf4_fragment.py). The entries
 # are the numbers; a kernel change that moves any of them fails here until RECORD is regenerated with
 # `TRITON_INTERPRET=0 python tests/_compile_kernels.py --record` and the change is explained in its commit.
 RECORD = {
-    "sm90-lora_decode_fwd-decode-nf4dq-bf16-Afp32-r16-64x16x64x256w4": (0, 0, True),
+    "sm90-lora_decode_fwd-decode-nf4dq-bf16-Afp32-r16-64x16x128x128w4": (0, 0, True),
     "sm90-lora_decode_fwd_epilogue-decode-nf4dq-bf16-Afp32-r16-16x128w4": (0, 0, None),
     "sm90-lora_vdb-lowrank-nf4dq-bf16-Afp32-r16-16x64w4": (0, 0, None),
     "sm90-lora_decode_dx-decode-nf4dq-bf16-Afp32-r16-64x16x128x128w4": (0, 0, True),
@@ -87,7 +87,7 @@ RECORD = {
     "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-64x128x64w4s4": (0, 0, True),
     "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-64x128x64w4s4-dora-COL_SCALE": (0, 0, True),
     "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-64x128x64w4s4-dora-ADD_T": (0, 0, True),
-    "sm80-lora_decode_fwd-decode-nf4dq-bf16-Afp32-r16-64x16x64x256w4": (0, 0, None),
+    "sm80-lora_decode_fwd-decode-nf4dq-bf16-Afp32-r16-64x16x128x128w4": (0, 0, None),
     "sm80-lora_decode_fwd_epilogue-decode-nf4dq-bf16-Afp32-r16-16x128w4": (0, 0, None),
     "sm80-lora_vdb-lowrank-nf4dq-bf16-Afp32-r16-16x64w4": (0, 0, None),
     "sm80-lora_decode_dx-decode-nf4dq-bf16-Afp32-r16-64x16x128x128w4": (0, 0, None),
@@ -229,6 +229,22 @@ def test_nf4_weight_is_not_loaded_byte_by_byte(compiled, case_id):
         pytest.skip("does not read the packed NF4 bytes")
     print(f"{case_id}: global loads {record['global_loads']}")
     assert record["narrowest_global_load_bits"] >= 32, record["global_loads"]
+
+
+FRAGMENT_ORDER = sorted(case_id for case_id in RECORD if case_id.startswith("sm90-lora_decode_fwd-"))
+
+
+@pytest.mark.parametrize("case_id", FRAGMENT_ORDER)
+def test_fragment_ordered_nf4_tiles_feed_the_mma_without_a_shared_memory_round_trip(compiled, case_id):
+    """The decode forward takes NF4 tiles in the wgmma fragment order (fused_lora/kernels/nf4_fragment.py): its main
+    loop stores nothing to shared memory and reads no MMA fragment from it (the decoded tile was moved through shared
+    memory before: 16 STS.128, 16 LDSM and 8 barriers per iteration). A Triton whose layouts no longer match the
+    module's bit map fails here: the numbers stay right, the conversion comes back."""
+    record = _record(compiled, case_id)
+    assert record["facts"]["fragment"], f"{case_id}: the launcher did not take the fragment order at K=4096"
+    assert record["loop_shared_round_trip"] == 0, (
+        f"{case_id}: {record['loop_shared_round_trip']} STS/LDSM per main-loop iteration ({record['sass_loop']} SASS)"
+    )
 
 
 def _pruned(arch: int, kernel: str, m_bucket: int, **constexprs) -> list[tuple]:

@@ -8,8 +8,11 @@ atol, outputs poisoned with NaN.
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fused_lora as fl
+from fused_lora.kernels.nf4_fragment import fragment_k, fragment_rows
 from fused_lora.testing import assert_close_to_reference, relative_error
 
 from test_kernels import SCALING, _check_all, _frozen_reference, _make_case, _reference
@@ -183,6 +186,29 @@ def test_slab_sizes_are_bounded_aligned_and_cover_the_weight():
     assert _slab_size(10**6, 8192, 2, t) * 8192 * 2 * 2 <= t.workspace_bytes
 
 
+@pytest.mark.parametrize("total, block, other", [(4096, 256, 224), (14336, 128, 32), (4096, 64, 1), (8192, 128, 112),
+                                                 (100, 16, 3), (16, 16, 1), (1, 64, 5000)])  # fmt: skip
+def test_splits_cover_the_axis_and_balance_the_busiest_sm(total, block, other, monkeypatch):
+    """_splits: every split non-empty, whole steps, the axis covered once; on 132 SMs no worse than the old rule
+    (enough splits for programs_per_sm programs per SM, steps shared as evenly as that count allows)."""
+    from fused_lora.kernels import common, launch_gemm, strategy
+
+    monkeypatch.setattr(common, "sm_count", lambda device: 132)
+    splits, per_split = launch_gemm._splits(total, block, other, "cpu")
+    steps = -(-total // block)
+    assert per_split % block == 0 and 1 <= splits <= steps
+    assert (splits - 1) * per_split < total <= splits * per_split
+
+    def busiest(s, per):  # steps the busiest SM runs, one step of overhead per program
+        return -(-other * s // 132) * (per // block + 1)
+
+    wanted = strategy.Thresholds().programs_per_sm * 132
+    old = max(1, min(steps, -(-wanted // other)))
+    old_per = -(-steps // old) * block
+    assert busiest(splits, per_split) <= busiest(-(-total // old_per), old_per)
+    if (total, block, other) == (4096, 256, 224):  # the decode forward at K=4096, N=14336: 6, 6, 4 steps before
+        assert (splits, per_split) == (4, 1024)
+
 def test_path_choice_follows_the_thresholds():
     _, strategy, *_ = _modules()
     t = strategy.Thresholds(decode_max_m=16, large_min_m=512)
@@ -304,3 +330,63 @@ def test_split_u_matches_and_is_reproducible(poison_empty):
     u = launch_gemm.compute_u(x, A, 0.0, 0, precisions(x, A))
     assert relative_error(u, x.double() @ A.double().t()) < 1e-6
     assert torch.equal(u, launch_gemm.compute_u(x, A, 0.0, 0, precisions(x, A)))
+
+
+FRAGMENT_CASES = [
+    # (M, K, N, r, dtype, base, NF4 blocksize, bias, dropout p, code table): K % 128 == 0 takes the fragment order
+    (1, 128, 200, 4, torch.float32, "nf4-dq", 64, True, 0.0, "nf4"),  # N not a multiple of the 128-row tile
+    (16, 384, 130, 8, torch.float16, "nf4", 32, False, 0.2, "nf4"),  # three splits of K, 4 scales per tile row
+    (5, 256, 64, 16, torch.float32, "nf4", 128, True, 0.1, "nf4"),
+    (3, 256, 96, 4, torch.float16, "nf4-dq", 256, False, 0.0, "nf4"),  # one scale across two tiles
+    (9, 128, 40, 4, torch.float32, "nf4", 64, True, 0.0, "halved"),  # a table of its own: LOOKUP "gather"
+]
+
+
+@pytest.mark.parametrize("case", FRAGMENT_CASES, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-bs{c[6]}-{c[9]}")
+def test_decode_forward_in_fragment_order_matches_the_reference(case, monkeypatch, poison_empty):
+    """The decode forward with NF4 tiles in the wgmma fragment order (nf4_fragment.py: k permuted for W and x alike,
+    the rows of W permuted on the store): y and u against float64, and the launch took that order."""
+    from fused_lora.kernels import lora_decode
+
+    M, K, N, r, dtype, base, blocksize, bias, p, code = case
+    lora, strategy, *_ = _modules()
+    x, weight, w_compute, A, B, b, g = _make_case(M, K, N, r, dtype, base, torch.float32, bias, "contiguous",
+                                                  blocksize, M)  # fmt: skip
+    if code == "halved":
+        weight.code.mul_(0.5)
+        w_compute = weight.dequantize(dtype)
+    launched = []
+    real = lora_decode.lora_decode_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["FRAGMENT"])
+                return real[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(lora_decode, "lora_decode_fwd_kernel", Spy())
+    with strategy.use_thresholds(**PATHS["decode"]):
+        y, u = lora.forward(x, weight, A, B, SCALING, b, p, 7)
+        grads = lora.backward(g, x, weight, A, B, SCALING, p, 7, u, True, True, True, b is not None)
+    assert launched == [True]
+    m = lora.dropout_mask(7, M, K, p, "cpu") if p > 0 else None
+    _check_all((y, u) + grads, x, w_compute, A, B, b, g, m, dtype)
+
+
+def test_fragment_order_maps_rows_and_columns_one_to_one():
+    """fragment_rows and fragment_k (nf4_fragment.py), run by the interpreter: permutations of the tile's rows and
+    columns, with the columns in pairs of consecutive ones (what the 4-byte loads of x rely on)."""
+    for block_n in (64, 128):
+        rows, cols = torch.empty(block_n, dtype=torch.int32), torch.empty(128, dtype=torch.int32)
+        _store_fragment_order[(1,)](rows, cols, BLOCK_N=block_n)
+        assert sorted(rows.tolist()) == list(range(block_n))
+        assert sorted(cols.tolist()) == list(range(128))
+        assert torch.equal(cols[1::2], cols[0::2] + 1) and bool((cols[0::2] % 2 == 0).all())
+
+
+@triton.jit
+def _store_fragment_order(rows_ptr, cols_ptr, BLOCK_N: tl.constexpr):
+    tl.store(rows_ptr + tl.arange(0, BLOCK_N), fragment_rows(BLOCK_N))
+    tl.store(cols_ptr + tl.arange(0, 128), fragment_k())

@@ -170,6 +170,8 @@ _SASS_DEPBAR = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)")
 _SASS_GLOBAL_LOAD = re.compile(r"\b(LDG|LDGSTS|UBLKCP|UTMALDG)\b")
 _SASS_LOAD = re.compile(r"\b(LDG|LDGSTS)(\.\S+)?\s")
 _LOAD_BYTES = {"128": 16, "64": 8, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
+# a register tile moved through shared memory inside the loop: stored (STS) and read back as MMA fragments (LDSM)
+_SASS_SHARED_ROUND_TRIP = re.compile(r"\b(STS|LDSM)\b")
 _SASS_MEMBAR = re.compile(r"\bMEMBAR\.\S*(GPU|SYS)")
 _PTX_LABEL = re.compile(r"^\s*(\$L__\w+):")
 _PTX_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
@@ -277,6 +279,7 @@ def analyse_sass(sass: str, ptx: str, num_warps: int) -> dict:
         "loop_membar": sum(bool(_SASS_MEMBAR.search(s)) for s in body) / unroll,
         "rest_membar": sum(bool(_SASS_MEMBAR.search(s)) for s in rest),
         "loop_global_loads": sum(bool(_SASS_GLOBAL_LOAD.search(s)) for s in body) / unroll,
+        "loop_shared_round_trip": sum(bool(_SASS_SHARED_ROUND_TRIP.search(s)) for s in body) / unroll,
         "loop_load_bytes": sum(32 * _sass_load_bytes(s) for s in body) * num_warps / unroll,
     }  # fmt: skip
 

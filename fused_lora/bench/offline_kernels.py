@@ -56,6 +56,13 @@ class KernelModel:
         return self.path(args) if callable(self.path) else self.path
 
 
+def _partial_trips(args: dict) -> int:
+    """Trips of the decode epilogues' loop over the S split partials (lora_decode.sum_partials' unroll)."""
+    from ..kernels.lora_decode import PARTIALS_PER_TRIP
+
+    return cdiv(max(1, args["S"]), PARTIALS_PER_TRIP.value)
+
+
 def _weight_path(args: dict) -> str:
     """NF4 decoded inside the GEMM main loop ("inloop"), or a dense W (or a dense slab of W: the large-M path)."""
     return "inloop" if args.get("IS_NF4") else "dense"
@@ -87,9 +94,9 @@ KERNELS: dict[str, KernelModel] = {
                                    weight_share=lambda a: _slab_elements(a) / (2 * a["packed_ptr"].numel())),
     # decode: split-K partial sums of yᵀ (and u), then their sum with bias and the low-rank term
     "lora_decode_fwd_kernel": KernelModel("decode", lambda a: cdiv(min(a["K_PER_SPLIT"], a["K"]), a["BLOCK_K"])),
-    "lora_decode_fwd_epilogue_kernel": KernelModel("decode", lambda a: max(1, a["S"])),
+    "lora_decode_fwd_epilogue_kernel": KernelModel("decode", _partial_trips),
     "lora_decode_dx_kernel": KernelModel("decode", lambda a: cdiv(min(a["N_PER_SPLIT"], a["N"]), a["BLOCK_N"])),
-    "lora_decode_dx_epilogue_kernel": KernelModel("decode", lambda a: max(1, a["S"])),
+    "lora_decode_dx_epilogue_kernel": KernelModel("decode", _partial_trips),
     # deterministic mode: split reductions of v, dB and dA (summed in a fixed order afterwards)
     "lora_v_split_kernel": KernelModel("lowrank", lambda a: cdiv(min(a["N_PER_SPLIT"], a["N"]), a["BLOCK_N"])),
     "lora_db_split_kernel": KernelModel("lowrank", lambda a: cdiv(min(a["M_PER_SPLIT"], a["M"]), a["BLOCK_M"])),

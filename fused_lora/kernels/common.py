@@ -17,6 +17,8 @@ MAX_RANK = 256
 NESTED_BLOCKSIZE = 256
 # R_PAD of the launches without a low-rank term (the kernels do not read it then); one fixed value, one variant.
 FROZEN_R_PAD = 16
+# Columns of an NF4 tile taken in the wgmma fragment order (nf4_fragment.py): 16 int32 words of 8 codes per row
+FRAGMENT_BLOCK_K = 128
 _INT32_MAX = 2**31 - 1
 
 

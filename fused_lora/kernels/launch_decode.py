@@ -11,7 +11,7 @@ import torch
 
 from ..backend import interpreting
 from . import common
-from .common import dropout_args, rank_pad, strides
+from .common import FRAGMENT_BLOCK_K, dropout_args, rank_pad, strides
 from .launch_gemm import _splits
 
 
@@ -23,6 +23,12 @@ def supports(M: int, weight) -> bool:
     if not common.is_nf4(weight):
         return True
     return bool(common.weight_args(weight, weight.shape[1], torch.float32).constexprs["ROW_SCALES"])
+
+
+def _fragment(weight, K: int) -> bool:
+    """Whether the forward kernel takes NF4 tiles in the wgmma fragment order (nf4_fragment.py): whole 128-column
+    tiles (K a multiple of 128; supports() already asked for whole blocks per row)."""
+    return common.is_nf4(weight) and K % FRAGMENT_BLOCK_K == 0
 
 
 def _block_m(M: int) -> int:
@@ -49,7 +55,11 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     r = A.shape[0] if has_lora else 0
     r_pad = rank_pad(r) if has_lora else common.FROZEN_R_PAD
     block_m = _block_m(M)
-    block_n, block_k, warps = (32, 64, 4) if interpreting() else (64, 256, 4)
+    fragment = _fragment(weight, K)
+    if fragment:
+        block_n, block_k, warps = (128, FRAGMENT_BLOCK_K, 4)
+    else:
+        block_n, block_k, warps = (32, 64, 4) if interpreting() else (64, 256, 4)
     splits, k_per_split = _splits(K, block_k, triton.cdiv(N, block_n), x2d.device)
     y_part = torch.empty((splits, M, N), device=x2d.device, dtype=torch.float32)
     u_part = torch.empty((splits, M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
@@ -60,7 +70,8 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
         x2d.stride(0), x2d.stride(1), stride_wn, stride_wk, *strides(A),
         y_part.stride(0), y_part.stride(1), *(u_part.stride()[:2] if has_lora else (0, 0)),
         **dropout_args(dropout_p, seed),
-        IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup, HAS_LORA=has_lora, DROPOUT=dropout_p > 0.0, **precisions,
+        IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup, FRAGMENT=fragment, HAS_LORA=has_lora,
+        DROPOUT=dropout_p > 0.0, **precisions,
         R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         **common.compile_options(weight),
     )  # fmt: skip

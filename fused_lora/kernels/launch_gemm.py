@@ -21,11 +21,27 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _splits(total: int, block: int, other_programs: int, device) -> tuple[int, int]:
-    """(splits, elements per split) of a reduction axis of ``total`` elements in steps of ``block``: enough splits
-    that other_programs · splits fills the GPU (strategy.Thresholds.programs_per_sm per SM), at most one per step."""
-    wanted = strategy.thresholds(device).programs_per_sm * common.sm_count(device)
+    """(splits, elements per split) of a reduction axis of ``total`` elements in steps of ``block``.
+
+    P = other_programs · splits programs of ceil(steps / splits) steps each, on ``sms`` SMs: the busiest SM runs
+    ceil(P / sms) programs (those resident together share its issue slots), each costing its steps plus about one
+    step of prologue and epilogue (partial sums written and read back). The rule: from the splits that launch between
+    half and twice strategy.Thresholds.programs_per_sm programs per SM (fewer when there are fewer steps), take the
+    one whose busiest SM costs least, and the fewest splits among equals (smaller partial-sum buffers). Example: 224
+    tiles × 16 steps on 132 SMs takes 4 splits (7 programs of 4 + 1 steps on the busiest SM: 35), where 3 splits of
+    6, 6 and 4 steps cost 6·(6 + 1) = 42.
+    """
+    sms = common.sm_count(device)
     steps = _cdiv(max(total, 1), block)
-    splits = max(1, min(steps, _cdiv(wanted, max(other_programs, 1))))
+    other = max(other_programs, 1)
+    wanted = strategy.thresholds(device).programs_per_sm * sms
+    least, most = _cdiv(_cdiv(wanted, 2), other), _cdiv(2 * wanted, other)
+
+    def cost(splits: int) -> tuple[int, int]:
+        per_split = _cdiv(steps, splits)
+        return _cdiv(other * _cdiv(steps, per_split), sms) * (per_split + 1), splits
+
+    splits = min(range(min(least, steps), min(most, steps) + 1), key=cost)
     per_split = _cdiv(steps, splits) * block
     return _cdiv(max(total, 1), per_split), per_split
 

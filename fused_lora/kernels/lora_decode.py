@@ -2,8 +2,9 @@
 
 Symbols (docs/DESIGN.md): x (M×K), W (N×K) frozen NF4 or dense, A (r×K), B (N×r), b (N), s scaling, m (M×K) dropout
 mask (dropout.py), g = ∂L/∂y (M×N), v = g·B. deq(W) tiles come from lora_fwd.load_weight_tile (NF4 decoded in
-registers, one scale per (row, block); 16-byte loads of the packed bytes). Split s covers K_s (forward) or N_s
-(backward), S splits in all; partial sums go to fp32 buffers that the epilogue kernels sum in a fixed order.
+registers, one scale per (row, block); 16-byte loads of the packed bytes), or for the forward with K a multiple of
+128 from nf4_fragment.load_fragment_tile (the same values, rows and columns in the MMA's fragment order). Split s
+covers K_s (forward) or N_s (backward), S splits in all; partial sums go to fp32 buffers that the epilogue kernels sum in a fixed order.
 
     forward    yᵀ_part[s] = Σ_{k ∈ K_s} deq(W)[:, k]·x[:, k]ᵀ            lora_decode_fwd_kernel, grid (N tiles, S)
                u_part[s]  = Σ_{k ∈ K_s} (m⊙x)[:, k]·A[:, k]ᵀ             (same kernel, programs of N tile 0)
@@ -15,13 +16,13 @@ The GEMMs are computed transposed (W's tile is the first operand of the dot: the
 one-row x wastes no MMA rows of W). All M rows are in one BLOCK_M tile, so dA needs no cross-program reduction:
 the decode path is deterministic in every mode.
 
-Where the time goes (bench/results/offline, sm_90a, K=4096, N=14336, bf16, 64×256 W tile, 4 warps): the forward loop
-issues 717 SASS per iteration per warp, so the kernel is issue-bound at about 35 % of HBM bandwidth. 224 of them are
-PRMT and 81 LOP3 (the NF4 lookup, nf4_lookup.py), 64 HMUL2 (the scales), and 66 IMAD.MOV, 16 STS.128 and 16 LDSM
-move the decoded tile through shared memory into the wgmma's register-fragment layout. Other tiles (128×256 with 8
-warps, 128×128, 64×512) predict 30–36 %. Reaching the bandwidth needs packed bytes laid out so that they decode
-straight into the fragment (pre-shuffled weights, as Marlin and Machete do), and one launch instead of two (the
-epilogue kernel costs 2.7 of 20.3 µs).
+Where the time goes (bench/results/offline, sm_90a, K=4096, N=14336, bf16): the forward loop is issue-bound. With
+NF4 tiles in the wgmma fragment order (nf4_fragment.py, FRAGMENT; 128×128 tiles, 4 warps) it issues 598 SASS per
+iteration per warp for 128 values per thread, 224 of them PRMT and 80 LOP3 (the NF4 lookup, nf4_lookup.py) and 64
+HMUL2 (the scales), and no shared-memory round trip of the decoded tile; before, the same 128 values took 717, of
+which 66 IMAD.MOV, 16 STS.128, 16 LDSM and 8 barriers moved the tile into the fragment layout. Reaching the HBM
+bandwidth needs a cheaper lookup than about 2.4 instructions per value, which a 16-entry table of 16-bit values in
+PRMT registers does not allow; and one launch instead of two (the epilogue kernel costs 2.6 of about 16 µs).
 """
 
 import triton
@@ -29,6 +30,7 @@ import triton.language as tl
 
 from .dropout import dropout_mask_tile
 from .lora_fwd import load_weight_tile
+from .nf4_fragment import fragment_k, fragment_rows, load_fragment_tile
 from .nf4_lookup import nf4_lut
 
 
@@ -62,6 +64,7 @@ def lora_decode_fwd_kernel(
     IS_NF4: tl.constexpr,
     BLOCKSIZE: tl.constexpr,
     LOOKUP: tl.constexpr,
+    FRAGMENT: tl.constexpr,  # NF4 tiles in the wgmma fragment order (nf4_fragment.py): BLOCK_K 128, K % 128 == 0
     HAS_LORA: tl.constexpr,
     DROPOUT: tl.constexpr,
     BASE_PRECISION: tl.constexpr,
@@ -85,17 +88,30 @@ def lora_decode_fwd_kernel(
     # yᵀ, from an MMA of zeros (an accumulator defined by ordinary instructions serialises the wgmma pipeline)
     acc = tl.dot(tl.zeros((BLOCK_N, 16), COMPUTE_DTYPE), tl.zeros((16, BLOCK_M), COMPUTE_DTYPE))
     lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
+    if FRAGMENT:  # row n' of acc is W's row out_rows[n']; column k' of the tile is k0 + offs_x[k']
+        tl.static_assert(BLOCK_K == 128, "fragment-ordered tiles are 128 columns wide")
+        out_rows = pid_n * BLOCK_N + fragment_rows(BLOCK_N)
+        offs_x = fragment_k()
+    else:
+        out_rows = offs_n
+        offs_x = tl.arange(0, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = load_weight_tile(
-            w_ptr, scale_ptr, code_ptr, scale_ptr, code_ptr, code_ptr,
-            offs_n, k0, N, K, stride_wn, stride_wk,
-            IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
-        )  # fmt: skip
+        offs_k = k0 + offs_x
+        if FRAGMENT:  # K is a multiple of BLOCK_K: no column mask (it would narrow the loads)
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_m[:, None] < M, other=0.0)
+            w = load_fragment_tile(
+                w_ptr, scale_ptr, code_ptr, lut, offs_n, k0, N, K, stride_wn, BLOCKSIZE, LOOKUP, BLOCK_N, COMPUTE_DTYPE
+            )
+        else:
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            w = load_weight_tile(
+                w_ptr, scale_ptr, code_ptr, scale_ptr, code_ptr, code_ptr,
+                offs_n, k0, N, K, stride_wn, stride_wk,
+                IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+            )  # fmt: skip
         acc = tl.dot(w, tl.trans(x), acc, input_precision=BASE_PRECISION)
-    y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + offs_n[:, None]
-    tl.store(y_ptrs, acc, mask=(offs_m[None, :] < M) & (offs_n[:, None] < N))
+    y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + out_rows[:, None]
+    tl.store(y_ptrs, acc, mask=(offs_m[None, :] < M) & (out_rows[:, None] < N))
 
     if HAS_LORA:
         if pid_n == 0:  # u_part[split], R_CHUNK ranks and U_BLOCK_K columns at a time (small tiles of A at any r)
@@ -114,6 +130,24 @@ def lora_decode_fwd_kernel(
                     u = tl.dot(x.to(LOWRANK_DTYPE), tl.trans(a.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
                 u_ptrs = u_ptr + split * stride_us + offs_m[:, None] * stride_um + offs_r[None, :]
                 tl.store(u_ptrs, u, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+
+
+PARTIALS_PER_TRIP = tl.constexpr(4)
+
+
+@triton.jit
+def sum_partials(acc, ptrs, stride_s, S, mask):
+    """acc + Σ_{s < S} ptrs[s·stride_s], added in the order s = 0, 1, … (the same sum in every run): the loads of
+    PARTIALS_PER_TRIP splits are in flight together, so the loop waits for memory once per PARTIALS_PER_TRIP splits
+    rather than once per split."""
+    for s in range(0, S, PARTIALS_PER_TRIP):
+        split = tl.full(mask.shape, s, tl.int32)  # a tensor, so that the masks below stay tensors of booleans
+        p0 = tl.load(ptrs + s * stride_s, mask=mask, other=0.0)
+        p1 = tl.load(ptrs + (s + 1) * stride_s, mask=mask & (split + 1 < S), other=0.0)
+        p2 = tl.load(ptrs + (s + 2) * stride_s, mask=mask & (split + 2 < S), other=0.0)
+        p3 = tl.load(ptrs + (s + 3) * stride_s, mask=mask & (split + 3 < S), other=0.0)
+        acc = acc + p0 + p1 + p2 + p3
+    return acc
 
 
 @triton.jit
@@ -152,8 +186,7 @@ def lora_decode_fwd_epilogue_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     tile_in = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(0, S):
-        acc += tl.load(y_part_ptr + s * stride_ps + offs_m[:, None] * stride_pm + offs_n[None, :], mask=tile_in, other=0.0)
+    acc = sum_partials(acc, y_part_ptr + offs_m[:, None] * stride_pm + offs_n[None, :], stride_ps, S, tile_in)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
@@ -162,9 +195,7 @@ def lora_decode_fwd_epilogue_kernel(
             offs_r = r0 + tl.arange(0, R_CHUNK)
             u_in = (offs_m[:, None] < M) & (offs_r[None, :] < R)
             u = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
-            for s in range(0, S):
-                u_ptrs = u_part_ptr + s * stride_qs + offs_m[:, None] * stride_qm + offs_r[None, :]
-                u += tl.load(u_ptrs, mask=u_in, other=0.0)
+            u = sum_partials(u, u_part_ptr + offs_m[:, None] * stride_qm + offs_r[None, :], stride_qs, S, u_in)
             if tl.program_id(0) == 0:
                 tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], u, mask=u_in)
             bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
@@ -269,8 +300,7 @@ def lora_decode_dx_epilogue_kernel(
     tile_in = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if NEED_DX:
-        for s in range(0, S):
-            acc += tl.load(dx_part_ptr + s * stride_ps + offs_m[:, None] * stride_pm + offs_k[None, :], mask=tile_in, other=0.0)
+        acc = sum_partials(acc, dx_part_ptr + offs_m[:, None] * stride_pm + offs_k[None, :], stride_ps, S, tile_in)
     if HAS_LORA:
         if DROPOUT:
             m = dropout_mask_tile(seed, offs_m, tl.program_id(0) * BLOCK_K, K, p, keep_scale, BLOCK_K)

@@ -11,6 +11,9 @@ numbers as fused_lora.nf4.NF4_CODE).
                              in 21 instructions: byte permutes (PRMT) over the low and high bytes of the 16 rounded
                              values, held in 8 registers (lut = nf4_lut(code_ptr, T), computed once per program from
                              the table in memory, so any 16-entry table works); inline PTX, so GPU only
+    nf4_word_values(words, code_ptr, lut, LOOKUP, T)
+                             the 8 values of each int32 word as 8 tensors in the words' own layout, by nf4_prmt or per
+                             nibble by the tree or the gather (nf4_fragment.py reorders them into the MMA's fragment)
 
 How nf4_prmt decodes one 32-bit word x = bytes B0..B3 (B0 lowest): its low 16 bits are the nibbles
 n0 = lo(B0), n1 = hi(B0), n2 = lo(B1), n3 = hi(B1). With s = x & 0x77777777,
@@ -190,6 +193,30 @@ def nf4_prmt(words, lut, DTYPE: tl.constexpr):
             dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
         )  # fmt: skip
     return values
+
+
+@triton.jit
+def nf4_word_values(words, code_ptr, lut, LOOKUP: tl.constexpr, DTYPE: tl.constexpr):
+    """The 8 values of every int32 word of packed bytes, as 8 tensors of ``words``' shape in element order (value j
+    from the high nibble of byte j // 2 for even j, its low nibble for odd j): in DTYPE for LOOKUP "prmt"
+    (nf4_prmt), exact fp32 for "tree" and "gather"."""
+    if LOOKUP == "prmt":
+        return nf4_prmt(words, lut, DTYPE)
+    else:
+        q0 = (words >> 4) & 15
+        q1 = words & 15
+        q2 = (words >> 12) & 15
+        q3 = (words >> 8) & 15
+        q4 = (words >> 20) & 15
+        q5 = (words >> 16) & 15
+        q6 = (words >> 28) & 15
+        q7 = (words >> 24) & 15
+        if LOOKUP == "tree":
+            return (nf4_tree(q0), nf4_tree(q1), nf4_tree(q2), nf4_tree(q3), nf4_tree(q4), nf4_tree(q5), nf4_tree(q6),
+                    nf4_tree(q7))
+        else:
+            return (tl.load(code_ptr + q0), tl.load(code_ptr + q1), tl.load(code_ptr + q2), tl.load(code_ptr + q3),
+                    tl.load(code_ptr + q4), tl.load(code_ptr + q5), tl.load(code_ptr + q6), tl.load(code_ptr + q7))
 
 
 @triton.jit
