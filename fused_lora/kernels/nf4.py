@@ -61,7 +61,8 @@ def nf4_quantize_kernel(
 
     absmax = tl.maximum(tl.max(tl.abs(x_hi), axis=1), tl.max(tl.abs(x_lo), axis=1))  # [R]
     nonzero = absmax > 0.0
-    divisor = tl.where(nonzero, tl.maximum(absmax, 1e-38), 1.0)[:, None]
+    # 1e-38 as an fp32 tensor: Triton 3.6 types a Python float below fp32's normal range as fp64 (3.9 as fp32)
+    divisor = tl.where(nonzero, tl.maximum(absmax, tl.full((), 1e-38, tl.float32)), 1.0)[:, None]
     reciprocal = tl.math.div_rn(tl.full(divisor.shape, 1.0, tl.float32), divisor)
     partial = ((block + 1) * BLOCKSIZE > n_elements)[:, None]
 
