@@ -169,8 +169,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--record", action="store_true", help="print the RECORD table instead of JSON")
     parser.add_argument("--cache", metavar="DIR", help="reuse (and keep) compile records in DIR")
+    parser.add_argument("--check-compiles", action="store_true",
+                        help="only say whether every kernel compiles (exit 1 naming those that do not): for another "
+                             "Triton than the one RECORD was made with, e.g. the GPU machine's 3.6 (.ci/run)")
     options = parser.parse_args()
     report = run(options.cache)
+    if options.check_compiles:
+        import triton
+
+        failed = [r for r in report["records"] if r["error"]]
+        for r in failed:
+            print(f"{r['id']}: {r['error'].splitlines()[-1] if r['error'].strip() else 'error'}")
+        print(f"triton {triton.__version__}: {len(report['records']) - len(failed)} of {len(report['records'])} "
+              f"kernels compile ({report['seconds']} s)")
+        sys.exit(1 if failed else 0)
     if options.record:
         print(_record_table(report))
     else:

@@ -52,7 +52,8 @@ class Thresholds:
     workspace_bytes: cap of the large path's workspace (two slabs of W in the compute dtype); never a whole N×K
         copy of a larger layer.
     slab_overlap: dequantize the next slab on a side CUDA stream while the current slab's GEMM runs.
-    programs_per_sm: programs the decode path and the split reductions aim for per SM.
+    programs_per_sm: programs per SM the decode path and the split reductions aim for: launch_gemm._splits takes
+        between half and twice as many, the count that leaves the busiest SM the least work.
     """
 
     decode_max_m: int = 16
