@@ -4,7 +4,8 @@ Symbols (docs/DESIGN.md): x (M×K), W (N×K) frozen NF4 or dense, A (r×K), B (N
 mask (dropout.py), g = ∂L/∂y (M×N), v = g·B. deq(W) tiles come from lora_fwd.load_weight_tile (NF4 decoded in
 registers, one scale per (row, block); 16-byte loads of the packed bytes), or for the forward with K a multiple of
 128 from nf4_fragment.load_fragment_tile (the same values, rows and columns in the MMA's fragment order). Split s
-covers K_s (forward) or N_s (backward), S splits in all; partial sums go to fp32 buffers that the epilogue kernels sum in a fixed order.
+covers K_s (forward) or N_s (backward), S splits in all; partial sums go to fp32 buffers that the epilogue kernels
+sum in a fixed order.
 
     forward    yᵀ_part[s] = Σ_{k ∈ K_s} deq(W)[:, k]·x[:, k]ᵀ            lora_decode_fwd_kernel, grid (N tiles, S)
                u_part[s]  = Σ_{k ∈ K_s} (m⊙x)[:, k]·A[:, k]ᵀ             (same kernel, programs of N tile 0)
