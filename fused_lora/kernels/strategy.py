@@ -22,7 +22,8 @@ repeated for every BLOCK_M rows); the large path adds one pass over W (read N·K
 ~37 µs for 14336×4096 on an H200), of which the side stream hides all but the first of at least four slabs. The two
 cross near M = 512 on an H200 (dense GEMM of 14336×4096 at M=512: ~80 µs); an A100's MMA is 3× slower against its
 ALUs, so the in-loop decode stays cheap longer there (1024). Decode: the split-K partial sums cost S·M·N·4 bytes
-(mostly in L2), ~8 % of the NF4 bytes at M=16 and twice that at 32.
+(mostly in L2): at K=4096, N=14336 the forward takes S = 8 (launch_gemm._splits), 25 % of the NF4 bytes at M=16
+and 50 % at 32.
 
 Deterministic mode (``deterministic()``): torch.are_deterministic_algorithms_enabled(), or FUSED_LORA_DETERMINISTIC=1
 in the environment, or ``use_deterministic(True)``. Then no kernel accumulates with atomics: every cross-program
