@@ -24,10 +24,10 @@ register):
     k' = (e0, w2, w3, e1, e2, w0, w1)            fragment_k: the column k = e + 8·w of each logical column k'
 
 so x is read at k0 + fragment_k (pairs of consecutive columns: 4-byte loads, told to the compiler with
-tl.max_contiguous) and the accumulator's row n' is stored to row p(n'). Any BLOCK_N (a power of two ≥ 64) and any
-number of warps give the right numbers (the permutation is exact whatever the layout); the bit match, and so the
-absence of a conversion, holds for 4 warps and BLOCK_N ∈ {64, 128}, which tests/test_kernels_compile.py checks on
-the compiled decode kernel (no LDSM and no shared-memory store of W in its main loop).
+tl.max_contiguous) and the accumulator's row n' is stored to row p(n'). BLOCK_N is 64 or 128 (the two bit maps of
+_to_fragment_order). Any number of warps gives the right numbers (the permutation is exact whatever the layout);
+the bit match, and so the absence of a conversion, holds for 4 warps: tests/test_kernels_compile.py checks it on the
+compiled decode kernel (128 rows; no LDSM and no shared-memory store in its main loop).
 """
 
 import triton
