@@ -39,6 +39,7 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 RECORD = {
     "sm90-lora_decode_fwd-decode-nf4dq-bf16-Afp32-r16-64x16x128x128w4": (0, 0, True),
     "sm90-lora_decode_fwd_epilogue-decode-nf4dq-bf16-Afp32-r16-16x128w4": (0, 0, None),
+    "sm90-zero_fp32-lowrank-nf4dq-bf16-Afp32-r16-1024w4": (0, 0, None),
     "sm90-lora_vdb-lowrank-nf4dq-bf16-Afp32-r16-16x64w4": (0, 0, None),
     "sm90-lora_decode_dx-decode-nf4dq-bf16-Afp32-r16-64x16x128x128w4": (0, 0, True),
     "sm90-lora_decode_dx_epilogue-decode-nf4dq-bf16-Afp32-r16-16x128w4": (0, 0, None),
@@ -89,6 +90,7 @@ RECORD = {
     "sm90-lora_dx-dense-nf4dq-bf16-Afp32-r16-64x128x64w4s4-dora-ADD_T": (0, 0, True),
     "sm80-lora_decode_fwd-decode-nf4dq-bf16-Afp32-r16-64x16x128x128w4": (0, 0, None),
     "sm80-lora_decode_fwd_epilogue-decode-nf4dq-bf16-Afp32-r16-16x128w4": (0, 0, None),
+    "sm80-zero_fp32-lowrank-nf4dq-bf16-Afp32-r16-1024w4": (0, 0, None),
     "sm80-lora_vdb-lowrank-nf4dq-bf16-Afp32-r16-16x64w4": (0, 0, None),
     "sm80-lora_decode_dx-decode-nf4dq-bf16-Afp32-r16-64x16x128x128w4": (0, 0, None),
     "sm80-lora_decode_dx_epilogue-decode-nf4dq-bf16-Afp32-r16-16x128w4": (0, 0, None),

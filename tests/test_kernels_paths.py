@@ -386,6 +386,27 @@ def test_fragment_order_maps_rows_and_columns_one_to_one():
         assert torch.equal(cols[1::2], cols[0::2] + 1) and bool((cols[0::2] % 2 == 0).all())
 
 
+def test_backward_accumulators_are_zeroed_by_one_launch(monkeypatch, poison_empty):
+    """launch_gemm.zeroed_fp32: every tensor zero (torch.empty poisoned with NaN), separate storages (a custom op may
+    not return aliases), None kept, sizes past one block, and one kernel launch for all of them."""
+    from fused_lora.kernels import launch_gemm, lora_bwd
+
+    launches = []
+    real = lora_bwd.zero_fp32_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(lora_bwd, "zero_fp32_kernel", Spy())
+    tensors = launch_gemm.zeroed_fp32("cpu", (3000,), None, (17, 5), (1,))
+    assert launches == [(3,)] and tensors[1] is None
+    assert [tuple(t.shape) for t in tensors if t is not None] == [(3000,), (17, 5), (1,)]
+    assert all(bool((t == 0).all()) for t in tensors if t is not None)
+    assert len({t.untyped_storage().data_ptr() for t in tensors if t is not None}) == 3
+
+
 @triton.jit
 def _store_fragment_order(rows_ptr, cols_ptr, BLOCK_N: tl.constexpr):
     tl.store(rows_ptr + tl.arange(0, BLOCK_N), fragment_rows(BLOCK_N))

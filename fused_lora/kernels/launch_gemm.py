@@ -190,21 +190,44 @@ def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int, int]
     return block_m, block_n, triton.cdiv(n_tiles, splits) * block_n, warps
 
 
-def launch_vdb(g, precisions, need_v: bool, need_dB: bool, need_db: bool, B=None, u=None, scaling=0.0):
-    """(v, dB32, db) = (g·B, s·gᵀ·u, Σ_M g), fp32, each None unless asked for: one pass over g with relaxed atomics,
-    or in the deterministic mode split reductions summed in a fixed order (lora_reduce.py)."""
+def zeroed_fp32(device, *shapes) -> list:
+    """Zeroed fp32 tensors of the given shapes (None for a shape that is None), separate allocations (a returned
+    gradient must not alias another) zeroed by one launch of lora_bwd.zero_fp32_kernel instead of a memset each."""
+    import triton
+
+    from .lora_bwd import zero_fp32_kernel
+
+    if len(shapes) > 4:
+        raise ValueError(f"zeroed_fp32: at most 4 tensors per launch, got {len(shapes)}")
+    tensors = [None if shape is None else torch.empty(shape, device=device, dtype=torch.float32) for shape in shapes]
+    present = [t for t in tensors if t is not None]
+    if present and max(t.numel() for t in present) > 0:
+        args = [a for t in tensors + [None] * (4 - len(tensors))
+                for a in ((present[0], 0) if t is None else (t, t.numel()))]  # fmt: skip
+        block = 1024
+        zero_fp32_kernel[(triton.cdiv(max(t.numel() for t in present), block),)](*args, BLOCK=block, num_warps=4)
+    return tensors
+
+
+def launch_vdb(g, precisions, need_v: bool, need_dB: bool, need_db: bool, B=None, u=None, scaling=0.0,
+               also_zero=None):
+    """(v, dB32, db, zeros): (g·B, s·gᵀ·u, Σ_M g), fp32, each None unless asked for: one pass over g with relaxed
+    atomics, or in the deterministic mode split reductions summed in a fixed order (lora_reduce.py). The atomic
+    accumulators are zeroed by one launch (zeroed_fp32), which also zeroes ``zeros``, an fp32 tensor of shape
+    ``also_zero`` for the caller (the dx GEMM's dA accumulator); ``zeros`` is None without it or in the deterministic
+    mode."""
     M, N = g.shape
     r = B.shape[1] if B is not None else 0
     device = g.device
     if not strategy.deterministic():
-        v = torch.zeros((M, r), device=device, dtype=torch.float32) if need_v else None
-        dB32 = torch.zeros((N, r), device=device, dtype=torch.float32) if need_dB else None
-        db = torch.zeros((N,), device=device, dtype=torch.float32) if need_db else None
+        v, dB32, db, zeros = zeroed_fp32(
+            device, (M, r) if need_v else None, (N, r) if need_dB else None, (N,) if need_db else None, also_zero
+        )
         _launch_vdb_atomic(g, precisions, v, dB32, db, B, u, scaling)
-        return v, dB32, db
+        return v, dB32, db, zeros
     v = _v_split(g, B, precisions) if need_v else None
     dB32, db = _db_split(g, u, precisions, need_dB, need_db, scaling) if (need_dB or need_db) else (None, None)
-    return v, dB32, db
+    return v, dB32, db, None
 
 
 def _launch_vdb_atomic(g, precisions, v, dB32, db, B, u, scaling):

@@ -297,12 +297,15 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
     need_v = need_dx or need_dA
     precisions = _precisions(x2d, A, B)
     route = _path(M, weight, device)
-    dA32 = None
     c = None if col_scale is None else col_scale.detach().to(torch.float32).contiguous()
+    # dA rides on the dx GEMM with relaxed atomics (its accumulator zeroed with v's and dB's), or (deterministic
+    # mode) takes its split reduction; at decode sizes the dx epilogue computes it
+    fused_dA = need_dA and need_dx and route != "decode" and not strategy.deterministic()
     with device_guard(x2d):
         B_v = B if c is None else B.to(torch.float32) * c[:, None]  # (c⊙g)·B = g·(c⊙B)
-        v, dB32, db = launch_gemm.launch_vdb(g, precisions, need_v, need_dB, need_db, B=B_v, u=u, scaling=scaling) \
-            if (need_v or need_dB or need_db) else (None, None, None)
+        v, dB32, db, dA32 = launch_gemm.launch_vdb(
+            g, precisions, need_v, need_dB, need_db, B=B_v, u=u, scaling=scaling, also_zero=(r, K) if fused_dA else None
+        ) if (need_v or need_dB or need_db) else (None, None, None, None)
         if c is not None and dB32 is not None:
             dB32 = dB32 * c[:, None]  # s·(c⊙g)ᵀ·u = c⊙(s·gᵀ·u), row by row
         lowrank = {"x2d": x2d, "A": A, "v": v, "scaling": scaling, "dropout_p": dropout_p, "seed": seed}
@@ -316,9 +319,6 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
                 g = scale_columns(g, c, None, g.dtype)
             dA32 = launch_decode.dx(g, weight, dx, precisions, need_dA=need_dA, **lowrank)
         elif need_dx:
-            # dA rides on the dx GEMM with relaxed atomics, or (deterministic mode) takes its split reduction
-            fused_dA = need_dA and not strategy.deterministic()
-            dA32 = torch.zeros((r, K), device=device, dtype=torch.float32) if fused_dA else None
             launcher = launch_slab.launch_dx if route == "large" else launch_gemm.launch_dx
             t = None
             if c is not None and dropout_p > 0.0:  # DoRA with dropout: t = m⊙(((c−1)⊙g)·W), then dx + t
@@ -354,7 +354,7 @@ def frozen_backward(g, weight, need_dx: bool, need_db: bool):
     if weight.shape[0] != N:
         raise ValueError(f"fused frozen backward: g has {N} columns but W has shape {tuple(weight.shape)}")
     dx = torch.empty((M, K), device=g.device, dtype=g.dtype) if need_dx else None
-    db = torch.zeros((N,), device=g.device, dtype=torch.float32) if need_db else None
+    db = torch.zeros((N,), device=g.device, dtype=torch.float32) if need_db and M == 0 else None
     if M > 0:
         precisions = _precisions(g)
         route = _path(M, weight, g.device)

@@ -18,8 +18,9 @@ deq(W) is dequantized tile by tile in registers (lora_fwd.load_weight_tile); W i
 The dropout mask of a launch over a column slab [mask_col0, mask_col0 + K) of x (the large-M path, launch_slab.py)
 is the full layer's: m[i, mask_col0 + j] of rows mask_width long.
 Reductions that cross programs (v and dB over split N, dA over M) are relaxed fp32 atomic adds into zeroed buffers
-(no memory fence; their order varies run to run). The deterministic mode replaces them with the split reductions
-of lora_reduce.py. Dot precision, the low-rank dtype and the NF4 lookup follow lora_fwd.py.
+(no memory fence; their order varies run to run), all zeroed first by one launch of zero_fp32_kernel. The
+deterministic mode replaces them with the split reductions of lora_reduce.py. Dot precision, the low-rank dtype and
+the NF4 lookup follow lora_fwd.py.
 
 lora_vdb_kernel's loop waits for its dB MMA every iteration: one pass over g reduces v over N inside a program and dB
 over M across programs, so every iteration's gᵀ·u leaves the loop at once (an atomic add), and Triton waits for a
@@ -34,6 +35,18 @@ import triton.language as tl
 from .dropout import dropout_mask_tile
 from .lora_fwd import fold_split, grouped_tile, load_weight_tile, split_wide
 from .nf4_lookup import nf4_lut
+
+
+@triton.jit
+def zero_fp32_kernel(p0, n0, p1, n1, p2, n2, p3, n3, BLOCK: tl.constexpr):
+    """p_i[j] = 0 for j < n_i, i = 0..3 (fp32; a buffer with n_i = 0 is not touched): the atomic accumulators of one
+    backward zeroed by one launch instead of a memset each."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    zero = tl.zeros((BLOCK,), dtype=tl.float32)
+    tl.store(p0 + offs, zero, mask=offs < n0)
+    tl.store(p1 + offs, zero, mask=offs < n1)
+    tl.store(p2 + offs, zero, mask=offs < n2)
+    tl.store(p3 + offs, zero, mask=offs < n3)
 
 
 @triton.jit
