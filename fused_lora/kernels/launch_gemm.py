@@ -201,11 +201,12 @@ def zeroed_fp32(device, *shapes) -> list:
         raise ValueError(f"zeroed_fp32: at most 4 tensors per launch, got {len(shapes)}")
     tensors = [None if shape is None else torch.empty(shape, device=device, dtype=torch.float32) for shape in shapes]
     present = [t for t in tensors if t is not None]
-    if present and max(t.numel() for t in present) > 0:
+    largest = max((t.numel() for t in present), default=0)
+    if largest > 0:
         args = [a for t in tensors + [None] * (4 - len(tensors))
                 for a in ((present[0], 0) if t is None else (t, t.numel()))]  # fmt: skip
         block = 1024
-        zero_fp32_kernel[(triton.cdiv(max(t.numel() for t in present), block),)](*args, BLOCK=block, num_warps=4)
+        zero_fp32_kernel[(triton.cdiv(largest, block),)](*args, BLOCK=block, num_warps=4)
     return tensors
 
 
