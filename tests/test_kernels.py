@@ -36,6 +36,21 @@ def lora(request):
     return _kernels()
 
 
+class LaunchRecorder:
+    """Stands in for a Triton kernel: ``kernel[grid](*args, **kwargs)`` calls ``record(grid, kwargs)``, then launches
+    the real kernel."""
+
+    def __init__(self, kernel, record):
+        self.kernel, self.record = kernel, record
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.record(grid, kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
 def _make_case(M, K, N, r, dtype, base, adapter_dtype, bias, layout, blocksize, seed):
     gen = torch.Generator().manual_seed(seed)
     if layout == "transposed":
@@ -368,16 +383,8 @@ def test_nf4_gemms_are_compiled_without_fp_contraction(monkeypatch):
 
     def recording_gemm(kernel, *args, **kwargs):
         launcher, meta = real_gemm(kernel, *args, **kwargs)
-
-        class Recorder:
-            def __getitem__(self, grid):
-                def launch(*launch_args, **launch_kwargs):
-                    launches.append((launch_kwargs["IS_NF4"], launch_kwargs["enable_fp_fusion"]))
-                    return launcher[grid](*launch_args, **launch_kwargs)
-
-                return launch
-
-        return Recorder(), meta
+        record = lambda grid, kw: launches.append((kw["IS_NF4"], kw["enable_fp_fusion"]))  # noqa: E731
+        return LaunchRecorder(launcher, record), meta
 
     monkeypatch.setattr(common, "gemm", recording_gemm)
     for base in ("nf4-dq", "dense"):

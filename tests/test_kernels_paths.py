@@ -15,7 +15,7 @@ import fused_lora as fl
 from fused_lora.kernels.nf4_fragment import fragment_k, fragment_rows
 from fused_lora.testing import assert_close_to_reference, relative_error
 
-from test_kernels import SCALING, _check_all, _frozen_reference, _make_case, _reference
+from test_kernels import SCALING, LaunchRecorder, _check_all, _frozen_reference, _make_case, _reference
 
 pytestmark = pytest.mark.usefixtures("interpret_triton")
 
@@ -356,17 +356,8 @@ def test_decode_forward_in_fragment_order_matches_the_reference(case, monkeypatc
         weight.code.mul_(0.5)
         w_compute = weight.dequantize(dtype)
     launched = []
-    real = lora_decode.lora_decode_fwd_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["FRAGMENT"])
-                return real[grid](*args, **kwargs)
-
-            return launch
-
-    monkeypatch.setattr(lora_decode, "lora_decode_fwd_kernel", Spy())
+    monkeypatch.setattr(lora_decode, "lora_decode_fwd_kernel", LaunchRecorder(
+        lora_decode.lora_decode_fwd_kernel, lambda grid, kwargs: launched.append(kwargs["FRAGMENT"])))
     with strategy.use_thresholds(**PATHS["decode"]):
         y, u = lora.forward(x, weight, A, B, SCALING, b, p, 7)
         grads = lora.backward(g, x, weight, A, B, SCALING, p, 7, u, True, True, True, b is not None)
@@ -392,14 +383,8 @@ def test_backward_accumulators_are_zeroed_by_one_launch(monkeypatch, poison_empt
     from fused_lora.kernels import launch_gemm, lora_bwd
 
     launches = []
-    real = lora_bwd.zero_fp32_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(lora_bwd, "zero_fp32_kernel", Spy())
+    monkeypatch.setattr(lora_bwd, "zero_fp32_kernel",
+                        LaunchRecorder(lora_bwd.zero_fp32_kernel, lambda grid, kwargs: launches.append(grid)))
     tensors = launch_gemm.zeroed_fp32("cpu", (3000,), None, (17, 5), (1,))
     assert launches == [(3,)] and tensors[1] is None
     assert [tuple(t.shape) for t in tensors if t is not None] == [(3000,), (17, 5), (1,)]
