@@ -348,9 +348,10 @@ def test_strided_bias_is_added_element_for_element(poison_empty):
     assert relative_error(lora.frozen_forward(x, weight, bias), frozen_ref) < 1e-5
 
 
-def test_gemms_read_strided_nf4_tables_correctly_and_refuse_strided_packed_bytes(poison_empty):
+def test_gemms_read_strided_nf4_tables_correctly_and_refuse_strided_or_misaligned_packed_bytes(poison_empty):
     """code, nested_code, nested_absmax and offset may be strided views: the GEMMs must decode W as
-    NF4Weight.dequantize does (bit for bit with x = I). Strided packed bytes are W-sized: reported unsupported."""
+    NF4Weight.dequantize does (bit for bit with x = I). Strided packed bytes are W-sized, and a GPU reads them as
+    int32 words: strided or misaligned packed bytes are reported unsupported."""
     K, N = 64, 40
     weight = fl.quantize_nf4(torch.randn(N, K, generator=torch.Generator().manual_seed(2)), blocksize=64)
 
@@ -369,6 +370,12 @@ def test_gemms_read_strided_nf4_tables_correctly_and_refuse_strided_packed_bytes
     w_packed = fl.NF4Weight(shape=weight.shape, dtype=weight.dtype, blocksize=64,
                             **{**fields, "packed": strided(fields["packed"])})
     assert "not contiguous" in lora.unsupported_reason(eye, w_packed, None, None, None, 0.0)
+    # contiguous but one byte past a 4-byte boundary: the GPU reads the bytes as int32 words, so it is refused
+    shifted = torch.empty(fields["packed"].numel() + 1, dtype=torch.uint8)[1:].view(fields["packed"].shape)
+    shifted.copy_(fields["packed"])
+    w_shifted = fl.NF4Weight(shape=weight.shape, dtype=weight.dtype, blocksize=64, **{**fields, "packed": shifted})
+    assert shifted.is_contiguous() and torch.equal(w_shifted.dequantize(), weight.dequantize())
+    assert "4-byte boundary" in lora.unsupported_reason(eye, w_shifted, None, None, None, 0.0)
 
 
 def test_nf4_gemms_are_compiled_without_fp_contraction(monkeypatch):

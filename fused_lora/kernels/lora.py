@@ -108,6 +108,8 @@ def unsupported_reason(x2d, weight, A, B, bias, dropout_p) -> str | None:
             return f"NF4 packed dtype {weight.packed.dtype} is not uint8"
         if not (weight.packed.is_contiguous() and weight.absmax.is_contiguous()):
             return "NF4 packed bytes or absmax are not contiguous"
+        if weight.packed.data_ptr() % 4:  # read as int32 words on a GPU (nf4_lookup.nf4_prmt); same rule everywhere
+            return "NF4 packed bytes do not start on a 4-byte boundary (a view at an odd offset)"
         if weight.double_quant and weight.nested_blocksize != NESTED_BLOCKSIZE:
             return f"nested blocksize {weight.nested_blocksize} is not {NESTED_BLOCKSIZE}"
     elif weight.dtype != x2d.dtype:
