@@ -201,8 +201,9 @@ def device_guard(x):
 def int32_columns(t: torch.Tensor) -> torch.Tensor:
     """t, or a contiguous copy of it when a column offset (column index · column stride) would overflow int32.
 
-    The kernels compute row offsets in int64 and column offsets in int32 (cheaper, and exact for any tensor whose
-    last dimension is contiguous); only a huge transposed x or g needs the copy.
+    The kernels compute row offsets in int64 and the column offsets of x and g in int32 (cheaper, and exact for any
+    tensor whose last dimension is contiguous); only a huge transposed x or g needs the copy. A dense W is read with
+    int64 column offsets (a transposed view of a large W is not copied).
     """
     if t.shape[1] > 0 and (t.shape[1] - 1) * abs(t.stride(1)) > _INT32_MAX:
         return t.contiguous()

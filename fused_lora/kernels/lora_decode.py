@@ -306,7 +306,8 @@ def lora_decode_dx_epilogue_kernel(
         if DROPOUT:
             m = dropout_mask_tile(seed, offs_m, tl.program_id(0) * BLOCK_K, K, p, keep_scale, BLOCK_K)
         if NEED_DA:
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=tile_in, other=0.0)
+            x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # the user's x: row offsets in int64
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=tile_in, other=0.0)
             if DROPOUT:
                 x = x.to(tl.float32) * m
             x = x.to(LOWRANK_DTYPE)

@@ -136,7 +136,7 @@ def load_weight_tile(
                 packed = tl.load(byte_ptrs, mask=(offs_n[:, None] < N) & (offs_byte[None, :] < K // 2), other=0)
             values = nf4_values(packed, code_ptr, lut, LOOKUP, COMPUTE_DTYPE)
             SCALES_PER_ROW: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
-            first_block = (offs_n.to(tl.int64) * K + k0) // BLOCKSIZE
+            first_block = offs_n.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE  # row part loop-invariant
             block = first_block[:, None] + tl.arange(0, SCALES_PER_ROW)[None, :]
             block_k = k0 + tl.arange(0, SCALES_PER_ROW)[None, :] * BLOCKSIZE
             scale = block_absmax(
@@ -174,7 +174,8 @@ def load_weight_tile(
             )
             w = values * scale
     else:
-        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
+        # int64 columns too: a transposed view of a large W has a column stride of N (no extra work at stride 1)
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k.to(tl.int64)[None, :] * stride_wk
         w = tl.load(w_ptrs, mask=in_range, other=0.0)
     return w.to(COMPUTE_DTYPE)
 

@@ -94,7 +94,8 @@ def load_fragment_tile(
     # [BLOCK_N, 16, 2, 2, 2]: element e = 4·e2 + 2·e1 + e0 of word w
     t = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
     SCALES_PER_ROW: tl.constexpr = 128 // BLOCKSIZE if BLOCKSIZE < 128 else 1
-    first_block = (rows.to(tl.int64) * K + k0) // BLOCKSIZE
+    # (rows·K + k0) // BLOCKSIZE, split so that the row part is loop-invariant (K is a multiple of BLOCKSIZE)
+    first_block = rows.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
     block = first_block[:, None] + tl.arange(0, SCALES_PER_ROW)[None, :]
     scale = block_absmax(block, rows[:, None] < N, scale_ptr, scale_ptr, code_ptr, code_ptr, False, 1)
     if LOOKUP == "prmt":  # code and scale in the compute dtype, one rounded product (as load_weight_tile)
