@@ -18,10 +18,11 @@ one-row x wastes no MMA rows of W). All M rows are in one BLOCK_M tile, so dA ne
 the decode path is deterministic in every mode.
 
 Where the time goes (bench/results/offline, sm_90a, K=4096, N=14336, bf16): the forward loop is issue-bound. With
-NF4 tiles in the wgmma fragment order (nf4_fragment.py, FRAGMENT; 128×128 tiles, 4 warps) it issues 598 SASS per
+NF4 tiles in the wgmma fragment order (nf4_fragment.py, FRAGMENT; 128×128 tiles, 4 warps) it issues 583 SASS per
 iteration per warp for 128 values per thread, 224 of them PRMT and 80 LOP3 (the NF4 lookup, nf4_lookup.py) and 64
 HMUL2 (the scales), and no shared-memory round trip of the decoded tile; before, the same 128 values took 717, of
-which 66 IMAD.MOV, 16 STS.128, 16 LDSM and 8 barriers moved the tile into the fragment layout. Reaching the HBM
+which 66 IMAD.MOV, 16 STS.128, 16 LDSM and 8 barriers moved the tile into the fragment layout (and 15 more computed
+the scale addresses in int64 from scratch; the row part now leaves the loop). Reaching the HBM
 bandwidth needs a cheaper lookup than about 2.4 instructions per value, which a 16-entry table of 16-bit values in
 PRMT registers does not allow; and one launch instead of two (the epilogue kernel costs 2.6 of about 16 µs).
 """
