@@ -87,9 +87,9 @@ def test_nf4_without_row_scales_runs_single_stage(capability, kernel, bucket):
     def stages(**constexprs):
         return [c.num_stages for c in _kept(capability, kernel, bucket, HAS_LORA=True, **constexprs)]
 
-    assert stages(IS_NF4=True, ROW_SCALES=False) and set(stages(IS_NF4=True, ROW_SCALES=False)) == {1}
-    assert all(s > 1 for s in stages(IS_NF4=True, ROW_SCALES=True))
-    assert all(s > 1 for s in stages(IS_NF4=False, ROW_SCALES=False))
+    assert set(stages(IS_NF4=True, ROW_SCALES=False)) == {1}
+    aligned, dense = stages(IS_NF4=True, ROW_SCALES=True), stages(IS_NF4=False, ROW_SCALES=False)
+    assert aligned and dense and all(s > 1 for s in aligned + dense), (aligned, dense)
 
 
 def test_autotuner_is_built_with_the_pruning_the_disk_cache_and_the_flushless_timer(monkeypatch):

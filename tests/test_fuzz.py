@@ -140,6 +140,7 @@ def check_case(backend: str, case: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         chosen = functional._choose_backend(backend, x, weight, A, B, b, p)
+    assert chosen == backend, f"the {backend} backend fell back to {chosen}: this case would not test it"
     seed = case["seed"] % (2**31 - 1)
     keep = _backend_mask(chosen, seed, M, K, p)
 

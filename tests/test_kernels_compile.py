@@ -284,17 +284,3 @@ def test_dx_with_lowrank_term_never_tries_tiles_above_128x128(arch):
     assert (128, 256, 64, 3) in frozen
     fwd = _pruned(arch, "lora_fwd_kernel", 8192, HAS_LORA=True, IS_NF4=True, ROW_SCALES=True)
     assert (128, 256, 64, 3) in fwd
-
-
-@pytest.mark.parametrize("kernel", ["lora_fwd_kernel", "lora_dx_kernel"])
-@pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
-@pytest.mark.parametrize("m_bucket", [8, 8192], ids=["M8", "M8192"])
-def test_nf4_without_row_scales_runs_single_stage(arch, kernel, m_bucket):
-    """NF4 with K not a multiple of the blocksize gathers a scale per element: at 3-4 stages every config needs
-    180-650 KiB of shared memory, at 1 stage 36-80 KiB."""
-    ragged = _pruned(arch, kernel, m_bucket, HAS_LORA=True, IS_NF4=True, ROW_SCALES=False)
-    assert ragged and all(stages == 1 for *_, stages in ragged), ragged
-    aligned = _pruned(arch, kernel, m_bucket, HAS_LORA=True, IS_NF4=True, ROW_SCALES=True)
-    assert all(stages > 1 for *_, stages in aligned), aligned
-    dense = _pruned(arch, kernel, m_bucket, HAS_LORA=True, IS_NF4=False, ROW_SCALES=False)
-    assert all(stages > 1 for *_, stages in dense), dense

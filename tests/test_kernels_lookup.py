@@ -151,9 +151,10 @@ def _tree_kernel(q_ptr, code_ptr, out_ptr, LOOKUP: tl.constexpr):
 
 @pytest.mark.parametrize("mode", ["tree", "gather"])
 def test_tree_and_gather_give_every_code_exactly_under_the_interpreter(mode, interpret_triton):
-    packed = torch.arange(128, dtype=torch.uint8) * 2 + torch.tensor([0, 1] * 64, dtype=torch.uint8)
-    out = torch.empty(256)
     code = torch.tensor(NF4_CODE)
-    _tree_kernel[(1,)](packed, code, out, LOOKUP=mode)
-    expected = torch.stack((code[packed.long() >> 4], code[packed.long() & 15]), dim=1).reshape(-1)
-    assert torch.equal(out, expected)
+    for first in (0, 128):  # every byte value: each (high, low) pair of codes
+        packed = torch.arange(first, first + 128, dtype=torch.uint8)
+        out = torch.empty(256)
+        _tree_kernel[(1,)](packed, code, out, LOOKUP=mode)
+        expected = torch.stack((code[packed.long() >> 4], code[packed.long() & 15]), dim=1).reshape(-1)
+        assert torch.equal(out, expected), first

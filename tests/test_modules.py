@@ -168,7 +168,8 @@ def test_rslora_scaling_is_alpha_over_sqrt_r():
 
 
 @pytest.mark.parametrize("quant", ["nf4", None], ids=["nf4", "dense"])
-def test_triton_backend_under_interpreter_matches_reference(quant, interpret_triton):
+def test_triton_backend_under_interpreter_matches_reference(quant, interpret_triton, monkeypatch):
+    monkeypatch.setattr(fl._common, "_warned", set())  # a reason warned by an earlier test would warn again
     layer = _layer(K=64, N=40, r=4, quant=quant, backend="triton")
     layer.bias.requires_grad_(True)
     with warnings.catch_warnings():

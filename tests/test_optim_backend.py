@@ -79,7 +79,7 @@ def test_backend_argument_and_env_var_choose_the_update_path(monkeypatch, record
     else:
         train(params, opt, 2)
         kind = "torch32" if cls == "PagedAdamW" else "bnb8"
-        assert recorder == [("triton", launcher)] * 2 if expected == "triton" else [("reference", kind)] * 2
+        assert recorder == ([("triton", launcher)] * 2 if expected == "triton" else [("reference", kind)] * 2)
 
 
 @pytest.mark.parametrize("argument, env", [("triton", None), ("auto", "triton")], ids=["argument", "env-var"])

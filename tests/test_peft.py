@@ -12,9 +12,11 @@ which makes the PEFT side, not the fused side, wrong. The whole-model tests use 
 "bitsandbytes' CPU dequantization is wrong for this shape" (xfail) where the rule holds instead of failing.
 """
 
+import contextlib
 import copy
 import re
 import warnings
+from unittest import mock
 
 # peft, transformers and bitsandbytes are test requirements: a failing import must fail here, not skip.
 import bitsandbytes as bnb
@@ -28,6 +30,8 @@ from torch import nn
 import fused_lora as fl
 from fused_lora.nf4 import bnb_cpu_dequantize_is_wrong
 from fused_lora.testing import relative_error
+
+from _peft_helpers import no_fallback_warning
 
 # fp32 on both sides; only the summation order of the backward differs.
 TIGHT = 1e-5
@@ -112,8 +116,28 @@ def loss_and_lora_grads(model, inputs):
     return out.loss.detach(), out.logits.detach(), grads
 
 
+@contextlib.contextmanager
+def runs_fused(model):
+    """Inside the block (one forward) every fused layer of ``model`` computes through fl.peft.lora_linear once, and
+    none hands its forward to PEFT: without this check a silent fallback would compare PEFT with itself."""
+    layers = len(fused_layers(model))
+    assert layers > 0, "no fused layer"
+    calls = []
+    original = fl.peft.lora_linear
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    with mock.patch.object(fl.peft, "lora_linear", counted), mock.patch.object(fl._common, "_warned", set()):
+        with no_fallback_warning():
+            yield
+    assert len(calls) == layers, f"{len(calls)} fused calls for {layers} fused layers"
+
+
 def assert_same_training_step(fused_model, peft_model, inputs):
-    fused_loss, fused_logits, fused_grads = loss_and_lora_grads(fused_model, inputs)
+    with runs_fused(fused_model):
+        fused_loss, fused_logits, fused_grads = loss_and_lora_grads(fused_model, inputs)
     peft_loss, peft_logits, peft_grads = loss_and_lora_grads(peft_model, inputs)
     assert torch.isfinite(fused_loss)
     assert abs(fused_loss.item() - peft_loss.item()) <= TIGHT * abs(peft_loss.item())
@@ -213,7 +237,8 @@ def test_patched_model_trains_like_peft_for_three_steps(tiny_llama_dir):
         inputs = batch(seed=10 + step)
         losses = []
         for model, optimizer in zip((fused_model, peft_model), optimizers):
-            loss = model(**inputs).loss
+            with runs_fused(model) if model is fused_model else contextlib.nullcontext():
+                loss = model(**inputs).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -251,7 +276,8 @@ def test_single_layer_with_bias_odd_shapes_3d_input(kind, in_features, r):
     results = []
     for model in (fused_model, peft_model):
         xi = x.clone().requires_grad_(True)
-        y = model(xi)
+        with runs_fused(model) if model is fused_model else contextlib.nullcontext():
+            y = model(xi)
         y.backward(g)
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
         results.append((y.detach(), xi.grad, grads))
@@ -491,7 +517,9 @@ def test_dtype_change_after_patching_matches_peft(tiny_llama_dir, dtype):
     exact = copy.deepcopy(peft_model).to(torch.float64)
     peft_model.to(dtype), fused_model.to(dtype)
     inputs = batch(seed=14)
-    results = [loss_and_lora_grads(model, inputs) for model in (fused_model, peft_model, exact)]
+    with runs_fused(fused_model):
+        results = [loss_and_lora_grads(fused_model, inputs)]
+    results += [loss_and_lora_grads(model, inputs) for model in (peft_model, exact)]
     (_, fused_logits, fused_grads), (_, peft_logits, peft_grads), (_, exact_logits, exact_grads) = results
     assert fused_logits.dtype == dtype
     atol = 0.0 if dtype == torch.float64 else 5e-2
@@ -507,7 +535,8 @@ def test_autocast_bf16_close_to_peft(tiny_llama_dir):
     fused_model = copy.deepcopy(peft_model)
     fl.patch_peft_model(fused_model)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        fused_logits = fused_model(**batch()).logits.float()
+        with runs_fused(fused_model):
+            fused_logits = fused_model(**batch()).logits.float()
         peft_logits = peft_model(**batch()).logits.float()
     with torch.no_grad():
         fp32_logits = peft_model(**batch()).logits
