@@ -43,6 +43,16 @@ def _adapters(K, N, r, gen):
     return torch.randn(r, K, generator=gen) * 0.1, torch.randn(N, r, generator=gen) * 0.1
 
 
+def _assert_same_outputs(lora, calls):
+    """Runs forward and backward for each (x2d, weight, A, B, g) in ``calls`` (two); all six outputs bit-equal."""
+    outputs = []
+    for x2d, weight, A, B, g in calls:
+        y, u = lora.forward(x2d, weight, A, B, SCALING, None, 0.0, 0)
+        outputs.append((y, u, *lora.backward(g, x2d, weight, A, B, SCALING, 0.0, 0, u, True, True, True, True)))
+    for name, got, want in zip(("y", "u", "dx", "dA", "dB", "db"), *outputs):
+        assert torch.equal(got, want), name
+
+
 @pytest.mark.parametrize("base", ["nf4", "dense"])
 def test_rows_of_x_past_int32_at_decode_size(lora, base):
     """x = one token of each of 16 long sequences: row 15 starts past 2³¹ elements. The decode backward reads x for
@@ -55,13 +65,7 @@ def test_rows_of_x_past_int32_at_decode_size(lora, base):
     weight = fl.quantize_nf4(W, blocksize=64) if base == "nf4" else W.half()
     A, B = _adapters(K, N, r, gen)
     g = torch.randn(M, N, generator=gen).half()
-
-    def run(x2d):
-        y, u = lora.forward(x2d, weight, A, B, SCALING, None, 0.0, 0)
-        return (y, u, *lora.backward(g, x2d, weight, A, B, SCALING, 0.0, 0, u, True, True, True, True))
-
-    for name, got, want in zip(("y", "u", "dx", "dA", "dB", "db"), run(x), run(x.contiguous())):
-        assert torch.equal(got, want), name
+    _assert_same_outputs(lora, [(x, weight, A, B, g), (x.contiguous(), weight, A, B, g)])
 
 
 def test_columns_of_a_dense_w_past_int32(lora):
@@ -73,10 +77,4 @@ def test_columns_of_a_dense_w_past_int32(lora):
     x = torch.randn(M, K, generator=gen).half()
     A, B = _adapters(K, N, r, gen)
     g = torch.randn(M, N, generator=gen).half()
-
-    def run(weight):
-        y, u = lora.forward(x, weight, A, B, SCALING, None, 0.0, 0)
-        return (y, u, *lora.backward(g, x, weight, A, B, SCALING, 0.0, 0, u, True, True, True, True))
-
-    for name, got, want in zip(("y", "u", "dx", "dA", "dB", "db"), run(W), run(W.contiguous())):
-        assert torch.equal(got, want), name
+    _assert_same_outputs(lora, [(x, W, A, B, g), (x, W.contiguous(), A, B, g)])
