@@ -34,6 +34,9 @@ def test_command_writes_the_json_only_where_asked(tmp_path, capsys, monkeypatch)
     real = bench_dora.timing
     monkeypatch.setattr(bench_dora, "timing", lambda *a, **kw: real("cpu", K=64, N=64, M=32, r=4, n_adapters=4,
                                                                      repeats=1))
+    monkeypatch.chdir(tmp_path)
+    assert bench_dora.main([]) == 0, "without --output"
+    assert "fused_dora" in capsys.readouterr().out and not list(tmp_path.rglob("*.json")), "no file without --output"
     assert bench_dora.main(["--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "fused_dora" in out and "peft_loop" in out and "cpu mixed_batch" in out

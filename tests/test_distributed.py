@@ -5,7 +5,7 @@ rank-specific batches).
 * the fused model trains on the fused path under both wrappers (FSDP2 used to crash: AttributeError 'Parameter'
   object has no attribute 'quant_type', because fully_shard replaces bitsandbytes' Params4bit by a plain Parameter);
 * its losses, first-step LoRA gradients and final adapters match plain PEFT + bitsandbytes under the same wrapper
-  (fp32 on both sides: 1e-5), and are the same on both ranks;
+  (fp32 on both sides: 1e-5), and under DDP are the same on both ranks;
 * FSDP2 shards the NF4 weight as packed uint8 bytes (each rank holds half of them) and all-gathers a decoder
   layer's parameters as uint8 bytes (FSDP2 never casts a non-floating parameter, and a group of mixed dtypes goes as
   bytes): the 4-bit weight is never dequantized to bf16 for communication.
@@ -52,9 +52,11 @@ def test_fused_model_trains_like_plain_peft(results, mode):
             assert relative_error(fused["adapters"][name], value) <= TIGHT, (rank, name)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_ranks_agree(results, mode):
-    first, second = results[0][(mode, True)], results[1][(mode, True)]
+def test_ddp_ranks_agree(results):
+    """DDP all-reduces the gradients of rank-specific batches: the ranks must hold the same gradients and adapters.
+    (Under FSDP2 the worker records full tensors gathered from both ranks' shards, equal on both by construction;
+    what FSDP2 computes is checked against plain PEFT under FSDP2 above.)"""
+    first, second = results[0][("ddp", True)], results[1][("ddp", True)]
     assert first["losses"] != second["losses"], "the ranks saw different batches"
     for name, grad in first["grads"].items():
         torch.testing.assert_close(second["grads"][name], grad, rtol=0, atol=0)

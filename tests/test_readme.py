@@ -45,7 +45,7 @@ def check_recipe(ns):
 
 def check_trl(ns):
     assert fused_count(ns["sft"].model) == 14 and fused_count(ns["dpo"].model) == 14
-    assert all(math.isfinite(v) for v in losses(ns["sft"]))
+    assert len(losses(ns["sft"])) == 2 and all(math.isfinite(v) for v in losses(ns["sft"]))
     assert losses(ns["dpo"])[0] == pytest.approx(math.log(2), abs=1e-6), "the policy starts equal to its reference"
 
 
@@ -66,6 +66,12 @@ def check_dora_mixed(ns):
                 lora(x[1:], w, second.lora_A, second.lora_B, scaling=1.0, training=False)]
     for row, want in zip(ns["y_mixed"], expected):
         assert torch.allclose(row, want[0], rtol=1e-4, atol=1e-4), "each sample gets its own adapter's term"
+    # the README's lora_B is PEFT's zero init, so adapter 0's term is checked again with a nonzero B
+    B0 = torch.randn(ns["lora_B"].shape, generator=torch.Generator().manual_seed(0)).to(ns["lora_B"]) * 0.1
+    mixed = ns["lora_linear_multi"](x, w, [ns["Adapter"](ns["lora_A"], B0, scaling=2.0), second], adapter_ids=[0, 1])
+    want = lora(x[:1], w, ns["lora_A"], B0, scaling=2.0, training=False)
+    assert not torch.allclose(want, expected[0], rtol=1e-4, atol=1e-4), "B0 changes adapter 0's term"
+    assert torch.allclose(mixed[0], want[0], rtol=1e-4, atol=1e-4), "adapter 0's term and scaling"
 
 
 CHECKS = {  # name -> check

@@ -141,6 +141,7 @@ def test_trainer_runs_fused_with_peft_losses(tiny_dir, tmp_path, monkeypatch, ki
         assert losses == pytest.approx(peft, rel=1e-5, abs=1e-6)
         return
     exact = plain_losses(kind, tiny_dir, "fp32", "fp32", False, tmp_path)
+    assert len(exact) == STEPS
     for step, (fused, plain, reference) in enumerate(zip(losses, peft, exact)):
         assert abs(fused - reference) <= 2 * abs(plain - reference) + 5e-4, (step, losses, peft, exact)
 
@@ -148,10 +149,20 @@ def test_trainer_runs_fused_with_peft_losses(tiny_dir, tmp_path, monkeypatch, ki
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
 def test_trainer_under_bf16_autocast_runs_fused(tiny_dir, tmp_path, monkeypatch, kind):
     """TRL's default (bf16=True: bf16 autocast, also on the CPU): the fused layers compute in the autocast dtype."""
+    out_dtypes = []
+    inner = fl.peft.lora_linear
+
+    def recording(*args, **kwargs):
+        y = inner(*args, **kwargs)
+        out_dtypes.append(y.dtype)
+        return y
+
+    monkeypatch.setattr(fl.peft, "lora_linear", recording)
     losses, counts = fused_losses(kind, tiny_dir, "fp32", "bf16", True, tmp_path, monkeypatch)
-    assert counts["lora_linear"] > 0
+    assert counts["lora_linear"] > 0 and set(out_dtypes) == {torch.bfloat16}, set(out_dtypes)
     peft = plain_losses(kind, tiny_dir, "fp32", "bf16", True, tmp_path)
     exact = plain_losses(kind, tiny_dir, "fp32", "fp32", False, tmp_path)
+    assert len(losses) == len(peft) == len(exact) == STEPS
     for step, (fused, plain, reference) in enumerate(zip(losses, peft, exact)):
         assert abs(fused - reference) <= 2 * abs(plain - reference) + 5e-4, (step, losses, peft, exact)
 
@@ -172,5 +183,6 @@ def test_apply_fused_lora_line_covers_the_layers_trl_builds(tiny_dir, tmp_path, 
     assert counts["lora_linear"] > 0 and (kind == "sft" or counts["frozen_linear"] > 0)
     peft = plain_losses(kind, tiny_dir, "fp32", "bf16", False, tmp_path)
     exact = plain_losses(kind, tiny_dir, "fp32", "fp32", False, tmp_path)
+    assert len(losses) == len(peft) == len(exact) == STEPS
     for step, (fused, plain, reference) in enumerate(zip(losses, peft, exact)):
         assert abs(fused - reference) <= 2 * abs(plain - reference) + 5e-4, (step, losses, peft, exact)
