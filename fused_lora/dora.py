@@ -17,7 +17,8 @@ Backward, given g = ∂L/∂y (c⊙g scales g's columns):
     dmag_n = Σ_m g_mn·z_mn / n_n,   z = x_d·Wᵀ + s·u·Bᵀ   (x_d = x without dropout)
 Row norms without the N×K matrix W + s·B·A:
     n_n² = ‖W_n‖² + 2s·B_n·(W·Aᵀ)_n + s²·B_n·(A·Aᵀ)·B_nᵀ
-‖W_n‖² is computed once per frozen weight and cached while the weight is unchanged (``row_squares``); W·Aᵀ (N×r)
+‖W_n‖² (``row_squares``) is computed once per NF4 weight and cached while its tensors are unchanged, and for a dense
+W in every call (a chunked pass: a write through ``weight.data`` leaves no trace a cache could key on); W·Aᵀ (N×r)
 is one pass over W per step; A·Aᵀ is r×r.
 
 Dtypes: the norm, c and every low-rank product run in the low-rank dtype (at least fp32, as in
@@ -112,9 +113,11 @@ def dora_row_norm(w_sq: torch.Tensor, WA: torch.Tensor, A: torch.Tensor, B: torc
 
 
 class _RowSquares:
-    """‖W_n‖² per frozen weight (an NF4Weight or a dense tensor) and dtype, kept while the weight lives and its
-    storage is unchanged (the version counter and data pointer of its tensors are part of the key, so an in-place
-    merge or a replaced ``.data`` recomputes it). Entries go away with their weight."""
+    """‖W_n‖² per frozen NF4 weight and dtype, kept while the weight lives and its tensors are unchanged (the version
+    counter and data pointer of packed and absmax are part of the key, so an in-place merge or a replaced tensor
+    recomputes it). Entries go away with their weight. A dense W is not cached: ``W.data.copy_(...)``, a common way
+    to load weights, writes through a tensor with a version counter of its own, so a cache would keep stale norms;
+    the pass is one read of W, which the W·Aᵀ pass of every step makes anyway."""
 
     def __init__(self):
         self._entries: dict[int, tuple] = {}
@@ -125,6 +128,8 @@ class _RowSquares:
         return tuple((t._version, t.data_ptr(), t.device) for t in tensors)
 
     def get(self, weight, dtype: torch.dtype) -> torch.Tensor:
+        if not isinstance(weight, NF4Weight):
+            return self._compute(weight, dtype)
         try:
             state = (self._state(weight), dtype)
         except RuntimeError:  # an inference-mode tensor has no version counter: nothing to key a cache on
@@ -156,8 +161,8 @@ _ROW_SQUARES = _RowSquares()
 
 
 def row_squares(weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """‖W_n‖² (N,) in ``dtype`` for a frozen NF4Weight or dense (N, K) tensor, from W's stored values; computed once
-    and cached until the weight changes or is freed.
+    """‖W_n‖² (N,) in ``dtype`` for a frozen NF4Weight or dense (N, K) tensor, from W's stored values; for NF4
+    computed once and cached until the weight changes or is freed, for a dense W computed in every call.
 
     Example:
         >>> w = fl.quantize_nf4(torch.randn(80, 64))

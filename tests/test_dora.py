@@ -94,16 +94,42 @@ def test_row_norm_identity_equals_the_materialised_norm(nf4):
     assert relative_error(n32, n_naive) < 1e-6
 
 
-def test_row_squares_are_cached_per_weight_and_recomputed_after_an_in_place_change():
-    W = torch.randn(45, 70)
+def test_row_squares_follow_every_change_of_w():
+    """NF4: cached, and recomputed after an in-place change. Dense: computed in every call, so a write through
+    ``.data`` (no version bump) is seen too."""
+    W = torch.nn.Parameter(torch.randn(45, 70), requires_grad=False)
     first = dora.row_squares(W)
-    assert dora.row_squares(W) is first
     torch.testing.assert_close(first, W.square().sum(1))
-    W.mul_(2.0)  # an in-place change (e.g. a dense merge) bumps the version counter
+    with torch.no_grad():
+        W.mul_(2.0)  # an in-place change (e.g. a dense merge) bumps the version counter
     torch.testing.assert_close(dora.row_squares(W), 4.0 * first)
+    version = W._version
+    W.data.copy_(3.0 * W.data)  # a checkpoint loader's write: W's own version counter does not move
+    assert W._version == version
+    torch.testing.assert_close(dora.row_squares(W), 36.0 * first)
     w4 = fl.quantize_nf4(torch.randn(45, 70))
-    assert dora.row_squares(w4) is dora.row_squares(w4)
+    cached = dora.row_squares(w4)
+    assert dora.row_squares(w4) is cached
+    w4.packed.copy_(255 - w4.packed)  # every code q -> 15 - q, in place: the packed version counter moves
+    changed = w4.dequantize(torch.float32).square().sum(1)
+    assert not torch.allclose(changed, cached)
+    torch.testing.assert_close(dora.row_squares(w4), changed)
     assert dora.row_squares(w4, torch.float64).dtype == torch.float64
+
+
+def test_a_dense_dora_layer_sees_a_weight_written_through_data():
+    """FusedLoraLinear with DoRA over a dense W: a forward, then W.data.copy_(...) (no version bump), then a forward
+    equal to a fresh layer loaded with the same state."""
+    torch.manual_seed(0)
+    layer = fl.FusedLoraLinear(64, 80, r=4, quant=None, use_dora=True, compute_dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 64)
+    layer(x)
+    layer.weight.data.copy_(torch.randn(80, 64))
+    fresh = fl.FusedLoraLinear(64, 80, r=4, quant=None, use_dora=True, compute_dtype=torch.float32)
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(layer(x), fresh(x), rtol=0, atol=0)
 
 
 def test_no_n_by_k_temporary_per_step_on_the_composed_path(monkeypatch, interpret_triton):
