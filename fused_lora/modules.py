@@ -82,9 +82,10 @@ class LayerOptions:
                 f"FusedLoraLinear: compute_dtype must be one of {dtype_names(COMPUTE_DTYPES)}, "
                 f"got {self.compute_dtype!r}"
             )
-        if not isinstance(self.adapter_dtype, torch.dtype) or not self.adapter_dtype.is_floating_point:
+        if self.adapter_dtype not in COMPUTE_DTYPES:  # an 8-bit float would fail deep in the initialisation
             raise ValueError(
-                f"FusedLoraLinear: adapter_dtype must be a floating-point dtype, got {self.adapter_dtype!r}"
+                f"FusedLoraLinear: adapter_dtype must be a floating-point dtype, one of {dtype_names(COMPUTE_DTYPES)}, "
+                f"got {self.adapter_dtype!r}"
             )
         try:
             validate_backend_name(self.backend)
@@ -117,7 +118,7 @@ class FusedLoraLinear(nn.Module):
         blocksize, double_quant: NF4 quantization parameters (bitsandbytes' rules; ignored when quant=None).
         backend: "auto", "triton", "cpu" or "reference" (see ``functional.lora_linear``).
         device: where parameters are created.
-        adapter_dtype: dtype of lora_A / lora_B (fp32 by default, like PEFT).
+        adapter_dtype: dtype of lora_A / lora_B: bf16, fp16, fp32 or fp64 (fp32 by default, like PEFT).
         use_dora: DoRA (PEFT's ``use_dora``): a trainable ``lora_magnitude_vector`` (out_features,) in the adapter
             dtype, initialised to the row norms ‖W + s·B·A‖ (‖W‖ for a fresh layer), scales each output row.
 

@@ -68,20 +68,29 @@ def mixed_adapter_batch(model: nn.Module, adapter_names):
         ...     loss = model(**batch).loss          # rows 0, 2 reach adapter a only, row 1 adapter b
         >>> loss.backward()
     """
+    if isinstance(adapter_names, str):
+        raise TypeError(f"mixed_adapter_batch: adapter_names must be a list of names, one per sample, got the string "
+                        f"{adapter_names!r}")
     names = list(adapter_names)
     wanted = set(names) - {"__base__"}
+    layers = [module for module in model.modules()
+              if getattr(type(module), "fused_backend", None) is not None and hasattr(module, "lora_A")]
+    if not layers:
+        raise ValueError("mixed_adapter_batch: the model has no fused PEFT LoRA layer (call fl.patch_peft_model)")
+    unknown = wanted - set().union(*(module.lora_A.keys() for module in layers))
+    if unknown:  # PEFT's own adapter_names forward refuses them too
+        raise ValueError(f"mixed_adapter_batch: no adapter named {sorted(unknown)} in the model")
 
     def inject(module, args, kwargs):
         return args, {**kwargs, "adapter_names": names}
 
     handles = []
     try:
-        for module in model.modules():
-            if getattr(type(module), "fused_backend", None) is not None and hasattr(module, "lora_A"):
-                handles.append(module.register_forward_pre_hook(inject, with_kwargs=True))
-                for name in wanted & set(module.lora_A.keys()):
-                    module.lora_A[name].weight.requires_grad_(True)
-                    module.lora_B[name].weight.requires_grad_(True)
+        for module in layers:
+            handles.append(module.register_forward_pre_hook(inject, with_kwargs=True))
+            for name in wanted & set(module.lora_A.keys()):
+                module.lora_A[name].weight.requires_grad_(True)
+                module.lora_B[name].weight.requires_grad_(True)
         yield model
     finally:
         for handle in handles:

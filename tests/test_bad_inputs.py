@@ -253,6 +253,8 @@ MODULE_CASES = {
                                "compute_dtype must be one of .*got 'bf16'"),
     "ctor-adapter-dtype-int": (lambda: _layer(adapter_dtype=torch.int8), ValueError,
                                "adapter_dtype must be a floating-point dtype"),
+    "ctor-adapter-dtype-fp8": (lambda: _layer(adapter_dtype=torch.float8_e4m3fn), ValueError,
+                               "adapter_dtype must be a floating-point dtype, one of .*got torch.float8_e4m3fn"),
     "ctor-backend": (lambda: _layer(backend="gpu"), ValueError, "FusedLoraLinear: unknown backend 'gpu'"),
     "ctor-bias-str": (lambda: _layer(bias="yes"), TypeError, "bias must be True or False, got 'yes'"),
     "ctor-double-quant-str": (lambda: _layer(double_quant="no"), TypeError,

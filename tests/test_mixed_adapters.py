@@ -354,3 +354,21 @@ def test_four_adapters_trained_in_one_batch_match_separate_peft_runs(tiny_llama_
             worst = max(worst, relative_error(fused_grads[name], grad))
     assert worst <= TIGHT, worst
     assert all(re.search(r"\.a[0-3]\.", n) for n in fused_grads)
+
+
+@pytestmark_peft
+def test_mixed_adapter_batch_refuses_what_peft_refuses(tiny_llama_dir):
+    """An unknown name (PEFT's adapter_names forward refuses it; the row would silently get the base), a string
+    (it would be split into one name per character) and a model without fused layers are errors, before any hook."""
+    model = four_adapter_model(tiny_llama_dir, False)
+    with pytest.raises(ValueError, match="mixed_adapter_batch: the model has no fused PEFT LoRA layer"):
+        with fl.peft_routes.mixed_adapter_batch(model, ["a0"]):
+            pass
+    fl.patch_peft_model(model)
+    with pytest.raises(ValueError, match=r"no adapter named \['a9', 'b'\] in the model"):
+        with fl.peft_routes.mixed_adapter_batch(model, ["a0", "a9", "__base__", "b"]):
+            pass
+    with pytest.raises(TypeError, match="adapter_names must be a list of names, one per sample"):
+        with fl.peft_routes.mixed_adapter_batch(model, "a0"):
+            pass
+    assert all(not module._forward_pre_hooks for module in model.modules()), "no hook left behind"

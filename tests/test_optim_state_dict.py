@@ -242,6 +242,26 @@ def test_malformed_layout_is_rejected_whole(make, error, match):
 
 
 @needs_ext
+@pytest.mark.parametrize("key, value, match", [("exp_avg", float("nan"), "exp_avg of parameter 0 holds NaN or inf"),
+                                               ("exp_avg_sq", -1e-3, "exp_avg_sq of parameter 0 holds negative")],
+                         ids=["exp_avg-nan", "exp_avg_sq-negative"])
+def test_paged_adamw_rejects_32_bit_moments_the_next_step_would_turn_into_nan(key, value, match):
+    """A NaN first moment, or a negative second moment (its square root), would make every weight NaN at the next
+    step: refused, naming the field, and the optimizer keeps its state."""
+    params = make_params([(37, 129)])
+    ref = torch.optim.AdamW(make_params([(37, 129)]), foreach=False)
+    train(ref.param_groups[0]["params"], ref, 1)
+    sd = _roundtrip(ref.state_dict())
+    sd["state"][0][key] = sd["state"][0][key].clone().index_fill_(1, torch.tensor([5]), value)
+    opt = fo.PagedAdamW(params, page_min_bytes=0)
+    train(params, opt, 1)
+    before = _state_of(opt, params)
+    with pytest.raises(ValueError, match=f"PagedAdamW.load_state_dict: {match}"):
+        opt.load_state_dict(sd)
+    _assert_state_equal(opt, params, before)
+
+
+@needs_ext
 def test_paged_adamw_rejects_a_negative_step_from_a_torch_checkpoint():
     """torch.optim.AdamW saves step as a float tensor; a negative one must not reach 1 - beta**0 = 0."""
     params = make_params([(37, 129)])

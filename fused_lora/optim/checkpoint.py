@@ -74,6 +74,16 @@ def _check_qmap(who: str, where: str, key: str, value) -> None:
         raise ValueError(f"{who}: {key} of {where} is not sorted; an 8-bit quantization map is sorted ascending")
 
 
+def _check_moment_values(who: str, where: str, key: str, value: torch.Tensor, nonnegative: bool) -> None:
+    """A 32-bit moment holds finite values (and the second moment none below 0), read in chunks of 2^24 (bounded
+    temporaries for a large paged state)."""
+    for chunk in value.detach().reshape(-1).split(1 << 24):
+        if not bool(torch.isfinite(chunk).all()):
+            raise ValueError(f"{who}: {key} of {where} holds NaN or inf")
+        if nonnegative and bool((chunk < 0).any()):
+            raise ValueError(f"{who}: {key} of {where} holds negative values; a second moment is >= 0")
+
+
 def check_param_state(who: str, saved_id, param: torch.Tensor, saved, eight_bit: bool) -> dict:
     """One parameter's saved state, flat (bitsandbytes' wrapped quantization state unwrapped) and checked."""
     where = f"parameter {saved_id}"
@@ -100,6 +110,10 @@ def check_param_state(who: str, saved_id, param: torch.Tensor, saved, eight_bit:
             raise ValueError(
                 f"{who}: {key} of {where} has {value.numel()} elements, the parameter has {param.numel()}"
             )
+    if saved[moments[0]].dtype != torch.uint8:  # 32-bit moments: what the next step would turn into NaN weights
+        _check_moment_values(who, where, moments[0], saved[moments[0]], nonnegative=False)
+        if saved[moments[1]].dtype != torch.uint8:
+            _check_moment_values(who, where, moments[1], saved[moments[1]], nonnegative=True)
     if eight_bit and (saved["state1"].dtype == torch.uint8) != (saved["state2"].dtype == torch.uint8):
         raise ValueError(
             f"{who}: state1 and state2 of {where} must both be 8-bit (uint8) or both 32-bit, got "
