@@ -17,6 +17,9 @@ namespace fused_lora {
 namespace {
 
 std::string describe(const char* call, cudaError_t status) {
+  // Consume the runtime's last error as well: the extension shares libcudart with torch, whose next launch check
+  // (cudaGetLastError) would otherwise report this failure against an unrelated kernel.
+  cudaGetLastError();
   return std::string(call) + " failed: " + cudaGetErrorString(status);
 }
 

@@ -282,6 +282,33 @@ def test_rejected_step_leaves_every_state_as_it_was():
     assert_params_equal(ours, ref)
 
 
+def test_refused_state_allocation_leaves_every_step_count_as_it_was(monkeypatch):
+    """The first step allocates each parameter's state; when one allocation is refused (on a GPU: more managed
+    memory than is free), no parameter's step count has moved, so a retry trains exactly like an unbroken run."""
+    shapes = [(37, 129), (10, 3), (64,)]
+    ref = make_params(shapes)
+    ref_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
+    ours = make_params(shapes)
+    opt = fo.PagedAdamW(ours, lr=1e-2, page_min_bytes=1 << 30)
+    real = opt._new_state
+    calls = []
+
+    def refuse_the_second(p, eight_bit):
+        calls.append(p)
+        if len(calls) == 2:
+            raise RuntimeError("managed allocation of 120 bytes refused")
+        return real(p, eight_bit)
+
+    monkeypatch.setattr(opt, "_new_state", refuse_the_second)
+    with pytest.raises(RuntimeError, match="refused"):
+        train(ours, opt, 1)
+    assert all(opt.state[p].get("step", 0) == 0 for p in ours)
+    monkeypatch.setattr(opt, "_new_state", real)
+    train(ref, ref_opt, 2)
+    train(ours, opt, 2)
+    assert_params_equal(ours, ref)
+
+
 def test_tensor_lr_is_read_once_per_group_and_step(monkeypatch):
     """A CUDA tensor lr costs a device synchronization per read, so the step must not read it per parameter."""
     params = make_params([(37,), (129,), (200,), (5, 7)])

@@ -11,6 +11,10 @@ from _optim_helpers import SHAPES, assert_params_equal, make_params, needs_ext, 
 from fused_lora import _common, _ext
 from fused_lora import optim as fo
 
+# The host-memory build pages CPU parameters; a CUDA build pages only CUDA ones (tests/test_optim_gpu.py).
+pytestmark = pytest.mark.skipif(_ext.is_available() and _ext.load().is_cuda_build(),
+                                reason="these tests page CPU parameters: the host-memory build of fused_lora._C only")
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Paging on the host-memory build
@@ -150,6 +154,41 @@ def test_each_device_keeps_its_own_budget(monkeypatch):
         assert moved[:2] == ((n, n - 2 * k) if t == 0 else (n - 2 * k, n - 2 * k))
         assert opt.paging_stats()["resident_bytes"] == {0: k * BLOCK, 1: k * BLOCK}
         assert [[index[p] for p in opt.pager.resident[loc]] for loc in (0, 1)] == [[0, 2], [1, 3]]
+    assert_params_equal(params, free)
+
+
+@needs_ext
+@pytest.mark.parametrize("budget", [None, 10 * BLOCK], ids=["no-budget", "budget-above-capacity"])
+def test_state_beyond_the_free_memory_is_paged_as_if_the_budget_were_what_fits(monkeypatch, budget):
+    """A simulated GPU of 5 blocks holding nothing but this state (free = 5 blocks - resident): with no budget, or
+    one above the capacity, 8 blocks of state are kept to 5 - 2 (the two chunks in flight) = 3 resident after each
+    step and never more than 5 at any time, with one warning; the numbers are the unpaged run's."""
+    capacity, n = 5 * BLOCK, 8
+    free = make_params([(64, 64)] * n)
+    free_opt = fo.PagedAdamW(free, lr=1e-2, page_min_bytes=1 << 30)  # not paged: the simulated GPU is opt's alone
+    params = make_params([(64, 64)] * n)
+    opt = fo.PagedAdamW(params, lr=1e-2, page_min_bytes=0, gpu_budget_bytes=budget, chunk_bytes=1)
+    ext = _ext.load()
+    monkeypatch.setattr(ext, "memory_info", lambda location: (capacity - opt.pager.resident_bytes.get(location, 0),
+                                                               capacity))
+    monkeypatch.setattr(_common, "_warned", set())
+    peaks = []
+    update = opt._update_chunk
+
+    def recording_update(chunk):
+        peaks.append(sum(opt.paging_stats()["resident_bytes"].values()))
+        update(chunk)
+
+    opt._update_chunk = recording_update
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in range(3):
+            step_transfers(opt, params, t)
+            step_transfers(free_opt, free, t)
+            assert opt.paging_stats()["resident_bytes"] == {0: 3 * BLOCK}, t
+    assert max(peaks) <= capacity
+    messages = [str(w.message) for w in caught if "does not fit in the free memory of device 0" in str(w.message)]
+    assert len(messages) == 1 and f"keeping at most {3 * BLOCK} bytes resident" in messages[0], messages
     assert_params_equal(params, free)
 
 

@@ -217,13 +217,15 @@ class _AdamWBase(torch.optim.Optimizer):
                 with_grad.append((group, params))
         devices = {p.device for _, params in with_grad for p in params}
         kernels_on = {device: self._takes_kernels(device) for device in devices}
+        for _, params in with_grad:  # every new state first: a refused allocation leaves every step count as it was
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update(self._new_state(p, self._uses_8bit(p)))
         work = []
         for group, params in with_grad:
             lr = float(group["lr"])
             for p in params:
                 state = self.state[p]
-                if not state:
-                    state.update(self._new_state(p, self._uses_8bit(p)))
                 state["step"] += 1
                 kind = self._kind(state)
                 fused = kernels_on[p.device] and p.is_contiguous() and p.grad.is_contiguous()
@@ -398,7 +400,8 @@ class PagedAdamW(_AdamWBase):
             every parameter group, including groups added later with add_param_group.
         amsgrad, maximize: accepted for torch.optim.AdamW's signature; True raises ValueError (not supported), and
             so does loading a state dict whose groups set them.
-        gpu_budget_bytes: state bytes kept on each GPU after a step (None: all of it).
+        gpu_budget_bytes: state bytes kept on each GPU after a step (None: all of it), at most what the GPU's free
+            memory holds (then one warning).
         chunk_bytes: state bytes per fused update launch and per prefetch unit.
         page_min_bytes: parameters with less state than this keep ordinary (unpaged) state.
         backend: "auto", "triton" or "reference", by fused_lora.backend's rules (as lora_linear): "auto" runs

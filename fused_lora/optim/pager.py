@@ -65,10 +65,11 @@ class PageManager:
     transfer); the update of a chunk waits for the event of its prefetch; a prefetch waits for the evictions queued
     before it, so evicted memory is free before new state arrives and the GPU holds at most the budget plus two
     chunks (the one being updated and the one being prefetched). Nothing synchronizes the device. After ``step()``
-    the resident state is within the budget.
+    the resident state is within the budget, and within the GPU's free memory less those two chunks.
 
     Args:
-        gpu_budget_bytes: bytes of state kept resident per GPU after a step; None keeps everything resident.
+        gpu_budget_bytes: bytes of state kept resident per GPU after a step; None keeps everything resident. Either
+            way capped at what the GPU holds (``_budget``): managed state is never oversubscribed.
         page_min_bytes: a parameter whose state is smaller stays in ordinary memory (not worth a managed page).
 
     Example::
@@ -222,14 +223,39 @@ class PageManager:
             self.counters["prefetched_bytes"] += nbytes
         return events
 
-    def _evict(self, now, protect):
+    def _budget(self, location, in_flight: int) -> int | None:
+        """Bytes of state that may stay resident on GPU `location` after an update: gpu_budget_bytes, capped at what
+        the GPU holds now (its free memory plus the state resident there, less `in_flight`: room for the two chunks
+        being updated and prefetched), so that managed memory is never oversubscribed whatever the budget says
+        (None: everything that fits). One warning when the cap, not the budget, decides."""
+        free, _ = _ext.load().memory_info(location)
+        fits = max(0, free + self.resident_bytes.get(location, 0) - in_flight)
+        if self.gpu_budget_bytes is not None and self.gpu_budget_bytes <= fits:
+            return self.gpu_budget_bytes
+        if sum(b.nbytes for b in self.blocks.values() if b.location == location) > fits:
+            asked = "no budget" if self.gpu_budget_bytes is None else f"a budget of {self.gpu_budget_bytes} bytes"
+            warn_once(
+                f"fused_lora.optim: the paged optimizer state does not fit in the free memory of device {location} "
+                f"({free} bytes free): keeping at most {fits} bytes resident there, not {asked} (managed memory "
+                "beyond the free memory would be oversubscribed)",
+                UserWarning,
+                key=("paged state over the free memory", location),
+            )
+            return fits
+        return self.gpu_budget_bytes
+
+    def _evict(self, now, protect, in_flight: dict):
         """On every GPU, evict resident blocks furthest next use first (walking the order backwards from rank `now`,
-        the block updated last) until the resident state other than the keys in `protect` fits the budget."""
-        if self.gpu_budget_bytes is None or not self.order:
+        the block updated last) until the resident state other than the keys in `protect` fits the budget
+        (``_budget``, with `in_flight` {location: bytes} held back for the chunks in flight)."""
+        if not self.order:
             return
         period = len(self.order)
         for location, resident in self.resident.items():
-            over = self.resident_bytes.get(location, 0) - self.gpu_budget_bytes
+            budget = self._budget(location, in_flight.get(location, 0))
+            if budget is None:
+                continue
+            over = self.resident_bytes.get(location, 0) - budget
             over -= sum(self.blocks[k].nbytes for k in protect if k in resident)
             victims = []
             for back in range(period):
@@ -258,9 +284,14 @@ class PageManager:
         keys = [[w.key for w in chunk if w.key in self.blocks] for chunk in chunks]
         sequence = list(chain.from_iterable(keys))
         self._learn_order(sequence)
+        in_flight: dict[int, int] = {}  # location -> twice its largest chunk of paged state (updated + prefetched)
+        for chunk_keys in keys:
+            for location in {self.blocks[k].location for k in chunk_keys}:
+                nbytes = sum(self.blocks[k].nbytes for k in chunk_keys if self.blocks[k].location == location)
+                in_flight[location] = max(in_flight.get(location, 0), 2 * nbytes)
         now = self._rank[sequence[0]] - 1 if sequence else -1  # just before the step's first block
         ahead = keys[0] if keys else []
-        self._evict(now, set(ahead))  # only evicts after a lowered budget or a step that stopped midway
+        self._evict(now, set(ahead), in_flight)  # only evicts after a lowered budget or a step that stopped midway
         ready = self._bring_in(ahead)
         for i, chunk in enumerate(chunks):
             device = chunk[0].device
@@ -275,7 +306,7 @@ class PageManager:
                 for key in keys[i]:
                     self.blocks[key].last_use = done
                 now = self._rank[keys[i][-1]]
-            self._evict(now, set(ahead))
+            self._evict(now, set(ahead), in_flight)
             ready = upcoming
 
     # -- observation --------------------------------------------------------------------------------------------
