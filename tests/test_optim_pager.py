@@ -52,6 +52,18 @@ def step_transfers(opt, params, seed):
     return (*moved, _ext.load().stats()["prefetch_calls"] - calls)
 
 
+def record_residency_peaks(opt) -> list:
+    """The resident state bytes (all locations) before each chunk update of ``opt``, appended as steps run."""
+    peaks, update = [], opt._update_chunk
+
+    def recording_update(chunk):
+        peaks.append(sum(opt.paging_stats()["resident_bytes"].values()))
+        update(chunk)
+
+    opt._update_chunk = recording_update
+    return peaks
+
+
 def device_resident(opt):
     return sorted(i for i, where in opt.state_residency().items() if where == "device")
 
@@ -68,14 +80,7 @@ def test_budget_keeps_the_first_blocks_resident_and_streams_only_the_rest(case):
     free_opt = fo.PagedAdamW(free, lr=1e-2, page_min_bytes=0, chunk_bytes=per_chunk * BLOCK)
     params = make_params([(64, 64)] * n)
     opt = fo.PagedAdamW(params, lr=1e-2, page_min_bytes=0, gpu_budget_bytes=k * BLOCK, chunk_bytes=per_chunk * BLOCK)
-    peaks = []
-    update = opt._update_chunk
-
-    def recording_update(chunk):
-        peaks.append(sum(opt.paging_stats()["resident_bytes"].values()))
-        update(chunk)
-
-    opt._update_chunk = recording_update
+    peaks = record_residency_peaks(opt)
     assert step_transfers(opt, params, 0)[:2] == (n, n - k)  # warm-up: every block comes in once
     step_transfers(free_opt, free, 0)
     for t in range(1, 4):
@@ -172,14 +177,7 @@ def test_state_beyond_the_free_memory_is_paged_as_if_the_budget_were_what_fits(m
     monkeypatch.setattr(ext, "memory_info", lambda location: (capacity - opt.pager.resident_bytes.get(location, 0),
                                                                capacity))
     monkeypatch.setattr(_common, "_warned", set())
-    peaks = []
-    update = opt._update_chunk
-
-    def recording_update(chunk):
-        peaks.append(sum(opt.paging_stats()["resident_bytes"].values()))
-        update(chunk)
-
-    opt._update_chunk = recording_update
+    peaks = record_residency_peaks(opt)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for t in range(3):
