@@ -17,9 +17,8 @@ Backward, given g = ∂L/∂y (c⊙g scales g's columns):
     dmag_n = Σ_m g_mn·z_mn / n_n,   z = x_d·Wᵀ + s·u·Bᵀ   (x_d = x without dropout)
 Row norms without the N×K matrix W + s·B·A:
     n_n² = ‖W_n‖² + 2s·B_n·(W·Aᵀ)_n + s²·B_n·(A·Aᵀ)·B_nᵀ
-‖W_n‖² (``row_squares``) is computed once per NF4 weight and cached while its tensors are unchanged, and for a dense
-W in every call (a chunked pass: a write through ``weight.data`` leaves no trace a cache could key on); W·Aᵀ (N×r)
-is one pass over W per step; A·Aᵀ is r×r.
+‖W_n‖² (``row_squares``): cached per NF4 weight while its tensors are unchanged, for a dense W computed in every
+call (a write through ``W.data`` leaves no version to key a cache on); W·Aᵀ (N×r) is one pass over W; A·Aᵀ is r×r.
 
 Dtypes: the norm, c and every low-rank product run in the low-rank dtype (at least fp32, as in
 fused_lora/reference.py; PEFT computes its norm in the adapter's dtype, fp32 by default), from W's stored values
@@ -113,19 +112,16 @@ def dora_row_norm(w_sq: torch.Tensor, WA: torch.Tensor, A: torch.Tensor, B: torc
 
 
 class _RowSquares:
-    """‖W_n‖² per frozen NF4 weight and dtype, kept while the weight lives and its tensors are unchanged (the version
-    counter and data pointer of packed and absmax are part of the key, so an in-place merge or a replaced tensor
-    recomputes it). Entries go away with their weight. A dense W is not cached: ``W.data.copy_(...)``, a common way
-    to load weights, writes through a tensor with a version counter of its own, so a cache would keep stale norms;
-    the pass is one read of W, which the W·Aᵀ pass of every step makes anyway."""
+    """‖W_n‖² per frozen NF4 weight and dtype while the weight lives, keyed on the version and address of its packed
+    and absmax. Never for a dense W: ``W.data.copy_(...)`` (a common way to load weights) moves no version counter,
+    and its pass is one read of W, as the W·Aᵀ pass of every step."""
 
     def __init__(self):
         self._entries: dict[int, tuple] = {}
 
     @staticmethod
     def _state(weight) -> tuple:
-        tensors = (weight.packed, weight.absmax) if isinstance(weight, NF4Weight) else (weight,)
-        return tuple((t._version, t.data_ptr(), t.device) for t in tensors)
+        return tuple((t._version, t.data_ptr(), t.device) for t in (weight.packed, weight.absmax))
 
     def get(self, weight, dtype: torch.dtype) -> torch.Tensor:
         if not isinstance(weight, NF4Weight):
