@@ -104,16 +104,14 @@ def check_param_state(who: str, saved_id, param: torch.Tensor, saved, eight_bit:
         )
     _check_step(who, where, saved["step"])
     kinds = "uint8 or floating point" if eight_bit else "floating point"
-    for key in moments[:2]:
+    for index, key in enumerate(moments[:2]):
         value = _check_tensor(who, where, key, saved[key], kinds)
         if value.numel() != param.numel():
             raise ValueError(
                 f"{who}: {key} of {where} has {value.numel()} elements, the parameter has {param.numel()}"
             )
-    if saved[moments[0]].dtype != torch.uint8:  # 32-bit moments: what the next step would turn into NaN weights
-        _check_moment_values(who, where, moments[0], saved[moments[0]], nonnegative=False)
-        if saved[moments[1]].dtype != torch.uint8:
-            _check_moment_values(who, where, moments[1], saved[moments[1]], nonnegative=True)
+        if value.dtype != torch.uint8:  # a 32-bit moment: values the next step would turn into NaN weights
+            _check_moment_values(who, where, key, value, nonnegative=index == 1)
     if eight_bit and (saved["state1"].dtype == torch.uint8) != (saved["state2"].dtype == torch.uint8):
         raise ValueError(
             f"{who}: state1 and state2 of {where} must both be 8-bit (uint8) or both 32-bit, got "

@@ -223,16 +223,25 @@ class PageManager:
             self.counters["prefetched_bytes"] += nbytes
         return events
 
-    def _budget(self, location, in_flight: int) -> int | None:
+    def _bytes_by_location(self, keys) -> dict[int, int]:
+        """{location: bytes of the paged blocks of `keys` there}."""
+        totals: dict[int, int] = {}
+        for key in keys:
+            block = self.blocks[key]
+            totals[block.location] = totals.get(block.location, 0) + block.nbytes
+        return totals
+
+    def _budget(self, location, in_flight: int, paged: int) -> int | None:
         """Bytes of state that may stay resident on GPU `location` after an update: gpu_budget_bytes, capped at what
         the GPU holds now (its free memory plus the state resident there, less `in_flight`: room for the two chunks
         being updated and prefetched), so that managed memory is never oversubscribed whatever the budget says
-        (None: everything that fits). One warning when the cap, not the budget, decides."""
+        (None: everything that fits; `paged`: the bytes of all state paged to `location`). One warning when the cap,
+        not the budget, decides."""
         free, _ = _ext.load().memory_info(location)
         fits = max(0, free + self.resident_bytes.get(location, 0) - in_flight)
         if self.gpu_budget_bytes is not None and self.gpu_budget_bytes <= fits:
             return self.gpu_budget_bytes
-        if sum(b.nbytes for b in self.blocks.values() if b.location == location) > fits:
+        if paged > fits:
             asked = "no budget" if self.gpu_budget_bytes is None else f"a budget of {self.gpu_budget_bytes} bytes"
             warn_once(
                 f"fused_lora.optim: the paged optimizer state does not fit in the free memory of device {location} "
@@ -244,15 +253,16 @@ class PageManager:
             return fits
         return self.gpu_budget_bytes
 
-    def _evict(self, now, protect, in_flight: dict):
+    def _evict(self, now, protect, in_flight: dict, paged: dict):
         """On every GPU, evict resident blocks furthest next use first (walking the order backwards from rank `now`,
         the block updated last) until the resident state other than the keys in `protect` fits the budget
-        (``_budget``, with `in_flight` {location: bytes} held back for the chunks in flight)."""
+        (``_budget``, with `in_flight` {location: bytes} held back for the chunks in flight; `paged` {location:
+        bytes} of all state paged there)."""
         if not self.order:
             return
         period = len(self.order)
         for location, resident in self.resident.items():
-            budget = self._budget(location, in_flight.get(location, 0))
+            budget = self._budget(location, in_flight.get(location, 0), paged.get(location, 0))
             if budget is None:
                 continue
             over = self.resident_bytes.get(location, 0) - budget
@@ -284,14 +294,14 @@ class PageManager:
         keys = [[w.key for w in chunk if w.key in self.blocks] for chunk in chunks]
         sequence = list(chain.from_iterable(keys))
         self._learn_order(sequence)
+        paged = self._bytes_by_location(self.blocks)  # all paged state, per location
         in_flight: dict[int, int] = {}  # location -> twice its largest chunk of paged state (updated + prefetched)
         for chunk_keys in keys:
-            for location in {self.blocks[k].location for k in chunk_keys}:
-                nbytes = sum(self.blocks[k].nbytes for k in chunk_keys if self.blocks[k].location == location)
+            for location, nbytes in self._bytes_by_location(chunk_keys).items():
                 in_flight[location] = max(in_flight.get(location, 0), 2 * nbytes)
         now = self._rank[sequence[0]] - 1 if sequence else -1  # just before the step's first block
         ahead = keys[0] if keys else []
-        self._evict(now, set(ahead), in_flight)  # only evicts after a lowered budget or a step that stopped midway
+        self._evict(now, set(ahead), in_flight, paged)  # only evicts after a lowered budget or a step stopped midway
         ready = self._bring_in(ahead)
         for i, chunk in enumerate(chunks):
             device = chunk[0].device
@@ -306,7 +316,7 @@ class PageManager:
                 for key in keys[i]:
                     self.blocks[key].last_use = done
                 now = self._rank[keys[i][-1]]
-            self._evict(now, set(ahead), in_flight)
+            self._evict(now, set(ahead), in_flight, paged)
             ready = upcoming
 
     # -- observation --------------------------------------------------------------------------------------------
