@@ -73,6 +73,18 @@ def test_each_path_in_bf16_at_llama_shapes(path, M, K, N, base, monkeypatch, poi
     _check(M, K, N, 16, torch.bfloat16, base, bias=True, p=0.1, path=path, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("base", ["nf4-dq", "dense"])
+def test_middle_split_k_forward_in_bf16_at_the_k_proj_shape(base, monkeypatch, poison_empty):
+    """Llama-3-8B's k_proj (K=4096, N=1024) at M=256: 16 tiles of 128×128 would leave most SMs idle, so the middle
+    forward splits K (launch_gemm.y_splits) and its epilogue adds the partial sums, the bias and the low-rank term."""
+    _, strategy, _, launch_gemm, _ = _modules()
+    split_calls = []
+    real = launch_gemm._launch_y_split
+    monkeypatch.setattr(launch_gemm, "_launch_y_split", lambda *a, **k: split_calls.append(1) or real(*a, **k))
+    _check(256, 4096, 1024, 16, torch.bfloat16, base, bias=True, p=0.1, path="middle", monkeypatch=monkeypatch)
+    assert split_calls == [1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("path, M", [("decode", 7), ("middle", 300), ("large", 1000)])
 def test_each_path_in_fp16_and_fp32_with_ragged_shapes(path, M, dtype, monkeypatch, poison_empty):

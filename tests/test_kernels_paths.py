@@ -26,6 +26,9 @@ PATHS = {
     # a tiny workspace: several slabs in both passes, the last one partial
     "large": {"decode_max_m": 0, "large_min_m": 1, "workspace_bytes": 8 * 1024, "slab_overlap": False},
 }
+# ... and the middle path with its forward split over K (launch_gemm.y_splits: 8 SMs under the interpreter, splits
+# of at least one K step): every case below splits
+SPLIT_PATHS = {**PATHS, "split": {"decode_max_m": 0, "large_min_m": 10**9, "split_k_min_steps": 1}}
 
 
 def _modules():
@@ -52,20 +55,36 @@ def _spy(monkeypatch, module, name, calls, active=None):
     monkeypatch.setattr(module, name, spy)
 
 
-def _record_paths(monkeypatch):
-    """The launcher entry points called from lora.py, in order (not the GEMM launches inside the slab path)."""
+def _record_paths(monkeypatch, splits=None):
+    """The launcher entry points called from lora.py, in order (not the GEMM launches inside the slab path); the
+    split-K forwards of the middle path (launch_gemm._launch_y_split) in ``splits``."""
     _, _, launch_decode, launch_gemm, launch_slab = _modules()
     calls, active = [], []
     for module, names in ((launch_decode, ("forward", "dx")), (launch_gemm, ("launch_y", "launch_dx")),
                           (launch_slab, ("launch_y", "launch_dx"))):  # fmt: skip
         for name in names:
             _spy(monkeypatch, module, name, calls, active)
+    _spy(monkeypatch, launch_gemm, "_launch_y_split", [] if splits is None else splits)
     return calls
+
+
+def _check_split(path, splits, M, N, K, required=True):
+    """The split path split the forward into 2 or more splits (when its rule splits this shape, or ``required``),
+    and no other path split it."""
+    from fused_lora.kernels import launch_gemm, strategy
+
+    with strategy.use_thresholds(**SPLIT_PATHS["split"]):
+        plan = launch_gemm.y_splits(M, N, K, torch.zeros(N, K), torch.zeros(M, K))
+    assert plan is not None or not (required and path == "split")
+    split = path == "split" and plan is not None
+    assert splits == (["launch_gemm._launch_y_split"] if split else []), (path, splits)
+    assert not split or plan.splits >= 2
 
 
 EXPECTED_CALLS = {
     "decode": ["launch_decode.forward", "launch_decode.dx"],
     "middle": ["launch_gemm.launch_y", "launch_gemm.launch_dx"],
+    "split": ["launch_gemm.launch_y", "launch_gemm.launch_dx"],
     "large": ["launch_slab.launch_y", "launch_slab.launch_dx"],
 }
 
@@ -86,19 +105,21 @@ def _id(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", list(SPLIT_PATHS))
 def test_each_path_matches_the_reference(path, case, monkeypatch, poison_empty):
     M, K, N, r, dtype, base, adapter_dtype, bias, p, layout, blocksize = case
     if layout == "3d":
         M = 9
     lora, strategy, *_ = _modules()
     x, weight, w_compute, A, B, b, g = _make_case(M, K, N, r, dtype, base, adapter_dtype, bias, layout, blocksize, M)
-    calls = _record_paths(monkeypatch)
-    with strategy.use_thresholds(**PATHS[path]):
+    splits = []
+    calls = _record_paths(monkeypatch, splits)
+    with strategy.use_thresholds(**SPLIT_PATHS[path]):
         y, u = lora.forward(x, weight, A, B, SCALING, b, p, 123)
         grads = lora.backward(g, x, weight, A, B, SCALING, p, 123, u, True, True, True, b is not None)
     expected = EXPECTED_CALLS["middle" if path == "large" and base == "dense" else path]
     assert calls == expected
+    _check_split(path, splits, M, N, K)
     m = lora.dropout_mask(123, M, K, p, "cpu") if p > 0 else None
     _check_all((y, u) + grads, x, w_compute, A, B, b, g, m, dtype)
 
@@ -111,16 +132,18 @@ FROZEN = [
 
 
 @pytest.mark.parametrize("case", FROZEN, ids=lambda c: f"M{c[0]}-K{c[1]}-N{c[2]}-{str(c[3])[-7:]}-{c[4]}")
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", list(SPLIT_PATHS))
 def test_each_path_of_the_frozen_layer_matches_the_reference(path, case, monkeypatch, poison_empty):
     M, K, N, dtype, base, bias, blocksize = case
     lora, strategy, *_ = _modules()
     x, weight, w_compute, _, _, b, g = _make_case(M, K, N, 4, dtype, base, dtype, bias, "contiguous", blocksize, 3)
-    calls = _record_paths(monkeypatch)
-    with strategy.use_thresholds(**PATHS[path]):
+    splits = []
+    calls = _record_paths(monkeypatch, splits)
+    with strategy.use_thresholds(**SPLIT_PATHS[path]):
         y = lora.frozen_forward(x, weight, b)
         dx, db = lora.frozen_backward(g, weight, True, b is not None)
     assert calls == EXPECTED_CALLS["middle" if path == "large" and base == "dense" else path]
+    _check_split(path, splits, M, N, K, required=False)
     ref = _frozen_reference(x, w_compute, b, g, lambda t: t.double())
     plain = _frozen_reference(x, w_compute, b, g, lambda t: t)
     for name, ours, plain_t, ref_t in zip(("y", "dx", "db"), (y, dx, db), plain, ref):
@@ -272,7 +295,7 @@ def test_split_wide_keeps_sixteen_bits_of_the_wide_operand():
 # ---------------------------------------------------------------- deterministic mode
 
 
-@pytest.mark.parametrize("path", ["middle", "large", "decode"])
+@pytest.mark.parametrize("path", ["middle", "split", "large", "decode"])
 def test_deterministic_mode_uses_no_atomic_kernel_and_matches_the_reference(path, monkeypatch, poison_empty):
     lora, strategy, launch_decode, launch_gemm, launch_slab = _modules()
     x, weight, w_compute, A, B, b, g = _make_case(21, 64, 48, 8, torch.float32, "nf4-dq", torch.float32, True,
@@ -287,7 +310,7 @@ def test_deterministic_mode_uses_no_atomic_kernel_and_matches_the_reference(path
         return real_dx(*args, **kwargs)
 
     monkeypatch.setattr(launch_gemm, "launch_dx", dx_spy)
-    with strategy.use_thresholds(**PATHS[path]), strategy.use_deterministic(True):
+    with strategy.use_thresholds(**SPLIT_PATHS[path]), strategy.use_deterministic(True):
         y, u = lora.forward(x, weight, A, B, SCALING, b, 0.2, 9)
         grads = lora.backward(g, x, weight, A, B, SCALING, 0.2, 9, u, True, True, True, True)
     assert atomic == [] and all(dA is None for dA in dx_launches)

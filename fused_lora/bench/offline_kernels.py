@@ -63,6 +63,11 @@ def _partial_trips(args: dict) -> int:
     return cdiv(max(1, args["S"]), PARTIALS_PER_TRIP.value)
 
 
+def _epilogue_path(args: dict) -> str:
+    """The decode forward's epilogue, or the same kernel after the middle path's split-K GEMM (SPLIT_GEMM)."""
+    return "split" if args["SPLIT_GEMM"] else "decode"
+
+
 def _weight_path(args: dict) -> str:
     """NF4 decoded inside the GEMM main loop ("inloop"), or a dense W (or a dense slab of W: the large-M path)."""
     return "inloop" if args.get("IS_NF4") else "dense"
@@ -81,8 +86,8 @@ def _slab_bytes(args: dict) -> int:
 KERNELS: dict[str, KernelModel] = {
     # u = (m⊙x)·Aᵀ over K (split over K when the launcher passes K_PER_SPLIT)
     "lora_u_kernel": KernelModel("lowrank", lambda a: cdiv(a.get("K_PER_SPLIT", a["K"]), a["BLOCK_K"])),
-    # y = x·deq(W)ᵀ + b + s·u·Bᵀ
-    "lora_fwd_kernel": KernelModel(_weight_path, lambda a: cdiv(a["K"], a["BLOCK_K"]),
+    # y = x·deq(W)ᵀ + b + s·u·Bᵀ (with SPLIT_K: K_PER_SPLIT columns per program, partial sums of x·deq(W)ᵀ only)
+    "lora_fwd_kernel": KernelModel(_weight_path, lambda a: cdiv(min(a["K_PER_SPLIT"], a["K"]), a["BLOCK_K"]),
                                    GemmTileNames("BLOCK_M", "BLOCK_N", "BLOCK_K", b_transposed=True)),
     # v = g·B, dB = s·gᵀ·u, db = Σ g over N_PER_SPLIT columns per program
     "lora_vdb_kernel": KernelModel("lowrank", lambda a: cdiv(min(a["N_PER_SPLIT"], a["N"]), a["BLOCK_N"])),
@@ -96,7 +101,7 @@ KERNELS: dict[str, KernelModel] = {
                                    weight_share=lambda a: _slab_elements(a) / (2 * a["packed_ptr"].numel())),
     # decode: split-K partial sums of yᵀ (and u), then their sum with bias and the low-rank term
     "lora_decode_fwd_kernel": KernelModel("decode", lambda a: cdiv(min(a["K_PER_SPLIT"], a["K"]), a["BLOCK_K"])),
-    "lora_decode_fwd_epilogue_kernel": KernelModel("decode", _partial_trips),
+    "lora_decode_fwd_epilogue_kernel": KernelModel(_epilogue_path, _partial_trips),
     "lora_decode_dx_kernel": KernelModel("decode", lambda a: cdiv(min(a["N_PER_SPLIT"], a["N"]), a["BLOCK_N"])),
     "lora_decode_dx_epilogue_kernel": KernelModel("decode", _partial_trips),
     # deterministic mode: split reductions of v, dB and dA (summed in a fixed order afterwards)

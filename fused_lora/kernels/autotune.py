@@ -63,6 +63,15 @@ _SM80_TILES = [
 ]
 
 
+def split_tile(capability: tuple[int, int], M: int) -> GemmTile:
+    """The one tile of the middle path's split-K forward (launch_gemm.y_splits), not tuned: it serves grids too
+    small to fill the GPU, where what matters is a GPU-filling program count from few partial sums (128 output
+    columns), not the speed of one tile; 128 rows above M = 64, 64 rows below."""
+    tiles = _SM90_TILES if capability[0] >= 9 else _SM80_TILES
+    block_m = 128 if M > 64 else 64
+    return next(t for t in tiles if (t.block_m, t.block_out, t.block_reduce) == (block_m, 128, 64))
+
+
 def m_bucket(M: int) -> int:
     """M rounded up to a power of two, capped at 8192: the M part of the tuning key."""
     return min(triton.next_power_of_2(max(M, 1)), M_BUCKET_CAP)

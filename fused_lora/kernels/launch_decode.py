@@ -81,9 +81,9 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     epilogue_n = 32 if interpreting() else 128
     lora_decode_fwd_epilogue_kernel[(triton.cdiv(N, epilogue_n),)](
         y_part, u_part, B, bias, y, u,
-        M, N, r, splits, y_part.stride(0), y_part.stride(1), *(u_part.stride()[:2] if has_lora else (0, 0)),
+        M, N, r, splits, splits, y_part.stride(0), y_part.stride(1), *(u_part.stride()[:2] if has_lora else (0, 0)),
         *strides(B), y.stride(0), y.stride(1), u.stride(0) if has_lora else 0, float(scaling),
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"],
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, SPLIT_GEMM=False, LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"],
         LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"], R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m,
         BLOCK_N=epilogue_n,
         num_warps=4,

@@ -80,6 +80,79 @@ def m_bucket(M: int) -> int:
     return bucket(M)
 
 
+class YSplit(NamedTuple):
+    """The split-K forward of a call whose output tiles would leave SMs idle (y_splits)."""
+
+    meta: dict  # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M (+ num_warps, num_stages on a GPU)
+    tiles: int
+    splits: int
+    k_per_split: int
+
+
+def y_splits(M: int, N: int, K: int, weight, x2d) -> YSplit | None:
+    """The split-K plan of y = x·deq(W)ᵀ, or None to launch the tuned GEMM. Split when the split tile
+    (autotune.split_tile) gives T = ⌈M/BLOCK_M⌉·⌈N/BLOCK_N⌉ programs with ⌊SMs / T⌋ ≥ 2: S = ⌊SMs / T⌋ splits (one
+    program per SM, the partial sums S·M·N·4 bytes ≤ SMs·BLOCK_M·BLOCK_N·4, a few MB) of at least
+    Thresholds.split_k_min_steps K steps each. E.g. Llama-3-8B's k_proj (K=4096, N=1024) at M=256: 16 tiles of
+    128×128 on 132 SMs run 8 splits of 8 steps instead of 16 programs of 64. Not for an NF4 W without whole blocks
+    per row (its tuned configs run with one pipeline stage, autotune.keep_tiles_for_m)."""
+    min_steps = strategy.thresholds(x2d.device).split_k_min_steps
+    if min_steps <= 0 or M == 0 or (common.is_nf4(weight) and weight.shape[1] % int(weight.blocksize)):
+        return None
+    if interpreting():
+        from .autotune import INTERPRETER_CONFIG
+
+        meta = dict(INTERPRETER_CONFIG)
+    else:
+        from .autotune import split_tile
+
+        t = split_tile(torch.cuda.get_device_capability(x2d.device), M)
+        meta = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_out, "BLOCK_K": t.block_reduce, "GROUP_M": t.group_m,
+                "num_warps": t.num_warps, "num_stages": t.num_stages}  # fmt: skip
+    tiles = _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])
+    steps = _cdiv(K, meta["BLOCK_K"])
+    splits = min(common.sm_count(x2d.device) // tiles, steps // min_steps)
+    if splits < 2:
+        return None
+    k_per_split = _cdiv(steps, splits) * meta["BLOCK_K"]
+    return YSplit(meta, tiles, _cdiv(K, k_per_split), k_per_split)
+
+
+def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u, B, scaling) -> None:
+    """y = Σ_s y_part[s] + b + s·u·Bᵀ: lora_fwd_kernel SPLIT_K into fp32 partial sums, then the decode path's
+    epilogue kernel (the sum in a fixed order, the bias and the low-rank term)."""
+    from .lora_decode import lora_decode_fwd_epilogue_kernel
+    from .lora_fwd import lora_fwd_kernel
+
+    M, K = x2d.shape
+    N = y.shape[1]
+    w = common.weight_args(weight, K, x2d.dtype)
+    part = torch.empty((plan.splits, M, N), device=x2d.device, dtype=torch.float32)
+    lora_fwd_kernel[(plan.tiles, plan.splits)](
+        x2d, *w.pointers, None, None, None, part, None, None,
+        M, N, K, 0, m_bucket(M), plan.k_per_split,
+        x2d.stride(0), x2d.stride(1), w.stride_wn, w.stride_wk, 0, 0, 0, 0, part.stride(1), part.stride(2),
+        part.stride(0), 0.0,
+        **w.constexprs, LOOKUP=common.lookup_mode(weight, x2d.dtype), W_FIRST=common.w_first(weight, x2d.dtype),
+        HAS_BIAS=False, HAS_LORA=False, COL_SCALE=False, ADD_Z=False, SPLIT_K=True, **precisions,
+        R_PAD=FROZEN_R_PAD, R_CHUNK=FROZEN_R_PAD, **plan.meta, **common.compile_options(weight),
+    )  # fmt: skip
+    has_lora = u is not None
+    r = u.shape[1] if has_lora else 0
+    r_pad = rank_pad(r) if has_lora else FROZEN_R_PAD
+    if has_lora:
+        u = u.contiguous()
+    block_m, block_n = (16, 32) if interpreting() else (64, 128)
+    lora_decode_fwd_epilogue_kernel[(_cdiv(N, block_n), _cdiv(M, block_m))](
+        part, u, B, bias, y, None,
+        M, N, r, plan.splits, 1, part.stride(0), part.stride(1), 0, u.stride(0) if has_lora else 0,
+        *strides(B), y.stride(0), y.stride(1), 0, float(scaling),
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, SPLIT_GEMM=True, LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"],
+        LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"], R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m,
+        BLOCK_N=block_n, num_warps=4,
+    )  # fmt: skip
+
+
 def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=None, col_scale=None, z_in=False):
     """lora_fwd_kernel into y: y = x·deq(W)ᵀ + b, plus s·u·Bᵀ when u and B are given (HAS_LORA). ``weight`` is an
     NF4Weight (decoded in the main loop) or a dense (N, K) tensor, e.g. a slab of the large path; y may be a column
@@ -96,6 +169,9 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=No
     N = y.shape[1]
     if (z is None) != (col_scale is None) or (z is not None and z.stride() != y.stride()):
         raise ValueError("launch_y: z and col_scale come together, and z has y's strides")
+    plan = None if (z is not None or z_in) else y_splits(M, N, K, weight, x2d)
+    if plan is not None:
+        return _launch_y_split(plan, x2d, weight, bias, y, precisions, u, B, scaling)
     has_lora = u is not None
     r = u.shape[1] if has_lora else 0
     r_pad = rank_pad(r) if has_lora else FROZEN_R_PAD
@@ -104,13 +180,14 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=No
     grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
     kernel[grid](
         x2d, *w.pointers, u, B, bias, y, z, col_scale,
-        M, N, K, r, m_bucket(M),
+        M, N, K, r, m_bucket(M), K,
         x2d.stride(0), x2d.stride(1), w.stride_wn, w.stride_wk,
-        *strides(u), *strides(B), y.stride(0), y.stride(1),
+        *strides(u), *strides(B), y.stride(0), y.stride(1), 0,
         float(scaling),
         **w.constexprs, LOOKUP=common.lookup_mode(weight, x2d.dtype),
         W_FIRST=common.w_first(weight, x2d.dtype), HAS_BIAS=bias is not None,
-        HAS_LORA=has_lora, COL_SCALE=col_scale is not None and not z_in, ADD_Z=z_in, **precisions, R_PAD=r_pad,
+        HAS_LORA=has_lora, COL_SCALE=col_scale is not None and not z_in, ADD_Z=z_in, SPLIT_K=False, **precisions,
+        R_PAD=r_pad,
         R_CHUNK=min(r_pad, 64), **meta,
         **common.compile_options(weight),
     )  # fmt: skip

@@ -25,20 +25,32 @@ from . import common, strategy
 
 _SLAB_ALIGN = 256  # slab sizes are multiples of the largest GEMM tile (whole tiles, a stable autotune key)
 _MIN_SLABS = 4  # with overlap: the first slab's dequantization is the part that no GEMM hides
+_GEMM_TILE = 128  # the large path's GEMM tiles are 128 rows by 128 or 256 columns (autotune.py)
 _side_streams: dict = {}
 
 
-def _slab_size(total: int, other: int, element_bytes: int, t: strategy.Thresholds) -> int:
-    """Rows (or columns) of W per slab: as many as half the workspace holds, at most total / _MIN_SLABS when the
-    slabs overlap; a multiple of _SLAB_ALIGN when more than that fit, else of 4 (a column slab starts on a group of
-    four dropout columns, dropout.py), at least 4 even if the workspace holds fewer."""
+def _slab_size(total: int, other: int, element_bytes: int, t: strategy.Thresholds, fill: int = 0) -> int:
+    """Rows (or columns) of W per slab: as many as half the workspace holds; when the slabs overlap, at most
+    max(total / _MIN_SLABS, fill), where ``fill`` (_filling_size) is the slab size whose GEMM still launches a
+    program on every SM (four slabs of a small layer would each leave most SMs idle, and one slab's GEMM takes as
+    long as a whole-layer GEMM then); a multiple of _SLAB_ALIGN when more than that fit, else of 4 (a column slab
+    starts on a group of four dropout columns, dropout.py), at least 4 even if the workspace holds fewer; the
+    slabs as equal as that allows (no small last slab)."""
     fit = max(1, t.workspace_bytes // 2 // (other * element_bytes))
     size = min(total, fit)
     if t.slab_overlap:
-        size = min(size, max(_SLAB_ALIGN, -(-total // _MIN_SLABS)))
-    if size < total:
-        size -= size % (_SLAB_ALIGN if size > _SLAB_ALIGN else 4)
-    return max(4, size) if size < total else total
+        size = min(size, max(_SLAB_ALIGN, -(-total // _MIN_SLABS), -(-fill // _SLAB_ALIGN) * _SLAB_ALIGN))
+    if size >= total:
+        return total
+    align = _SLAB_ALIGN if size > _SLAB_ALIGN else 4
+    size -= size % align
+    even = -(-total // -(-total // max(size, 1)))  # the same number of slabs, of equal sizes
+    return max(4, min(size, -(-even // align) * align))
+
+
+def _filling_size(M: int, device) -> int:
+    """The slab size (output columns of its GEMM) at which an M-row GEMM over it has one _GEMM_TILE² tile per SM."""
+    return _GEMM_TILE * -(-common.sm_count(device) // -(-M // _GEMM_TILE))
 
 
 def _dequantize_window(weight, slab, n0: int, k0: int) -> None:
@@ -99,7 +111,7 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=No
     K = x2d.shape[1]
     N = y.shape[1]
     t = strategy.thresholds(x2d.device)
-    rows = _slab_size(N, K, x2d.element_size(), t)
+    rows = _slab_size(N, K, x2d.element_size(), t, _filling_size(x2d.shape[0], x2d.device))
     halves = _halves(x2d.device, x2d.dtype, (rows, K))
     starts = list(range(0, N, rows))
 
@@ -125,7 +137,7 @@ def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, sc
 
     N, K = weight.shape
     t = strategy.thresholds(g.device)
-    cols = _slab_size(K, N, g.element_size(), t)
+    cols = _slab_size(K, N, g.element_size(), t, _filling_size(g.shape[0], g.device))
     halves = _halves(g.device, g.dtype, (N, cols))
     starts = list(range(0, K, cols))
 

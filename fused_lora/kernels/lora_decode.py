@@ -155,15 +155,16 @@ def sum_partials(acc, ptrs, stride_s, S, mask):
 @triton.jit
 def lora_decode_fwd_epilogue_kernel(
     y_part_ptr,  # (S, M, N) fp32
-    u_part_ptr,  # (S, M, r) fp32 (None without HAS_LORA)
+    u_part_ptr,  # (U_SPLITS, M, r) fp32 (None without HAS_LORA)
     b_ptr,  # B (N, r)
     bias_ptr,  # (N,) or None
     y_ptr,  # (M, N) compute dtype output
-    u_ptr,  # (M, r) fp32 output
+    u_ptr,  # (M, r) fp32 output (None with SPLIT_GEMM)
     M,
     N,
     R,
     S,
+    U_SPLITS,
     stride_ps,
     stride_pm,
     stride_qs,
@@ -176,6 +177,7 @@ def lora_decode_fwd_epilogue_kernel(
     scaling,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SPLIT_GEMM: tl.constexpr,  # after lora_fwd_kernel SPLIT_K (the middle path): u whole, read, not stored
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
     R_PAD: tl.constexpr,
@@ -183,12 +185,15 @@ def lora_decode_fwd_epilogue_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """y[:, cols] = Σ_s y_part[s, :, cols] + b[cols] + s·u·B[cols]ᵀ with u = Σ_s u_part[s] (program 0 stores u)."""
-    offs_m = tl.arange(0, BLOCK_M)
+    """y[rows, cols] = Σ_s y_part[s, rows, cols] + b[cols] + s·u[rows]·B[cols]ᵀ with u = Σ_s u_part[s] (the
+    programs of column tile 0 store u); grid (column tiles, row tiles). With SPLIT_GEMM, the epilogue of the middle
+    path's split-K GEMM (lora_fwd_kernel SPLIT_K): u comes whole from lora_u_kernel (U_SPLITS 1) and is not stored."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m.to(tl.int64)[:, None]
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     tile_in = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = sum_partials(acc, y_part_ptr + offs_m[:, None] * stride_pm + offs_n[None, :], stride_ps, S, tile_in)
+    acc = sum_partials(acc, y_part_ptr + rows * stride_pm + offs_n[None, :], stride_ps, S, tile_in)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
@@ -197,14 +202,15 @@ def lora_decode_fwd_epilogue_kernel(
             offs_r = r0 + tl.arange(0, R_CHUNK)
             u_in = (offs_m[:, None] < M) & (offs_r[None, :] < R)
             u = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
-            u = sum_partials(u, u_part_ptr + offs_m[:, None] * stride_qm + offs_r[None, :], stride_qs, S, u_in)
-            if tl.program_id(0) == 0:
-                tl.store(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :], u, mask=u_in)
+            u = sum_partials(u, u_part_ptr + rows * stride_qm + offs_r[None, :], stride_qs, U_SPLITS, u_in)
+            if not SPLIT_GEMM:
+                if tl.program_id(0) == 0:
+                    tl.store(u_ptr + rows * stride_um + offs_r[None, :], u, mask=u_in)
             bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
             bt = tl.load(bt_ptrs, mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
             lowrank = tl.dot(u.to(LOWRANK_DTYPE), bt.to(LOWRANK_DTYPE), lowrank, input_precision=LOWRANK_PRECISION)
         acc += scaling * lowrank
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=tile_in)
+    tl.store(y_ptr + rows * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=tile_in)
 
 
 @triton.jit

@@ -303,6 +303,7 @@ def lora_fwd_kernel(
     K,
     R,
     M_BUCKET,  # autotune key only: M rounded up to a power of two
+    K_PER_SPLIT,  # SPLIT_K: columns of x and W per program along grid axis 1, a multiple of BLOCK_K (else unused)
     # strides
     stride_xm,
     stride_xk,
@@ -314,6 +315,7 @@ def lora_fwd_kernel(
     stride_br,
     stride_ym,
     stride_yn,
+    stride_ys,  # SPLIT_K: y's stride between splits (else unused)
     scaling,
     # constexprs
     IS_NF4: tl.constexpr,
@@ -327,6 +329,7 @@ def lora_fwd_kernel(
     HAS_LORA: tl.constexpr,  # False: y = x·deq(W)ᵀ + b only (u, B, R, scaling unused)
     COL_SCALE: tl.constexpr,  # True: z = acc and y = c⊙acc + b are both stored (DoRA)
     ADD_Z: tl.constexpr,  # True: y = acc + b + c⊙z with z read (DoRA with dropout: c − 1 and x_d·Wᵀ + s·u·Bᵀ)
+    SPLIT_K: tl.constexpr,  # True: y is (S, M, N) fp32, y[s] = Σ_{k ∈ K_s} x[:, k]·deq(W)[:, k]ᵀ (no other term)
     BASE_PRECISION: tl.constexpr,
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
@@ -346,9 +349,21 @@ def lora_fwd_kernel(
     memory for the previous MMA to finish reading it.
 
     Epilogues (DoRA, fused_lora/dora.py): COL_SCALE stores z = acc and y = c⊙acc + b; ADD_Z reads z and stores
-    y = acc + b + c⊙z (one M×N read, in place of the passes that would combine them)."""
-    COMPUTE_DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+    y = acc + b + c⊙z (one M×N read, in place of the passes that would combine them).
+
+    SPLIT_K (a grid too small to fill the GPU, launch_gemm.y_splits): program (tile, s) sums over its K_PER_SPLIT
+    columns only and stores its fp32 partial sum to y[s]; lora_decode.lora_decode_fwd_epilogue_kernel adds the S partial
+    sums in a fixed order, then b and s·u·Bᵀ (the decode forward's epilogue)."""
+    COMPUTE_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if SPLIT_K:
+        tl.static_assert(not (HAS_LORA or HAS_BIAS or COL_SCALE or ADD_Z), "split-K programs store x·deq(W)ᵀ only")
+        k_start = tl.program_id(1) * K_PER_SPLIT
+        k_end = min(k_start + K_PER_SPLIT, K)
+        y_ptr += tl.program_id(1).to(tl.int64) * stride_ys
+    else:
+        k_start = 0
+        k_end = K
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -374,7 +389,7 @@ def lora_fwd_kernel(
                 acc = tl.dot(u, tl.trans(b), acc, input_precision=LOWRANK_PRECISION)
         acc = acc * scaling
     lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = load_weight_tile(
@@ -412,6 +427,6 @@ def lora_fwd_kernel(
         else:
             acc += bias[None, :]
     if W_FIRST:
-        tl.store(y_ptr + tl.trans(y_tile), acc.to(COMPUTE_DTYPE), mask=tl.trans(in_range))
+        tl.store(y_ptr + tl.trans(y_tile), acc.to(y_ptr.dtype.element_ty), mask=tl.trans(in_range))
     else:
-        tl.store(y_ptr + y_tile, acc.to(COMPUTE_DTYPE), mask=in_range)
+        tl.store(y_ptr + y_tile, acc.to(y_ptr.dtype.element_ty), mask=in_range)

@@ -6,8 +6,9 @@ Three paths (docs/DESIGN.md, "The math"):
     decode  M ≤ decode_max_m                 split-K kernels that stream W once and fill every SM, the reduction
                                              over the splits and the low-rank term and bias in a small epilogue
                                              kernel (launch_decode.py)
-    middle  decode_max_m < M < large_min_m   one GEMM kernel per pass, NF4 decoded in registers in its main loop
-                                             (launch_gemm.py)
+    middle  decode_max_m < M < large_min_m   one GEMM kernel per pass, NF4 decoded in registers in its main loop;
+                                             a forward whose tiles leave SMs idle splits K, its epilogue kernel
+                                             adds the partial sums (launch_gemm.py, y_splits)
     large   M ≥ large_min_m (NF4 only)       W dequantized in slabs into a bounded, reused workspace, each slab
                                              followed by the dense GEMM, which keeps the low-rank term, bias and
                                              dropout (launch_slab.py)
@@ -55,6 +56,8 @@ class Thresholds:
     slab_overlap: dequantize the next slab on a side CUDA stream while the current slab's GEMM runs.
     programs_per_sm: programs per SM the decode path and the split reductions aim for: launch_gemm._splits takes
         between half and twice as many, the count that leaves the busiest SM the least work.
+    split_k_min_steps: the middle path's forward splits K when its tiles would leave at least half the SMs idle
+        (launch_gemm.y_splits), into at most one program per SM, each of at least this many K steps; 0: never.
     """
 
     decode_max_m: int = 16
@@ -62,6 +65,7 @@ class Thresholds:
     workspace_bytes: int = 64 << 20
     slab_overlap: bool = True
     programs_per_sm: int = 4
+    split_k_min_steps: int = 4
 
 
 # Per GPU family (compute capability major); "default" for others and for the CPU interpreter.
