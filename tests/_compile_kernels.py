@@ -8,7 +8,8 @@ per CPU core. It compiles
 - every launch of the training step (fwd_bwd) of the target layer (x bf16, NF4 with double quantization,
   K=4096, N=14336, r=16, fp32 adapters) on sm_90a, with every autotune config the autotuner keeps, at the
   instrument's ``CI_VARIANTS`` (one M per path the launchers choose: decode, middle, large), found by running the
-  launchers (fused_lora.bench.offline_capture), so a new kernel or config is compiled here without a change;
+  launchers (fused_lora.bench.offline_capture), so a new kernel or config is compiled here without a change; and
+  the launches of ``SPLIT_VARIANTS`` not already among them (the middle path's split-K forward, at N=1024);
 - the DoRA variants of those GEMM launches on sm_90a (``_dora_jobs``: the forward's COL_SCALE and ADD_Z epilogues,
   dx with c in its main loop, the LoRA dx adding t, and the frozen dx storing t = m⊙(((c−1)⊙g)·W) at every config
   the autotuner keeps for the frozen dx), as fused_lora/kernels/lora.py launches them for fused_lora/dora.py;
@@ -40,6 +41,8 @@ from fused_lora.bench.offline_compile import Job, Ptr
 TARGET = dict(K=4096, N=14336, r=16, x_dtype=torch.bfloat16, adapter_dtype=torch.float32, weight="nf4dq")
 # (arch, M): one M per path of the launchers at the target shape (strategy.Thresholds): decode, middle, large
 CI_VARIANTS = [(90, 16), (90, 256), (90, 8192), (80, 16), (80, 256), (80, 8192)]
+# (arch, M, shape): a layer whose middle-M forward splits K (launch_gemm.y_splits): Llama-3-8B's k_proj
+SPLIT_VARIANTS = [(90, 256, dict(N=1024)), (80, 256, dict(N=1024))]
 ARCHS = (90, 80)
 N_SMALL, K_SMALL = 4096, 4096
 
@@ -118,8 +121,8 @@ def ci_jobs() -> list[tuple[Job, dict]]:
     from fused_lora.bench.offline_kernels import KERNELS
 
     found, seen = [], set()
-    for arch, M in CI_VARIANTS:
-        spec = LayerSpec(M, **TARGET)
+    for arch, M, shape in [(arch, M, {}) for arch, M in CI_VARIANTS] + SPLIT_VARIANTS:
+        spec = LayerSpec(M, **{**TARGET, **shape})
         steps, _ = capture_pass("fwd_bwd", spec, arch)
         for step in steps:
             for launch in step.candidates:

@@ -209,6 +209,50 @@ def test_slab_sizes_are_bounded_aligned_and_cover_the_weight():
     assert _slab_size(10**6, 8192, 2, t) * 8192 * 2 * 2 <= t.workspace_bytes
 
 
+def test_slabs_fill_the_gpu_and_are_equal(monkeypatch):
+    """A slab's GEMM keeps every SM busy (one slab for k_proj, K=4096 and N=1024, at M=2048 on 132 SMs: four would
+    launch 32 tiles each), the slabs of one call have equal sizes, and big layers keep four overlapped slabs."""
+    from fused_lora.kernels import common, launch_slab
+    from fused_lora.kernels.strategy import Thresholds
+
+    monkeypatch.setattr(common, "sm_count", lambda device: 132)
+    t = Thresholds()
+    fill = {M: launch_slab._filling_size(M, "cpu") for M in (2048, 8192)}
+    assert fill == {2048: 128 * 9, 8192: 128 * 3}
+    assert launch_slab._slab_size(1024, 4096, 2, t, fill[2048]) == 1024  # one slab (4 before)
+    assert launch_slab._slab_size(1024, 4096, 2, t, fill[8192]) == 512  # 64 × 4 tiles each
+    assert launch_slab._slab_size(14336, 4096, 2, t, fill[2048]) == 3584  # four, as before
+    assert launch_slab._slab_size(4096, 1024, 2, t, fill[2048]) == 1024  # dx's columns: 16 × 8 tiles each
+    for total, other, f in ((4096, 14336, fill[2048]), (5000, 4096, fill[8192]), (70, 96, 0)):
+        size = launch_slab._slab_size(total, other, 4, Thresholds(workspace_bytes=8 << 20), f)
+        sizes = [min(size, total - start) for start in range(0, total, size)]
+        align = 256 if size > 256 else 4  # the sizes differ by the rounding up to whole aligned slabs only
+        assert max(sizes) - min(sizes) < len(sizes) * align and size * other * 4 * 2 <= 8 << 20, sizes
+
+
+def test_split_k_forward_only_where_the_tiles_leave_sms_idle(monkeypatch):
+    """launch_gemm.y_splits on an H200 (132 SMs, 128×128 split tiles): Llama-3-8B's k_proj at M=256 (16 tiles)
+    runs 8 splits of 512 columns and o_proj (64 tiles) 2; the up-projection (224 tiles), a short K, M = 0, an NF4 W
+    with ragged blocks and split_k_min_steps = 0 do not split."""
+    from fused_lora.kernels import common, launch_gemm, strategy
+
+    monkeypatch.setattr(launch_gemm, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(common, "sm_count", lambda device: 132)
+
+    def plan(M, N, K, weight=None, **thresholds):
+        with strategy.use_thresholds(strategy.Thresholds(**thresholds)):
+            found = launch_gemm.y_splits(M, N, K, torch.zeros(N, K) if weight is None else weight, torch.zeros(M, K))
+        return None if found is None else (found.tiles, found.splits, found.k_per_split)
+
+    assert plan(256, 1024, 4096) == (16, 8, 512)
+    assert plan(256, 4096, 4096) == (64, 2, 2048)
+    assert plan(64, 1024, 4096) == (8, 16, 256)  # 64-row tiles at M ≤ 64
+    assert plan(256, 14336, 4096) is None and plan(256, 1024, 256) is None and plan(0, 1024, 4096) is None
+    assert plan(256, 1024, 4096, split_k_min_steps=0) is None
+    assert plan(256, 1024, 4100, fl.quantize_nf4(torch.randn(1024, 4100), blocksize=64)) is None
+
+
 @pytest.mark.parametrize("total, block, other", [(4096, 256, 224), (14336, 128, 32), (4096, 64, 1), (8192, 128, 112),
                                                  (100, 16, 3), (16, 16, 1), (1, 64, 5000)])  # fmt: skip
 def test_splits_cover_the_axis_and_balance_the_busiest_sm(total, block, other, monkeypatch):

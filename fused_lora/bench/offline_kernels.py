@@ -69,8 +69,9 @@ def _epilogue_path(args: dict) -> str:
 
 
 def _weight_path(args: dict) -> str:
-    """NF4 decoded inside the GEMM main loop ("inloop"), or a dense W (or a dense slab of W: the large-M path)."""
-    return "inloop" if args.get("IS_NF4") else "dense"
+    """NF4 decoded inside the GEMM main loop ("inloop"), or a dense W (or a dense slab of W: the large-M path); with
+    "-split" for the middle path's split-K forward (lora_fwd_kernel SPLIT_K)."""
+    return ("inloop" if args.get("IS_NF4") else "dense") + ("-split" if args.get("SPLIT_K") else "")
 
 
 def _slab_elements(args: dict) -> int:
