@@ -60,7 +60,7 @@ def _record_paths(monkeypatch, splits=None):
     split-K forwards of the middle path (launch_gemm._launch_y_split) in ``splits``."""
     _, _, launch_decode, launch_gemm, launch_slab = _modules()
     calls, active = [], []
-    for module, names in ((launch_decode, ("forward", "dx")), (launch_gemm, ("launch_y", "launch_dx")),
+    for module, names in ((launch_decode, ("forward", "dx")), (launch_gemm, ("launch_y", "forward_split", "launch_dx")),
                           (launch_slab, ("launch_y", "launch_dx"))):  # fmt: skip
         for name in names:
             _spy(monkeypatch, module, name, calls, active)
@@ -84,7 +84,7 @@ def _check_split(path, splits, M, N, K, required=True):
 EXPECTED_CALLS = {
     "decode": ["launch_decode.forward", "launch_decode.dx"],
     "middle": ["launch_gemm.launch_y", "launch_gemm.launch_dx"],
-    "split": ["launch_gemm.launch_y", "launch_gemm.launch_dx"],
+    "split": ["launch_gemm.forward_split", "launch_gemm.launch_dx"],  # the frozen layer's: launch_y splits
     "large": ["launch_slab.launch_y", "launch_slab.launch_dx"],
 }
 
@@ -142,7 +142,7 @@ def test_each_path_of_the_frozen_layer_matches_the_reference(path, case, monkeyp
     with strategy.use_thresholds(**SPLIT_PATHS[path]):
         y = lora.frozen_forward(x, weight, b)
         dx, db = lora.frozen_backward(g, weight, True, b is not None)
-    assert calls == EXPECTED_CALLS["middle" if path == "large" and base == "dense" else path]
+    assert calls == EXPECTED_CALLS["middle" if (path == "large" and base == "dense") or path == "split" else path]
     _check_split(path, splits, M, N, K, required=False)
     ref = _frozen_reference(x, w_compute, b, g, lambda t: t.double())
     plain = _frozen_reference(x, w_compute, b, g, lambda t: t)
@@ -222,7 +222,7 @@ def test_slabs_fill_the_gpu_and_are_equal(monkeypatch):
     assert launch_slab._slab_size(1024, 4096, 2, t, fill[2048]) == 1024  # one slab (4 before)
     assert launch_slab._slab_size(1024, 4096, 2, t, fill[8192]) == 512  # 64 × 4 tiles each
     assert launch_slab._slab_size(14336, 4096, 2, t, fill[2048]) == 3584  # four, as before
-    assert launch_slab._slab_size(4096, 1024, 2, t, fill[2048]) == 1024  # dx's columns: 16 × 8 tiles each
+    assert launch_slab._slab_size(4096, 1024, 2, t, fill[2048]) == 1536  # dx's columns: 3 slabs, not 4 of 1024
     for total, other, f in ((4096, 14336, fill[2048]), (5000, 4096, fill[8192]), (70, 96, 0)):
         size = launch_slab._slab_size(total, other, 4, Thresholds(workspace_bytes=8 << 20), f)
         sizes = [min(size, total - start) for start in range(0, total, size)]

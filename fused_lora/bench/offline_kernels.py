@@ -64,8 +64,9 @@ def _partial_trips(args: dict) -> int:
 
 
 def _epilogue_path(args: dict) -> str:
-    """The decode forward's epilogue, or the same kernel after the middle path's split-K GEMM (SPLIT_GEMM)."""
-    return "split" if args["SPLIT_GEMM"] else "decode"
+    """The decode forward's epilogue (every row in one tile), or the same kernel after the middle path's split-K
+    GEMM (launch_gemm._launch_y_split: 16-row tiles, and the middle path starts above M = 16)."""
+    return "decode" if args["M"] <= args["BLOCK_M"] else "split"
 
 
 def _weight_path(args: dict) -> str:

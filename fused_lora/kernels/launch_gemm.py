@@ -46,9 +46,9 @@ def _splits(total: int, block: int, other_programs: int, device) -> tuple[int, i
     return _cdiv(max(total, 1), per_split), per_split
 
 
-def compute_u(x2d, A, dropout_p, seed, precisions) -> torch.Tensor:
+def compute_u(x2d, A, dropout_p, seed, precisions, summed: bool = True) -> torch.Tensor:
     """u = (m⊙x)·Aᵀ, (M, r) fp32: lora_u_kernel split over K so that the GPU is full even at small M, the splits
-    summed in a fixed order."""
+    summed in a fixed order; with ``summed`` False the (splits, M, r) partial sums, for a kernel that adds them."""
     import triton
 
     from .lora_fwd import lora_u_kernel
@@ -71,7 +71,7 @@ def compute_u(x2d, A, dropout_p, seed, precisions) -> torch.Tensor:
         LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
         LOWRANK_SPLIT=split, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
-    return common.fixed_order_sum(parts)
+    return common.fixed_order_sum(parts) if summed else parts
 
 
 def m_bucket(M: int) -> int:
@@ -118,9 +118,19 @@ def y_splits(M: int, N: int, K: int, weight, x2d) -> YSplit | None:
     return YSplit(meta, tiles, _cdiv(K, k_per_split), k_per_split)
 
 
-def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u, B, scaling) -> None:
-    """y = Σ_s y_part[s] + b + s·u·Bᵀ: lora_fwd_kernel SPLIT_K into fp32 partial sums, then the decode path's
-    epilogue kernel (the sum in a fixed order, the bias and the low-rank term)."""
+def forward_split(plan: YSplit, x2d, weight, A, B, scaling, bias, dropout_p, seed, y, precisions) -> torch.Tensor:
+    """The LoRA forward of lora.forward on the middle path when its GEMM splits (y_splits gave ``plan``): u's split
+    parts from lora_u_kernel, the split GEMM, then one epilogue that sums both (no separate sum of u). Returns u."""
+    parts = compute_u(x2d, A, dropout_p, seed, precisions, summed=False)
+    u = torch.empty(parts.shape[1:], device=parts.device, dtype=torch.float32)
+    _launch_y_split(plan, x2d, weight, bias, y, precisions, parts, B, scaling, u_out=u)
+    return u
+
+
+def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, scaling, u_out=None) -> None:
+    """y = Σ_s y_part[s] + b + s·u·Bᵀ with u = Σ u_parts (stored to u_out when given): lora_fwd_kernel SPLIT_K into
+    fp32 partial sums, then the decode path's epilogue kernel (the sums in a fixed order, the bias and the low-rank
+    term)."""
     from .lora_decode import lora_decode_fwd_epilogue_kernel
     from .lora_fwd import lora_fwd_kernel
 
@@ -137,17 +147,17 @@ def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u, B, scalin
         HAS_BIAS=False, HAS_LORA=False, COL_SCALE=False, ADD_Z=False, SPLIT_K=True, **precisions,
         R_PAD=FROZEN_R_PAD, R_CHUNK=FROZEN_R_PAD, **plan.meta, **common.compile_options(weight),
     )  # fmt: skip
-    has_lora = u is not None
-    r = u.shape[1] if has_lora else 0
+    has_lora = u_parts is not None
+    r = u_parts.shape[2] if has_lora else 0
     r_pad = rank_pad(r) if has_lora else FROZEN_R_PAD
-    if has_lora:
-        u = u.contiguous()
-    block_m, block_n = (16, 32) if interpreting() else (64, 128)
+    block_m, block_n = (16, 32) if interpreting() else (16, 128)
     lora_decode_fwd_epilogue_kernel[(_cdiv(N, block_n), _cdiv(M, block_m))](
-        part, u, B, bias, y, None,
-        M, N, r, plan.splits, 1, part.stride(0), part.stride(1), 0, u.stride(0) if has_lora else 0,
-        *strides(B), y.stride(0), y.stride(1), 0, float(scaling),
-        HAS_LORA=has_lora, HAS_BIAS=bias is not None, SPLIT_GEMM=True, LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"],
+        part, u_parts, B, bias, y, u_out,
+        M, N, r, plan.splits, u_parts.shape[0] if has_lora else 1, part.stride(0), part.stride(1),
+        *(u_parts.stride()[:2] if has_lora else (0, 0)), *strides(B), y.stride(0), y.stride(1),
+        u_out.stride(0) if u_out is not None else 0, float(scaling),
+        HAS_LORA=has_lora, HAS_BIAS=bias is not None, STORE_U=u_out is not None,
+        LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"],
         LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"], R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m,
         BLOCK_N=block_n, num_warps=4,
     )  # fmt: skip
@@ -171,7 +181,8 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=No
         raise ValueError("launch_y: z and col_scale come together, and z has y's strides")
     plan = None if (z is not None or z_in) else y_splits(M, N, K, weight, x2d)
     if plan is not None:
-        return _launch_y_split(plan, x2d, weight, bias, y, precisions, u, B, scaling)
+        u_parts = None if u is None else u.contiguous()[None]  # a whole u: one part
+        return _launch_y_split(plan, x2d, weight, bias, y, precisions, u_parts, B, scaling)
     has_lora = u is not None
     r = u.shape[1] if has_lora else 0
     r_pad = rank_pad(r) if has_lora else FROZEN_R_PAD

@@ -30,22 +30,27 @@ _side_streams: dict = {}
 
 
 def _slab_size(total: int, other: int, element_bytes: int, t: strategy.Thresholds, fill: int = 0) -> int:
-    """Rows (or columns) of W per slab: as many as half the workspace holds; when the slabs overlap, at most
-    max(total / _MIN_SLABS, fill), where ``fill`` (_filling_size) is the slab size whose GEMM still launches a
-    program on every SM (four slabs of a small layer would each leave most SMs idle, and one slab's GEMM takes as
-    long as a whole-layer GEMM then); a multiple of _SLAB_ALIGN when more than that fit, else of 4 (a column slab
-    starts on a group of four dropout columns, dropout.py), at least 4 even if the workspace holds fewer; the
-    slabs as equal as that allows (no small last slab)."""
+    """Rows (or columns) of W per slab, the slabs of one call equal up to the alignment (no small last slab):
+
+    - as few slabs as half the workspace allows (one when it holds all of W without overlap);
+    - when they overlap, _MIN_SLABS of them, but never one smaller than ``fill`` (_filling_size: the size whose GEMM
+      still has a tile for every SM; four slabs of a small layer would each leave most SMs idle, and then one slab's
+      GEMM takes as long as a GEMM over all of W), so fewer for a small layer;
+    - a multiple of _SLAB_ALIGN when more than that, else of 4 (a column slab starts on a group of four dropout
+      columns, dropout.py), at least 4 even if the workspace holds fewer."""
     fit = max(1, t.workspace_bytes // 2 // (other * element_bytes))
-    size = min(total, fit)
+    count = -(-total // fit)
     if t.slab_overlap:
-        size = min(size, max(_SLAB_ALIGN, -(-total // _MIN_SLABS), -(-fill // _SLAB_ALIGN) * _SLAB_ALIGN))
-    if size >= total:
+        fill = -(-fill // _SLAB_ALIGN) * _SLAB_ALIGN
+        count = max(count, min(_MIN_SLABS, total // max(fill, _SLAB_ALIGN)))
+    if count <= 1:
         return total
+    size = -(-total // count)
     align = _SLAB_ALIGN if size > _SLAB_ALIGN else 4
-    size -= size % align
-    even = -(-total // -(-total // max(size, 1)))  # the same number of slabs, of equal sizes
-    return max(4, min(size, -(-even // align) * align))
+    size = -(-size // align) * align
+    if size > fit:
+        size = fit - fit % (_SLAB_ALIGN if fit > _SLAB_ALIGN else 4)
+    return max(4, min(size, total))
 
 
 def _filling_size(M: int, device) -> int:

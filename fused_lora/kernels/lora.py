@@ -216,6 +216,8 @@ def _forward(x2d, weight, A, B, scaling, bias, dropout_p, seed, col_scale):
                 from .dora import scale_columns
 
                 y = scale_columns(z, col_scale, bias, x2d.dtype)
+        elif route == "middle" and z is None and (plan := launch_gemm.y_splits(M, N, K, weight, x2d)) is not None:
+            u = launch_gemm.forward_split(plan, x2d, weight, A, B, scaling, bias, dropout_p, seed, y, precisions)
         else:
             u = launch_gemm.compute_u(x2d, A, dropout_p, seed, precisions)
             launcher = launch_slab.launch_y if route == "large" else launch_gemm.launch_y

@@ -159,7 +159,7 @@ def lora_decode_fwd_epilogue_kernel(
     b_ptr,  # B (N, r)
     bias_ptr,  # (N,) or None
     y_ptr,  # (M, N) compute dtype output
-    u_ptr,  # (M, r) fp32 output (None with SPLIT_GEMM)
+    u_ptr,  # (M, r) fp32 output (STORE_U; else None)
     M,
     N,
     R,
@@ -177,7 +177,7 @@ def lora_decode_fwd_epilogue_kernel(
     scaling,
     HAS_LORA: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    SPLIT_GEMM: tl.constexpr,  # after lora_fwd_kernel SPLIT_K (the middle path): u whole, read, not stored
+    STORE_U: tl.constexpr,  # the programs of column tile 0 store u = Σ_s u_part[s]
     LOWRANK_DTYPE: tl.constexpr,
     LOWRANK_PRECISION: tl.constexpr,
     R_PAD: tl.constexpr,
@@ -186,8 +186,8 @@ def lora_decode_fwd_epilogue_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """y[rows, cols] = Σ_s y_part[s, rows, cols] + b[cols] + s·u[rows]·B[cols]ᵀ with u = Σ_s u_part[s] (the
-    programs of column tile 0 store u); grid (column tiles, row tiles). With SPLIT_GEMM, the epilogue of the middle
-    path's split-K GEMM (lora_fwd_kernel SPLIT_K): u comes whole from lora_u_kernel (U_SPLITS 1) and is not stored."""
+    programs of column tile 0 store u with STORE_U); grid (column tiles, row tiles). Also the epilogue of the middle
+    path's split-K GEMM (lora_fwd_kernel SPLIT_K; u_part from lora_u_kernel, or a whole u as one part)."""
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)[:, None]
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -203,7 +203,7 @@ def lora_decode_fwd_epilogue_kernel(
             u_in = (offs_m[:, None] < M) & (offs_r[None, :] < R)
             u = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
             u = sum_partials(u, u_part_ptr + rows * stride_qm + offs_r[None, :], stride_qs, U_SPLITS, u_in)
-            if not SPLIT_GEMM:
+            if STORE_U:
                 if tl.program_id(0) == 0:
                     tl.store(u_ptr + rows * stride_um + offs_r[None, :], u, mask=u_in)
             bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
