@@ -41,9 +41,9 @@ from fused_lora.bench.offline_compile import Job, Ptr
 TARGET = dict(K=4096, N=14336, r=16, x_dtype=torch.bfloat16, adapter_dtype=torch.float32, weight="nf4dq")
 # (arch, M): one M per path of the launchers at the target shape (strategy.Thresholds): decode, middle, large
 CI_VARIANTS = [(90, 16), (90, 256), (90, 8192), (80, 16), (80, 256), (80, 8192)]
-# (arch, M, shape): a layer whose middle-M forward splits K (launch_gemm.y_splits): Llama-3-8B's k_proj
-SPLIT_VARIANTS = [(90, 256, dict(N=1024)), (80, 256, dict(N=1024))]
 ARCHS = (90, 80)
+# (arch, M, shape, pass): a layer whose middle-M forward splits K (launch_gemm.y_splits), Llama-3-8B's k_proj
+SPLIT_VARIANTS = [(arch, 256, dict(N=1024), "fwd_bwd") for arch in ARCHS]
 N_SMALL, K_SMALL = 4096, 4096
 
 
@@ -121,9 +121,9 @@ def ci_jobs() -> list[tuple[Job, dict]]:
     from fused_lora.bench.offline_kernels import KERNELS
 
     found, seen = [], set()
-    for arch, M, shape in [(arch, M, {}) for arch, M in CI_VARIANTS] + SPLIT_VARIANTS:
+    for arch, M, shape, pass_name in [(arch, M, {}, "fwd_bwd") for arch, M in CI_VARIANTS] + SPLIT_VARIANTS:
         spec = LayerSpec(M, **{**TARGET, **shape})
-        steps, _ = capture_pass("fwd_bwd", spec, arch)
+        steps, _ = capture_pass(pass_name, spec, arch)
         for step in steps:
             for launch in step.candidates:
                 if launch.kernel not in KERNELS:

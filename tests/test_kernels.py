@@ -346,6 +346,12 @@ def test_strided_bias_is_added_element_for_element(poison_empty):
     assert relative_error(y, y_ref) < 1e-5
     frozen_ref = x.double() @ w_compute.double().t() + bias.double()
     assert relative_error(lora.frozen_forward(x, weight, bias), frozen_ref) < 1e-5
+    from fused_lora.kernels import strategy
+
+    # ... and on the middle path with its forward split over K (the split epilogue reads the bias)
+    with strategy.use_thresholds(decode_max_m=0, large_min_m=10**9, split_k_min_steps=1):
+        assert relative_error(lora.forward(x, weight, A, B, SCALING, bias, 0.0, 0)[0], y_ref) < 1e-5
+        assert relative_error(lora.frozen_forward(x, weight, bias), frozen_ref) < 1e-5
 
 
 def test_gemms_read_strided_nf4_tables_correctly_and_refuse_strided_or_misaligned_packed_bytes(poison_empty):

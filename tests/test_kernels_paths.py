@@ -26,9 +26,17 @@ PATHS = {
     # a tiny workspace: several slabs in both passes, the last one partial
     "large": {"decode_max_m": 0, "large_min_m": 1, "workspace_bytes": 8 * 1024, "slab_overlap": False},
 }
-# ... and the middle path with its forward split over K (launch_gemm.y_splits: 8 SMs under the interpreter, splits
-# of at least one K step): every case below splits
-SPLIT_PATHS = {**PATHS, "split": {"decode_max_m": 0, "large_min_m": 10**9, "split_k_min_steps": 1}}
+# ... and the forward split over K (launch_gemm.y_splits: 8 SMs under the interpreter, splits of at least one K step)
+# on the middle path, where every case below splits, and on the large path's slabs
+SPLIT_PATHS = {**PATHS, "split": {**PATHS["middle"], "split_k_min_steps": 1},
+               "large-split": {**PATHS["large"], "split_k_min_steps": 1}}
+
+
+def _calls_path(path, base):
+    """The path whose launcher calls EXPECTED_CALLS lists for this call (a dense W has no slab path)."""
+    if base == "dense" and path.startswith("large"):
+        return "middle" if path == "large" else "split"
+    return path
 
 
 def _modules():
@@ -68,15 +76,19 @@ def _record_paths(monkeypatch, splits=None):
     return calls
 
 
-def _check_split(path, splits, M, N, K, required=True):
-    """The split path split the forward into 2 or more splits (when its rule splits this shape, or ``required``),
-    and no other path split it."""
+def _check_split(path, splits, weight, x, required=True):
+    """The split paths split the forward (the middle path's once, into 2 or more splits, when its rule splits this
+    shape, or always with ``required``; an NF4 W's large path at least one of its slabs), and no other path did."""
     from fused_lora.kernels import launch_gemm, strategy
 
+    if path == "large-split" and hasattr(weight, "packed"):
+        assert splits and set(splits) == {"launch_gemm._launch_y_split"}, splits
+        return
+    (M, K), N = x.shape, weight.shape[0]
     with strategy.use_thresholds(**SPLIT_PATHS["split"]):
-        plan = launch_gemm.y_splits(M, N, K, torch.zeros(N, K), torch.zeros(M, K))
-    assert plan is not None or not (required and path == "split")
-    split = path == "split" and plan is not None
+        plan = launch_gemm.y_splits(M, N, K, weight, x)
+    split = path in ("split", "large-split") and plan is not None
+    assert split or not required or path not in ("split", "large-split"), "the case does not split"
     assert splits == (["launch_gemm._launch_y_split"] if split else []), (path, splits)
     assert not split or plan.splits >= 2
 
@@ -86,6 +98,7 @@ EXPECTED_CALLS = {
     "middle": ["launch_gemm.launch_y", "launch_gemm.launch_dx"],
     "split": ["launch_gemm.forward_split", "launch_gemm.launch_dx"],  # the frozen layer's: launch_y splits
     "large": ["launch_slab.launch_y", "launch_slab.launch_dx"],
+    "large-split": ["launch_slab.launch_y", "launch_slab.launch_dx"],
 }
 
 CASES = [
@@ -117,9 +130,8 @@ def test_each_path_matches_the_reference(path, case, monkeypatch, poison_empty):
     with strategy.use_thresholds(**SPLIT_PATHS[path]):
         y, u = lora.forward(x, weight, A, B, SCALING, b, p, 123)
         grads = lora.backward(g, x, weight, A, B, SCALING, p, 123, u, True, True, True, b is not None)
-    expected = EXPECTED_CALLS["middle" if path == "large" and base == "dense" else path]
-    assert calls == expected
-    _check_split(path, splits, M, N, K)
+    assert calls == EXPECTED_CALLS[_calls_path(path, base)]
+    _check_split(path, splits, weight, x.reshape(-1, K))
     m = lora.dropout_mask(123, M, K, p, "cpu") if p > 0 else None
     _check_all((y, u) + grads, x, w_compute, A, B, b, g, m, dtype)
 
@@ -142,8 +154,9 @@ def test_each_path_of_the_frozen_layer_matches_the_reference(path, case, monkeyp
     with strategy.use_thresholds(**SPLIT_PATHS[path]):
         y = lora.frozen_forward(x, weight, b)
         dx, db = lora.frozen_backward(g, weight, True, b is not None)
-    assert calls == EXPECTED_CALLS["middle" if (path == "large" and base == "dense") or path == "split" else path]
-    _check_split(path, splits, M, N, K, required=False)
+    frozen = {"split": "middle", "large-split": "large"}  # the frozen layer's forward splits inside launch_y
+    assert calls == EXPECTED_CALLS[frozen.get(_calls_path(path, base), _calls_path(path, base))]
+    _check_split(path, splits, weight, x, required=False)
     ref = _frozen_reference(x, w_compute, b, g, lambda t: t.double())
     plain = _frozen_reference(x, w_compute, b, g, lambda t: t)
     for name, ours, plain_t, ref_t in zip(("y", "dx", "db"), (y, dx, db), plain, ref):
@@ -166,14 +179,14 @@ def test_decode_path_falls_back_to_the_gemm_when_k_is_not_a_whole_number_of_bloc
 
 
 @pytest.mark.parametrize("K, blocksize", [(192, 64), (65, 64)], ids=["pairs-K192", "flat-K65"])
-@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("path", list(SPLIT_PATHS))
 def test_each_path_dequantizes_bit_exactly_in_fp32(path, K, blocksize, poison_empty):
     """x = I, g = I: y = deq(W)ᵀ and dx = deq(W) bit for bit on every path (fp32 compute: exact code values)."""
     lora, strategy, *_ = _modules()
     N = 40
     weight = fl.quantize_nf4(torch.randn(N, K, generator=torch.Generator().manual_seed(K)), blocksize=blocksize)
     dense = weight.dequantize(torch.float32)
-    thresholds = dict(PATHS[path])
+    thresholds = dict(SPLIT_PATHS[path])
     if path == "decode":
         thresholds["decode_max_m"] = 10**9  # decode's own limit (M ≤ 64) sends larger M to the GEMM
     with strategy.use_thresholds(**thresholds):
@@ -209,40 +222,45 @@ def test_slab_sizes_are_bounded_aligned_and_cover_the_weight():
     assert _slab_size(10**6, 8192, 2, t) * 8192 * 2 * 2 <= t.workspace_bytes
 
 
-def test_slabs_fill_the_gpu_and_are_equal(monkeypatch):
-    """A slab's GEMM keeps every SM busy (one slab for k_proj, K=4096 and N=1024, at M=2048 on 132 SMs: four would
-    launch 32 tiles each), the slabs of one call have equal sizes, and big layers keep four overlapped slabs."""
-    from fused_lora.kernels import common, launch_slab
+def test_slab_count_follows_the_cost_of_the_slab_gemms():
+    """launch_slab._slab_size on an H200 (132 SMs, M given): the count of least cost in rounds of 128×128 GEMM tiles
+    (plus the dequantization left exposed and the launches). k_proj (K=4096, N=1024) at M=2048 takes one slab, not
+    four of 32 tiles each; 4096×4096 two (four rounds either way, fewer launches); the up-projection's 14336 rows
+    three of 4096 and one of 2048, the most half the workspace holds (14 rounds, against 16 with four of 3584: 448
+    tiles, 3.4 rounds each). Every plan is aligned, fits half the workspace and costs no more than the largest
+    slabs."""
+    from fused_lora.kernels import launch_slab
     from fused_lora.kernels.strategy import Thresholds
 
-    monkeypatch.setattr(common, "sm_count", lambda device: 132)
     t = Thresholds()
-    fill = {M: launch_slab._filling_size(M, "cpu") for M in (2048, 8192)}
-    assert fill == {2048: 128 * 9, 8192: 128 * 3}
-    assert launch_slab._slab_size(1024, 4096, 2, t, fill[2048]) == 1024  # one slab (4 before)
-    assert launch_slab._slab_size(1024, 4096, 2, t, fill[8192]) == 512  # 64 × 4 tiles each
-    assert launch_slab._slab_size(14336, 4096, 2, t, fill[2048]) == 3584  # four, as before
-    assert launch_slab._slab_size(4096, 1024, 2, t, fill[2048]) == 1536  # dx's columns: 3 slabs, not 4 of 1024
-    for total, other, f in ((4096, 14336, fill[2048]), (5000, 4096, fill[8192]), (70, 96, 0)):
-        size = launch_slab._slab_size(total, other, 4, Thresholds(workspace_bytes=8 << 20), f)
-        sizes = [min(size, total - start) for start in range(0, total, size)]
-        align = 256 if size > 256 else 4  # the sizes differ by the rounding up to whole aligned slabs only
-        assert max(sizes) - min(sizes) < len(sizes) * align and size * other * 4 * 2 <= 8 << 20, sizes
+    assert launch_slab._slab_size(1024, 4096, 2, t, 2048, 132) == 1024
+    assert launch_slab._slab_size(4096, 4096, 2, t, 2048, 132) == 2048
+    assert launch_slab._slab_size(14336, 4096, 2, t, 2048, 132) == 4096
+    assert launch_slab._slab_size(14336, 4096, 2, t) == 3584  # without M: four overlapped slabs, as before
+    for total, other, M in ((1024, 4096, 8192), (14336, 4096, 512), (5000, 4096, 2048), (70, 96, 16), (513, 64, 999)):
+        for ws, overlap in ((8 << 20, True), (64 << 20, True), (8 << 10, False)):
+            limits = Thresholds(workspace_bytes=ws, slab_overlap=overlap)
+            size = launch_slab._slab_size(total, other, 4, limits, M, 132)
+            fit = ws // 2 // (other * 4)
+            assert size == total or (size % (256 if size > 256 else 4) == 0 and 4 <= size <= max(4, fit)), size
+            cost = launch_slab._slab_cost(total, other, size, M, 132, limits)
+            assert cost <= launch_slab._slab_cost(total, other, min(total, max(4, fit - fit % 4)), M, 132, limits)
 
 
 def test_split_k_forward_only_where_the_tiles_leave_sms_idle(monkeypatch):
     """launch_gemm.y_splits on an H200 (132 SMs, 128×128 split tiles): Llama-3-8B's k_proj at M=256 (16 tiles)
     runs 8 splits of 512 columns and o_proj (64 tiles) 2; the up-projection (224 tiles), a short K, M = 0, an NF4 W
-    with ragged blocks and split_k_min_steps = 0 do not split."""
+    with ragged blocks, fp32 x and split_k_min_steps = 0 do not split."""
     from fused_lora.kernels import common, launch_gemm, strategy
 
     monkeypatch.setattr(launch_gemm, "interpreting", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(common, "sm_count", lambda device: 132)
 
-    def plan(M, N, K, weight=None, **thresholds):
+    def plan(M, N, K, weight=None, dtype=torch.bfloat16, **thresholds):
+        x = torch.zeros(M, K, dtype=dtype)
         with strategy.use_thresholds(strategy.Thresholds(**thresholds)):
-            found = launch_gemm.y_splits(M, N, K, torch.zeros(N, K) if weight is None else weight, torch.zeros(M, K))
+            found = launch_gemm.y_splits(M, N, K, torch.zeros(N, K, dtype=dtype) if weight is None else weight, x)
         return None if found is None else (found.tiles, found.splits, found.k_per_split)
 
     assert plan(256, 1024, 4096) == (16, 8, 512)
@@ -250,6 +268,7 @@ def test_split_k_forward_only_where_the_tiles_leave_sms_idle(monkeypatch):
     assert plan(64, 1024, 4096) == (8, 16, 256)  # 64-row tiles at M ≤ 64
     assert plan(256, 14336, 4096) is None and plan(256, 1024, 256) is None and plan(0, 1024, 4096) is None
     assert plan(256, 1024, 4096, split_k_min_steps=0) is None
+    assert plan(256, 1024, 4096, dtype=torch.float32) is None  # fp32 operands: the split tile would spill
     assert plan(256, 1024, 4100, fl.quantize_nf4(torch.randn(1024, 4100), blocksize=64)) is None
 
 
@@ -344,8 +363,9 @@ def test_deterministic_mode_uses_no_atomic_kernel_and_matches_the_reference(path
     lora, strategy, launch_decode, launch_gemm, launch_slab = _modules()
     x, weight, w_compute, A, B, b, g = _make_case(21, 64, 48, 8, torch.float32, "nf4-dq", torch.float32, True,
                                                   "contiguous", 64, 8)
-    atomic = []
+    atomic, splits = [], []
     _spy(monkeypatch, launch_gemm, "_launch_vdb_atomic", atomic)
+    _spy(monkeypatch, launch_gemm, "_launch_y_split", splits)
     dx_launches = []
     real_dx = launch_gemm.launch_dx
 
@@ -357,7 +377,7 @@ def test_deterministic_mode_uses_no_atomic_kernel_and_matches_the_reference(path
     with strategy.use_thresholds(**SPLIT_PATHS[path]), strategy.use_deterministic(True):
         y, u = lora.forward(x, weight, A, B, SCALING, b, 0.2, 9)
         grads = lora.backward(g, x, weight, A, B, SCALING, 0.2, 9, u, True, True, True, True)
-    assert atomic == [] and all(dA is None for dA in dx_launches)
+    assert atomic == [] and all(dA is None for dA in dx_launches) and bool(splits) == (path == "split")
     _check_all((y, u) + grads, x, w_compute, A, B, b, g, lora.dropout_mask(9, 21, 64, 0.2, "cpu"), torch.float32)
 
 

@@ -95,14 +95,17 @@ def y_splits(M: int, N: int, K: int, weight, x2d) -> YSplit | None:
     program per SM, the partial sums S·M·N·4 bytes ≤ SMs·BLOCK_M·BLOCK_N·4, a few MB) of at least
     Thresholds.split_k_min_steps K steps each. E.g. Llama-3-8B's k_proj (K=4096, N=1024) at M=256: 16 tiles of
     128×128 on 132 SMs run 8 splits of 8 steps instead of 16 programs of 64. Not for an NF4 W without whole blocks
-    per row (its tuned configs run with one pipeline stage, autotune.keep_tiles_for_m)."""
+    per row (its tuned configs run with one pipeline stage, autotune.keep_tiles_for_m), and not with fp32 x on a GPU
+    (the split tile then spills 2-29 KB per thread, compiled for sm_90 and sm_80 by tests/_compile_kernels.py)."""
     min_steps = strategy.thresholds(x2d.device).split_k_min_steps
     if min_steps <= 0 or M == 0 or (common.is_nf4(weight) and weight.shape[1] % int(weight.blocksize)):
         return None
-    if interpreting():
+    if interpreting():  # (fp32 runs here: the interpreter has no registers to spill)
         from .autotune import INTERPRETER_CONFIG
 
         meta = dict(INTERPRETER_CONFIG)
+    elif x2d.element_size() == 4:  # the split tile with fp32 operands spills 2-29 KB per thread: the tuned GEMM
+        return None
     else:
         from .autotune import split_tile
 
@@ -136,6 +139,8 @@ def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, 
 
     M, K = x2d.shape
     N = y.shape[1]
+    if bias is not None:
+        bias = bias.contiguous()  # the epilogue reads b[n] at bias_ptr + n
     w = common.weight_args(weight, K, x2d.dtype)
     part = torch.empty((plan.splits, M, N), device=x2d.device, dtype=torch.float32)
     lora_fwd_kernel[(plan.tiles, plan.splits)](

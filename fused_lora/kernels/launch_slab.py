@@ -24,38 +24,55 @@ from ..backend import interpreting
 from . import common, strategy
 
 _SLAB_ALIGN = 256  # slab sizes are multiples of the largest GEMM tile (whole tiles, a stable autotune key)
-_MIN_SLABS = 4  # with overlap: the first slab's dequantization is the part that no GEMM hides
+_MIN_SLABS = 4  # slabs when M is unknown, with overlap; the counts tried above the least otherwise
 _GEMM_TILE = 128  # the large path's GEMM tiles are 128 rows by 128 or 256 columns (autotune.py)
 _side_streams: dict = {}
 
 
-def _slab_size(total: int, other: int, element_bytes: int, t: strategy.Thresholds, fill: int = 0) -> int:
-    """Rows (or columns) of W per slab, the slabs of one call equal up to the alignment (no small last slab):
+def _slab_size(total: int, other: int, element_bytes: int, t: strategy.Thresholds, M: int = 0, sms: int = 0) -> int:
+    """Rows (or columns) of W per slab (``total`` of them, ``other`` long: the GEMM's reduction): for a count of
+    slabs, ⌈total / count⌉ rounded up to a multiple of _SLAB_ALIGN when larger, else of 4 (a column slab starts on a
+    group of four dropout columns, dropout.py), at most half the workspace, at least 4 even if that holds fewer.
 
-    - as few slabs as half the workspace allows (one when it holds all of W without overlap);
-    - when they overlap, _MIN_SLABS of them, but never one smaller than ``fill`` (_filling_size: the size whose GEMM
-      still has a tile for every SM; four slabs of a small layer would each leave most SMs idle, and then one slab's
-      GEMM takes as long as a GEMM over all of W), so fewer for a small layer;
-    - a multiple of _SLAB_ALIGN when more than that, else of 4 (a column slab starts on a group of four dropout
-      columns, dropout.py), at least 4 even if the workspace holds fewer."""
+    The count: at least as many slabs as half the workspace requires; of that count up to _MIN_SLABS more, and of
+    slabs as large as half the workspace holds, the plan of least _slab_cost for an M-row GEMM on ``sms`` SMs
+    (rounds of GEMM tiles, the dequantization no GEMM hides, the launches); without M, _MIN_SLABS slabs when they
+    overlap (the first slab's dequantization is the part that no GEMM hides)."""
     fit = max(1, t.workspace_bytes // 2 // (other * element_bytes))
-    count = -(-total // fit)
-    if t.slab_overlap:
-        fill = -(-fill // _SLAB_ALIGN) * _SLAB_ALIGN
-        count = max(count, min(_MIN_SLABS, total // max(fill, _SLAB_ALIGN)))
-    if count <= 1:
-        return total
-    size = -(-total // count)
-    align = _SLAB_ALIGN if size > _SLAB_ALIGN else 4
-    size = -(-size // align) * align
-    if size > fit:
-        size = fit - fit % (_SLAB_ALIGN if fit > _SLAB_ALIGN else 4)
-    return max(4, min(size, total))
+    least = -(-total // fit)
+
+    def size_of(count: int) -> int:
+        size = -(-total // count)
+        align = _SLAB_ALIGN if size > _SLAB_ALIGN else 4
+        size = -(-size // align) * align
+        if size > fit:
+            size = fit - fit % (_SLAB_ALIGN if fit > _SLAB_ALIGN else 4)
+        return max(4, min(size, total))
+
+    if M > 0 and sms > 0:  # the counts from the least, and the largest slabs (the last one shorter)
+        counts = range(least, least + (_MIN_SLABS if t.slab_overlap else 1) + 1)
+        sizes = [size_of(c) for c in counts] + [size_of(1)]
+        return min(sizes, key=lambda size: (_slab_cost(total, other, size, M, sms, t), -size))
+    return size_of(max(least, _MIN_SLABS) if t.slab_overlap else least)
 
 
-def _filling_size(M: int, device) -> int:
-    """The slab size (output columns of its GEMM) at which an M-row GEMM over it has one _GEMM_TILE² tile per SM."""
-    return _GEMM_TILE * -(-common.sm_count(device) // -(-M // _GEMM_TILE))
+# The cost of a slab plan in rounds of 128×128 GEMM tiles (one tile per SM, over the GEMM's reduction of length L):
+# leads from the H200 constants of the offline cost model (bench/offline_model.py), to recalibrate on a GPU. A round
+# takes L·2·128² FLOPs / (790 TFLOP/s / 132 SMs) = L·5.5 ns; dequantizing one row (column) of W, L long, reads L/2
+# bytes and writes 2·L at 4.3 TB/s = L·0.58 ps, so _ROUND_ROWS rows per round; a launch takes 2 µs = 364 / L rounds.
+_ROUND_ROWS = 9400
+_LAUNCH_ROUNDS_TIMES_L = 2e-6 / 5.5e-9
+
+
+def _slab_cost(total: int, other: int, size: int, M: int, sms: int, t: strategy.Thresholds) -> float:
+    """Rounds of GEMM tiles of the slabs (each slab's ⌈M/128⌉·⌈slab/128⌉ tiles over ``sms`` SMs, rounded up), plus
+    the dequantization that no GEMM hides (the first slab's with overlap, else all of it) and the launches (a
+    dequantization and a GEMM per slab), in rounds."""
+    row_tiles = -(-M // _GEMM_TILE)
+    slabs = [min(size, total - start) for start in range(0, total, size)]
+    rounds = sum(-(-(row_tiles * -(-slab // _GEMM_TILE)) // sms) for slab in slabs)
+    exposed = slabs[0] if t.slab_overlap and len(slabs) > 1 else total
+    return rounds + exposed / _ROUND_ROWS + len(slabs) * 2 * _LAUNCH_ROUNDS_TIMES_L / other
 
 
 def _dequantize_window(weight, slab, n0: int, k0: int) -> None:
@@ -116,7 +133,7 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=No
     K = x2d.shape[1]
     N = y.shape[1]
     t = strategy.thresholds(x2d.device)
-    rows = _slab_size(N, K, x2d.element_size(), t, _filling_size(x2d.shape[0], x2d.device))
+    rows = _slab_size(N, K, x2d.element_size(), t, x2d.shape[0], common.sm_count(x2d.device))
     halves = _halves(x2d.device, x2d.dtype, (rows, K))
     starts = list(range(0, N, rows))
 
@@ -142,7 +159,7 @@ def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, sc
 
     N, K = weight.shape
     t = strategy.thresholds(g.device)
-    cols = _slab_size(K, N, g.element_size(), t, _filling_size(g.shape[0], g.device))
+    cols = _slab_size(K, N, g.element_size(), t, g.shape[0], common.sm_count(g.device))
     halves = _halves(g.device, g.dtype, (N, cols))
     starts = list(range(0, K, cols))
 

@@ -20,7 +20,7 @@ The thresholds are a ``Thresholds`` per GPU family, recalibrated from measuremen
 model (compiled SASS, sm_90a, 128×128×64 tiles): the middle path's NF4 main loop issues about 283 instructions per
 warp and K step against the dense loop's 100, i.e. its decode adds ~0.1-0.4 of the dense GEMM time at every M (it is
 repeated for every BLOCK_M rows); the large path adds one pass over W (read N·K/2 bytes plus scales, write N·K·2:
-~37 µs for 14336×4096 on an H200), of which the side stream hides all but the first of at least four slabs. The two
+~37 µs for 14336×4096 on an H200), of which the side stream hides all but the first slab. The two
 cross near M = 512 on an H200 (dense GEMM of 14336×4096 at M=512: ~80 µs); an A100's MMA is 3× slower against its
 ALUs, so the in-loop decode stays cheap longer there (1024). Decode: the split-K partial sums cost S·M·N·4 bytes
 (mostly in L2): at K=4096, N=14336 the forward takes S = 8 (launch_gemm._splits), 25 % of the NF4 bytes at M=16
