@@ -112,13 +112,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Dequantize NF4 bytes into a 2-D tensor (fl32(code[q] * absmax), optionally through bf16/fp16, one rounding)",
         py::arg("out"), py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("blocksize"),
         py::arg("round_to") = "", py::arg("nested_absmax") = py::none(), py::arg("nested_code") = py::none(),
-        py::arg("offset") = 0.0, py::arg("nested_blocksize") = 256);
+        py::arg("offset") = 0.0, py::arg("nested_blocksize") = 256, py::call_guard<py::gil_scoped_release>());
   m.def("dropout_keep", &fused_lora::dropout_keep,
         "uint8 keep mask of fused_lora.reference.dropout_mask (torch's CPU generator, same seed, same draws)",
-        py::arg("rows"), py::arg("cols"), py::arg("seed"), py::arg("p"));
+        py::arg("rows"), py::arg("cols"), py::arg("seed"), py::arg("p"), py::call_guard<py::gil_scoped_release>());
   m.def("dropout_apply_into", &fused_lora::dropout_apply_into,
         "out = (alpha * src) * (keep ? scale : 0), out may be src; returns out", py::arg("out"), py::arg("src"),
-        py::arg("keep"), py::arg("scale"), py::arg("alpha") = 1.0);
+        py::arg("keep"), py::arg("scale"), py::arg("alpha") = 1.0, py::call_guard<py::gil_scoped_release>());
   m.def("cpu_has_avx2", &fused_lora::cpu_has_avx2, "Whether this CPU has the AVX2 paths of the CPU kernels");
   m.def("cpu_use_avx2", &fused_lora::cpu_use_avx2,
         "Switch the AVX2 paths on (where the CPU has them) or off; returns the previous setting", py::arg("enable"));

@@ -433,6 +433,9 @@ torch::Tensor dropout_apply_into(torch::Tensor out, const torch::Tensor& src, co
   TORCH_CHECK((src.stride(1) == 1 || src.size(1) <= 1) && (out.stride(1) == 1 || out.size(1) <= 1),
               "fused_lora._C.dropout_apply_into: out and src need unit column strides");
   const int64_t rows = src.size(0), cols = src.size(1);
+  TORCH_CHECK(rows <= 1 || out.stride(0) >= cols,
+              "fused_lora._C.dropout_apply_into: out's rows overlap (row stride ", out.stride(0), " < ", cols,
+              " columns)");
   check_mask(who, keep, rows, cols);
   if (rows == 0 || cols == 0) return out;
   const uint8_t* k = keep.data_ptr<uint8_t>();

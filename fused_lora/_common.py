@@ -12,7 +12,8 @@ import torch
 
 __all__ = ["COMPUTE_DTYPES", "dtype_name", "dtype_names", "side_dtypes", "warn_once"]
 
-# The dtypes of x (and of a dense frozen W) that the layer functions accept; fp64 runs on the reference backend only.
+# The dtypes of x (and of a dense frozen W) that the layer functions accept; fp64 runs on the reference and CPU
+# backends (not the Triton kernels).
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 _warned: set = set()

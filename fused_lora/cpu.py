@@ -79,7 +79,8 @@ class _Workspace(threading.local):
             return torch.empty(shape, dtype=dtype)
         buffer = self.buffers.get((name, dtype))
         if buffer is None or buffer.numel() < numel:
-            buffer = torch.empty(numel, dtype=dtype)
+            with torch.inference_mode(False):  # kept for later calls: not an inference tensor if made inside one
+                buffer = torch.empty(numel, dtype=dtype)
             self.buffers[(name, dtype)] = buffer
         return buffer[:numel].view(shape)
 
@@ -115,10 +116,14 @@ def _is_nf4(weight) -> bool:
 
 def _native_half_gemm(dtype: torch.dtype) -> bool:
     """Whether torch runs ``dtype`` (bf16/fp16) GEMMs natively on this CPU (oneDNN's check), rather than through
-    its slow generic fallback."""
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    its slow generic fallback). False on a torch built without oneDNN (no such check; the fp32 GEMMs are always
+    right)."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def gemm_dtype(x_dtype: torch.dtype) -> torch.dtype:
@@ -178,7 +183,9 @@ def dequantize_into(out: torch.Tensor, w, round_to: torch.dtype | None = None) -
     if w.double_quant:
         nested = dict(nested_absmax=w.nested_absmax.contiguous(), nested_code=w.nested_code.contiguous(),
                       offset=float(w.offset), nested_blocksize=int(w.nested_blocksize))  # fmt: skip
-    rounding = "" if round_to is None or round_to == out.dtype else str(round_to).removeprefix("torch.")
+    # rounding to fp32 or fp64 changes no fp32 value: only bf16/fp16 (other than out's own dtype) is a rounding
+    rounding = str(round_to).removeprefix("torch.") if round_to in (torch.bfloat16, torch.float16) else ""
+    rounding = "" if round_to == out.dtype else rounding
     _kernels().nf4_dequantize_into(out, w.packed.contiguous(), w.absmax.contiguous(), w.code.contiguous(),
                                    int(w.blocksize), rounding, **nested)  # fmt: skip
     return out
@@ -258,7 +265,7 @@ def _converted(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
 
 def _chunks(M: int, rows: int):
     """(i0, i1) row ranges of at most ``rows`` rows covering 0..M."""
-    return ((i0, min(M, i0 + rows)) for i0 in range(0, M, rows))
+    return ((i0, min(M, i0 + rows)) for i0 in range(0, M, max(rows, 1)))
 
 
 def _gemm_rows(M: int, width: int, x_dtype: torch.dtype, acc: torch.dtype) -> int:

@@ -423,7 +423,7 @@ def lora_linear(
     """LoRA linear layer over a frozen weight: y = x·Wᵀ + b + s·((m⊙x)·Aᵀ)·Bᵀ.
 
     Args:
-        x: (..., K) input, bf16 / fp16 / fp32 (fp64 on the reference backend). Any strides.
+        x: (..., K) input, bf16 / fp16 / fp32 (fp64 on the reference and cpu backends). Any strides.
         weight: frozen W, an ``NF4Weight`` of shape (N, K) or a dense (N, K) tensor in x's dtype.
         lora_A: (r, K) and lora_B: (N, r), in x's dtype or fp32 (accumulation is always at least fp32).
         scaling: s, a Python number (α/r, or α/√r with rsLoRA).
@@ -464,7 +464,7 @@ def frozen_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, bac
     the GEMM, forward (y) and backward (dx); the reference backend dequantizes it to x's dtype first.
 
     Args:
-        x: (..., K) input, bf16 / fp16 / fp32 (fp64 on the reference backend). Any strides.
+        x: (..., K) input, bf16 / fp16 / fp32 (fp64 on the reference and cpu backends). Any strides.
         weight: frozen W, an ``NF4Weight`` of shape (N, K) or a dense (N, K) tensor in x's dtype that does not
             require grad.
         bias: optional (N,) in x's dtype or fp32; it gets a gradient only if it requires one.
