@@ -108,6 +108,31 @@ def cuda_available() -> bool:
         return False
 
 
+def parse_device(name: str | None) -> torch.device:
+    """The device of a ``--device`` option (the commands' one rule): ``name``, by default the current CUDA device when
+    there is one, else the CPU; a CUDA device always with its index. ValueError naming the problem otherwise.
+
+    Example:
+        >>> parse_device("cpu")
+        device(type='cpu')
+    """
+    try:
+        device = torch.device(name or ("cuda" if cuda_available() else "cpu"))
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a device ({error})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name} is not supported; use cpu or cuda[:index]")
+    if device.type == "cuda":
+        if not cuda_available():
+            raise ValueError(f"--device {name} asked for CUDA, but CUDA is not available here (torch sees no CUDA "
+                             "device; run without --device for the CPU)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def requested_backend(backend, caller: str) -> str:
     """``backend`` validated, with "auto" replaced by FUSED_LORA_BACKEND when that is set."""
     try:

@@ -21,18 +21,17 @@ folder; default: ``--output``, else ``./bench/results``).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from ..backend import cuda_available
+from ..backend import parse_device
 from .cpu import ISSUE_CONFIG, QUICK_CONFIG, run_cpu_bench
 from .impls import CPU_IMPLS, GPU_IMPLS
 from .report import render_report
 from .schema import find_newest_results
-from .sweep import run_benchmarks
+from .sweep import failures, run_benchmarks
 
 __all__ = ["DEFAULT_GPU_RESULTS", "build_parser", "results_root", "main"]
 
@@ -42,16 +41,43 @@ DEFAULT_GPU_RESULTS = Path("bench") / "results"
 
 def _parse_shapes(text: str):
     try:
-        return tuple(tuple(int(v) for v in item.lower().split("x")) for item in text.split(","))
+        shapes = tuple(tuple(int(v) for v in item.lower().split("x")) for item in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shapes must look like 4096x14336,14336x4096 (KxN), got {text!r}")
+        shapes = ()
+    if not shapes or any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+        raise argparse.ArgumentTypeError(f"shapes must look like 4096x14336,14336x4096 (KxN, positive), got {text!r}")
+    return shapes
 
 
 def _parse_ints(text: str):
     try:
-        return tuple(int(v) for v in text.split(","))
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    value = _parse_ints(text)
+    if len(value) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return value[0]
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds ≥ 0, got {text!r}")
+    return value
+
+
+# Options of the GPU sweep that --cpu (its own fixed cases) does not take
+_SWEEP_ONLY = ("device", "shapes", "m", "ranks", "impls", "max_seconds", "no_dequant", "no_optim", "no_e2e")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,12 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-dequant", action="store_true", help="skip the NF4 dequantization rows")
     parser.add_argument("--no-optim", action="store_true", help="skip the optimizer rows")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end QLoRA step")
-    parser.add_argument("--max-seconds", type=float, default=None,
+    parser.add_argument("--max-seconds", type=_seconds, default=None,
                         help="time budget: cases not started by then are recorded as skipped")
     parser.add_argument("--cpu", action="store_true",
                         help="the CPU benchmark instead: fused vs PEFT+bitsandbytes on one layer, NF4 dequantization "
                         "and a whole-model step, fp32 and bf16 (JSON only with --output; --quick: fewer repetitions)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_positive_int, default=None,
                         help="with --cpu: torch's intra-op thread count for the run (default: torch's current, all "
                         "cores)")
     return parser
@@ -103,22 +129,27 @@ def results_root(output: Path | None, on_cuda: bool) -> Path | None:
     return None
 
 
-def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if cuda_available() else "cpu"))
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m fused_lora bench [--quick] [--output DIR] [--report [PATH]] ...``; returns the exit status."""
     start = time.monotonic()  # --max-seconds counts the whole command
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads is not None and not args.cpu:
+        parser.error("--threads applies only with --cpu")
+    defaults = parser.parse_args([])
+    if args.cpu and (given := [name for name in _SWEEP_ONLY if getattr(args, name) != getattr(defaults, name)]):
+        flag = "--" + {"ranks": "r"}.get(given[0], given[0]).replace("_", "-")
+        parser.error(f"{flag} applies only without --cpu (the CPU benchmark runs its own fixed cases)")
+    if args.output is not None and args.output.exists() and not args.output.is_dir():
+        parser.error(f"--output {args.output} is a file; it names the results folder")
     if args.report is not None:
         try:
             where = Path(args.report) if args.report else (args.output or DEFAULT_GPU_RESULTS)
             results_path = find_newest_results(where)
-        except FileNotFoundError as exc:
+            report, plots = render_report(results_path)
+        except (FileNotFoundError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
             print(f"bench --report: {exc}", file=sys.stderr)
             return 1
-        report, plots = render_report(results_path)
         print(report.read_text())
         print(f"bench --report: wrote {report} and {len(plots)} plot(s)", file=sys.stderr)
         return 0
@@ -126,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         run_cpu_bench(QUICK_CONFIG if args.quick else ISSUE_CONFIG, results_root(args.output, on_cuda=False),
                       threads=args.threads)
         return 0
-    device = _device(args.device)
-    run_benchmarks(args, device, results_root(args.output, device.type == "cuda"), start)
-    return 0
+    try:
+        device = parse_device(args.device)
+    except ValueError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    _, data = run_benchmarks(args, device, results_root(args.output, device.type == "cuda"), start)
+    problems = failures(data)
+    for problem in problems:
+        print(f"bench: FAILED: {problem}", file=sys.stderr)
+    return 1 if problems else 0

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .._common import dtype_name
-from ..backend import cuda_available
+from ..backend import cuda_available, resolve_backend
 from ..cli.quiet import quiet_third_party_notices
 from ..peft import patch_peft_model
 from .impls import make_linear4bit
@@ -179,6 +179,9 @@ def run_e2e_bench(quick: bool = False, device=None, config: E2EConfig | None = N
             "tflops": None, "peak_mem_mb": run["peak_mem_mb"], "tokens_per_s": tokens / run["step_s"],
             "steps": config.steps, "layers": config.layers, "losses": run["losses"],
             "trainable_params": run["trainable_params"], "patched_layers": run["patched_layers"],
+            # the backend the patched layers ran ("auto": triton on a GPU, unless Triton is missing or
+            # FUSED_LORA_BACKEND says otherwise), so a fallback is not reported as the fused kernels
+            "backend": resolve_backend("auto", device) if impl == "fused" else None,
         })
     if "peft_bnb" in runs and "fused" in runs:
         diffs = [abs(f - p) / abs(p) for f, p in zip(runs["fused"]["losses"], runs["peft_bnb"]["losses"])]

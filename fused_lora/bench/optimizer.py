@@ -114,15 +114,17 @@ _RATIOS = {
 }
 
 
-def run_optimizer_bench(quick: bool) -> list[dict]:
+def run_optimizer_bench(quick: bool, device=None) -> list[dict]:
     """Rows {"bench": "paged_adamw", "impl", "pass": "step", "M", "K", "N", "r": 0, "dtype", "median_ms",
     "tflops": None, "peak_mem_mb", "params", "state_bytes", "ratio", "ratio_to", "ratio_bnb"}, one per
     implementation and size (M tensors of N×K fp32).
 
+    ``device``: where the parameters live (default: CUDA when available, else the CPU).
+
     Example: ``rows = run_optimizer_bench(quick=True)``
     """
-    cuda = cuda_available()
-    device = "cuda" if cuda else "cpu"
+    device = torch.device(device or ("cuda" if cuda_available() else "cpu"))
+    cuda = device.type == "cuda"
     rows = []
     for M, N, K in _sizes(quick, cuda):
         size_rows = {}

@@ -36,16 +36,33 @@ def results_path(root: Path, device_name: str, stamp: str) -> Path:
     return path
 
 
+def _is_results_file(path: Path) -> bool:
+    """Whether ``path`` holds a results file of this schema (its env valid), not e.g. the offline instrument's JSON
+    that shares the name pattern (bench/results/offline/)."""
+    try:
+        validate_env(json.loads(path.read_text()))
+    except (OSError, ValueError, AttributeError, TypeError):  # not JSON (JSONDecodeError), or not an object
+        return False
+    return True
+
+
 def find_newest_results(path: Path) -> Path:
-    """The newest results JSON: ``path`` itself if it is a file, else the newest ``YYYYmmdd-HHMM.json`` under it."""
+    """The newest results JSON: ``path`` itself if it is a file, else the newest ``YYYYmmdd-HHMM[-N].json`` under it
+    that is a results file of this schema (by stamp, then N as a number, then modification time)."""
     path = Path(path)
     if path.is_file():
         return path
     candidates = [p for p in path.rglob("*.json") if re.fullmatch(RESULTS_STEM, p.stem)] if path.is_dir() else []
+    candidates = [p for p in candidates if _is_results_file(p)]
     if not candidates:
         raise FileNotFoundError(f"no results JSON (YYYYmmdd-HHMM.json) under {path}; run `python -m fused_lora bench "
                                 "--output DIR` to write one")
-    return max(candidates, key=lambda p: (p.stem, p.stat().st_mtime))
+
+    def order(p: Path):
+        stamp, _, suffix = p.stem.partition("-")[2].partition("-")
+        return p.stem[:8], stamp, int(suffix or 0), p.stat().st_mtime
+
+    return max(candidates, key=order)
 
 
 # ----------------------------------------------------------------------------------------------------------------

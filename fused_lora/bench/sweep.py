@@ -32,7 +32,7 @@ import torch
 from .. import reference
 from .._common import dtype_name
 from ..nf4 import dequantize_nf4, quantize_nf4
-from ..testing import relative_error
+from ..testing import ATOL, relative_error
 from .e2e import run_e2e_bench
 from .environment import collect_env
 from .impls import (
@@ -171,7 +171,8 @@ def _run_impl_case(impl, case, weights, builder, timer, results, deadline, peak,
         tflops = flops / (median_ms * 1e-3) / 1e12
         results.add({**what, "dtype": dtype_name(dtype), "median_ms": median_ms, "tflops": tflops,
                      "peak_mem_mb": peak_mem, "flops": flops,
-                     "peak_fraction": tflops / peak if peak else None, "rel_err": rel_err})
+                     "peak_fraction": tflops / peak if peak else None, "rel_err": rel_err,
+                     "rel_err_ok": None if rel_err is None else bool(rel_err <= REL_ERR_BOUND[dtype])})
         xs = gs = None
 
 
@@ -214,11 +215,29 @@ def run_dequant_bench(args, device, results: ResultsFile, deadline: float):
                          "peak_mem_mb": peak_mem, "gbps": gbps, "bw_fraction": gbps / copy_gbps if copy_gbps else None})
 
 
-def run_optimizer_rows(args, results: ResultsFile):
+# The forward's relative error against the fp32 reference above which a row is wrong, not merely rounded: the
+# tolerance rule's absolute term per dtype (fused_lora.testing.ATOL), at least 1e-4 for fp32 (tf32 dots on a GPU).
+REL_ERR_BOUND = {torch.bfloat16: ATOL[torch.bfloat16], torch.float16: ATOL[torch.float16], torch.float32: 1e-4}
+
+
+def failures(data: dict) -> list[str]:
+    """What makes a finished run fail (the command's exit status 1): a forward over REL_ERR_BOUND (it was timed, but
+    the report leaves it out of the ratios), or no row measured at all while a case failed for a reason other than
+    the time budget (--max-seconds)."""
+    wrong = [f"{row['impl']} {row['pass']} M={row['M']} K={row['K']} N={row['N']} r={row['r']}: relative error "
+             f"{row['rel_err']:.2e} > {REL_ERR_BOUND.get(getattr(torch, row['dtype'], None), float('nan')):.0e}"
+             for row in data["results"] if row.get("rel_err_ok") is False]
+    errors = [entry for entry in data["skipped"] if "time budget" not in entry["reason"]]
+    if not data["results"] and errors:
+        wrong.append(f"no case was measured; {len(errors)} failed, e.g. {errors[0]['reason']}")
+    return wrong
+
+
+def run_optimizer_rows(args, device, results: ResultsFile):
     """Rows of the paged-optimizer bench (fused_lora.bench.optimizer), or a recorded reason why there are none."""
     what = {"bench": "optimizer"}
     try:
-        rows = run_optimizer_bench(quick=args.quick)
+        rows = run_optimizer_bench(quick=args.quick, device=device)
     except Exception as exc:
         results.skip(what, f"run_optimizer_bench failed: {type(exc).__name__}: {str(exc)[:300]}")
         return
@@ -226,10 +245,10 @@ def run_optimizer_rows(args, results: ResultsFile):
         results.add(row)
 
 
-def run_e2e_rows(args, results: ResultsFile):
+def run_e2e_rows(args, device, results: ResultsFile):
     """Rows of the end-to-end QLoRA step (fused_lora.bench.e2e); failures are recorded, not raised."""
     try:
-        rows, skipped = run_e2e_bench(quick=args.quick)
+        rows, skipped = run_e2e_bench(quick=args.quick, device=device)
     except Exception as exc:
         results.skip({"bench": "e2e_qlora_step"}, f"{type(exc).__name__}: {str(exc)[:300]}")
         return
@@ -298,7 +317,7 @@ def apply_defaults(args, on_cuda: bool) -> None:
         raise SystemExit(f"bench: unknown implementation(s) {unknown}; known: {', '.join(ALL_IMPLS)}")
 
 
-def run_benchmarks(args, device: torch.device, results_root: Path | None, start: float) -> Path | None:
+def run_benchmarks(args, device: torch.device, results_root: Path | None, start: float) -> tuple[Path | None, dict]:
     """Run everything the arguments ask for on ``device``.
 
     Args:
@@ -307,7 +326,7 @@ def run_benchmarks(args, device: torch.device, results_root: Path | None, start:
             file (the tables are printed either way).
         start: ``time.monotonic()`` when the command started; ``--max-seconds`` counts from it.
     Returns:
-        The results JSON path, or None when none was written.
+        (the results JSON path, or None when none was written; the results as written: env, rows, skipped, ...).
     """
     deadline = start + args.max_seconds if args.max_seconds is not None else float("inf")
     on_cuda = device.type == "cuda"
@@ -323,7 +342,7 @@ def run_benchmarks(args, device: torch.device, results_root: Path | None, start:
         torch.set_num_threads(threads)
 
 
-def _run_all(args, device, results_root: Path | None, start: float, deadline: float) -> Path | None:
+def _run_all(args, device, results_root: Path | None, start: float, deadline: float) -> tuple[Path | None, dict]:
     on_cuda = device.type == "cuda"
     env = collect_env(device)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
@@ -347,10 +366,10 @@ def _run_all(args, device, results_root: Path | None, start: float, deadline: fl
     needs = stage_seconds(args) if on_cuda else {}
     if not args.no_optim:  # before the end-to-end step: the optimizer rows are required, the step optional (--quick)
         run_stage("optimizer", needs.get("optimizer", 0.0), deadline, results,
-                  lambda: run_optimizer_rows(args, results))
+                  lambda: run_optimizer_rows(args, device, results))
     if not args.no_e2e:
         run_stage("e2e_qlora_step", needs.get("e2e_qlora_step", 0.0), deadline, results,
-                  lambda: run_e2e_rows(args, results))
+                  lambda: run_e2e_rows(args, device, results))
     results.data["wall_s"] = time.monotonic() - start
     results.flush()
     print(summary_table(results.data))
@@ -363,4 +382,4 @@ def _run_all(args, device, results_root: Path | None, start: float, deadline: fl
             print(f"  {' '.join(f'{k}={v}' for k, v in entry.items() if k != 'reason')}: {entry['reason']}")
     print(f"bench: results written to {path}" if path else
           "bench: no results file written (pass --output DIR to keep the JSON)")
-    return path
+    return path, results.data

@@ -15,7 +15,7 @@ import torch
 
 from .. import functional, reference
 from .._common import dtype_name
-from ..backend import BACKENDS, cuda_available, resolve_backend
+from ..backend import BACKENDS, parse_device, resolve_backend
 from ..nf4 import quantize_nf4
 from ..testing import ATOL, relative_error
 
@@ -82,14 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        try:
-            device = torch.device(args.device or ("cuda" if cuda_available() else "cpu"))
-        except RuntimeError as error:
-            raise ValueError(f"--device {args.device!r} is not a device ({error})") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"--device {args.device} is not supported; use cpu or cuda[:index]")
-        if device.type == "cuda" and not cuda_available():
-            raise RuntimeError("--device cuda, but CUDA is not available here (run without --device for the CPU)")
+        device = parse_device(args.device)
         backend = resolve_backend(args.backend, device)
     except (RuntimeError, ValueError) as error:
         print(f"fused_lora check: {' '.join(str(error).split())}")

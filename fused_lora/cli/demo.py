@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .._common import dtype_name
-from ..backend import cuda_available, resolve_backend
+from ..backend import parse_device, resolve_backend
 from ..testing import torch_threads
 from .demo_data import (
     DATA_FILE,
@@ -177,18 +177,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _device(name: str | None) -> torch.device:
-    """The torch device for ``--device`` (default: the current CUDA device if there is one, else the CPU)."""
+    """The torch device for ``--device`` (backend.parse_device: default the current CUDA device, else the CPU)."""
     try:
-        device = torch.device(name or ("cuda" if cuda_available() else "cpu"))
-    except RuntimeError as error:
-        raise DemoInputError(f"--device {name!r} is not a device ({error})") from None
-    if device.type == "cuda" and not cuda_available():
-        raise DemoInputError(f"--device {name} asked for CUDA, but torch sees no CUDA device")
-    if device.type not in ("cpu", "cuda"):
-        raise DemoInputError(f"--device {name} is not supported; use cpu or cuda[:index]")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+        return parse_device(name)
+    except ValueError as error:
+        raise DemoInputError(str(error)) from None
 
 
 def _encoded_data(args, tokenizer) -> list[tuple[list[int], list[int]]]:
