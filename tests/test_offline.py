@@ -170,7 +170,9 @@ def test_measured_gpu_rows_join_the_predictions(tmp_path):
     rows = [{"bench": "qlora_linear", "impl": impl, "pass": "fwd_bwd", "M": 8192, "K": 4096, "N": 14336, "r": 16,
              "dtype": "bfloat16", "adapter_dtype": "float32", "median_ms": ms}
             for impl, ms in (("fused", 3.0), ("dense_cublas", 2.5))]  # fmt: skip
-    (gpu / "20261201-1200.json").write_text(json.dumps({"env": {}, "results": rows}))
+    env = {"device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "commit": "abc"}
+    (gpu / "20261201-1200.json").write_text(json.dumps({"env": env, "results": rows}))
+    (gpu / "20261202-1200.json").write_text(json.dumps({"env": {}, "results": []}))  # another schema: not read
     (tmp_path / "offline").mkdir()
     predicted = [_total("fused", 8192, 2.7), _total("dense_cublas", 8192, 2.4), _total("fused", 2048, 0.8)]
     assert join_measured(predicted, tmp_path) == [str(gpu / "20261201-1200.json")]
