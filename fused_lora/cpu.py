@@ -183,9 +183,9 @@ def dequantize_into(out: torch.Tensor, w, round_to: torch.dtype | None = None) -
     if w.double_quant:
         nested = dict(nested_absmax=w.nested_absmax.contiguous(), nested_code=w.nested_code.contiguous(),
                       offset=float(w.offset), nested_blocksize=int(w.nested_blocksize))  # fmt: skip
-    # rounding to fp32 or fp64 changes no fp32 value: only bf16/fp16 (other than out's own dtype) is a rounding
-    rounding = str(round_to).removeprefix("torch.") if round_to in (torch.bfloat16, torch.float16) else ""
-    rounding = "" if round_to == out.dtype else rounding
+    # only bf16/fp16 other than out's own dtype is a rounding: fp32 or fp64 changes no fp32 value
+    halves = (torch.bfloat16, torch.float16)
+    rounding = str(round_to).removeprefix("torch.") if round_to in halves and round_to != out.dtype else ""
     _kernels().nf4_dequantize_into(out, w.packed.contiguous(), w.absmax.contiguous(), w.code.contiguous(),
                                    int(w.blocksize), rounding, **nested)  # fmt: skip
     return out

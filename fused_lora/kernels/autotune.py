@@ -67,7 +67,7 @@ def split_tile(capability: tuple[int, int], M: int) -> GemmTile:
     """The one tile of the middle path's split-K forward (launch_gemm.y_splits), not tuned: it serves grids too
     small to fill the GPU, where what matters is a GPU-filling program count from few partial sums (128 output
     columns), not the speed of one tile; 128 rows above M = 64 on sm_90, else 64 (sm_80's 128×128 tile has 4 warps
-    and spills 164 B of the NF4 decode, bench/results/compile_report.md)."""
+    and spilled 164 B of the NF4 decode when compiled by tests/_compile_kernels.py)."""
     tiles = _SM90_TILES if capability[0] >= 9 else _SM80_TILES
     block_m = 128 if M > 64 and capability[0] >= 9 else 64
     return next(t for t in tiles if (t.block_m, t.block_out, t.block_reduce) == (block_m, 128, 64))
