@@ -160,3 +160,34 @@ def test_large_path_workspace_is_bounded_and_reused():
         lora.forward(x, weight, A, B, SCALING, None, 0.0, 0)
         assert [t.data_ptr() for t in strategy._WORKSPACES.values()] == [t.data_ptr() for t in buffers]
     assert len(buffers) == 1 and buffers[0].numel() <= 32 << 20
+
+
+@pytest.mark.parametrize("path, M, N", [("decode", 1, 14336), ("decode", 16, 4096), ("middle", 256, 1024)])
+def test_programmatic_dependent_launch_changes_no_number(path, M, N, monkeypatch):
+    """Kernels chained with PDL (kernels/pdl.py; on from sm_90) give the numbers they give launched one after the
+    other: bitwise in the deterministic mode, and within the atomics' reordering with the relaxed accumulation (the
+    zeroing kernel then the pass over g), run repeatedly so that a kernel reading too early would show."""
+    lora, strategy, *_ = _modules()
+    from fused_lora.kernels import pdl
+
+    if not pdl.enabled(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90 or later")
+    x, weight, _, A, B, b, g = _layer(M, 4096, N, 16, torch.bfloat16, "nf4-dq", True, seed=5)
+
+    def run():
+        y, u = lora.forward(x, weight, A, B, SCALING, b, 0.1, 7)
+        return (y, u) + lora.backward(g, x, weight, A, B, SCALING, 0.1, 7, u, True, True, True, True)
+
+    with strategy.use_thresholds(**PATHS[path]):
+        for deterministic in (True, False):
+            with strategy.use_deterministic(deterministic):
+                chained = [run() for _ in range(10)]
+                monkeypatch.setenv(pdl.ENV_VAR, "0")
+                plain = run()
+                monkeypatch.delenv(pdl.ENV_VAR)
+            for outputs in chained:
+                for name, a, c in zip(("y", "u", "dx", "dA", "dB", "db"), outputs, plain):
+                    if deterministic:
+                        assert torch.equal(a, c), f"{name} differs with PDL"
+                    else:
+                        torch.testing.assert_close(a.float(), c.float(), rtol=2e-2, atol=2e-2, msg=name)

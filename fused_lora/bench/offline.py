@@ -172,7 +172,7 @@ def _hbm_fraction(weight_bytes: float, ms: float, gpu: GpuConstants):
     return None if not ms else weight_bytes / (ms * 1e-3) / (gpu.hbm_tbps * 1e12)
 
 
-def _kernel_row(variant, launch, record, base, weight_bytes: int, cublas_ms: float, gpu) -> dict:
+def _kernel_row(variant, launch, record, base, weight_bytes: int, cublas_ms: float, gpu, launch_us=None) -> dict:
     model = KERNELS[launch.kernel]
     s = variant.spec
     trips = model.trips(launch.args)
@@ -195,7 +195,7 @@ def _kernel_row(variant, launch, record, base, weight_bytes: int, cublas_ms: flo
         "narrowest_load_bits": record["narrowest_global_load_bits"], "hbm_bytes": hbm,
     })  # fmt: skip
     if variant.arch == PREDICTED_ARCH:
-        t = predict_kernel(record, launch.programs, trips, hbm, gpu)
+        t = predict_kernel(record, launch.programs, trips, hbm, gpu, launch_us)
         share = model.weight_share(launch.args) if model.weight_share else launch.weight_reads
         fraction = _hbm_fraction(share * weight_bytes, t.ms, gpu) if share else None
         row.update({"predicted_ms": round(t.ms, 5), "predicted_ratio_vs_cublas": round(t.ms / cublas_ms, 4),
@@ -204,6 +204,22 @@ def _kernel_row(variant, launch, record, base, weight_bytes: int, cublas_ms: flo
                     "bound": t.bound, "occupancy": t.occupancy, "_time": t,
                     "_weight_bytes": share * weight_bytes})  # fmt: skip
     return row
+
+
+def launches_early(steps) -> list[bool]:
+    """Per step: whether it is a kernel launched with programmatic dependent launch (options["launch_pdl"]) right
+    after a kernel on its stream that was launched so too (and so lets it launch early, kernels/pdl.py). A PyTorch op,
+    a stream wait or the host's work between passes (a "host" mark) breaks the chain."""
+    triggers, early = {}, []  # stream -> whether its last step is a kernel launched with PDL
+    for step in steps:
+        if step.sync:
+            triggers = {} if step.sync[0] == "host" else {**triggers, step.sync[1]: False}
+            early.append(False)
+            continue
+        pdl = bool(step.candidates) and bool(step.candidates[0].options.get("launch_pdl"))
+        early.append(pdl and triggers.get(step.stream, False))
+        triggers[step.stream] = pdl
+    return early
 
 
 def evaluate(captured, records: dict, gpu: GpuConstants = H200) -> list[dict]:
@@ -215,7 +231,7 @@ def evaluate(captured, records: dict, gpu: GpuConstants = H200) -> list[dict]:
         cublas_ms = peer_pass("dense_cublas", variant.pass_name, s.M, s.K, s.N, s.r, s.x_dtype.itemsize,
                               s.adapter_dtype.itemsize, gpu)["ms"]  # fmt: skip
         timeline, paths, weight_read = [], set(), 0.0
-        for step in steps:
+        for step, early in zip(steps, launches_early(steps)):
             if step.sync:
                 timeline.append(step.sync)
                 continue
@@ -236,7 +252,7 @@ def evaluate(captured, records: dict, gpu: GpuConstants = H200) -> list[dict]:
                 base = _baseline(launch, variant)
                 record = records[job_key(launch_job(launch, s, variant.arch))]
                 group.append(_kernel_row(variant, launch, record, base and records[job_key(base)],
-                                         facts["weight_bytes"], cublas_ms, gpu))
+                                         facts["weight_bytes"], cublas_ms, gpu, gpu.pdl_launch_us if early else None))
             priced = [r for r in group if "_time" in r]
             best = min(priced, key=lambda r: r["predicted_ms"]) if priced else None
             for r in group:

@@ -99,7 +99,8 @@ class TorchOp:
 class Step:
     """One step of the pass on CUDA stream ``stream`` (0: the current stream of the caller): a kernel launch with its
     candidate configs (one unless autotuned), a PyTorch op, or a synchronisation ``sync`` = ("record", stream,
-    event), ("wait_event", stream, event) or ("wait_stream", stream, other stream)."""
+    event), ("wait_event", stream, event), ("wait_stream", stream, other stream) or ("host", stream, None): the
+    caller's other work runs here (between a forward and its backward), so no launch overlaps the one before it."""
 
     candidates: list = dataclasses.field(default_factory=list)  # list[Launch]
     torch_op: TorchOp | None = None
@@ -152,6 +153,7 @@ def _run_forward_backward(spec: LayerSpec, tensors: dict):
     from ..kernels import lora
 
     _, u = _run_forward(spec, tensors)
+    _active[-1].sync("host", _active[-1].current.index, None)  # other layers' work runs between the two passes
     g = _meta((spec.M, spec.N), spec.x_dtype)
     return lora.backward(g, tensors["x"], tensors["W"], tensors["A"], tensors["B"], 2.0, spec.dropout_p, 1234, u,
                          True, True, True, False)  # fmt: skip

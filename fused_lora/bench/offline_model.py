@@ -28,7 +28,9 @@ offline_kernels.py gives T), from the compiled record (offline_compile.py):
    its shared-memory buffers minus one, at least 1) waits one latency per ``depth`` iterations: a program's loop
    takes at least T·latency/depth, latency = ``hbm_latency_ns`` for the share of requested bytes that is unique and
    ``l2_latency_ns`` for the rest (requested bytes: the loop's global loads in SASS, width × 32 lanes × w).
-6. Time = max(compute, memory) + ``launch_us``.
+6. Time = max(compute, memory) + ``launch_us``; ``pdl_launch_us`` instead for a kernel launched with
+   programmatic dependent launch whose predecessor on its stream is a kernel that let it launch early (both take
+   part, kernels/pdl.py; not across a stream wait, a PyTorch op, or the host work between a forward and its backward).
 
 Passes: steps on one stream add up; with a side stream (slab dequantization overlapped with a GEMM) steps start at
 their stream's clock after the events they wait for, and the pass takes at least the sum of every step's compute
@@ -74,6 +76,10 @@ class GpuConstants:
     l2_latency_ns: float = _constant(150.0, "lead: L2 hit latency")
     membar_ns: float = _constant(500.0, "lead: MEMBAR at GPU scope (an L2 round trip plus draining stores)")
     launch_us: float = _constant(2.0, "lead: GPU time per launch on a busy stream (latency, ramp-up, tail)")
+    pdl_launch_us: float = _constant(0.7, "lead: GPU time per launch of a kernel launched with programmatic "
+                                     "dependent launch right after one that let it start early (kernels/pdl.py): "
+                                     "its launch overlaps that kernel's last wave; left: the wait for its completion "
+                                     "and memory flush, and the ramp-up")
     issue_per_cycle: int = _constant(4, "architecture: 4 warp schedulers per SM, one instruction per cycle each")
     registers_per_sm: int = _constant(65536, "architecture")
     shared_per_sm: int = _constant(233472, "architecture: 228 KiB")
@@ -121,8 +127,10 @@ def _mma_cycles(flops: dict, kind: str | None, gpu: GpuConstants) -> float:
     return sum(f / gpu.mma_flops_per_cycle(kind or "HGMMA", dtype) for dtype, f in flops.items())
 
 
-def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu: GpuConstants = H200) -> KernelTime:
-    """Predicted time of one launch of a compiled kernel (the module docstring's kernel model)."""
+def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu: GpuConstants = H200,
+                   launch_us: float | None = None) -> KernelTime:
+    """Predicted time of one launch of a compiled kernel (the module docstring's kernel model); ``launch_us``
+    replaces ``gpu.launch_us`` (a launch that follows its predecessor by programmatic dependent launch)."""
     warps = record["num_warps"]
     slots_per_sm = occupancy(record, gpu)
     issue = (record["sass_loop"] or 0) * warps / gpu.issue_per_cycle
@@ -157,7 +165,7 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
         bound = "serial" if waits_for_mma and mma > 0 else ("mma" if mma >= issue else "issue")
     else:
         bound = "memory" if bandwidth_s >= latency_bound_s else "latency"
-    total_s = max(compute_s, memory_s) + gpu.launch_us * 1e-6
+    total_s = max(compute_s, memory_s) + (gpu.launch_us if launch_us is None else launch_us) * 1e-6
     return KernelTime(total_s * 1e3, compute_s * 1e3, memory_s * 1e3, slots_per_sm, programs / slots, bound)
 
 
@@ -169,8 +177,9 @@ def predict_torch_op(nbytes: int, gpu: GpuConstants = H200) -> KernelTime:
 
 def simulate_pass(steps: list[tuple], gpu: GpuConstants = H200) -> float:
     """Time (ms) of a pass: ``steps`` in launch order, each ("work", stream, KernelTime) or ("record", stream,
-    event), ("wait_event", stream, event), ("wait_stream", stream, other). Streams run concurrently; the pass takes
-    at least the sum of the steps' compute times and the sum of their memory times (shared SMs and HBM)."""
+    event), ("wait_event", stream, event), ("wait_stream", stream, other) (("host", ...) marks are ignored here).
+    Streams run concurrently; the pass takes at least the sum of the steps' compute times and the sum of their memory
+    times (shared SMs and HBM)."""
     clocks, events = {0: 0.0}, {}
     compute = memory = 0.0
     for kind, stream, value in steps:

@@ -48,6 +48,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     import triton
 
     from .lora_decode import lora_decode_fwd_epilogue_kernel, lora_decode_fwd_kernel
+    from .pdl import launch_args
 
     M, K = x2d.shape
     N = y.shape[1]
@@ -73,7 +74,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
         IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup, FRAGMENT=fragment, HAS_LORA=has_lora,
         DROPOUT=dropout_p > 0.0, **precisions,
         R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        **common.compile_options(weight),
+        **common.compile_options(weight), **launch_args(x2d.device),
     )  # fmt: skip
     u = torch.empty((M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
     if bias is not None:
@@ -85,8 +86,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
         *strides(B), y.stride(0), y.stride(1), u.stride(0) if has_lora else 0, float(scaling),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, STORE_U=has_lora, LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"],
         LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"], R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m,
-        BLOCK_N=epilogue_n,
-        num_warps=4,
+        BLOCK_N=epilogue_n, num_warps=4, **launch_args(x2d.device),
     )  # fmt: skip
     return u
 
@@ -96,6 +96,7 @@ def dx(g, weight, dx_out, precisions, x2d=None, A=None, v=None, need_dA=False, s
     import triton
 
     from .lora_decode import lora_decode_dx_epilogue_kernel, lora_decode_dx_kernel
+    from .pdl import launch_args
 
     M, N = g.shape
     K = weight.shape[1]
@@ -114,6 +115,7 @@ def dx(g, weight, dx_out, precisions, x2d=None, A=None, v=None, need_dA=False, s
             M, N, K, n_per_split, g.stride(0), g.stride(1), stride_wn, stride_wk, dx_part.stride(0), dx_part.stride(1),
             IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup, BASE_PRECISION=precisions["BASE_PRECISION"],
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **common.compile_options(weight),
+            **launch_args(g.device),
         )  # fmt: skip
     dA32 = torch.empty((r, K), device=g.device, dtype=torch.float32) if need_dA else None
     epilogue_k = 32 if interpreting() else 128
@@ -125,5 +127,6 @@ def dx(g, weight, dx_out, precisions, x2d=None, A=None, v=None, need_dA=False, s
         NEED_DX=dx_out is not None, NEED_DA=need_dA, HAS_LORA=has_lora, DROPOUT=dropout_p > 0.0,
         LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
         R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m, BLOCK_K=epilogue_k, num_warps=4,
+        **launch_args(g.device),
     )  # fmt: skip
     return dA32

@@ -52,6 +52,7 @@ def compute_u(x2d, A, dropout_p, seed, precisions, summed: bool = True) -> torch
     import triton
 
     from .lora_fwd import lora_u_kernel
+    from .pdl import launch_args
 
     M, K = x2d.shape
     r = A.shape[0]
@@ -70,6 +71,7 @@ def compute_u(x2d, A, dropout_p, seed, precisions, summed: bool = True) -> torch
         **dropout_args(dropout_p, seed), DROPOUT=dropout_p > 0.0,
         LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
         LOWRANK_SPLIT=split, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, num_warps=4,
+        **launch_args(x2d.device),
     )  # fmt: skip
     return common.fixed_order_sum(parts) if summed else parts
 
@@ -136,6 +138,7 @@ def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, 
     term)."""
     from .lora_decode import lora_decode_fwd_epilogue_kernel
     from .lora_fwd import lora_fwd_kernel
+    from .pdl import launch_args
 
     M, K = x2d.shape
     N = y.shape[1]
@@ -151,6 +154,7 @@ def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, 
         **w.constexprs, LOOKUP=common.lookup_mode(weight, x2d.dtype), W_FIRST=common.w_first(weight, x2d.dtype),
         HAS_BIAS=False, HAS_LORA=False, COL_SCALE=False, ADD_Z=False, SPLIT_K=True, **precisions,
         R_PAD=FROZEN_R_PAD, R_CHUNK=FROZEN_R_PAD, **plan.meta, **common.compile_options(weight),
+        **launch_args(x2d.device),
     )  # fmt: skip
     has_lora = u_parts is not None
     r = u_parts.shape[2] if has_lora else 0
@@ -164,7 +168,7 @@ def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, 
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, STORE_U=u_out is not None,
         LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"],
         LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"], R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=4,
+        BLOCK_N=block_n, num_warps=4, **launch_args(x2d.device),
     )  # fmt: skip
 
 
@@ -289,6 +293,7 @@ def zeroed_fp32(device, *shapes) -> list:
     import triton
 
     from .lora_bwd import zero_fp32_kernel
+    from .pdl import launch_args
 
     if len(shapes) > 4:
         raise ValueError(f"zeroed_fp32: at most 4 tensors per launch, got {len(shapes)}")
@@ -299,7 +304,7 @@ def zeroed_fp32(device, *shapes) -> list:
         args = [a for t in tensors + [None] * (4 - len(tensors))
                 for a in ((present[0], 0) if t is None else (t, t.numel()))]  # fmt: skip
         block = 1024
-        zero_fp32_kernel[(triton.cdiv(largest, block),)](*args, BLOCK=block, num_warps=4)
+        zero_fp32_kernel[(triton.cdiv(largest, block),)](*args, BLOCK=block, num_warps=4, **launch_args(device))
     return tensors
 
 
@@ -328,6 +333,7 @@ def _launch_vdb_atomic(g, precisions, v, dB32, db, B, u, scaling):
     import triton
 
     from .lora_bwd import lora_vdb_kernel
+    from .pdl import launch_args
 
     M, N = g.shape
     r = B.shape[1] if B is not None else 0
@@ -341,6 +347,7 @@ def _launch_vdb_atomic(g, precisions, v, dB32, db, B, u, scaling):
         NEED_V=v is not None, NEED_DB_LORA=dB32 is not None, NEED_DB_BIAS=db is not None,
         LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
         LOWRANK_SPLIT=common.lowrank_split(g, B, u), R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        **launch_args(g.device),
     )  # fmt: skip
 
 

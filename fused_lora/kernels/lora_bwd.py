@@ -35,12 +35,14 @@ import triton.language as tl
 from .dropout import dropout_mask_tile
 from .lora_fwd import fold_split, grouped_tile, load_weight_tile, split_wide
 from .nf4_lookup import nf4_lut
+from .pdl import wait_for_previous
 
 
 @triton.jit
-def zero_fp32_kernel(p0, n0, p1, n1, p2, n2, p3, n3, BLOCK: tl.constexpr):
+def zero_fp32_kernel(p0, n0, p1, n1, p2, n2, p3, n3, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """p_i[j] = 0 for j < n_i, i = 0..3 (fp32; a buffer with n_i = 0 is not touched): the atomic accumulators of one
-    backward zeroed by one launch instead of a memset each."""
+    backward zeroed by one launch instead of a memset each. PDL: programmatic dependent launch (pdl.py)."""
+    wait_for_previous(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     zero = tl.zeros((BLOCK,), dtype=tl.float32)
     tl.store(p0 + offs, zero, mask=offs < n0)
@@ -85,8 +87,10 @@ def lora_vdb_kernel(
     R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     """Rows offs_m × columns [pid_1·N_PER_SPLIT, +N_PER_SPLIT) of g: v += g·B, dB += s·gᵀ·u, db += Σ_rows g."""
+    wait_for_previous(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     row_in_range = offs_m[:, None] < M

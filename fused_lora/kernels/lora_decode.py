@@ -34,6 +34,7 @@ from .dropout import dropout_mask_tile
 from .lora_fwd import load_weight_tile
 from .nf4_fragment import fragment_k, fragment_rows, load_fragment_tile
 from .nf4_lookup import nf4_lut
+from .pdl import wait_for_previous
 
 
 @triton.jit
@@ -77,8 +78,10 @@ def lora_decode_fwd_kernel(
     BLOCK_M: tl.constexpr,  # ≥ M
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     """y_part[s, :, cols]ᵀ = Σ_{k ∈ K_s} deq(W)[cols, k]·x[:, k]ᵀ; u_part[s] = Σ_{k ∈ K_s} (m⊙x)[:, k]·A[:, k]ᵀ."""
+    wait_for_previous(PDL)
     COMPUTE_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -184,10 +187,12 @@ def lora_decode_fwd_epilogue_kernel(
     R_CHUNK: tl.constexpr,  # ranks per low-rank dot (min(R_PAD, 64))
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     """y[rows, cols] = Σ_s y_part[s, rows, cols] + b[cols] + s·u[rows]·B[cols]ᵀ with u = Σ_s u_part[s] (the
     programs of column tile 0 store u with STORE_U); grid (column tiles, row tiles). Also the epilogue of the middle
     path's split-K GEMM (lora_fwd_kernel SPLIT_K; u_part from lora_u_kernel, or a whole u as one part)."""
+    wait_for_previous(PDL)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = offs_m.to(tl.int64)[:, None]
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -237,8 +242,10 @@ def lora_decode_dx_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # reduction tile over N
     BLOCK_K: tl.constexpr,  # output tile over K
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     """dx_part[s, :, cols]ᵀ = Σ_{n ∈ N_s} deq(W)[n, cols]ᵀ·g[:, n]ᵀ."""
+    wait_for_previous(PDL)
     COMPUTE_DTYPE: tl.constexpr = g_ptr.dtype.element_ty
     split = tl.program_id(1)
     k0 = tl.program_id(0) * BLOCK_K
@@ -300,9 +307,11 @@ def lora_decode_dx_epilogue_kernel(
     R_CHUNK: tl.constexpr,  # ranks per low-rank dot (min(R_PAD, 64))
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     """dx[:, cols] = Σ_s dx_part[s, :, cols] + s·m⊙(v·A[:, cols]); dA[:, cols] = s·vᵀ·(m⊙x)[:, cols] (every row is
     in this program: no reduction across programs)."""
+    wait_for_previous(PDL)
     offs_m = tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     tile_in = (offs_m[:, None] < M) & (offs_k[None, :] < K)

@@ -50,6 +50,7 @@ import triton.language as tl
 
 from .dropout import dropout_mask_tile
 from .nf4_lookup import nf4_lut, nf4_tree, nf4_values
+from .pdl import wait_for_previous
 
 
 @triton.jit
@@ -246,6 +247,7 @@ def lora_u_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     """u_part[s, rows, ranks] = Σ_{k in split s} (m⊙x)[rows, k] · A[ranks, k]; grid (M / BLOCK_M, r_pad / BLOCK_R,
     splits). The launcher sums the splits in a fixed order (u = Σ_s u_part[s]), so u is reproducible.
@@ -253,6 +255,7 @@ def lora_u_kernel(
     separate columns and summed after the loop (fold_split): one MMA chain from shared memory that keeps a wgmma in
     flight. With dropout the dots take the kept entries of x and u_part is scaled by 1/(1-p) once at the end:
     Σ_k (m⊙x)·A = 1/(1-p) · Σ_{k kept} x·A."""
+    wait_for_previous(PDL)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     k_start = tl.program_id(2) * K_PER_SPLIT
@@ -339,6 +342,7 @@ def lora_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py; the split-K launch only)
 ):
     """y[rows, cols] = (s·Σ_r u[rows, r]·B[cols, r] when HAS_LORA) + Σ_k x[rows, k]·deq(W)[cols, k] + b[cols]: the
     low-rank term starts the accumulator (before the K loop), the bias is added to it after; 1-D grouped grid.
@@ -354,6 +358,7 @@ def lora_fwd_kernel(
     SPLIT_K (a grid too small to fill the GPU, launch_gemm.y_splits): program (tile, s) sums over its K_PER_SPLIT
     columns only and stores its fp32 partial sum to y[s]; lora_decode.lora_decode_fwd_epilogue_kernel adds the S partial
     sums in a fixed order, then b and s·u·Bᵀ (the decode forward's epilogue)."""
+    wait_for_previous(PDL)
     COMPUTE_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if SPLIT_K:
