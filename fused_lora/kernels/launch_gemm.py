@@ -272,6 +272,14 @@ def vdb_tile(M: int, r_pad: int) -> VdbTile:
     return VdbTile(block_m, block_n, 8 if block_m >= 128 else 4)
 
 
+def _vdb_wgmma(block_m: int, device) -> bool:
+    """Whether the v/dB pass runs g·B on wgmma (sm_90 and later, row tiles of at least 64): its tile is then 32
+    columns wide, so that gᵀ·u (BLOCK_N rows) runs on mma.sync, and a split B comes from memory (lora_bwd.py)."""
+    if interpreting() or torch.device(device).type != "cuda":
+        return False
+    return block_m >= 64 and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, columns per program, num_warps) of the v/dB pass. Tall row tiles keep the dB atomics
     ((M / BLOCK_M)·N·r adds) few; N is split across programs until the GPU is full."""
@@ -282,6 +290,8 @@ def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int, int]
     else:
         block_m, block_n, warps = vdb_tile(M, r_pad)
         programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if _vdb_wgmma(block_m, device):
+        block_n = 32
     n_tiles = triton.cdiv(N, block_n)
     splits = max(1, min(n_tiles, programs_wanted // triton.cdiv(M, block_m)))
     return block_m, block_n, triton.cdiv(n_tiles, splits) * block_n, warps
@@ -332,21 +342,30 @@ def launch_vdb(g, precisions, need_v: bool, need_dB: bool, need_db: bool, B=None
 def _launch_vdb_atomic(g, precisions, v, dB32, db, B, u, scaling):
     import triton
 
-    from .lora_bwd import lora_vdb_kernel
+    from .lora_bwd import lora_vdb_kernel, split_wide_kernel
     from .pdl import launch_args
 
     M, N = g.shape
     r = B.shape[1] if B is not None else 0
     r_pad = rank_pad(r) if B is not None else FROZEN_R_PAD
     block_m, block_n, n_per_split, warps = _vdb_blocks(M, N, r_pad, g.device)
+    split = common.lowrank_split(g, B, u)
+    b_operand, b_split = B, split and v is not None and _vdb_wgmma(block_m, g.device)
+    if b_split:  # B's hi and lo parts once, read by every program's wgmma from memory (lora_bwd.py)
+        b_operand = torch.empty((N, 2 * r), device=g.device, dtype=g.dtype)
+        block = 16 if interpreting() else 64
+        split_wide_kernel[(triton.cdiv(N, block),)](
+            B, b_operand, N, r, B.stride(0), B.stride(1), BLOCK_N=block, R_PAD=r_pad, num_warps=4,
+            **launch_args(g.device),
+        )  # fmt: skip
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, n_per_split))
     lora_vdb_kernel[grid](
-        g, B, u, v, dB32, db,
+        g, b_operand, u, v, dB32, db,
         M, N, r, n_per_split,
-        g.stride(0), g.stride(1), *strides(B), *strides(u), *strides(v), *strides(dB32), float(scaling),
+        g.stride(0), g.stride(1), *strides(b_operand), *strides(u), *strides(v), *strides(dB32), float(scaling),
         NEED_V=v is not None, NEED_DB_LORA=dB32 is not None, NEED_DB_BIAS=db is not None,
         LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
-        LOWRANK_SPLIT=common.lowrank_split(g, B, u), R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        LOWRANK_SPLIT=split, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, B_SPLIT=b_split,
         **launch_args(g.device),
     )  # fmt: skip
 

@@ -22,11 +22,15 @@ Reductions that cross programs (v and dB over split N, dA over M) are relaxed fp
 deterministic mode replaces them with the split reductions of lora_reduce.py. Dot precision, the low-rank dtype and
 the NF4 lookup follow lora_fwd.py.
 
-lora_vdb_kernel's loop waits for its dB MMA every iteration: one pass over g reduces v over N inside a program and dB
-over M across programs, so every iteration's gᵀ·u leaves the loop at once (an atomic add), and Triton waits for a
-dot whose result is used inside the loop (carrying it to the next iteration waits all the same, tried with Triton
-3.9). With bf16 g (split dots, no conversion) the loop's loads stay pipelined and the kernel is bound by reading g
-(bench/results/offline/report.md).
+lora_vdb_kernel's two dots: one pass over g reduces v over N inside a program (a carried accumulator) and dB over M
+across programs, so every iteration's gᵀ·u leaves the loop at once (an atomic add), and Triton waits for a dot whose
+result is used inside the loop (carrying it to the next iteration waits all the same, tried with Triton 3.9). So on
+sm_90 with row tiles of 64 or more (launch_gemm._vdb_wgmma) the tile is 32 columns wide: gᵀ·u has 32 rows and runs
+on mma.sync, which has nothing to wait for, and g·B alone is a wgmma; its operands come straight from memory into
+shared memory (B split once per backward by split_wide_kernel, B_SPLIT, rather than in registers in every iteration,
+which Triton stores to shared memory and then waits for the wgmma that reads it), and its accumulator starts as an
+MMA of zeros, so that it stays in flight across iterations (bench/results/offline/report.md). The kernel is bound by
+reading g either way.
 """
 
 import triton
@@ -52,10 +56,27 @@ def zero_fp32_kernel(p0, n0, p1, n1, p2, n2, p3, n3, BLOCK: tl.constexpr, PDL: t
 
 
 @triton.jit
+def split_wide_kernel(src_ptr, dst_ptr, N, R, stride_sn, stride_sr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    """dst[n, 2c] = hi(src[n, c]), dst[n, 2c + 1] = lo(src[n, c]) for n < N, c < R: lora_fwd.split_wide of an fp32
+    (N, r) operand (B) into a contiguous (N, 2r) tensor of dst's 16-bit dtype, once per backward, so that the v/dB
+    pass reads its wgmma operand from memory (B_SPLIT) instead of splitting it in registers in every iteration."""
+    wait_for_previous(PDL)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    wide = tl.load(src_ptr + offs_n.to(tl.int64)[:, None] * stride_sn + offs_r[None, :] * stride_sr,
+                   mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)  # fmt: skip
+    offs_c = tl.arange(0, 2 * R_PAD)
+    dst = dst_ptr + offs_n.to(tl.int64)[:, None] * (2 * R) + offs_c[None, :]
+    tl.store(dst, split_wide(wide.to(tl.float32), dst_ptr.dtype.element_ty),
+             mask=(offs_n[:, None] < N) & (offs_c[None, :] < 2 * R))  # fmt: skip
+
+
+@triton.jit
 def lora_vdb_kernel(
     # pointers
     g_ptr,  # (M, N) compute dtype
-    b_ptr,  # B (N, r)
+    b_ptr,  # B (N, r); with B_SPLIT its split (N, 2r) in g's dtype (split_wide_kernel)
     u_ptr,  # (M, r) fp32
     v_ptr,  # (M, r) fp32 output, zeroed (atomic adds)
     db_lora_ptr,  # dB (N, r) fp32 output, zeroed (atomic adds)
@@ -88,6 +109,7 @@ def lora_vdb_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
+    B_SPLIT: tl.constexpr = False,  # LOWRANK_SPLIT with B given split (b_ptr: (N, 2r), row stride stride_bn)
 ):
     """Rows offs_m × columns [pid_1·N_PER_SPLIT, +N_PER_SPLIT) of g: v += g·B, dB += s·gᵀ·u, db += Σ_rows g."""
     wait_for_previous(PDL)
@@ -102,20 +124,28 @@ def lora_vdb_kernel(
         u_ptrs = u_ptr + offs_m.to(tl.int64)[:, None] * stride_um + offs_r[None, :] * stride_ur
         u = tl.load(u_ptrs, mask=row_in_range & rank_in_range, other=0.0)
         u = split_wide(u, g_ptr.dtype.element_ty) if LOWRANK_SPLIT else u.to(LOWRANK_DTYPE)
-    v = tl.zeros((BLOCK_M, 2 * R_PAD if LOWRANK_SPLIT else R_PAD), dtype=tl.float32)
+    # v from an MMA of zeros: an accumulator defined by ordinary instructions serialises the wgmma pipeline (ptxas)
+    V_COLS: tl.constexpr = 2 * R_PAD if LOWRANK_SPLIT else R_PAD
+    v = tl.dot(tl.zeros((BLOCK_M, 16), g_ptr.dtype.element_ty), tl.zeros((16, V_COLS), g_ptr.dtype.element_ty))
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=row_in_range & (offs_n[None, :] < N), other=0.0)
         if NEED_V:
-            b = tl.load(
-                b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=(offs_n[:, None] < N) & rank_in_range,
-                other=0.0,
-            )
-            if LOWRANK_SPLIT:
-                v = tl.dot(g, split_wide(b, g.dtype), v)
+            if B_SPLIT:  # straight from memory into the MMA's shared-memory operand: no wait for the wgmma
+                offs_c = tl.arange(0, 2 * R_PAD)
+                b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_c[None, :] * stride_br,
+                            mask=(offs_n[:, None] < N) & (offs_c[None, :] < 2 * R), other=0.0)  # fmt: skip
+                v = tl.dot(g, b, v)
             else:
-                v = tl.dot(g.to(LOWRANK_DTYPE), b.to(LOWRANK_DTYPE), v, input_precision=LOWRANK_PRECISION)
+                b = tl.load(
+                    b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=(offs_n[:, None] < N) & rank_in_range,
+                    other=0.0,
+                )
+                if LOWRANK_SPLIT:
+                    v = tl.dot(g, split_wide(b, g.dtype), v)
+                else:
+                    v = tl.dot(g.to(LOWRANK_DTYPE), b.to(LOWRANK_DTYPE), v, input_precision=LOWRANK_PRECISION)
         if NEED_DB_LORA:
             if LOWRANK_SPLIT:
                 db_lora = fold_split(tl.dot(tl.trans(g), u))
