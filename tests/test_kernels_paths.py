@@ -349,27 +349,24 @@ def test_split_lowrank_dots_match_the_reference(path, case, monkeypatch, poison_
 @pytest.mark.parametrize("case", SPLIT_CASES[:2] + SPLIT_CASES[3:], ids=_id)
 def test_vdb_pass_with_b_split_in_memory(case, monkeypatch, poison_empty):
     """The v/dB pass as it runs on sm_90 with row tiles of 64 or more (launch_gemm._vdb_wgmma, forced here): B split
-    once by split_wide_kernel and read by the pass from memory (B_SPLIT), 32-column tiles; v, dB and every other
-    gradient within the tolerance rule, fp16 standing in for bf16 as above."""
+    once by the zeroing launch (zero_fp32_kernel BLOCK_SPLIT) and read by the pass from memory (B_SPLIT); v, dB and
+    every other gradient within the tolerance rule, fp16 standing in for bf16 as above."""
     from fused_lora.kernels import common, launch_gemm, lora_bwd
 
     M, K, N, r, dtype, base, adapter_dtype, bias, p, layout, blocksize = case
     lora, strategy, *_ = _modules()
     monkeypatch.setattr(common, "SPLIT_DTYPES", (torch.bfloat16, torch.float16))
     monkeypatch.setattr(launch_gemm, "_vdb_wgmma", lambda block_m, device: True)
-    grids = []
-
-    class Spy:  # records the launches of split_wide_kernel
-        def __getitem__(self, grid, _kernel=lora_bwd.split_wide_kernel):
-            grids.append(grid)
-            return _kernel[grid]
-
-    monkeypatch.setattr(lora_bwd, "split_wide_kernel", Spy())
+    seen = []
+    monkeypatch.setattr(lora_bwd, "zero_fp32_kernel", LaunchRecorder(
+        lora_bwd.zero_fp32_kernel, lambda grid, kwargs: seen.append(("zero", kwargs.get("BLOCK_SPLIT", 0)))))
+    monkeypatch.setattr(lora_bwd, "lora_vdb_kernel", LaunchRecorder(
+        lora_bwd.lora_vdb_kernel, lambda grid, kwargs: seen.append(("vdb", kwargs["B_SPLIT"]))))
     x, weight, w_compute, A, B, b, g = _make_case(M, K, N, r, dtype, base, adapter_dtype, bias, layout, blocksize, M)
     with strategy.use_thresholds(**PATHS["middle"]):
         y, u = lora.forward(x, weight, A, B, SCALING, b, p, 77)
         grads = lora.backward(g, x, weight, A, B, SCALING, p, 77, u, True, True, True, b is not None)
-    assert len(grids) == 1  # B split once, by the backward
+    assert seen == [("zero", 16), ("vdb", True)], seen  # B split by the zeroing launch, read split by the pass
     m = lora.dropout_mask(77, M, K, p, "cpu") if p > 0 else None
     _check_all((y, u) + grads, x, w_compute, A, B, b, g, m, dtype)
     ref = _reference(x, w_compute, A, B, b, g, None if m is None else m.double())
@@ -377,17 +374,20 @@ def test_vdb_pass_with_b_split_in_memory(case, monkeypatch, poison_empty):
         assert relative_error(grads[2], ref[4]) < 1e-5
 
 
-def test_split_wide_kernel_matches_two_roundings():
-    """split_wide_kernel's (N, 2r) output: column 2c = bf16(w), 2c + 1 = bf16(w − hi), any strides of w, ragged N."""
-    from fused_lora.kernels import lora_bwd
+def test_the_zeroing_launch_splits_b():
+    """zeroed_fp32's ``split``: dst column 2c = fp16(w), 2c + 1 = fp16(w − hi) for any strides of w and a ragged N
+    over several programs, in the same launch that zeroes the accumulators (even a split with nothing to zero)."""
+    from fused_lora.kernels import launch_gemm
 
-    wide = torch.randn(7, 37, generator=torch.Generator().manual_seed(1))[:, 1:36:5]  # (7, 7), strided
+    wide = torch.randn(37, 41, generator=torch.Generator().manual_seed(1))[:, 1:36:5]  # (37, 7), strided
     N, r = wide.shape
     out = torch.full((N, 2 * r), float("nan"), dtype=torch.float16)
-    lora_bwd.split_wide_kernel[(1,)](wide, out, N, r, wide.stride(0), wide.stride(1), BLOCK_N=16, R_PAD=16)
+    zeros = launch_gemm.zeroed_fp32("cpu", (5,), split=(wide, out, 16))
     hi = wide.to(torch.float16)
     lo = (wide - hi.float()).to(torch.float16)
-    assert torch.equal(out[:, 0::2], hi) and torch.equal(out[:, 1::2], lo)
+    assert torch.equal(out[:, 0::2], hi) and torch.equal(out[:, 1::2], lo) and bool((zeros[0] == 0).all())
+    out.fill_(float("nan"))
+    assert launch_gemm.zeroed_fp32("cpu", split=(wide, out, 16)) == [] and torch.equal(out[:, 1::2], lo)
 
 
 def test_split_wide_keeps_sixteen_bits_of_the_wide_operand():

@@ -41,7 +41,7 @@ def test_every_kernel_with_pdl_waits_first():
     kernels = _kernels_with_pdl()
     assert set(kernels) == {"lora_decode_fwd_kernel", "lora_decode_fwd_epilogue_kernel", "lora_decode_dx_kernel",
                             "lora_decode_dx_epilogue_kernel", "lora_u_kernel", "lora_fwd_kernel", "zero_fp32_kernel",
-                            "lora_vdb_kernel", "split_wide_kernel"}  # fmt: skip
+                            "lora_vdb_kernel"}  # fmt: skip
     for name, node in kernels.items():
         body = node.body[1:] if isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant) \
             else node.body  # fmt: skip
@@ -84,12 +84,10 @@ def _capture(extra_env: dict) -> dict:
 
 def test_the_launchers_chain_the_short_kernels_on_hopper_only():
     """On sm_90 the decode path's kernels, the split-K forward (k_proj at M=256), u and the backward's zeroing and
-    pass over g (and the split of B before it) launch with PDL, the constexpr and the launch option together;
-    autotuned GEMMs never do; nothing does
-    on sm_80, or with FUSED_LORA_PDL=0."""
+    pass over g launch with PDL, the constexpr and the launch option together; autotuned GEMMs never do; nothing
+    does on sm_80, or with FUSED_LORA_PDL=0."""
     expected_on = {"lora_decode_fwd_kernel", "lora_decode_fwd_epilogue_kernel", "lora_decode_dx_kernel",
-                   "lora_decode_dx_epilogue_kernel", "lora_u_kernel", "zero_fp32_kernel", "lora_vdb_kernel",
-                   "split_wide_kernel"}
+                   "lora_decode_dx_epilogue_kernel", "lora_u_kernel", "zero_fp32_kernel", "lora_vdb_kernel"}
     got = _capture({})
     for key, launches in got.items():
         arch = int(key.split("-")[0])
@@ -100,11 +98,10 @@ def test_the_launchers_chain_the_short_kernels_on_hopper_only():
             elif kernel in expected_on:
                 assert launch_pdl, (key, kernel)
     on = {kernel for kernel, launch_pdl, _ in got["90-1"] if launch_pdl}
-    assert on == expected_on - {"lora_u_kernel", "split_wide_kernel"}, on  # decode: the whole chain of six launches
+    assert on == expected_on - {"lora_u_kernel"}, on  # the decode path: the whole chain of six launches
     split = [(kernel, launch_pdl) for kernel, launch_pdl, _ in got["90-256"]]
     assert ("lora_fwd_kernel", True) in split and ("lora_decode_fwd_epilogue_kernel", True) in split, split
     assert ("lora_dx_kernel", False) in split  # autotuned: no PDL
-    assert ("split_wide_kernel", True) in split  # B split for the v/dB pass's wgmma on sm_90
     off = _capture({pdl.ENV_VAR: "0"})
     assert not any(launch_pdl for launches in off.values() for _, launch_pdl, _ in launches)
 
@@ -130,7 +127,8 @@ from triton.compiler import ASTSource
 from fused_lora.bench import offline_compile as oc
 from fused_lora.kernels.lora_bwd import zero_fp32_kernel
 args = dict(p0=oc.Ptr("fp32", True), n0=100, p1=oc.Ptr("fp32", True), n1=7, p2=oc.Ptr("fp32", True), n2=1,
-            p3=oc.Ptr("fp32", True), n3=0, BLOCK=1024, PDL=True)
+            p3=oc.Ptr("fp32", True), n3=0, src_ptr=oc.Ptr("fp32", True), dst_ptr=oc.Ptr("bf16", True), N=100, R=16,
+            stride_sn=16, stride_sr=1, BLOCK=1024, PDL=True, BLOCK_SPLIT=64, R_PAD=16)
 signature, constexprs, attrs = oc.specialise(zero_fp32_kernel, args)
 compiled = triton.compile(ASTSource(zero_fp32_kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "launch_pdl": True})

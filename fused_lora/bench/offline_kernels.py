@@ -93,10 +93,8 @@ KERNELS: dict[str, KernelModel] = {
                                    GemmTileNames("BLOCK_M", "BLOCK_N", "BLOCK_K", b_transposed=True)),
     # v = g·B, dB = s·gᵀ·u, db = Σ g over N_PER_SPLIT columns per program
     "lora_vdb_kernel": KernelModel("lowrank", lambda a: cdiv(min(a["N_PER_SPLIT"], a["N"]), a["BLOCK_N"])),
-    # the backward's atomic accumulators (v, dB, db, dA) zeroed by one launch (no loop)
+    # the backward's atomic accumulators (v, dB, db, dA) zeroed by one launch, B split for the v/dB pass (no loop)
     "zero_fp32_kernel": KernelModel("lowrank", lambda a: 1),
-    # B split into bf16 hi and lo once per backward for the v/dB pass's wgmma (no loop)
-    "split_wide_kernel": KernelModel("lowrank", lambda a: 1),
     # dx = g·deq(W) + s·m⊙(v·A), dA += s·vᵀ·(m⊙x)
     "lora_dx_kernel": KernelModel(_weight_path, lambda a: cdiv(a["N"], a["BLOCK_N"]),
                                   GemmTileNames("BLOCK_M", "BLOCK_K", "BLOCK_N", b_transposed=False)),

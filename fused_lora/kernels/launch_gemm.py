@@ -261,9 +261,10 @@ class VdbTile(NamedTuple):
 
 
 def vdb_tile(M: int, r_pad: int) -> VdbTile:
-    """The tile (BLOCK_M, BLOCK_N, num_warps) of the v/dB pass on a GPU (3 pipeline stages, Triton's default). At
-    R_PAD=256 the B tile is BLOCK_N·256 and the v accumulator BLOCK_M·256, so BLOCK_N is 32: at 64 the kernel needs
-    180224 B of shared memory, over the A100's 166912 B (tests/test_kernels_compile.py compiles it for sm_80/sm_90)."""
+    """The tile (BLOCK_M, BLOCK_N, num_warps) of the v/dB pass on a GPU (3 pipeline stages; 4, and BLOCK_N 32, with
+    _vdb_wgmma). At R_PAD=256 the B tile is BLOCK_N·256 and the v accumulator BLOCK_M·256, so BLOCK_N is 32: at 64 the
+    kernel needs 180224 B of shared memory, over the A100's 166912 B (tests/test_kernels_compile.py compiles it for
+    sm_80/sm_90)."""
     import triton
 
     rows = 128 if r_pad <= 32 else 64 if r_pad <= 64 else 32
@@ -297,9 +298,11 @@ def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int, int]
     return block_m, block_n, triton.cdiv(n_tiles, splits) * block_n, warps
 
 
-def zeroed_fp32(device, *shapes) -> list:
+def zeroed_fp32(device, *shapes, split=None) -> list:
     """Zeroed fp32 tensors of the given shapes (None for a shape that is None), separate allocations (a returned
-    gradient must not alias another) zeroed by one launch of lora_bwd.zero_fp32_kernel instead of a memset each."""
+    gradient must not alias another) zeroed by one launch of lora_bwd.zero_fp32_kernel instead of a memset each.
+    With ``split`` = (src, dst, r_pad) the same launch also writes lora_fwd.split_wide of the fp32 (N, r) ``src``
+    into the contiguous (N, 2r) 16-bit ``dst`` (BLOCK_SPLIT)."""
     import triton
 
     from .lora_bwd import zero_fp32_kernel
@@ -310,11 +313,18 @@ def zeroed_fp32(device, *shapes) -> list:
     tensors = [None if shape is None else torch.empty(shape, device=device, dtype=torch.float32) for shape in shapes]
     present = [t for t in tensors if t is not None]
     largest = max((t.numel() for t in present), default=0)
-    if largest > 0:
+    block, programs, split_args = 1024, triton.cdiv(largest, 1024), {}
+    if split is not None:
+        src, dst, r_pad = split
+        rows = 16 if interpreting() else 64
+        programs = max(programs, triton.cdiv(src.shape[0], rows))
+        split_args = dict(src_ptr=src, dst_ptr=dst, N=src.shape[0], R=src.shape[1], stride_sn=src.stride(0),
+                          stride_sr=src.stride(1), BLOCK_SPLIT=rows, R_PAD=r_pad)  # fmt: skip
+    if programs > 0:
+        dummy = present[0] if present else split[1]
         args = [a for t in tensors + [None] * (4 - len(tensors))
-                for a in ((present[0], 0) if t is None else (t, t.numel()))]  # fmt: skip
-        block = 1024
-        zero_fp32_kernel[(triton.cdiv(largest, block),)](*args, BLOCK=block, num_warps=4, **launch_args(device))
+                for a in ((dummy, 0) if t is None else (t, t.numel()))]  # fmt: skip
+        zero_fp32_kernel[(programs,)](*args, BLOCK=block, **split_args, num_warps=4, **launch_args(device))
     return tensors
 
 
@@ -323,49 +333,65 @@ def launch_vdb(g, precisions, need_v: bool, need_dB: bool, need_db: bool, B=None
     """(v, dB32, db, zeros): (g·B, s·gᵀ·u, Σ_M g), fp32, each None unless asked for: one pass over g with relaxed
     atomics, or in the deterministic mode split reductions summed in a fixed order (lora_reduce.py). The atomic
     accumulators are zeroed by one launch (zeroed_fp32), which also zeroes ``zeros``, an fp32 tensor of shape
-    ``also_zero`` for the caller (the dx GEMM's dA accumulator); ``zeros`` is None without it or in the deterministic
-    mode."""
+    ``also_zero`` for the caller (the dx GEMM's dA accumulator), and splits B when the pass takes it split
+    (``VdbPlan.b_split``); ``zeros`` is None without it or in the deterministic mode."""
     M, N = g.shape
     r = B.shape[1] if B is not None else 0
     device = g.device
     if not strategy.deterministic():
+        plan = _vdb_plan(g, B, u, need_v)
+        b_split = torch.empty((N, 2 * r), device=device, dtype=g.dtype) if plan.b_split else None
         v, dB32, db, zeros = zeroed_fp32(
-            device, (M, r) if need_v else None, (N, r) if need_dB else None, (N,) if need_db else None, also_zero
+            device, (M, r) if need_v else None, (N, r) if need_dB else None, (N,) if need_db else None, also_zero,
+            split=(B, b_split, plan.r_pad) if plan.b_split else None,
         )
-        _launch_vdb_atomic(g, precisions, v, dB32, db, B, u, scaling)
+        _launch_vdb_atomic(plan, g, precisions, v, dB32, db, B if b_split is None else b_split, r, u, scaling)
         return v, dB32, db, zeros
     v = _v_split(g, B, precisions) if need_v else None
     dB32, db = _db_split(g, u, precisions, need_dB, need_db, scaling) if (need_dB or need_db) else (None, None)
     return v, dB32, db, None
 
 
-def _launch_vdb_atomic(g, precisions, v, dB32, db, B, u, scaling):
+class VdbPlan(NamedTuple):
+    """The v/dB pass's launch: its tile, the rank padding, whether the low-rank dots split (common.lowrank_split),
+    whether g·B is a wgmma (_vdb_wgmma) and whether B is read split from memory (B_SPLIT)."""
+
+    block_m: int
+    block_n: int
+    n_per_split: int
+    warps: int
+    r_pad: int
+    split: bool
+    wgmma: bool
+    b_split: bool
+
+
+def _vdb_plan(g, B, u, need_v: bool) -> VdbPlan:
+    M, N = g.shape
+    r_pad = rank_pad(B.shape[1]) if B is not None else FROZEN_R_PAD
+    block_m, block_n, n_per_split, warps = _vdb_blocks(M, N, r_pad, g.device)
+    split, wgmma = common.lowrank_split(g, B, u), _vdb_wgmma(block_m, g.device)
+    return VdbPlan(block_m, block_n, n_per_split, warps, r_pad, split, wgmma, split and need_v and wgmma)
+
+
+def _launch_vdb_atomic(plan: VdbPlan, g, precisions, v, dB32, db, b_operand, r: int, u, scaling):
+    """lora_vdb_kernel over g; ``b_operand`` is B (N, r), or its split (N, 2r) when plan.b_split."""
     import triton
 
-    from .lora_bwd import lora_vdb_kernel, split_wide_kernel
+    from .lora_bwd import lora_vdb_kernel
     from .pdl import launch_args
 
     M, N = g.shape
-    r = B.shape[1] if B is not None else 0
-    r_pad = rank_pad(r) if B is not None else FROZEN_R_PAD
-    block_m, block_n, n_per_split, warps = _vdb_blocks(M, N, r_pad, g.device)
-    split = common.lowrank_split(g, B, u)
-    b_operand, b_split = B, split and v is not None and _vdb_wgmma(block_m, g.device)
-    if b_split:  # B's hi and lo parts once, read by every program's wgmma from memory (lora_bwd.py)
-        b_operand = torch.empty((N, 2 * r), device=g.device, dtype=g.dtype)
-        block = 16 if interpreting() else 64
-        split_wide_kernel[(triton.cdiv(N, block),)](
-            B, b_operand, N, r, B.stride(0), B.stride(1), BLOCK_N=block, R_PAD=r_pad, num_warps=4,
-            **launch_args(g.device),
-        )  # fmt: skip
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, n_per_split))
+    grid = (triton.cdiv(M, plan.block_m), triton.cdiv(N, plan.n_per_split))
     lora_vdb_kernel[grid](
         g, b_operand, u, v, dB32, db,
-        M, N, r, n_per_split,
+        M, N, r, plan.n_per_split,
         g.stride(0), g.stride(1), *strides(b_operand), *strides(u), *strides(v), *strides(dB32), float(scaling),
         NEED_V=v is not None, NEED_DB_LORA=dB32 is not None, NEED_DB_BIAS=db is not None,
         LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
-        LOWRANK_SPLIT=split, R_PAD=r_pad, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, B_SPLIT=b_split,
+        LOWRANK_SPLIT=plan.split, R_PAD=plan.r_pad, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, num_warps=plan.warps,
+        B_SPLIT=plan.b_split,
+        num_stages=4 if plan.wgmma else 3,  # 32-column tiles: one more in flight keeps the loop on HBM bandwidth
         **launch_args(g.device),
     )  # fmt: skip
 

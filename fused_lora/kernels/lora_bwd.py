@@ -27,7 +27,7 @@ across programs, so every iteration's gᵀ·u leaves the loop at once (an atomic
 result is used inside the loop (carrying it to the next iteration waits all the same, tried with Triton 3.9). So on
 sm_90 with row tiles of 64 or more (launch_gemm._vdb_wgmma) the tile is 32 columns wide: gᵀ·u has 32 rows and runs
 on mma.sync, which has nothing to wait for, and g·B alone is a wgmma; its operands come straight from memory into
-shared memory (B split once per backward by split_wide_kernel, B_SPLIT, rather than in registers in every iteration,
+shared memory (B split once per backward by the zeroing launch, B_SPLIT, rather than in registers in every iteration,
 which Triton stores to shared memory and then waits for the wgmma that reads it), and its accumulator starts as an
 MMA of zeros, so that it stays in flight across iterations (bench/results/offline/report.md). The kernel is bound by
 reading g either way.
@@ -43,9 +43,19 @@ from .pdl import wait_for_previous
 
 
 @triton.jit
-def zero_fp32_kernel(p0, n0, p1, n1, p2, n2, p3, n3, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+def zero_fp32_kernel(
+    p0, n0, p1, n1, p2, n2, p3, n3,
+    src_ptr=None, dst_ptr=None, N=0, R=0, stride_sn=0, stride_sr=0,
+    BLOCK: tl.constexpr = 1024,
+    PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
+    BLOCK_SPLIT: tl.constexpr = 0,  # > 0: also split rows [pid·BLOCK_SPLIT, +BLOCK_SPLIT) of src into dst
+    R_PAD: tl.constexpr = 16,
+):  # fmt: skip
     """p_i[j] = 0 for j < n_i, i = 0..3 (fp32; a buffer with n_i = 0 is not touched): the atomic accumulators of one
-    backward zeroed by one launch instead of a memset each. PDL: programmatic dependent launch (pdl.py)."""
+    backward zeroed by one launch instead of a memset each. With BLOCK_SPLIT the same launch splits the fp32 (N, r)
+    operand B for the v/dB pass (B_SPLIT): dst[n, 2c] = hi(src[n, c]), dst[n, 2c + 1] = lo(src[n, c])
+    (lora_fwd.split_wide; dst (N, 2r) contiguous in its 16-bit dtype), so that the pass's wgmma reads B from memory
+    instead of splitting it in registers in every iteration."""
     wait_for_previous(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     zero = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -53,30 +63,22 @@ def zero_fp32_kernel(p0, n0, p1, n1, p2, n2, p3, n3, BLOCK: tl.constexpr, PDL: t
     tl.store(p1 + offs, zero, mask=offs < n1)
     tl.store(p2 + offs, zero, mask=offs < n2)
     tl.store(p3 + offs, zero, mask=offs < n3)
-
-
-@triton.jit
-def split_wide_kernel(src_ptr, dst_ptr, N, R, stride_sn, stride_sr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-                      PDL: tl.constexpr = False):
-    """dst[n, 2c] = hi(src[n, c]), dst[n, 2c + 1] = lo(src[n, c]) for n < N, c < R: lora_fwd.split_wide of an fp32
-    (N, r) operand (B) into a contiguous (N, 2r) tensor of dst's 16-bit dtype, once per backward, so that the v/dB
-    pass reads its wgmma operand from memory (B_SPLIT) instead of splitting it in registers in every iteration."""
-    wait_for_previous(PDL)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R_PAD)
-    wide = tl.load(src_ptr + offs_n.to(tl.int64)[:, None] * stride_sn + offs_r[None, :] * stride_sr,
-                   mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)  # fmt: skip
-    offs_c = tl.arange(0, 2 * R_PAD)
-    dst = dst_ptr + offs_n.to(tl.int64)[:, None] * (2 * R) + offs_c[None, :]
-    tl.store(dst, split_wide(wide.to(tl.float32), dst_ptr.dtype.element_ty),
-             mask=(offs_n[:, None] < N) & (offs_c[None, :] < 2 * R))  # fmt: skip
+    if BLOCK_SPLIT > 0:
+        offs_n = tl.program_id(0) * BLOCK_SPLIT + tl.arange(0, BLOCK_SPLIT)
+        offs_r = tl.arange(0, R_PAD)
+        wide = tl.load(src_ptr + offs_n.to(tl.int64)[:, None] * stride_sn + offs_r[None, :] * stride_sr,
+                       mask=(offs_n[:, None] < N) & (offs_r[None, :] < R), other=0.0)  # fmt: skip
+        offs_c = tl.arange(0, 2 * R_PAD)
+        dst = dst_ptr + offs_n.to(tl.int64)[:, None] * (2 * R) + offs_c[None, :]
+        tl.store(dst, split_wide(wide.to(tl.float32), dst_ptr.dtype.element_ty),
+                 mask=(offs_n[:, None] < N) & (offs_c[None, :] < 2 * R))  # fmt: skip
 
 
 @triton.jit
 def lora_vdb_kernel(
     # pointers
     g_ptr,  # (M, N) compute dtype
-    b_ptr,  # B (N, r); with B_SPLIT its split (N, 2r) in g's dtype (split_wide_kernel)
+    b_ptr,  # B (N, r); with B_SPLIT its split (N, 2r) in g's dtype (zero_fp32_kernel BLOCK_SPLIT)
     u_ptr,  # (M, r) fp32
     v_ptr,  # (M, r) fp32 output, zeroed (atomic adds)
     db_lora_ptr,  # dB (N, r) fp32 output, zeroed (atomic adds)
