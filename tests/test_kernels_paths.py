@@ -374,6 +374,33 @@ def test_vdb_pass_with_b_split_in_memory(case, monkeypatch, poison_empty):
         assert relative_error(grads[2], ref[4]) < 1e-5
 
 
+@pytest.mark.parametrize("r, b_dtype, need_dB", [(1, "fp32", True), (3, "fp32", False), (17, "fp16", True),
+                                                (64, "fp32", True)])
+def test_vdb_pass_with_b_split_keeps_the_lo_parts(r, b_dtype, need_dB, monkeypatch):
+    """launch_vdb with B read split from memory (forced as above; fp16 for bf16): v = g·B and dB = s·gᵀ·u within
+    1e-5 of float64 (the hi parts alone give about 1e-3), a strided B, an fp16 B, the dA accumulator zeroed too."""
+    from fused_lora.kernels import common, launch_gemm
+
+    monkeypatch.setattr(common, "SPLIT_DTYPES", (torch.bfloat16, torch.float16))
+    monkeypatch.setattr(launch_gemm, "_vdb_wgmma", lambda block_m, device: True)
+    gen = torch.Generator().manual_seed(r)
+    M, N = 37, 101
+    g = torch.randn(M, N, generator=gen).to(torch.float16)
+    B = torch.randn(r + 3, N, generator=gen)[1 : r + 1].t()  # (N, r), strided
+    B = B.to(torch.float16) if b_dtype == "fp16" else B
+    u = torch.randn(M, r, generator=gen) if need_dB else None
+    assert launch_gemm._vdb_plan(g, B, u, True).b_split
+    v, dB, db, zeros = launch_gemm.launch_vdb(g, common.precisions(g, B), True, need_dB, True, B=B, u=u, scaling=2.0,
+                                              also_zero=(5, 7))  # fmt: skip
+    assert relative_error(v, g.double() @ B.double()) < 1e-5
+    if need_dB:
+        assert relative_error(dB, 2.0 * g.double().t() @ u.double()) < 1e-5
+    else:
+        assert dB is None
+    torch.testing.assert_close(db.double(), g.double().sum(0), rtol=1e-5, atol=1e-3)
+    assert bool((zeros == 0).all())
+
+
 def test_the_zeroing_launch_splits_b():
     """zeroed_fp32's ``split``: dst column 2c = fp16(w), 2c + 1 = fp16(w − hi) for any strides of w and a ragged N
     over several programs, in the same launch that zeroes the accumulators (even a split with nothing to zero)."""

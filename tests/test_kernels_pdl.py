@@ -9,6 +9,7 @@ PDL runs only on a Hopper GPU: here the launches are captured as the launchers m
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,12 +54,43 @@ def test_pdl_is_off_without_a_hopper_gpu(monkeypatch):
     assert not pdl.enabled("cpu") and pdl.launch_args("cpu") == {"PDL": False}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
     monkeypatch.setattr(pdl, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
     assert pdl.launch_args("cuda") == {"PDL": True, "launch_pdl": True}
     monkeypatch.setenv(pdl.ENV_VAR, "0")
     assert pdl.launch_args("cuda") == {"PDL": False}
     monkeypatch.delenv(pdl.ENV_VAR)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert pdl.launch_args("cuda") == {"PDL": False}  # ROCm: the instructions are PTX
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(pdl, "HAS_GDC", False)
+    assert pdl.launch_args("cuda") == {"PDL": False}  # a Triton without grid dependency control
+    monkeypatch.setattr(pdl, "HAS_GDC", True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
     assert pdl.launch_args("cuda") == {"PDL": False}  # griddepcontrol needs sm_90
+
+
+OLD_TRITON = """
+import sys, types
+import triton.language.extra.cuda
+real = sys.modules["triton.language.extra.cuda"]
+old = types.ModuleType(real.__name__)  # the module as in a Triton before 3.4: no gdc_wait, gdc_launch_dependents
+old.__dict__.update({k: v for k, v in vars(real).items() if not k.startswith("gdc_")})
+sys.modules[real.__name__] = old
+import torch
+from fused_lora.kernels import launch_gemm, pdl
+assert not pdl.HAS_GDC and not pdl.enabled("cpu")
+v, db = launch_gemm.zeroed_fp32("cpu", (3, 4), (5,))
+assert bool((v == 0).all()) and bool((db == 0).all())
+print("ok")
+"""
+
+
+def test_the_kernels_work_with_a_triton_before_grid_dependency_control():
+    """Without triton.language.extra.cuda.gdc_* (Triton 3.2, 3.3: setup.py allows them) the package imports, PDL is
+    off and the kernels run (interpreter, in a subprocess)."""
+    proc = subprocess.run([sys.executable, "-c", OLD_TRITON], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
 CAPTURE = """
@@ -107,33 +139,49 @@ def test_the_launchers_chain_the_short_kernels_on_hopper_only():
 
 
 def test_a_pdl_kernel_waits_before_its_first_memory_access():
-    """Compiled for sm_90a in a subprocess without the interpreter (no GPU needed): griddepcontrol.wait comes before
-    the first global load, store or atomic of the PTX, then launch_dependents."""
+    """Compiled for sm_90a in a subprocess without the interpreter (no GPU needed), as the launchers launch them on
+    the decode path's backward and the v/dB pass with B split (M=256): griddepcontrol.wait comes before the first
+    global load, store or atomic of the PTX, then launch_dependents. (The two decode GEMMs are left out for time:
+    they call the same first statement, test_every_kernel_with_pdl_waits_first.)"""
     proc = subprocess.run([sys.executable, "-c", COMPILE], env={**os.environ, "TRITON_INTERPRET": "0"},
                           capture_output=True, text=True, timeout=600, cwd=REPO)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [line.strip() for line in proc.stdout.splitlines()]
-    wait = next(i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait"))
-    trigger = next(i for i, line in enumerate(lines) if line.startswith("griddepcontrol.launch_dependents"))
-    memory = [i for i, line in enumerate(lines) if any(op in line for op in MEMORY_OPS)]
-    assert memory and wait < trigger < min(memory), (wait, trigger, [lines[i] for i in memory[:3]])
+    compiled = json.loads(proc.stdout)
+    assert {"lora_decode_fwd_epilogue_kernel", "zero_fp32_kernel", "lora_vdb_kernel",
+            "lora_decode_dx_epilogue_kernel"} <= {kernel for kernel, _ in compiled}, [k for k, _ in compiled]
+    for kernel, ptx in compiled:
+        lines = [line.strip() for line in ptx.splitlines()]
+        wait = next(i for i, line in enumerate(lines) if line.startswith("griddepcontrol.wait"))
+        trigger = next(i for i, line in enumerate(lines) if line.startswith("griddepcontrol.launch_dependents"))
+        memory = [i for i, line in enumerate(lines) if MEMORY_OP.search(line)]
+        assert memory and wait < trigger < min(memory), (kernel, wait, trigger, [lines[i] for i in memory[:3]])
 
 
-MEMORY_OPS = ("ld.global", "st.global", "atom.", "red.", "cp.async")
+MEMORY_OP = re.compile(r"\b(ld\.global|st\.global|atom\.global|red\.global|cp\.async)\b")
 COMPILE = """
+import importlib, json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fused_lora.bench import offline_compile as oc
-from fused_lora.kernels.lora_bwd import zero_fp32_kernel
-args = dict(p0=oc.Ptr("fp32", True), n0=100, p1=oc.Ptr("fp32", True), n1=7, p2=oc.Ptr("fp32", True), n2=1,
-            p3=oc.Ptr("fp32", True), n3=0, src_ptr=oc.Ptr("fp32", True), dst_ptr=oc.Ptr("bf16", True), N=100, R=16,
-            stride_sn=16, stride_sr=1, BLOCK=1024, PDL=True, BLOCK_SPLIT=64, R_PAD=16)
-signature, constexprs, attrs = oc.specialise(zero_fp32_kernel, args)
-compiled = triton.compile(ASTSource(zero_fp32_kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4, "launch_pdl": True})
-ptx = compiled.asm["ptx"]
-print(ptx)
+from fused_lora.bench import offline, offline_compile as oc
+from fused_lora.bench.offline_capture import LayerSpec, capture_pass
+out, seen = [], set()
+for M in (1, 256):
+    spec = LayerSpec(M, 4096, 14336, 16)
+    steps, _ = capture_pass("fwd_bwd", spec, 90)
+    for launch in (s.candidates[0] for s in steps if s.candidates):
+        if not launch.options.get("launch_pdl") or launch.kernel in ("lora_decode_fwd_kernel", "lora_decode_dx_kernel"):
+            continue
+        job = offline.launch_job(launch, spec, 90)
+        if job.id in seen:
+            continue
+        seen.add(job.id)
+        fn = getattr(importlib.import_module(job.module), job.kernel)
+        signature, constexprs, attrs = oc.specialise(fn, job.args)
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(job.options))
+        out.append((launch.kernel, compiled.asm["ptx"]))
+print(json.dumps(out))
 """
 
 

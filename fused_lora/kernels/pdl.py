@@ -17,8 +17,9 @@ The rule, one for every kernel that takes part (a ``PDL`` constexpr and ``launch
                              scheduled once all of this kernel's programs have started)
 
 so a chain stays ordered exactly as without PDL, whatever kernel (ours or not) comes before. Off under the
-interpreter, off the GPU, on GPUs before sm_90 (the PTX instructions need sm_90), and with FUSED_LORA_PDL=0 in the
-environment (``enabled``); the kernels compute the same numbers either way.
+interpreter, off the GPU, on GPUs before sm_90 (the PTX instructions need sm_90), with a Triton before 3.4, and with
+FUSED_LORA_PDL=0 in the environment (``enabled``). The numbers are those of plain launches: bitwise in the
+deterministic mode (strategy.py), and with the relaxed atomics' run-to-run order otherwise, as without PDL.
 """
 
 from __future__ import annotations
@@ -28,19 +29,36 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..backend import interpreting
+
+try:  # grid dependency control and the launch_pdl option: Triton 3.4 and later
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except ImportError:  # an older Triton: PDL stays off (enabled), these are never reached
+    HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 
 ENV_VAR = "FUSED_LORA_PDL"
 
 
 def enabled(device) -> bool:
-    """Whether kernels on ``device`` launch with programmatic dependent launch (module docstring)."""
+    """Whether kernels on ``device`` launch with programmatic dependent launch (module docstring): a CUDA (not ROCm)
+    GPU of compute capability 9 or more, a Triton with grid dependency control, not the interpreter, and
+    FUSED_LORA_PDL not "0"."""
     device = torch.device(device)
-    if interpreting() or device.type != "cuda" or os.environ.get(ENV_VAR, "1") == "0":
+    if not HAS_GDC or interpreting() or device.type != "cuda" or os.environ.get(ENV_VAR, "1") == "0":
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def launch_args(device) -> dict:
