@@ -27,8 +27,9 @@ DoRA (``use_dora``, one active adapter), several active plain adapters (``set_ad
 A layer that computes its base alone (adapters disabled, e.g. the reference model of DPO/GRPO under
 ``disable_adapter()``; merged; no active adapter in this layer) runs ``frozen_linear``: y = x·Wᵀ + b with the same
 NF4 decode, never bitsandbytes' forward. Cases the fused path does not cover run PEFT's own forward, with one
-warning naming the case: several active adapters, LoRA variants (DoRA, aLoRA, Arrow, ...), ``lora_bias``,
-mixed-batch ``adapter_names``, a trainable base weight. A weight that bitsandbytes repacked for its CPU inference
+warning naming the case: LoRA variants other than DoRA (aLoRA, Arrow, ...), DoRA among several adapters,
+``lora_bias``, a trainable base weight, and several active adapters or mixed-batch ``adapter_names`` that include
+one of these. A weight that bitsandbytes repacked for its CPU inference
 kernel (an eval, no-grad pass through bitsandbytes on a CPU with AVX512-BF16) is read back into the NF4 layout
 without changing it, and merge/unmerge restore bitsandbytes' layout first. Layers over a 4-bit base that is not NF4
 (FP4) are not converted at all.
@@ -72,7 +73,8 @@ _fused_classes: dict[str, type] = {}
 def _warn_fallback_once(reason: str) -> None:
     warn_once(
         f"fused_lora: a PEFT LoRA layer uses PEFT's own forward because of {reason}; "
-        "the fused path covers one plain LoRA adapter over an nn.Linear or NF4 Linear4bit base",
+        "the fused path covers plain LoRA adapters (one, several active, or one per sample) and one DoRA adapter over "
+        "an nn.Linear or NF4 Linear4bit base",
         stacklevel=4,
     )
 
@@ -159,13 +161,15 @@ class _FusedLoraForward:
             return "peft", "extra forward arguments"
         if self.disable_adapters or self.merged:
             return "frozen", None
-        if kwargs.get("adapter_names") is not None:
-            return "peft", "mixed-batch adapter_names"
+        if kwargs.get("adapter_names") is not None:  # fused_adapters_forward declined them
+            return "peft", ("mixed-batch adapter_names with an adapter the fused path cannot run (a LoRA variant, "
+                            "lora_bias, fan_in_fan_out, or adapter dtypes it refuses)")
         active = [name for name in self.active_adapters if name in self.lora_A]
         if not active:
             return "frozen", None
-        if len(active) > 1:
-            return "peft", "several active adapters"
+        if len(active) > 1:  # fused_adapters_forward declined them
+            return "peft", ("several active adapters, one of which the fused path cannot run (DoRA among several, a "
+                            "LoRA variant, lora_bias, fan_in_fan_out, or adapter dtypes it refuses)")
         adapter = active[0]
         variants = getattr(self, "lora_variant", {})
         if adapter in variants:
@@ -184,6 +188,8 @@ class _FusedLoraForward:
         kind = _base_kind(base)
         if kind is None:
             return f"a base layer of type {type(base).__name__}"
+        if base.weight.is_meta:  # e.g. accelerate's offloading: a hook loads it in the base layer's own forward
+            return "a base weight on the meta device (offloaded: only the base layer's own forward loads it)"
         if kind == "dense":
             if base.weight.requires_grad:
                 return "a trainable base weight (lora_linear keeps W frozen)"

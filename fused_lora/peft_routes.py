@@ -15,8 +15,9 @@ warning naming the case).
 Anything else (a DoRA adapter among several, other variants, ``lora_bias``, ``fan_in_fan_out``, adapter dtypes the
 layer functions refuse, unsupported bases) returns None.
 
-PEFT accepts ``adapter_names=`` only in eval mode; ``mixed_adapter_batch`` gives the fused layers one adapter per
-sample in training mode too, to train several adapters in one batch (each sample's loss reaches only its adapter).
+PEFT accepts ``adapter_names=`` only in eval mode; ``mixed_adapter_batch`` gives every LoRA layer (fused or not) and
+``modules_to_save`` wrapper one adapter per sample in training mode too, to train several adapters in one batch (each
+sample's loss reaches only its adapter; with gradient checkpointing, backward inside the block).
 """
 
 from __future__ import annotations
@@ -59,39 +60,64 @@ def fused_adapters_forward(layer, x: torch.Tensor, args, kwargs) -> torch.Tensor
 
 @contextlib.contextmanager
 def mixed_adapter_batch(model: nn.Module, adapter_names):
-    """Inside the block, every fused PEFT LoRA layer of ``model`` runs with ``adapter_names`` (one adapter name per
-    sample, "__base__" for none), in training mode too, and every adapter named becomes trainable (PEFT marks only
-    the active ones); PEFT's own ``model(..., adapter_names=...)`` refuses training mode.
+    """Inside the block, every PEFT LoRA layer of ``model`` (fused or not, and every ``modules_to_save`` wrapper, as
+    PEFT's own ``adapter_names`` forward routes them) runs with ``adapter_names`` (one adapter name per sample,
+    "__base__" for none), in training mode too, and every adapter named becomes trainable in the LoRA layers (PEFT
+    marks only the active ones); PEFT's own ``model(..., adapter_names=...)`` refuses training mode.
+
+    Call ``backward()`` inside the block: with gradient checkpointing the backward pass runs the layers' forward again,
+    and outside the block that forward would not have the names (wrong gradients). So with gradient checkpointing on,
+    a block entered in training mode with gradients enabled raises on exit when its layers ran and no backward
+    pass ran them again inside it.
 
     Example:
         >>> with fl.peft_routes.mixed_adapter_batch(model, ["a", "b", "a", "__base__"]):
         ...     loss = model(**batch).loss          # rows 0, 2 reach adapter a only, row 1 adapter b
-        >>> loss.backward()
+        ...     loss.backward()
     """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
     if isinstance(adapter_names, str):
         raise TypeError(f"mixed_adapter_batch: adapter_names must be a list of names, one per sample, got the string "
                         f"{adapter_names!r}")
     names = list(adapter_names)
     wanted = set(names) - {"__base__"}
-    layers = [module for module in model.modules()
-              if getattr(type(module), "fused_backend", None) is not None and hasattr(module, "lora_A")]
-    if not layers:
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    if not any(getattr(type(module), "fused_backend", None) is not None for module in layers):
         raise ValueError("mixed_adapter_batch: the model has no fused PEFT LoRA layer (call fl.patch_peft_model)")
-    unknown = wanted - set().union(*(module.lora_A.keys() for module in layers))
+    known = set().union(*(set(module.lora_A.keys()) | set(module.lora_embedding_A.keys()) for module in layers))
+    unknown = wanted - known
     if unknown:  # PEFT's own adapter_names forward refuses them too
         raise ValueError(f"mixed_adapter_batch: no adapter named {sorted(unknown)} in the model")
+    wrappers = [module for module in model.modules() if isinstance(module, AuxiliaryTrainingWrapper)]
+    # gradient checkpointing in a block entered with gradients on (a reentrant checkpoint's first forward itself
+    # runs without them): the block must see the backward's second forward
+    recomputes = model.training and torch.is_grad_enabled() and any(
+        getattr(module, "gradient_checkpointing", False) is True for module in model.modules())
+    seen = {"forward": False, "recomputed": False}
 
     def inject(module, args, kwargs):
+        seen["recomputed" if torch._C._current_graph_task_id() != -1 else "forward"] = True
         return args, {**kwargs, "adapter_names": names}
 
     handles = []
     try:
-        for module in layers:
+        for module in layers + wrappers:
             handles.append(module.register_forward_pre_hook(inject, with_kwargs=True))
-            for name in wanted & set(module.lora_A.keys()):
-                module.lora_A[name].weight.requires_grad_(True)
-                module.lora_B[name].weight.requires_grad_(True)
+        for module in layers:
+            for name in wanted:
+                for container in (module.lora_A, module.lora_B):
+                    if name in container:
+                        container[name].weight.requires_grad_(True)
+                for container in (module.lora_embedding_A, module.lora_embedding_B):
+                    if name in container:
+                        container[name].requires_grad_(True)
         yield model
+        if recomputes and seen["forward"] and not seen["recomputed"]:
+            raise RuntimeError("mixed_adapter_batch: the model uses gradient checkpointing, so its backward pass runs "
+                               "the layers' forward again, and outside this block they would run without the adapter "
+                               "names (wrong gradients): call backward() inside the block")
     finally:
         for handle in handles:
             handle.remove()

@@ -372,3 +372,69 @@ def test_mixed_adapter_batch_refuses_what_peft_refuses(tiny_llama_dir):
         with fl.peft_routes.mixed_adapter_batch(model, "a0"):
             pass
     assert all(not module._forward_pre_hooks for module in model.modules()), "no hook left behind"
+
+
+@pytestmark_peft
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_mixed_adapter_batch_with_gradient_checkpointing(tiny_llama_dir, reentrant):
+    """Gradient checkpointing runs the layers' forward again in backward: with backward() inside the block the
+    gradients are those without checkpointing; with backward() after it the block refuses on exit (outside it the
+    second forward would run without the names: wrong gradients, silently, with a reentrant checkpoint)."""
+    names = ["a1", "a0", "__base__", "a1"]
+    ids = tokens(8, len(names))
+
+    def grads(checkpointing: bool):
+        model = four_adapter_model(tiny_llama_dir, False)
+        fl.patch_peft_model(model)
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.base_model.model.enable_input_require_grads()
+        with fl.peft_routes.mixed_adapter_batch(model, names):
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 2 * 2 * N_LINEAR
+    assert max(relative_error(checkpointed[n], g) for n, g in plain.items()) <= TIGHT
+
+    model = four_adapter_model(tiny_llama_dir, False)
+    fl.patch_peft_model(model)
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.base_model.model.enable_input_require_grads()
+    with pytest.raises(RuntimeError, match="call backward\\(\\) inside the block"):
+        with fl.peft_routes.mixed_adapter_batch(model, names):
+            model(input_ids=ids, labels=ids, use_cache=False)
+    with torch.no_grad(), fl.peft_routes.mixed_adapter_batch(model, names):
+        model(input_ids=ids, use_cache=False)  # no backward to come: no error
+
+
+@pytestmark_peft
+def test_mixed_adapter_batch_routes_layers_that_are_not_fused(tiny_llama_dir):
+    """Every PEFT LoRA layer (here a LoRA Embedding, which stays PEFT's) and every modules_to_save wrapper gets the
+    names, as PEFT's own adapter_names forward gives them: the same logits per sample."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def config():
+        return LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj", "v_proj"],
+                          modules_to_save=["lm_head"], init_lora_weights=False)
+
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), config(),
+                               adapter_name="a")
+        model.add_adapter("b", config())
+        with torch.no_grad():  # make b's saved head differ from a's
+            model.base_model.model.lm_head.modules_to_save["b"].weight.mul_(1.5)
+        fl.patch_peft_model(model)
+    model.eval()
+    names = ["a", "b", "__base__"]
+    ids = tokens(9, len(names))
+    with torch.no_grad():
+        expected = model(input_ids=ids, adapter_names=names).logits
+        with fl.peft_routes.mixed_adapter_batch(model, names):
+            got = model(input_ids=ids).logits
+    for i in range(len(names)):
+        assert relative_error(got[i], expected[i]) <= TIGHT, names[i]

@@ -136,3 +136,32 @@ def test_from_linear_on_a_linear4bit_dispatches_to_from_bnb():
         fl.FusedLoraLinear.from_linear(q, quant=None)
     with pytest.raises(TypeError, match="from_linear: got a bitsandbytes Linear8bitLt"):
         fl.FusedLoraLinear.from_linear(bnb.nn.Linear8bitLt(64, 96))
+
+
+def test_an_offloaded_base_runs_peft_forward_with_one_warning(fresh_warnings):
+    """A base whose weight lives on the meta device between calls (accelerate's offloading: a pre-forward hook of
+    the base layer loads it) is left to PEFT's forward, which calls the base layer, with one warning naming the case;
+    the fused forward would read the meta weight."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 8)), LoraConfig(r=2, target_modules=["0"],
+                                                                                   init_lora_weights=False))
+    base = model.base_model.model[0].base_layer
+    real = base.weight
+
+    def load(module, args):  # what accelerate's AlignDevicesHook does for an offloaded module
+        module.weight = real
+
+    def unload(module, args, output):
+        module.weight = torch.nn.Parameter(real.to("meta"), requires_grad=False)
+
+    real.requires_grad_(False)
+    base.register_forward_pre_hook(load)
+    base.register_forward_hook(unload)
+    x = torch.randn(3, 16)
+    expected = model(x)
+    fl.patch_peft_model(model)
+    with pytest.warns(RuntimeWarning, match="a base weight on the meta device"):
+        got = model(x)
+    assert torch.equal(got, expected)
