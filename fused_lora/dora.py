@@ -22,11 +22,9 @@ call (a write through ``W.data`` leaves no version to key a cache on); W·Aᵀ (
 
 Dtypes: the norm, c and every low-rank product run in the low-rank dtype (at least fp32, as in
 fused_lora/reference.py; PEFT computes its norm in the adapter's dtype, fp32 by default), from W's stored values
-(NF4 decoded in fp32, exactly bitsandbytes' values). One exception on the backends that compose their kernels
-(``_ComposedDora.norm``): over a dense bf16/fp16 W, W·Aᵀ is the frozen kernel's product in W's dtype (A rounded to
-it, fp32 accumulation, the N×r result rounded to it), about 1e-4 relative in the norm for a trained adapter, within
-the tolerance rule, where the reference twin stays in fp32. y and dx are returned in x's dtype, dA / dB / dmag in
-A's / B's / mag's dtype, db in at least fp32.
+(NF4 decoded in fp32, exactly bitsandbytes' values); except W·Aᵀ over a dense half W in ``_ComposedDora.norm``: the
+frozen kernel's product in W's dtype (~1e-4 relative in the norm, within the tolerance rule). y and dx are returned
+in x's dtype, dA / dB / dmag in A's / B's / mag's dtype, db in at least fp32.
 
 Backends (``backend`` as in ``lora_linear``): "reference" runs the twin below. Any other backend ("triton", and
 "cpu" where it exists) composes the backend's own kernels (``_ComposedDora``): without dropout, on Triton the fused
