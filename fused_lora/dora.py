@@ -20,11 +20,10 @@ Row norms without the N×K matrix W + s·B·A:
 ‖W_n‖² (``row_squares``): cached per NF4 weight while its tensors are unchanged, for a dense W computed in every
 call (a write through ``W.data`` leaves no version to key a cache on); W·Aᵀ (N×r) is one pass over W; A·Aᵀ is r×r.
 
-Dtypes: the norm, c and every low-rank product run in the low-rank dtype (at least fp32, as in
-fused_lora/reference.py; PEFT computes its norm in the adapter's dtype, fp32 by default), from W's stored values
-(NF4 decoded in fp32, exactly bitsandbytes' values); except W·Aᵀ over a dense half W in ``_ComposedDora.norm``: the
-frozen kernel's product in W's dtype (~1e-4 relative in the norm, within the tolerance rule). y and dx are returned
-in x's dtype, dA / dB / dmag in A's / B's / mag's dtype, db in at least fp32.
+Dtypes: the norm, c and every low-rank product run in the low-rank dtype (at least fp32, as in reference.py; PEFT
+computes its norm in the adapter's dtype, fp32 by default), from W's stored values (NF4 decoded in fp32, exactly
+bitsandbytes' values), except W·Aᵀ over a dense half W in ``_ComposedDora.norm``: the frozen kernel's product in W's
+dtype (~1e-4 relative in the norm, within the tolerance rule). y, dx in x's dtype; dA / dB / dmag in theirs; db ≥ fp32.
 
 Backends (``backend`` as in ``lora_linear``): "reference" runs the twin below. Any other backend ("triton", and
 "cpu" where it exists) composes the backend's own kernels (``_ComposedDora``): without dropout, on Triton the fused
