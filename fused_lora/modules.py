@@ -27,7 +27,7 @@ from torch import nn
 
 from . import functional
 from .dora import dora_linear, dora_row_norm_naive
-from ._common import COMPUTE_DTYPES, dtype_name, dtype_names, side_dtypes
+from ._common import COMPUTE_DTYPES, adapter_operand, dtype_name, dtype_names
 from .backend import validate_backend_name
 from .checkpoint import read_base
 from .nf4 import BLOCKSIZES, NF4Weight, quantize_nf4
@@ -460,10 +460,12 @@ class FusedLoraLinear(nn.Module):
 
     @staticmethod
     def _operand(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        """An adapter or bias as lora_linear accepts it: in the compute dtype or fp32 (fp64 with fp64 x)."""
-        if t is None or t.dtype in side_dtypes(dtype):
-            return t
-        return t.to(dtype)
+        """An adapter or bias as lora_linear accepts it: as it is in the compute dtype or fp32 (fp64 with fp64 x),
+        widened to fp32 from another 16-bit dtype (_common.adapter_operand, as the PEFT layers do), else cast."""
+        if t is None:
+            return None
+        operand = adapter_operand(t, dtype)
+        return t.to(dtype) if operand is None else operand
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = x·Wᵀ + b + s·((m⊙x)·Aᵀ)·Bᵀ for x of shape (..., in_features); returns (..., out_features).

@@ -51,7 +51,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._common import side_dtypes, warn_once
+from ._common import adapter_operand, side_dtypes, warn_once
 from .functional import frozen_linear, lora_linear
 from .nf4 import NF4Weight
 from .peft_routes import fused_adapters_forward
@@ -104,19 +104,6 @@ def _quant_state(base: nn.Module):
     packed bytes (sharded, then all-gathered as bytes), and bitsandbytes keeps the state on the module for that."""
     state = getattr(base.weight, "quant_state", None)
     return state if state is not None else getattr(base, "quant_state", None)
-
-
-def _adapter_operand(weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor | None:
-    """An adapter weight as lora_linear takes it beside x in ``compute_dtype``: as it is when its dtype is allowed
-    there (the compute dtype or fp32), widened to fp32 when it is a 16-bit dtype beside another one or beside fp32
-    (exact; e.g. TRL casts a QLoRA model's adapters to bf16 whatever its 4-bit compute dtype; the LoRA path then
-    accumulates in fp32 and the gradient is rounded back to the adapter's dtype), else None (PEFT's forward runs)."""
-    allowed = side_dtypes(compute_dtype)
-    if weight.dtype in allowed:
-        return weight
-    if weight.dtype in (torch.bfloat16, torch.float16) and torch.float32 in allowed:
-        return weight.float()
-    return None
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -207,7 +194,7 @@ class _FusedLoraForward:
 
     def _adapter_problem(self, adapter: str, compute_dtype: torch.dtype) -> str | None:
         for name, linear in (("lora_A", self.lora_A[adapter]), ("lora_B", self.lora_B[adapter])):
-            if _adapter_operand(linear.weight, compute_dtype) is None:
+            if adapter_operand(linear.weight, compute_dtype) is None:
                 return f"{name} in {linear.weight.dtype} with compute dtype {compute_dtype}"
         dropout = self.lora_dropout[adapter]
         if not isinstance(dropout, (nn.Identity, nn.Dropout)):
@@ -269,8 +256,8 @@ class _FusedLoraForward:
         return self._run(
             lora_linear, x, compute_dtype, out_dtype, bias,
             weight=weight,
-            lora_A=_adapter_operand(self.lora_A[adapter].weight, compute_dtype),
-            lora_B=_adapter_operand(self.lora_B[adapter].weight, compute_dtype),
+            lora_A=adapter_operand(self.lora_A[adapter].weight, compute_dtype),
+            lora_B=adapter_operand(self.lora_B[adapter].weight, compute_dtype),
             scaling=self.scaling[adapter],
             dropout_p=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
             training=dropout.training,

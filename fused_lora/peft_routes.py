@@ -27,7 +27,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ._common import side_dtypes
+from ._common import adapter_operand, side_dtypes
 from .dora import dora_linear
 from .functional import frozen_linear
 from .mixed import Adapter, lora_linear_multi
@@ -128,25 +128,14 @@ def _base(layer, x):
     return None if isinstance(base, str) else base
 
 
-def _operand(weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor | None:
-    """An adapter tensor as the layer functions take it beside x in ``compute_dtype``: as it is when allowed (the
-    compute dtype or fp32), widened to fp32 when it is another 16-bit dtype (exact), else None."""
-    allowed = side_dtypes(compute_dtype)
-    if weight.dtype in allowed:
-        return weight
-    if weight.dtype in (torch.bfloat16, torch.float16) and torch.float32 in allowed:
-        return weight.float()
-    return None
-
-
 def _adapter_tensors(layer, adapter: str, compute_dtype) -> tuple | None:
     """(lora_A, lora_B) in dtypes the layer functions take, or None when the adapter is not one they can run."""
     if layer.lora_bias.get(adapter, False) or getattr(layer, "fan_in_fan_out", False):
         return None
     if layer._adapter_problem(adapter, compute_dtype) is not None:
         return None
-    A = _operand(layer.lora_A[adapter].weight, compute_dtype)
-    B = _operand(layer.lora_B[adapter].weight, compute_dtype)
+    A = adapter_operand(layer.lora_A[adapter].weight, compute_dtype)
+    B = adapter_operand(layer.lora_B[adapter].weight, compute_dtype)
     return None if A is None or B is None else (A, B)
 
 
@@ -180,7 +169,7 @@ def _dora(layer, x, adapter: str):
         return None
     weight, compute_dtype, bias, out_dtype = base
     tensors = _adapter_tensors(layer, adapter, compute_dtype)
-    magnitude = _operand(layer.lora_magnitude_vector[adapter].weight, compute_dtype)
+    magnitude = adapter_operand(layer.lora_magnitude_vector[adapter].weight, compute_dtype)
     if tensors is None or magnitude is None:
         return None
     dropout = layer.lora_dropout[adapter]

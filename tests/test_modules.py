@@ -1,6 +1,7 @@
 """FusedLoraLinear: output and gradients vs the float64 reference, dtypes, dropout, from_linear / from_bnb,
 adapter on/off, merge/unmerge, state dicts (bitsandbytes keys), device/dtype moves and errors."""
 
+import copy
 import io
 import json
 import math
@@ -565,3 +566,19 @@ def test_numeric_hyper_parameters_of_the_wrong_kind_are_refused():
         fl.FusedLoraLinear(16, 8, r=2, lora_alpha="16", quant=None, compute_dtype=torch.float32)
     layer = fl.FusedLoraLinear(np.int64(16), 8, r=np.int64(2), quant=None, compute_dtype=torch.float32)
     assert type(layer.in_features) is int and type(layer.r) is int
+
+
+def test_adapters_of_another_half_dtype_are_widened_not_rounded():
+    """fp16 adapters beside a bf16 compute dtype reach the layer functions widened to fp32 (exact), as PEFT's layers
+    take them (_common.adapter_operand), not rounded to bf16: the output equals the same layer with the adapters'
+    values stored in fp32."""
+    torch.manual_seed(0)
+    half = fl.FusedLoraLinear(64, 24, r=4, lora_alpha=8, compute_dtype=torch.bfloat16, adapter_dtype=torch.float16)
+    with torch.no_grad():
+        half.lora_B.normal_()
+    wide = copy.deepcopy(half)
+    wide.lora_A = torch.nn.Parameter(half.lora_A.detach().float())
+    wide.lora_B = torch.nn.Parameter(half.lora_B.detach().float())
+    assert half._operand(half.lora_A, torch.bfloat16).dtype == torch.float32
+    x = torch.randn(5, 64)
+    assert torch.equal(half(x), wide(x))
