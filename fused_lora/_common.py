@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-__all__ = ["COMPUTE_DTYPES", "adapter_operand", "dtype_name", "dtype_names", "side_dtypes", "warn_once"]
+__all__ = ["COMPUTE_DTYPES", "adapter_operand", "adapter_operand_dtype", "dtype_name", "dtype_names", "side_dtypes", "warn_once"]
 
 # The dtypes of x (and of a dense frozen W) that the layer functions accept; fp64 runs on the reference and CPU
 # backends (not the Triton kernels).
@@ -52,17 +52,23 @@ def side_dtypes(x_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
     return tuple(dict.fromkeys((x_dtype, torch.float32)))
 
 
-def adapter_operand(t: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor | None:
-    """An adapter tensor (lora_A, lora_B, a DoRA magnitude) as the layer functions take it beside x in
-    ``compute_dtype``: as it is when its dtype is in side_dtypes, widened to fp32 when it is another 16-bit dtype
-    (exact; e.g. TRL casts a QLoRA model's adapters to bf16 whatever its 4-bit compute dtype; the low-rank path
-    accumulates in fp32 and the gradient is rounded back to the adapter's dtype), else None."""
+def adapter_operand_dtype(dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype in which an adapter tensor (lora_A, lora_B, a DoRA magnitude) of ``dtype`` reaches the layer
+    functions beside x in ``compute_dtype``: its own when in side_dtypes, fp32 for another 16-bit dtype (exact; e.g.
+    TRL casts a QLoRA model's adapters to bf16 whatever its 4-bit compute dtype; the low-rank path accumulates in fp32
+    and the gradient is rounded back to the adapter's dtype), else None (the layer functions cannot take it)."""
     allowed = side_dtypes(compute_dtype)
-    if t.dtype in allowed:
-        return t
-    if t.dtype in (torch.bfloat16, torch.float16) and torch.float32 in allowed:
-        return t.float()
+    if dtype in allowed:
+        return dtype
+    if dtype in (torch.bfloat16, torch.float16) and torch.float32 in allowed:
+        return torch.float32
     return None
+
+
+def adapter_operand(t: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in adapter_operand_dtype (``t`` itself when that is its dtype), or None."""
+    dtype = adapter_operand_dtype(t.dtype, compute_dtype)
+    return None if dtype is None else t.to(dtype)
 
 
 def warn_once(message: str, category: type[Warning] = RuntimeWarning, key=None, stacklevel: int = 3) -> None:

@@ -28,10 +28,10 @@ A layer that computes its base alone (adapters disabled, e.g. the reference mode
 ``disable_adapter()``; merged; no active adapter in this layer) runs ``frozen_linear``: y = x·Wᵀ + b with the same
 NF4 decode, never bitsandbytes' forward. Cases the fused path does not cover run PEFT's own forward, with one
 warning naming the case: LoRA variants other than DoRA (aLoRA, Arrow, ...), DoRA among several adapters,
-``lora_bias``, a trainable base weight, and several active adapters or mixed-batch ``adapter_names`` that include
-one of these. A weight that bitsandbytes repacked for its CPU inference
-kernel (an eval, no-grad pass through bitsandbytes on a CPU with AVX512-BF16) is read back into the NF4 layout
-without changing it, and merge/unmerge restore bitsandbytes' layout first. Layers over a 4-bit base that is not NF4
+``lora_bias``, a trainable base weight, an offloaded (meta) base weight, and several active adapters or mixed-batch
+``adapter_names`` that include one of these. A weight that bitsandbytes repacked for its CPU inference kernel (an
+eval, no-grad pass through bitsandbytes on a CPU with AVX512-BF16) is read back into the NF4 layout without changing
+it, and merge/unmerge restore bitsandbytes' layout first. Layers over a 4-bit base that is not NF4
 (FP4) are not converted at all.
 
 Each fused layer runs ``lora_linear`` with ``backend=layer.fused_backend``: "auto" (the class default: the Triton
@@ -51,7 +51,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._common import adapter_operand, side_dtypes, warn_once
+from ._common import adapter_operand, adapter_operand_dtype, side_dtypes, warn_once
 from .functional import frozen_linear, lora_linear
 from .nf4 import NF4Weight
 from .peft_routes import fused_adapters_forward
@@ -194,7 +194,7 @@ class _FusedLoraForward:
 
     def _adapter_problem(self, adapter: str, compute_dtype: torch.dtype) -> str | None:
         for name, linear in (("lora_A", self.lora_A[adapter]), ("lora_B", self.lora_B[adapter])):
-            if adapter_operand(linear.weight, compute_dtype) is None:
+            if adapter_operand_dtype(linear.weight.dtype, compute_dtype) is None:
                 return f"{name} in {linear.weight.dtype} with compute dtype {compute_dtype}"
         dropout = self.lora_dropout[adapter]
         if not isinstance(dropout, (nn.Identity, nn.Dropout)):

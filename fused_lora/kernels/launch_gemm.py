@@ -281,23 +281,6 @@ def _vdb_wgmma(block_m: int, device) -> bool:
     return block_m >= 64 and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _vdb_blocks(M: int, N: int, r_pad: int, device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, columns per program, num_warps) of the v/dB pass. Tall row tiles keep the dB atomics
-    ((M / BLOCK_M)·N·r adds) few; N is split across programs until the GPU is full."""
-    import triton
-
-    if interpreting():
-        block_m, block_n, warps, programs_wanted = 16, 32, 4, 2 * triton.cdiv(M, 16)
-    else:
-        block_m, block_n, warps = vdb_tile(M, r_pad)
-        programs_wanted = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    if _vdb_wgmma(block_m, device):
-        block_n = 32
-    n_tiles = triton.cdiv(N, block_n)
-    splits = max(1, min(n_tiles, programs_wanted // triton.cdiv(M, block_m)))
-    return block_m, block_n, triton.cdiv(n_tiles, splits) * block_n, warps
-
-
 def zeroed_fp32(device, *shapes, split=None) -> list:
     """Zeroed fp32 tensors of the given shapes (None for a shape that is None), separate allocations (a returned
     gradient must not alias another) zeroed by one launch of lora_bwd.zero_fp32_kernel instead of a memset each.
@@ -367,11 +350,25 @@ class VdbPlan(NamedTuple):
 
 
 def _vdb_plan(g, B, u, need_v: bool) -> VdbPlan:
+    """The launch of the v/dB pass over g (M, N). Tall row tiles keep the dB atomics ((M / BLOCK_M)·N·r adds) few;
+    N is split across programs until the GPU is full."""
+    import triton
+
     M, N = g.shape
     r_pad = rank_pad(B.shape[1]) if B is not None else FROZEN_R_PAD
-    block_m, block_n, n_per_split, warps = _vdb_blocks(M, N, r_pad, g.device)
-    split, wgmma = common.lowrank_split(g, B, u), _vdb_wgmma(block_m, g.device)
-    return VdbPlan(block_m, block_n, n_per_split, warps, r_pad, split, wgmma, split and need_v and wgmma)
+    if interpreting():
+        block_m, block_n, warps, programs_wanted = 16, 32, 4, 2 * triton.cdiv(M, 16)
+    else:
+        block_m, block_n, warps = vdb_tile(M, r_pad)
+        programs_wanted = 2 * torch.cuda.get_device_properties(g.device).multi_processor_count
+    wgmma = _vdb_wgmma(block_m, g.device)
+    if wgmma:
+        block_n = 32
+    n_tiles = triton.cdiv(N, block_n)
+    splits = max(1, min(n_tiles, programs_wanted // triton.cdiv(M, block_m)))
+    split = common.lowrank_split(g, B, u)
+    return VdbPlan(block_m, block_n, triton.cdiv(n_tiles, splits) * block_n, warps, r_pad, split, wgmma,
+                   split and need_v and wgmma)  # fmt: skip
 
 
 def _launch_vdb_atomic(plan: VdbPlan, g, precisions, v, dB32, db, b_operand, r: int, u, scaling):
