@@ -295,6 +295,39 @@ def test_splits_cover_the_axis_and_balance_the_busiest_sm(total, block, other, m
     if (total, block, other) == (4096, 256, 224):  # the decode forward at K=4096, N=14336: 6, 6, 4 steps before
         assert (splits, per_split) == (4, 1024)
 
+def test_decode_kernels_split_for_the_programs_an_sm_holds(monkeypatch):
+    """On an H200 (sm_90 thresholds, 132 SMs) the decode forward of Llama-3-8B's up_proj (112 column tiles × 32 K
+    steps) runs 2 splits of 16 steps (decode_programs_per_sm = 2: one wave of its 2-per-SM programs), where the rule
+    of the split reductions (programs_per_sm = 4) would take 8 of 4."""
+    from fused_lora.kernels import common, launch_gemm, strategy
+
+    monkeypatch.setattr(common, "sm_count", lambda device: 132)
+    with strategy.use_thresholds(strategy.THRESHOLDS["sm90"]):
+        assert launch_gemm._splits(4096, 128, 112, "cpu", decode=True) == (2, 2048)
+        assert launch_gemm._splits(4096, 128, 112, "cpu") == (8, 512)
+
+
+@pytest.mark.parametrize("per_sm, expected", [(1, [(3, 2), (16, 1)]), (8, [(3, 8), (16, 2)])])
+def test_decode_launches_follow_decode_programs_per_sm(per_sm, expected, monkeypatch, poison_empty):
+    """Both decode kernels take their split count from decode_programs_per_sm, not programs_per_sm (8 SMs under
+    the interpreter; a dense W: 3 tiles of 32 columns × 8 K steps forward, 16 tiles of 32 × 3 N steps backward),
+    and the numbers stay right at either count."""
+    from fused_lora.kernels import lora_decode
+
+    lora, strategy, *_ = _modules()
+    M, K, N, r, dtype = 3, 512, 96, 4, torch.float32
+    x, weight, w_compute, A, B, b, g = _make_case(M, K, N, r, dtype, "dense", torch.float32, True, "contiguous", 64, 5)
+    grids = []
+    for name in ("lora_decode_fwd_kernel", "lora_decode_dx_kernel"):
+        monkeypatch.setattr(lora_decode, name, LaunchRecorder(getattr(lora_decode, name),
+                                                              lambda grid, kwargs: grids.append(tuple(grid))))
+    with strategy.use_thresholds(**PATHS["decode"], decode_programs_per_sm=per_sm, programs_per_sm=9 - per_sm):
+        y, u = lora.forward(x, weight, A, B, SCALING, b, 0.0, 7)
+        grads = lora.backward(g, x, weight, A, B, SCALING, 0.0, 7, u, True, True, True, True)
+    assert grids == expected, grids
+    _check_all((y, u) + grads, x, w_compute, A, B, b, g, None, dtype)
+
+
 def test_path_choice_follows_the_thresholds():
     _, strategy, *_ = _modules()
     t = strategy.Thresholds(decode_max_m=16, large_min_m=512)

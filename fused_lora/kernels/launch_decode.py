@@ -1,8 +1,8 @@
 """Launchers of the decode path (M ≤ 64, all rows in one tile): the split-K kernels of lora_decode.py.
 
 Symbols as in lora.py. The number of splits S is chosen so that (tiles of N or K)·S programs fill the GPU
-(strategy.Thresholds.programs_per_sm per SM); the partial sums ([S, M, N] or [S, M, K] fp32, a few MB at most and
-read back at once, so mostly from L2) are summed in a fixed order by the epilogue kernels.
+(strategy.Thresholds.decode_programs_per_sm per SM); the partial sums ([S, M, N] or [S, M, K] fp32, a few MB at
+most and read back at once, so mostly from L2) are summed in a fixed order by the epilogue kernels.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
         block_n, block_k, warps = (128, FRAGMENT_BLOCK_K, 4)
     else:
         block_n, block_k, warps = (32, 64, 4) if interpreting() else (64, 256, 4)
-    splits, k_per_split = _splits(K, block_k, triton.cdiv(N, block_n), x2d.device)
+    splits, k_per_split = _splits(K, block_k, triton.cdiv(N, block_n), x2d.device, decode=True)
     y_part = torch.empty((splits, M, N), device=x2d.device, dtype=torch.float32)
     u_part = torch.empty((splits, M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
     w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize, lookup = _w_args(weight, K, x2d.dtype)
@@ -107,7 +107,7 @@ def dx(g, weight, dx_out, precisions, x2d=None, A=None, v=None, need_dA=False, s
     dx_part, splits = None, 1
     if dx_out is not None:
         block_n, block_k, warps = (32, 32, 4) if interpreting() else (128, 128, 4)
-        splits, n_per_split = _splits(N, block_n, triton.cdiv(K, block_k), g.device)
+        splits, n_per_split = _splits(N, block_n, triton.cdiv(K, block_k), g.device, decode=True)
         dx_part = torch.empty((splits, M, K), device=g.device, dtype=torch.float32)
         w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize, lookup = _w_args(weight, K, g.dtype)
         lora_decode_dx_kernel[(triton.cdiv(K, block_k), splits)](

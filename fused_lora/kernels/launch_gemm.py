@@ -20,21 +20,22 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _splits(total: int, block: int, other_programs: int, device) -> tuple[int, int]:
+def _splits(total: int, block: int, other_programs: int, device, decode: bool = False) -> tuple[int, int]:
     """(splits, elements per split) of a reduction axis of ``total`` elements in steps of ``block``.
 
     P = other_programs · splits programs of ceil(steps / splits) steps each, on ``sms`` SMs: the busiest SM runs
     ceil(P / sms) programs (those resident together share its issue slots), each costing its steps plus about one
     step of prologue and epilogue (partial sums written and read back). The rule: from the splits that launch between
-    half and twice strategy.Thresholds.programs_per_sm programs per SM (fewer when there are fewer steps), take the
-    one whose busiest SM costs least, and the fewest splits among equals (smaller partial-sum buffers). Example: 224
-    tiles × 16 steps on 132 SMs takes 4 splits (7 programs of 4 + 1 steps on the busiest SM: 35), where 3 splits of
-    6, 6 and 4 steps cost 6·(6 + 1) = 42.
+    half and twice strategy.Thresholds.programs_per_sm programs per SM (decode_programs_per_sm for the decode
+    kernels, ``decode``; fewer when there are fewer steps), take the one whose busiest SM costs least, and the fewest
+    splits among equals (smaller partial-sum buffers). Example: 224 tiles × 16 steps on 132 SMs at 4 per SM takes 4
+    splits (7 programs of 4 + 1 steps on the busiest SM: 35), where 3 splits of 6, 6 and 4 steps cost 6·(6 + 1) = 42.
     """
     sms = common.sm_count(device)
     steps = _cdiv(max(total, 1), block)
     other = max(other_programs, 1)
-    wanted = strategy.thresholds(device).programs_per_sm * sms
+    t = strategy.thresholds(device)
+    wanted = (t.decode_programs_per_sm if decode else t.programs_per_sm) * sms
     least, most = _cdiv(_cdiv(wanted, 2), other), _cdiv(2 * wanted, other)
 
     def cost(splits: int) -> tuple[int, int]:

@@ -23,8 +23,8 @@ repeated for every BLOCK_M rows); the large path adds one pass over W (read N·K
 ~37 µs for 14336×4096 on an H200), of which the side stream hides all but the first slab. The two
 cross near M = 512 on an H200 (dense GEMM of 14336×4096 at M=512: ~80 µs); an A100's MMA is 3× slower against its
 ALUs, so the in-loop decode stays cheap longer there (1024). Decode: the split-K partial sums cost S·M·N·4 bytes
-(mostly in L2): at K=4096, N=14336 the forward takes S = 8 (launch_gemm._splits), 25 % of the NF4 bytes at M=16
-and 50 % at 32.
+(mostly in L2): at K=4096, N=14336 the forward takes S = 2 on an H200 (launch_gemm._splits at
+decode_programs_per_sm = 2), 6 % of the NF4 bytes at M=16 and 12.5 % at 32.
 
 Deterministic mode (``deterministic()``): torch.are_deterministic_algorithms_enabled(), or FUSED_LORA_DETERMINISTIC=1
 in the environment, or ``use_deterministic(True)``. Then no kernel accumulates with atomics: every cross-program
@@ -54,8 +54,13 @@ class Thresholds:
     workspace_bytes: cap of the large path's workspace (two slabs of W in the compute dtype); never a whole N×K
         copy of a larger layer.
     slab_overlap: dequantize the next slab on a side CUDA stream while the current slab's GEMM runs.
-    programs_per_sm: programs per SM the decode path and the split reductions aim for: launch_gemm._splits takes
-        between half and twice as many, the count that leaves the busiest SM the least work.
+    programs_per_sm: programs per SM the split reductions aim for: launch_gemm._splits takes between half and
+        twice as many, the count that leaves the busiest SM the least work.
+    decode_programs_per_sm: the same for the decode path's split-K kernels (launch_decode.py). Their programs
+        are issue-bound (the NF4 decode), so a second wave only adds a prologue, an epilogue and a partial sum per
+        program: aim for what an SM holds at once. On sm_90 their NF4 kernels use 187-202 registers × 128 threads,
+        2 per SM (bench/results/offline): 2 splits of 16 K steps instead of 8 of 4 for Llama-3-8B's up_proj, a
+        forward 9-14 % faster at M ≤ 16 by the offline model. Elsewhere programs_per_sm until measured.
     split_k_min_steps: the middle path's forward splits K when its tiles would leave at least half the SMs idle
         (launch_gemm.y_splits), into at most one program per SM, each of at least this many K steps; 0: never.
     """
@@ -65,13 +70,14 @@ class Thresholds:
     workspace_bytes: int = 64 << 20
     slab_overlap: bool = True
     programs_per_sm: int = 4
+    decode_programs_per_sm: int = 4
     split_k_min_steps: int = 4
 
 
 # Per GPU family (compute capability major); "default" for others and for the CPU interpreter.
 THRESHOLDS: dict[str, Thresholds] = {
     "default": Thresholds(),
-    "sm90": Thresholds(decode_max_m=16, large_min_m=512),
+    "sm90": Thresholds(decode_max_m=16, large_min_m=512, decode_programs_per_sm=2),
     "sm80": Thresholds(decode_max_m=16, large_min_m=1024),
 }
 
