@@ -1,5 +1,5 @@
 """Small rules every layer of the package shares, each defined once: dtype names, the dtypes the layer functions
-accept, the dtypes an adapter or bias may take beside x, and warn-once.
+accept, the dtypes an adapter or bias may take beside x, warn-once, and a cache of values derived from a tensor.
 
 This module imports only torch and the standard library; every other module of the package may import it.
 """
@@ -7,10 +7,12 @@ This module imports only torch and the standard library; every other module of t
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
-__all__ = ["COMPUTE_DTYPES", "adapter_operand", "adapter_operand_dtype", "dtype_name", "dtype_names", "side_dtypes", "warn_once"]
+__all__ = ["COMPUTE_DTYPES", "TensorCache", "adapter_operand", "adapter_operand_dtype", "dtype_name", "dtype_names",
+           "side_dtypes", "tensor_state", "warn_once"]
 
 # The dtypes of x (and of a dense frozen W) that the layer functions accept; fp64 runs on the reference and CPU
 # backends (not the Triton kernels).
@@ -81,3 +83,32 @@ def warn_once(message: str, category: type[Warning] = RuntimeWarning, key=None, 
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, category, stacklevel=stacklevel)
+
+
+class TensorCache:
+    """Values derived from a tensor while it lives, keyed on the tensor's identity and a signature of its state
+    (tensor_state). Keyed on a tensor rather than an NF4Weight: the custom ops (functional.py) rebuild the NF4Weight
+    around the same tensors at every call, so a weight-keyed cache would never hit there."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple] = {}
+
+    def get(self, anchor: torch.Tensor, signature, compute):
+        """compute(), cached while ``anchor`` lives and ``signature`` (a function of the tensors' state) holds."""
+        ident = id(anchor)
+        entry = self._entries.get(ident)
+        if entry is not None and entry[0]() is anchor and entry[1] == signature:
+            return entry[2]
+        value = compute()
+        entries = self._entries
+        entries[ident] = (weakref.ref(anchor, lambda _, ident=ident: entries.pop(ident, None)), signature, value)
+        return value
+
+
+def tensor_state(*tensors) -> tuple | None:
+    """(address, version, device) of each tensor (None kept); None for an inference tensor (it has no version
+    counter: nothing to key a cache on)."""
+    try:
+        return tuple((t.data_ptr(), t._version, t.device) if t is not None else None for t in tensors)
+    except RuntimeError:
+        return None

@@ -23,6 +23,7 @@ included, may import it.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 
 import torch
@@ -40,6 +41,8 @@ __all__ = [
     "triton_import_error",
     "cpu_kernels_error",
     "cuda_available",
+    "cuda_capability",
+    "cuda_sm_count",
 ]
 
 BACKEND_ENV_VAR = "FUSED_LORA_BACKEND"
@@ -106,6 +109,30 @@ def cuda_available() -> bool:
         return torch.cuda.is_available()
     except RuntimeError:
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_properties(index: int) -> tuple[tuple[int, int], int]:
+    properties = torch.cuda.get_device_properties(index)
+    return (properties.major, properties.minor), properties.multi_processor_count
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def cuda_capability(device) -> tuple[int, int]:
+    """torch.cuda.get_device_capability(device), asked of CUDA once per device (the launchers ask at every call; a
+    device's properties do not change while the process runs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.cuda.get_device_capability(device)
+    return _cuda_properties(_cuda_index(device))[0]
+
+
+def cuda_sm_count(device) -> int:
+    """The streaming multiprocessors of a CUDA ``device``, asked of CUDA once per device."""
+    return _cuda_properties(_cuda_index(torch.device(device)))[1]
 
 
 def parse_device(name: str | None) -> torch.device:

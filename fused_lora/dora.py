@@ -44,11 +44,11 @@ copy of W is made per step (‖W_n‖² is computed once, from one dequantized c
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 
 from . import functional, reference
+from ._common import TensorCache, tensor_state
 from .nf4 import NF4Weight
 
 __all__ = [
@@ -111,49 +111,19 @@ def dora_row_norm(w_sq: torch.Tensor, WA: torch.Tensor, A: torch.Tensor, B: torc
     return (w_sq + (2.0 * s) * cross + (s * s) * quadratic).clamp_min(0.0).sqrt()
 
 
-class _RowSquares:
-    """‖W_n‖² per frozen NF4 weight and dtype while the weight lives, keyed on the version and address of its packed
-    and absmax. Never for a dense W: ``W.data.copy_(...)`` (a common way to load weights) moves no version counter,
-    and its pass is one read of W, as the W·Aᵀ pass of every step."""
-
-    def __init__(self):
-        self._entries: dict[int, tuple] = {}
-
-    @staticmethod
-    def _state(weight) -> tuple:
-        return tuple((t._version, t.data_ptr(), t.device) for t in (weight.packed, weight.absmax))
-
-    def get(self, weight, dtype: torch.dtype) -> torch.Tensor:
-        if not isinstance(weight, NF4Weight):
-            return self._compute(weight, dtype)
-        try:
-            state = (self._state(weight), dtype)
-        except RuntimeError:  # an inference-mode tensor has no version counter: nothing to key a cache on
-            return self._compute(weight, dtype)
-        ident = id(weight)
-        entry = self._entries.get(ident)
-        if entry is not None and entry[0]() is weight and entry[1] == state:
-            return entry[2]
-        value = self._compute(weight, dtype)
-        entries = self._entries
-        ref = weakref.ref(weight, lambda _, ident=ident: entries.pop(ident, None))
-        entries[ident] = (ref, state, value)
-        return value
-
-    @staticmethod
-    def _compute(weight, dtype: torch.dtype) -> torch.Tensor:
-        with torch.no_grad():
-            if isinstance(weight, NF4Weight):
-                dense = weight.dequantize(dtype)
-                return (dense * dense).sum(1)
-            rows = max(1, (1 << 24) // max(1, weight.shape[1]))  # bounded temporaries for a dense weight
-            return torch.cat([chunk.to(dtype).square().sum(1) for chunk in weight.detach().split(rows)])
-
-    def clear(self) -> None:
-        self._entries.clear()
+def _row_squares(weight, dtype: torch.dtype) -> torch.Tensor:
+    with torch.no_grad():
+        if isinstance(weight, NF4Weight):
+            dense = weight.dequantize(dtype)
+            return (dense * dense).sum(1)
+        rows = max(1, (1 << 24) // max(1, weight.shape[1]))  # bounded temporaries for a dense weight
+        return torch.cat([chunk.to(dtype).square().sum(1) for chunk in weight.detach().split(rows)])
 
 
-_ROW_SQUARES = _RowSquares()
+# ‖W_n‖² per frozen NF4 weight and dtype while its packed bytes live, keyed on the version and address of its
+# tensors. Never for a dense W: ``W.data.copy_(...)`` (a common way to load weights) moves no version counter, and
+# its pass is one read of W, as the W·Aᵀ pass of every step.
+_ROW_SQUARES = TensorCache()
 
 
 def row_squares(weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -165,7 +135,12 @@ def row_squares(weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         >>> row_squares(w) is row_squares(w)
         True
     """
-    return _ROW_SQUARES.get(weight, dtype)
+    if not isinstance(weight, NF4Weight):
+        return _row_squares(weight, dtype)
+    state = tensor_state(weight.packed, weight.absmax, weight.code, weight.nested_absmax, weight.nested_code,
+                         weight.offset)
+    compute = lambda: _row_squares(weight, dtype)  # noqa: E731
+    return compute() if state is None else _ROW_SQUARES.get(weight.packed, (state, dtype), compute)
 
 
 def _scale(mag: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:

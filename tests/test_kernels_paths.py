@@ -307,21 +307,34 @@ def test_decode_kernels_split_for_the_programs_an_sm_holds(monkeypatch):
         assert launch_gemm._splits(4096, 128, 112, "cpu") == (8, 512)
 
 
-@pytest.mark.parametrize("per_sm, expected", [(1, [(3, 2), (16, 1)]), (8, [(3, 8), (16, 2)])])
-def test_decode_launches_follow_decode_programs_per_sm(per_sm, expected, monkeypatch, poison_empty):
-    """Both decode kernels take their split count from decode_programs_per_sm, not programs_per_sm (8 SMs under
-    the interpreter; a dense W: 3 tiles of 32 columns × 8 K steps forward, 16 tiles of 32 × 3 N steps backward),
-    and the numbers stay right at either count."""
+# (base, K, N, decode_programs_per_sm, programs_per_sm) -> the decode kernels' grids (column tiles, splits): 8 SMs
+# under the interpreter; the NF4 forward has 128×128 tiles, the dense one 32×64, the backward 32×32
+DECODE_SPLITS = [
+    (("nf4-dq", 1024, 300, 1, 8), [(3, 2), (32, 1)]),  # 3 tiles × 8 K steps; dx 32 tiles × 10 N steps
+    (("nf4-dq", 1024, 300, 8, 1), [(3, 8), (32, 1)]),
+    (("nf4-dq", 256, 300, 1, 8), [(3, 2), (8, 1)]),  # dx 8 tiles × 10 N steps
+    (("nf4-dq", 256, 300, 8, 1), [(3, 2), (8, 5)]),
+    (("dense", 512, 96, 1, 8), [(3, 2), (16, 1)]),  # a dense W: 3 tiles × 8 K steps; dx 16 tiles × 3 N steps
+    (("dense", 512, 96, 8, 1), [(3, 8), (16, 2)]),
+]
+
+
+@pytest.mark.parametrize("case, expected", DECODE_SPLITS, ids=lambda c: "-".join(map(str, c)) if isinstance(c, tuple)
+                         else None)  # fmt: skip
+def test_decode_launches_follow_decode_programs_per_sm(case, expected, monkeypatch, poison_empty):
+    """The decode kernels take their split count from decode_programs_per_sm, not programs_per_sm, over an NF4 W
+    and a dense one, and the numbers stay right at every count."""
     from fused_lora.kernels import lora_decode
 
+    base, K, N, per_sm, other = case
     lora, strategy, *_ = _modules()
-    M, K, N, r, dtype = 3, 512, 96, 4, torch.float32
-    x, weight, w_compute, A, B, b, g = _make_case(M, K, N, r, dtype, "dense", torch.float32, True, "contiguous", 64, 5)
+    M, r, dtype = 3, 4, torch.float32
+    x, weight, w_compute, A, B, b, g = _make_case(M, K, N, r, dtype, base, torch.float32, True, "contiguous", 64, 5)
     grids = []
     for name in ("lora_decode_fwd_kernel", "lora_decode_dx_kernel"):
         monkeypatch.setattr(lora_decode, name, LaunchRecorder(getattr(lora_decode, name),
                                                               lambda grid, kwargs: grids.append(tuple(grid))))
-    with strategy.use_thresholds(**PATHS["decode"], decode_programs_per_sm=per_sm, programs_per_sm=9 - per_sm):
+    with strategy.use_thresholds(**PATHS["decode"], decode_programs_per_sm=per_sm, programs_per_sm=other):
         y, u = lora.forward(x, weight, A, B, SCALING, b, 0.0, 7)
         grads = lora.backward(g, x, weight, A, B, SCALING, 0.0, 7, u, True, True, True, True)
     assert grids == expected, grids

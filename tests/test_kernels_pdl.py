@@ -52,7 +52,7 @@ def test_every_kernel_with_pdl_waits_first():
 
 def test_pdl_is_off_without_a_hopper_gpu(monkeypatch):
     assert not pdl.enabled("cpu") and pdl.launch_args("cpu") == {"PDL": False}
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    monkeypatch.setattr(pdl, "cuda_capability", lambda device: (9, 0))
     monkeypatch.setattr(pdl, "interpreting", lambda: False)
     monkeypatch.setattr(torch.version, "hip", None)
     assert pdl.launch_args("cuda") == {"PDL": True, "launch_pdl": True}
@@ -65,7 +65,7 @@ def test_pdl_is_off_without_a_hopper_gpu(monkeypatch):
     monkeypatch.setattr(pdl, "HAS_GDC", False)
     assert pdl.launch_args("cuda") == {"PDL": False}  # a Triton without grid dependency control
     monkeypatch.setattr(pdl, "HAS_GDC", True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (8, 0))
+    monkeypatch.setattr(pdl, "cuda_capability", lambda device: (8, 0))
     assert pdl.launch_args("cuda") == {"PDL": False}  # griddepcontrol needs sm_90
 
 

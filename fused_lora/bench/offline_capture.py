@@ -29,6 +29,7 @@ from unittest import mock
 
 import torch
 
+from .. import backend
 from ..nf4 import NF4Weight
 
 __all__ = ["DeviceFacts", "TARGETS", "LayerSpec", "Launch", "TorchOp", "Step", "PASSES", "capture_pass",
@@ -416,6 +417,9 @@ def fake_device(arch: int, recorder: _Recorder):
     with contextlib.ExitStack() as stack:
         for name, value in patches.items():
             stack.enter_context(mock.patch.object(torch.cuda, name, value))
+        # backend.cuda_capability's per-device cache, answered for the target and left as it was
+        stack.enter_context(mock.patch.object(backend, "_cuda_properties",
+                                              lambda index: ((facts.major, facts.minor), facts.multi_processor_count)))
         stack.enter_context(mock.patch.object(torch.Tensor, "device", property(_device_seen)))
         stack.enter_context(mock.patch.object(torch.Tensor, "is_cuda", property(_is_cuda_seen)))
         stack.enter_context(_CudaOnMeta())

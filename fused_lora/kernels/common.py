@@ -6,12 +6,12 @@ Nothing here launches a kernel; Triton is imported lazily, so importing this mod
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import NamedTuple
 
 import torch
 
-from ..backend import interpreting
+from .._common import TensorCache, tensor_state
+from ..backend import cuda_capability, cuda_sm_count, interpreting
 
 MAX_RANK = 256
 NESTED_BLOCKSIZE = 256
@@ -67,27 +67,18 @@ def lowrank_split(x, *operands) -> bool:
 # ---------------------------------------------------------------------------------------------- NF4 scales
 
 
-# NF4 weight -> (signature of its scale tensors, fp32 scale per block). The scale of block b is
-# absmax_fp32()[b] = absmax[b], or fl(fl(nested_code[absmax_q[b]]·nested_absmax[b // 256]) + offset) with double
-# quant, computed once by NF4Weight.absmax_fp32 (bitsandbytes' rounding, byte-exact) and kept beside the weight
-# (N·K/blocksize·4 bytes: 1/8 of the packed bytes at blocksize 64) while the weight lives.
-_SCALES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _scale_signature(weight) -> tuple:
-    tensors = (weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
-    return tuple((t.data_ptr(), t._version, t.device) if t is not None else None for t in tensors)
+# The scale of NF4 block b: absmax_fp32()[b] = absmax[b], or fl(fl(nested_code[absmax_q[b]]·nested_absmax[b // 256])
+# + offset) with double quant, computed once by NF4Weight.absmax_fp32 (bitsandbytes' rounding, byte-exact) and kept
+# beside the weight's absmax (N·K/blocksize·4 bytes: 1/8 of the packed bytes at blocksize 64) while it lives.
+_SCALES = TensorCache()
 
 
 def decoded_scales(weight) -> torch.Tensor:
     """fp32 [n_blocks] scale of every NF4 block of ``weight`` (contiguous), decoded once and cached beside it;
     recomputed when one of its scale tensors is replaced or modified in place."""
-    signature = _scale_signature(weight)
-    cached = _SCALES.get(weight)
-    if cached is None or cached[0] != signature:
-        cached = (signature, weight.absmax_fp32().float().contiguous())
-        _SCALES[weight] = cached
-    return cached[1]
+    signature = tensor_state(weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
+    compute = lambda: weight.absmax_fp32().float().contiguous()  # noqa: E731
+    return compute() if signature is None else _SCALES.get(weight.absmax, signature, compute)
 
 
 class WeightArgs(NamedTuple):
@@ -101,21 +92,20 @@ class WeightArgs(NamedTuple):
     constexprs: dict
 
 
-_STANDARD_CODE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STANDARD_CODE = TensorCache()
 
 
 def has_standard_code(weight) -> bool:
     """Whether ``weight.code`` is bitsandbytes' NF4 table (the register lookups hold it as constants), checked once
-    per weight (and again when its code tensor changes)."""
+    per code tensor (and again when it changes)."""
     from .nf4_lookup import NF4_VALUES
 
-    signature = (weight.code.data_ptr(), weight.code._version, weight.code.device)
-    cached = _STANDARD_CODE.get(weight)
-    if cached is None or cached[0] != signature:
+    def compute() -> bool:
         table = torch.tensor(NF4_VALUES, dtype=torch.float32)
-        cached = (signature, bool(torch.equal(weight.code.detach().float().cpu().reshape(-1), table)))
-        _STANDARD_CODE[weight] = cached
-    return cached[1]
+        return bool(torch.equal(weight.code.detach().float().cpu().reshape(-1), table))
+
+    signature = tensor_state(weight.code)
+    return compute() if signature is None else _STANDARD_CODE.get(weight.code, signature, compute)
 
 
 def lookup_mode(weight, dtype: torch.dtype) -> str:
@@ -190,7 +180,7 @@ def gemm(kernel, x, out_name: str, reduce_name: str, reset_to_zero: tuple = ()):
         return kernel, dict(INTERPRETER_CONFIG)
     from .autotune import autotuned
 
-    capability = torch.cuda.get_device_capability(x.device)
+    capability = cuda_capability(x.device)
     return autotuned(kernel, capability, out_name, reduce_name, reset_to_zero), {}
 
 
@@ -214,7 +204,7 @@ def sm_count(device) -> int:
     """Streaming multiprocessors of ``device`` (8 under the interpreter: enough programs to cross every split)."""
     if interpreting() or torch.device(device).type != "cuda":
         return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return cuda_sm_count(device)
 
 
 def fixed_order_sum(parts: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import common
 from .common import device_guard
 
 __all__ = ["scale_columns", "column_dot", "forward_scaled", "backward_scaled", "forward_dropout", "backward_dropout",
@@ -109,7 +110,7 @@ def column_dot(g: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     block_m, block_n = _blocks(g.device)
     column_blocks = triton.cdiv(N, block_n)
     # enough programs to fill the GPU (about 4 per SM), each with at least a few row blocks
-    target = 4 * torch.cuda.get_device_properties(g.device).multi_processor_count if g.device.type == "cuda" else 1
+    target = 4 * common.sm_count(g.device) if g.device.type == "cuda" else 1
     splits = max(1, min(triton.cdiv(M, 4 * block_m), triton.cdiv(target, column_blocks)))
     rows_per_program = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_program)

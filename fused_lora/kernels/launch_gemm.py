@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..backend import interpreting
+from ..backend import cuda_capability, interpreting
 from . import common, strategy
 from .common import FROZEN_R_PAD, dropout_args, rank_pad, strides
 
@@ -34,8 +34,7 @@ def _splits(total: int, block: int, other_programs: int, device, decode: bool = 
     sms = common.sm_count(device)
     steps = _cdiv(max(total, 1), block)
     other = max(other_programs, 1)
-    t = strategy.thresholds(device)
-    wanted = (t.decode_programs_per_sm if decode else t.programs_per_sm) * sms
+    wanted = strategy.thresholds(device).programs_per_sm_for(decode) * sms
     least, most = _cdiv(_cdiv(wanted, 2), other), _cdiv(2 * wanted, other)
 
     def cost(splits: int) -> tuple[int, int]:
@@ -112,7 +111,7 @@ def y_splits(M: int, N: int, K: int, weight, x2d) -> YSplit | None:
     else:
         from .autotune import split_tile
 
-        t = split_tile(torch.cuda.get_device_capability(x2d.device), M)
+        t = split_tile(cuda_capability(x2d.device), M)
         meta = {"BLOCK_M": t.block_m, "BLOCK_N": t.block_out, "BLOCK_K": t.block_reduce, "GROUP_M": t.group_m,
                 "num_warps": t.num_warps, "num_stages": t.num_stages}  # fmt: skip
     tiles = _cdiv(M, meta["BLOCK_M"]) * _cdiv(N, meta["BLOCK_N"])
@@ -279,7 +278,7 @@ def _vdb_wgmma(block_m: int, device) -> bool:
     columns wide, so that gᵀ·u (BLOCK_N rows) runs on mma.sync, and a split B comes from memory (lora_bwd.py)."""
     if interpreting() or torch.device(device).type != "cuda":
         return False
-    return block_m >= 64 and torch.cuda.get_device_capability(device)[0] >= 9
+    return block_m >= 64 and cuda_capability(device)[0] >= 9
 
 
 def zeroed_fp32(device, *shapes, split=None) -> list:
@@ -361,7 +360,7 @@ def _vdb_plan(g, B, u, need_v: bool) -> VdbPlan:
         block_m, block_n, warps, programs_wanted = 16, 32, 4, 2 * triton.cdiv(M, 16)
     else:
         block_m, block_n, warps = vdb_tile(M, r_pad)
-        programs_wanted = 2 * torch.cuda.get_device_properties(g.device).multi_processor_count
+        programs_wanted = 2 * common.sm_count(g.device)
     wgmma = _vdb_wgmma(block_m, g.device)
     if wgmma:
         block_n = 32

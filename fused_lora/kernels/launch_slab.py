@@ -101,7 +101,9 @@ def _pipeline(device, count: int, dequantize, gemm, overlap: bool) -> None:
             gemm(i, i % 2)
         return
     main = torch.cuda.current_stream(device)
-    side = _side_streams.setdefault(device, torch.cuda.Stream(device))
+    side = _side_streams.get(device)
+    if side is None:  # one side stream per device, made at its first use (a Stream made per call costs a CUDA call)
+        side = _side_streams[device] = torch.cuda.Stream(device)
     side.wait_stream(main)  # the inputs, and the previous users of the workspace, are ready
     dequantized = [torch.cuda.Event() for _ in range(count)]
     consumed = [torch.cuda.Event() for _ in range(count)]

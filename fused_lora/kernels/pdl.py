@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import interpreting
+from ..backend import cuda_capability, interpreting
 
 try:  # grid dependency control and the launch_pdl option: Triton 3.4 and later
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -58,7 +58,7 @@ def enabled(device) -> bool:
     device = torch.device(device)
     if not HAS_GDC or interpreting() or device.type != "cuda" or os.environ.get(ENV_VAR, "1") == "0":
         return False
-    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+    return torch.version.hip is None and cuda_capability(device)[0] >= 9
 
 
 def launch_args(device) -> dict:

@@ -41,7 +41,7 @@ import os
 
 import torch
 
-from ..backend import interpreting
+from ..backend import cuda_capability, interpreting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +56,13 @@ class Thresholds:
     slab_overlap: dequantize the next slab on a side CUDA stream while the current slab's GEMM runs.
     programs_per_sm: programs per SM the split reductions aim for: launch_gemm._splits takes between half and
         twice as many, the count that leaves the busiest SM the least work.
-    decode_programs_per_sm: the same for the decode path's split-K kernels (launch_decode.py). Their programs
-        are issue-bound (the NF4 decode), so a second wave only adds a prologue, an epilogue and a partial sum per
-        program: aim for what an SM holds at once. On sm_90 their NF4 kernels use 187-202 registers × 128 threads,
-        2 per SM (bench/results/offline): 2 splits of 16 K steps instead of 8 of 4 for Llama-3-8B's up_proj, a
-        forward 9-14 % faster at M ≤ 16 by the offline model. Elsewhere programs_per_sm until measured.
+    decode_programs_per_sm: the same for the decode path's split-K kernels (launch_decode.py), None:
+        programs_per_sm. Their NF4 programs are issue-bound (the decode), so a second wave only adds a prologue, an
+        epilogue and a partial sum per program: aim for what an SM holds at once. On sm_90 they use 187-202
+        registers × 128 threads, 2 per SM (bench/results/offline): 2 splits of 16 K steps instead of 8 of 4 for
+        Llama-3-8B's up_proj, a forward 9-14 % faster at M ≤ 16 by the offline model. The dense decode forward
+        holds one program per SM but streams W: fewer programs cost it less too (46 of the 48 dense decode rows of
+        the offline sweep faster, 2 slower by under 1 %). Elsewhere None until measured.
     split_k_min_steps: the middle path's forward splits K when its tiles would leave at least half the SMs idle
         (launch_gemm.y_splits), into at most one program per SM, each of at least this many K steps; 0: never.
     """
@@ -70,8 +72,27 @@ class Thresholds:
     workspace_bytes: int = 64 << 20
     slab_overlap: bool = True
     programs_per_sm: int = 4
-    decode_programs_per_sm: int = 4
+    decode_programs_per_sm: int | None = None
     split_k_min_steps: int = 4
+
+    def __post_init__(self):
+        least = {"decode_max_m": 0, "large_min_m": 1, "workspace_bytes": 1, "programs_per_sm": 1,
+                 "decode_programs_per_sm": 1, "split_k_min_steps": 0}  # fmt: skip
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is None and name == "decode_programs_per_sm":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Thresholds.{name} must be an integer ≥ {low}, got {value!r}")
+        if not isinstance(self.slab_overlap, bool):
+            raise ValueError(f"Thresholds.slab_overlap must be True or False, got {self.slab_overlap!r}")
+
+    def programs_per_sm_for(self, decode: bool) -> int:
+        """The programs per SM launch_gemm._splits aims for: decode_programs_per_sm for the decode kernels
+        (``decode``) when set, else programs_per_sm."""
+        if decode and self.decode_programs_per_sm is not None:
+            return self.decode_programs_per_sm
+        return self.programs_per_sm
 
 
 # Per GPU family (compute capability major); "default" for others and for the CPU interpreter.
@@ -81,41 +102,59 @@ THRESHOLDS: dict[str, Thresholds] = {
     "sm80": Thresholds(decode_max_m=16, large_min_m=1024),
 }
 
-_override: list[Thresholds] = []
-_deterministic_override: list[bool] = []
+# Active use_thresholds blocks, outermost first: a whole Thresholds, or a dict of changes to what applies without
+# it. Process-wide, as torch.use_deterministic_algorithms is (autograd runs backward kernels on its own threads).
+_override: list = []
+_deterministic_override: list[list[bool]] = []
 
 
-def thresholds(device) -> Thresholds:
-    """The thresholds for ``device``: an active ``use_thresholds`` override, else THRESHOLDS by GPU family."""
-    if _override:
-        return _override[-1]
+def _family(device) -> Thresholds:
     device = torch.device(device)
     if device.type != "cuda" or interpreting():
         return THRESHOLDS["default"]
-    major = torch.cuda.get_device_capability(device)[0]
+    major = cuda_capability(device)[0]
     return THRESHOLDS.get(f"sm{major}0", THRESHOLDS["default"])
+
+
+def thresholds(device) -> Thresholds:
+    """The thresholds for ``device``: THRESHOLDS by GPU family, with the active ``use_thresholds`` blocks applied."""
+    t = _family(device)
+    for entry in _override:
+        t = entry if isinstance(entry, Thresholds) else dataclasses.replace(t, **entry)
+    return t
+
+
+def _remove(stack: list, entry) -> None:
+    """Remove ``entry`` itself (not an equal one) from ``stack``: blocks may end in any order across threads."""
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is entry:
+            del stack[i]
+            return
 
 
 @contextlib.contextmanager
 def use_thresholds(t: Thresholds | None = None, **changes):
-    """Use ``t`` (or the current thresholds with ``changes``) for every launch inside the block.
+    """Use ``t`` (with ``changes``), or the thresholds that apply without this block with ``changes`` (each GPU
+    family keeps its own other values), for every launch inside the block; yields the thresholds of the current
+    device (the current CUDA device, else the CPU's).
 
     Example:
         >>> with use_thresholds(decode_max_m=0, large_min_m=1):   # every NF4 call takes the large path
         ...     y, u = lora.forward(x, w, A, B, 2.0, None, 0.0, 0)
     """
-    base = t if t is not None else (_override[-1] if _override else THRESHOLDS["default"])
-    _override.append(dataclasses.replace(base, **changes))
+    dataclasses.replace(t or THRESHOLDS["default"], **changes)  # unknown names and bad values raise here
+    entry = dataclasses.replace(t, **changes) if t is not None else dict(changes)
+    _override.append(entry)
     try:
-        yield _override[-1]
+        yield thresholds(torch.device("cuda") if torch.cuda.is_available() else "cpu")
     finally:
-        _override.pop()
+        _remove(_override, entry)
 
 
 def deterministic() -> bool:
     """Whether the kernels must be bitwise reproducible (see the module docstring)."""
     if _deterministic_override:
-        return _deterministic_override[-1]
+        return _deterministic_override[-1][0]
     if torch.are_deterministic_algorithms_enabled():
         return True
     return os.environ.get("FUSED_LORA_DETERMINISTIC", "0") not in ("", "0")
@@ -124,11 +163,12 @@ def deterministic() -> bool:
 @contextlib.contextmanager
 def use_deterministic(flag: bool = True):
     """Force the deterministic mode on (or off) inside the block, whatever torch's setting."""
-    _deterministic_override.append(bool(flag))
+    entry = [bool(flag)]  # a list of its own, so that the block removes exactly its entry
+    _deterministic_override.append(entry)
     try:
         yield
     finally:
-        _deterministic_override.pop()
+        _remove(_deterministic_override, entry)
 
 
 def path(M: int, weight_is_nf4: bool, device) -> str:

@@ -1,0 +1,115 @@
+"""The kernels' host side: the thresholds and their overrides, and what the launchers cache between calls (decoded
+NF4 scales, the code-table check, the device's properties)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import fused_lora as fl
+
+pytestmark = pytest.mark.usefixtures("interpret_triton")
+
+
+def test_thresholds_overrides_keep_the_gpu_family_and_refuse_bad_values(monkeypatch):
+    """use_thresholds(**changes) changes only those values of the device's family (an H200 keeps its
+    decode_programs_per_sm); a whole Thresholds replaces them; blocks nest and end in any order; a value out of
+    range or an unknown name is refused by name, before any launch."""
+    from fused_lora.kernels import strategy
+
+    monkeypatch.setattr(strategy, "interpreting", lambda: False)
+    monkeypatch.setattr(strategy, "cuda_capability", lambda device: (9, 0))
+    sm90 = strategy.THRESHOLDS["sm90"]
+    assert strategy.thresholds("cuda") == sm90 and sm90.programs_per_sm_for(True) == 2
+    with strategy.use_thresholds(decode_max_m=32):
+        assert strategy.thresholds("cuda") == dataclasses.replace(sm90, decode_max_m=32)
+        assert strategy.thresholds("cpu") == strategy.Thresholds(decode_max_m=32)
+        with strategy.use_thresholds(strategy.Thresholds(large_min_m=7)):
+            assert strategy.thresholds("cuda") == strategy.Thresholds(large_min_m=7)
+            with strategy.use_thresholds(programs_per_sm=3):
+                assert strategy.thresholds("cuda") == strategy.Thresholds(large_min_m=7, programs_per_sm=3)
+        assert strategy.thresholds("cuda").decode_programs_per_sm == 2
+    assert strategy.thresholds("cuda") == sm90 and not strategy._override
+    outer, inner = strategy.use_thresholds(decode_max_m=8), strategy.use_thresholds(large_min_m=9)
+    outer.__enter__(), inner.__enter__()
+    outer.__exit__(None, None, None)  # ends first: the inner block's change stays
+    assert strategy.thresholds("cpu") == strategy.Thresholds(large_min_m=9)
+    inner.__exit__(None, None, None)
+    assert not strategy._override
+    assert strategy.Thresholds().programs_per_sm_for(True) == 4  # None: programs_per_sm
+    for bad in ({"programs_per_sm": 0}, {"decode_programs_per_sm": 0}, {"decode_max_m": -1}, {"large_min_m": 0},
+                {"workspace_bytes": 0}, {"split_k_min_steps": 1.5}, {"slab_overlap": "yes"}):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=f"Thresholds.{name}"):
+            strategy.Thresholds(**bad)
+        with pytest.raises(ValueError, match=f"Thresholds.{name}"):
+            with strategy.use_thresholds(**bad):
+                pass
+    with pytest.raises(TypeError):
+        with strategy.use_thresholds(decode_max=1):
+            pass
+    assert not strategy._override
+
+
+def test_nf4_scales_are_decoded_once_through_the_ops(monkeypatch):
+    """The custom ops rebuild the NF4Weight around the same tensors at every call: the decoded scales and the
+    code-table check are cached on those tensors, so two training steps decode the scales once (they were decoded
+    in every forward and backward); an in-place change of absmax decodes them again."""
+    from fused_lora import nf4
+    from fused_lora.kernels import common
+
+    torch.manual_seed(0)
+    w = fl.quantize_nf4(torch.randn(64, 128), blocksize=64, double_quant=True)
+    x, A = torch.randn(3, 128, requires_grad=True), torch.randn(4, 128, requires_grad=True)
+    B = torch.randn(64, 4, requires_grad=True)
+    decodes, checks = [], []
+    real_decode, real_get = nf4.NF4Weight.absmax_fp32, common._STANDARD_CODE.get
+    monkeypatch.setattr(nf4.NF4Weight, "absmax_fp32", lambda self: (decodes.append(1), real_decode(self))[1])
+    monkeypatch.setattr(common._STANDARD_CODE, "get", lambda anchor, signature, compute: real_get(
+        anchor, signature, lambda: (checks.append(1), compute())[1]))
+    for _ in range(2):
+        fl.functional.lora_linear(x, w, A, B, 2.0, backend="triton").sum().backward()
+    assert len(decodes) == 1 and len(checks) == 1, (decodes, checks)
+    with torch.no_grad():
+        w.absmax.add_(1)
+    fl.functional.lora_linear(x, w, A, B, 2.0, backend="triton").sum().backward()
+    assert len(decodes) == 2
+
+
+def test_device_properties_are_asked_once_per_device(monkeypatch):
+    """backend.cuda_capability and cuda_sm_count ask CUDA once per device index (the launchers ask at every
+    call); a device other than CUDA goes to torch.cuda.get_device_capability as before."""
+    from fused_lora import backend
+
+    asked = []
+
+    class Properties:
+        major, minor, multi_processor_count = 9, 0, 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: (asked.append(index), Properties())[1])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    backend._cuda_properties.cache_clear()
+    try:
+        for _ in range(3):
+            assert backend.cuda_capability("cuda:0") == (9, 0) and backend.cuda_sm_count(torch.device("cuda", 0)) == 132
+            assert backend.cuda_capability("cuda") == (9, 0)  # the current device, index 1
+        assert asked == [0, 1]
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
+        assert backend.cuda_capability("cpu") == (7, 5)
+    finally:
+        backend._cuda_properties.cache_clear()
+
+
+def test_an_nf4_weight_made_in_inference_mode_runs_on_the_kernels():
+    """Inference tensors have no version counter, so nothing can key a cache on them: the scales are decoded and
+    the code table checked without caching (this raised "Inference tensors do not track version counter")."""
+    from fused_lora.kernels import common
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        w = fl.quantize_nf4(torch.randn(32, 128), blocksize=64, double_quant=True)
+        x, A, B = torch.randn(3, 128), torch.randn(4, 128), torch.randn(32, 4)
+        y = fl.functional.lora_linear(x, w, A, B, 2.0, backend="triton")
+        expected = fl.functional.lora_linear(x, w, A, B, 2.0, backend="reference")
+        assert common.tensor_state(w.absmax) is None
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
