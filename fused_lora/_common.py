@@ -56,13 +56,15 @@ def side_dtypes(x_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
 
 def adapter_operand_dtype(dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype | None:
     """The dtype in which an adapter tensor (lora_A, lora_B, a DoRA magnitude) of ``dtype`` reaches the layer
-    functions beside x in ``compute_dtype``: its own when in side_dtypes, fp32 for another 16-bit dtype (exact; e.g.
-    TRL casts a QLoRA model's adapters to bf16 whatever its 4-bit compute dtype; the low-rank path accumulates in fp32
-    and the gradient is rounded back to the adapter's dtype), else None (the layer functions cannot take it)."""
+    functions beside x in ``compute_dtype``: its own when in side_dtypes, else fp32 where x takes fp32 beside it:
+    for another 16-bit dtype exactly (e.g. TRL casts a QLoRA model's adapters to bf16 whatever its 4-bit compute
+    dtype; the low-rank path accumulates in fp32 and the gradient is rounded back to the adapter's dtype), for fp64
+    adapters at fp32 precision (not rounded to a 16-bit compute dtype); else None (fp32 or 16-bit adapters beside
+    fp64 x: the layer functions cannot take them)."""
     allowed = side_dtypes(compute_dtype)
     if dtype in allowed:
         return dtype
-    if dtype in (torch.bfloat16, torch.float16) and torch.float32 in allowed:
+    if dtype.is_floating_point and torch.float32 in allowed:
         return torch.float32
     return None
 

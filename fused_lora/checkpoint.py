@@ -26,7 +26,8 @@ def read_base(state_dict, prefix: str, *, shape, nf4: NF4Weight | None, dtype, d
               missing_keys: list, unexpected_keys: list, error_msgs: list):  # fmt: skip
     """The checkpoint's base for a layer of ``shape`` (out, in): an NF4Weight when ``nf4`` (the layer's current
     NF4 base, whose blocksize and double quantization a dense checkpoint is quantized with) is given, else a dense
-    tensor in ``dtype`` for the layer's Parameter; None when the checkpoint has no usable base. Problems go to
+    tensor in ``dtype`` for the layer's Parameter; None when the checkpoint has no usable base. ``device`` None
+    keeps the checkpoint's (a layer on the meta device, loaded with assign=True). Problems go to
     ``missing_keys`` / ``unexpected_keys`` (only with ``strict``, as torch's own modules do; torch's
     load_state_dict always passes strict=True here and raises for them only when its own ``strict`` is True) and
     ``error_msgs`` (always raised).
@@ -37,13 +38,17 @@ def read_base(state_dict, prefix: str, *, shape, nf4: NF4Weight | None, dtype, d
     """
     key = prefix + "weight"
     extra = sorted(k for k in state_dict if k.startswith(key + "."))
+    if key + ".quant_state.bitsandbytes__fp4" in state_dict:  # always an error: the layer keeps no wrong base
+        error_msgs.append(f"could not load {key}: the checkpoint holds bitsandbytes FP4; only NF4 is supported")
+        return None
     if any(key + "." + suffix in state_dict for suffix in _NF4_MARKERS):
         nested = [key + "." + s for s in NESTED_KEYS]
         needed = [key] + [key + "." + s for s in NF4_KEYS] + (nested if any(k in state_dict for k in nested) else [])
         absent = [k for k in needed if k not in state_dict]
         if strict:
             unexpected_keys.extend(k for k in extra if k not in needed)
-            missing_keys.extend(absent)
+            # a dense layer's weight is a Parameter: torch reports it missing itself
+            missing_keys.extend(k for k in absent if k != key or nf4 is not None)
         if absent:
             return None
     else:
@@ -70,7 +75,8 @@ def read_base(state_dict, prefix: str, *, shape, nf4: NF4Weight | None, dtype, d
         if nf4 is not None:
             if isinstance(loaded, NF4Weight):
                 return loaded
-            return quantize_nf4(loaded.detach().to(device), blocksize=nf4.blocksize, double_quant=nf4.double_quant)
+            dense = loaded.detach() if device is None else loaded.detach().to(device)
+            return quantize_nf4(dense, blocksize=nf4.blocksize, double_quant=nf4.double_quant)
         return loaded.dequantize(dtype) if isinstance(loaded, NF4Weight) else loaded
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         error_msgs.append(f"could not load {key}: {error}")

@@ -115,7 +115,9 @@ def _check_inputs(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training)
         raise ValueError(f"{caller}: lora_A must be (r, in_features) with r >= 1, got {tuple(lora_A.shape)}")
     r = lora_A.shape[0]
     if lora_A.shape[1] != in_features:
-        raise ValueError(f"{caller}: lora_A has shape {tuple(lora_A.shape)}, expected ({r}, {in_features})")
+        hint = " (transposed?)" if lora_A.shape[0] == in_features else ""
+        raise ValueError(f"{caller}: lora_A has shape {tuple(lora_A.shape)}, expected (r, in_features) = "
+                         f"(r, {in_features}){hint}")
     if tuple(lora_B.shape) != (out_features, r):
         raise ValueError(f"{caller}: lora_B has shape {tuple(lora_B.shape)}, expected ({out_features}, {r})")
     _check_bias(caller, x, bias, out_features)
@@ -403,8 +405,8 @@ def _choose_backend(backend, x2d, weight, lora_A, lora_B, bias, dropout_p, calle
             return "reference"
         reason = _implementation(chosen).unsupported_reason(x2d, weight, lora_A, lora_B, bias, dropout_p)
         if reason is not None:
-            what = "the Triton kernels do" if chosen == "triton" else f"the {chosen!r} backend does"
-            warn_once(f"{caller}: {what} not support {reason}; using the reference backend")
+            what = "the Triton kernels" if chosen == "triton" else f"the {chosen!r} backend"
+            warn_once(f"{caller}: {what} cannot run this call ({reason}); using the reference backend")
             return "reference"
     return chosen
 

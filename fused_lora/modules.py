@@ -67,7 +67,8 @@ class LayerOptions:
             raise ValueError(f"FusedLoraLinear: lora_alpha must be a finite number, got {self.lora_alpha!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"FusedLoraLinear: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        for name, value in (("double_quant", self.double_quant), ("use_rslora", self.use_rslora)):
+        for name, value in (("double_quant", self.double_quant), ("use_rslora", self.use_rslora),
+                            ("use_dora", self.use_dora)):
             if not isinstance(value, bool):
                 raise TypeError(f"FusedLoraLinear: {name} must be True or False, got {value!r}")
         if self.quant not in QUANT_TYPES:
@@ -546,8 +547,9 @@ class FusedLoraLinear(nn.Module):
         weight_key = prefix + "weight"
         rest = {k: v for k, v in state_dict.items() if k != weight_key and not k.startswith(weight_key + ".")}
         nf4 = self.weight if isinstance(self.weight, NF4Weight) else None
+        device = None if self.lora_A.device.type == "meta" else self.lora_A.device  # meta: torch's assign=True load
         loaded = read_base(state_dict, prefix, shape=(self.out_features, self.in_features), nf4=nf4,
-                           dtype=self.compute_dtype, device=self.lora_A.device, strict=strict,
+                           dtype=self.compute_dtype, device=device, strict=strict,
                            missing_keys=missing_keys, unexpected_keys=unexpected_keys, error_msgs=error_msgs)
         if nf4 is not None:
             if loaded is not None:
