@@ -307,15 +307,15 @@ def test_decode_kernels_split_for_the_programs_an_sm_holds(monkeypatch):
         assert launch_gemm._splits(4096, 128, 112, "cpu") == (8, 512)
 
 
-# (base, K, N, decode_programs_per_sm, programs_per_sm) -> the decode kernels' grids (column tiles, splits): 8 SMs
-# under the interpreter; the NF4 forward has 128×128 tiles, the dense one 32×64, the backward 32×32
+# (base, K, N, decode_programs_per_sm, programs_per_sm) -> the decode kernels' grids (columns, splits): 8 SMs under
+# the interpreter; the NF4 forward has 128×128 tiles and the dense one 32×64, plus u's column; the backward 32×32
 DECODE_SPLITS = [
-    (("nf4-dq", 1024, 300, 1, 8), [(3, 2), (32, 1)]),  # 3 tiles × 8 K steps; dx 32 tiles × 10 N steps
-    (("nf4-dq", 1024, 300, 8, 1), [(3, 8), (32, 1)]),
-    (("nf4-dq", 256, 300, 1, 8), [(3, 2), (8, 1)]),  # dx 8 tiles × 10 N steps
-    (("nf4-dq", 256, 300, 8, 1), [(3, 2), (8, 5)]),
-    (("dense", 512, 96, 1, 8), [(3, 2), (16, 1)]),  # a dense W: 3 tiles × 8 K steps; dx 16 tiles × 3 N steps
-    (("dense", 512, 96, 8, 1), [(3, 8), (16, 2)]),
+    (("nf4-dq", 1024, 300, 1, 8), [(4, 2), (32, 1)]),  # 3 + 1 columns × 8 K steps; dx 32 tiles × 10 N steps
+    (("nf4-dq", 1024, 300, 8, 1), [(4, 8), (32, 1)]),
+    (("nf4-dq", 256, 300, 1, 8), [(4, 2), (8, 1)]),  # dx 8 tiles × 10 N steps
+    (("nf4-dq", 256, 300, 8, 1), [(4, 2), (8, 5)]),
+    (("dense", 512, 96, 1, 8), [(4, 2), (16, 1)]),  # a dense W: 3 + 1 columns × 8 K steps; dx 16 tiles × 3 N steps
+    (("dense", 512, 96, 8, 1), [(4, 8), (16, 2)]),
 ]
 
 

@@ -46,6 +46,11 @@ def test_sass_main_loop_mma_and_overlap():
     assert got["loop_mma_flops"] == {"16bit": 2 * (2 * 64 * 128 * 16) * 2}  # 2 HGMMA × 2 warpgroups
     assert got["loop_load_bytes"] == (16 + 1) * 32 * 8
     assert got["sass_total"] == 1 + len(body) + 1 + 2 + 1
+    assert got["side_loops"] == []
+    # a second loop after the main one (e.g. u's): its SASS per iteration and whether it loads, in code order
+    side = _sass(["LDG.E R3, desc[UR4][R2.64];", "FADD R4, R4, R3;"]).replace("LBB0", "LBB7").replace("LBB1", "LBB8")
+    got = analyse_sass(_sass(body).replace("Function:k", "") + "\n" + side.replace("Function:k", ""), _ptx(2), 8)
+    assert got["sass_loop"] == len(body) + 1 and got["side_loops"] == [[3, True]]  # (not the trap after EXIT)
 
 
 def test_sass_serial_wgmma_and_unrolled_loop():
@@ -113,6 +118,21 @@ def test_an_underfilled_grid_pays_one_program_and_memory_bound_kernels_stream():
     streaming = predict_kernel(_record(sass_loop=10, loop_mma_flops={}), 132 * 8, 4, 4.3e9)  # 4.3 GB
     assert streaming.bound == "memory" and streaming.memory_ms == pytest.approx(1.0)
     assert streaming.ms == pytest.approx(1.0 + H200.launch_us * 1e-3)
+
+
+def test_side_loops_add_to_every_program_or_bound_their_own_programs():
+    """A loop every program runs after its main loop adds its trips (issue, or one latency per trip when it loads)
+    to each program; loops that a few programs run instead (the decode forward's u) bound the kernel by those
+    programs' time; none compiled (a bound specialised away): nothing; a count that disagrees: refused."""
+    latency = H200.hbm_latency_ns * 1e-9 * H200.clock_hz / 2  # ring of 3: two loads ahead
+    base = predict_kernel(_record(), 132, 8, 0)
+    every = predict_kernel(_record(side_loops=[[50, True]]), 132, 8, 0, side_loops=[(4, None)])
+    assert every.compute_ms - base.compute_ms == pytest.approx(4 * latency / H200.clock_hz * 1e3)
+    own = predict_kernel(_record(side_loops=[[50, False]]), 132, 8, 0, side_loops=[(100_000, 1)])
+    assert own.compute_ms == pytest.approx((100_000 * 50 * 8 / 4 + (1000 - 400) * 8 / 4) / H200.clock_hz * 1e3)
+    assert predict_kernel(_record(side_loops=[]), 132, 8, 0, side_loops=[(4, None)]).ms == base.ms
+    with pytest.raises(ValueError, match="1 loops besides its main one, its KernelModel side_loops names 2"):
+        predict_kernel(_record(side_loops=[[50, True]]), 132, 8, 0, side_loops=[(4, None)] * 2)
 
 
 class _T:  # a KernelTime stand-in for simulate_pass

@@ -195,7 +195,8 @@ def _kernel_row(variant, launch, record, base, weight_bytes: int, cublas_ms: flo
         "narrowest_load_bits": record["narrowest_global_load_bits"], "hbm_bytes": hbm,
     })  # fmt: skip
     if variant.arch == PREDICTED_ARCH:
-        t = predict_kernel(record, launch.programs, trips, hbm, gpu, launch_us)
+        side = model.side_loops(launch.args) if model.side_loops else None
+        t = predict_kernel(record, launch.programs, trips, hbm, gpu, launch_us, side)
         share = model.weight_share(launch.args) if model.weight_share else launch.weight_reads
         fraction = _hbm_fraction(share * weight_bytes, t.ms, gpu) if share else None
         row.update({"predicted_ms": round(t.ms, 5), "predicted_ratio_vs_cublas": round(t.ms / cublas_ms, 4),

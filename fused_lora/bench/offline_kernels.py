@@ -51,6 +51,9 @@ class KernelModel:
     baseline: GemmTileNames | None = None  # GEMM tile for the dense Triton GEMM baseline
     hbm_bytes: Callable[[dict], int] | None = None  # bytes the launch moves, when not every tensor it is passed
     weight_share: Callable[[dict], float] | None = None  # share of the stored W it reads, when not all of it
+    # the other innermost loops in code order (offline_compile's side_loops): (trips, programs that run it; None:
+    # every program, after its main loop; a number: that many programs of their own, beside the others)
+    side_loops: Callable[[dict], list[tuple[int, int | None]]] | None = None
 
     def path_of(self, args: dict) -> str:
         return self.path(args) if callable(self.path) else self.path
@@ -61,6 +64,25 @@ def _partial_trips(args: dict) -> int:
     from ..kernels.lora_decode import PARTIALS_PER_TRIP
 
     return cdiv(max(1, args["S"]), PARTIALS_PER_TRIP.value)
+
+
+def _decode_u_loops(args: dict) -> list[tuple[int, int | None]]:
+    """The decode forward's u: one loop per R_CHUNK ranks, as many K steps as the W programs, run by one column of
+    programs of its own (S of them)."""
+    if not args["HAS_LORA"]:
+        return []
+    trips = cdiv(min(args["K_PER_SPLIT"], args["K"]), args["BLOCK_K"])
+    splits = cdiv(args["K"], args["K_PER_SPLIT"])
+    return [(trips, splits)] * cdiv(args["R_PAD"], args["R_CHUNK"])
+
+
+def _epilogue_u_loops(args: dict) -> list[tuple[int, int | None]]:
+    """The decode epilogue's sums of u's parts (one loop per R_CHUNK ranks), in every program after y's."""
+    from ..kernels.lora_decode import U_PARTS_PER_TRIP
+
+    if not args["HAS_LORA"]:
+        return []
+    return [(cdiv(max(1, args["U_SPLITS"]), U_PARTS_PER_TRIP.value), None)] * cdiv(args["R_PAD"], args["R_CHUNK"])
 
 
 def _epilogue_path(args: dict) -> str:
@@ -102,8 +124,9 @@ KERNELS: dict[str, KernelModel] = {
     "nf4_slab_kernel": KernelModel("slab", lambda a: 1, hbm_bytes=_slab_bytes,
                                    weight_share=lambda a: _slab_elements(a) / (2 * a["packed_ptr"].numel())),
     # decode: split-K partial sums of yᵀ (and u), then their sum with bias and the low-rank term
-    "lora_decode_fwd_kernel": KernelModel("decode", lambda a: cdiv(min(a["K_PER_SPLIT"], a["K"]), a["BLOCK_K"])),
-    "lora_decode_fwd_epilogue_kernel": KernelModel(_epilogue_path, _partial_trips),
+    "lora_decode_fwd_kernel": KernelModel("decode", lambda a: cdiv(min(a["K_PER_SPLIT"], a["K"]), a["BLOCK_K"]),
+                                          side_loops=_decode_u_loops),
+    "lora_decode_fwd_epilogue_kernel": KernelModel(_epilogue_path, _partial_trips, side_loops=_epilogue_u_loops),
     "lora_decode_dx_kernel": KernelModel("decode", lambda a: cdiv(min(a["N_PER_SPLIT"], a["N"]), a["BLOCK_N"])),
     "lora_decode_dx_epilogue_kernel": KernelModel("decode", _partial_trips),
     # deterministic mode: split reductions of v, dB and dA (summed in a fixed order afterwards)

@@ -23,6 +23,10 @@ offline_kernels.py gives T), from the compiled record (offline_compile.py):
    grid (decode) pays one program's whole latency.
 4. Outside the main loop (prologue, epilogue, the low-rank term of an epilogue) each program issues its remaining
    SASS once (plus its MMA), added per program an SM runs (no overlap with other programs' loops: pessimistic).
+   A kernel's other loops (offline_kernels.KernelModel.side_loops) cost their trips × the larger of their issue
+   time and one load latency per trip over the pipeline depth: added to every program when every program runs
+   them after its main loop; when a few programs run them instead of the main loop (the decode forward's u), the
+   kernel takes at least those programs' time.
 5. Memory: the kernel moves each tensor it is passed once (HBM bytes = their sizes; the L2 catches re-reads of tiles,
    grouped launch order assumed), at ``hbm_tbps``; and a load pipelined ``depth`` iterations ahead (the ring depth of
    its shared-memory buffers minus one, at least 1) waits one latency per ``depth`` iterations: a program's loop
@@ -128,9 +132,10 @@ def _mma_cycles(flops: dict, kind: str | None, gpu: GpuConstants) -> float:
 
 
 def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu: GpuConstants = H200,
-                   launch_us: float | None = None) -> KernelTime:
+                   launch_us: float | None = None, side_loops: list | None = None) -> KernelTime:
     """Predicted time of one launch of a compiled kernel (the module docstring's kernel model); ``launch_us``
-    replaces ``gpu.launch_us`` (a launch that follows its predecessor by programmatic dependent launch)."""
+    replaces ``gpu.launch_us`` (a launch that follows its predecessor by programmatic dependent launch);
+    ``side_loops``: (trips, programs) of each of the record's other loops (offline_kernels.KernelModel)."""
     warps = record["num_warps"]
     slots_per_sm = occupancy(record, gpu)
     issue = (record["sass_loop"] or 0) * warps / gpu.issue_per_cycle
@@ -150,12 +155,13 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
     outside += _mma_cycles(record["rest_mma_flops"], record["mma"], gpu)
     outside += record["rest_membar"] * gpu.membar_ns * gpu.clock_ghz
     per_sm = math.ceil(programs / gpu.sms)
-    compute_s = (loop_cycles + per_sm * outside) / gpu.clock_hz
-
     requested = record.get("loop_load_bytes", 0) * programs * trips
     unique = 1.0 if not requested else min(1.0, hbm_bytes / requested)
     latency_s = (unique * gpu.hbm_latency_ns + (1 - unique) * gpu.l2_latency_ns) * 1e-9
     depth = max(1, (record["smem_ring_depth"] or 1) - 1)
+    every, own = _side_cycles(record, side_loops or [], latency_s * gpu.clock_hz / depth, gpu)
+    compute_s = max(loop_cycles + per_sm * (outside + every), own + outside) / gpu.clock_hz
+
     waves_of_programs = math.ceil(programs / slots)
     latency_bound_s = waves_of_programs * trips * latency_s / depth if trips else 0.0
     bandwidth_s = hbm_bytes / (gpu.hbm_tbps * 1e12)
@@ -167,6 +173,26 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
         bound = "memory" if bandwidth_s >= latency_bound_s else "latency"
     total_s = max(compute_s, memory_s) + (gpu.launch_us if launch_us is None else launch_us) * 1e-6
     return KernelTime(total_s * 1e3, compute_s * 1e3, memory_s * 1e3, slots_per_sm, programs / slots, bound)
+
+
+def _side_cycles(record: dict, side_loops: list, latency_cycles: float, gpu: GpuConstants) -> tuple[float, float]:
+    """(cycles every program adds after its main loop, cycles of the programs that run loops of their own): each
+    side loop's trips × the larger of its issue time and, when it loads from global memory, one latency per trip
+    (as the main loop's, over its pipeline depth)."""
+    loops = record.get("side_loops") or []
+    if not loops:  # none compiled (e.g. Triton specialised a loop bound of 1 away): their code is outside's
+        return 0.0, 0.0
+    if len(side_loops) != len(loops):
+        raise ValueError(f"offline model: {record.get('id')} has {len(loops)} loops besides its main one, its "
+                         f"KernelModel side_loops names {len(side_loops)}")
+    every = own = 0.0
+    for (sass, loads), (trips, runners) in zip(loops, side_loops):
+        cost = trips * max(sass * record["num_warps"] / gpu.issue_per_cycle, latency_cycles if loads else 0.0)
+        if runners is None:
+            every += cost
+        else:
+            own += cost
+    return every, own
 
 
 def predict_torch_op(nbytes: int, gpu: GpuConstants = H200) -> KernelTime:

@@ -61,11 +61,11 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
         block_n, block_k, warps = (128, FRAGMENT_BLOCK_K, 4)
     else:
         block_n, block_k, warps = (32, 64, 4) if interpreting() else (64, 256, 4)
-    splits, k_per_split = _splits(K, block_k, triton.cdiv(N, block_n), x2d.device, decode=True)
+    splits, k_per_split = _splits(K, block_k, triton.cdiv(N, block_n) + has_lora, x2d.device, decode=True)
     y_part = torch.empty((splits, M, N), device=x2d.device, dtype=torch.float32)
     u_part = torch.empty((splits, M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
     w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize, lookup = _w_args(weight, K, x2d.dtype)
-    lora_decode_fwd_kernel[(triton.cdiv(N, block_n), splits)](
+    lora_decode_fwd_kernel[(triton.cdiv(N, block_n) + has_lora, splits)](  # + u's column
         x2d, w_ptr, scale_ptr, code_ptr, A, y_part, u_part,
         M, N, K, r, k_per_split,
         x2d.stride(0), x2d.stride(1), stride_wn, stride_wk, *strides(A),

@@ -8,7 +8,7 @@ covers K_s (forward) or N_s (backward), S splits in all; partial sums go to fp32
 sum in a fixed order.
 
     forward    yᵀ_part[s] = Σ_{k ∈ K_s} deq(W)[:, k]·x[:, k]ᵀ            lora_decode_fwd_kernel, grid (N tiles, S)
-               u_part[s]  = Σ_{k ∈ K_s} (m⊙x)[:, k]·A[:, k]ᵀ             (same kernel, programs of N tile 0)
+               u_part[s]  = Σ_{k ∈ K_s} (m⊙x)[:, k]·A[:, k]ᵀ             (same kernel, one more column of programs)
                u = Σ_s u_part[s];  y = Σ_s y_part[s] + b + s·u·Bᵀ         lora_decode_fwd_epilogue_kernel, grid (N tiles)
     backward   dxᵀ_part[s] = Σ_{n ∈ N_s} deq(W)[n, :]ᵀ·g[:, n]ᵀ          lora_decode_dx_kernel, grid (K tiles, S)
                dx = Σ_s dx_part[s] + s·m⊙(v·A);  dA = s·vᵀ·(m⊙x)         lora_decode_dx_epilogue_kernel, grid (K tiles)
@@ -31,7 +31,10 @@ but added 5 more prologues and epilogues per SM (2.8 µs) and 4× the partial su
 (stream-K: every program 13-14 steps, a tile's parts from the programs that cover it) was tried: the loop over a
 program's tiles around the pipelined K loop (or one flattened loop with a store at each tile's edge) costs Triton
 3.9 as much SASS as it saves (599-848 per iteration, 540 per tile). The epilogue kernel is launched with PDL
-(pdl.py) on sm_90: 1.1 of the forward's 13.4 µs (2.6 of 16 before PDL and the two splits). Unrolling the loop
+(pdl.py) on sm_90: 1.4 of the forward's 13.9 µs (2.6 of 16 before PDL and the two splits). u has a column of
+programs of its own, as many K steps as the others: computed by the programs of column tile 0 after their W loop,
+it was a serial tail of K/64 latency-bound steps (32 at two splits; a review of the cost model, which now prices
+such loops: offline_kernels.KernelModel.side_loops). Unrolling the loop
 by two (tl.range loop_unroll_factor=2) drops the 32 IMAD.MOV that carry the next tile's decoded operands (518 SASS
 per iteration instead of 583) but makes the first of the two wgmma groups wait at once (Triton 3.9): not taken.
 """
@@ -89,61 +92,63 @@ def lora_decode_fwd_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
-    """y_part[s, :, cols]ᵀ = Σ_{k ∈ K_s} deq(W)[cols, k]·x[:, k]ᵀ; u_part[s] = Σ_{k ∈ K_s} (m⊙x)[:, k]·A[:, k]ᵀ."""
+    """y_part[s, :, cols]ᵀ = Σ_{k ∈ K_s} deq(W)[cols, k]·x[:, k]ᵀ; with HAS_LORA the last column of programs
+    computes u_part[s] = Σ_{k ∈ K_s} (m⊙x)[:, k]·A[:, k]ᵀ instead (as many K steps as the others: no tail)."""
     wait_for_previous(PDL)
     COMPUTE_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_start = split * K_PER_SPLIT
     k_end = min(k_start + K_PER_SPLIT, K)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    # yᵀ, from an MMA of zeros (an accumulator defined by ordinary instructions serialises the wgmma pipeline)
-    acc = tl.dot(tl.zeros((BLOCK_N, 16), COMPUTE_DTYPE), tl.zeros((16, BLOCK_M), COMPUTE_DTYPE))
-    lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
-    if FRAGMENT:  # row n' of acc is W's row out_rows[n']; column k' of the tile is k0 + offs_x[k']
-        tl.static_assert(BLOCK_K == 128, "fragment-ordered tiles are 128 columns wide")
-        out_rows = pid_n * BLOCK_N + fragment_rows(BLOCK_N)
-        offs_x = fragment_k()
+    if HAS_LORA and pid_n == tl.num_programs(0) - 1:
+        # u_part[split], R_CHUNK ranks at a time (small tiles of A at any r), BLOCK_K columns per step
+        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+            offs_r = r0 + tl.arange(0, R_CHUNK)
+            u = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=in_range, other=0.0)
+                if DROPOUT:
+                    x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, k0, K, p, keep_scale, BLOCK_K)
+                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+                a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+                u = tl.dot(x.to(LOWRANK_DTYPE), tl.trans(a.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
+            u_ptrs = u_ptr + split * stride_us + offs_m[:, None] * stride_um + offs_r[None, :]
+            tl.store(u_ptrs, u, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
     else:
-        out_rows = offs_n
-        offs_x = tl.arange(0, BLOCK_K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + offs_x
-        if FRAGMENT:  # K is a multiple of BLOCK_K: no column mask (it would narrow the loads)
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_m[:, None] < M, other=0.0)
-            w = load_fragment_tile(
-                w_ptr, scale_ptr, code_ptr, lut, offs_n, k0, N, K, stride_wn, BLOCKSIZE, LOOKUP, BLOCK_N, COMPUTE_DTYPE
-            )
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # yᵀ, from an MMA of zeros (an accumulator defined by ordinary instructions serialises the wgmma pipeline)
+        acc = tl.dot(tl.zeros((BLOCK_N, 16), COMPUTE_DTYPE), tl.zeros((16, BLOCK_M), COMPUTE_DTYPE))
+        lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
+        if FRAGMENT:  # row n' of acc is W's row out_rows[n']; column k' of the tile is k0 + offs_x[k']
+            tl.static_assert(BLOCK_K == 128, "fragment-ordered tiles are 128 columns wide")
+            out_rows = pid_n * BLOCK_N + fragment_rows(BLOCK_N)
+            offs_x = fragment_k()
         else:
-            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-            w = load_weight_tile(
-                w_ptr, scale_ptr, code_ptr, scale_ptr, code_ptr, code_ptr,
-                offs_n, k0, N, K, stride_wn, stride_wk,
-                IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
-            )  # fmt: skip
-        acc = tl.dot(w, tl.trans(x), acc, input_precision=BASE_PRECISION)
-    y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + out_rows[:, None]
-    tl.store(y_ptrs, acc, mask=(offs_m[None, :] < M) & (out_rows[:, None] < N))
-
-    if HAS_LORA:
-        if pid_n == 0:  # u_part[split], R_CHUNK ranks and U_BLOCK_K columns at a time (small tiles of A at any r)
-            U_BLOCK_K: tl.constexpr = BLOCK_K if BLOCK_K < 64 else 64
-            for r0 in tl.static_range(0, R_PAD, R_CHUNK):
-                offs_r = r0 + tl.arange(0, R_CHUNK)
-                u = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
-                for k0 in range(k_start, k_end, U_BLOCK_K):
-                    offs_k = k0 + tl.arange(0, U_BLOCK_K)
-                    in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-                    x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=in_range, other=0.0)
-                    if DROPOUT:
-                        x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, k0, K, p, keep_scale, U_BLOCK_K)
-                    a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
-                    a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
-                    u = tl.dot(x.to(LOWRANK_DTYPE), tl.trans(a.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
-                u_ptrs = u_ptr + split * stride_us + offs_m[:, None] * stride_um + offs_r[None, :]
-                tl.store(u_ptrs, u, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+            out_rows = offs_n
+            offs_x = tl.arange(0, BLOCK_K)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + offs_x
+            if FRAGMENT:  # K is a multiple of BLOCK_K: no column mask (it would narrow the loads)
+                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_m[:, None] < M, other=0.0)
+                w = load_fragment_tile(
+                    w_ptr, scale_ptr, code_ptr, lut, offs_n, k0, N, K, stride_wn, BLOCKSIZE, LOOKUP, BLOCK_N,
+                    COMPUTE_DTYPE,
+                )  # fmt: skip
+            else:
+                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+                            other=0.0)  # fmt: skip
+                w = load_weight_tile(
+                    w_ptr, scale_ptr, code_ptr, scale_ptr, code_ptr, code_ptr,
+                    offs_n, k0, N, K, stride_wn, stride_wk,
+                    IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+                )  # fmt: skip
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=BASE_PRECISION)
+        y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + out_rows[:, None]
+        tl.store(y_ptrs, acc, mask=(offs_m[None, :] < M) & (out_rows[:, None] < N))
 
 
 PARTIALS_PER_TRIP = tl.constexpr(4)
@@ -161,6 +166,22 @@ def sum_partials(acc, ptrs, stride_s, S, mask):
         p2 = tl.load(ptrs + (s + 2) * stride_s, mask=mask & (split + 2 < S), other=0.0)
         p3 = tl.load(ptrs + (s + 3) * stride_s, mask=mask & (split + 3 < S), other=0.0)
         acc = acc + p0 + p1 + p2 + p3
+    return acc
+
+
+U_PARTS_PER_TRIP = tl.constexpr(16)
+
+
+@triton.jit
+def sum_small_parts(acc, ptrs, stride_s, S, mask):
+    """acc + Σ_{s < S} ptrs[s·stride_s] for a small tile (u's, BLOCK_M × R_CHUNK): U_PARTS_PER_TRIP parts per load,
+    each such group added by one reduction (a fixed order: the same sum in every run), so that the loop waits for
+    memory once per U_PARTS_PER_TRIP parts (lora_u_kernel leaves tens of them at middle M)."""
+    offs_s = tl.arange(0, U_PARTS_PER_TRIP)
+    for s in range(0, S, U_PARTS_PER_TRIP):
+        in_range = mask[None, :, :] & ((s + offs_s) < S)[:, None, None]
+        parts = tl.load(ptrs[None, :, :] + (s + offs_s)[:, None, None] * stride_s, mask=in_range, other=0.0)
+        acc = acc + tl.sum(parts, axis=0)
     return acc
 
 
@@ -216,7 +237,7 @@ def lora_decode_fwd_epilogue_kernel(
             offs_r = r0 + tl.arange(0, R_CHUNK)
             u_in = (offs_m[:, None] < M) & (offs_r[None, :] < R)
             u = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
-            u = sum_partials(u, u_part_ptr + rows * stride_qm + offs_r[None, :], stride_qs, U_SPLITS, u_in)
+            u = sum_small_parts(u, u_part_ptr + rows * stride_qm + offs_r[None, :], stride_qs, U_SPLITS, u_in)
             if STORE_U:
                 if tl.program_id(0) == 0:
                     tl.store(u_ptr + rows * stride_um + offs_r[None, :], u, mask=u_in)
