@@ -221,9 +221,13 @@ def _weight_args(weight) -> tuple:
 
 def _weight_of(dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
                nf4_dtype):
-    """The inverse of ``_weight_args``: the dense tensor, or an NF4Weight over the same tensors."""
+    """The inverse of ``_weight_args``: the dense tensor, or an NF4Weight over the same tensors (packed bytes at an
+    odd address copied to an aligned tensor: the Triton kernels read them as int32 words, and under torch.compile
+    the backend was chosen without the address)."""
     if packed is None:
         return dense
+    if packed.data_ptr() % 4:
+        packed = packed.clone()
     return NF4Weight(packed, shape, nf4_dtype, blocksize, code, absmax, offset, nested_absmax, nested_code,
                      nested_blocksize)
 
@@ -284,7 +288,8 @@ def _lora_backward_op(
             need_dx, need_dA, need_dB, need_db,
         )
     db_dtype = torch.promote_types(g.dtype, torch.float32)
-    dx, dA, dB = (None if t is None else t.to(like.dtype) for t, like in ((dx, x2d), (dA, lora_A), (dB, lora_B)))
+    dx, dA, dB = (None if t is None else t.to(like.dtype).contiguous() for t, like in ((dx, x2d), (dA, lora_A),
+                                                                                       (dB, lora_B)))
     return (_grad_or_empty(dx, x2d), _grad_or_empty(dA, lora_A), _grad_or_empty(dB, lora_B),
             _grad_or_empty(None if db is None else db.to(db_dtype), g, db_dtype))
 
@@ -293,8 +298,10 @@ def _lora_backward_op(
 def _(g, x2d, dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize, shape,
       nf4_dtype, lora_A, lora_B, u, seed, scaling, dropout_p, backend, need_dx, need_dA, need_dB, need_db):
     db_dtype = torch.promote_types(g.dtype, torch.float32)
-    return (torch.empty_like(x2d) if need_dx else x2d.new_empty(0), torch.empty_like(lora_A) if need_dA else
-            lora_A.new_empty(0), torch.empty_like(lora_B) if need_dB else lora_B.new_empty(0),
+    # contiguous, as the op returns them (empty_like would keep a transposed x's strides)
+    return (x2d.new_empty(x2d.shape) if need_dx else x2d.new_empty(0),
+            lora_A.new_empty(lora_A.shape) if need_dA else lora_A.new_empty(0),
+            lora_B.new_empty(lora_B.shape) if need_dB else lora_B.new_empty(0),
             g.new_empty(shape[0] if need_db else 0, dtype=db_dtype))
 
 

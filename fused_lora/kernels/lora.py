@@ -108,7 +108,9 @@ def unsupported_reason(x2d, weight, A, B, bias, dropout_p) -> str | None:
             return f"NF4 packed dtype {weight.packed.dtype} is not uint8"
         if not (weight.packed.is_contiguous() and weight.absmax.is_contiguous()):
             return "NF4 packed bytes or absmax are not contiguous"
-        if weight.packed.data_ptr() % 4:  # read as int32 words on a GPU (nf4_lookup.nf4_prmt); same rule everywhere
+        # read as int32 words on a GPU (nf4_lookup.nf4_prmt); same rule everywhere. A traced tensor has no address:
+        # under torch.compile the op realigns such bytes when it runs (functional._weight_of)
+        if not torch.compiler.is_compiling() and weight.packed.data_ptr() % 4:
             return "NF4 packed bytes do not start on a 4-byte boundary (a view at an odd offset)"
         if weight.double_quant and weight.nested_blocksize != NESTED_BLOCKSIZE:
             return f"nested blocksize {weight.nested_blocksize} is not {NESTED_BLOCKSIZE}"
