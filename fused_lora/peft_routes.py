@@ -27,7 +27,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ._common import adapter_operand, side_dtypes
+from ._common import adapter_operand, side_dtypes, warn_once
 from .dora import dora_linear
 from .functional import frozen_linear
 from .mixed import Adapter, lora_linear_multi
@@ -101,18 +101,17 @@ def mixed_adapter_batch(model: nn.Module, adapter_names):
         seen["recomputed" if torch._C._current_graph_task_id() != -1 else "forward"] = True
         return args, {**kwargs, "adapter_names": names}
 
+    frozen = [(name, param) for module in layers for name in wanted
+              for param in (*(c[name].weight for c in (module.lora_A, module.lora_B) if name in c),
+                            *(c[name] for c in (module.lora_embedding_A, module.lora_embedding_B) if name in c))
+              if not param.requires_grad]  # fmt: skip
+    _check_distributed(model, [param for _, param in frozen], sorted({name for name, _ in frozen}))
     handles = []
     try:
         for module in layers + wrappers:
             handles.append(module.register_forward_pre_hook(inject, with_kwargs=True))
-        for module in layers:
-            for name in wanted:
-                for container in (module.lora_A, module.lora_B):
-                    if name in container:
-                        container[name].weight.requires_grad_(True)
-                for container in (module.lora_embedding_A, module.lora_embedding_B):
-                    if name in container:
-                        container[name].requires_grad_(True)
+        for _, param in frozen:
+            param.requires_grad_(True)
         yield model
         if recomputes and seen["forward"] and not seen["recomputed"]:
             raise RuntimeError("mixed_adapter_batch: the model uses gradient checkpointing, so its backward pass runs "
@@ -121,6 +120,29 @@ def mixed_adapter_batch(model: nn.Module, adapter_names):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _check_distributed(model: nn.Module, frozen: list, names: list) -> None:
+    """Adapters the block makes trainable under data parallelism: DistributedDataParallel registers the parameters
+    that need gradients when it is built, so it would never all-reduce theirs (each rank would train its own copy).
+    Refused when ``model`` is a DDP module; a warning when a process group exists (DDP may wrap the model from
+    outside; FSDP2's DTensor parameters are reduced whatever they needed at wrapping)."""
+    if not frozen:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    advice = (f"make the adapters {names} trainable before wrapping the model (e.g. set requires_grad on their "
+              "lora_A/lora_B weights), so that DistributedDataParallel synchronises their gradients")
+    if isinstance(model, DistributedDataParallel):
+        raise RuntimeError(f"mixed_adapter_batch: {len(frozen)} parameters of the named adapters are frozen, and "
+                           f"DistributedDataParallel would not synchronise their gradients; {advice}")
+    from torch.distributed.tensor import DTensor
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and not all(
+            isinstance(p, DTensor) for p in frozen):
+        warn_once(f"mixed_adapter_batch: made {len(frozen)} frozen parameters of the named adapters trainable; under "
+                  f"DistributedDataParallel their gradients would not be synchronised: {advice}",
+                  key="mixed_adapter_batch-ddp")
 
 
 def _base(layer, x):

@@ -438,3 +438,32 @@ def test_mixed_adapter_batch_routes_layers_that_are_not_fused(tiny_llama_dir):
             got = model(input_ids=ids).logits
     for i in range(len(names)):
         assert relative_error(got[i], expected[i]) <= TIGHT, names[i]
+
+
+@pytestmark_peft
+def test_frozen_adapters_under_ddp_are_refused_and_warned_about(tiny_llama_dir, tmp_path):
+    """DistributedDataParallel registers the parameters that need gradients when it is built: adapters the block
+    would make trainable afterwards never had their gradients all-reduced (a single-rank gloo group: 0 of 28
+    parameters). Refused for a DDP module; a warning when the model inside is passed under a process group; nothing
+    when they are trainable already."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = four_adapter_model(tiny_llama_dir, False)
+    fl.patch_peft_model(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        with pytest.raises(RuntimeError, match=r"28 parameters of the named adapters are frozen.*\['a1'\]"):
+            with fl.peft_routes.mixed_adapter_batch(ddp, ["a1", "a0"]):
+                pass
+        assert not any(p.requires_grad for n, p in model.named_parameters() if ".a1." in n)  # left as they were
+        with pytest.warns(RuntimeWarning, match="under DistributedDataParallel their gradients would not"):
+            with fl.peft_routes.mixed_adapter_batch(model, ["a1", "a0"]):
+                pass
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with fl.peft_routes.mixed_adapter_batch(ddp, ["a1", "a0"]):  # a1 is trainable now: nothing to say
+                pass
+    finally:
+        dist.destroy_process_group()
