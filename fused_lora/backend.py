@@ -93,7 +93,9 @@ CPU_KERNELS = ("nf4_dequantize_into", "dropout_keep", "dropout_apply_into")
 
 
 def cpu_kernels_error() -> str | None:
-    """None when fused_lora._C has the CPU backend's kernels, else why not and how to fix it."""
+    """None when fused_lora._C has the CPU backend's kernels, else why not and how to fix it. A constant to
+    torch.compile: run, not traced (tracing the extension's first import guarded on it not being loaded, and the
+    next compiled call recompiled everything)."""
     if not _ext.is_available():
         return f"the compiled extension fused_lora._C is not importable; {_ext.BUILD_COMMAND_HINT}"
     missing = [name for name in CPU_KERNELS if not hasattr(_ext.load(), name)]
@@ -101,6 +103,11 @@ def cpu_kernels_error() -> str | None:
         return (f"fused_lora._C is a stale build without {', '.join(missing)}; rebuild it "
                 f"({_ext.BUILD_COMMAND_HINT})")
     return None
+
+
+# torch.compiler.assume_constant_result's mark, set without importing torch._dynamo (and with it Triton) when the
+# package is imported
+cpu_kernels_error._dynamo_marked_constant = True
 
 
 def cuda_available() -> bool:

@@ -195,3 +195,25 @@ def test_an_nf4_layer_compiles_whole_on_the_triton_backend(shifted, interpret_tr
         else:
             assert torch.equal(ours, theirs)
 
+
+
+def test_a_compiled_model_compiles_once_when_the_extension_loads_during_tracing(monkeypatch, tmp_path):
+    """backend "auto" on the CPU asks whether fused_lora._C has its kernels while a patched PEFT model is traced;
+    when that first loads the extension, the graph must not be guarded on it being unloaded (the next step
+    recompiled the whole model)."""
+    from torch._dynamo.utils import counters
+
+    from _peft_helpers import batch, load_qlora_base, make_peft, save_tiny_llama
+    from fused_lora import _ext
+
+    model = make_peft(load_qlora_base(save_tiny_llama(str(tmp_path), num_hidden_layers=1)))
+    fl.patch_peft_model(model)
+    monkeypatch.setattr(_ext, "_module", None)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for seed in range(3):
+        compiled(**batch(seed=seed)).loss.backward()
+    assert _ext._module is not None and counters["stats"]["unique_graphs"] == 1
+    # backend.py sets the decorator's mark by hand (no torch._dynamo import with the package): still its name
+    assert torch._dynamo.assume_constant_result(lambda: None)._dynamo_marked_constant is True
