@@ -156,9 +156,18 @@ def test_peers_at_training_size():
     assert dense == pytest.approx(2 * M * N * K / 790e12 * 1e3 + H200.launch_us * 1e-3)
     dequant = peer_pass("dequant_cublas", "fwd_bwd", M, K, N, r)["ms"] / peer_pass("dense_cublas", "fwd_bwd", M, K, N,
                                                                                 r)["ms"]  # fmt: skip
-    peft = peer_pass("peft_bnb", "fwd_bwd", M, K, N, r, adapter_bytes=4)["ms"] / peer_pass(
+    peft = peer_pass("peft_bnb", "fwd_bwd", M, K, N, r)["ms"] / peer_pass(
         "dense_cublas", "fwd_bwd", M, K, N, r)["ms"]  # fmt: skip
-    assert 1.0 < dequant < 1.3 and 1.5 < peft < 2.0, (dequant, peft)
+    # PEFT as the bench builds it: adapters in x's dtype, its output cloned, then added (1.35 at the target shape)
+    assert 1.0 < dequant < 1.3 and 1.2 < peft < 1.6, (dequant, peft)
+    # at M=1 the GEMMs are reads of W: bitsandbytes' double-quant dequantize (three kernels: the absmax codes to
+    # fp32, plus the offset, then the codes; 7.4 µs over one pass) is what separates dequant+cuBLAS from cuBLAS
+    blocks = K * N // 64
+    dequantize_us = ((blocks + 4 * blocks // 256 + 4 * blocks) + 8 * blocks + (K * N // 2 + 4 * blocks + 2 * K * N)) \
+        / 4.3e12 * 1e6 + 3 * H200.launch_us  # fmt: skip
+    gap_us = 1e3 * (peer_pass("dequant_cublas", "fwd", 1, K, N, r)["ms"] - peer_pass("dense_cublas", "fwd", 1, K, N,
+                                                                                      r)["ms"])  # fmt: skip
+    assert gap_us > dequantize_us
     decode = peer_pass("dense_cublas", "fwd", 1, K, N, r)
     assert decode["weight_read_bytes"] / (decode["ms"] * 1e-3) / 4.3e12 > 0.9  # a GEMV at copy speed
 

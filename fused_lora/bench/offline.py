@@ -229,8 +229,7 @@ def evaluate(captured, records: dict, gpu: GpuConstants = H200) -> list[dict]:
     rows = []
     for variant, steps, facts in captured:
         s = variant.spec
-        cublas_ms = peer_pass("dense_cublas", variant.pass_name, s.M, s.K, s.N, s.r, s.x_dtype.itemsize,
-                              s.adapter_dtype.itemsize, gpu)["ms"]  # fmt: skip
+        cublas_ms = peer_pass("dense_cublas", variant.pass_name, s.M, s.K, s.N, s.r, s.x_dtype.itemsize, gpu)["ms"]
         timeline, paths, weight_read = [], set(), 0.0
         for step, early in zip(steps, launches_early(steps)):
             if step.sync:
@@ -275,7 +274,7 @@ def evaluate(captured, records: dict, gpu: GpuConstants = H200) -> list[dict]:
 
 def _total_rows(variant, timeline, paths, weight_read, cublas_ms, gpu) -> list[dict]:
     s = variant.spec
-    x_bytes, a_bytes = s.x_dtype.itemsize, s.adapter_dtype.itemsize
+    x_bytes = s.x_dtype.itemsize
     common = {"pass": variant.pass_name, "arch": variant.arch, "M": s.M, "K": s.K, "N": s.N, "r": s.r,
               "weight": s.weight, "x_dtype": torch_dtype_name(s.x_dtype),
               "adapter_dtype": torch_dtype_name(s.adapter_dtype), "kernel": "total", "chosen": True}  # fmt: skip
@@ -284,7 +283,7 @@ def _total_rows(variant, timeline, paths, weight_read, cublas_ms, gpu) -> list[d
              "predicted_ms": round(fused_ms, 5), "predicted_ratio_vs_cublas": round(fused_ms / cublas_ms, 3),
              "predicted_hbm_fraction": round(_hbm_fraction(weight_read, fused_ms, gpu), 3)}]  # fmt: skip
     for impl in PEERS if s.weight == "nf4dq" else ("dense_cublas",):
-        peer = peer_pass(impl, variant.pass_name, s.M, s.K, s.N, s.r, x_bytes, a_bytes, gpu)
+        peer = peer_pass(impl, variant.pass_name, s.M, s.K, s.N, s.r, x_bytes, gpu)
         rows.append({**common, "impl": impl, "path": impl, "predicted_ms": round(peer["ms"], 5),
                      "predicted_ratio_vs_cublas": round(peer["ms"] / cublas_ms, 3),
                      "predicted_hbm_fraction": round(_hbm_fraction(peer["weight_read_bytes"], peer["ms"], gpu), 3)})

@@ -42,12 +42,12 @@ time and the sum of every step's memory time (the two streams share the SMs and 
 
 Peers (``peer_pass``), as the GPU bench builds them (fused_lora.bench.impls), each operation priced
 max(FLOPs / ``mma_tflops_16bit``, bytes / HBM) + launch (cuBLAS at the measured rate, element-wise passes at copy
-speed): ``dense_cublas`` x·Wᵀ (and g·W) on a bf16 W; ``dequant_cublas`` (Unsloth's path, adapters in x's dtype)
-bitsandbytes dequantize (NF4 bytes in, bf16 W out), u = x·Aᵀ, x·Wᵀ, addmm for y (reads and writes y), and in backward
-dequantize again, v = g·B, g·W, addmm for dx, dA = vᵀ·x, dB = gᵀ·u, the two scalings; ``peft_bnb`` bnb Linear4bit
-(dequantize + linear) and PEFT's y + lora_B(lora_A(x))·s: x cast to the adapters' dtype, the M×N low-rank output,
-the scaling and the addition in the promoted dtype and a cast back (with fp32 adapters), and autograd's backward of
-each of them.
+speed), the adapters in x's dtype as the bench makes them (its rows with fp32 adapters price the same peers):
+``dense_cublas`` x·Wᵀ (and g·W) on a bf16 W; ``dequant_cublas`` (Unsloth's path) bitsandbytes dequantize (three
+kernels with double quantization: the absmax codes to fp32, plus the offset, then NF4 bytes in and bf16 W out),
+u = x·Aᵀ, x·Wᵀ, addmm for y (reads and writes y), and in backward dequantize again, v = g·B, g·W, addmm for dx,
+dA = vᵀ·x, dB = gᵀ·u and the two scalings; ``peft_bnb`` bnb Linear4bit (dequantize + linear) and PEFT 0.21's
+result.clone(), lora_B(lora_A(x)), ·s and the addition, and autograd's backward of each of them.
 """
 
 from __future__ import annotations
@@ -244,8 +244,8 @@ def nf4_bytes(N: int, K: int, double_quant: bool = True, blocksize: int = 64) ->
     return (N * K + 1) // 2 + scales
 
 
-def peer_pass(impl: str, pass_name: str, M: int, K: int, N: int, r: int, x_bytes: int = 2, adapter_bytes: int = 4,
-              gpu: GpuConstants = H200) -> dict:  # fmt: skip
+def peer_pass(impl: str, pass_name: str, M: int, K: int, N: int, r: int, x_bytes: int = 2,
+              gpu: GpuConstants = H200) -> dict:
     """{"ms": predicted time of one pass, "weight_read_bytes": bytes of the stored weight read} of a peer
     implementation (module docstring): a list of GEMMs and element-wise passes, each priced by ``_op_ms``."""
     ms, weight = [], nf4_bytes(N, K)
@@ -263,7 +263,11 @@ def peer_pass(impl: str, pass_name: str, M: int, K: int, N: int, r: int, x_bytes
         if pass_name == "fwd_bwd":
             gemm(M, K, N, x, x, x)
         return {"ms": sum(ms), "weight_read_bytes": reads * N * K * x}
-    dequantize = _op_ms(0.0, weight + N * K * x, gpu)
+    # bitsandbytes' dequantize of a double-quant NF4 W, three kernels: absmax codes to fp32 (dequantize_blockwise),
+    # absmax += offset, then the codes times their fp32 absmax (dequantize_4bit)
+    blocks = -(-N * K // 64)
+    dequantize = (_op_ms(0.0, blocks + 4 * -(-blocks // 256) + 4 * blocks, gpu) + _op_ms(0.0, 8 * blocks, gpu)
+                  + _op_ms(0.0, (N * K + 1) // 2 + 4 * blocks + N * K * x, gpu))
     if impl == "dequant_cublas":  # fused_lora.bench.impls: adapters in x's dtype (torch.mm needs one dtype)
         ms.append(dequantize)
         gemm(M, r, K, x, x, x)  # u = x·Aᵀ
@@ -276,33 +280,26 @@ def peer_pass(impl: str, pass_name: str, M: int, K: int, N: int, r: int, x_bytes
             gemm(M, K, r, x, x, x, accumulate=True)  # addmm: dx = g·W + s·v·A
             gemm(r, K, M, x, x, x)  # dA = vᵀ·x
             gemm(N, r, M, x, x, x)  # dB = gᵀ·u
-            elementwise(r * K + N * r, x, x)  # dA·s, dB·s
+            elementwise(r * K, x, x)  # dA·s
+            elementwise(N * r, x, x)  # dB·s
         return {"ms": sum(ms), "weight_read_bytes": reads * weight}
     if impl != "peft_bnb":
         raise ValueError(f"offline model: unknown peer {impl!r}")
-    # PEFT: y = base(x); x cast to the adapters' dtype; y = y + lora_B(lora_A(x))·s in the promoted dtype, cast back
-    a = adapter_bytes
-    wide = max(a, x)
+    # PEFT 0.21's Linear4bit as fused_lora.bench.impls builds it (adapters in x's dtype): result = base(x).clone();
+    # result += lora_B(lora_A(x))·s, each output cast to x's dtype before the addition
     ms.append(dequantize)
     gemm(M, N, K, x, x, x)  # bnb: dequantize + F.linear
-    if a != x:
-        elementwise(M * K, x, a)  # x.to(adapter dtype)
-    gemm(M, r, K, a, a, a)  # lora_A
-    gemm(M, N, r, a, a, a)  # lora_B
-    elementwise(M * N, a, a)  # ·s
-    elementwise(M * N, x + a, wide)  # y + lora
-    if wide != x:
-        elementwise(M * N, wide, x)  # result.to(x's dtype)
+    elementwise(M * N, x, x)  # result.clone()
+    gemm(M, r, K, x, x, x)  # lora_A
+    gemm(M, N, r, x, x, x)  # lora_B
+    elementwise(M * N, x, x)  # ·s
+    elementwise(M * N, 2 * x, x)  # result + lora
     if pass_name == "fwd_bwd":
-        if wide != x:
-            elementwise(M * N, x, wide)  # grad of the cast back
-        elementwise(M * N, wide, a)  # grad of ·s
-        gemm(M, r, N, a, a, a)  # lora_B backward: g·B
-        gemm(N, r, M, a, a, a)  # dB = gᵀ·u
-        gemm(M, K, r, a, a, a)  # lora_A backward: v·A
-        gemm(r, K, M, a, a, a)  # dA = vᵀ·x
-        if a != x:
-            elementwise(M * K, a, x)  # grad of x.to(adapter dtype)
+        elementwise(M * N, x, x)  # grad of ·s
+        gemm(M, r, N, x, x, x)  # lora_B backward: g·B
+        gemm(N, r, M, x, x, x)  # dB = gᵀ·u
+        gemm(M, K, r, x, x, x)  # lora_A backward: v·A
+        gemm(r, K, M, x, x, x)  # dA = vᵀ·x
         ms.append(dequantize)
         gemm(M, K, N, x, x, x)  # bnb backward: dequantize + g·W
         elementwise(M * K, 2 * x, x)  # autograd adds the two dx
