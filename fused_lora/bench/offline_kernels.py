@@ -78,11 +78,9 @@ def _decode_u_loops(args: dict) -> list[tuple[int, int | None]]:
 
 def _epilogue_u_loops(args: dict) -> list[tuple[int, int | None]]:
     """The decode epilogue's sums of u's parts (one loop per R_CHUNK ranks), in every program after y's."""
-    from ..kernels.lora_decode import U_PARTS_PER_TRIP
-
     if not args["HAS_LORA"]:
         return []
-    return [(cdiv(max(1, args["U_SPLITS"]), U_PARTS_PER_TRIP.value), None)] * cdiv(args["R_PAD"], args["R_CHUNK"])
+    return [(cdiv(max(1, args["U_SPLITS"]), args["U_PER_TRIP"]), None)] * cdiv(args["R_PAD"], args["R_CHUNK"])
 
 
 def _epilogue_path(args: dict) -> str:

@@ -47,7 +47,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     """y = x·deq(W)ᵀ + b (+ s·u·Bᵀ); returns u = (m⊙x)·Aᵀ (M, r) fp32 when A is given, else None."""
     import triton
 
-    from .lora_decode import lora_decode_fwd_epilogue_kernel, lora_decode_fwd_kernel
+    from .lora_decode import lora_decode_fwd_epilogue_kernel, lora_decode_fwd_kernel, u_parts_per_trip
     from .pdl import launch_args
 
     M, K = x2d.shape
@@ -86,7 +86,8 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
         *strides(B), y.stride(0), y.stride(1), u.stride(0) if has_lora else 0, float(scaling),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, STORE_U=has_lora, LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"],
         LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"], R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m,
-        BLOCK_N=epilogue_n, num_warps=4, **launch_args(x2d.device),
+        BLOCK_N=epilogue_n, U_PER_TRIP=u_parts_per_trip(block_m, min(r_pad, 64)), num_warps=4,
+        **launch_args(x2d.device),
     )  # fmt: skip
     return u
 

@@ -136,7 +136,7 @@ def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, 
     """y = Σ_s y_part[s] + b + s·u·Bᵀ with u = Σ u_parts (stored to u_out when given): lora_fwd_kernel SPLIT_K into
     fp32 partial sums, then the decode path's epilogue kernel (the sums in a fixed order, the bias and the low-rank
     term)."""
-    from .lora_decode import lora_decode_fwd_epilogue_kernel
+    from .lora_decode import lora_decode_fwd_epilogue_kernel, u_parts_per_trip
     from .lora_fwd import lora_fwd_kernel
     from .pdl import launch_args
 
@@ -168,7 +168,8 @@ def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, 
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, STORE_U=u_out is not None,
         LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"],
         LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"], R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=4, **launch_args(x2d.device),
+        BLOCK_N=block_n, U_PER_TRIP=u_parts_per_trip(block_m, min(r_pad, 64)), num_warps=4,
+        **launch_args(x2d.device),
     )  # fmt: skip
 
 

@@ -169,16 +169,19 @@ def sum_partials(acc, ptrs, stride_s, S, mask):
     return acc
 
 
-U_PARTS_PER_TRIP = tl.constexpr(16)
+def u_parts_per_trip(block_m: int, r_chunk: int) -> int:
+    """Parts of u that sum_small_parts loads at once for a BLOCK_M × R_CHUNK tile: up to 16, at most 16384 values
+    (16 parts of 16 × 64: 132 registers, no spill on sm_90, bench/results/compile_report.md)."""
+    return max(1, min(16, 16384 // (block_m * r_chunk)))
 
 
 @triton.jit
-def sum_small_parts(acc, ptrs, stride_s, S, mask):
-    """acc + Σ_{s < S} ptrs[s·stride_s] for a small tile (u's, BLOCK_M × R_CHUNK): U_PARTS_PER_TRIP parts per load,
-    each such group added by one reduction (a fixed order: the same sum in every run), so that the loop waits for
-    memory once per U_PARTS_PER_TRIP parts (lora_u_kernel leaves tens of them at middle M)."""
-    offs_s = tl.arange(0, U_PARTS_PER_TRIP)
-    for s in range(0, S, U_PARTS_PER_TRIP):
+def sum_small_parts(acc, ptrs, stride_s, S, mask, PER_TRIP: tl.constexpr):
+    """acc + Σ_{s < S} ptrs[s·stride_s] for a small tile (u's, BLOCK_M × R_CHUNK): PER_TRIP parts per load
+    (u_parts_per_trip), each such group added by one reduction (a fixed order: the same sum in every run), so that
+    the loop waits for memory once per PER_TRIP parts (lora_u_kernel leaves tens of them at middle M)."""
+    offs_s = tl.arange(0, PER_TRIP)
+    for s in range(0, S, PER_TRIP):
         in_range = mask[None, :, :] & ((s + offs_s) < S)[:, None, None]
         parts = tl.load(ptrs[None, :, :] + (s + offs_s)[:, None, None] * stride_s, mask=in_range, other=0.0)
         acc = acc + tl.sum(parts, axis=0)
@@ -217,6 +220,7 @@ def lora_decode_fwd_epilogue_kernel(
     R_CHUNK: tl.constexpr,  # ranks per low-rank dot (min(R_PAD, 64))
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    U_PER_TRIP: tl.constexpr = 1,  # u_parts_per_trip(BLOCK_M, R_CHUNK)
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
 ):
     """y[rows, cols] = Σ_s y_part[s, rows, cols] + b[cols] + s·u[rows]·B[cols]ᵀ with u = Σ_s u_part[s] (the
@@ -237,7 +241,8 @@ def lora_decode_fwd_epilogue_kernel(
             offs_r = r0 + tl.arange(0, R_CHUNK)
             u_in = (offs_m[:, None] < M) & (offs_r[None, :] < R)
             u = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
-            u = sum_small_parts(u, u_part_ptr + rows * stride_qm + offs_r[None, :], stride_qs, U_SPLITS, u_in)
+            u = sum_small_parts(u, u_part_ptr + rows * stride_qm + offs_r[None, :], stride_qs, U_SPLITS, u_in,
+                                U_PER_TRIP)
             if STORE_U:
                 if tl.program_id(0) == 0:
                     tl.store(u_ptr + rows * stride_um + offs_r[None, :], u, mask=u_in)
