@@ -102,6 +102,8 @@ class TensorCache:
         if entry is not None and entry[0]() is anchor and entry[1] == signature:
             return entry[2]
         value = compute()
+        if value is anchor:  # nothing derived (e.g. the absmax of an NF4 weight without double quantization): a
+            return value  # cached anchor would never die
         entries = self._entries
         entries[ident] = (weakref.ref(anchor, lambda _, ident=ident: entries.pop(ident, None)), signature, value)
         return value

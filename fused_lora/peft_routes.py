@@ -105,7 +105,8 @@ def mixed_adapter_batch(model: nn.Module, adapter_names):
               for param in (*(c[name].weight for c in (module.lora_A, module.lora_B) if name in c),
                             *(c[name] for c in (module.lora_embedding_A, module.lora_embedding_B) if name in c))
               if not param.requires_grad]  # fmt: skip
-    _check_distributed(model, [param for _, param in frozen], sorted({name for name, _ in frozen}))
+    if torch.is_grad_enabled():  # no gradient to synchronise otherwise (inference under DDP)
+        _check_distributed(model, [param for _, param in frozen], sorted({name for name, _ in frozen}))
     handles = []
     try:
         for module in layers + wrappers:

@@ -113,3 +113,22 @@ def test_an_nf4_weight_made_in_inference_mode_runs_on_the_kernels():
         expected = fl.functional.lora_linear(x, w, A, B, 2.0, backend="reference")
         assert common.tensor_state(w.absmax) is None
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_weight_without_double_quantization_is_freed_after_use():
+    """Without double quantization the decoded scales are absmax itself: caching that value on absmax kept every
+    such weight's absmax alive for good (one per layer of each discarded model)."""
+    import gc
+    import weakref
+
+    from fused_lora.kernels import common
+
+    torch.manual_seed(0)
+    w = fl.quantize_nf4(torch.randn(32, 128), blocksize=64, double_quant=False)
+    x, A, B = torch.randn(3, 128), torch.randn(4, 128), torch.randn(32, 4)
+    fl.functional.lora_linear(x, w, A, B, 2.0, backend="triton")
+    assert common.decoded_scales(w) is w.absmax
+    absmax = weakref.ref(w.absmax)
+    del w
+    gc.collect()
+    assert absmax() is None

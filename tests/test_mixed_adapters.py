@@ -445,7 +445,7 @@ def test_frozen_adapters_under_ddp_are_refused_and_warned_about(tiny_llama_dir, 
     """DistributedDataParallel registers the parameters that need gradients when it is built: adapters the block
     would make trainable afterwards never had their gradients all-reduced (a single-rank gloo group: 0 of 28
     parameters). Refused for a DDP module; a warning when the model inside is passed under a process group; nothing
-    when they are trainable already."""
+    when they are trainable already, or under no_grad (inference: nothing to synchronise)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -454,6 +454,8 @@ def test_frozen_adapters_under_ddp_are_refused_and_warned_about(tiny_llama_dir, 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         ddp = DistributedDataParallel(model)
+        with torch.no_grad(), fl.peft_routes.mixed_adapter_batch(ddp, ["a2", "a0"]):  # inference: no gradient
+            pass
         with pytest.raises(RuntimeError, match=r"28 parameters of the named adapters are frozen.*\['a1'\]"):
             with fl.peft_routes.mixed_adapter_batch(ddp, ["a1", "a0"]):
                 pass

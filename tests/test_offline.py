@@ -51,6 +51,12 @@ def test_sass_main_loop_mma_and_overlap():
     side = _sass(["LDG.E R3, desc[UR4][R2.64];", "FADD R4, R4, R3;"]).replace("LBB0", "LBB7").replace("LBB1", "LBB8")
     got = analyse_sass(_sass(body).replace("Function:k", "") + "\n" + side.replace("Function:k", ""), _ptx(2), 8)
     assert got["sass_loop"] == len(body) + 1 and got["side_loops"] == [[3, True]]  # (not the trap after EXIT)
+    # a later loop with more MMA (the decode forward's u at r = 64) is the main one unless the registry names it
+    more = _sass([HGMMA] * 4).replace("LBB0", "LBB7").replace("LBB1", "LBB8").replace("Function:k", "")
+    listing = _sass(body).replace("Function:k", "") + "\n" + more
+    assert analyse_sass(listing, _ptx(4), 8)["sass_loop"] == 5
+    named = analyse_sass(listing, _ptx(2), 8, main_loop=0)
+    assert named["sass_loop"] == len(body) + 1 and named["side_loops"] == [[5, False]]
 
 
 def test_sass_serial_wgmma_and_unrolled_loop():

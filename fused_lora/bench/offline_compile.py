@@ -241,8 +241,10 @@ def _mma_flops(instructions: list[str], num_warps: int) -> dict:
     return flops
 
 
-def analyse_sass(sass: str, ptx: str, num_warps: int) -> dict:
-    """The main loop and MMA figures of a kernel from Triton's SASS listing (``compiled.asm["sass"]``)."""
+def analyse_sass(sass: str, ptx: str, num_warps: int, main_loop: int | None = None) -> dict:
+    """The main loop and MMA figures of a kernel from Triton's SASS listing (``compiled.asm["sass"]``); the main
+    loop is the innermost loop with the most MMA, then loads, or the ``main_loop``-th innermost loop in code order
+    (offline_kernels.KernelModel.main_loop)."""
     instructions, labels, loops = [], {}, []
     for line in sass.splitlines():
         line = line.strip()
@@ -259,7 +261,11 @@ def analyse_sass(sass: str, ptx: str, num_warps: int) -> dict:
         return (sum(bool(_SASS_MMA.search(s)) for s in body), sum(bool(_SASS_GLOBAL_LOAD.search(s)) for s in body),
                 len(body))
 
-    main = max(_innermost(loops), key=rank, default=None)
+    innermost = sorted(_innermost(loops))
+    if main_loop is not None and main_loop < len(innermost):
+        main = innermost[main_loop]
+    else:
+        main = max(innermost, key=rank, default=None)
     body = instructions[main[0]:main[1] + 1] if main else []
     rest = instructions[:main[0]] + instructions[main[1] + 1:] if main else instructions
     loop_mma = [s for s in body if _SASS_MMA.search(s)]
@@ -317,6 +323,13 @@ def analyse_ttgir(ttgir: str) -> dict:
 # Compiling
 
 
+def _main_loop(kernel: str) -> int | None:
+    from .offline_kernels import KERNELS
+
+    model = KERNELS.get(kernel)
+    return model.main_loop if model is not None else None
+
+
 def compile_job(job: Job) -> dict:
     """Compile one job for sm_<arch>; the record of what the compiled kernel uses (``error`` set when it failed)."""
     import triton
@@ -351,7 +364,7 @@ def compile_job(job: Job) -> dict:
         "global_loads": loads,
         "narrowest_global_load_bits": min((int(key.split()[1][:-1]) for key in loads), default=None),
         **analyse_ttgir(compiled.asm["ttgir"]),
-        **analyse_sass(sass, ptx, record["num_warps"]),
+        **analyse_sass(sass, ptx, record["num_warps"], _main_loop(job.kernel)),
     })  # fmt: skip
     return record
 

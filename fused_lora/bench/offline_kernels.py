@@ -54,6 +54,9 @@ class KernelModel:
     # the other innermost loops in code order (offline_compile's side_loops): (trips, programs that run it; None:
     # every program, after its main loop; a number: that many programs of their own, beside the others)
     side_loops: Callable[[dict], list[tuple[int, int | None]]] | None = None
+    # which innermost loop is the main one, by position in code order (None: the one with the most MMA, then loads);
+    # for kernels whose other loops can out-count the main one (the decode forward's u at r = 64)
+    main_loop: int | None = None
 
     def path_of(self, args: dict) -> str:
         return self.path(args) if callable(self.path) else self.path
@@ -123,8 +126,9 @@ KERNELS: dict[str, KernelModel] = {
                                    weight_share=lambda a: _slab_elements(a) / (2 * a["packed_ptr"].numel())),
     # decode: split-K partial sums of yᵀ (and u), then their sum with bias and the low-rank term
     "lora_decode_fwd_kernel": KernelModel("decode", lambda a: cdiv(min(a["K_PER_SPLIT"], a["K"]), a["BLOCK_K"]),
-                                          side_loops=_decode_u_loops),
-    "lora_decode_fwd_epilogue_kernel": KernelModel(_epilogue_path, _partial_trips, side_loops=_epilogue_u_loops),
+                                          side_loops=_decode_u_loops, main_loop=0),
+    "lora_decode_fwd_epilogue_kernel": KernelModel(_epilogue_path, _partial_trips, side_loops=_epilogue_u_loops,
+                                                   main_loop=0),
     "lora_decode_dx_kernel": KernelModel("decode", lambda a: cdiv(min(a["N_PER_SPLIT"], a["N"]), a["BLOCK_N"])),
     "lora_decode_dx_epilogue_kernel": KernelModel("decode", _partial_trips),
     # deterministic mode: split reductions of v, dB and dA (summed in a fixed order afterwards)

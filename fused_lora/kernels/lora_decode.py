@@ -102,23 +102,8 @@ def lora_decode_fwd_kernel(
     k_start = split * K_PER_SPLIT
     k_end = min(k_start + K_PER_SPLIT, K)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    if HAS_LORA and pid_n == tl.num_programs(0) - 1:
-        # u_part[split], R_CHUNK ranks at a time (small tiles of A at any r), BLOCK_K columns per step
-        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
-            offs_r = r0 + tl.arange(0, R_CHUNK)
-            u = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
-            for k0 in range(k_start, k_end, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=in_range, other=0.0)
-                if DROPOUT:
-                    x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, k0, K, p, keep_scale, BLOCK_K)
-                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
-                a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
-                u = tl.dot(x.to(LOWRANK_DTYPE), tl.trans(a.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
-            u_ptrs = u_ptr + split * stride_us + offs_m[:, None] * stride_um + offs_r[None, :]
-            tl.store(u_ptrs, u, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
-    else:
+    # W's programs first in the code: their loop is the kernel's main loop (offline_kernels.KernelModel.main_loop)
+    if not HAS_LORA or pid_n < tl.num_programs(0) - 1:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # yᵀ, from an MMA of zeros (an accumulator defined by ordinary instructions serialises the wgmma pipeline)
         acc = tl.dot(tl.zeros((BLOCK_N, 16), COMPUTE_DTYPE), tl.zeros((16, BLOCK_M), COMPUTE_DTYPE))
@@ -149,6 +134,22 @@ def lora_decode_fwd_kernel(
             acc = tl.dot(w, tl.trans(x), acc, input_precision=BASE_PRECISION)
         y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + out_rows[:, None]
         tl.store(y_ptrs, acc, mask=(offs_m[None, :] < M) & (out_rows[:, None] < N))
+    else:
+        # u_part[split], R_CHUNK ranks at a time (small tiles of A at any r), BLOCK_K columns per step
+        for r0 in tl.static_range(0, R_PAD, R_CHUNK):
+            offs_r = r0 + tl.arange(0, R_CHUNK)
+            u = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=in_range, other=0.0)
+                if DROPOUT:
+                    x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, k0, K, p, keep_scale, BLOCK_K)
+                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
+                a = tl.load(a_ptrs, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K), other=0.0)
+                u = tl.dot(x.to(LOWRANK_DTYPE), tl.trans(a.to(LOWRANK_DTYPE)), u, input_precision=LOWRANK_PRECISION)
+            u_ptrs = u_ptr + split * stride_us + offs_m[:, None] * stride_um + offs_r[None, :]
+            tl.store(u_ptrs, u, mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
 PARTIALS_PER_TRIP = tl.constexpr(4)
