@@ -96,7 +96,10 @@ class TensorCache:
         self._entries: dict[int, tuple] = {}
 
     def get(self, anchor: torch.Tensor, signature, compute):
-        """compute(), cached while ``anchor`` lives and ``signature`` (a function of the tensors' state) holds."""
+        """compute(), cached while ``anchor`` lives and ``signature`` (a function of the tensors' state, e.g.
+        tensor_state's) holds; not cached when ``signature`` is None (an inference tensor)."""
+        if signature is None:
+            return compute()
         ident = id(anchor)
         entry = self._entries.get(ident)
         if entry is not None and entry[0]() is anchor and entry[1] == signature:

@@ -139,8 +139,8 @@ def row_squares(weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return _row_squares(weight, dtype)
     state = tensor_state(weight.packed, weight.absmax, weight.code, weight.nested_absmax, weight.nested_code,
                          weight.offset)
-    compute = lambda: _row_squares(weight, dtype)  # noqa: E731
-    return compute() if state is None else _ROW_SQUARES.get(weight.packed, (state, dtype), compute)
+    return _ROW_SQUARES.get(weight.packed, None if state is None else (state, dtype),
+                            lambda: _row_squares(weight, dtype))
 
 
 def _scale(mag: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:

@@ -462,7 +462,8 @@ class FusedLoraLinear(nn.Module):
     @staticmethod
     def _operand(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """An adapter or bias as lora_linear accepts it: as it is in the compute dtype or fp32 (fp64 with fp64 x),
-        widened to fp32 from another 16-bit dtype (_common.adapter_operand, as the PEFT layers do), else cast."""
+        in fp32 from another floating dtype where x takes fp32 (_common.adapter_operand, as the PEFT layers do),
+        else cast to the compute dtype."""
         if t is None:
             return None
         operand = adapter_operand(t, dtype)

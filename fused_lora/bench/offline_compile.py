@@ -283,7 +283,7 @@ def analyse_sass(sass: str, ptx: str, num_warps: int, main_loop: int | None = No
         "sass_total": len(instructions), "sass_loop": round(len(body) / unroll) if main else None,
         # the other innermost loops, in code order: SASS per iteration and whether it loads from global memory
         "side_loops": [[b - a + 1, any(bool(_SASS_GLOBAL_LOAD.search(s)) for s in instructions[a:b + 1])]
-                       for a, b in sorted(_innermost(loops)) if (a, b) != main],
+                       for a, b in innermost if (a, b) != main],
         "loop_mma_flops": loop_flops, "rest_mma_flops": _mma_flops(rest, num_warps),
         "loop_membar": sum(bool(_SASS_MEMBAR.search(s)) for s in body) / unroll,
         "rest_membar": sum(bool(_SASS_MEMBAR.search(s)) for s in rest),

@@ -265,9 +265,9 @@ def peer_pass(impl: str, pass_name: str, M: int, K: int, N: int, r: int, x_bytes
         return {"ms": sum(ms), "weight_read_bytes": reads * N * K * x}
     # bitsandbytes' dequantize of a double-quant NF4 W, three kernels: absmax codes to fp32 (dequantize_blockwise),
     # absmax += offset, then the codes times their fp32 absmax (dequantize_4bit)
-    blocks = -(-N * K // 64)
-    dequantize = (_op_ms(0.0, blocks + 4 * -(-blocks // 256) + 4 * blocks, gpu) + _op_ms(0.0, 8 * blocks, gpu)
-                  + _op_ms(0.0, (N * K + 1) // 2 + 4 * blocks + N * K * x, gpu))
+    blocks, packed = -(-N * K // 64), (N * K + 1) // 2
+    dequantize = (_op_ms(0.0, weight - packed + 4 * blocks, gpu) + _op_ms(0.0, 8 * blocks, gpu)
+                  + _op_ms(0.0, packed + 4 * blocks + N * K * x, gpu))
     if impl == "dequant_cublas":  # fused_lora.bench.impls: adapters in x's dtype (torch.mm needs one dtype)
         ms.append(dequantize)
         gemm(M, r, K, x, x, x)  # u = x·Aᵀ

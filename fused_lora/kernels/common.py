@@ -77,8 +77,7 @@ def decoded_scales(weight) -> torch.Tensor:
     """fp32 [n_blocks] scale of every NF4 block of ``weight`` (contiguous), decoded once and cached beside it;
     recomputed when one of its scale tensors is replaced or modified in place."""
     signature = tensor_state(weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
-    compute = lambda: weight.absmax_fp32().float().contiguous()  # noqa: E731
-    return compute() if signature is None else _SCALES.get(weight.absmax, signature, compute)
+    return _SCALES.get(weight.absmax, signature, lambda: weight.absmax_fp32().float().contiguous())
 
 
 class WeightArgs(NamedTuple):
@@ -104,8 +103,7 @@ def has_standard_code(weight) -> bool:
         table = torch.tensor(NF4_VALUES, dtype=torch.float32)
         return bool(torch.equal(weight.code.detach().float().cpu().reshape(-1), table))
 
-    signature = tensor_state(weight.code)
-    return compute() if signature is None else _STANDARD_CODE.get(weight.code, signature, compute)
+    return _STANDARD_CODE.get(weight.code, tensor_state(weight.code), compute)
 
 
 def lookup_mode(weight, dtype: torch.dtype) -> str:

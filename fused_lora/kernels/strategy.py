@@ -142,8 +142,8 @@ def use_thresholds(t: Thresholds | None = None, **changes):
         >>> with use_thresholds(decode_max_m=0, large_min_m=1):   # every NF4 call takes the large path
         ...     y, u = lora.forward(x, w, A, B, 2.0, None, 0.0, 0)
     """
-    dataclasses.replace(t or THRESHOLDS["default"], **changes)  # unknown names and bad values raise here
-    entry = dataclasses.replace(t, **changes) if t is not None else dict(changes)
+    checked = dataclasses.replace(t or THRESHOLDS["default"], **changes)  # unknown names and bad values raise here
+    entry = checked if t is not None else dict(changes)
     _override.append(entry)
     try:
         yield thresholds(torch.device("cuda") if torch.cuda.is_available() else "cpu")
