@@ -1,5 +1,6 @@
-"""lora_linear and frozen_linear as torch.library custom ops (fused_lora::lora_linear, ::lora_linear_backward,
-::frozen_linear, ::frozen_linear_backward), and torch.compile over them.
+"""lora_linear, frozen_linear and dora_linear as torch.library custom ops (fused_lora::lora_linear,
+::lora_linear_backward, ::frozen_linear, ::frozen_linear_backward, ::dora_linear, ::dora_linear_backward), and
+torch.compile over them.
 
 * torch.library.opcheck of every op (schema, autograd registration, fake tensors, AOT dispatch with dynamic shapes)
   on every backend the machine runs: the reference, "cpu" (when the extension has its kernels) and the Triton kernels
@@ -8,7 +9,7 @@
   45 with lora_dropout=0.05, from Tensor.item() on the dropout seed, the opaque NF4 object made inside the autograd
   Function and torch.Generator.manual_seed), and the compiled loss and LoRA gradients equal eager's bit for bit
   (aot_eager: the dropout seeds come from the same torch.randint calls in the same order);
-* FusedLoraLinear compiled with fullgraph=True matches eager, and second derivatives still raise.
+* FusedLoraLinear (LoRA and DoRA) compiled with fullgraph=True matches eager, and second derivatives still raise.
 """
 
 import pytest
@@ -21,7 +22,8 @@ from fused_lora.backend import cpu_kernels_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-OPS = ("lora_linear", "lora_linear_backward", "frozen_linear", "frozen_linear_backward")
+OPS = ("lora_linear", "lora_linear_backward", "frozen_linear", "frozen_linear_backward", "dora_linear",
+       "dora_linear_backward")
 
 
 def _backends():
@@ -45,12 +47,18 @@ def op_cases(backend: str, kind: str) -> dict:
     w = functional._weight_args(weight)
     y, u = torch.ops.fused_lora.lora_linear(x, *w, A, B, bias, seed, 2.0, p, backend)
     g = torch.randn_like(y)
+    mag = (torch.rand(48) + 0.5).requires_grad_(True)
+    _, norm, u_dora, z = torch.ops.fused_lora.dora_linear(x, *w, A, B, mag, bias, seed, 2.0, p, backend, True)
     return {
         "lora_linear": (x, *w, A, B, bias, seed, 2.0, p, backend),
         "lora_linear_backward": (g, x.detach(), *w, A.detach(), B.detach(), u.detach(), seed, 2.0, p, backend,
                                  True, True, True, bias is not None),
         "frozen_linear": (x, *w, bias, backend),
         "frozen_linear_backward": (g, *w, backend, True, bias is not None),
+        "dora_linear": (x, *w, A, B, mag, bias, seed, 2.0, p, backend, True),
+        "dora_linear_backward": (g, x.detach(), *w, A.detach(), B.detach(), mag.detach(), norm.detach(),
+                                 u_dora.detach(), z.detach(), seed, 2.0, p, backend, True, True, True, True,
+                                 bias is not None),
     }
 
 
@@ -124,20 +132,24 @@ def test_compiled_qlora_peft_llama_with_dropout_has_no_graph_break_and_eager_num
     assert len(fused_layers(model)) == 7
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("quant", ["nf4", None])
-def test_compiled_fused_lora_linear_matches_eager(quant):
+def test_compiled_fused_lora_linear_matches_eager(quant, dora):
+    """Compiled whole (fullgraph=True; DoRA too: before its custom ops, the autograd function's opaque NF4 object and
+    the seed's .item() broke the graph) and equal to eager bit for bit, the magnitude's gradient included."""
     torch.manual_seed(0)
     layer = fl.FusedLoraLinear(64, 48, r=4, lora_alpha=8, lora_dropout=0.1, quant=quant, bias=True,
-                               compute_dtype=torch.float32)
+                               compute_dtype=torch.float32, use_dora=dora)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(2, 5, 64)
+    trained = [layer.lora_A, layer.lora_B] + ([layer.lora_magnitude_vector] if dora else [])
     results = []
     torch._dynamo.reset()
     for module in (torch.compile(layer, backend="aot_eager", fullgraph=True), layer):
         torch.manual_seed(7)
         xi = x.clone().requires_grad_(True)
         y = module(xi)
-        grads = torch.autograd.grad(y.square().sum(), (xi, layer.lora_A, layer.lora_B))
+        grads = torch.autograd.grad(y.square().sum(), [xi] + trained)
         results.append((y.detach(), *grads))
     for compiled, eager in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)

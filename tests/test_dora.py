@@ -195,11 +195,12 @@ def test_triton_backend_matches_peft_formula_in_float64(dtype, p, nf4, K, interp
 def test_triton_backward_folds_c_into_the_nf4_block_scales(monkeypatch, interpret_triton):
     """K a multiple of the blocksize: the LoRA backward kernels run over c⊙W (W's codes, scales times c) and c⊙B
     with g itself; ragged blocks take c inside the kernels (lora.backward's col_scale). Neither makes a c⊙g pass."""
+    from fused_lora import _dora
     from fused_lora.kernels import dora as dora_kernels
 
     scaled_calls, scale_calls = [], []
     real_scaled, real_scale = dora.row_scaled_nf4, dora_kernels.scale_columns
-    monkeypatch.setattr(dora, "row_scaled_nf4", lambda w, c: scaled_calls.append(1) or real_scaled(w, c))
+    monkeypatch.setattr(_dora, "row_scaled_nf4", lambda w, c: scaled_calls.append(1) or real_scaled(w, c))
     monkeypatch.setattr(dora_kernels, "scale_columns", lambda *a, **k: scale_calls.append(a[2]) or real_scale(*a, **k))
     for K, folded in ((128, True), (67, False)):
         scaled_calls.clear(), scale_calls.clear()

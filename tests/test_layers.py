@@ -21,7 +21,8 @@ LAYERS = [
     ["fused_lora.kernels"],
     ["fused_lora.reference", "fused_lora.codec", "fused_lora.cpu", "fused_lora.bnb_compat"],
     ["fused_lora.nf4"],
-    ["fused_lora.functional", "fused_lora.optim", "fused_lora.dora", "fused_lora.mixed", "fused_lora.checkpoint"],
+    ["fused_lora.functional", "fused_lora.optim", "fused_lora._dora", "fused_lora.dora", "fused_lora.mixed",
+     "fused_lora.checkpoint"],
     ["fused_lora.modules"],
     ["fused_lora.peft", "fused_lora.peft_routes"],
     ["fused_lora"],  # the package's __init__: the public names
