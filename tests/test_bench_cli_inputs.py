@@ -94,7 +94,7 @@ def test_a_wrong_forward_fails_the_run_and_is_left_out_of_the_targets(tmp_path):
 
 def test_later_stages_run_on_the_asked_device(monkeypatch):
     seen = []
-    monkeypatch.setattr(sweep, "run_optimizer_bench", lambda quick, device: seen.append(("optim", device)) or [])
+    monkeypatch.setattr(sweep, "run_optimizer_bench", lambda quick, device, skip: seen.append(("optim", device)) or [])
     monkeypatch.setattr(sweep, "run_e2e_bench", lambda quick, device: seen.append(("e2e", device)) or ([], []))
     args = type("Args", (), {"quick": True})()
     results = schema.ResultsFile(None, ENV, {})

@@ -474,3 +474,30 @@ def test_e2e_bench_runs_peft_bnb_and_the_patched_model_with_matching_losses():
     assert fused_row["losses"][0] == pytest.approx(math.log(config.vocab), rel=0.05)  # untrained: ~uniform
     assert fused_row["loss_max_rel_diff"] < 1e-4  # fp32 on CPU: the same math up to rounding
     assert all(row["tokens_per_s"] > 0 and row["M"] == config.batch * config.seq for row in rows)
+
+
+def test_one_failing_optimizer_is_skipped_and_the_others_keep_their_rows(monkeypatch, tmp_path):
+    """run_optimizer_bench: an implementation that fails is recorded under "skipped" with its reason (the sweep passes
+    ResultsFile.skip); the rows of the others are kept, ratios taken against what was measured. Without ``skip``
+    the error is raised."""
+    import torch
+
+    from fused_lora.bench import optimizer
+
+    def broken(params):
+        raise RuntimeError("no managed memory here")
+
+    monkeypatch.setattr(optimizer, "_implementations", lambda cuda: {
+        "torch_adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-4), "paged_adamw_resident": broken})
+    skipped = []
+    rows = optimizer.run_optimizer_bench(quick=True, device="cpu", skip=lambda what, reason: skipped.append(
+        (what["impl"], reason)))
+    assert [row["impl"] for row in rows] == ["torch_adamw_fused"] and rows[0]["median_ms"] > 0
+    assert skipped == [("paged_adamw_resident", "RuntimeError: no managed memory here")]
+    with pytest.raises(RuntimeError, match="no managed memory"):
+        optimizer.run_optimizer_bench(quick=True, device="cpu")
+    results = ResultsFile(None, ENV, {})
+    monkeypatch.setattr(sweep, "run_optimizer_bench", optimizer.run_optimizer_bench)
+    sweep.run_optimizer_rows(type("Args", (), {"quick": True})(), "cpu", results)
+    assert [row["impl"] for row in results.data["results"]] == ["torch_adamw_fused"]
+    assert [entry["impl"] for entry in results.data["skipped"]] == ["paged_adamw_resident"]

@@ -114,12 +114,15 @@ _RATIOS = {
 }
 
 
-def run_optimizer_bench(quick: bool, device=None) -> list[dict]:
+def run_optimizer_bench(quick: bool, device=None, skip=None) -> list[dict]:
     """Rows {"bench": "paged_adamw", "impl", "pass": "step", "M", "K", "N", "r": 0, "dtype", "median_ms",
     "tflops": None, "peak_mem_mb", "params", "state_bytes", "ratio", "ratio_to", "ratio_bnb"}, one per
     implementation and size (M tensors of N×K fp32).
 
-    ``device``: where the parameters live (default: CUDA when available, else the CPU).
+    ``device``: where the parameters live (default: CUDA when available, else the CPU). ``skip(what, reason)``: called
+    for an implementation that fails at a size (``what`` = {"bench", "impl", "M", "K", "N"}), whose row is then left
+    out while the others are measured and their ratios taken against what was measured; without it the error is
+    raised.
 
     Example: ``rows = run_optimizer_bench(quick=True)``
     """
@@ -129,12 +132,20 @@ def run_optimizer_bench(quick: bool, device=None) -> list[dict]:
     for M, N, K in _sizes(quick, cuda):
         size_rows = {}
         for impl, make_opt in _implementations(cuda).items():
-            median_ms, peak, state_bytes = _measure(make_opt, M, N, K, device, cuda)
+            try:
+                median_ms, peak, state_bytes = _measure(make_opt, M, N, K, device, cuda)
+            except Exception as exc:
+                if skip is None:
+                    raise
+                skip({"bench": _ROW_BASE["bench"], "impl": impl, "M": M, "K": K, "N": N},
+                     f"{type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            finally:
+                if cuda:
+                    torch.cuda.empty_cache()
             size_rows[impl] = {**_ROW_BASE, "impl": impl, "M": M, "K": K, "N": N, "median_ms": median_ms,
                                "peak_mem_mb": peak, "params": M * N * K, "state_bytes": state_bytes}
-            if cuda:
-                torch.cuda.empty_cache()
-        if cuda:
+        if cuda and "paged_adamw_host" in size_rows:
             fp32_state = size_rows["paged_adamw_host"]["state_bytes"]
             size_rows["transfer_floor"] = {**_ROW_BASE, "impl": "transfer_floor", "M": M, "K": K, "N": N,
                                            "median_ms": 2 * _h2d_ms(fp32_state), "peak_mem_mb": None,
