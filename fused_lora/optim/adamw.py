@@ -124,6 +124,9 @@ class _AdamWBase(torch.optim.Optimizer):
             # updated, as bitsandbytes' optimizers do, so model.parameters() of a QLoRA model works as written.
             if p.requires_grad and (not p.is_floating_point() or p.is_complex()):
                 raise ValueError(f"{name}: parameters must be real floating point, got {p.dtype}")
+            if p.requires_grad and p.dtype == torch.float64:  # the update and its state are fp32
+                raise ValueError(f"{name}: parameters must be fp32, fp16 or bf16 (the update runs in fp32 and would "
+                                 "round a float64 parameter at every step), got torch.float64; use torch.optim.AdamW")
 
     def add_param_group(self, param_group: dict):
         """torch.optim.Optimizer.add_param_group, and the group's hyperparameters and parameters are checked."""
@@ -325,7 +328,7 @@ class _AdamWBase(torch.optim.Optimizer):
         """
         sd = super().state_dict()
         for index, p in enumerate(self._all_params()):
-            if index not in sd["state"]:
+            if not sd["state"].get(index):  # none, or {} (state read before a first step): saved as torch saves it
                 continue
             paged = self.pager is not None and self.pager.is_paged(p)
             entry = {}
@@ -345,6 +348,9 @@ class _AdamWBase(torch.optim.Optimizer):
         All or nothing: the whole checkpoint is checked first (groups and their hyperparameters, and for every
         parameter its step, moments, absmax and quantization maps; see fused_lora/optim/checkpoint.py), and a
         problem raises ValueError / TypeError naming the parameter and the field with every state left as it was.
+        The new state is then made whole before the old one is released (as torch.optim.Optimizer's: both are held
+        for a moment), so a refused allocation also leaves every state as it was. An empty saved state ({}) is no
+        state, as torch loads it.
         """
         name = type(self).__name__
         who = f"{name}.load_state_dict"
@@ -358,16 +364,51 @@ class _AdamWBase(torch.optim.Optimizer):
             self._check_group({**group, **{k: v for k, v in saved.items() if k != "params"}})
         id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups), self._all_params()))
         entries = check_state_dict(who, state_dict, id_map, self._EIGHT_BIT)
-        for p in self._all_params():
+        # the new state is made whole before the old one goes (as torch.optim.Optimizer.load_state_dict: both are
+        # held for a moment), so a refused allocation leaves the old state as it was
+        taken = self.pager.detach(self._all_params()) if self.pager is not None else {}
+        try:
+            states = [(p, self._import_state(p, saved)) for p, saved in entries]
+        except BaseException:
             if self.pager is not None:
-                self.pager.release(p)
+                for p in self._all_params():  # the new blocks made so far
+                    self.pager.release(p)
+                self.pager.attach(taken)
+            raise
         self.state.clear()
-        for p, saved in entries:
-            self.state[p] = self._import_state(p, saved)
+        self.state.update(states)
+        self._luts = {key: lut for key, lut in self._luts.items()
+                      if any(lut[0] is st.get(name) for st in self.state.values() for name in ("qmap1", "qmap2"))}
         for group, saved in zip(groups, saved_groups):
             for key, value in saved.items():
                 if key != "params":
                     group[key] = tuple(value) if key == "betas" else value
+
+    def __getstate__(self):
+        """torch.optim.Optimizer's pickled state (defaults, state, param_groups) and this optimizer's settings, so that
+        copy.deepcopy and pickling give a working optimizer (torch's keeps only the first three)."""
+        state = super().__getstate__()
+        pager = self.pager
+        state["_settings"] = {"min_8bit_size": self.min_8bit_size, "chunk_bytes": self.chunk_bytes,
+                              "backend": self.backend,
+                              "gpu_budget_bytes": pager.gpu_budget_bytes if pager is not None else None,
+                              "page_min_bytes": pager.page_min_bytes if pager is not None else 1 << 16}
+        return state
+
+    def __setstate__(self, state):
+        settings = state.pop("_settings", None)
+        super().__setstate__(state)
+        if settings is None:
+            raise TypeError(f"{type(self).__name__}: unpickled from a state without its settings; rebuild it and "
+                            "use load_state_dict")
+        self.min_8bit_size, self.chunk_bytes = settings["min_8bit_size"], settings["chunk_bytes"]
+        self.backend = settings["backend"]
+        self.pager = PageManager(settings["gpu_budget_bytes"], settings["page_min_bytes"]) if self._PAGED else None
+        self._qmaps, self._luts = {}, {}
+        # the copied state tensors are ordinary ones: imported again, paged state goes back to managed memory
+        for p, st in list(self.state.items()):
+            if st:
+                self.state[p] = self._import_state(p, st)
 
     def _import_state(self, p, saved: dict) -> dict:
         """New state for p filled from a checked, flat saved state (see checkpoint.check_param_state)."""

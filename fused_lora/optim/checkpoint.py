@@ -8,8 +8,11 @@ ValueError (TypeError for a wrong kind of object) naming the parameter index and
 * layout: a mapping with "state" (a mapping) and "param_groups" (a list of groups with "params" lists);
 * step: present, a number (or a one-element tensor), finite, an integer value, >= 0 (a negative or NaN step would
   reach a ZeroDivisionError in the bias corrections, or a ValueError from int());
-* moments: tensors of floating point (or uint8 for 8-bit state), with the parameter's number of elements;
-  state1 and state2 of the same kind;
+* moments: tensors of floating point (or uint8 for 8-bit state), of the parameter's shape (torch and bitsandbytes
+  save them so; with the number of elements alone, the moments of an (r, K) adapter loaded into a (K, r) one in a
+  checkpoint listing them in another order); state1 and state2 of the same kind;
+* an empty state (torch's optimizers save ``{}`` for a parameter whose state was read before its first step) is
+  no state: the parameter starts afresh, as torch loads it;
 * 8-bit state: absmax1 / absmax2 floating point with one value per block of 256 (ceil(numel / 256)), finite;
   qmap1 / qmap2, when saved, 256 finite, sorted values in [-1, 1] (a map of another size fails later in step() with
   an IndexError, an unsorted one quantizes to the wrong codes);
@@ -106,9 +109,10 @@ def check_param_state(who: str, saved_id, param: torch.Tensor, saved, eight_bit:
     kinds = "uint8 or floating point" if eight_bit else "floating point"
     for index, key in enumerate(moments[:2]):
         value = _check_tensor(who, where, key, saved[key], kinds)
-        if value.numel() != param.numel():
+        if value.shape != param.shape:
             raise ValueError(
-                f"{who}: {key} of {where} has {value.numel()} elements, the parameter has {param.numel()}"
+                f"{who}: {key} of {where} has shape {tuple(value.shape)}, the parameter has shape "
+                f"{tuple(param.shape)} (a checkpoint of another model, or its parameters in another order)"
             )
         if value.dtype != torch.uint8:  # a 32-bit moment: values the next step would turn into NaN weights
             _check_moment_values(who, where, key, value, nonnegative=index == 1)
@@ -139,5 +143,5 @@ def check_state_dict(who: str, state_dict, id_map: dict, eight_bit: bool) -> lis
     return [
         (id_map[saved_id], check_param_state(who, saved_id, id_map[saved_id], saved, eight_bit))
         for saved_id, saved in state_dict["state"].items()
-        if saved_id in id_map
+        if saved_id in id_map and not (isinstance(saved, Mapping) and len(saved) == 0)  # {}: no state
     ]

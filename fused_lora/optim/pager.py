@@ -143,6 +143,26 @@ class PageManager:
             del self.resident[block.location][key]
             self.resident_bytes[block.location] -= block.nbytes
 
+    def detach(self, keys) -> dict:
+        """Take the blocks of ``keys`` out of the bookkeeping (their memory lives while their state tensors do), for
+        ``attach`` to put back: a state replaced only once its successor is complete (load_state_dict)."""
+        taken = {}
+        for key in keys:
+            block = self.blocks.get(key)
+            if block is not None:
+                taken[key] = (block, key in self.resident.get(block.location, {}))
+                self.release(key)
+        return taken
+
+    def attach(self, taken: dict) -> None:
+        """Put back blocks ``detach`` took, in place of any block allocated for their keys since."""
+        for key, (block, resident) in taken.items():
+            self.release(key)
+            self.blocks[key] = block
+            if resident:
+                self.resident.setdefault(block.location, {})[key] = None
+                self.resident_bytes[block.location] = self.resident_bytes.get(block.location, 0) + block.nbytes
+
     def is_paged(self, key) -> bool:
         return key in self.blocks
 

@@ -1,0 +1,153 @@
+"""The optimizers where a checkpoint or a copy could lose or corrupt state silently (a read-only review's findings,
+each a test that failed before its fix): moments of another shape with the same size, state read before a first
+step, a refused allocation while loading, float64 parameters, copy.deepcopy and pickling, and the quantization
+tables of loaded maps."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from _optim_helpers import assert_params_equal, make_params, needs_ext, train
+
+from fused_lora import optim as fo
+
+pytestmark = needs_ext
+
+OPTIMIZERS = {
+    "paged": lambda ps: fo.PagedAdamW(ps, lr=1e-2, page_min_bytes=0),
+    "paged8": lambda ps: fo.PagedAdamW8bit(ps, lr=1e-2, page_min_bytes=0, min_8bit_size=0),
+    "adamw8": lambda ps: fo.AdamW8bit(ps, lr=1e-2, min_8bit_size=0),
+}
+
+
+def _roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("make", ["paged", "torch"])
+def test_moments_of_another_shape_with_the_same_size_are_refused(make):
+    """LoRA's A (r, K) and B (K, r) have as many elements: a checkpoint listing them in another order loaded A's
+    moments into B (reshaped) without a word; torch.optim.AdamW fails at its next step. Now refused, naming both
+    shapes, with nothing changed."""
+    a, b = make_params([(4, 8), (8, 4)])
+    maker = OPTIMIZERS["paged"] if make == "paged" else (lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    source = maker([a, b])
+    train([a, b], source, 2)
+    swapped = _roundtrip(source.state_dict())
+    swapped["state"] = {0: swapped["state"][1], 1: swapped["state"][0]}
+    target = OPTIMIZERS["paged"](make_params([(4, 8), (8, 4)]))
+    message = r"exp_avg of parameter 0 has shape \(8, 4\), the parameter has shape \(4, 8\)"
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(swapped)
+    assert not any(target.state.values())
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_state_read_before_a_first_step_saves_and_loads(name):
+    """Reading opt.state[p] (a logging callback) makes an empty entry in torch's defaultdict: state_dict() raised
+    KeyError 'step', and a state dict with {} (torch's own writes it) was refused. {} is no state, as in torch."""
+    ps = make_params([(64, 80), (10,)])
+    opt = OPTIMIZERS[name](ps)
+    ps[0].grad = torch.randn_like(ps[0])
+    opt.step()
+    assert opt.state[ps[1]] == {}  # read: now an empty entry
+    sd = _roundtrip(opt.state_dict())
+    assert sd["state"][1] == {}
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    fresh = OPTIMIZERS[name](copies)
+    fresh.load_state_dict(sd)
+    assert not fresh.state[copies[1]] and fresh.state[copies[0]]["step"] == 1
+    if name == "paged":
+        torch_opt = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in ps], lr=1e-2)
+        torch_opt.load_state_dict(sd)
+        back = OPTIMIZERS[name]([torch.nn.Parameter(p.detach().clone()) for p in ps])
+        back.load_state_dict(_roundtrip(torch_opt.state_dict()))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_refused_allocation_while_loading_leaves_the_old_state(name, monkeypatch):
+    """load_state_dict released the old state before allocating the new: a refused managed allocation left the
+    parameters after it with no state (training restarted at step 0 for them). Now the new state is made whole
+    first: on failure every step, moment and the pager's bookkeeping are as they were."""
+    ps = make_params([(64, 80), (37, 129), (200,)])
+    opt = OPTIMIZERS[name](ps)
+    train(ps, opt, 3)
+    other = make_params([(64, 80), (37, 129), (200,)])
+    donor = OPTIMIZERS[name](other)
+    train(other, donor, 5, seed=9)
+    sd = _roundtrip(donor.state_dict())
+    before = _roundtrip(opt.state_dict())
+    stats = opt.paging_stats()
+    allocate = opt._new_state
+    calls = []
+
+    def refuse_second(p, eight_bit):
+        calls.append(p)
+        if len(calls) == 2:
+            raise RuntimeError("fused_lora._C: managed allocation refused")
+        return allocate(p, eight_bit)
+
+    monkeypatch.setattr(opt, "_new_state", refuse_second)
+    with pytest.raises(RuntimeError, match="refused"):
+        opt.load_state_dict(sd)
+    monkeypatch.undo()
+    after = _roundtrip(opt.state_dict())
+    for index in before["state"]:
+        for key, value in before["state"][index].items():
+            assert torch.equal(torch.as_tensor(after["state"][index][key]), torch.as_tensor(value)), (index, key)
+    assert opt.paging_stats() == stats
+    train(ps, opt, 2, start=3)  # and it trains on from its own state
+    assert all(opt.state[p]["step"] == 5 for p in ps)
+
+
+def test_float64_parameters_are_refused():
+    """The update and its state are fp32: a float64 parameter was rounded to fp32 at every step (1e-8 per step at
+    lr = 0). Refused, at construction and in add_param_group; a frozen float64 tensor is still skipped."""
+    p64 = torch.nn.Parameter(torch.randn(8, dtype=torch.float64))
+    for make in OPTIMIZERS.values():
+        with pytest.raises(ValueError, match="torch.float64"):
+            make([p64])
+    opt = OPTIMIZERS["paged"](make_params([(4, 4)]))
+    with pytest.raises(ValueError, match="torch.float64"):
+        opt.add_param_group({"params": [p64]})
+    assert len(opt.param_groups) == 1
+    OPTIMIZERS["paged"]([torch.zeros(3, dtype=torch.float64), *make_params([(4,)])])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_the_optimizer_trains_as_the_original(name, how):
+    """torch.optim.Optimizer pickles defaults, state and param_groups only: a deep-copied (or pickled) optimizer had
+    no pager, backend or chunk size, and its step raised AttributeError. The copy now has the original's settings,
+    its paged state back in managed memory, and continues bit for bit as the original does."""
+    ps = make_params([(64, 80), (200,)])
+    opt = OPTIMIZERS[name](ps)
+    train(ps, opt, 3)
+    model = (ps, opt)
+    twin_ps, twin = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert twin.chunk_bytes == opt.chunk_bytes and twin.backend == opt.backend
+    train(ps, opt, 3, start=3)
+    train(twin_ps, twin, 3, start=3)
+    assert_params_equal(twin_ps, ps)
+    assert twin.state_residency() == opt.state_residency() and twin.paging_stats() == opt.paging_stats()
+
+
+def test_quantization_tables_of_replaced_maps_are_dropped():
+    """Each loaded non-default 8-bit map gets its table (256 KiB-class lookup), kept while a state uses the map:
+    loading 20 times kept 22 tables; now only those of the maps in use remain."""
+    ps = make_params([(64, 80)])
+    opt = OPTIMIZERS["adamw8"](ps)
+    train(ps, opt, 1)
+    for _ in range(20):
+        sd = _roundtrip(opt.state_dict())
+        for key in ("qmap1", "qmap2"):  # another map: the first value nudged (still sorted, in [-1, 1])
+            sd["state"][0][key] = sd["state"][0][key].clone()
+            sd["state"][0][key][0] = -0.999
+        opt.load_state_dict(sd)
+        train(ps, opt, 1)
+    assert len(opt._luts) <= 2
