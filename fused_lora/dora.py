@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from . import functional
+from . import _dora, functional
 from ._dora import (
     _dora_impl,
     _lowrank_dtype,
@@ -33,16 +33,7 @@ from ._dora import (
     row_squares,
 )
 
-__all__ = [
-    "dora_linear",
-    "dora_row_norm",
-    "dora_row_norm_naive",
-    "row_squares",
-    "row_scaled_nf4",
-    "dora_forward",
-    "dora_backward",
-    "dora_linear_naive",
-]
+__all__ = ["dora_linear", *_dora.__all__]
 
 
 def _output_dtypes(x2d, lora_A, lora_B, magnitude, backend: str) -> tuple[torch.dtype, torch.dtype, torch.dtype]:

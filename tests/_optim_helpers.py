@@ -31,4 +31,19 @@ def assert_params_equal(a, b):
         assert torch.equal(x, y), f"parameter {i}: max |diff| {(x - y).abs().max().item():.3e}"
 
 
+def refuse_nth_allocation(monkeypatch, opt, n: int, message: str = "managed allocation refused"):
+    """Make the optimizer's n-th state allocation from now raise RuntimeError(message), as a GPU refuses managed
+    memory beyond what is free; returns the real allocation, to set back."""
+    real, calls = opt._new_state, []
+
+    def refuse(p, eight_bit):
+        calls.append(p)
+        if len(calls) == n:
+            raise RuntimeError(message)
+        return real(p, eight_bit)
+
+    monkeypatch.setattr(opt, "_new_state", refuse)
+    return real
+
+
 needs_ext = pytest.mark.skipif(not _ext.is_available(), reason="fused_lora._C is not built")

@@ -11,7 +11,7 @@ ulps per step), so they are compared with the PyTorch path at relative error ≤
 
 import pytest
 import torch
-from _optim_helpers import SHAPES, assert_params_equal, make_params, needs_ext, train
+from _optim_helpers import SHAPES, assert_params_equal, make_params, needs_ext, refuse_nth_allocation, train
 
 from fused_lora import _ext
 from fused_lora import optim as fo
@@ -290,16 +290,7 @@ def test_refused_state_allocation_leaves_every_step_count_as_it_was(monkeypatch)
     ref_opt = torch.optim.AdamW(ref, lr=1e-2, foreach=False)
     ours = make_params(shapes)
     opt = fo.PagedAdamW(ours, lr=1e-2, page_min_bytes=1 << 30)
-    real = opt._new_state
-    calls = []
-
-    def refuse_the_second(p, eight_bit):
-        calls.append(p)
-        if len(calls) == 2:
-            raise RuntimeError("managed allocation of 120 bytes refused")
-        return real(p, eight_bit)
-
-    monkeypatch.setattr(opt, "_new_state", refuse_the_second)
+    real = refuse_nth_allocation(monkeypatch, opt, 2, "managed allocation of 120 bytes refused")
     with pytest.raises(RuntimeError, match="refused"):
         train(ours, opt, 1)
     assert all(opt.state[p].get("step", 0) == 0 for p in ours)

@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 import torch
-from _optim_helpers import assert_params_equal, make_params, needs_ext, train
+from _optim_helpers import assert_params_equal, make_params, needs_ext, refuse_nth_allocation, train
 
 from fused_lora import optim as fo
 
@@ -83,19 +83,10 @@ def test_a_refused_allocation_while_loading_leaves_the_old_state(name, monkeypat
     sd = _roundtrip(donor.state_dict())
     before = _roundtrip(opt.state_dict())
     stats = opt.paging_stats()
-    allocate = opt._new_state
-    calls = []
-
-    def refuse_second(p, eight_bit):
-        calls.append(p)
-        if len(calls) == 2:
-            raise RuntimeError("fused_lora._C: managed allocation refused")
-        return allocate(p, eight_bit)
-
-    monkeypatch.setattr(opt, "_new_state", refuse_second)
+    real = refuse_nth_allocation(monkeypatch, opt, 2)
     with pytest.raises(RuntimeError, match="refused"):
         opt.load_state_dict(sd)
-    monkeypatch.undo()
+    monkeypatch.setattr(opt, "_new_state", real)
     after = _roundtrip(opt.state_dict())
     for index in before["state"]:
         for key, value in before["state"][index].items():
