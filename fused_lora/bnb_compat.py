@@ -79,7 +79,8 @@ def cpu_has_avx512f() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-def bnb_cpu_dequantize_is_wrong(shape, blocksize: int, avx512f: bool | None = None) -> bool:
+def bnb_cpu_dequantize_is_wrong(shape, blocksize: int, avx512f: bool | None = None,
+                                torch_avx512: bool | None = None) -> bool:
     """Whether bitsandbytes 0.50.2's CPU ``dequantize_4bit`` returns wrong values for an NF4 weight of ``shape``
     quantized in blocks of ``blocksize`` (our dequantization is right there: it is bitsandbytes' format).
 
@@ -89,7 +90,9 @@ def bnb_cpu_dequantize_is_wrong(shape, blocksize: int, avx512f: bool | None = No
     c // blocksize]. That is the right block only when the blocks start at every row, i.e. ``cols % blocksize == 0``;
     otherwise every row after the first that reaches another block is scaled by the wrong absmax (e.g. cols = 160
     or 32 with the default blocksize 64, several rows). Read from the library's disassembly; without AVX-512F the
-    scalar kernel runs and is right. ``avx512f`` overrides the CPU check (for tests).
+    scalar kernel runs and is right. ``avx512f`` overrides the CPU check and ``torch_avx512`` torch's capability
+    (for tests: a CPU with AVX-512F whose torch runs at AVX2, e.g. under ATEN_CPU_CAPABILITY=avx2, takes the native
+    kernel at every blocksize).
 
     Example:
         >>> bnb_cpu_dequantize_is_wrong((37, 160), 64, avx512f=True), bnb_cpu_dequantize_is_wrong((37, 128), 64, True)
@@ -100,7 +103,9 @@ def bnb_cpu_dequantize_is_wrong(shape, blocksize: int, avx512f: bool | None = No
         avx512f = cpu_has_avx512f()
     cols = shape[-1] if shape else 1
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-    python_fallback = cols % 2 != 0 or blocksize >= 2048
+    if torch_avx512 is None:
+        torch_avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    python_fallback = cols % 2 != 0 or (blocksize >= 2048 and torch_avx512)  # bitsandbytes' own rule
     if not avx512f or python_fallback or cols % 16 != 0 or cols % blocksize == 0:
         return False
     return rows >= 2 and rows * cols - 16 >= blocksize

@@ -271,6 +271,8 @@ def _row_ids(caller, adapter_ids, x: torch.Tensor, n_adapters: int) -> torch.Ten
     """adapter_ids (a tensor or list of ints over x's first leading dims) → (M,) int64 on x's device."""
     if not isinstance(adapter_ids, torch.Tensor):
         adapter_ids = torch.as_tensor(adapter_ids)
+    if adapter_ids.numel() == 0:  # an empty batch's ids ([] is float32 to torch): no value to check
+        adapter_ids = adapter_ids.to(torch.int64)
     if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
         raise TypeError(f"{caller}: adapter_ids must hold integers (-1 for no adapter), got {adapter_ids.dtype}")
     leading = tuple(x.shape[:-1])

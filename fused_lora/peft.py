@@ -124,7 +124,8 @@ class _FusedLoraForward:
         if y is not None:
             return y
         route, value = self._route(args, kwargs)
-        reason = value if route == "peft" else None
+        # a base the fused path cannot take is the reason whatever the adapters (fused_adapters_forward declined it)
+        reason = (self._base_problem() or value) if route == "peft" else None
         if route != "peft":
             if route == "frozen" and self.disable_adapters and self.merged:
                 self.unmerge()  # as PEFT's forward does: a disabled layer computes the unmerged base
@@ -159,32 +160,41 @@ class _FusedLoraForward:
                             "LoRA variant, lora_bias, fan_in_fan_out, or adapter dtypes it refuses)")
         adapter = active[0]
         variants = getattr(self, "lora_variant", {})
+        if self.use_dora.get(adapter, False):  # before the variants: PEFT registers DoRA as one
+            return "peft", ("DoRA with an option the fused DoRA path does not run (lora_bias, fan_in_fan_out, or "
+                            "adapter dtypes it refuses)")
         if adapter in variants:
             return "peft", f"the LoRA variant {type(variants[adapter]).__name__}"
-        if self.use_dora.get(adapter, False):
-            return "peft", "DoRA"
         if self.lora_bias.get(adapter, False):
             return "peft", "lora_bias=True"
         if getattr(self, "fan_in_fan_out", False):
             return "peft", "fan_in_fan_out=True"
         return "lora", adapter
 
-    def _frozen_base(self, x: torch.Tensor):
-        """(weight, compute_dtype, bias, out_dtype) for lora_linear, or a string naming why the base is unsupported."""
+    def _base_problem(self) -> str | None:
+        """Why the fused path cannot take the base layer, or None."""
         base = self.get_base_layer()
         kind = _base_kind(base)
         if kind is None:
             return f"a base layer of type {type(base).__name__}"
         if base.weight.is_meta:  # e.g. accelerate's offloading: a hook loads it in the base layer's own forward
             return "a base weight on the meta device (offloaded: only the base layer's own forward loads it)"
-        if kind == "dense":
-            if base.weight.requires_grad:
-                return "a trainable base weight (lora_linear keeps W frozen)"
+        if kind == "dense" and base.weight.requires_grad:
+            return "a trainable base weight (lora_linear keeps W frozen)"
+        if kind != "dense" and _quant_state(base) is None:
+            return "a bitsandbytes weight that is not quantized yet (move the model to its device first)"
+        return None
+
+    def _frozen_base(self, x: torch.Tensor):
+        """(weight, compute_dtype, bias, out_dtype) for lora_linear, or a string naming why the base is unsupported."""
+        problem = self._base_problem()
+        if problem is not None:
+            return problem
+        base = self.get_base_layer()
+        if _base_kind(base) == "dense":
             compute_dtype = _autocast_dtype(x.device.type) or base.weight.dtype
             return base.weight.to(compute_dtype), compute_dtype, base.bias, compute_dtype
         quant_state = _quant_state(base)
-        if quant_state is None:
-            return "a bitsandbytes weight that is not quantized yet (move the model to its device first)"
         if not base.compute_type_is_set:
             base.set_compute_type(x)
             base.compute_type_is_set = True

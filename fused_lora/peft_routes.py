@@ -62,8 +62,9 @@ def fused_adapters_forward(layer, x: torch.Tensor, args, kwargs) -> torch.Tensor
 def mixed_adapter_batch(model: nn.Module, adapter_names):
     """Inside the block, every PEFT LoRA layer of ``model`` (fused or not, and every ``modules_to_save`` wrapper, as
     PEFT's own ``adapter_names`` forward routes them) runs with ``adapter_names`` (one adapter name per sample,
-    "__base__" for none), in training mode too, and every adapter named becomes trainable in the LoRA layers (PEFT
-    marks only the active ones); PEFT's own ``model(..., adapter_names=...)`` refuses training mode.
+    "__base__" for none), in training mode too, and, with gradients enabled, every adapter named becomes trainable in
+    the LoRA layers (PEFT marks only the active ones) and stays so after the block (a backward after it still reaches
+    them); PEFT's own ``model(..., adapter_names=...)`` refuses training mode.
 
     Call ``backward()`` inside the block: with gradient checkpointing the backward pass runs the layers' forward again,
     and outside the block that forward would not have the names (wrong gradients). So with gradient checkpointing on,
@@ -105,8 +106,10 @@ def mixed_adapter_batch(model: nn.Module, adapter_names):
               for param in (*(c[name].weight for c in (module.lora_A, module.lora_B) if name in c),
                             *(c[name] for c in (module.lora_embedding_A, module.lora_embedding_B) if name in c))
               if not param.requires_grad]  # fmt: skip
-    if torch.is_grad_enabled():  # no gradient to synchronise otherwise (inference under DDP)
+    if torch.is_grad_enabled():
         _check_distributed(model, [param for _, param in frozen], sorted({name for name, _ in frozen}))
+    else:  # inference: nothing to train, nothing to synchronise under DDP, and nothing made trainable (it would stay
+        frozen = []  # so, and a later training block would get past _check_distributed)
     handles = []
     try:
         for module in layers + wrappers:

@@ -341,3 +341,25 @@ def test_fused_lora_linear_dora_state_dict_round_trip_and_training():
     expected = dora.dora_linear(x, layer.weight, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector,
                                 layer.scaling)
     torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["two-adapters", "dora"])
+def test_a_trainable_base_is_the_reason_given_whatever_the_adapters(dora, fresh_warnings):
+    """Several active adapters, or one DoRA adapter, over a base the fused path cannot take (a trainable dense W):
+    the fallback warning names the base (it blamed "several active adapters" or the DoRA variant), and the numbers
+    are PEFT's own."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    config = dict(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
+    model = get_peft_model(nn.Sequential(nn.Linear(64, 37)), LoraConfig(use_dora=dora, **config))
+    if not dora:
+        model.add_adapter("second", LoraConfig(**config))
+        model.base_model.set_adapter(["default", "second"])
+    model.base_model.model[0].get_base_layer().weight.requires_grad_(True)
+    x = torch.randn(2, 5, 64)
+    expected = model(x).detach()
+    fl.patch_peft_model(model)
+    with pytest.warns(RuntimeWarning, match="a trainable base weight") as record:
+        torch.testing.assert_close(model(x).detach(), expected, rtol=0, atol=0)
+    assert not [w for w in record if "several active adapters" in str(w.message) or "variant" in str(w.message)]

@@ -197,6 +197,10 @@ def test_argument_errors_name_lora_linear_multi():
         mixed.lora_linear_multi(x, weight, adapters, adapter_ids=torch.zeros(5, dtype=torch.long))
     with pytest.raises(TypeError, match="lora_linear_multi: adapter_ids must hold integers"):
         mixed.lora_linear_multi(x, weight, adapters, adapter_ids=torch.zeros(22))
+    with pytest.raises(TypeError, match="lora_linear_multi: adapter_ids must hold integers"):
+        mixed.lora_linear_multi(x, weight, adapters, adapter_ids=[0.0] * 22)
+    for empty in ([], torch.tensor([])):  # an empty batch's ids: no value to be an integer or not (torch: float32)
+        assert mixed.lora_linear_multi(x[:0], weight, adapters, adapter_ids=empty).shape == (0, weight.shape[0])
     with pytest.raises(ValueError, match=r"lora_linear_multi: adapters\[1\].lora_B has shape"):
         mixed.lora_linear_multi(x, weight, [adapters[0], Adapter(adapters[1].lora_A, adapters[0].lora_B, 1.0)])
     with pytest.raises(TypeError, match="lora_linear_multi: adapters must be a non-empty sequence"):
@@ -456,6 +460,9 @@ def test_frozen_adapters_under_ddp_are_refused_and_warned_about(tiny_llama_dir, 
         ddp = DistributedDataParallel(model)
         with torch.no_grad(), fl.peft_routes.mixed_adapter_batch(ddp, ["a2", "a0"]):  # inference: no gradient
             pass
+        with torch.no_grad(), fl.peft_routes.mixed_adapter_batch(ddp, ["a1", "a0"]):  # nor made trainable: it made
+            pass  # a1 trainable for good, and the training block below then got past the refusal
+        assert not any(p.requires_grad for n, p in model.named_parameters() if ".a1." in n)
         with pytest.raises(RuntimeError, match=r"28 parameters of the named adapters are frozen.*\['a1'\]"):
             with fl.peft_routes.mixed_adapter_batch(ddp, ["a1", "a0"]):
                 pass

@@ -471,7 +471,9 @@ def test_bnb_cpu_dequantize_rule_is_the_avx512_kernels_indexing(blocksize):
         assert nf4.bnb_cpu_dequantize_is_wrong((rows, cols), blocksize, avx512f=True) == expected, (rows, cols)
         assert not nf4.bnb_cpu_dequantize_is_wrong((rows, cols), blocksize, avx512f=False)
     assert nf4.bnb_cpu_dequantize_is_wrong((37, 160), 64, avx512f=True)
-    assert not nf4.bnb_cpu_dequantize_is_wrong((37, 160), 2048, avx512f=True)  # bitsandbytes falls back to PyTorch
+    # at blocksize >= 2048 bitsandbytes falls back to PyTorch when torch runs at AVX512, not otherwise
+    assert not nf4.bnb_cpu_dequantize_is_wrong((37, 160), 2048, avx512f=True, torch_avx512=True)
+    assert nf4.bnb_cpu_dequantize_is_wrong((37, 160), 2048, avx512f=True, torch_avx512=False)
 
 
 def test_bnb_cpu_dequantize_is_wrong_exactly_where_the_rule_says():

@@ -142,3 +142,23 @@ def test_quantization_tables_of_replaced_maps_are_dropped():
         opt.load_state_dict(sd)
         train(ps, opt, 1)
     assert len(opt._luts) <= 2
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_shallow_copy_leaves_the_original_state_alone(name):
+    """copy.copy hands the original's own state dict to the copy's __setstate__: the copy's state goes into a dict of
+    its own, and the original keeps its tensors, backed by its own pager's blocks."""
+    ps = make_params([(64, 80), (200,)])
+    opt = OPTIMIZERS[name](ps)
+    train(ps, opt, 2)
+    before = {p: dict(opt.state[p]) for p in ps}
+    twin = copy.copy(opt)
+    assert twin.state is not opt.state
+    for p in ps:
+        assert all(opt.state[p][key] is value for key, value in before[p].items())
+        if opt.pager is not None and opt.pager.is_paged(p):
+            buffer = opt.pager.blocks[p].buffer
+            moment = opt.state[p]["exp_avg" if name == "paged" else "state1"]
+            assert moment.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    train(ps, opt, 1, start=2)
+    assert all(opt.state[p]["step"] == 3 for p in ps) and all(twin.state[p]["step"] == 2 for p in ps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections import defaultdict
 from itertools import chain
 
 import torch
@@ -405,10 +406,13 @@ class _AdamWBase(torch.optim.Optimizer):
         self.backend = settings["backend"]
         self.pager = PageManager(settings["gpu_budget_bytes"], settings["page_min_bytes"]) if self._PAGED else None
         self._qmaps, self._luts = {}, {}
-        # the copied state tensors are ordinary ones: imported again, paged state goes back to managed memory
-        for p, st in list(self.state.items()):
-            if st:
-                self.state[p] = self._import_state(p, st)
+        # the copied state tensors are ordinary ones: imported again, paged state goes back to managed memory, into
+        # a dict of its own (copy.copy hands over the original's very dict: filling it would swap the original's
+        # state for blocks of this copy's pager)
+        fresh = defaultdict(dict)
+        for p, st in self.state.items():
+            fresh[p] = self._import_state(p, st) if st else {}
+        self.state = fresh
 
     def _import_state(self, p, saved: dict) -> dict:
         """New state for p filled from a checked, flat saved state (see checkpoint.check_param_state)."""
