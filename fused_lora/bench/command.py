@@ -14,6 +14,9 @@ Where the results JSON goes (``results_root``); the tables are printed in every 
 bitsandbytes on one layer, NF4 dequantization and a whole-model step, fp32 and bf16, as same-run ratios); its JSON
 is written only with ``--output DIR``, to ``DIR/cpu/<YYYYmmdd-HHMM>.json``.
 
+``--paths`` times the fused layer on every kernel path at each M and suggests the path thresholds
+(``fused_lora.bench.paths``) instead of the sweep.
+
 ``--report [PATH]`` renders report.md and PNG plots next to the newest results JSON under PATH (a file or a
 folder; default: ``--output``, else ``./bench/results``).
 """
@@ -77,7 +80,8 @@ def _seconds(text: str) -> float:
 
 
 # Options of the GPU sweep that --cpu (its own fixed cases) does not take
-_SWEEP_ONLY = ("device", "shapes", "m", "ranks", "impls", "max_seconds", "no_dequant", "no_optim", "no_e2e")
+_SWEEP_ONLY = ("device", "shapes", "m", "ranks", "impls", "max_seconds", "no_dequant", "no_optim", "no_e2e",
+               "paths")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end QLoRA step")
     parser.add_argument("--max-seconds", type=_seconds, default=None,
                         help="time budget: cases not started by then are recorded as skipped")
+    parser.add_argument("--paths", action="store_true",
+                        help="instead of the sweep: the fused layer on every kernel path (decode, middle, large) at "
+                        "each M, and the M thresholds the times suggest for strategy.THRESHOLDS (fused_lora.bench."
+                        "paths; default cases: 4096x14336, M from 1 to 4096, r=16)")
     parser.add_argument("--cpu", action="store_true",
                         help="the CPU benchmark instead: fused vs PEFT+bitsandbytes on one layer, NF4 dequantization "
                         "and a whole-model step, fp32 and bf16 (JSON only with --output; --quick: fewer repetitions)")
@@ -136,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads is not None and not args.cpu:
         parser.error("--threads applies only with --cpu")
+    if args.paths and args.impls is not None:
+        parser.error("--impls applies only without --paths (it times the fused layer on each path)")
     defaults = parser.parse_args([])
     if args.cpu and (given := [name for name in _SWEEP_ONLY if getattr(args, name) != getattr(defaults, name)]):
         flag = "--" + {"ranks": "r"}.get(given[0], given[0]).replace("_", "-")

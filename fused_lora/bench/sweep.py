@@ -303,7 +303,14 @@ def run_stage(bench: str, needed_s: float, deadline: float, results: ResultsFile
 def apply_defaults(args, on_cuda: bool) -> None:
     """Fill the cases the arguments left open (shapes, M, ranks, implementations) with the GPU or CPU defaults of
     ``fused_lora.bench.impls``; SystemExit naming an unknown implementation."""
-    if on_cuda:
+    if getattr(args, "paths", False):  # bench --paths (fused_lora.bench.paths): the fused layer alone
+        from .paths import PATH_M
+
+        args.shapes = args.shapes or (((4096, 14336),) if on_cuda else ((64, 96),))
+        args.m = args.m or (PATH_M if on_cuda else (1, 16, 80))
+        args.ranks = args.ranks or (QUICK_R if on_cuda else CPU_R)
+        args.impls = ("fused",)
+    elif on_cuda:
         args.shapes = args.shapes or (LLAMA3_8B_SHAPES if args.quick else LLAMA3_8B_SHAPES + LLAMA3_70B_SHAPES)
         args.m = args.m or (QUICK_M if args.quick else FULL_M)
         args.ranks = args.ranks or (QUICK_R if args.quick else FULL_R)
@@ -343,6 +350,23 @@ def run_benchmarks(args, device: torch.device, results_root: Path | None, start:
         torch.set_num_threads(threads)
 
 
+def _run_stages(args, device, results: ResultsFile, deadline: float) -> None:
+    """The layer sweep, the dequantization rows, then the optimizer and end-to-end stages as time allows."""
+    on_cuda = device.type == "cuda"
+    later = later_stage_seconds(args, on_cuda)
+    sweep_deadline = deadline - sum(later.values())
+    run_sweep(args, device, results, sweep_deadline)
+    if not args.no_dequant:
+        run_dequant_bench(args, device, results, sweep_deadline)
+    needs = stage_seconds(args) if on_cuda else {}
+    if not args.no_optim:  # before the end-to-end step: the optimizer rows are required, the step optional (--quick)
+        run_stage("optimizer", needs.get("optimizer", 0.0), deadline, results,
+                  lambda: run_optimizer_rows(args, device, results))
+    if not args.no_e2e:
+        run_stage("e2e_qlora_step", needs.get("e2e_qlora_step", 0.0), deadline, results,
+                  lambda: run_e2e_rows(args, device, results))
+
+
 def _run_all(args, device, results_root: Path | None, start: float, deadline: float) -> tuple[Path | None, dict]:
     on_cuda = device.type == "cuda"
     env = collect_env(device)
@@ -359,18 +383,15 @@ def _run_all(args, device, results_root: Path | None, start: float, deadline: fl
                                     "copy_gbps": measure_copy_gbps(device)}
         results.flush()
         torch.cuda.empty_cache()
-    later = later_stage_seconds(args, on_cuda)
-    sweep_deadline = deadline - sum(later.values())
-    run_sweep(args, device, results, sweep_deadline)
-    if not args.no_dequant:
-        run_dequant_bench(args, device, results, sweep_deadline)
-    needs = stage_seconds(args) if on_cuda else {}
-    if not args.no_optim:  # before the end-to-end step: the optimizer rows are required, the step optional (--quick)
-        run_stage("optimizer", needs.get("optimizer", 0.0), deadline, results,
-                  lambda: run_optimizer_rows(args, device, results))
-    if not args.no_e2e:
-        run_stage("e2e_qlora_step", needs.get("e2e_qlora_step", 0.0), deadline, results,
-                  lambda: run_e2e_rows(args, device, results))
+    if getattr(args, "paths", False):
+        from .paths import path_table, run_path_bench
+
+        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20) if on_cuda else 2**20
+        run_path_bench(args.shapes, args.m, args.ranks, device, make_timer(device, args.quick), results, deadline,
+                       l2_bytes)
+        print(path_table(results.data))
+    else:
+        _run_stages(args, device, results, deadline)
     results.data["wall_s"] = time.monotonic() - start
     results.flush()
     print(summary_table(results.data))
