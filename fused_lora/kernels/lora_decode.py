@@ -30,8 +30,11 @@ strategy.Thresholds.decode_programs_per_sm) leave 40 SMs one program: 9.4 µs, w
 but added 5 more prologues and epilogues per SM (2.8 µs) and 4× the partial sums. Sharing the steps evenly instead
 (stream-K: every program 13-14 steps, a tile's parts from the programs that cover it) was tried: the loop over a
 program's tiles around the pipelined K loop (or one flattened loop with a store at each tile's edge) costs Triton
-3.9 as much SASS as it saves (599-848 per iteration, 540 per tile). The epilogue kernel is launched with PDL
-(pdl.py) on sm_90: 1.4 of the forward's 13.9 µs (2.6 of 16 before PDL and the two splits). u has a column of
+3.9 as much SASS as it saves (599-848 per iteration, 540 per tile); so does keeping the loop whole and giving a
+program two copies of it, the tail of one tile then the head of the next (256 programs of 14 steps, every SM at most
+28): the second copy's pipeline prologue decodes a tile of its own (~500 SASS per program that crosses a tile) and
+the kernel took 201 registers instead of 167, which left the model's prediction where it was (12.4 µs). The
+epilogue kernel is launched with PDL (pdl.py) on sm_90: 1.4 of the forward's 13.9 µs (2.6 of 16 before PDL and the two splits). u has a column of
 programs of its own, as many K steps as the others: computed by the programs of column tile 0 after their W loop,
 it was a serial tail of K/64 latency-bound steps (32 at two splits; a review of the cost model, which now prices
 such loops: offline_kernels.KernelModel.side_loops). Unrolling the loop
