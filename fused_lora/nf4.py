@@ -423,7 +423,8 @@ class NF4Weight:
             value = state_dict[prefix + key]
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{who}: {prefix + key} must be a tensor, got {type(value).__name__}")
-            check_finite(who, prefix + key, value)
+            if key != "weight":  # the packed bytes are bytes whatever dtype stores them (bitsandbytes' quant_storage,
+                check_finite(who, prefix + key, value)  # e.g. bf16 for FSDP): as floats, some read as NaN or inf
             return value if device is None else value.to(device)
 
         if prefix + "weight.quant_state.bitsandbytes__fp4" in state_dict:

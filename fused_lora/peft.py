@@ -87,7 +87,9 @@ def _bnb_linear4bit_type():
 
 
 def _base_kind(base: nn.Module) -> str | None:
-    """"nf4" for a bitsandbytes NF4 Linear4bit, "dense" for any other nn.Linear, None otherwise (FP4 included)."""
+    """"nf4" for a bitsandbytes NF4 Linear4bit, "dense" for an nn.Linear that computes x·Wᵀ + b with a floating-point
+    W (its own forward: not a subclass with a forward of its own, such as transformers' quantized linears, whose
+    weight alone is not what they compute), None otherwise (FP4 included)."""
     linear4bit = _bnb_linear4bit_type()
     if linear4bit is not None and isinstance(base, linear4bit):
         state = _quant_state(base)
@@ -95,7 +97,9 @@ def _base_kind(base: nn.Module) -> str | None:
         return "nf4" if quant_type == "nf4" else None
     if type(base).__module__.startswith("bitsandbytes"):
         return None
-    return "dense" if isinstance(base, nn.Linear) else None
+    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+        return None
+    return "dense" if base.weight.is_floating_point() else None
 
 
 def _quant_state(base: nn.Module):
@@ -179,6 +183,14 @@ class _FusedLoraForward:
             return f"a base layer of type {type(base).__name__}"
         if base.weight.is_meta:  # e.g. accelerate's offloading: a hook loads it in the base layer's own forward
             return "a base weight on the meta device (offloaded: only the base layer's own forward loads it)"
+        # the fused path reads these modules' weights and never calls them: hooks on them (DeepSpeed ZeRO-3's
+        # parameter gathering, accelerate's device alignment, a user's) would not run
+        modules = [("the base layer", base)] + [(f"{side}[{adapter!r}]", module) for side in ("lora_A", "lora_B")
+                                                for adapter, module in getattr(self, side).items()]
+        hooked = [name for name, module in modules if module._forward_pre_hooks or module._forward_hooks
+                  or getattr(module, "_hf_hook", None) is not None]
+        if hooked:
+            return f"forward hooks on {', '.join(hooked)} (the fused path reads their weights without calling them)"
         if kind == "dense" and base.weight.requires_grad:
             return "a trainable base weight (lora_linear keeps W frozen)"
         if kind != "dense" and _quant_state(base) is None:

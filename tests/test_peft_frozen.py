@@ -165,3 +165,69 @@ def test_an_offloaded_base_runs_peft_forward_with_one_warning(fresh_warnings):
     with pytest.warns(RuntimeWarning, match="a base weight on the meta device"):
         got = model(x)
     assert torch.equal(got, expected)
+
+
+class _DoubledLinear(torch.nn.Linear):
+    """An nn.Linear subclass whose forward is not x·Wᵀ + b (as transformers' quantized linears: scales, unpacking)."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def test_a_linear_subclass_with_its_own_forward_stays_with_peft():
+    """The fused path computes x·Wᵀ + b from the weight alone: a subclass that computes something else was fused
+    anyway (a quantized one crashed on its int8 weight, or under autocast gave silently wrong numbers)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(_DoubledLinear(16, 8), torch.nn.Linear(8, 8)),
+                           LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False))
+    x = torch.randn(3, 16)
+    expected = model(x)
+    assert fl.patch_peft_model(model) == 1  # the plain nn.Linear only
+    assert torch.allclose(model(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["base_layer", "lora_A"])
+def test_forward_hooks_on_the_modules_the_fused_path_reads_hand_the_call_to_peft(where, fresh_warnings):
+    """The fused forward reads the base layer's and the adapters' weights without calling them, so their hooks (a
+    user's; DeepSpeed ZeRO-3 gathers parameters in such hooks) did not run: now PEFT's forward runs, with one
+    warning naming them."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 8)),
+                           LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    layer = model.base_model.model[0]
+    hooked = layer.base_layer if where == "base_layer" else layer.lora_A["default"]
+    calls = []
+    hooked.register_forward_pre_hook(lambda module, args: calls.append(1) or (2.0 * args[0],))
+    x = torch.randn(3, 16)
+    expected = model(x)
+    fl.patch_peft_model(model)
+    with pytest.warns(RuntimeWarning, match="forward hooks on"):
+        got = model(x)
+    assert torch.equal(got, expected) and len(calls) == 2
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_a_bitsandbytes_checkpoint_with_another_quant_storage_loads(storage):
+    """bitsandbytes stores the packed bytes in quant_storage's dtype (bf16 in the FSDP-QLoRA recipe): read as
+    floats some of them are NaN or inf, which from_state_dict refused as non-finite values."""
+    import io
+
+    torch.manual_seed(0)
+    layer4 = bnb.nn.Linear4bit(128, 96, compute_dtype=torch.float32, quant_type="nf4", quant_storage=storage)
+    layer4.load_state_dict(torch.nn.Linear(128, 96).state_dict())
+    layer4 = layer4.to("cpu")
+    expected = bnb.functional.dequantize_4bit(layer4.weight.data, layer4.weight.quant_state)
+    buffer = io.BytesIO()
+    torch.save(layer4.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert state["weight"].dtype == storage
+    weight = fl.NF4Weight.from_state_dict(state)
+    assert torch.equal(weight.dequantize(torch.float32), expected)
+    fused = fl.FusedLoraLinear(128, 96, r=4, compute_dtype=torch.float32)
+    fused.load_state_dict(state, strict=False)
+    assert torch.equal(fused.weight.dequantize(torch.float32), expected)
