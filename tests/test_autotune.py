@@ -147,3 +147,98 @@ def test_timer_allocates_no_flush_buffer_and_returns_the_quantiles(monkeypatch):
     reps = len(calls) - 2  # one warm-up (compilation) call and one first timed call
     assert 3 <= reps <= 20
     assert bench_without_flush(lambda: None) > 0  # no quantiles: the median
+
+
+def _dx_like(dx_ptr, M_BUCKET, N, K, R_PAD, HAS_LORA, IS_NF4, ROW_SCALES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M):
+    pass
+
+
+@pytest.fixture
+def dx_tuner(monkeypatch, tmp_path):
+    """The dx kernel's autotuner for sm_90 with a GPU target faked for its disk-cache key, Triton's cache in a
+    folder of the test's own, the candidates of one key and a benchmark that records its calls and times them."""
+    import types
+
+    import triton.compiler.compiler as compiler
+    import triton.runtime.autotuner as autotuner_module
+
+    from triton.runtime.jit import JITFunction
+
+    from fused_lora import _common
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(autotuner_module, "driver", types.SimpleNamespace(
+        active=types.SimpleNamespace(get_current_target=lambda: "sm90")))
+    monkeypatch.setattr(compiler, "make_backend", lambda target: types.SimpleNamespace(hash=lambda: "cuda-90"))
+    monkeypatch.setattr(_common, "_warned", set())
+    # a kernel of the dx kernel's tuning names (the real one is an interpreted function under the test suite's
+    # TRITON_INTERPRET=1, whose dependencies Triton's cache key cannot hash)
+    tuner = autotune.autotuned.__wrapped__(JITFunction(_dx_like), (9, 0), "BLOCK_K", "BLOCK_N")
+    tuner.nargs = {"M_BUCKET": 8192, "dx_ptr": 0}
+    configs = tuner.prune_configs({"HAS_LORA": True, "IS_NF4": True, "ROW_SCALES": True})
+    key = (8192, 4096, 4096, 16, True, False, True, True, True, "torch.bfloat16")
+    benched = []
+
+    def bench():
+        benched.append(1)
+        tuner.configs_timings = {c: [float(i + 1)] * 3 for i, c in enumerate(configs)}
+        tuner.cache[key] = configs[0]
+
+    return tuner, configs, key, bench, benched
+
+
+def _cache_file(tmp_path):
+    return next((tmp_path / "cache").rglob("_dx_like.autotune.json"))
+
+
+def test_a_good_disk_cache_is_used_without_tuning(dx_tuner, tmp_path):
+    tuner, configs, key, bench, benched = dx_tuner
+    assert tuner.check_disk_cache(key, configs, bench) is False and benched == [1]  # first run: tuned, written
+    tuner.cache.clear()
+    assert tuner.check_disk_cache(key, configs, bench) is True and benched == [1]  # next run: read
+    assert tuner.cache[key] == configs[0]
+
+
+@pytest.mark.parametrize("content", ["truncated", "no timings", "no configs", "unknown field", "not a candidate"])
+def test_a_bad_disk_cache_costs_one_tuning_and_never_the_step(dx_tuner, tmp_path, content):
+    """Triton's own check_disk_cache raised on each of these (JSONDecodeError, KeyError, ValueError, TypeError) or,
+    for a readable file naming a config the pruning never offered (a 256-row dx tile: more shared memory than an SM
+    has), used it. Now: one warning at most, one tuning, and the winner is a candidate."""
+    import json
+
+    tuner, configs, key, bench, benched = dx_tuner
+    tuner.check_disk_cache(key, configs, bench)
+    path = _cache_file(tmp_path)
+    good = path.read_text()
+    path.write_text({
+        "truncated": good[:50],
+        "no timings": json.dumps({"key": list(key)}),
+        "no configs": json.dumps({"configs_timings": []}),
+        "unknown field": json.dumps({"configs_timings": [[{"kwargs": {}, "colour": 1}, [0.1]]]}),
+        "not a candidate": json.dumps({"configs_timings": [[{"kwargs": {"BLOCK_M": 256, "BLOCK_N": 64,
+                                                                        "BLOCK_K": 128, "GROUP_M": 8},
+                                                             "num_warps": 8, "num_stages": 3}, [0.1, 0.1, 0.1]]]}),
+    }[content])
+    tuner.cache.clear()
+    benched.clear()
+    assert tuner.check_disk_cache(key, configs, bench) is False
+    assert benched == [1] and tuner.cache[key] in configs
+
+
+@pytest.mark.parametrize("failure", ["unwritable folder", "disk full"])
+def test_a_cache_that_cannot_be_written_tunes_in_memory(dx_tuner, tmp_path, monkeypatch, failure):
+    """An unusable cache folder raised before tuning, a full disk after it (the tuning lost with the step)."""
+    from triton.runtime.cache import FileCacheManager
+
+    tuner, configs, key, bench, benched = dx_tuner
+    if failure == "unwritable folder":
+        (tmp_path / "file").write_text("")
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "file" / "cache"))  # a folder under a file
+    else:
+        def full(self, *args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(FileCacheManager, "put", full)
+    with pytest.warns(RuntimeWarning, match="autotune disk cache cannot be used"):
+        assert tuner.check_disk_cache(key, configs, bench) is False
+    assert benched == [1] and tuner.cache[key] == configs[0]

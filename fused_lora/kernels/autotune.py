@@ -10,9 +10,10 @@ best tile can differ from the LoRA layer's. Under the Triton CPU interpreter not
 Unnoticed: for each bucket the pruning (``keep_tiles_for_m``) keeps at most ``MAX_CONFIGS_PER_BUCKET`` configs,
 those whose BLOCK_M is nearest the bucket (the first training step compiles and times a handful, not a dozen);
 the winners are cached on disk across runs (``cache_results``, Triton ≥ 3.4, in Triton's cache directory, keyed by
-Triton, the GPU, the kernel's source, the key and the config list); and configs are timed by
-``bench_without_flush``, which allocates nothing, instead of ``triton.testing.do_bench``, which allocates a 256 MB
-buffer to flush the L2 cache before every timed call.
+Triton, the GPU, the kernel's source, the key and the config list; a file that cannot be read or names a config
+that is not a candidate, or a folder that cannot be written, costs a tuning and one warning: ``_CheckedDiskCache``);
+and configs are timed by ``bench_without_flush``, which allocates nothing, instead of ``triton.testing.do_bench``,
+which allocates a 256 MB buffer to flush the L2 cache before every timed call.
 """
 
 import functools
@@ -20,6 +21,9 @@ import inspect
 from typing import NamedTuple
 
 import triton
+import triton.runtime.autotuner
+
+from .._common import warn_once
 
 M_BUCKET_CAP = 8192
 
@@ -180,12 +184,35 @@ def _disk_cache_option() -> dict:
 TUNING_KEY = ("M_BUCKET", "N", "K", "R_PAD", "HAS_LORA", "MASK_DX", "IS_NF4", "DOUBLE_QUANT", "ROW_SCALES")
 
 
+class _CheckedDiskCache(triton.runtime.autotuner.Autotuner):
+    """Triton's Autotuner, with its disk cache read as a hint: Triton's own ``check_disk_cache`` raises on a
+    truncated or malformed file (JSONDecodeError, KeyError, TypeError), on a cache directory it cannot create or
+    write (OSError: also after tuning, losing the result), and uses whatever config a readable file names, even one
+    the pruning never offered (e.g. a 256-row dx tile that needs more shared memory than an SM has). Here any of
+    those tunes in memory, once, with one warning; the winner is always one of this key's candidates."""
+
+    def check_disk_cache(self, tuning_key, configs, bench_fn):
+        try:
+            hit = super().check_disk_cache(tuning_key, configs, bench_fn)
+        except Exception as error:  # noqa: BLE001 - a cache is never worth a failed step
+            warn_once(f"fused_lora: the autotune disk cache cannot be used ({type(error).__name__}: {error}); "
+                      "tuning in memory instead", RuntimeWarning, key="autotune disk cache")
+            hit = False
+        best = self.cache.get(tuning_key)
+        if best is None or best not in configs:  # unread, or a config that is not a candidate
+            self.cache.pop(tuning_key, None)
+            bench_fn()
+            hit = False
+        return hit
+
+
 @functools.cache
 def autotuned(kernel, capability: tuple[int, int], out_name: str, reduce_name: str, reset_to_zero: tuple = ()):
     """``kernel`` wrapped in triton.autotune for ``capability``, keyed on the M bucket, N, K, r and the variant
     (low-rank term or not, DoRA's masked dx, NF4 layout: ``TUNING_KEY``, the names the kernel has): at most
-    MAX_CONFIGS_PER_BUCKET configs timed per key by ``bench_without_flush``, the results cached on disk."""
-    return triton.autotune(
+    MAX_CONFIGS_PER_BUCKET configs timed per key by ``bench_without_flush``, the results cached on disk
+    (``_CheckedDiskCache``: a bad cache costs a tuning, never the step)."""
+    tuner = triton.autotune(
         configs=gemm_configs(capability, out_name, reduce_name),
         key=[name for name in TUNING_KEY if name in kernel.arg_names],
         prune_configs_by={"early_config_prune": keep_tiles_for_m},
@@ -193,3 +220,5 @@ def autotuned(kernel, capability: tuple[int, int], out_name: str, reduce_name: s
         do_bench=bench_without_flush,
         **_disk_cache_option(),
     )(kernel)
+    tuner.__class__ = _CheckedDiskCache  # the same object, one method more careful (its constructor's signature
+    return tuner  # differs between Triton 3.6 and 3.9; this does not)
