@@ -184,25 +184,11 @@ def path(M: int, weight_is_nf4: bool, device) -> str:
 
 # ---------------------------------------------------------------------------------------------- the workspace
 
-# One workspace per device and stream, allocated at its first use and reused by every layer: the slabs are produced
-# and consumed in that stream's order, so layers never overlap in it.
-_WORKSPACES: dict = {}
-
 
 def workspace(device, nbytes: int) -> torch.Tensor:
-    """A uint8 buffer of at least ``nbytes`` on ``device`` for the current stream, kept for reuse (grown when a
-    larger one is asked for)."""
-    device = torch.device(device)
-    stream = getattr(torch.cuda.current_stream(device), "cuda_stream", 0) if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    buffer = _WORKSPACES.get(key)
-    if buffer is None or buffer.numel() < nbytes:
-        _WORKSPACES.pop(key, None)
-        buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        _WORKSPACES[key] = buffer
-    return buffer
-
-
-def release_workspaces() -> None:
-    """Free the cached workspaces (they are allocated again at the next large-M call)."""
-    _WORKSPACES.clear()
+    """A uint8 buffer of ``nbytes`` on ``device`` for one large-path call (launch_slab.py), from PyTorch's caching
+    allocator: on a GPU it hands the same block back call after call (bounded by ``workspace_bytes``, reused), and
+    it orders reuse by stream and is safe across host threads. A process-wide cache keyed by (device, stream) was
+    neither: two host threads issuing on one stream (e.g. two server threads on the default stream) dequantized into
+    each other's slabs, and it kept a buffer for every stream handle ever seen (external streams, graph captures)."""
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
