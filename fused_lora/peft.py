@@ -128,8 +128,10 @@ class _FusedLoraForward:
         if y is not None:
             return y
         route, value = self._route(args, kwargs)
-        # a base the fused path cannot take is the reason whatever the adapters (fused_adapters_forward declined it)
-        reason = (self._base_problem() or value) if route == "peft" else None
+        reason = None
+        if route == "peft":  # a base the fused path cannot take is the reason whatever the adapters
+            base = self.get_base_layer()
+            reason = self._base_problem(base, _base_kind(base)) or value
         if route != "peft":
             if route == "frozen" and self.disable_adapters and self.merged:
                 self.unmerge()  # as PEFT's forward does: a disabled layer computes the unmerged base
@@ -175,10 +177,8 @@ class _FusedLoraForward:
             return "peft", "fan_in_fan_out=True"
         return "lora", adapter
 
-    def _base_problem(self) -> str | None:
-        """Why the fused path cannot take the base layer, or None."""
-        base = self.get_base_layer()
-        kind = _base_kind(base)
+    def _base_problem(self, base: nn.Module, kind: str | None) -> str | None:
+        """Why the fused path cannot take the base layer ``base`` (of ``_base_kind`` ``kind``), or None."""
         if kind is None:
             return f"a base layer of type {type(base).__name__}"
         if base.weight.is_meta:  # e.g. accelerate's offloading: a hook loads it in the base layer's own forward
@@ -199,11 +199,12 @@ class _FusedLoraForward:
 
     def _frozen_base(self, x: torch.Tensor):
         """(weight, compute_dtype, bias, out_dtype) for lora_linear, or a string naming why the base is unsupported."""
-        problem = self._base_problem()
+        base = self.get_base_layer()
+        kind = _base_kind(base)
+        problem = self._base_problem(base, kind)
         if problem is not None:
             return problem
-        base = self.get_base_layer()
-        if _base_kind(base) == "dense":
+        if kind == "dense":
             compute_dtype = _autocast_dtype(x.device.type) or base.weight.dtype
             return base.weight.to(compute_dtype), compute_dtype, base.bias, compute_dtype
         quant_state = _quant_state(base)

@@ -40,7 +40,7 @@ from .. import reference
 from ..functional import lora_linear
 from ..nf4 import quantize_nf4
 
-__all__ = ["lora_layer_flops", "ImplBuilder", "make_base_weight", "make_adapters", "make_input_sets",
+__all__ = ["lora_layer_flops", "ImplBuilder", "layer_dtype", "make_base_weight", "make_adapters", "make_input_sets",
            "pass_callable", "make_linear4bit"]
 
 LLAMA3_8B_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024))
@@ -198,6 +198,12 @@ class ImplBuilder:
             compiled = self.compiled_reference_fn()
             return (lambda x: compiled(x, W_deq, A, B, s)), [A, B]
         raise ValueError(f"benchmark: unknown implementation {impl!r}; known: {ALL_IMPLS}")
+
+
+def layer_dtype(device) -> torch.dtype:
+    """The activations' and adapters' dtype of the measured layer: bf16 on a GPU, fp32 on a CPU (where the numbers
+    only exercise the tooling)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def make_base_weight(K: int, N: int, dtype, device):

@@ -27,8 +27,16 @@ import torch
 from .._common import dtype_name
 from ..functional import lora_linear
 from ..kernels import strategy
-from .impls import LORA_SCALING, PASSES, lora_layer_flops, make_adapters, make_base_weight, make_input_sets
-from .impls import pass_callable
+from .impls import (
+    LORA_SCALING,
+    PASSES,
+    layer_dtype,
+    lora_layer_flops,
+    make_adapters,
+    make_base_weight,
+    make_input_sets,
+    pass_callable,
+)
 
 __all__ = ["PATH_M", "PATHS", "forced_thresholds", "suggest_thresholds", "run_path_bench", "path_table"]
 
@@ -86,12 +94,13 @@ def suggest_thresholds(rows: list[dict]) -> dict:
 
 def run_path_bench(shapes, ms, ranks, device, timer, results, deadline: float, l2_bytes: int) -> None:
     """Time every (shape, r, M, path, pass) case into ``results`` (bench "qlora_paths"), skipping with a reason what
-    fails or finds no time left; then store and print the suggestion (``results.data["suggested_thresholds"]``)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    fails or finds no time left; then store the suggestion (``results.data["suggested_thresholds"]``)."""
+    dtype = layer_dtype(device)
     for K, N in shapes:
-        W, nf4, _ = make_base_weight(K, N, dtype, device)
+        _, nf4, _ = make_base_weight(K, N, dtype, device)
         for r in ranks:
             A, B = make_adapters(K, N, r, dtype, device)
+            layer = lambda x: lora_linear(x, nf4, A, B, LORA_SCALING, backend="triton")  # noqa: E731
             for M in ms:
                 xs, gs = make_input_sets(M, K, N, dtype, device, l2_bytes)
                 for path in PATHS:
@@ -105,9 +114,8 @@ def run_path_bench(shapes, ms, ranks, device, timer, results, deadline: float, l
                             continue
                         try:
                             with strategy.use_thresholds(**forced_thresholds(path)):
-                                run = pass_callable(lambda x: lora_linear(x, nf4, A, B, LORA_SCALING, backend="triton"),
-                                                    xs, gs, pass_name)
-                                median_ms = timer.median_ms(run, grad_to_none=xs + [A, B])
+                                median_ms = timer.median_ms(pass_callable(layer, xs, gs, pass_name),
+                                                            grad_to_none=xs + [A, B])
                         except Exception as exc:
                             results.skip(what, f"{type(exc).__name__}: {str(exc)[:300]}")
                             continue
@@ -116,7 +124,7 @@ def run_path_bench(shapes, ms, ranks, device, timer, results, deadline: float, l
                                      "tflops": flops / (median_ms * 1e-3) / 1e12, "peak_mem_mb": None,
                                      "flops": flops})
                 xs = gs = None
-        del W, nf4
+        del nf4
     current = strategy.thresholds(device)
     results.data["suggested_thresholds"] = {**suggest_thresholds(results.data["results"]),
                                             "current": {"decode_max_m": current.decode_max_m,

@@ -51,6 +51,7 @@ from .impls import (
     QUICK_M,
     QUICK_R,
     ImplBuilder,
+    layer_dtype,
     lora_layer_flops,
     make_adapters,
     make_base_weight,
@@ -73,6 +74,13 @@ def _case_label(K, N, M, r, impl, pass_name):
     return f"K{K} N{N} M{M} r{r} {impl} {pass_name}"
 
 
+def _l2_bytes(device) -> int:
+    """The L2 size the input sets are sized against (make_input_sets): the GPU's, 1 MiB on a CPU."""
+    if device.type != "cuda":
+        return 2**20
+    return getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+
+
 def sweep_order(ms):
     """M = 8192 (where the targets are checked) first, then ascending: a run cut short keeps the target cases."""
     return sorted(ms, key=lambda M: (M != 8192, M))
@@ -87,9 +95,9 @@ def run_sweep(args, device, results: ResultsFile, deadline: float):
     from tqdm import tqdm
 
     on_cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if on_cuda else torch.float32
+    dtype = layer_dtype(device)
     timer = make_timer(device, args.quick)
-    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20) if on_cuda else 2**20
+    l2_bytes = _l2_bytes(device)
     peak = results.data["roofline"].get("bf16_tflops")
     builder = ImplBuilder(args.compile_backend)
     groups = [(M, K, N, r) for M in sweep_order(args.m) for (K, N) in args.shapes for r in args.ranks]
@@ -179,7 +187,7 @@ def _run_impl_case(impl, case, weights, builder, timer, results, deadline, peak,
 def run_dequant_bench(args, device, results: ResultsFile, deadline: float):
     """NF4 -> bf16 dequantization of each W alone: fused_lora's and bitsandbytes', GB/s vs the copy bandwidth."""
     on_cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if on_cuda else torch.float32
+    dtype = layer_dtype(device)
     timer = make_timer(device, args.quick)
     copy_gbps = results.data["roofline"].get("copy_gbps")
     for K, N in args.shapes:
@@ -386,9 +394,8 @@ def _run_all(args, device, results_root: Path | None, start: float, deadline: fl
     if getattr(args, "paths", False):
         from .paths import path_table, run_path_bench
 
-        l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20) if on_cuda else 2**20
         run_path_bench(args.shapes, args.m, args.ranks, device, make_timer(device, args.quick), results, deadline,
-                       l2_bytes)
+                       _l2_bytes(device))
         print(path_table(results.data))
     else:
         _run_stages(args, device, results, deadline)

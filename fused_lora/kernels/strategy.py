@@ -15,17 +15,17 @@ Three paths (docs/DESIGN.md, "The math"):
 
 A dense W takes the decode path at small M and the GEMM otherwise (middle and large are the same GEMM for it).
 
-The thresholds are a ``Thresholds`` per GPU family, recalibrated from measurements by editing ``THRESHOLDS`` or,
-for one process, with ``use_thresholds``: ``python -m fused_lora bench --paths`` times every path at each M on the
-GPU it runs on and prints the decode_max_m and large_min_m its times suggest (fused_lora/bench/paths.py). Before
-any GPU run they come from the offline cost model (compiled SASS, sm_90a, 128×128×64 tiles): the middle path's NF4 main loop issues about 283 instructions per
-warp and K step against the dense loop's 100, i.e. its decode adds ~0.1-0.4 of the dense GEMM time at every M (it is
-repeated for every BLOCK_M rows); the large path adds one pass over W (read N·K/2 bytes plus scales, write N·K·2:
-~37 µs for 14336×4096 on an H200), of which the side stream hides all but the first slab. The two
-cross near M = 512 on an H200 (dense GEMM of 14336×4096 at M=512: ~80 µs); an A100's MMA is 3× slower against its
-ALUs, so the in-loop decode stays cheap longer there (1024). Decode: the split-K partial sums cost S·M·N·4 bytes
-(mostly in L2): at K=4096, N=14336 the forward takes S = 2 on an H200 (launch_gemm._splits at
-decode_programs_per_sm = 2), 6 % of the NF4 bytes at M=16 and 12.5 % at 32.
+The thresholds are a ``Thresholds`` per GPU family, recalibrated from measurements by editing ``THRESHOLDS`` or, for one
+process, with ``use_thresholds``: ``python -m fused_lora bench --paths`` times every path at each M on the GPU it runs
+on and prints the decode_max_m and large_min_m its times suggest (fused_lora/bench/paths.py). Before any GPU run they
+come from the offline cost model (compiled SASS, sm_90a, 128×128×64 tiles): the middle path's NF4 main loop issues about
+283 instructions per warp and K step against the dense loop's 100, i.e. its decode adds ~0.1-0.4 of the dense GEMM time
+at every M (it is repeated for every BLOCK_M rows); the large path adds one pass over W (read N·K/2 bytes plus scales,
+write N·K·2: ~37 µs for 14336×4096 on an H200), of which the side stream hides all but the first slab. The two cross
+near M = 512 on an H200 (dense GEMM of 14336×4096 at M=512: ~80 µs); an A100's MMA is 3× slower against its ALUs, so the
+in-loop decode stays cheap longer there (1024). Decode: the split-K partial sums cost S·M·N·4 bytes (mostly in L2): at
+K=4096, N=14336 the forward takes S = 2 on an H200 (launch_gemm._splits at decode_programs_per_sm = 2), 6 % of the NF4
+bytes at M=16 and 12.5 % at 32.
 
 Deterministic mode (``deterministic()``): torch.are_deterministic_algorithms_enabled(), or FUSED_LORA_DETERMINISTIC=1
 in the environment, or ``use_deterministic(True)``. Then no kernel accumulates with atomics: every cross-program
