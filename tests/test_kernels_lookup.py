@@ -1,9 +1,9 @@
 """The NF4 register lookups of fused_lora/kernels/nf4_lookup.py on the CPU.
 
 nf4_prmt is inline PTX, which the Triton interpreter cannot run: its text is executed here by a small emulator of
-the PTX instructions it uses (and, or, not, shl, shr, mov into two halves, prmt in the default and sign-replicate
-modes), for all 256 byte values in every byte position, and must give code[q] rounded to bf16 / fp16; the tables it
-reads are nf4_lut's (checked under the interpreter in fp16). nf4_tree runs under the interpreter.
+the PTX instructions it uses (and, or, not, shl, shr, mul.hi, mov into two halves, prmt in the default and
+sign-replicate modes), for all 256 byte values in every byte position, and must give code[q] rounded to bf16 / fp16;
+the tables it reads are nf4_lut's (checked under the interpreter in fp16). nf4_tree runs under the interpreter.
 """
 
 import re
@@ -67,6 +67,8 @@ def run_ptx(text: str, operands: dict) -> dict:
             result = ~args[0]
         elif op == "shr.u32":
             result = args[0] >> args[1]
+        elif op == "mul.hi.u32":
+            result = (args[0] * args[1]) >> 32
         elif op == "shl.b32":
             result = args[0] << args[1]
         elif op == "prmt.b32":

@@ -66,6 +66,19 @@ def test_sass_serial_wgmma_and_unrolled_loop():
     assert got["mma_pipelined"] is False and got["depbar_min"] == 0
 
 
+def test_sass_half_rate_pipe_counts():
+    """ALU (logic, shifts, byte permutes, selects, moves, integer adds; predicated or not) and IMAD (its MOV/SHL/WIDE
+    forms) per main-loop iteration and outside it; uniform-datapath, memory and MMA instructions are neither."""
+    body = ["PRMT R4, R5, R6, R7;", "@!P6 LOP3.LUT R1, R2, 0x7777, RZ, 0xc0, !PT;", "SHF.R.U32.HI R1, RZ, 0x10, R1;",
+            "@UP0 SEL R2, RZ, 0x4, P6;", "IADD3 R1, R1, 0x1, RZ;", "ISETP.GE.AND P6, PT, R1, R2, PT;",
+            "IMAD.MOV.U32 R48, RZ, RZ, R16;", "IMAD.SHL.U32 R13, R4, 0x10, RZ;", "IMAD.WIDE R4, R13, 0x2, R112;",
+            "UIADD3 UR7, UR7, 0x1, URZ;", "ULOP3.LUT UR4, UR4, 0x3, URZ, 0xc0, !UPT;", "HMUL2.BF16_V2 R4, R4, R5;",
+            "LDS.128 R4, [R16];", HGMMA, "VIADD R1, R1, 0x1;"]
+    got = analyse_sass(_sass(body, prologue=("MOV R1, R2;", "IMAD R3, R4, R5, R6;")), _ptx(1), num_warps=4)
+    assert got["loop_alu"] == 6 and got["loop_imad"] == 3  # the loop's branch is neither
+    assert got["rest_alu"] == 1 and got["rest_imad"] == 1
+
+
 def test_sass_kernel_without_loop_and_mma_sync():
     got = analyse_sass(_sass([], prologue=("HMMA.16816.F32.BF16 R4, R8, R12, R4;",)).replace(
         "--:-:-:-:1\t@P0 BRA LBB0;", "--:-:-:-:1\tNOP;"), "", num_warps=4)
@@ -116,6 +129,22 @@ def test_a_loop_that_waits_for_its_mma_pays_issue_plus_mma():
     assert overlapped.compute_ms == pytest.approx((10 * trips * max(issue, mma) + outside) / H200.clock_hz * 1e3)
     assert serial.compute_ms == pytest.approx((10 * trips * (issue + mma) + outside) / H200.clock_hz * 1e3)
     assert serial.bound == "serial" and overlapped.bound == "issue"  # 800 issue cycles > 694 MMA cycles
+
+
+def test_a_loop_of_alu_instructions_runs_at_the_alu_pipe_rate():
+    """16 ALU lanes per scheduler: a loop whose ALU (or IMAD) instructions × 2 exceed its SASS count takes that many
+    cycles per warp; the same holds outside the loop."""
+    programs, trips = 132 * 10, 64
+    plain = predict_kernel(_record(loop_mma_flops={}), programs, trips, 0)
+    alu = predict_kernel(_record(loop_mma_flops={}, loop_alu=300), programs, trips, 0)
+    imad = predict_kernel(_record(loop_mma_flops={}, loop_imad=250), programs, trips, 0)
+    outside = 10 * (1000 - 400) * 8 / 4
+    assert plain.bound == "issue" and alu.bound == "alu" and imad.bound == "alu"
+    assert alu.compute_ms == pytest.approx((10 * trips * 600 * 8 / 4 + outside) / H200.clock_hz * 1e3)
+    assert imad.compute_ms == pytest.approx((10 * trips * 500 * 8 / 4 + outside) / H200.clock_hz * 1e3)
+    assert predict_kernel(_record(loop_mma_flops={}, loop_alu=150), programs, trips, 0).ms == pytest.approx(plain.ms)
+    rest = predict_kernel(_record(loop_mma_flops={}, rest_alu=500), programs, trips, 0)  # 1000 cycles > 600 SASS
+    assert rest.compute_ms == pytest.approx((10 * trips * 800 + 10 * 1000 * 8 / 4) / H200.clock_hz * 1e3)
 
 
 def test_an_underfilled_grid_pays_one_program_and_memory_bound_kernels_stream():

@@ -190,7 +190,7 @@ def _kernel_row(variant, launch, record, base, weight_bytes: int, cublas_ms: flo
         "registers": record["registers"], "shared": record["shared"], "smem_ring_depth": record["smem_ring_depth"],
         "spill_bytes": record["spill_stores"], "spill_loads": record["spill_loads"], "mma": record["mma"],
         "mma_pipelined": record["mma_pipelined"], "ttgir_pendings": record["ttgir_pendings"],
-        "sass_per_kstep": sass, "dense_sass_per_kstep": dense,
+        "sass_per_kstep": sass, "dense_sass_per_kstep": dense, "alu_per_kstep": record.get("loop_alu"),
         "sass_ratio": round(sass / dense, 2) if sass and dense else None,
         "narrowest_load_bits": record["narrowest_global_load_bits"], "hbm_bytes": hbm,
     })  # fmt: skip

@@ -22,6 +22,10 @@ and returns a record (a dict) of:
     sass_total, sass_loop, unroll                            SASS instructions in the kernel and per main-loop
                                                              iteration per warp (the loop body divided by the
                                                              unrolling ptxas applied, read from the PTX loop)
+    loop_alu, loop_imad, rest_alu, rest_imad                 of those, per main-loop iteration and once outside it,
+                                                             the ones on the SM's half-rate pipes: ALU (integer,
+                                                             logic, byte permute, select, move) and IMAD (integer
+                                                             multiply-add and its MOV/SHL forms)
     loop_mma_flops, rest_mma_flops                           MMA FLOPs per program: per main-loop iteration, and once
                                                              outside it; {"16bit": .., "tf32": .., "fp8": ..}
     loop_membar, rest_membar                                 MEMBAR at GPU/system scope (fenced atomics)
@@ -168,6 +172,13 @@ _SASS_BRANCH = re.compile(r"\bBRA(?:\.\w+)*\s+(LBB\d+);")
 _SASS_MMA = re.compile(r"\b(HGMMA|HMMA|QGMMA)\.(\w+)\.\S*?(BF16|F16|TF32|E4M3|E5M2)")
 _SASS_DEPBAR = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)")
 _SASS_GLOBAL_LOAD = re.compile(r"\b(LDG|LDGSTS|UBLKCP|UTMALDG)\b")
+# Instructions of the two half-rate pipes (offline_model.GpuConstants.alu_cycles, imad_cycles), by opcode after an
+# optional predicate; uniform-datapath instructions (ULOP3, UIADD3, ...) are neither. ALU: integer add, logic, shift,
+# byte permute, compare, select, move, fp32 compare/min/max and the fp32 → 16-bit pack. IMAD: the integer
+# multiply-adds, with the forms ptxas uses for moves, left shifts and adds (IMAD.MOV, IMAD.SHL, IMAD.IADD).
+_SASS_ALU = re.compile(r"^(?:@!?U?P\w+\s+)?(?:LOP3|LOP|SHF|SHL|SHR|PRMT|IADD3|IADD|ISETP|ICMP|SEL|FSEL|LEA|IABS|IMNMX|"
+                       r"VIMNMX|BMSK|SGXT|PLOP3|P2R|R2P|FLO|POPC|BREV|FSETP|FMNMX|MOV|F2FP)\b")
+_SASS_IMAD = re.compile(r"^(?:@!?U?P\w+\s+)?(?:IMAD|IMUL|IDP)\b")
 _SASS_LOAD = re.compile(r"\b(LDG|LDGSTS)(\.\S+)?\s")
 _LOAD_BYTES = {"128": 16, "64": 8, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
 # a register tile moved through shared memory inside the loop: stored (STS) and read back as MMA fragments (LDSM)
@@ -285,6 +296,10 @@ def analyse_sass(sass: str, ptx: str, num_warps: int, main_loop: int | None = No
         "side_loops": [[b - a + 1, any(bool(_SASS_GLOBAL_LOAD.search(s)) for s in instructions[a:b + 1])]
                        for a, b in innermost if (a, b) != main],
         "loop_mma_flops": loop_flops, "rest_mma_flops": _mma_flops(rest, num_warps),
+        "loop_alu": sum(bool(_SASS_ALU.match(s)) for s in body) / unroll,
+        "loop_imad": sum(bool(_SASS_IMAD.match(s)) for s in body) / unroll,
+        "rest_alu": sum(bool(_SASS_ALU.match(s)) for s in rest),
+        "rest_imad": sum(bool(_SASS_IMAD.match(s)) for s in rest),
         "loop_membar": sum(bool(_SASS_MEMBAR.search(s)) for s in body) / unroll,
         "rest_membar": sum(bool(_SASS_MEMBAR.search(s)) for s in rest),
         "loop_global_loads": sum(bool(_SASS_GLOBAL_LOAD.search(s)) for s in body) / unroll,

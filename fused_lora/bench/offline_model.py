@@ -12,7 +12,9 @@ offline_kernels.py gives T), from the compiled record (offline_compile.py):
 1. Occupancy O: programs per SM, the least of registers (ptxas count, rounded up to 8 per thread and allocated per
    warp in units of 256), shared memory (+1 KiB reserved per program), 64 warps and 32 programs per SM.
 2. One iteration of one program costs I·w/4 issue cycles (I = SASS instructions per iteration per warp; each of the
-   4 schedulers of an SM issues one warp instruction per cycle and hides every latency: a lower bound) and C MMA
+   4 schedulers of an SM issues one warp instruction per cycle and hides every latency: a lower bound; when the
+   loop's ALU instructions × ``alu_cycles`` or its IMAD instructions × ``imad_cycles`` exceed its SASS count, that
+   is I instead: those pipes have 16 lanes per scheduler, so a warp instruction holds one 2 cycles) and C MMA
    cycles (the loop's MMA FLOPs over the SM's tensor-core rate: ``mma_tflops_16bit`` / SMs / clock for bf16/fp16,
    × ``tf32_fraction`` for tf32, × ``mma_sync_fraction`` for mma.sync/HMMA on Hopper).
    p programs resident on one SM each doing one iteration take max(p·I·w/4, p·C, single) cycles, where single is
@@ -22,7 +24,8 @@ offline_kernels.py gives T), from the compiled record (offline_compile.py):
 3. Waves: P programs over SMs·O slots; a last partial wave runs ceil(rest / SMs) programs per SM, so an under-filled
    grid (decode) pays one program's whole latency.
 4. Outside the main loop (prologue, epilogue, the low-rank term of an epilogue) each program issues its remaining
-   SASS once (plus its MMA), added per program an SM runs (no overlap with other programs' loops: pessimistic).
+   SASS once (or its remaining ALU or IMAD instructions at their pipes' rates, as in 2.; plus its MMA), added per
+   program an SM runs (no overlap with other programs' loops: pessimistic).
    A kernel's other loops (offline_kernels.KernelModel.side_loops) cost their trips × the larger of their issue
    time and one load latency per trip over the pipeline depth: added to every program when every program runs
    them after its main loop; when a few programs run them instead of the main loop (the decode forward's u), the
@@ -55,8 +58,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["GpuConstants", "H200", "KernelTime", "occupancy", "predict_kernel", "predict_torch_op", "simulate_pass",
-           "peer_pass", "nf4_bytes"]
+__all__ = ["GpuConstants", "H200", "KernelTime", "occupancy", "loop_cycles_per_warp", "predict_kernel",
+           "predict_torch_op", "simulate_pass", "peer_pass", "nf4_bytes"]
 
 
 def _constant(value, note: str):
@@ -85,6 +88,12 @@ class GpuConstants:
                                      "its launch overlaps that kernel's last wave; left: the wait for its completion "
                                      "and memory flush, and the ramp-up")
     issue_per_cycle: int = _constant(4, "architecture: 4 warp schedulers per SM, one instruction per cycle each")
+    alu_cycles: float = _constant(2.0, "architecture: 64 INT32 lanes per SM, 16 per scheduler (H100 whitepaper): a "
+                                  "warp's ALU instruction (integer add, logic, shift, byte permute, compare, select, "
+                                  "move) holds its scheduler's ALU pipe 2 cycles")
+    imad_cycles: float = _constant(2.0, "architecture: 32-bit integer multiply-add at 64 results per clock per SM "
+                                   "(CUDA programming guide, compute capability 9.0): IMAD and its MOV/SHL/IADD forms "
+                                   "hold the FMA pipe's heavy half 2 cycles")
     registers_per_sm: int = _constant(65536, "architecture")
     shared_per_sm: int = _constant(233472, "architecture: 228 KiB")
     shared_reserved_per_program: int = _constant(1024, "architecture: 1 KiB per resident block")
@@ -114,7 +123,8 @@ class KernelTime:
     memory_ms: float
     occupancy: int
     waves: float
-    bound: str  # "issue", "mma", "serial" (issue + MMA of a loop that waits for each MMA), "memory", "latency"
+    bound: str  # "issue", "alu" (its ALU/IMAD pipe), "mma", "serial" (issue + MMA of a loop that waits for each MMA),
+    # "memory", "latency"
 
 
 def occupancy(record: dict, gpu: GpuConstants = H200) -> int:
@@ -125,6 +135,13 @@ def occupancy(record: dict, gpu: GpuConstants = H200) -> int:
     shared = record["shared"]
     by_shared = gpu.shared_per_sm // (shared + gpu.shared_reserved_per_program) if shared else gpu.max_programs_per_sm
     return max(1, min(by_registers, by_shared, gpu.max_warps_per_sm // warps, gpu.max_programs_per_sm))
+
+
+def loop_cycles_per_warp(record: dict, gpu: GpuConstants = H200) -> float:
+    """Scheduler cycles one warp's main-loop iteration takes: its SASS at one instruction per cycle, or its ALU or
+    IMAD instructions at their pipes' rates when those take longer (the kernel is then "alu"-bound)."""
+    return max(record["sass_loop"] or 0, gpu.alu_cycles * record.get("loop_alu", 0),
+               gpu.imad_cycles * record.get("loop_imad", 0))
 
 
 def _mma_cycles(flops: dict, kind: str | None, gpu: GpuConstants) -> float:
@@ -138,7 +155,7 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
     ``side_loops``: (trips, programs) of each of the record's other loops (offline_kernels.KernelModel)."""
     warps = record["num_warps"]
     slots_per_sm = occupancy(record, gpu)
-    issue = (record["sass_loop"] or 0) * warps / gpu.issue_per_cycle
+    issue = loop_cycles_per_warp(record, gpu) * warps / gpu.issue_per_cycle
     mma = _mma_cycles(record["loop_mma_flops"], record["mma"], gpu)
     membar = record["loop_membar"] * gpu.membar_ns * gpu.clock_ghz
     waits_for_mma = record["mma"] in ("HGMMA", "QGMMA") and record["mma_pipelined"] is False
@@ -151,7 +168,9 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
     full, rest = divmod(programs, slots)
     rest_per_sm = math.ceil(rest / gpu.sms)
     loop_cycles = trips * (full * round_cycles(slots_per_sm) + (round_cycles(rest_per_sm) if rest else 0.0))
-    outside = (record["sass_total"] - (record["sass_loop"] or 0) * record["unroll"]) * warps / gpu.issue_per_cycle
+    rest_sass = record["sass_total"] - (record["sass_loop"] or 0) * record["unroll"]
+    rest_pipes = max(gpu.alu_cycles * record.get("rest_alu", 0), gpu.imad_cycles * record.get("rest_imad", 0))
+    outside = max(rest_sass, rest_pipes) * warps / gpu.issue_per_cycle
     outside += _mma_cycles(record["rest_mma_flops"], record["mma"], gpu)
     outside += record["rest_membar"] * gpu.membar_ns * gpu.clock_ghz
     per_sm = math.ceil(programs / gpu.sms)
@@ -168,7 +187,8 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
     memory_s = max(bandwidth_s, latency_bound_s)
 
     if compute_s >= memory_s:
-        bound = "serial" if waits_for_mma and mma > 0 else ("mma" if mma >= issue else "issue")
+        pipes = issue > (record["sass_loop"] or 0) * warps / gpu.issue_per_cycle
+        bound = "serial" if waits_for_mma and mma > 0 else ("mma" if mma >= issue else ("alu" if pipes else "issue"))
     else:
         bound = "memory" if bandwidth_s >= latency_bound_s else "latency"
     total_s = max(compute_s, memory_s) + (gpu.launch_us if launch_us is None else launch_us) * 1e-6

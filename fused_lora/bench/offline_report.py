@@ -111,9 +111,11 @@ def offline_report(data: dict, json_name: str) -> str:
     lines += _table(["pass", "M", "impl", "path", "predicted ms", "ratio", "HBM", "measured ms", "measured ratio"],
                     body)  # fmt: skip
     lines += ["", "## The configs the autotuner is predicted to pick (target shape, fwd_bwd, sm_90a)", "",
-              "sass/iter: SASS instructions per main-loop iteration per warp; dense: a plain Triton bf16 GEMM at "
-              "the same tile and layout; ring: shared-memory pipeline depth (min over the loop's buffers); "
-              "pipelined: the main loop keeps >= 1 wgmma in flight (TTGIR pendings, SASS DEPBAR).", ""]
+              "sass/iter: SASS instructions per main-loop iteration per warp; alu: those on the ALU pipe (16 lanes "
+              "per scheduler: 2 cycles each); dense: a plain Triton bf16 GEMM at the same tile and layout; ring: "
+              "shared-memory pipeline depth (min over the loop's buffers); pipelined: the main loop keeps >= 1 wgmma "
+              "in flight (TTGIR pendings, SASS DEPBAR); bound: issue, alu (the ALU or IMAD pipe), mma, serial (a "
+              "loop that waits for its MMA), memory or latency.", ""]
     launches: dict = {}  # (M, kernel, path, config) -> [row, launches, total ms]: slabs repeat one launch
     for r in _at_target(rows, impl="fused", chosen=True, **{"pass": "fwd_bwd"}):
         if r["kernel"] != "total":
@@ -122,10 +124,11 @@ def offline_report(data: dict, json_name: str) -> str:
             entry[2] += r.get("predicted_ms") or 0.0
     lines += _table(
         ["M", "kernel", "path", "config", "launches", "programs", "regs", "spill B", "smem B", "ring", "mma",
-         "pipelined", "pendings", "sass/iter", "dense", "ratio", "bound", "ms (all launches)"],
+         "pipelined", "pendings", "sass/iter", "alu", "dense", "ratio", "bound", "ms (all launches)"],
         [[M, kernel, path, config, count, r.get("programs"), r.get("registers"), r.get("spill_bytes"),
           r.get("shared"), r.get("smem_ring_depth"), r.get("mma"), r.get("mma_pipelined"), r.get("ttgir_pendings"),
-          r.get("sass_per_kstep"), r.get("dense_sass_per_kstep"), r.get("sass_ratio"), r.get("bound"), ms]
+          r.get("sass_per_kstep"), r.get("alu_per_kstep"), r.get("dense_sass_per_kstep"), r.get("sass_ratio"),
+          r.get("bound"), ms]
          for (M, kernel, path, config), (r, count, ms) in sorted(launches.items(), key=lambda kv: kv[0][0])],
     )  # fmt: skip
     lines += ["", "## Fused / dense cuBLAS over every shape (sm_90a, predicted)", ""]

@@ -23,7 +23,10 @@ n0 = lo(B0), n1 = hi(B0), n2 = lo(B1), n3 = hi(B1). With s = x & 0x77777777,
                                                                       bit 7, of the byte holding bit 3 of n_i,
                                                                       replicated by prmt's sign mode)
 then (T[hi B0], T[lo B0]) = prmt(L, H, 0x4051) and (T[hi B1], T[lo B1]) = prmt(L, H, 0x6273); the high 16 bits of x
-(B2, B3) the same way with s >> 16 and the mask selector 0xFBEA. T[j] is code[j] rounded to T (round to nearest
+(B2, B3) the same way with s >> 16 and the mask selector 0xFBEA. The shifts are multiplies (x << 4 as IMAD.SHL, s >> 16
+as mul.hi by 2^16, IMAD.HI): every other instruction of the lookup is an ALU one (PRMT, LOP3), and the ALU pipe, 16
+lanes per scheduler, is what bounds a loop that decodes (fused_lora/bench/offline_model.py, alu_cycles); the IMAD
+pipe beside it has room. T[j] is code[j] rounded to T (round to nearest
 even); Lk/Hk hold the low/high bytes of T[4k..4k+3].
 tests/test_kernels_lookup.py runs this PTX text through a small emulator of the instructions it uses, for every byte
 value in every position, on the CPU, and checks nf4_lut and the element order of join8 under the interpreter.
@@ -97,7 +100,7 @@ def prmt_asm() -> str:
     # for the low nibbles, of x for the high ones), replicated by prmt's sign mode (selector bit 3)
     for half, mask_selector in enumerate(("0xD9C8", "0xFBEA")):
         if half:
-            lines.append("shr.u32 s, s, 16;")
+            lines.append("mul.hi.u32 s, s, 65536;")  # s >> 16 on the IMAD pipe (module docstring)
         first = 4 * half
         lines += [
             f"prmt.b32 m, x4, $8, {mask_selector};",

@@ -58,8 +58,8 @@ class Thresholds:
     programs_per_sm: programs per SM the split reductions aim for: launch_gemm._splits takes between half and
         twice as many, the count that leaves the busiest SM the least work.
     decode_programs_per_sm: the same for the decode path's split-K kernels (launch_decode.py), None:
-        programs_per_sm. Their NF4 programs are issue-bound (the decode), so a second wave only adds a prologue, an
-        epilogue and a partial sum per program: aim for what an SM holds at once. On sm_90 they use 187-202
+        programs_per_sm. Their NF4 programs are bound by the ALU pipe (the decode), so a second wave only adds a
+        prologue, an epilogue and a partial sum per program: aim for what an SM holds at once. On sm_90 they use 167-202
         registers × 128 threads, 2 per SM (bench/results/offline): 2 splits of 16 K steps instead of 8 of 4 for
         Llama-3-8B's up_proj, a forward 9-14 % faster at M ≤ 16 by the offline model. The dense decode forward
         holds one program per SM but streams W: fewer programs cost it less too (46 of the 48 dense decode rows of
