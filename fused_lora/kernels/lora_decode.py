@@ -20,20 +20,21 @@ the decode path is deterministic in every mode.
 Where the time goes (bench/results/offline, sm_90a, K=4096, N=14336, bf16): the forward loop is bound by the SM's ALU
 pipe, 16 lanes per scheduler, so that an ALU instruction (integer, logic, byte permute, select) holds it 2 cycles
 (offline_model.GpuConstants.alu_cycles). With NF4 tiles in the wgmma fragment order (nf4_fragment.py, FRAGMENT; 128×128
-tiles, 4 warps) it issues 587 SASS per iteration per warp for 128 values per thread, 335 of them ALU: 224 PRMT and 80
+tiles, 4 warps) it issues 570 SASS per iteration per warp for 128 values per thread, 326 of them ALU: 224 PRMT and 80
 LOP3 are the NF4 lookup (nf4_lookup.py: 19 ALU instructions per 8 values; its two shifts run on the IMAD pipe), the rest
-predicates of the masked loads; the 64 HMUL2 (the scales) run on the FMA pipe. There is no shared-memory round trip of
-the decoded tile; before, the same 128 values took 717 SASS, of which 66 IMAD.MOV, 16 STS.128, 16 LDSM and 8 barriers
-moved the tile into the fragment layout (and 15 more computed the scale addresses in int64 from scratch; the row part
-now leaves the loop). The loop's ALU time (10.8 of the kernel's 11.8 µs of compute at M=1) is longer than reading the
-NF4 bytes (7.9 µs), so reaching the HBM bandwidth needs a lookup under about 2 ALU instructions per value. Byte permutes
-over a 16-entry table in 8 registers stay near 2.4 (per 4 values: 4 gathers, 2 selects, 2 interleaves and half a mask).
-A table in shared memory would not: one LDS (not an ALU instruction) per two values from a 256-entry table of value
-pairs, copied per bank so that a warp's lookups never conflict; but Triton gives a kernel no shared memory of its own to
-keep such a table across the loop (Gluon or CUDA would). The choices below were priced by the offline model before it
-counted the ALU pipe (times in µs of that model). Two splits of 16 K steps (224 programs, launch_gemm._splits with
-strategy.Thresholds.decode_programs_per_sm) leave 40 SMs one program: 9.4 µs, where 8 splits of 4 steps took 8.2 µs but
-added 5 more prologues and epilogues per SM (2.8 µs) and 4× the partial sums. Sharing the steps evenly instead
+addresses and the pipeline's predicates (the loads have no mask of their own: rows of W past N and of x past M are read
+as the last row, 17 SASS and 9 ALU fewer); the 64 HMUL2 (the scales) run on the FMA pipe. There is no shared-memory
+round trip of the decoded tile; before, the same 128 values took 717 SASS, of which 66 IMAD.MOV, 16 STS.128, 16 LDSM and
+8 barriers moved the tile into the fragment layout (and 15 more computed the scale addresses in int64 from scratch; the
+row part now leaves the loop). The loop's ALU time (10.5 of the kernel's 11.5 µs of compute at M=1) is longer than
+reading the NF4 bytes (7.8 µs), so reaching the HBM bandwidth needs a lookup under about 2 ALU instructions per value.
+Byte permutes over a 16-entry table in 8 registers stay near 2.4 (per 4 values: 4 gathers, 2 selects, 2 interleaves and
+half a mask). A table in shared memory would not: one LDS (not an ALU instruction) per two values from a 256-entry table
+of value pairs, copied per bank so that a warp's lookups never conflict; but Triton gives a kernel no shared memory of
+its own to keep such a table across the loop (Gluon or CUDA would). The choices below were priced by the offline model
+before it counted the ALU pipe (times in µs of that model). Two splits of 16 K steps (224 programs, launch_gemm._splits
+with strategy.Thresholds.decode_programs_per_sm) leave 40 SMs one program: 9.4 µs, where 8 splits of 4 steps took 8.2 µs
+but added 5 more prologues and epilogues per SM (2.8 µs) and 4× the partial sums. Sharing the steps evenly instead
 (stream-K: every program 13-14 steps, a tile's parts from the programs that cover it) was tried: the loop over a
 program's tiles around the pipelined K loop (or one flattened loop with a store at each tile's edge) costs Triton 3.9 as
 much SASS as it saves (599-848 per iteration, 540 per tile); so does keeping the loop whole and giving a program two
@@ -122,15 +123,20 @@ def lora_decode_fwd_kernel(
             tl.static_assert(BLOCK_K == 128, "fragment-ordered tiles are 128 columns wide")
             out_rows = pid_n * BLOCK_N + fragment_rows(BLOCK_N)
             offs_x = fragment_k()
+            # rows of W past N and of x past M are read as the last row (loop-invariant pointers): the loads need no
+            # mask, so no predicate per load and iteration; those rows only reach rows and columns of acc that the
+            # store leaves out (yᵀ[n, m] reads W's row n and x's row m alone)
+            w_rows = tl.minimum(offs_n, N - 1)
+            x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
         else:
             out_rows = offs_n
             offs_x = tl.arange(0, BLOCK_K)
         for k0 in range(k_start, k_end, BLOCK_K):
             offs_k = k0 + offs_x
             if FRAGMENT:  # K is a multiple of BLOCK_K: no column mask (it would narrow the loads)
-                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_m[:, None] < M, other=0.0)
+                x = tl.load(x_rows + offs_k[None, :] * stride_xk)
                 w = load_fragment_tile(
-                    w_ptr, scale_ptr, code_ptr, lut, offs_n, k0, N, K, stride_wn, BLOCKSIZE, LOOKUP, BLOCK_N,
+                    w_ptr, scale_ptr, code_ptr, lut, w_rows, k0, K, stride_wn, BLOCKSIZE, LOOKUP, BLOCK_N,
                     COMPUTE_DTYPE,
                 )  # fmt: skip
             else:

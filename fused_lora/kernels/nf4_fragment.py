@@ -33,7 +33,6 @@ compiled decode kernel (128 rows; no LDSM and no shared-memory store in its main
 import triton
 import triton.language as tl
 
-from .lora_fwd import block_absmax
 from .nf4_lookup import nf4_word_values
 
 
@@ -75,9 +74,8 @@ def load_fragment_tile(
     scale_ptr,  # fp32 scale per (row, block), decoded once per weight (common.decoded_scales)
     code_ptr,  # [16] fp32
     lut,  # nf4_lookup.nf4_lut(code_ptr, COMPUTE_DTYPE) for LOOKUP "prmt", else None
-    rows,  # [BLOCK_N] rows of W, in loaded order (a contiguous range)
+    rows,  # [BLOCK_N] rows of W, in loaded order, each < N (a contiguous range, the caller clamps the tail)
     k0,  # first column, a multiple of 128
-    N,
     K,  # a multiple of 128 and of BLOCKSIZE
     stride_wn,  # bytes per row, K // 2
     BLOCKSIZE: tl.constexpr,
@@ -85,11 +83,12 @@ def load_fragment_tile(
     BLOCK_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
 ):
-    """deq(W)[rows[fragment_rows], k0 + fragment_k] as a [BLOCK_N, 128] tile in COMPUTE_DTYPE (0 in rows ≥ N): the
-    same values as lora_fwd.load_weight_tile, rounded the same way, in the fragment order of the module docstring."""
+    """deq(W)[rows[fragment_rows], k0 + fragment_k] as a [BLOCK_N, 128] tile in COMPUTE_DTYPE: the same values as
+    lora_fwd.load_weight_tile, rounded the same way, in the fragment order of the module docstring. No mask: every
+    row must exist (loads without a predicate per iteration)."""
     offs_word = tl.multiple_of(k0 // 8, 16) + tl.arange(0, 16)
     word_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (stride_wn // 4)
-    words = tl.load(word_rows + offs_word[None, :], mask=rows[:, None] < N, other=0)
+    words = tl.load(word_rows + offs_word[None, :])
     v0, v1, v2, v3, v4, v5, v6, v7 = nf4_word_values(words, code_ptr, lut, LOOKUP, COMPUTE_DTYPE)
     # [BLOCK_N, 16, 2, 2, 2]: element e = 4·e2 + 2·e1 + e0 of word w
     t = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
@@ -97,7 +96,7 @@ def load_fragment_tile(
     # (rows·K + k0) // BLOCKSIZE, split so that the row part is loop-invariant (K is a multiple of BLOCKSIZE)
     first_block = rows.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
     block = first_block[:, None] + tl.arange(0, SCALES_PER_ROW)[None, :]
-    scale = block_absmax(block, rows[:, None] < N, scale_ptr, scale_ptr, code_ptr, code_ptr, False, 1)
+    scale = tl.load(scale_ptr + block)
     if LOOKUP == "prmt":  # code and scale in the compute dtype, one rounded product (as load_weight_tile)
         scale = scale.to(COMPUTE_DTYPE)
     t = tl.reshape(t, (BLOCK_N, SCALES_PER_ROW, 16 // SCALES_PER_ROW, 8)) * scale[:, :, None, None]
