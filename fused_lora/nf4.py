@@ -191,7 +191,8 @@ class NF4Weight:
         who = "NF4Weight"
         for name in ("packed", "code", "absmax", "offset", "nested_absmax", "nested_code"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, torch.Tensor):
+            required = name in ("packed", "code", "absmax")
+            if (value is not None or required) and not isinstance(value, torch.Tensor):
                 raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(value).__name__}")
         nested = self.nested_blocksize
         if isinstance(nested, bool) or not isinstance(nested, numbers.Integral) or nested < 1:
@@ -201,7 +202,7 @@ class NF4Weight:
         if n == 0:
             raise ValueError(f"{who}: shape {tuple(self.shape)} has no elements")
         if self.dtype not in INPUT_DTYPES:
-            raise TypeError(f"{who}: dtype must be one of {dtype_names(INPUT_DTYPES)}, got {self.dtype}")
+            raise TypeError(f"{who}: dtype must be one of {dtype_names(INPUT_DTYPES)}, got {self.dtype!r}")
         if self.packed.dtype != torch.uint8 or tuple(self.packed.shape) != ((n + 1) // 2, 1):
             raise ValueError(
                 f"{who}: packed must be uint8 of shape ({(n + 1) // 2}, 1) for {n} elements, "
@@ -429,13 +430,17 @@ class NF4Weight:
 
         if prefix + "weight.quant_state.bitsandbytes__fp4" in state_dict:
             raise ValueError(f"{who}: {prefix}weight holds FP4, only NF4 is supported")
-        double_quant = prefix + "weight.nested_absmax" in state_dict
+        # double quantization when any of its entries is there: a checkpoint missing one is named by entry()
+        double_quant = any(prefix + k in state_dict for k in ("weight.nested_absmax", "weight.nested_quant_map"))
         key = "weight." + _QUANT_STATE_KEY
         fields = quant_state_fields(entry(key), who, prefix + key, double_quant)
         packed = entry("weight")
         if packed.dtype != torch.uint8:
             packed = packed.view(torch.uint8).view(-1, 1)
         absmax = entry("weight.absmax")
+        if not double_quant and absmax.dtype == torch.uint8:  # codes of a double-quantized weight's scales
+            raise KeyError(f"{who}: missing key {prefix + 'weight.nested_absmax'!r} (weight.absmax holds uint8 codes "
+                           "of double quantization)")
         if double_quant:
             fields["offset"] = torch.tensor(fields["offset"], dtype=torch.float32, device=absmax.device)
         return cls(

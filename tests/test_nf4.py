@@ -302,6 +302,10 @@ def test_from_state_dict_errors_name_the_problem():
     sd_bad["layer.weight.absmax"] = sd["layer.weight.absmax"][:-1]
     with pytest.raises(ValueError, match="absmax must be uint8"):
         fl.NF4Weight.from_state_dict(sd_bad, "layer.")
+    for nested in ("nested_absmax", "nested_quant_map"):  # a truncated double-quant checkpoint names what it lacks
+        sd_cut = {k: v for k, v in sd.items() if k != f"layer.weight.{nested}"}
+        with pytest.raises(KeyError, match=f"missing key 'layer.weight.{nested}'"):
+            fl.NF4Weight.from_state_dict(sd_cut, "layer.")
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -331,6 +335,32 @@ def test_bad_inputs_raise_clear_errors():
         ours.dequantize(torch.int8)
     with pytest.raises(TypeError, match="expected an NF4Weight"):
         fl.dequantize_nf4(w)
+    fields = dict(packed=ours.packed, shape=ours.shape, dtype=ours.dtype, blocksize=64, code=ours.code,
+                  absmax=ours.absmax_fp32())  # fmt: skip
+    for name in ("packed", "code", "absmax"):
+        with pytest.raises(TypeError, match=f"NF4Weight: {name} must be a torch.Tensor, got NoneType"):
+            fl.NF4Weight(**{**fields, name: None})
+    with pytest.raises(TypeError, match="got 'float32'"):  # a string is not a dtype, and the message says so
+        fl.NF4Weight(**{**fields, "dtype": "float32"})
+
+
+def test_triton_kernels_count_bytes_of_the_largest_int32_element_count(interpret_triton):
+    """n = 2^31 - 1 arrives in the kernels as int32: n + 1 would wrap, masking every byte off (dequantize wrote 0s,
+    quantize left packed unwritten). One program of each kernel runs over the first 2048 elements."""
+    from fused_lora import nf4
+    from fused_lora.kernels.nf4 import nf4_dequantize_kernel, nf4_quantize_kernel
+
+    weight = nf4.quantize_nf4(torch.randn(2048), blocksize=64, double_quant=False, backend="reference")
+    n = 2**31 - 1
+    out = torch.full((2048,), float("nan"))
+    nf4_dequantize_kernel[(1,)](weight.packed, weight.absmax, weight.code, out, weight.absmax, weight.code,
+                                weight.code, n, BLOCKSIZE=64, NESTED_BLOCKSIZE=256, DOUBLE_QUANT=False, PAIRS=1024)
+    assert torch.equal(out, weight.dequantize(torch.float32, backend="reference"))
+    packed, absmax = torch.zeros((1024, 1), dtype=torch.uint8), torch.empty(32)
+    source = weight.dequantize(torch.float32, backend="reference")
+    nf4_quantize_kernel[(1,)](source, packed, absmax, nf4._nf4_bounds("cpu"), n, -(-n // 64), BLOCKSIZE=64,
+                              BLOCKS_PER_PROGRAM=32)
+    assert torch.equal(packed, nf4.quantize_nf4(source, blocksize=64, double_quant=False, backend="reference").packed)
 
 
 SUBNORMAL_WEIGHTS = {

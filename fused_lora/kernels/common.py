@@ -75,7 +75,9 @@ _SCALES = TensorCache()
 
 def decoded_scales(weight) -> torch.Tensor:
     """fp32 [n_blocks] scale of every NF4 block of ``weight`` (contiguous), decoded once and cached beside it;
-    recomputed when one of its scale tensors is replaced or modified in place."""
+    recomputed when one of its scale tensors is replaced or modified in place through PyTorch (its data pointer or
+    version counter changes). A write PyTorch does not count (through ``.data``, a NumPy or DLPack alias) is not
+    seen: docs/DESIGN.md."""
     signature = tensor_state(weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
     return _SCALES.get(weight.absmax, signature, lambda: weight.absmax_fp32().float().contiguous())
 

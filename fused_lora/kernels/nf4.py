@@ -78,7 +78,7 @@ def nf4_quantize_kernel(
         q_hi += (r_hi > bound).to(tl.int32)
         q_lo += (r_lo > bound).to(tl.int32)
 
-    n_pairs = (n_elements + 1) // 2
+    n_pairs = n_elements // 2 + n_elements % 2  # not (n + 1) // 2: n = 2^31 - 1 arrives as int32 and n + 1 wraps
     tl.store(packed_ptr + pair, ((q_hi << 4) | q_lo).to(tl.uint8), mask=pair < n_pairs)
     tl.store(absmax_ptr + block, absmax, mask=block < n_blocks)
 
@@ -108,7 +108,7 @@ def nf4_dequantize_kernel(
     PAIRS: tl.constexpr,  # bytes per program, power of two
 ):
     pair = tl.program_id(0).to(tl.int64) * PAIRS + tl.arange(0, PAIRS)
-    n_pairs = (n_elements + 1) // 2
+    n_pairs = n_elements // 2 + n_elements % 2  # not (n + 1) // 2: n = 2^31 - 1 arrives as int32 and n + 1 wraps
     in_range = pair < n_pairs
     byte = tl.load(packed_ptr + pair, mask=in_range, other=0).to(tl.int32)
     block = (2 * pair) // BLOCKSIZE
