@@ -378,8 +378,12 @@ class FusedLoraLinear(nn.Module):
             >>> dense = layer.merged_weight(torch.bfloat16)   # e.g. to export a merged checkpoint
         """
         dtype = self.compute_dtype if dtype is None else dtype
-        if self.merged:
-            return self._dense_base(dtype)
+        if dtype not in COMPUTE_DTYPES:
+            raise TypeError(f"FusedLoraLinear.merged_weight: dtype must be one of {dtype_names(COMPUTE_DTYPES)}, "
+                            f"got {dtype!r}")
+        if self.merged:  # a copy: never the layer's own weight, which unmerge() writes the original back into
+            base = self._dense_base(dtype)
+            return base if isinstance(self.weight, NF4Weight) else base.clone()
         return self._exact_merged().to(dtype)
 
     def merge(self, requantize: bool = True) -> float:
@@ -553,7 +557,9 @@ class FusedLoraLinear(nn.Module):
                            dtype=self.compute_dtype, device=device, strict=strict,
                            missing_keys=missing_keys, unexpected_keys=unexpected_keys, error_msgs=error_msgs)
         if nf4 is not None:
-            if loaded is not None:
+            if loaded is not None:  # copied as torch copies into parameters, unless load_state_dict(assign=True):
+                if not local_metadata.get("assign_to_params_buffers", False):  # the layer never shares the dict's
+                    loaded = loaded.clone()  # memory (an mmap-loaded checkpoint file saved over again, say)
                 self._install_weight(loaded)
         elif weight_key in state_dict:
             rest[weight_key] = self.weight if loaded is None else loaded

@@ -289,6 +289,14 @@ class NF4Weight:
             **moved,
         )
 
+    def clone(self) -> "NF4Weight":
+        """A new NF4Weight with a copy of every tensor (the same device and dtypes)."""
+        copies = {name: t.clone() for name, t in self._tensors().items()}
+        return NF4Weight(
+            shape=self.shape, dtype=self.dtype, blocksize=self.blocksize, nested_blocksize=self.nested_blocksize,
+            **copies,
+        )
+
     # ---- bitsandbytes interop -----------------------------------------------------------------------------
 
     def to_bnb(self):

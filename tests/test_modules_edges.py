@@ -78,3 +78,47 @@ def test_a_meta_layer_loads_an_nf4_checkpoint_with_assign():
     assert torch.equal(layer.weight, source.weight.dequantize(torch.float32))
     x = torch.randn(3, 64)
     torch.testing.assert_close(layer(x), source(x), rtol=1e-6, atol=1e-6)
+
+
+def test_loading_an_nf4_checkpoint_copies_it_unless_assign(tmp_path):
+    """torch's load_state_dict copies into the module: the layer never shares the dict's memory, so editing the dict
+    leaves the layer alone, and a checkpoint loaded with mmap=True can be saved over again (the layer's packed bytes
+    were pages of the file being truncated: SIGBUS and a cut file). load_state_dict(assign=True) takes the tensors."""
+    sd = fl.FusedLoraLinear(64, 32, r=4, compute_dtype=torch.float32).state_dict()
+    layer = fl.FusedLoraLinear(64, 32, r=4, compute_dtype=torch.float32)
+    layer.load_state_dict(sd)
+    before = layer.weight.dequantize().clone()
+    assert layer.weight.packed.data_ptr() != sd["weight"].data_ptr()
+    sd["weight.absmax"].zero_()
+    assert torch.equal(layer.weight.dequantize(), before)
+    path = tmp_path / "ckpt.pt"
+    torch.save(fl.FusedLoraLinear(256, 128, r=4, compute_dtype=torch.float32).state_dict(), path)
+    resumed = fl.FusedLoraLinear(256, 128, r=4, compute_dtype=torch.float32)
+    resumed.load_state_dict(torch.load(path, mmap=True, weights_only=True))
+    expected = resumed.state_dict()
+    torch.save(expected, path)  # the same path, as a training loop checkpoints
+    again = torch.load(path, weights_only=True)
+    assert all(torch.equal(again[k], v) for k, v in expected.items())
+    assigned = fl.FusedLoraLinear(64, 32, r=4, compute_dtype=torch.float32)
+    sd = assigned.state_dict()
+    assigned.load_state_dict(sd, assign=True)
+    assert assigned.weight.packed.data_ptr() == sd["weight"].data_ptr()
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_merged_weight_is_a_copy_in_a_floating_dtype(quant):
+    """merged_weight() of a merged layer is a copy (unmerge() writes the original back into the layer's weight; the
+    exported tensor kept it), and a dtype that is not floating point (or a string) is refused by name."""
+    torch.manual_seed(0)
+    layer = fl.FusedLoraLinear(16, 8, r=4, quant=quant, compute_dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.merge(requantize=False)
+    exported = layer.merged_weight()
+    snapshot = exported.clone()
+    layer.unmerge()
+    base = layer.weight.dequantize() if quant else layer.weight.detach()
+    assert torch.equal(exported, snapshot) and not torch.equal(exported, base)
+    for dtype in (torch.int8, torch.bool, "bfloat16"):
+        with pytest.raises(TypeError, match="merged_weight: dtype must be one of"):
+            layer.merged_weight(dtype)
