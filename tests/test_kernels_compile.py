@@ -96,7 +96,7 @@ RECORD = {
     "sm80-lora_decode_dx-decode-nf4dq-bf16-Afp32-r16-64x16x128x128w4": (0, 0, None),
     "sm80-lora_decode_dx_epilogue-decode-nf4dq-bf16-Afp32-r16-16x128w4": (0, 0, None),
     "sm80-lora_u-lowrank-nf4dq-bf16-Afp32-r16-64x64x32w4": (0, 0, None),
-    "sm80-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-128x256x64w8s3": (96, 92, None),
+    "sm80-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-128x256x64w8s3": (8, 4, None),
     "sm80-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-128x128x64w4s4": (104, 104, None),
     "sm80-lora_fwd-inloop-nf4dq-bf16-Afp32-r16-256x128x64w8s3": (44, 40, None),
     "sm80-lora_vdb-lowrank-nf4dq-bf16-Afp32-r16-128x64w8": (0, 0, None),

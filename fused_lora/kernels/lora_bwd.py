@@ -304,16 +304,18 @@ def lora_dx_kernel(
     if MASK_DX:  # the kept entries of m for this output tile, drawn before the loop (see the docstring)
         keep_out = dropout_mask_tile(seed, offs_m, mask_col0 + k0, mask_width, p, keep_scale, BLOCK_K) != 0.0
     if NEED_DX:
-        g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+        # rows of g past M read as row M - 1 (no mask): they reach only rows of dx that are not stored (and W's
+        # columns past K, in load_weight_tile, only its columns past K)
+        g_rows = g_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_gm
         lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+            g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=offs_n[None, :] < N, other=0.0)
             w = load_weight_tile(
                 w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                 offs_n, k0, N, K, stride_wn, stride_wk,
                 IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, LOOKUP, lut, BLOCK_N, BLOCK_K,
-                COMPUTE_DTYPE,
+                COMPUTE_DTYPE, False,
             )  # fmt: skip
             if COL_SCALE:  # c⊙g rounded to the compute dtype, as an M×N pass would store it (W's rows with W_FIRST)
                 c = tl.load(col_scale_ptr + offs_n, mask=offs_n < N, other=0.0)

@@ -112,7 +112,9 @@ def lora_decode_fwd_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     k_start = split * K_PER_SPLIT
     k_end = min(k_start + K_PER_SPLIT, K)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    # rows of x past M (and below, of W past N) are read as the last row, without a mask (so without a predicate per
+    # load and iteration): they reach only rows and columns of yᵀ and u that the stores leave out
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
     # W's programs first in the code: their loop is the kernel's main loop (offline_kernels.KernelModel.main_loop)
     if not HAS_LORA or pid_n < tl.num_programs(0) - 1:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -123,11 +125,7 @@ def lora_decode_fwd_kernel(
             tl.static_assert(BLOCK_K == 128, "fragment-ordered tiles are 128 columns wide")
             out_rows = pid_n * BLOCK_N + fragment_rows(BLOCK_N)
             offs_x = fragment_k()
-            # rows of W past N and of x past M are read as the last row (loop-invariant pointers): the loads need no
-            # mask, so no predicate per load and iteration; those rows only reach rows and columns of acc that the
-            # store leaves out (yᵀ[n, m] reads W's row n and x's row m alone)
-            w_rows = tl.minimum(offs_n, N - 1)
-            x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
+            w_rows = tl.minimum(offs_n, N - 1)  # yᵀ[n, m] reads W's row n and x's row m alone
         else:
             out_rows = offs_n
             offs_x = tl.arange(0, BLOCK_K)
@@ -140,12 +138,11 @@ def lora_decode_fwd_kernel(
                     COMPUTE_DTYPE,
                 )  # fmt: skip
             else:
-                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
-                            other=0.0)  # fmt: skip
+                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0)
                 w = load_weight_tile(
                     w_ptr, scale_ptr, code_ptr, scale_ptr, code_ptr, code_ptr,
                     offs_n, k0, N, K, stride_wn, stride_wk,
-                    IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+                    IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE, True,
                 )  # fmt: skip
             acc = tl.dot(w, tl.trans(x), acc, input_precision=BASE_PRECISION)
         y_ptrs = y_ptr + split * stride_ys + offs_m[None, :] * stride_ym + out_rows[:, None]
@@ -157,8 +154,7 @@ def lora_decode_fwd_kernel(
             u = tl.zeros((BLOCK_M, R_CHUNK), dtype=tl.float32)
             for k0 in range(k_start, k_end, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                in_range = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=in_range, other=0.0)
+                x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0)
                 if DROPOUT:
                     x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, k0, K, p, keep_scale, BLOCK_K)
                 a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
@@ -305,16 +301,16 @@ def lora_decode_dx_kernel(
     offs_k = k0 + tl.arange(0, BLOCK_K)
     n_start = split * N_PER_SPLIT
     n_end = min(n_start + N_PER_SPLIT, N)
-    g_rows = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm
+    g_rows = g_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_gm  # past M: row M - 1, not stored
     acc = tl.dot(tl.zeros((BLOCK_K, 16), COMPUTE_DTYPE), tl.zeros((16, BLOCK_M), COMPUTE_DTYPE))  # dxᵀ, as above
     lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=offs_n[None, :] < N, other=0.0)
         w = load_weight_tile(
             w_ptr, scale_ptr, code_ptr, scale_ptr, code_ptr, code_ptr,
             offs_n, k0, N, K, stride_wn, stride_wk,
-            IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE,
+            IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE, False,
         )  # fmt: skip
         acc = tl.dot(tl.trans(w), tl.trans(g), acc, input_precision=BASE_PRECISION)
     dx_ptrs = dx_ptr + split * stride_ds + offs_m[None, :] * stride_dm + offs_k[:, None]

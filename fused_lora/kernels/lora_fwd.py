@@ -90,6 +90,15 @@ def block_absmax(
 
 
 @triton.jit
+def _and_rows(mask, row_in_range):
+    """mask & row_in_range, or mask alone when row_in_range is None (load_weight_tile with ROWS_OUT)."""
+    if row_in_range is None:
+        return mask
+    else:
+        return mask & row_in_range
+
+
+@triton.jit
 def load_weight_tile(
     # pointers: dense W, or the NF4 fields (packed bytes, absmax, code, nested absmax, nested code, offset)
     w_ptr,
@@ -115,10 +124,20 @@ def load_weight_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    ROWS_OUT: tl.constexpr,  # W's rows are the GEMM's output dimension (the forward, y = x·Wᵀ), not its reduced one
 ):
-    """W[offs_n, k0:k0+BLOCK_K] as a (BLOCK_N, BLOCK_K) tile in the compute dtype; 0 outside N×K."""
+    """W[offs_n, k0:k0+BLOCK_K] as a (BLOCK_N, BLOCK_K) tile in the compute dtype; 0 outside N×K, except with
+    ROWS_OUT for dense W and NF4 with ROW_SCALES: rows past N are then copies of row N - 1, read without a row mask
+    (so without a predicate per load and iteration), and reach only outputs the caller does not store. The columns
+    are always masked: clamping the contiguous dimension would cost the loads their width."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     in_range = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    if ROWS_OUT:
+        rows = tl.minimum(offs_n, N - 1)
+        row_in_range = None
+    else:
+        rows = offs_n
+        row_in_range = offs_n[:, None] < N
     if IS_NF4:
         if ROW_SCALES:
             # K is a multiple of the (even) blocksize: a row of W starts on a byte and on a block, each byte of
@@ -128,21 +147,21 @@ def load_weight_tile(
             # divisibility (16 when K % 32 == 0): 16-byte loads of the packed bytes.
             if LOOKUP == "prmt":  # int32 words of 4 bytes (8 codes); K is a multiple of 8 (BLOCKSIZE ≥ 32)
                 offs_word = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-                word_rows = w_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None] * (stride_wn // 4)
-                packed = tl.load(word_rows + offs_word[None, :], mask=(offs_n[:, None] < N) & (offs_word[None, :] < K // 8),
-                                 other=0)  # fmt: skip
+                word_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (stride_wn // 4)
+                word_in_range = _and_rows(offs_word[None, :] < K // 8, row_in_range)
+                packed = tl.load(word_rows + offs_word[None, :], mask=word_in_range, other=0)
             else:
                 offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-                byte_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :]
-                packed = tl.load(byte_ptrs, mask=(offs_n[:, None] < N) & (offs_byte[None, :] < K // 2), other=0)
+                byte_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :]
+                packed = tl.load(byte_ptrs, mask=_and_rows(offs_byte[None, :] < K // 2, row_in_range), other=0)
             values = nf4_values(packed, code_ptr, lut, LOOKUP, COMPUTE_DTYPE)
             SCALES_PER_ROW: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
-            first_block = offs_n.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE  # row part loop-invariant
+            first_block = rows.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE  # row part loop-invariant
             block = first_block[:, None] + tl.arange(0, SCALES_PER_ROW)[None, :]
             block_k = k0 + tl.arange(0, SCALES_PER_ROW)[None, :] * BLOCKSIZE
             scale = block_absmax(
                 block,
-                (offs_n[:, None] < N) & (block_k < K),
+                _and_rows(block_k < K, row_in_range),
                 absmax_ptr,
                 nested_absmax_ptr,
                 nested_code_ptr,
@@ -176,8 +195,8 @@ def load_weight_tile(
             w = values * scale
     else:
         # int64 columns too: a transposed view of a large W has a column stride of N (no extra work at stride 1)
-        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k.to(tl.int64)[None, :] * stride_wk
-        w = tl.load(w_ptrs, mask=in_range, other=0.0)
+        w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k.to(tl.int64)[None, :] * stride_wk
+        w = tl.load(w_ptrs, mask=_and_rows(offs_k[None, :] < K, row_in_range), other=0.0)
     return w.to(COMPUTE_DTYPE)
 
 
@@ -372,6 +391,8 @@ def lora_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # x keeps its row mask: reading rows past M as row M - 1 (as load_weight_tile does W's rows past N) made a sm_80
+    # tile spill (128x128x64, 4 warps: 64 B) and saved no predicted time on sm_90 (10 SASS of an MMA-bound loop)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     # The low-rank term and the bias start the accumulator (LoRAFusion): no second [BLOCK_M, BLOCK_N] tile.
     if W_FIRST:
@@ -401,7 +422,7 @@ def lora_fwd_kernel(
             w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
             offs_n, k0, N, K, stride_wn, stride_wk,
             IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, LOOKUP, lut, BLOCK_N, BLOCK_K,
-            COMPUTE_DTYPE,
+            COMPUTE_DTYPE, True,
         )  # fmt: skip
         if W_FIRST:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=BASE_PRECISION)
