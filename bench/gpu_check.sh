@@ -9,7 +9,8 @@
 #   5. render the report (markdown + PNG plots: python -m fused_lora bench --report <the JSON of step 4>)
 # Every step runs under `timeout`, sized from what is left of the budget, so the whole stays inside BUDGET_S
 # (default 340 s: the script ends by about 340 + 10 + 3 s, inside the 6 minutes a GPU session allows). The log and
-# the results land in bench/results/<gpu>/, and are copied to $OUT when it is set.
+# the results land in bench/results/<gpu>/, and are copied to $OUT when it is set: the log is written there from the
+# start and the results JSON as soon as the bench ends, so that a run stopped from outside still returns them.
 # A short summary table is printed last. Usage, from anywhere:  bash bench/gpu_check.sh
 # Environment: BUDGET_S (seconds, default 340), PYTHON (default python3), FUSED_LORA_COMMIT (recorded in the
 # results when the checkout has no .git).
@@ -21,7 +22,12 @@ PY=${PYTHON:-python3}
 RESULTS_ROOT=bench/results  # passed to the bench as --output: the JSON goes to $RESULTS_ROOT/<gpu>/
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
-LOG=$(mktemp -d)/gpu_check.log
+if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT"
+    LOG=$OUT/gpu_check.log  # there from the first line: the device tool returns $OUT even from a run it stops
+else
+    LOG=$(mktemp -d)/gpu_check.log
+fi
 exec > >(tee -a "$LOG") 2>&1
 
 SUMMARY=()
@@ -93,9 +99,10 @@ fi
 
 # 3. GPU tests (the bench below keeps 150 s), named file by file: pytest imports every module it collects before -m
 # deselects, and a test module that imports bitsandbytes would stop the whole collection on a machine without it.
-# The extension's and the small files first, so that a run cut by its limit still has them.
-GPU_TESTS=(tests/test_optim_gpu.py tests/test_nf4.py tests/test_modules.py tests/test_dora_gpu.py
-           tests/test_kernels_gpu.py tests/test_kernels_gpu_paths.py tests/test_benchmark_cli.py)
+# The kernels' correctness first (each path at real shapes, bf16): on a cold machine the autotuner's compilations
+# take most of the limit, and a run cut by it should still have them.
+GPU_TESTS=(tests/test_kernels_gpu_paths.py tests/test_kernels_gpu.py tests/test_optim_gpu.py tests/test_nf4.py
+           tests/test_modules.py tests/test_dora_gpu.py tests/test_benchmark_cli.py)
 step "pytest -m gpu" 100 150 "$PY" -m pytest -m gpu -q -ra --durations=15 -p no:cacheprovider "${GPU_TESTS[@]}"
 
 # 4. Quick sweep + end-to-end step; --max-seconds makes it stop starting cases before its own limit.
@@ -103,6 +110,8 @@ marker=$(mktemp)
 left=$(( BUDGET_S - $(elapsed) - 25 ))
 step "bench --quick" "$left" 25 \
     "$PY" -m fused_lora bench --quick --output "$RESULTS_ROOT" --max-seconds $(( left - 20 ))
+early_json=$(find "$RESULTS_ROOT" -name '2*.json' -newer "$marker" 2>/dev/null | sort | tail -n 1)
+if [[ -n "${OUT:-}" && -n "$early_json" ]]; then cp "$early_json" "$OUT/"; fi  # before anything else can stop us
 
 # 5. Report of the results this run wrote, then collect the files.
 results_json=$(find "$RESULTS_ROOT" -name '2*.json' -newer "$marker" 2>/dev/null | sort | tail -n 1)
@@ -132,9 +141,7 @@ stamp=$(basename "${results_json:-$(date +%Y%m%d-%H%M).json}" .json)
 sleep 1  # let tee write the last lines
 cp "$LOG" "$results_dir/gpu_check-$stamp.log"
 if [[ -n "${OUT:-}" ]]; then
-    # $OUT takes at most 8 files: the log, the JSON, report.md and up to 5 plots of this run.
-    mkdir -p "$OUT"
-    cp "$results_dir/gpu_check-$stamp.log" "$OUT/"
+    # $OUT takes at most 8 files: the log (written there all along), the JSON, report.md and up to 5 plots.
     for f in ${results_json:+"$results_json"} "$results_dir/report.md"; do
         if [[ -f "$f" ]]; then cp "$f" "$OUT/"; fi
     done

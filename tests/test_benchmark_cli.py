@@ -278,15 +278,16 @@ def test_a_stage_starts_only_with_the_time_it_needs_left(tmp_path):
 
 
 def test_later_stages_are_kept_time_on_a_gpu_only_and_the_quick_end_to_end_step_only_if_time_remains():
-    """gpu_check.sh's --quick run: the sweep keeps time for the optimizer rows only; the end-to-end step runs last,
-    when its 90 s are left. The full run keeps time for both."""
+    """gpu_check.sh's --quick run: the sweep's target cases keep time for the dequantization and optimizer rows
+    only; the end-to-end step runs last, when its 90 s are left. The full run keeps time for all three."""
     args = command.build_parser().parse_args(["--quick"])
-    assert sweep.later_stage_seconds(args, on_cuda=True) == {"optimizer": 15.0}
-    assert sweep.stage_seconds(args) == {"optimizer": 15.0, "e2e_qlora_step": 90.0}
-    assert list(sweep.stage_seconds(args)) == ["optimizer", "e2e_qlora_step"], "the optional stage runs last"
+    assert sweep.later_stage_seconds(args, on_cuda=True) == {"nf4_dequant": 10.0, "optimizer": 15.0}
+    assert sweep.stage_seconds(args) == {"nf4_dequant": 10.0, "optimizer": 15.0, "e2e_qlora_step": 90.0}
+    assert list(sweep.stage_seconds(args))[-1] == "e2e_qlora_step", "the optional stage runs last"
     args = command.build_parser().parse_args([])
-    assert sweep.later_stage_seconds(args, on_cuda=True) == {"optimizer": 60.0, "e2e_qlora_step": 240.0}
-    args = command.build_parser().parse_args(["--quick", "--no-e2e"])
+    assert sweep.later_stage_seconds(args, on_cuda=True) == {"nf4_dequant": 30.0, "optimizer": 60.0,
+                                                             "e2e_qlora_step": 240.0}
+    args = command.build_parser().parse_args(["--quick", "--no-e2e", "--no-dequant"])
     assert sweep.later_stage_seconds(args, on_cuda=True) == {"optimizer": 15.0}
     assert sweep.later_stage_seconds(args, on_cuda=False) == {}
 

@@ -61,3 +61,34 @@ def test_steps_are_interrupted_before_they_are_killed():
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_the_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tee") is None, reason="needs bash and tee")
+def test_a_run_stopped_from_outside_has_already_left_its_log_in_out(tmp_path):
+    """The device tool returns what is under $OUT when it stops a command: the log is written there from the first
+    line, not copied at the end (a run stopped mid-way returned nothing). The script runs from a copy, with a
+    Python that only sleeps, and is killed after its first lines."""
+    import os
+    import signal
+    import time
+
+    root = tmp_path / "repo"
+    (root / "bench").mkdir(parents=True)
+    shutil.copy(SCRIPT, root / "bench" / "gpu_check.sh")
+    sleeper = tmp_path / "python3"
+    sleeper.write_text("#!/bin/sh\nsleep 60\n")
+    sleeper.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(sleeper), "FUSED_LORA_COMMIT": "test"}
+    proc = subprocess.Popen(["bash", str(root / "bench" / "gpu_check.sh")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out / "gpu_check.log"
+    try:
+        for _ in range(100):
+            if log.exists() and "=== gpu_check:" in log.read_text():
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert "=== gpu_check:" in log.read_text()

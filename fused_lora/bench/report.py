@@ -17,6 +17,7 @@ from .schema import ROW_KEYS, row_problem, validate_env
 
 __all__ = ["target_checks", "e2e_summary", "summary_table", "plot_tflops", "render_report"]
 
+TARGET_M, TARGET_R, TARGET_PASS = 8192, 16, "fwd_bwd"  # the cases target_checks reads (bf16, Llama-3-8B shapes)
 TARGETS = (
     # (label, numerator impl, denominator impl, comparison, bound)
     ("fused / dense_cublas", "fused", "dense_cublas", "<=", 1.15),
@@ -76,7 +77,8 @@ def target_checks(rows) -> list[dict]:
     for label, numerator, denominator, comparison, bound in TARGETS:
         per_shape = {}
         for K, N in LLAMA3_8B_SHAPES:
-            per_shape[(K, N)] = _ratio(times.get((K, N, 8192, 16, "fwd_bwd", "bfloat16"), {}), numerator, denominator)
+            case = (K, N, TARGET_M, TARGET_R, TARGET_PASS, "bfloat16")
+            per_shape[(K, N)] = _ratio(times.get(case, {}), numerator, denominator)
         measured = [v for v in per_shape.values() if v is not None]
         holds = [(v <= bound) if comparison == "<=" else (v >= bound) for v in measured]
         if not measured:

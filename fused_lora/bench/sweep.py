@@ -59,7 +59,7 @@ from .impls import (
     pass_callable,
 )
 from .optimizer import run_optimizer_bench
-from .report import summary_table
+from .report import TARGET_M, TARGET_PASS, TARGET_R, TARGETS, summary_table
 from .schema import ResultsFile, results_path
 from .timing import make_timer, measure_bf16_peak_tflops, measure_copy_gbps
 
@@ -83,14 +83,24 @@ def _l2_bytes(device) -> int:
 
 def sweep_order(ms):
     """M = 8192 (where the targets are checked) first, then ascending: a run cut short keeps the target cases."""
-    return sorted(ms, key=lambda M: (M != 8192, M))
+    return sorted(ms, key=lambda M: (M != TARGET_M, M))
 
 
-def run_sweep(args, device, results: ResultsFile, deadline: float):
-    """Times every (M, shape, r, implementation, pass) case into ``results``; skips (with a reason) what fails.
+TARGET_IMPLS = frozenset(impl for _, numerator, denominator, _, _ in TARGETS for impl in (numerator, denominator))
+
+
+def is_target_case(M: int, r: int, impl: str, pass_name: str) -> bool:
+    """Whether report.target_checks reads this case (M=8192, r=16, fwd_bwd, an implementation of its ratios)."""
+    return M == TARGET_M and r == TARGET_R and pass_name == TARGET_PASS and impl in TARGET_IMPLS
+
+
+def run_sweep(args, device, results: ResultsFile, deadline: float, select=None):
+    """Times every (M, shape, r, implementation, pass) case into ``results``, or those for which
+    ``select(M, r, impl, pass)`` is true; skips (with a reason) what fails.
 
     Order: M by ``sweep_order``, then shapes, ranks, implementations, and fwd_bwd before fwd, so that a run stopped
-    by its time budget has the target cases (M=8192, fwd_bwd) of every shape.
+    by its time budget has the target cases (M=8192, fwd_bwd) of the first shapes (_run_stages runs the targets of
+    every shape first on a GPU).
     """
     from tqdm import tqdm
 
@@ -100,8 +110,16 @@ def run_sweep(args, device, results: ResultsFile, deadline: float):
     l2_bytes = _l2_bytes(device)
     peak = results.data["roofline"].get("bf16_tflops")
     builder = ImplBuilder(args.compile_backend)
-    groups = [(M, K, N, r) for M in sweep_order(args.m) for (K, N) in args.shapes for r in args.ranks]
-    progress = tqdm(total=len(groups) * len(args.impls) * len(PASSES), desc="qlora_linear", unit="case",
+    selected = select or (lambda M, r, impl, pass_name: True)
+    groups, passes_of = [], {}
+    for M, (K, N), r in ((M, shape, r) for M in sweep_order(args.m) for shape in args.shapes for r in args.ranks):
+        for impl in args.impls:
+            passes = [p for p in PASSES[::-1] if selected(M, r, impl, p)]
+            if passes:
+                passes_of[(M, K, N, r, impl)] = passes
+        if any((M, K, N, r, impl) in passes_of for impl in args.impls):
+            groups.append((M, K, N, r))
+    progress = tqdm(total=sum(map(len, passes_of.values())), desc="qlora_linear", unit="case",
                     file=sys.stderr, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 5.0)
     base_weights, adapters = {}, {}
     for M, K, N, r in groups:
@@ -120,13 +138,16 @@ def run_sweep(args, device, results: ResultsFile, deadline: float):
         case = {"M": M, "K": K, "N": N, "r": r}
         reference_output = {}
         for impl in args.impls:
+            passes = passes_of.get((M, K, N, r, impl))
+            if not passes:
+                continue
             if isinstance(weights, str):
-                for pass_name in PASSES[::-1]:
+                for pass_name in passes:
                     results.skip({"bench": "qlora_linear", "impl": impl, "pass": pass_name, **case}, weights)
-                progress.update(len(PASSES))
+                progress.update(len(passes))
                 continue
             _run_impl_case(impl, case, weights, builder, timer, results, deadline, peak, l2_bytes, reference_output,
-                           dtype, device, progress)
+                           dtype, device, progress, passes)
         del reference_output
         if on_cuda:
             torch.cuda.empty_cache()
@@ -134,8 +155,8 @@ def run_sweep(args, device, results: ResultsFile, deadline: float):
 
 
 def _run_impl_case(impl, case, weights, builder, timer, results, deadline, peak, l2_bytes, reference_output, dtype,
-                   device, progress):
-    """Both passes of one implementation at one (M, K, N, r); the fwd output is checked against the reference."""
+                   device, progress, passes):
+    """``passes`` of one implementation at one (M, K, N, r); the fwd output is checked against the reference."""
     M, K, N, r = case["M"], case["K"], case["N"], case["r"]
     layer = params = None
     build_error = None
@@ -144,7 +165,7 @@ def _run_impl_case(impl, case, weights, builder, timer, results, deadline, peak,
             layer, params = builder.build(impl, weights)
         except Exception as exc:  # an unavailable peer (no bitsandbytes, no PEFT) is recorded, not fatal
             build_error = f"could not build {impl}: {type(exc).__name__}: {str(exc)[:300]}"
-    for pass_name in PASSES[::-1]:
+    for pass_name in passes:
         what = {"bench": "qlora_linear", "impl": impl, "pass": pass_name, **case}
         progress.set_postfix_str(_case_label(K, N, M, r, impl, pass_name))
         progress.update(1)
@@ -268,13 +289,21 @@ def run_e2e_rows(args, device, results: ResultsFile):
                      entry["reason"])
 
 
+# A sweep case that starts just before its deadline ends after it: the stages after it keep this much more.
+CASE_OVERRUN_S = 10.0
+
+
 def stage_seconds(args) -> dict:
-    """{stage: seconds} each stage after the layer sweep needs on a GPU; it starts only with that much time left.
+    """{stage: seconds} each stage after the layer sweep's target cases needs on a GPU, in the order they run; the
+    optimizer and end-to-end stages start only with that much time left, the dequantization rows stop then.
 
     Estimates for an H100/H200 (bench/README.md): the end-to-end step is two ~1.24B-parameter builds, 2 × 20 steps
-    and the fused kernels' autotuning at the model's four shapes (~45–90 s with --quick); the optimizer rows ~10 s.
+    and the fused kernels' autotuning at the model's four shapes (~45–90 s with --quick); the optimizer rows ~10 s;
+    the dequantization rows a few seconds per shape.
     """
     stages = {}
+    if not args.no_dequant:
+        stages["nf4_dequant"] = 10.0 if args.quick else 30.0
     if not args.no_optim:
         stages["optimizer"] = 15.0 if args.quick else 60.0
     if not args.no_e2e:
@@ -283,11 +312,10 @@ def stage_seconds(args) -> dict:
 
 
 def later_stage_seconds(args, on_cuda: bool) -> dict:
-    """{stage: seconds} kept for the stages after the layer sweep on a GPU: the sweep (and the dequantization rows)
-    stop starting cases that much before the --max-seconds deadline. With --quick (bench/gpu_check.sh's run, inside
+    """{stage: seconds} kept for the stages after the layer sweep's target cases on a GPU: those cases stop starting
+    that much (and CASE_OVERRUN_S) before the --max-seconds deadline. With --quick (bench/gpu_check.sh's run, inside
     a 6-minute GPU check) the end-to-end step is optional: nothing is kept for it, it runs last and only if its time
-    is left after the sweep, the dequantization and the optimizer rows. On a CPU nothing is kept (the tiny
-    end-to-end model takes seconds).
+    is left after the rest of the sweep. On a CPU nothing is kept (the tiny end-to-end model takes seconds).
     """
     if not on_cuda:
         return {}
@@ -359,17 +387,25 @@ def run_benchmarks(args, device: torch.device, results_root: Path | None, start:
 
 
 def _run_stages(args, device, results: ResultsFile, deadline: float) -> None:
-    """The layer sweep, the dequantization rows, then the optimizer and end-to-end stages as time allows."""
+    """On a GPU, where --max-seconds cuts a run short: the sweep's target cases of every shape, the dequantization
+    and optimizer rows (each in the time kept for it), the rest of the sweep, then the end-to-end step as time
+    allows. On a CPU: the sweep, the dequantization, optimizer and end-to-end rows."""
     on_cuda = device.type == "cuda"
     later = later_stage_seconds(args, on_cuda)
-    sweep_deadline = deadline - sum(later.values())
-    run_sweep(args, device, results, sweep_deadline)
-    if not args.no_dequant:
-        run_dequant_bench(args, device, results, sweep_deadline)
     needs = stage_seconds(args) if on_cuda else {}
+    e2e_kept = later.get("e2e_qlora_step", 0.0)  # 0 with --quick: the step runs only if its time is left at the end
+    if on_cuda:
+        run_sweep(args, device, results, deadline - sum(later.values()) - CASE_OVERRUN_S, select=is_target_case)
+    else:
+        run_sweep(args, device, results, deadline)
+    if not args.no_dequant:
+        run_dequant_bench(args, device, results, deadline - later.get("optimizer", 0.0) - e2e_kept)
     if not args.no_optim:  # before the end-to-end step: the optimizer rows are required, the step optional (--quick)
-        run_stage("optimizer", needs.get("optimizer", 0.0), deadline, results,
+        run_stage("optimizer", needs.get("optimizer", 0.0), deadline - e2e_kept, results,
                   lambda: run_optimizer_rows(args, device, results))
+    if on_cuda:
+        run_sweep(args, device, results, deadline - e2e_kept,
+                  select=lambda M, r, impl, pass_name: not is_target_case(M, r, impl, pass_name))
     if not args.no_e2e:
         run_stage("e2e_qlora_step", needs.get("e2e_qlora_step", 0.0), deadline, results,
                   lambda: run_e2e_rows(args, device, results))
