@@ -1,6 +1,7 @@
 """What fused-lora relies on about bitsandbytes beyond its tensors, in one place: the non-tensor quant-state fields of
-its NF4 state dicts (read and checked here for ``NF4Weight.from_state_dict``), and where bitsandbytes' own CPU
-``dequantize_4bit`` is wrong (``bnb_cpu_dequantize_is_wrong``, used by the tests and the demo's parity check).
+its NF4 state dicts (read and checked here for ``NF4Weight.from_state_dict``), where bitsandbytes' own CPU
+``dequantize_4bit`` is wrong (``bnb_cpu_dequantize_is_wrong``, used by the tests and the demo's parity check), and
+how to keep its CPU inference repack off a model that serves as the exact reference (``keep_bnb_cpu_layout``).
 
 This module imports only torch and the standard library (it sits beside codec.py, below nf4.py), and never imports
 bitsandbytes.
@@ -63,6 +64,21 @@ def check_finite(who: str, name: str, t: torch.Tensor) -> None:
     """ValueError when a floating-point tensor of an NF4 weight (a code table or scales) holds NaN or inf."""
     if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{who}: {name} holds NaN or inf; every weight element it scales would be NaN")
+
+
+def keep_bnb_cpu_layout(model) -> int:
+    """Keep bitsandbytes from repacking the NF4 weights of ``model``'s ``Linear4bit`` layers for its CPU inference
+    kernel; returns how many layers it set. bitsandbytes 0.50 does so, in place, at a layer's first forward in eval
+    mode whose input does not require grad, on CPUs with AVX512-BF16 (``support_avx512bf16_for_cpu``): the codes
+    in tiles of 32 rows and the block scales rounded to bf16, which its bf16 kernel then multiplies, so its output
+    is no longer dequantize + matmul of the weight it was given (about 1e-3 relative on a tiny Llama, 5e-2 on
+    logits through DoRA). The demo's PEFT side and the tests' bitsandbytes references need the exact computation
+    on every CPU. fused-lora's own layers read a repacked weight too (NF4Weight.from_bnb), with its bf16 scales.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 @functools.lru_cache(maxsize=None)

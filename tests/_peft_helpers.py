@@ -41,8 +41,9 @@ def bnb_config(compute_dtype=torch.float32):
 def load_qlora_base(path, compute_dtype=torch.float32, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(compute_dtype),
-                                                dtype=dtype).train()
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(compute_dtype), dtype=dtype)
+    fl.bnb_compat.keep_bnb_cpu_layout(model)  # an exact bitsandbytes reference on CPUs with AVX512-BF16 too
+    return model.train()
 
 
 def load_dense_base(path, dtype=torch.float32):

@@ -45,7 +45,9 @@ def load_base(path, quantized: bool):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).train()
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
+    fl.bnb_compat.keep_bnb_cpu_layout(model)  # an exact bitsandbytes reference on CPUs with AVX512-BF16 too
+    return model.train()
 
 
 def make_dora(path, quantized: bool, seed=1, **overrides):

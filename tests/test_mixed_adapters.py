@@ -231,6 +231,7 @@ def four_adapter_model(path, quantized):
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=torch.float32)
         base = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32)
+        fl.bnb_compat.keep_bnb_cpu_layout(base)  # an exact bitsandbytes reference on CPUs with AVX512-BF16 too
     else:
         base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 

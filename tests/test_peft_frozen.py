@@ -231,3 +231,20 @@ def test_a_bitsandbytes_checkpoint_with_another_quant_storage_loads(storage):
     fused = fl.FusedLoraLinear(128, 96, r=4, compute_dtype=torch.float32)
     fused.load_state_dict(state, strict=False)
     assert torch.equal(fused.weight.dequantize(torch.float32), expected)
+
+
+def test_keep_bnb_cpu_layout_keeps_bitsandbytes_from_repacking_a_reference():
+    """bitsandbytes repacks a Linear4bit's weight in place at its first eval, no-grad forward on a CPU with
+    AVX512-BF16 (bf16 scales, its own layout): keep_bnb_cpu_layout turns that off, so a reference model stays
+    dequantize + matmul of the weight it was given on every CPU (the CPU check forced on here, whatever it says)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4").to("cpu"))
+    model[0].support_avx512bf16_for_cpu = True
+    assert fl.bnb_compat.keep_bnb_cpu_layout(model) == 1 and model[0].support_avx512bf16_for_cpu is False
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y = model.eval()(x)
+    state = model[0].weight.quant_state
+    assert not getattr(state, "packing_format_for_cpu", False)
+    weight = bnb.functional.dequantize_4bit(model[0].weight.data, state)
+    assert relative_error(y, x @ weight.t() + model[0].bias) < 1e-6

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..bnb_compat import keep_bnb_cpu_layout
 from ..peft import patch_peft_model
 
 __all__ = ["DEFAULT_MODEL_CONFIG", "OUTPUT_HEAD_SCALE", "build_base_model", "load_quantized_model", "qlora_model"]
@@ -70,9 +71,11 @@ def load_quantized_model(model_path: str | Path, compute_dtype, device):
         bnb_4bit_compute_dtype=compute_dtype,
     )
     with _quiet_transformers():
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             model_path, quantization_config=config, dtype=compute_dtype, device_map={"": str(device)}
         )
+    keep_bnb_cpu_layout(model)  # the parity check's PEFT side is bitsandbytes' exact dequantize + matmul, every CPU
+    return model
 
 
 @contextlib.contextmanager

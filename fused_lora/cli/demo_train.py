@@ -44,8 +44,9 @@ def _loss_logits_grads(model, batch) -> tuple[float, torch.Tensor, dict]:
 @contextlib.contextmanager
 def eval_mode(model):
     """The model in eval mode for a block (its own dropout, e.g. OPT's 0.1, and LoRA dropout off), each module's
-    training flag restored after. Gradients still flow, so bitsandbytes never repacks a weight for its no-grad
-    CPU inference kernel here."""
+    training flag restored after. bitsandbytes would repack its layers' weights for its CPU inference kernel here
+    (a base layer's input does not require grad); load_quantized_model keeps it from doing so
+    (bnb_compat.keep_bnb_cpu_layout)."""
     flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
