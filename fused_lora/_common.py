@@ -12,13 +12,14 @@ import weakref
 import torch
 
 __all__ = ["COMPUTE_DTYPES", "TensorCache", "adapter_operand", "adapter_operand_dtype", "dtype_name", "dtype_names",
-           "side_dtypes", "tensor_state", "warn_once"]
+           "flush_deferred_warnings", "side_dtypes", "tensor_state", "warn_once"]
 
 # The dtypes of x (and of a dense frozen W) that the layer functions accept; fp64 runs on the reference and CPU
 # backends (not the Triton kernels).
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 _warned: set = set()
+_deferred: dict = {}  # warn_once while torch.compile traced: key -> (message, category), issued at run time
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -78,13 +79,28 @@ def adapter_operand(t: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor
 def warn_once(message: str, category: type[Warning] = RuntimeWarning, key=None, stacklevel: int = 3) -> None:
     """Warn with ``message`` the first time ``key`` (default: the message itself) is seen in this process.
 
+    The key is marked after the warning is issued: with warnings turned into errors, every call raises. While
+    torch.compile traces, warnings.warn cannot be traced (fullgraph would fail, otherwise the graph would break), so
+    the warning is kept and issued when the compiled code next runs a fused-lora custom op (flush_deferred_warnings).
+
     Example:
         >>> warn_once("lora_linear: the Triton kernels do not support r=300; using the reference backend")
     """
     key = message if key is None else key
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, category, stacklevel=stacklevel)
+    if torch.compiler.is_compiling():  # written, not read: the compiled code installs no guard on what was warned
+        _deferred[key] = (message, category)
+        return
+    if key in _warned:
+        return
+    warnings.warn(message, category, stacklevel=stacklevel)
+    _warned.add(key)
+
+
+def flush_deferred_warnings() -> None:
+    """Issue the warnings warn_once kept while torch.compile traced (each once); the custom ops call it first."""
+    while _deferred:
+        key, (message, category) = _deferred.popitem()
+        warn_once(message, category, key, stacklevel=4)
 
 
 class TensorCache:

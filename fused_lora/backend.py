@@ -191,7 +191,11 @@ def resolve_backend(backend, device: torch.device, caller: str = "lora_linear") 
         >>> resolve_backend("auto", torch.device("cpu"))      # without FUSED_LORA_BACKEND set, extension built
         'cpu'
     """
+    asked = backend
     backend = requested_backend(backend, caller)
+    # an error about a backend the environment chose says so (the caller passed "auto", or nothing)
+    from_env = validate_backend_name(asked) == Backend.AUTO and backend != Backend.AUTO
+    origin = f" (set by {BACKEND_ENV_VAR}={backend!r})" if from_env else ""
     device = torch.device(device)
     if backend == Backend.AUTO:
         if device.type == "cpu":
@@ -211,19 +215,20 @@ def resolve_backend(backend, device: torch.device, caller: str = "lora_linear") 
     if backend == Backend.TRITON:
         problem = triton_import_error()
         if problem is not None:
-            raise RuntimeError(f"{caller}: backend='triton' needs Triton, but {problem}")
+            raise RuntimeError(f"{caller}: backend='triton'{origin} needs Triton, but {problem}")
         if device.type != "cuda" and not interpreting():
             raise RuntimeError(
-                f"{caller}: backend='triton' got {device.type} tensors; the kernels run on CUDA, or on the "
+                f"{caller}: backend='triton'{origin} got {device.type} tensors; the kernels run on CUDA, or on the "
                 "CPU only under Triton's interpreter (set TRITON_INTERPRET=1 before triton is imported)"
             )
     if backend == Backend.CPU:
         if device.type != "cpu":
+            advice = f"unset {BACKEND_ENV_VAR}" if origin else "use backend='auto'"
             raise RuntimeError(
-                f"{caller}: backend='cpu' got {device.type} tensors; it runs on CPU tensors (use backend='auto', "
-                "or 'triton' for CUDA tensors)"
+                f"{caller}: backend='cpu'{origin} got {device.type} tensors; it runs on CPU tensors ({advice}, or "
+                "'triton' for CUDA tensors)"
             )
         problem = cpu_kernels_error()
         if problem is not None:
-            raise RuntimeError(f"{caller}: backend='cpu' needs the CPU kernels, but {problem}")
+            raise RuntimeError(f"{caller}: backend='cpu'{origin} needs the CPU kernels, but {problem}")
     return backend

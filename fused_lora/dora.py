@@ -21,6 +21,7 @@ import math
 import torch
 
 from . import _dora, functional
+from ._common import flush_deferred_warnings
 from ._dora import (
     _dora_impl,
     _lowrank_dtype,
@@ -55,6 +56,7 @@ def _dora_op(
     seed: torch.Tensor | None, scaling: float, dropout_p: float, backend: str, keep_z: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, n, u, z) of dora_linear on a 2-D x (module docstring)."""
+    flush_deferred_warnings()  # a fallback chosen while torch.compile traced warns when the graph runs
     weight = functional._weight_of(dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize,
                                    nested_blocksize, shape, nf4_dtype)
     with functional._autocast_off(x2d.device):

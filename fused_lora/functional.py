@@ -24,7 +24,7 @@ import numbers
 import torch
 
 from . import reference
-from ._common import COMPUTE_DTYPES, dtype_names, side_dtypes, warn_once
+from ._common import COMPUTE_DTYPES, dtype_names, flush_deferred_warnings, side_dtypes, warn_once
 from .backend import BACKEND_ENV_VAR, BACKENDS, resolve_backend, validate_backend_name
 from .nf4 import NF4Weight
 
@@ -255,6 +255,7 @@ def _lora_op(
     scaling: float, dropout_p: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, u) of lora_linear on a 2-D x; u = (m⊙x)·Aᵀ is saved for the backward op."""
+    flush_deferred_warnings()  # a fallback chosen while torch.compile traced warns when the graph runs
     weight = _weight_of(dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                         shape, nf4_dtype)
     with _autocast_off(x2d.device):
@@ -340,6 +341,7 @@ def _frozen_op(
     bias: torch.Tensor | None, backend: str,
 ) -> torch.Tensor:
     """y = x·Wᵀ + b on a 2-D x."""
+    flush_deferred_warnings()
     weight = _weight_of(dense, packed, absmax, code, nested_absmax, nested_code, offset, blocksize, nested_blocksize,
                         shape, nf4_dtype)
     with _autocast_off(x2d.device):

@@ -482,3 +482,16 @@ def test_command_line_names_the_problem_in_one_line(case, tmp_path, capsys):
     assert status == 2, captured.out + captured.err
     assert message in captured.out + captured.err
     assert "Traceback" not in captured.out + captured.err
+
+
+def test_a_backend_error_names_the_environment_variable_that_chose_the_backend(monkeypatch):
+    """With FUSED_LORA_BACKEND set and backend left at "auto", a mismatch used to blame backend='cpu' (an argument
+    the caller never passed) and advise backend='auto' (what the caller did)."""
+    from fused_lora.backend import resolve_backend
+
+    monkeypatch.setenv("FUSED_LORA_BACKEND", "cpu")
+    with pytest.raises(RuntimeError, match=r"backend='cpu' \(set by FUSED_LORA_BACKEND='cpu'\) got cuda tensors; "
+                                           r".*\(unset FUSED_LORA_BACKEND, or 'triton'"):
+        resolve_backend("auto", torch.device("cuda"))
+    with pytest.raises(RuntimeError, match=r"backend='cpu' got cuda tensors; .*\(use backend='auto'"):
+        resolve_backend("cpu", torch.device("cuda"))

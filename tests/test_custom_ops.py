@@ -229,3 +229,46 @@ def test_a_compiled_model_compiles_once_when_the_extension_loads_during_tracing(
     assert _ext._module is not None and counters["stats"]["unique_graphs"] == 1
     # backend.py sets the decorator's mark by hand (no torch._dynamo import with the package): still its name
     assert torch._dynamo.assume_constant_result(lambda: None)._dynamo_marked_constant is True
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "frozen_linear"])
+def test_a_fallback_met_while_compiling_keeps_fullgraph_and_still_warns_once(op, interpret_triton, monkeypatch):
+    """A case the Triton kernels do not take (fp64 x) falls back to the reference: warnings.warn cannot be traced,
+    so the warning met while torch.compile traces is kept and issued by the next custom op the compiled code runs
+    (the second call: the first one's ops ran before the traced code's side effects were applied). It failed
+    fullgraph compilation before ("Dynamo does not know how to trace the Python builtin _warnings.warn")."""
+    import warnings
+
+    monkeypatch.setattr(fl._common, "_warned", set())
+    monkeypatch.setattr(fl._common, "_deferred", {})
+    torch._dynamo.reset()
+    x, W = torch.randn(3, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    A, B = torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    if op == "lora_linear":
+        def f(x):
+            return functional.lora_linear(x, W, A, B, 2.0, backend="triton")
+    else:
+        def f(x):
+            return functional.frozen_linear(x, W, backend="triton")
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        outputs = [compiled(x) for _ in range(3)]
+    fallbacks = [w for w in record if "cannot run this call" in str(w.message)]
+    assert len(fallbacks) == 1 and "float64" in str(fallbacks[0].message)
+    expected = f(x)
+    assert all(torch.equal(y, expected) for y in outputs)
+
+
+def test_a_fallback_warning_turned_into_an_error_raises_every_time(interpret_triton, monkeypatch):
+    """With warnings as errors the first fallback raised and the identical second call then ran silently (the key
+    was marked before warnings.warn raised)."""
+    import warnings
+
+    monkeypatch.setattr(fl._common, "_warned", set())
+    x, W = torch.randn(3, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            with pytest.raises(RuntimeWarning, match="cannot run this call"):
+                functional.frozen_linear(x, W, backend="triton")
