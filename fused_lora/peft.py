@@ -51,10 +51,10 @@ import warnings
 import torch
 from torch import nn
 
-from ._common import adapter_operand, adapter_operand_dtype, side_dtypes, warn_once
+from ._common import adapter_operand_dtype, side_dtypes, warn_once
 from .functional import frozen_linear, lora_linear
 from .nf4 import NF4Weight
-from .peft_routes import fused_adapters_forward
+from .peft_routes import fused_adapters_forward, scaled_operands
 
 __all__ = [
     "apply_fused_lora",
@@ -276,12 +276,10 @@ class _FusedLoraForward:
 
     def _fused_forward(self, x, adapter, weight, compute_dtype, bias, out_dtype) -> torch.Tensor:
         dropout = self.lora_dropout[adapter]
+        lora_A, lora_B, scaling = scaled_operands(self, adapter, compute_dtype)
         return self._run(
             lora_linear, x, compute_dtype, out_dtype, bias,
-            weight=weight,
-            lora_A=adapter_operand(self.lora_A[adapter].weight, compute_dtype),
-            lora_B=adapter_operand(self.lora_B[adapter].weight, compute_dtype),
-            scaling=self.scaling[adapter],
+            weight=weight, lora_A=lora_A, lora_B=lora_B, scaling=scaling,
             dropout_p=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
             training=dropout.training,
         )

@@ -63,8 +63,8 @@ def mixed_adapter_batch(model: nn.Module, adapter_names):
     """Inside the block, every PEFT LoRA layer of ``model`` (fused or not, and every ``modules_to_save`` wrapper, as
     PEFT's own ``adapter_names`` forward routes them) runs with ``adapter_names`` (one adapter name per sample,
     "__base__" for none), in training mode too, and, with gradients enabled, every adapter named becomes trainable in
-    the LoRA layers (PEFT marks only the active ones) and stays so after the block (a backward after it still reaches
-    them); PEFT's own ``model(..., adapter_names=...)`` refuses training mode.
+    the LoRA layers and in the wrappers' copies (PEFT marks only the active ones) and stays so after the block (a
+    backward after it still reaches them); PEFT's own ``model(..., adapter_names=...)`` refuses training mode.
 
     Call ``backward()`` inside the block: with gradient checkpointing the backward pass runs the layers' forward again,
     and outside the block that forward would not have the names (wrong gradients). So with gradient checkpointing on,
@@ -106,6 +106,11 @@ def mixed_adapter_batch(model: nn.Module, adapter_names):
               for param in (*(c[name].weight for c in (module.lora_A, module.lora_B) if name in c),
                             *(c[name] for c in (module.lora_embedding_A, module.lora_embedding_B) if name in c))
               if not param.requires_grad]  # fmt: skip
+    # the wrappers' copies of the named adapters (modules_to_save.<name>..., trainable tokens): their samples run
+    # through them, so they train as they would with the adapter active (PEFT marks only the active one's)
+    frozen += [(name, param) for module in wrappers for name in wanted
+               for path, param in module.named_parameters()
+               if name in path.split(".") and not path.startswith("original_module.") and not param.requires_grad]
     if torch.is_grad_enabled():
         _check_distributed(model, [param for _, param in frozen], sorted({name for name, _ in frozen}))
     else:  # inference: nothing to train, nothing to synchronise under DDP, and nothing made trainable (it would stay
@@ -154,15 +159,28 @@ def _base(layer, x):
     return None if isinstance(base, str) else base
 
 
+def scaled_operands(layer, adapter: str, compute_dtype) -> tuple | None:
+    """(lora_A, lora_B, scaling) of an adapter as the layer functions take them (None when a dtype is not one they
+    take). A scaling PEFT holds as a tensor (prepare_model_for_compiled_hotswap makes it one, so that swapping
+    adapters does not recompile) is folded into B, with scaling 1: the same product, and still a graph input."""
+    A = adapter_operand(layer.lora_A[adapter].weight, compute_dtype)
+    B = adapter_operand(layer.lora_B[adapter].weight, compute_dtype)
+    if A is None or B is None:
+        return None
+    scaling = layer.scaling[adapter]
+    if isinstance(scaling, torch.Tensor):
+        return A, B * scaling.to(device=B.device, dtype=B.dtype), 1.0
+    return A, B, scaling
+
+
 def _adapter_tensors(layer, adapter: str, compute_dtype) -> tuple | None:
-    """(lora_A, lora_B) in dtypes the layer functions take, or None when the adapter is not one they can run."""
+    """(lora_A, lora_B, scaling) as scaled_operands gives them, or None when the adapter is not one the layer
+    functions can run."""
     if layer.lora_bias.get(adapter, False) or getattr(layer, "fan_in_fan_out", False):
         return None
     if layer._adapter_problem(adapter, compute_dtype) is not None:
         return None
-    A = adapter_operand(layer.lora_A[adapter].weight, compute_dtype)
-    B = adapter_operand(layer.lora_B[adapter].weight, compute_dtype)
-    return None if A is None or B is None else (A, B)
+    return scaled_operands(layer, adapter, compute_dtype)
 
 
 def _plain_adapter(layer, adapter: str, compute_dtype) -> Adapter | None:
@@ -174,7 +192,7 @@ def _plain_adapter(layer, adapter: str, compute_dtype) -> Adapter | None:
         return None
     dropout = layer.lora_dropout[adapter]
     p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
-    return Adapter(*tensors, layer.scaling[adapter], p)
+    return Adapter(*tensors, p)
 
 
 def _call(layer, function, x, compute_dtype, out_dtype, bias, **kwargs) -> torch.Tensor:
@@ -202,7 +220,7 @@ def _dora(layer, x, adapter: str):
     # PEFT's DoRA takes its dropout branch when the layer trains and the dropout is not an Identity
     training = bool(layer.training) and isinstance(dropout, nn.Dropout) and dropout.training
     return _call(layer, dora_linear, x, compute_dtype, out_dtype, bias, weight=weight, lora_A=tensors[0],
-                 lora_B=tensors[1], magnitude=magnitude, scaling=layer.scaling[adapter],
+                 lora_B=tensors[1], magnitude=magnitude, scaling=tensors[2],
                  dropout_p=dropout.p if training else 0.0, training=training)
 
 

@@ -93,3 +93,34 @@ def test_one_line_qlora_recipe_with_trainer_matches_peft(tiny_dir, tmp_path, opt
     plain = qlora_recipe_losses(tiny_dir, False, "paged_adamw_8bit", tmp_path)
     assert len(fused) == 4 and all(math.isfinite(v) for v in fused)
     assert fused == pytest.approx(plain, rel=1e-5), "fp32 compute: the same losses as PEFT + bitsandbytes"
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["qlora", "dense"])
+def test_scalings_made_tensors_for_compiled_hotswap_keep_the_fused_path(tiny_dir, quantized, monkeypatch):
+    """PEFT's prepare_model_for_compiled_hotswap turns every layer's scaling into a 0-d tensor (a hotswap then needs
+    no recompile): patched layers raised "scaling must be a Python number". s is folded into B: PEFT's numbers,
+    on the fused path, and the gradients of A and B as PEFT's."""
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+    from _peft_helpers import count_calls, load_dense_base
+
+    load = load_qlora_base if quantized else load_dense_base
+    inputs = {"input_ids": torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))}
+    inputs["labels"] = inputs["input_ids"]
+    models = []
+    for fused in (False, True):
+        model = make_peft(load(tiny_dir), lora_dropout=0.0)
+        if fused:
+            fl.patch_peft_model(model)
+        prepare_model_for_compiled_hotswap(model, target_rank=16)
+        models.append(model)
+    assert all(isinstance(s, torch.Tensor) for m in fused_layers(models[1]) for s in m.scaling.values())
+    counts = count_calls(monkeypatch, "lora_linear")
+    losses = [m(**inputs).loss for m in models]
+    assert counts["lora_linear"] == N_LINEAR
+    for loss in losses:
+        loss.backward()
+    assert abs(losses[1].item() - losses[0].item()) <= 1e-5 * abs(losses[0].item())
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in models]
+    assert grads[0].keys() == grads[1].keys()
+    assert all(fl.testing.relative_error(grads[1][n], grads[0][n]) <= 1e-5 for n in grads[0])

@@ -446,6 +446,41 @@ def test_mixed_adapter_batch_routes_layers_that_are_not_fused(tiny_llama_dir):
 
 
 @pytestmark_peft
+def test_a_mixed_batch_trains_the_modules_to_save_copies_it_routes_through(tiny_llama_dir):
+    """Adapter b's samples run through b's own lm_head copy (modules_to_save): the block makes that copy trainable
+    as it does b's LoRA weights, and its gradient is the one PEFT gives with b active alone (it stayed frozen and
+    never trained before)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def model_with_two_adapters():
+        def config():
+            return LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                              init_lora_weights=False)
+
+        torch.manual_seed(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                                   config(), adapter_name="a")
+            model.add_adapter("b", config())
+        return model.train()
+
+    ids = tokens(4, 2)
+    reference = model_with_two_adapters()
+    reference.set_adapter("b")
+    reference(input_ids=ids, labels=ids).loss.backward()
+    fused = model_with_two_adapters()
+    fl.patch_peft_model(fused)
+    with fl.peft_routes.mixed_adapter_batch(fused, ["b", "b"]):
+        fused(input_ids=ids, labels=ids).loss.backward()
+    head_b = [m.base_model.model.lm_head.modules_to_save["b"].weight for m in (reference, fused)]
+    assert head_b[1].requires_grad and head_b[1].grad is not None
+    assert relative_error(head_b[1].grad, head_b[0].grad) <= TIGHT
+    assert fused.base_model.model.lm_head.original_module.weight.grad is None
+
+
+@pytestmark_peft
 def test_frozen_adapters_under_ddp_are_refused_and_warned_about(tiny_llama_dir, tmp_path):
     """DistributedDataParallel registers the parameters that need gradients when it is built: adapters the block
     would make trainable afterwards never had their gradients all-reduced (a single-rank gloo group: 0 of 28
