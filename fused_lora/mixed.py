@@ -20,7 +20,8 @@ once, so the frozen FLOPs are those of one pass; W is read once per group, which
 enough for the GEMM to be compute-bound (smaller groups share one frozen pass instead).
 
 Each adapter draws its own dropout mask (from its own seed, regenerated in backward, never stored), as PEFT's
-per-adapter ``nn.Dropout`` does; masks are drawn with torch's generator on every backend.
+per-adapter ``nn.Dropout`` does: with torch's generator (reference.dropout_mask), except for a group that runs
+through the fused kernels, whose backend draws it from the group's seed (the forward and the backward alike).
 """
 
 from __future__ import annotations
