@@ -9,6 +9,7 @@
 
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -121,9 +122,26 @@ std::string concurrent_managed_access(int /*device*/, bool* supported) {
   return "";
 }
 
+// MemAvailable from /proc/meminfo (free memory plus the page cache the kernel can reclaim; 0 when not found).
+static std::size_t meminfo_available_bytes() {
+  std::FILE* file = std::fopen("/proc/meminfo", "r");
+  if (file == nullptr) return 0;
+  char line[256];
+  unsigned long long kib = 0;
+  while (std::fgets(line, sizeof line, file) != nullptr) {
+    if (std::sscanf(line, "MemAvailable: %llu kB", &kib) == 1) break;
+  }
+  std::fclose(file);
+  return static_cast<std::size_t>(kib) * 1024;
+}
+
 std::string memory_info(int /*device*/, std::size_t* free_bytes, std::size_t* total_bytes) {
   long page = sysconf(_SC_PAGESIZE);
-  *free_bytes = static_cast<std::size_t>(sysconf(_SC_AVPHYS_PAGES)) * static_cast<std::size_t>(page);
+  // MemAvailable, not sysconf(_SC_AVPHYS_PAGES) (MemFree): after reading a model's files most memory is page cache,
+  // which MemFree leaves out although the kernel gives it back on demand
+  std::size_t available = meminfo_available_bytes();
+  *free_bytes = available != 0 ? available
+                               : static_cast<std::size_t>(sysconf(_SC_AVPHYS_PAGES)) * static_cast<std::size_t>(page);
   *total_bytes = static_cast<std::size_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<std::size_t>(page);
   return "";
 }

@@ -99,6 +99,19 @@ def test_allocation_larger_than_free_memory_is_refused(ext):
     assert ext.stats()["live_bytes"] == live
 
 
+
+def test_free_host_memory_counts_the_page_cache_the_kernel_gives_back(ext):
+    """The CPU build's free memory is MemAvailable: MemFree (sysconf's available pages) leaves out the page cache,
+    most of memory after a model's files were read, and refused allocations the system had memory for."""
+    import os
+    import re
+
+    if ext.is_cuda_build() or not os.path.exists("/proc/meminfo"):
+        pytest.skip("the CPU build on Linux")
+    free, _ = ext.memory_info(0)
+    meminfo = {k: int(v) * 1024 for k, v in re.findall(r"(\w+):\s+(\d+) kB", open("/proc/meminfo").read())}
+    assert abs(free - meminfo["MemAvailable"]) < 256 << 20
+
 def test_negative_sizes_are_rejected(ext):
     with pytest.raises(RuntimeError, match="nbytes must be >= 0"):
         ext.empty_managed(-1, 0)

@@ -162,3 +162,64 @@ def test_a_shallow_copy_leaves_the_original_state_alone(name):
             assert moment.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
     train(ps, opt, 1, start=2)
     assert all(opt.state[p]["step"] == 3 for p in ps) and all(twin.state[p]["step"] == 2 for p in ps)
+
+
+def test_state_dropped_or_reset_gives_its_paged_block_back():
+    """The pager held every parameter's block until load_state_dict: state dropped by the user (a group popped,
+    del opt.state[p]) stayed allocated and counted as resident, and a reset state's new block was taken for resident
+    and never prefetched. Dropped blocks now go back at the next step, and a reset state is paged in."""
+    import gc
+
+    from fused_lora import _ext
+
+    ps = [torch.nn.Parameter(torch.randn(64, 1024)) for _ in range(3)]
+    opt = fo.PagedAdamW([{"params": ps[:2]}, {"params": ps[2:]}], lr=1e-3, gpu_budget_bytes=600_000)
+
+    def step(params):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+
+    step(ps)
+    gc.collect()  # earlier tests' optimizers: their blocks go now, not between the two readings
+    live = _ext.load().stats()["live_bytes"]
+    opt.param_groups.pop()
+    del opt.state[ps[2]]
+    step(ps[:2])
+    gc.collect()
+    assert _ext.load().stats()["live_bytes"] == live - 64 * 1024 * 4 * 2  # exp_avg and exp_avg_sq of ps[2]
+    assert opt.paging_stats()["paged_bytes"] == 2 * 64 * 1024 * 4 * 2
+    opt.state[ps[0]].clear()
+    step(ps[:2])
+    assert opt.pager.residency(ps[0]) == "device"
+
+
+def test_load_state_dict_runs_torchs_load_hooks():
+    """torch.optim.Optimizer's load_state_dict pre-hooks (which may replace the dict) and post-hooks ran for
+    torch's optimizers and not for these."""
+    params = make_params([(64, 48)])
+    for name, make in OPTIMIZERS.items():
+        opt = make(params)
+        train(params, opt, steps=1)
+        saved, calls = opt.state_dict(), []
+        replaced = copy.deepcopy(saved)
+        replaced["param_groups"][0]["lr"] = 0.5
+        opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("pre") or replaced)
+        opt.register_load_state_dict_post_hook(lambda o: calls.append("post"))
+        opt.load_state_dict(saved)
+        assert calls == ["pre", "post"] and opt.param_groups[0]["lr"] == 0.5, name
+
+
+def test_pickled_or_copied_paged_state_is_a_host_copy():
+    """copy.deepcopy of a paged optimizer copied the managed state tensors as they were: on CUDA, a clone of every
+    block in device memory at once. The state handed to copy and pickle is now a host copy of the paged tensors."""
+    params = make_params([(64, 48)])
+    opt = OPTIMIZERS["paged"](params)
+    train(params, opt, steps=1)
+    p = params[0]
+    handed = opt.__getstate__()["state"][p]
+    own = opt.state[p]["exp_avg"]
+    assert handed["exp_avg"].device.type == "cpu" and handed["exp_avg"].data_ptr() != own.data_ptr()
+    assert torch.equal(handed["exp_avg"], opt.state[p]["exp_avg"])
+    twin = copy.deepcopy(opt)
+    assert torch.equal(twin.state[twin.param_groups[0]["params"][0]]["exp_avg"], opt.state[p]["exp_avg"])

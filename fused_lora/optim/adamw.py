@@ -224,6 +224,8 @@ class _AdamWBase(torch.optim.Optimizer):
         for _, params in with_grad:  # every new state first: a refused allocation leaves every step count as it was
             for p in params:
                 if not self.state[p]:
+                    if self.pager is not None:  # a state the user reset: its old block is no longer resident
+                        self.pager.release(p)
                     self.state[p].update(self._new_state(p, self._uses_8bit(p)))
         work = []
         for group, params in with_grad:
@@ -294,6 +296,8 @@ class _AdamWBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.pager is not None:
+            self._release_dropped_state()
         chunks = self._chunks(self._collect_work())
         if self.pager is None:
             for chunk in chunks:
@@ -301,6 +305,13 @@ class _AdamWBase(torch.optim.Optimizer):
         else:
             self.pager.run(chunks, self._update_chunk)
         return loss
+
+    def _release_dropped_state(self) -> None:
+        """Give the pager's blocks back for state the user dropped (del opt.state[p], state.clear(), a param group
+        popped): the pager held them, counted as resident, and kept their parameters alive."""
+        live = {id(p) for p in self._all_params() if self.state.get(p)}
+        for key in [key for key in self.pager.blocks if id(key) not in live]:
+            self.pager.release(key)
 
     # -- observation --------------------------------------------------------------------------------------------
 
@@ -355,6 +366,10 @@ class _AdamWBase(torch.optim.Optimizer):
         """
         name = type(self).__name__
         who = f"{name}.load_state_dict"
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():  # torch.optim.Optimizer's hooks
+            replaced = pre_hook(self, state_dict)
+            state_dict = state_dict if replaced is None else replaced
         check_layout(who, state_dict)
         groups, saved_groups = self.param_groups, state_dict["param_groups"]
         if len(groups) != len(saved_groups) or any(
@@ -384,12 +399,19 @@ class _AdamWBase(torch.optim.Optimizer):
             for key, value in saved.items():
                 if key != "params":
                     group[key] = tuple(value) if key == "betas" else value
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self):
         """torch.optim.Optimizer's pickled state (defaults, state, param_groups) and this optimizer's settings, so that
         copy.deepcopy and pickling give a working optimizer (torch's keeps only the first three)."""
         state = super().__getstate__()
         pager = self.pager
+        if pager is not None:  # paged state as host copies: copy.deepcopy clones a CUDA storage on the device, which
+            # would put the whole paged state in device memory at once; __setstate__ pages it again
+            state["state"] = {p: {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor)
+                                  and p in pager.blocks else v for k, v in st.items()}
+                              for p, st in state["state"].items()}
         state["_settings"] = {"min_8bit_size": self.min_8bit_size, "chunk_bytes": self.chunk_bytes,
                               "backend": self.backend,
                               "gpu_budget_bytes": pager.gpu_budget_bytes if pager is not None else None,
