@@ -36,8 +36,9 @@ def test_check_command_reports_an_unusable_device_without_a_traceback(device, me
     """An unusable --device is one line and exit status 2 (a usage error; 1 means a comparison failed)."""
 
     assert check.main(["--device", device]) == 2
-    out = capsys.readouterr().out
-    assert out.startswith("fused_lora check: ") and message in out and out.count("\n") == 1
+    captured = capsys.readouterr()  # on stderr, as argparse's usage errors: a redirected stdout still shows it
+    out = captured.err
+    assert out.startswith("fused_lora check: ") and message in out and out.count("\n") == 1 and not captured.out
 
 
 # ------------------------------------------------------------------------------------------------------- info

@@ -151,13 +151,13 @@ def test_demo_with_a_local_model_and_its_own_tokenizer(tmp_path):
 def test_demo_rejects_a_model_too_small_for_the_byte_tokenizer(tmp_path, capsys):
     model_dir = save_tiny_llama(tmp_path / "model", vocab_size=100)
     assert demo.main(["--model", str(model_dir), "--steps", "1", "--output", str(tmp_path / "out")]) == 2
-    assert "100 token embeddings" in capsys.readouterr().out
+    assert "100 token embeddings" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:0"] if not torch.cuda.is_available() else ["tpu"])
 def test_demo_rejects_an_unusable_device(device, tmp_path, capsys):
     assert demo.main(["--device", device, "--output", str(tmp_path)]) == 2
-    assert "fused-lora demo: --device" in capsys.readouterr().out
+    assert "fused-lora demo: --device" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -177,8 +177,9 @@ def test_demo_rejects_bad_numbers_with_a_usage_error(option, value, message, tmp
 def demo_error(argv, tmp_path, capsys) -> str:
     """The one line the demo prints for unusable input (exit status 2), before any model is built."""
     assert demo.main([*argv, "--output", str(tmp_path / "out")]) == 2
-    out = capsys.readouterr().out
-    assert out.startswith("fused-lora demo: ") and out.count("\n") == 1, out
+    err = capsys.readouterr().err  # on stderr, as argparse's usage errors
+    out = _last_line(err)
+    assert out.startswith("fused-lora demo: ") and err.endswith(out + "\n"), err
     assert not (tmp_path / "out").exists(), "nothing is written for unusable input"
     return out
 
@@ -216,9 +217,16 @@ def one_line_error(argv, capsys) -> str:
     """The one line (no traceback) the demo prints with exit status 2."""
     assert demo.main(argv) == 2
     captured = capsys.readouterr()
-    assert captured.out.startswith("fused-lora demo: ") and captured.out.count("\n") == 1, captured.out
+    line = _last_line(captured.err)
+    assert line.startswith("fused-lora demo: ") and captured.err.endswith(line + "\n"), captured.err
     assert "Traceback" not in captured.out + captured.err
-    return captured.out
+    return line
+
+
+def _last_line(err: str) -> str:
+    """The demo's one-line error: the last line of stderr (a model saved for the test may have drawn a progress bar
+    there first, with carriage returns)."""
+    return err.rstrip("\n").split("\n")[-1].split("\r")[-1]
 
 
 def test_demo_rejects_an_output_that_is_a_file(tmp_path, capsys):

@@ -29,7 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..backend import parse_device
+import torch
+
+from ..backend import parse_device, resolve_backend
 from .cpu import ISSUE_CONFIG, QUICK_CONFIG, run_cpu_bench
 from .impls import CPU_IMPLS, GPU_IMPLS
 from .report import render_report
@@ -164,8 +166,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench --report: wrote {report} and {len(plots)} plot(s)", file=sys.stderr)
         return 0
     if args.cpu:
-        run_cpu_bench(QUICK_CONFIG if args.quick else ISSUE_CONFIG, results_root(args.output, on_cuda=False),
-                      threads=args.threads)
+        try:  # FUSED_LORA_BACKEND chooses the fused side's backend: a bad value is a usage error, as demo's
+            backend = resolve_backend("auto", torch.device("cpu"), caller="bench --cpu")
+        except (RuntimeError, ValueError) as error:
+            print(f"bench --cpu: {' '.join(str(error).split())}", file=sys.stderr)
+            return 2
+        print(f"bench --cpu: the fused side runs the {backend!r} backend")
+        rows, _ = run_cpu_bench(QUICK_CONFIG if args.quick else ISSUE_CONFIG, results_root(args.output, on_cuda=False),
+                                threads=args.threads)
+        if not rows:
+            print("bench --cpu: nothing was measured (see the skipped lines above)", file=sys.stderr)
+            return 1
         return 0
     try:
         device = parse_device(args.device)

@@ -214,6 +214,7 @@ def _first_call_ms(fn) -> float:
 
 
 def _bench_rows(bench: str, fns: dict, reps: int, warmup: int, shape: dict, dtype, extra: dict) -> list[dict]:
+    """One row per implementation; ``extra`` (the fused call's first_call_ms) goes on the fused row only."""
     load_before = _load_avg()
     medians = interleaved_medians(fns, reps, warmup)
     load = {"before": load_before, "after": _load_avg()}
@@ -224,7 +225,7 @@ def _bench_rows(bench: str, fns: dict, reps: int, warmup: int, shape: dict, dtyp
             "bench": bench, "impl": impl, "pass": "fwd_bwd" if bench != "nf4_dequant" else "dequant", **shape,
             "dtype": dtype_name(dtype), "median_ms": median, "tflops": None, "peak_mem_mb": None,
             "samples_ms": [round(s, 3) for s in samples], "load_avg": load, "threads": torch.get_num_threads(),
-            **({"ratio_vs_peft_bnb": ratio} if impl == "fused" else {}), **extra,
+            **({"ratio_vs_peft_bnb": ratio, **extra} if impl == "fused" else {}),
         })
     return rows
 

@@ -241,9 +241,11 @@ def render_report(results_path: Path) -> tuple[Path, list[Path]]:
     dequant_rows = [row for row in rows if row["bench"] == "nf4_dequant"]
     if dequant_rows:
         parts += ["## NF4 dequantization alone", "",
-                  _markdown_table(["impl", "K", "N", "ms", "GB/s", "of copy bandwidth"],
-                                  [[row["impl"], row["K"], row["N"], row["median_ms"], row.get("gbps"),
-                                    row.get("bw_fraction")] for row in dequant_rows]), ""]
+                  _markdown_table(["impl", "dtype", "K", "N", "ms", "GB/s", "of copy bandwidth"],
+                                  [[row["impl"], row.get("dtype"), row["K"], row["N"], row["median_ms"],
+                                    row.get("gbps"), row.get("bw_fraction")]
+                                   for row in sorted(dequant_rows, key=lambda x: (str(x.get("dtype")), x["K"],
+                                                                                  x["N"], x["impl"]))]), ""]
     other_benches = dict.fromkeys(row["bench"] for row in rows if row["bench"] not in ("qlora_linear", "nf4_dequant"))
     for bench in other_benches:
         bench_rows = [row for row in rows if row["bench"] == bench]

@@ -9,6 +9,7 @@ dtype + atol). It prints one row per case and exits with 1 if any case fails.
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 
 import torch
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         device = parse_device(args.device)
         backend = resolve_backend(args.backend, device)
     except (RuntimeError, ValueError) as error:
-        print(f"fused_lora check: {' '.join(str(error).split())}")
+        print(f"fused_lora check: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     dtypes = [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.float32, torch.float16]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

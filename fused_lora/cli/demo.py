@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _run(args)
         except DemoInputError as error:
-            _print(f"fused-lora demo: {' '.join(str(error).split())}")
+            print(f"fused-lora demo: {' '.join(str(error).split())}", file=sys.stderr)
             return 2
 
 
