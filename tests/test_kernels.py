@@ -496,6 +496,39 @@ def test_nan_and_inf_reach_the_same_outputs_as_in_the_reference(lora, case):
             assert torch.equal(kind(out), kind(ref_t)), f"{out_name}: {kind.__name__} differs"
 
 
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside the interpreter
+@pytest.mark.parametrize("poisoned", ["A", "B", "dropped x"])
+def test_the_split_lowrank_path_keeps_inf_and_nan_where_the_reference_has_them(poisoned, monkeypatch):
+    """bf16 x on a GPU splits the fp32 low-rank operands into hi + lo (fp16 stands in here, as in
+    test_kernels_paths): lo = wide - hi made an inf operand NaN (y or dx NaN where the reference has ±inf), and
+    dropout's select gave a dropped inf element 0 where the reference has inf·0 = NaN."""
+    from fused_lora.kernels import common, strategy
+
+    lora = _kernels()
+    monkeypatch.setattr(common, "SPLIT_DTYPES", (torch.bfloat16, torch.float16))
+    torch.manual_seed(0)
+    M, K, N, r, p = 19, 64, 40, 4, (0.5 if poisoned == "dropped x" else 0.0)
+    x, W, g = torch.randn(M, K).half(), (torch.randn(N, K) / 8).half(), torch.randn(M, N).half()
+    A, B = torch.randn(r, K) / 8, torch.randn(N, r) / 2
+    if poisoned == "A":
+        A[1, 5] = float("inf")
+    elif poisoned == "B":
+        B[3, 1] = float("inf")
+    else:
+        dropped = int((lora.dropout_mask(99, M, K, p, "cpu")[0] == 0).nonzero()[0])
+        x[0, dropped] = float("inf")
+    with strategy.use_thresholds(decode_max_m=0, large_min_m=10**9):  # the middle path
+        y, u = lora.forward(x, W, A, B, SCALING, None, p, 99)
+        dx = lora.backward(g, x, W, A, B, SCALING, p, 99, u, True, False, False, False)[0]
+    m = lora.dropout_mask(99, M, K, p, "cpu").double() if p else None
+    y_ref, u_ref = reference.lora_forward(x.double(), W.double(), A.double(), B.double(), SCALING, None, m)
+    dx_ref = reference.lora_backward(g.double(), x.double(), W.double(), A.double(), B.double(), SCALING, u_ref,
+                                     m)[0]
+    for name, out, ref in (("u", u, u_ref), ("y", y, y_ref), ("dx", dx, dx_ref)):
+        for kind in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(kind(out), kind(ref)), f"{name}: {kind.__name__} differs"
+
 def test_fp16_overflow_of_the_intermediate_base_product_stays_finite():
     """The kernels round y once from fp32; the reference rounds x·Wᵀ to fp16 first, so an intermediate 80000 makes
     it inf although y = 80000 − 64000 fits (the documented difference in fused_lora/kernels/lora.py)."""

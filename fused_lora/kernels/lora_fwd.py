@@ -203,9 +203,11 @@ def load_weight_tile(
 @triton.jit
 def hi_lo(wide, NARROW: tl.constexpr):
     """(hi, lo) in the 16-bit dtype NARROW: hi = round(wide), lo = round(wide - hi). hi + lo keeps 16 mantissa bits
-    of an fp32 wide (tf32 keeps 10)."""
+    of an fp32 wide (tf32 keeps 10). lo is 0 where hi is wide already: for ±inf, wide - hi would be NaN (and hi + lo
+    NaN where the reference has inf); NaN stays NaN."""
     hi = wide.to(NARROW)
-    return tl.join(hi, (wide.to(tl.float32) - hi.to(tl.float32)).to(NARROW))
+    wide32, hi32 = wide.to(tl.float32), hi.to(tl.float32)
+    return tl.join(hi, tl.where(hi32 == wide32, 0.0, wide32 - hi32).to(NARROW))
 
 
 @triton.jit
@@ -286,7 +288,8 @@ def lora_u_kernel(
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         if DROPOUT:
             if LOWRANK_SPLIT:
-                x = tl.where(dropout_mask_tile(seed, offs_m, k0, K, p, 1.0, BLOCK_K) != 0.0, x, 0.0).to(x.dtype)
+                # x·0 where dropped, not 0: a dropped inf is NaN as in the reference (m⊙x)
+                x = tl.where(dropout_mask_tile(seed, offs_m, k0, K, p, 1.0, BLOCK_K) != 0.0, x, x * 0.0).to(x.dtype)
             else:
                 x = x.to(tl.float32) * dropout_mask_tile(seed, offs_m, k0, K, p, keep_scale, BLOCK_K)
         a_ptrs = a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak
