@@ -315,9 +315,21 @@ class _TorchOps:
 
     @classmethod
     def backward_scaled(cls, impl, g, x2d, weight, A, B, s, u, c, need_dx, need_dA, need_dB, need_db):
-        """(dx, dA, dB, db): the backend's LoRA backward of c⊙g (one M×N pass), db = Σ_M g."""
-        cg = cls.scale_columns(g, c, None, g.dtype)
-        dx, dA, dB, _ = impl.backward(cg, x2d, weight, A, B, s, 0.0, 0, u, need_dx, need_dA, need_dB, False)
+        """(dx, dA, dB, db): dx by the backend's LoRA backward of c⊙g rounded to g's dtype (one M×N pass, as the
+        backend's own GEMMs take it); dA = s·((c⊙g)·B)ᵀ·x and dB = s·(c⊙g)ᵀ·u in the low-rank dtype (u's: fp32 or
+        fp64), r columns wide, so that the low-rank gradients never see c⊙g rounded to a half dtype; db = Σ_M g."""
+        dx = None
+        if need_dx:
+            cg = cls.scale_columns(g, c, None, g.dtype)
+            dx = impl.backward(cg, x2d, weight, A, B, s, 0.0, 0, u, True, False, False, False)[0]
+        dA = dB = None
+        if need_dA or need_dB:
+            L = u.dtype
+            cg = g.to(L) * c.to(L)
+            if need_dA:
+                dA = s * ((cg @ B.detach().to(L)).t() @ x2d.to(L))
+            if need_dB:
+                dB = s * (cg.t() @ u)
         return dx, dA, dB, (_sum_rows(g) if need_db else None)
 
     @staticmethod
@@ -342,7 +354,9 @@ class _TorchOps:
 
     @staticmethod
     def column_dot(g, z):
-        return (g.to(torch.float32) * z.to(torch.float32)).sum(0)
+        """Σ_M g⊙z per column in at least fp32 (fp64 for fp64 operands)."""
+        dtype = torch.promote_types(torch.promote_types(g.dtype, z.dtype), torch.float32)
+        return (g.to(dtype) * z.to(dtype)).sum(0)
 
 
 class _ComposedDora:
@@ -366,15 +380,18 @@ class _ComposedDora:
     def norm(self, x2d, weight, A, B, s, mag):
         L = _lowrank_dtype(x2d, A, B, mag)
         # W·Aᵀ = (A·Wᵀ)ᵀ: the frozen kernel over r rows, one pass over W with NF4 decoded in registers. An NF4
-        # weight decodes at fp32 (exact); a dense one needs A in W's dtype.
-        A_in = A.detach().to(torch.float32 if isinstance(weight, NF4Weight) else weight.dtype)
+        # weight decodes at fp32 (exact; fp64 for fp64 x, whose low-rank dtype is fp64); a dense one needs A in W's
+        # dtype.
+        nf4_dtype = torch.float64 if L == torch.float64 else torch.float32
+        A_in = A.detach().to(nf4_dtype if isinstance(weight, NF4Weight) else weight.dtype)
         WA = self.impl.frozen_forward(A_in.contiguous(), weight, None).t().to(L)
         return dora_row_norm(row_squares(weight, L), WA, A.detach().to(L), B.detach().to(L), s)
 
     @staticmethod
     def _scaled(weight, B, c):
-        """(c⊙W as NF4, c⊙B in the low-rank dtype), or None when W cannot be row-scaled without a copy."""
-        scaled = row_scaled_nf4(weight, c) if isinstance(weight, NF4Weight) else None
+        """(c⊙W as NF4, c⊙B in the low-rank dtype), or None when W cannot be row-scaled without a copy, or c is fp64
+        (the scales are fp32: c⊙g keeps it whole)."""
+        scaled = row_scaled_nf4(weight, c) if isinstance(weight, NF4Weight) and c.dtype != torch.float64 else None
         return None if scaled is None else (scaled, B.detach().to(c.dtype) * c[:, None])
 
     def forward(self, x2d, weight, A, B, s, mag, bias, dropout_p, seed, keep_z):

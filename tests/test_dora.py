@@ -383,3 +383,38 @@ def test_second_derivatives_raise():
     y = dora.dora_linear(x, weight, A, B, mag, SCALING, backend="reference")
     with pytest.raises(RuntimeError, match="second derivatives"):
         torch.autograd.grad(y.sum(), A, create_graph=True)
+
+
+def test_the_cpu_backends_dora_keeps_fp64_whole_and_half_dtype_adapter_gradients_in_fp32():
+    """The "cpu" backend composes DoRA over its kernels: fp64 x was rounded to fp32 three times (dmag's column sum,
+    NF4 row norms, c folded into NF4's fp32 block scales: 7e-8 against the fp64 bound of 1e-10), and with bf16 x the
+    low-rank gradients came from c⊙g rounded to bf16 (1.7e-3 relative; the reference 1.6e-7)."""
+    s = 2.0
+    torch.manual_seed(0)
+    M, K, N, r = 7, 64, 48, 4
+    x = torch.randn(M, K, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(r, K, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(N, r, dtype=torch.float64, requires_grad=True)
+    for weight in (torch.randn(N, K, dtype=torch.float64) / 8, fl.quantize_nf4(torch.randn(N, K) / 8)):
+        W = weight.dequantize(torch.float64) if isinstance(weight, fl.NF4Weight) else weight
+        mag = (torch.linalg.norm(W + s * B.detach() @ A.detach(), dim=1) * 1.2).requires_grad_(True)
+        g = torch.randn(M, N, dtype=torch.float64)
+        n = torch.linalg.norm(W + s * B.detach() @ A.detach(), dim=1)
+        expected = (mag / n) * (x @ W.t() + s * (x @ A.t()) @ B.t())
+        want = [expected, *torch.autograd.grad(expected, [x, A, B, mag], g)]
+        y = fl.dora.dora_linear(x, weight, A, B, mag, s, backend="cpu")
+        got = [y, *torch.autograd.grad(y, [x, A, B, mag], g)]
+        for name, a, b in zip(("y", "dx", "dA", "dB", "dmag"), got, want):
+            assert relative_error(a, b) <= 1e-12, name
+    x = torch.randn(37, K).bfloat16()
+    W = (torch.randn(N, K) / 8).bfloat16()
+    A, B = torch.randn(r, K) / 8, torch.randn(N, r)
+    mag = torch.linalg.norm(W.float() + s * B @ A, dim=1) * 1.2
+    g = torch.randn(37, N).bfloat16()
+    A64, B64 = A.double().requires_grad_(True), B.double().requires_grad_(True)
+    n = torch.linalg.norm(W.double() + s * B64.detach() @ A64.detach(), dim=1)
+    expected = (mag.double() / n) * (x.double() @ W.double().t() + s * (x.double() @ A64.t()) @ B64.t())
+    want = torch.autograd.grad(expected, [A64, B64], g.double())
+    A, B = A.requires_grad_(True), B.requires_grad_(True)
+    got = torch.autograd.grad(fl.dora.dora_linear(x, W, A, B, mag, s, backend="cpu"), [A, B], g)
+    assert all(relative_error(a, b) <= 3e-4 for a, b in zip(got, want))  # W·Aᵀ with A in W's dtype: ~7e-5 left
