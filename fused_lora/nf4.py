@@ -283,18 +283,17 @@ class NF4Weight:
             device = torch.device(device) if isinstance(device, str) else device
         except RuntimeError as error:
             raise ValueError(f"NF4Weight.to: {device!r} is not a device ({error})") from None
-        moved = {name: t.to(device) for name, t in self._tensors().items()}
-        return NF4Weight(
-            shape=self.shape, dtype=self.dtype, blocksize=self.blocksize, nested_blocksize=self.nested_blocksize,
-            **moved,
-        )
+        return self._with_tensors(lambda t: t.to(device))
 
     def clone(self) -> "NF4Weight":
         """A new NF4Weight with a copy of every tensor (the same device and dtypes)."""
-        copies = {name: t.clone() for name, t in self._tensors().items()}
+        return self._with_tensors(torch.Tensor.clone)
+
+    def _with_tensors(self, convert) -> "NF4Weight":
+        """A new NF4Weight of the same format with ``convert(t)`` for every tensor t (to, clone)."""
         return NF4Weight(
             shape=self.shape, dtype=self.dtype, blocksize=self.blocksize, nested_blocksize=self.nested_blocksize,
-            **copies,
+            **{name: convert(t) for name, t in self._tensors().items()},
         )
 
     # ---- bitsandbytes interop -----------------------------------------------------------------------------

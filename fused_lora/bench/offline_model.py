@@ -137,11 +137,16 @@ def occupancy(record: dict, gpu: GpuConstants = H200) -> int:
     return max(1, min(by_registers, by_shared, gpu.max_warps_per_sm // warps, gpu.max_programs_per_sm))
 
 
+def _cycles_per_warp(sass: float, alu: float, imad: float, gpu: GpuConstants) -> float:
+    """Scheduler cycles of ``sass`` instructions of one warp: one per cycle, or its ``alu`` ALU or ``imad`` IMAD
+    instructions at their pipes' rates when those take longer."""
+    return max(sass, gpu.alu_cycles * alu, gpu.imad_cycles * imad)
+
+
 def loop_cycles_per_warp(record: dict, gpu: GpuConstants = H200) -> float:
-    """Scheduler cycles one warp's main-loop iteration takes: its SASS at one instruction per cycle, or its ALU or
-    IMAD instructions at their pipes' rates when those take longer (the kernel is then "alu"-bound)."""
-    return max(record["sass_loop"] or 0, gpu.alu_cycles * record.get("loop_alu", 0),
-               gpu.imad_cycles * record.get("loop_imad", 0))
+    """Scheduler cycles one warp's main-loop iteration takes (_cycles_per_warp; above its SASS count the kernel
+    is "alu"-bound)."""
+    return _cycles_per_warp(record["sass_loop"] or 0, record.get("loop_alu", 0), record.get("loop_imad", 0), gpu)
 
 
 def _mma_cycles(flops: dict, kind: str | None, gpu: GpuConstants) -> float:
@@ -155,7 +160,8 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
     ``side_loops``: (trips, programs) of each of the record's other loops (offline_kernels.KernelModel)."""
     warps = record["num_warps"]
     slots_per_sm = occupancy(record, gpu)
-    issue = loop_cycles_per_warp(record, gpu) * warps / gpu.issue_per_cycle
+    per_warp = loop_cycles_per_warp(record, gpu)
+    issue = per_warp * warps / gpu.issue_per_cycle
     mma = _mma_cycles(record["loop_mma_flops"], record["mma"], gpu)
     membar = record["loop_membar"] * gpu.membar_ns * gpu.clock_ghz
     waits_for_mma = record["mma"] in ("HGMMA", "QGMMA") and record["mma_pipelined"] is False
@@ -169,8 +175,8 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
     rest_per_sm = math.ceil(rest / gpu.sms)
     loop_cycles = trips * (full * round_cycles(slots_per_sm) + (round_cycles(rest_per_sm) if rest else 0.0))
     rest_sass = record["sass_total"] - (record["sass_loop"] or 0) * record["unroll"]
-    rest_pipes = max(gpu.alu_cycles * record.get("rest_alu", 0), gpu.imad_cycles * record.get("rest_imad", 0))
-    outside = max(rest_sass, rest_pipes) * warps / gpu.issue_per_cycle
+    outside = _cycles_per_warp(rest_sass, record.get("rest_alu", 0), record.get("rest_imad", 0), gpu) * warps
+    outside /= gpu.issue_per_cycle
     outside += _mma_cycles(record["rest_mma_flops"], record["mma"], gpu)
     outside += record["rest_membar"] * gpu.membar_ns * gpu.clock_ghz
     per_sm = math.ceil(programs / gpu.sms)
@@ -187,7 +193,7 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
     memory_s = max(bandwidth_s, latency_bound_s)
 
     if compute_s >= memory_s:
-        pipes = issue > (record["sass_loop"] or 0) * warps / gpu.issue_per_cycle
+        pipes = per_warp > (record["sass_loop"] or 0)
         bound = "serial" if waits_for_mma and mma > 0 else ("mma" if mma >= issue else ("alu" if pipes else "issue"))
     else:
         bound = "memory" if bandwidth_s >= latency_bound_s else "latency"

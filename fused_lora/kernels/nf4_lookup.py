@@ -26,8 +26,8 @@ then (T[hi B0], T[lo B0]) = prmt(L, H, 0x4051) and (T[hi B1], T[lo B1]) = prmt(L
 (B2, B3) the same way with s >> 16 and the mask selector 0xFBEA. The shifts are multiplies (x << 4 as IMAD.SHL, s >> 16
 as mul.hi by 2^16, IMAD.HI): every other instruction of the lookup is an ALU one (PRMT, LOP3), and the ALU pipe, 16
 lanes per scheduler, is what bounds a loop that decodes (fused_lora/bench/offline_model.py, alu_cycles); the IMAD
-pipe beside it has room. T[j] is code[j] rounded to T (round to nearest
-even); Lk/Hk hold the low/high bytes of T[4k..4k+3].
+pipe beside it has room. T[j] is code[j] rounded to T (round to nearest even); Lk/Hk hold the low/high bytes of
+T[4k..4k+3].
 tests/test_kernels_lookup.py runs this PTX text through a small emulator of the instructions it uses, for every byte
 value in every position, on the CPU, and checks nf4_lut and the element order of join8 under the interpreter.
 """

@@ -223,9 +223,7 @@ class _AdamWBase(torch.optim.Optimizer):
         kernels_on = {device: self._takes_kernels(device) for device in devices}
         for _, params in with_grad:  # every new state first: a refused allocation leaves every step count as it was
             for p in params:
-                if not self.state[p]:
-                    if self.pager is not None:  # a state the user reset: its old block is no longer resident
-                        self.pager.release(p)
+                if not self.state[p]:  # (a reset state's old block went in _release_dropped_state)
                     self.state[p].update(self._new_state(p, self._uses_8bit(p)))
         work = []
         for group, params in with_grad:
@@ -308,7 +306,8 @@ class _AdamWBase(torch.optim.Optimizer):
 
     def _release_dropped_state(self) -> None:
         """Give the pager's blocks back for state the user dropped (del opt.state[p], state.clear(), a param group
-        popped): the pager held them, counted as resident, and kept their parameters alive."""
+        popped) or reset (opt.state[p].clear(): its new block is paged in anew): the pager held them, counted as
+        resident, and kept their parameters alive."""
         live = {id(p) for p in self._all_params() if self.state.get(p)}
         for key in [key for key in self.pager.blocks if id(key) not in live]:
             self.pager.release(key)
@@ -342,16 +341,17 @@ class _AdamWBase(torch.optim.Optimizer):
         for index, p in enumerate(self._all_params()):
             if not sd["state"].get(index):  # none, or {} (state read before a first step): saved as torch saves it
                 continue
-            paged = self.pager is not None and self.pager.is_paged(p)
-            entry = {}
-            for name, value in sd["state"][index].items():
-                if isinstance(value, torch.Tensor):
-                    value = value.detach().to("cpu", copy=True) if paged else value
-                entry[name] = value
+            entry = self._host_copies(p, sd["state"][index])
             if not self._EIGHT_BIT:
                 entry["step"] = torch.tensor(float(entry["step"]), dtype=torch.float32)
             sd["state"][index] = entry
         return sd
+
+    def _host_copies(self, p, state: dict) -> dict:
+        """``state`` with its tensors as CPU copies when p's state is paged (managed memory), else as it is."""
+        if self.pager is None or not self.pager.is_paged(p):
+            return dict(state)
+        return {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
     def load_state_dict(self, state_dict):
         """Load a state dict of this class, of its paged / non-paged sibling, or of the matching reference
@@ -407,11 +407,9 @@ class _AdamWBase(torch.optim.Optimizer):
         copy.deepcopy and pickling give a working optimizer (torch's keeps only the first three)."""
         state = super().__getstate__()
         pager = self.pager
-        if pager is not None:  # paged state as host copies: copy.deepcopy clones a CUDA storage on the device, which
-            # would put the whole paged state in device memory at once; __setstate__ pages it again
-            state["state"] = {p: {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor)
-                                  and p in pager.blocks else v for k, v in st.items()}
-                              for p, st in state["state"].items()}
+        # paged state as host copies: copy.deepcopy clones a CUDA storage on the device, which would put the whole
+        # paged state in device memory at once; __setstate__ pages it again
+        state["state"] = {p: self._host_copies(p, st) for p, st in state["state"].items()}
         state["_settings"] = {"min_8bit_size": self.min_8bit_size, "chunk_bytes": self.chunk_bytes,
                               "backend": self.backend,
                               "gpu_budget_bytes": pager.gpu_budget_bytes if pager is not None else None,
