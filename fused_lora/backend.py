@@ -42,6 +42,7 @@ __all__ = [
     "cpu_kernels_error",
     "cuda_available",
     "cuda_capability",
+    "cuda_shared_optin",
     "cuda_sm_count",
 ]
 
@@ -119,9 +120,10 @@ def cuda_available() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_properties(index: int) -> tuple[tuple[int, int], int]:
+def _cuda_properties(index: int) -> tuple[tuple[int, int], int, int]:
     properties = torch.cuda.get_device_properties(index)
-    return (properties.major, properties.minor), properties.multi_processor_count
+    optin = getattr(properties, "shared_memory_per_block_optin", 48 * 1024)
+    return (properties.major, properties.minor), properties.multi_processor_count, optin
 
 
 def _cuda_index(device: torch.device) -> int:
@@ -140,6 +142,11 @@ def cuda_capability(device) -> tuple[int, int]:
 def cuda_sm_count(device) -> int:
     """The streaming multiprocessors of a CUDA ``device``, asked of CUDA once per device."""
     return _cuda_properties(_cuda_index(torch.device(device)))[1]
+
+
+def cuda_shared_optin(device) -> int:
+    """The most shared memory one block of a CUDA ``device`` may use with the opt-in (bytes), asked once per device."""
+    return _cuda_properties(_cuda_index(torch.device(device)))[2]
 
 
 def parse_device(name: str | None) -> torch.device:

@@ -77,14 +77,14 @@ def test_nf4_scales_are_decoded_once_through_the_ops(monkeypatch):
 
 
 def test_device_properties_are_asked_once_per_device(monkeypatch):
-    """backend.cuda_capability and cuda_sm_count ask CUDA once per device index (the launchers ask at every
+    """backend.cuda_capability, cuda_sm_count and cuda_shared_optin ask CUDA once per device index (the launchers ask at every
     call); a device other than CUDA goes to torch.cuda.get_device_capability as before."""
     from fused_lora import backend
 
     asked = []
 
     class Properties:
-        major, minor, multi_processor_count = 9, 0, 132
+        major, minor, multi_processor_count, shared_memory_per_block_optin = 9, 0, 132, 232448
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: (asked.append(index), Properties())[1])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
@@ -93,6 +93,7 @@ def test_device_properties_are_asked_once_per_device(monkeypatch):
         for _ in range(3):
             assert backend.cuda_capability("cuda:0") == (9, 0) and backend.cuda_sm_count(torch.device("cuda", 0)) == 132
             assert backend.cuda_capability("cuda") == (9, 0)  # the current device, index 1
+            assert backend.cuda_shared_optin("cuda:0") == 232448
         assert asked == [0, 1]
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 5))
         assert backend.cuda_capability("cpu") == (7, 5)

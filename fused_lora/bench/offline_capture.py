@@ -419,7 +419,8 @@ def fake_device(arch: int, recorder: _Recorder):
             stack.enter_context(mock.patch.object(torch.cuda, name, value))
         # backend.cuda_capability's per-device cache, answered for the target and left as it was
         stack.enter_context(mock.patch.object(backend, "_cuda_properties",
-                                              lambda index: ((facts.major, facts.minor), facts.multi_processor_count)))
+                                              lambda index: ((facts.major, facts.minor), facts.multi_processor_count,
+                                                             facts.shared_memory_per_block_optin)))
         stack.enter_context(mock.patch.object(torch.Tensor, "device", property(_device_seen)))
         stack.enter_context(mock.patch.object(torch.Tensor, "is_cuda", property(_is_cuda_seen)))
         stack.enter_context(_CudaOnMeta())

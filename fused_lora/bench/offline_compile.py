@@ -164,6 +164,9 @@ def specialise(fn, args: dict):
 # Reading the compiled code
 
 _PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+# static shared memory (a ``.shared`` array the kernel declares itself, e.g. nf4_lookup's pair table) besides the
+# dynamic shared memory Triton allocates (compiled.metadata.shared)
+_PTXAS_STATIC_SHARED = re.compile(r"Used \d+ registers.*?(\d+) bytes smem")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _GLOBAL_LOAD = re.compile(
     r"\b(ld\.global[\w.]*|cp\.async\.c[ag]\.shared\.global\s*\[[^]]*\],\s*\[[^]]*\],\s*(?:0x)?[0-9a-f]+)"
@@ -183,6 +186,11 @@ _SASS_LOAD = re.compile(r"\b(LDG|LDGSTS)(\.\S+)?\s")
 _LOAD_BYTES = {"128": 16, "64": 8, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
 # a register tile moved through shared memory inside the loop: stored (STS) and read back as MMA fragments (LDSM)
 _SASS_SHARED_ROUND_TRIP = re.compile(r"\b(STS|LDSM)\b")
+# shared-memory accesses by the cycles of the SM's shared-memory pipe they take without bank conflicts
+# (offline_model.GpuConstants.shared_bytes_per_cycle): bytes per lane × 32 lanes; ldmatrix .x1/.x2/.x4 moves
+# 128/256/512 bytes per warp
+_SASS_SHARED = re.compile(r"\b(LDS|STS|LDSM)((?:\.[\w]+)*)\s")
+_SHARED_BYTES = {"128": 16, "64": 8, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
 _SASS_MEMBAR = re.compile(r"\bMEMBAR\.\S*(GPU|SYS)")
 _PTX_LABEL = re.compile(r"^\s*(\$L__\w+):")
 _PTX_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
@@ -195,6 +203,17 @@ def _sass_load_bytes(instruction: str) -> int:
     if not (m := _SASS_LOAD.search(instruction)):
         return 0
     return next((_LOAD_BYTES[p] for p in (m.group(2) or "").split(".") if p in _LOAD_BYTES), 4)
+
+
+def _sass_shared_bytes(instruction: str) -> int:
+    """Bytes a warp moves through shared memory with one LDS/STS/LDSM (0 for anything else): LDS.128 → 512,
+    LDS → 128, LDSM.16.M88.4 → 512."""
+    if not (m := _SASS_SHARED.search(instruction)):
+        return 0
+    parts = (m.group(2) or "").upper().split(".")
+    if m.group(1) == "LDSM":  # LDSM.16.M88.4 (x4), .2, or none (x1)
+        return {"4": 512, "2": 256}.get(parts[-1], 128)
+    return 32 * next((_SHARED_BYTES[p] for p in parts if p in _SHARED_BYTES), 4)
 
 
 def _global_load_bits(instruction: str) -> tuple[str, int]:
@@ -305,6 +324,8 @@ def analyse_sass(sass: str, ptx: str, num_warps: int, main_loop: int | None = No
         "loop_global_loads": sum(bool(_SASS_GLOBAL_LOAD.search(s)) for s in body) / unroll,
         "loop_shared_round_trip": sum(bool(_SASS_SHARED_ROUND_TRIP.search(s)) for s in body) / unroll,
         "loop_load_bytes": sum(32 * _sass_load_bytes(s) for s in body) * num_warps / unroll,
+        "loop_shared_bytes": sum(_sass_shared_bytes(s) for s in body) / unroll,
+        "rest_shared_bytes": sum(_sass_shared_bytes(s) for s in rest),
     }  # fmt: skip
 
 
@@ -367,11 +388,12 @@ def compile_job(job: Job) -> dict:
         return record
     ptxas = log.getvalue()
     spills = _PTXAS_SPILLS.search(ptxas)
+    static_shared = int(m.group(1)) if (m := _PTXAS_STATIC_SHARED.search(ptxas)) else 0
     ptx = compiled.asm["ptx"]
     loads = ptx_global_loads(ptx)
     record.update({
         "compile_s": round(time.perf_counter() - start, 2),
-        "shared": compiled.metadata.shared,
+        "shared": compiled.metadata.shared + static_shared, "static_shared": static_shared,
         "registers": int(_PTXAS_REGISTERS.search(ptxas).group(1)),
         "stack": int(spills.group(1)), "spill_stores": int(spills.group(2)), "spill_loads": int(spills.group(3)),
         "mma_sync": len(re.findall(r"\bmma\.sync\.", ptx)), "wgmma": len(re.findall(r"\bwgmma\.mma_async\.", ptx)),

@@ -10,21 +10,25 @@ Kernel model (``predict_kernel``), per launch of P programs of w warps, T main-l
 offline_kernels.py gives T), from the compiled record (offline_compile.py):
 
 1. Occupancy O: programs per SM, the least of registers (ptxas count, rounded up to 8 per thread and allocated per
-   warp in units of 256), shared memory (+1 KiB reserved per program), 64 warps and 32 programs per SM.
+   warp in units of 256), shared memory (Triton's and the kernel's own static arrays, +1 KiB reserved per program),
+   64 warps and 32 programs per SM.
 2. One iteration of one program costs I·w/4 issue cycles (I = SASS instructions per iteration per warp; each of the
    4 schedulers of an SM issues one warp instruction per cycle and hides every latency: a lower bound; when the
    loop's ALU instructions × ``alu_cycles`` or its IMAD instructions × ``imad_cycles`` exceed its SASS count, that
    is I instead: those pipes have 16 lanes per scheduler, so a warp instruction holds one 2 cycles) and C MMA
    cycles (the loop's MMA FLOPs over the SM's tensor-core rate: ``mma_tflops_16bit`` / SMs / clock for bf16/fp16,
-   × ``tf32_fraction`` for tf32, × ``mma_sync_fraction`` for mma.sync/HMMA on Hopper).
-   p programs resident on one SM each doing one iteration take max(p·I·w/4, p·C, single) cycles, where single is
-   one program's own critical path: I·w/4 + C when its loop waits for each MMA at once (HGMMA with
-   mma_pipelined False: MMA and instruction issue serialise), I·w/4 otherwise; each fenced atomic (MEMBAR at GPU
-   scope) adds ``membar_ns`` to it.
+   × ``tf32_fraction`` for tf32, × ``mma_sync_fraction`` for mma.sync/HMMA on Hopper) and S shared-memory cycles
+   (the bytes its LDS, STS and ldmatrix move, × w, over ``shared_bytes_per_cycle``: one pipe per SM, without bank
+   conflicts; a wgmma's own operand reads are in its MMA rate).
+   p programs resident on one SM each doing one iteration take max(p·I·w/4, p·C, p·S, single) cycles, where single
+   is one program's own critical path: max(I·w/4, S) + C when its loop waits for each MMA at once (HGMMA with
+   mma_pipelined False: MMA and instruction issue serialise), max(I·w/4, S) otherwise; each fenced atomic (MEMBAR
+   at GPU scope) adds ``membar_ns`` to it.
 3. Waves: P programs over SMs·O slots; a last partial wave runs ceil(rest / SMs) programs per SM, so an under-filled
    grid (decode) pays one program's whole latency.
 4. Outside the main loop (prologue, epilogue, the low-rank term of an epilogue) each program issues its remaining
-   SASS once (or its remaining ALU or IMAD instructions at their pipes' rates, as in 2.; plus its MMA), added per
+   SASS once (or its remaining ALU or IMAD instructions, or shared-memory bytes, at their pipes' rates, as in 2.;
+   plus its MMA), added per
    program an SM runs (no overlap with other programs' loops: pessimistic).
    A kernel's other loops (offline_kernels.KernelModel.side_loops) cost their trips × the larger of their issue
    time and one load latency per trip over the pipeline depth: added to every program when every program runs
@@ -94,6 +98,10 @@ class GpuConstants:
     imad_cycles: float = _constant(2.0, "architecture: 32-bit integer multiply-add at 64 results per clock per SM "
                                    "(CUDA programming guide, compute capability 9.0): IMAD and its MOV/SHL/IADD forms "
                                    "hold the FMA pipe's heavy half 2 cycles")
+    shared_bytes_per_cycle: float = _constant(128.0, "architecture: 32 banks of 4 bytes per SM, one access each per "
+                                              "clock: a warp's LDS/STS of 4 bytes per lane holds the SM's "
+                                              "shared-memory pipe 1 cycle, LDS.128 4, ldmatrix .x4 4, without bank "
+                                              "conflicts (which take more)")
     registers_per_sm: int = _constant(65536, "architecture")
     shared_per_sm: int = _constant(233472, "architecture: 228 KiB")
     shared_reserved_per_program: int = _constant(1024, "architecture: 1 KiB per resident block")
@@ -123,7 +131,8 @@ class KernelTime:
     memory_ms: float
     occupancy: int
     waves: float
-    bound: str  # "issue", "alu" (its ALU/IMAD pipe), "mma", "serial" (issue + MMA of a loop that waits for each MMA),
+    bound: str  # "issue", "alu" (its ALU/IMAD pipe), "shared" (the SM's shared-memory pipe), "mma", "serial" (issue
+    # + MMA of a loop that waits for each MMA),
     # "memory", "latency"
 
 
@@ -164,11 +173,12 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
     issue = per_warp * warps / gpu.issue_per_cycle
     mma = _mma_cycles(record["loop_mma_flops"], record["mma"], gpu)
     membar = record["loop_membar"] * gpu.membar_ns * gpu.clock_ghz
+    shared = record.get("loop_shared_bytes", 0) * warps / gpu.shared_bytes_per_cycle
     waits_for_mma = record["mma"] in ("HGMMA", "QGMMA") and record["mma_pipelined"] is False
-    single = issue + (mma if waits_for_mma else 0.0) + membar
+    single = max(issue, shared) + (mma if waits_for_mma else 0.0) + membar
 
     def round_cycles(p: int) -> float:
-        return max(p * issue, p * mma, single)
+        return max(p * issue, p * mma, p * shared, single)
 
     slots = gpu.sms * slots_per_sm
     full, rest = divmod(programs, slots)
@@ -176,7 +186,8 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
     loop_cycles = trips * (full * round_cycles(slots_per_sm) + (round_cycles(rest_per_sm) if rest else 0.0))
     rest_sass = record["sass_total"] - (record["sass_loop"] or 0) * record["unroll"]
     outside = _cycles_per_warp(rest_sass, record.get("rest_alu", 0), record.get("rest_imad", 0), gpu) * warps
-    outside /= gpu.issue_per_cycle
+    rest_shared = record.get("rest_shared_bytes", 0) * warps / gpu.shared_bytes_per_cycle
+    outside = max(outside / gpu.issue_per_cycle, rest_shared)
     outside += _mma_cycles(record["rest_mma_flops"], record["mma"], gpu)
     outside += record["rest_membar"] * gpu.membar_ns * gpu.clock_ghz
     per_sm = math.ceil(programs / gpu.sms)
@@ -194,7 +205,9 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
 
     if compute_s >= memory_s:
         pipes = per_warp > (record["sass_loop"] or 0)
-        bound = "serial" if waits_for_mma and mma > 0 else ("mma" if mma >= issue else ("alu" if pipes else "issue"))
+        bound = "serial" if waits_for_mma and mma > 0 else ("mma" if mma >= max(issue, shared) else
+                                                            ("shared" if shared > issue else
+                                                             ("alu" if pipes else "issue")))
     else:
         bound = "memory" if bandwidth_s >= latency_bound_s else "latency"
     total_s = max(compute_s, memory_s) + (gpu.launch_us if launch_us is None else launch_us) * 1e-6

@@ -114,8 +114,8 @@ def offline_report(data: dict, json_name: str) -> str:
               "sass/iter: SASS instructions per main-loop iteration per warp; alu: those on the ALU pipe (16 lanes "
               "per scheduler: 2 cycles each); dense: a plain Triton bf16 GEMM at the same tile and layout; ring: "
               "shared-memory pipeline depth (min over the loop's buffers); pipelined: the main loop keeps >= 1 wgmma "
-              "in flight (TTGIR pendings, SASS DEPBAR); bound: issue, alu (the ALU or IMAD pipe), mma, serial (a "
-              "loop that waits for its MMA), memory or latency.", ""]
+              "in flight (TTGIR pendings, SASS DEPBAR); bound: issue, alu (the ALU or IMAD pipe), shared (the SM's "
+              "shared-memory pipe), mma, serial (a loop that waits for its MMA), memory or latency.", ""]
     launches: dict = {}  # (M, kernel, path, config) -> [row, launches, total ms]: slabs repeat one launch
     for r in _at_target(rows, impl="fused", chosen=True, **{"pass": "fwd_bwd"}):
         if r["kernel"] != "total":

@@ -108,9 +108,11 @@ def has_standard_code(weight) -> bool:
     return _STANDARD_CODE.get(weight.code, tensor_state(weight.code), compute)
 
 
-def lookup_mode(weight, dtype: torch.dtype) -> str:
+def lookup_mode(weight, dtype: torch.dtype, pair_table: bool = False) -> str:
     """How the NF4 kernels turn a 4-bit code into its value (nf4_lookup.py): "prmt" (byte permutes in registers,
-    inline PTX; bf16/fp16 on a GPU: code and scale rounded to the compute dtype, then multiplied), "tree" (a select
+    inline PTX; bf16/fp16 on a GPU: code and scale rounded to the compute dtype, then multiplied), "lds" instead of
+    "prmt" with ``pair_table`` (the same values from a 32 KiB table of value pairs in shared memory: the decode
+    kernels, whose loop the ALU pipe bounds; their small tiles leave room for the table), "tree" (a select
     tree over NF4's 16 fp32 values in registers: exact; the CPU interpreter, which runs no inline assembly, for a
     weight with NF4's table), or "gather" (a load from the 16-entry table: exact; fp32 on a GPU, and any other
     table under the interpreter)."""
@@ -118,7 +120,9 @@ def lookup_mode(weight, dtype: torch.dtype) -> str:
         return "gather"  # not read
     if interpreting():
         return "tree" if has_standard_code(weight) else "gather"
-    return "prmt" if dtype in (torch.float16, torch.bfloat16) else "gather"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "gather"
+    return "lds" if pair_table else "prmt"
 
 
 def w_first(weight, dtype: torch.dtype) -> bool:

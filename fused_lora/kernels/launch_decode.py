@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import interpreting
+from ..backend import cuda_shared_optin, interpreting
 from . import common
 from .common import FRAGMENT_BLOCK_K, dropout_args, rank_pad, strides
 from .launch_gemm import _splits
@@ -35,12 +35,21 @@ def _block_m(M: int) -> int:
     return max(16, 1 << (max(M, 1) - 1).bit_length())
 
 
-def _w_args(weight, K: int, dtype) -> tuple:
+# The forward's fragment-order config with the shared-memory pair table (LOOKUP "lds", nf4_lookup.py): 5 pipeline
+# stages (4 tiles of W in flight: 57 KiB of Triton's shared memory) beside the table's 32 KiB, so 89 KiB in all. Its
+# dynamic share is over 48 KiB on purpose: only then does Triton's launcher opt in to more than 48 KiB per block, and
+# the static table counts towards that limit (tests/test_kernels_compile.py checks the rule on the compiled kernel).
+# GPUs with less shared memory per block than PAIR_TABLE_OPTIN (e.g. sm_75's 64 KiB) keep the byte permutes.
+PAIR_TABLE_STAGES = 5
+PAIR_TABLE_OPTIN = 96 * 1024
+
+
+def _w_args(weight, K: int, dtype, pair_table: bool = False) -> tuple:
     """(w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, IS_NF4, BLOCKSIZE, LOOKUP)."""
     w = common.weight_args(weight, K, dtype)
     pointers = w.pointers
     return (pointers[0], pointers[1], pointers[2], w.stride_wn, w.stride_wk, w.constexprs["IS_NF4"],
-            w.constexprs["BLOCKSIZE"], common.lookup_mode(weight, dtype))  # fmt: skip
+            w.constexprs["BLOCKSIZE"], common.lookup_mode(weight, dtype, pair_table))  # fmt: skip
 
 
 def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, dropout_p=0.0, seed=0):
@@ -57,6 +66,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     r_pad = rank_pad(r) if has_lora else common.FROZEN_R_PAD
     block_m = _block_m(M)
     fragment = _fragment(weight, K)
+    pair_table = fragment and not interpreting() and cuda_shared_optin(x2d.device) >= PAIR_TABLE_OPTIN
     if fragment:
         block_n, block_k, warps = (128, FRAGMENT_BLOCK_K, 4)
     else:
@@ -64,7 +74,9 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     splits, k_per_split = _splits(K, block_k, triton.cdiv(N, block_n) + has_lora, x2d.device, decode=True)
     y_part = torch.empty((splits, M, N), device=x2d.device, dtype=torch.float32)
     u_part = torch.empty((splits, M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
-    w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize, lookup = _w_args(weight, K, x2d.dtype)
+    w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize, lookup = _w_args(weight, K, x2d.dtype,
+                                                                                           pair_table)
+    stages = {"num_stages": PAIR_TABLE_STAGES} if lookup == "lds" else {}
     lora_decode_fwd_kernel[(triton.cdiv(N, block_n) + has_lora, splits)](  # + u's column
         x2d, w_ptr, scale_ptr, code_ptr, A, y_part, u_part,
         M, N, K, r, k_per_split,
@@ -74,7 +86,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
         IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup, FRAGMENT=fragment, HAS_LORA=has_lora,
         DROPOUT=dropout_p > 0.0, **precisions,
         R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        **common.compile_options(weight), **launch_args(x2d.device),
+        **stages, **common.compile_options(weight), **launch_args(x2d.device),
     )  # fmt: skip
     u = torch.empty((M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
     if bias is not None:

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .dropout import dropout_mask_tile
 from .lora_fwd import fold_split, grouped_tile, load_weight_tile, split_wide
-from .nf4_lookup import nf4_lut
+from .nf4_lookup import nf4_lookup_state
 from .pdl import wait_for_previous
 
 
@@ -307,7 +307,7 @@ def lora_dx_kernel(
         # rows of g past M read as row M - 1 (no mask): they reach only rows of dx that are not stored (and W's
         # columns past K, in load_weight_tile, only its columns past K)
         g_rows = g_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_gm
-        lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
+        lut = nf4_lookup_state(code_ptr, LOOKUP, COMPUTE_DTYPE) if IS_NF4 else None
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=offs_n[None, :] < N, other=0.0)

@@ -56,7 +56,7 @@ import triton.language as tl
 from .dropout import dropout_mask_tile
 from .lora_fwd import load_weight_tile
 from .nf4_fragment import fragment_k, fragment_rows, load_fragment_tile
-from .nf4_lookup import nf4_lut
+from .nf4_lookup import nf4_lookup_state
 from .pdl import wait_for_previous
 
 
@@ -120,7 +120,7 @@ def lora_decode_fwd_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # yᵀ, from an MMA of zeros (an accumulator defined by ordinary instructions serialises the wgmma pipeline)
         acc = tl.dot(tl.zeros((BLOCK_N, 16), COMPUTE_DTYPE), tl.zeros((16, BLOCK_M), COMPUTE_DTYPE))
-        lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
+        lut = nf4_lookup_state(code_ptr, LOOKUP, COMPUTE_DTYPE) if IS_NF4 else None
         if FRAGMENT:  # row n' of acc is W's row out_rows[n']; column k' of the tile is k0 + offs_x[k']
             tl.static_assert(BLOCK_K == 128, "fragment-ordered tiles are 128 columns wide")
             out_rows = pid_n * BLOCK_N + fragment_rows(BLOCK_N)
@@ -303,7 +303,7 @@ def lora_decode_dx_kernel(
     n_end = min(n_start + N_PER_SPLIT, N)
     g_rows = g_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_gm  # past M: row M - 1, not stored
     acc = tl.dot(tl.zeros((BLOCK_K, 16), COMPUTE_DTYPE), tl.zeros((16, BLOCK_M), COMPUTE_DTYPE))  # dxᵀ, as above
-    lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
+    lut = nf4_lookup_state(code_ptr, LOOKUP, COMPUTE_DTYPE) if IS_NF4 else None
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=offs_n[None, :] < N, other=0.0)

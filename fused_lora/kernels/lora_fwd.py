@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .dropout import dropout_mask_tile
-from .nf4_lookup import nf4_lut, nf4_tree, nf4_values
+from .nf4_lookup import nf4_lookup_state, nf4_tree, nf4_values
 from .pdl import wait_for_previous
 
 
@@ -145,7 +145,7 @@ def load_weight_tile(
             # one): load the bytes once, split the nibbles, decode one absmax per (row, block) and broadcast it.
             # stride_wn = K // 2, the bytes of a row, passed by the launcher so that the JIT specialises its
             # divisibility (16 when K % 32 == 0): 16-byte loads of the packed bytes.
-            if LOOKUP == "prmt":  # int32 words of 4 bytes (8 codes); K is a multiple of 8 (BLOCKSIZE ≥ 32)
+            if LOOKUP == "prmt" or LOOKUP == "lds":  # int32 words of 4 bytes (8 codes); K is a multiple of 8 (BLOCKSIZE ≥ 32)
                 offs_word = k0 // 8 + tl.arange(0, BLOCK_K // 8)
                 word_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (stride_wn // 4)
                 word_in_range = _and_rows(offs_word[None, :] < K // 8, row_in_range)
@@ -170,7 +170,7 @@ def load_weight_tile(
                 NESTED_BLOCKSIZE,
             )
             values = tl.reshape(values, (BLOCK_N, SCALES_PER_ROW, BLOCK_K // SCALES_PER_ROW))
-            if LOOKUP == "prmt":  # code and scale in the compute dtype, one rounded product
+            if LOOKUP == "prmt" or LOOKUP == "lds":  # code and scale in the compute dtype, one rounded product
                 scale = scale.to(COMPUTE_DTYPE)
             w = tl.reshape(values * scale[:, :, None], (BLOCK_N, BLOCK_K))
         else:
@@ -417,7 +417,7 @@ def lora_fwd_kernel(
             else:
                 acc = tl.dot(u, tl.trans(b), acc, input_precision=LOWRANK_PRECISION)
         acc = acc * scaling
-    lut = nf4_lut(code_ptr, COMPUTE_DTYPE) if IS_NF4 and LOOKUP == "prmt" else None
+    lut = nf4_lookup_state(code_ptr, LOOKUP, COMPUTE_DTYPE) if IS_NF4 else None
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)

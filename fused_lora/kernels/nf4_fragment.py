@@ -97,7 +97,7 @@ def load_fragment_tile(
     first_block = rows.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
     block = first_block[:, None] + tl.arange(0, SCALES_PER_ROW)[None, :]
     scale = tl.load(scale_ptr + block)
-    if LOOKUP == "prmt":  # code and scale in the compute dtype, one rounded product (as load_weight_tile)
+    if LOOKUP == "prmt" or LOOKUP == "lds":  # code and scale in the compute dtype (as load_weight_tile)
         scale = scale.to(COMPUTE_DTYPE)
     t = tl.reshape(t, (BLOCK_N, SCALES_PER_ROW, 16 // SCALES_PER_ROW, 8)) * scale[:, :, None, None]
     t = tl.reshape(t.to(COMPUTE_DTYPE), (BLOCK_N, 16, 2, 2, 2))

@@ -198,6 +198,112 @@ def nf4_prmt(words, lut, DTYPE: tl.constexpr):
     return values
 
 
+PAIR_TABLE = "fused_lora_nf4_pairs"  # the PTX name of nf4_pair_table's shared-memory array
+PAIR_COPIES = tl.constexpr(32)  # one copy of the table per shared-memory bank
+PAIR_TABLE_BYTES = 256 * PAIR_COPIES.value * 4
+
+
+def pair_declare_asm() -> str:
+    """PTX: declare the pair table (static shared memory, one per kernel: nf4_pair_table runs once per program) and
+    return the thread's lane."""
+    return f".shared .align 16 .b8 {PAIR_TABLE}[{PAIR_TABLE_BYTES}];\nmov.u32 $0, %laneid;"
+
+
+def pair_store_asm() -> str:
+    """PTX: store the 32-bit value $2 four times (4 consecutive copies, 16 bytes) at byte offset $1 of the pair table
+    ($0: a dummy result)."""
+    return (f"{{\n.reg .b32 a;\nmov.u32 a, {PAIR_TABLE};\nadd.u32 a, a, $1;\n"
+            "st.shared.v4.b32 [a], {$2, $2, $2, $2};\nmov.u32 $0, 0;\n}")
+
+
+def lds_asm() -> str:
+    """The PTX of nf4_lds for one 32-bit word $8 (bytes B0..B3, B0 lowest) → its 8 values $0..$7 in element order
+    (as prmt_asm); $9 = 4·lane (nf4_pair_table). Byte Bj is moved to bits 7..14 by a multiply (IMAD pipe: ×128 for
+    B0, the high word of ×2^31, ×2^23, ×2^15 for B1..B3), masked and combined with 4·lane by one LOP3 into the offset
+    128·Bj + 4·lane of its pair in the thread's own bank, and read by one LDS (the table's address folds into it)."""
+    lines = ["{", ".reg .b32 a, t, o;", f"mov.u32 t, {PAIR_TABLE};"]
+    shifts = ("mul.lo.u32 a, $8, 128;", "mul.hi.u32 a, $8, 0x80000000;", "mul.hi.u32 a, $8, 0x800000;",
+              "mul.hi.u32 a, $8, 0x8000;")  # fmt: skip
+    for j, shift in enumerate(shifts):
+        lines += [
+            shift,
+            "lop3.b32 a, a, 0x7F80, $9, 0xEA;",  # (a & 0x7F80) | 4·lane
+            "add.u32 a, a, t;",
+            "ld.shared.b32 o, [a];",
+            f"mov.b32 {{${2 * j}, ${2 * j + 1}}}, o;",  # (T[hi Bj], T[lo Bj])
+        ]
+    return "\n".join(lines + ["}"])
+
+
+PAIR_DECLARE_ASM = tl.constexpr(pair_declare_asm())
+PAIR_STORE_ASM = tl.constexpr(pair_store_asm())
+LDS_ASM = tl.constexpr(lds_asm())
+LDS_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r")
+
+
+@triton.jit
+def _half_bits_of(code_ptr, q, DTYPE: tl.constexpr):
+    """The 16-bit pattern of code[q] rounded to DTYPE, in the low half of an int32."""
+    return tl.load(code_ptr + q).to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def pair_table_chunks(code_ptr, DTYPE: tl.constexpr):
+    """(offset, value) of every 16-byte chunk of the pair table, as two [256·PAIR_COPIES/4] int32 tensors: word
+    PAIR_COPIES·e + c holds (T[e >> 4], T[e & 15]) as a DTYPE pair, low half first, for every byte value e and copy
+    c, so chunk j (words 4j..4j+3, all of entry e = j // 8) holds that pair 4 times. In chunk order along the tensor:
+    consecutive threads store consecutive chunks (no bank conflicts). Pure Triton, so the CPU interpreter checks it
+    (tests/test_kernels_lookup.py)."""
+    chunk = tl.arange(0, 256 * PAIR_COPIES // 4)
+    e = chunk // (PAIR_COPIES // 4)
+    pair = _half_bits_of(code_ptr, e >> 4, DTYPE) | (_half_bits_of(code_ptr, e & 15, DTYPE) << 16)
+    return chunk * 16, pair
+
+
+@triton.jit
+def nf4_pair_table(code_ptr, DTYPE: tl.constexpr):
+    """Declares, fills and publishes (bar.sync) the pair table of LOOKUP "lds"; returns 4·lane, the thread's column
+    of it (nf4_lds's ``lut``). Call once per program, before the main loop, where every thread of the program
+    arrives (a CTA barrier). GPU only."""
+    lane = tl.inline_asm_elementwise(PAIR_DECLARE_ASM, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    offset, value = pair_table_chunks(code_ptr, DTYPE)
+    tl.inline_asm_elementwise(PAIR_STORE_ASM, "=r,r,r", [offset, value], dtype=tl.int32, is_pure=False, pack=1)
+    # side-effecting asm keeps its order: the barrier follows every store of every thread
+    return tl.inline_asm_elementwise("bar.sync 0;\nshl.b32 $0, $1, 2;", "=r,r", [lane], dtype=tl.int32,
+                                     is_pure=False, pack=1)  # fmt: skip
+
+
+@triton.jit
+def nf4_lds(words, lane4, DTYPE: tl.constexpr):
+    """The 8 values of every int32 word of packed bytes (as nf4_prmt) from the pair table: 4 LDS, 4 LOP3 and 4
+    multiplies per word; ``lane4`` from nf4_pair_table. GPU only."""
+    operands = [words, lane4 + tl.zeros_like(words)]
+    if DTYPE == tl.bfloat16:
+        values = tl.inline_asm_elementwise(
+            LDS_ASM, LDS_CONSTRAINTS, operands, is_pure=False, pack=1,
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                   tl.bfloat16),
+        )  # fmt: skip
+    else:
+        values = tl.inline_asm_elementwise(
+            LDS_ASM, LDS_CONSTRAINTS, operands, is_pure=False, pack=1,
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+        )  # fmt: skip
+    return values
+
+
+@triton.jit
+def nf4_lookup_state(code_ptr, LOOKUP: tl.constexpr, DTYPE: tl.constexpr):
+    """What a word lookup keeps across the main loop (``lut``): nf4_lut's registers for "prmt", 4·lane after
+    filling the pair table for "lds", None for the per-element lookups."""
+    if LOOKUP == "prmt":
+        return nf4_lut(code_ptr, DTYPE)
+    elif LOOKUP == "lds":
+        return nf4_pair_table(code_ptr, DTYPE)
+    else:
+        return None
+
+
 @triton.jit
 def nf4_word_values(words, code_ptr, lut, LOOKUP: tl.constexpr, DTYPE: tl.constexpr):
     """The 8 values of every int32 word of packed bytes, as 8 tensors of ``words``' shape in element order (value j
@@ -205,6 +311,8 @@ def nf4_word_values(words, code_ptr, lut, LOOKUP: tl.constexpr, DTYPE: tl.conste
     (nf4_prmt), exact fp32 for "tree" and "gather"."""
     if LOOKUP == "prmt":
         return nf4_prmt(words, lut, DTYPE)
+    elif LOOKUP == "lds":
+        return nf4_lds(words, lut, DTYPE)
     else:
         q0 = (words >> 4) & 15
         q1 = words & 15
@@ -234,8 +342,8 @@ def nf4_values(packed, code_ptr, lut, LOOKUP: tl.constexpr, DTYPE: tl.constexpr)
     """The code values of a 2-D tile of packed bytes, in element order along the last axis (element 2j from the high
     nibble of byte j, 2j+1 from its low nibble): ``packed`` is uint8 for LOOKUP "tree" and "gather" (values in fp32),
     int32 words of 4 bytes for "prmt" (values in DTYPE, ``lut`` from nf4_lut; None otherwise)."""
-    if LOOKUP == "prmt":  # ``packed`` holds int32 words (4 bytes each) here
-        v0, v1, v2, v3, v4, v5, v6, v7 = nf4_prmt(packed, lut, DTYPE)
+    if LOOKUP == "prmt" or LOOKUP == "lds":  # ``packed`` holds int32 words (4 bytes each) here
+        v0, v1, v2, v3, v4, v5, v6, v7 = nf4_word_values(packed, code_ptr, lut, LOOKUP, DTYPE)
         return join8(v0, v1, v2, v3, v4, v5, v6, v7)
     else:
         q = packed.to(tl.int32)
