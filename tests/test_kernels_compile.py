@@ -180,13 +180,35 @@ def test_the_compiled_set_is_the_recorded_one(compiled):
     )
 
 
+DEFAULT_SHARED = 48 * 1024  # what a block may use without the opt-in
+
+
 @pytest.mark.parametrize("case_id", sorted(RECORD))
 def test_compiles_and_fits_shared_memory(compiled, case_id):
+    """It fits the target; and a kernel with static shared memory of its own (nf4_lookup's pair table) either fits
+    48 KiB in all or asks Triton for more than 48 KiB of dynamic shared memory: only then does Triton's launcher
+    opt in beyond 48 KiB (counting the static part), so anything in between would fail to launch."""
     record = _record(compiled, case_id)
     assert record["registers"] > 0
     assert record["shared"] <= SHARED_LIMIT[record["arch"]], (
         f"{case_id}: {record['shared']} B of shared memory > {SHARED_LIMIT[record['arch']]} B (OutOfResources)"
     )
+    static, dynamic = record["static_shared"], record["shared"] - record["static_shared"]
+    assert static == 0 or record["shared"] <= DEFAULT_SHARED or dynamic > DEFAULT_SHARED, (
+        f"{case_id}: {static} B of static and {dynamic} B of dynamic shared memory: over 48 KiB in all, but Triton "
+        "opts in only for a dynamic share over 48 KiB (launch_decode.PAIR_TABLE_STAGES)"
+    )
+
+
+def test_the_decode_forward_reads_the_pair_table(compiled):
+    """The decode forward's fragment config on sm_90 takes LOOKUP "lds": its 32 KiB table is static shared memory
+    (a change that lost it would move the decode figures of bench/results/offline without failing elsewhere)."""
+    from fused_lora.kernels.nf4_lookup import PAIR_TABLE_BYTES
+
+    record = _record(compiled, "sm90-lora_decode_fwd-decode-nf4dq-bf16-Afp32-r16-64x16x128x128w4")
+    assert record["static_shared"] == PAIR_TABLE_BYTES
+    others = [i for i, r in compiled.items() if r["error"] is None and r["static_shared"] and "decode_fwd-" not in i]
+    assert others == []
 
 
 @pytest.mark.parametrize("case_id", sorted(RECORD))

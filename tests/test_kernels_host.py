@@ -77,8 +77,8 @@ def test_nf4_scales_are_decoded_once_through_the_ops(monkeypatch):
 
 
 def test_device_properties_are_asked_once_per_device(monkeypatch):
-    """backend.cuda_capability, cuda_sm_count and cuda_shared_optin ask CUDA once per device index (the launchers ask at every
-    call); a device other than CUDA goes to torch.cuda.get_device_capability as before."""
+    """backend.cuda_capability, cuda_sm_count and cuda_shared_optin ask CUDA once per device index (the launchers
+    ask at every call); a device other than CUDA goes to torch.cuda.get_device_capability as before."""
     from fused_lora import backend
 
     asked = []

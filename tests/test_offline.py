@@ -79,6 +79,28 @@ def test_sass_half_rate_pipe_counts():
     assert got["rest_alu"] == 1 and got["rest_imad"] == 1
 
 
+def test_sass_shared_memory_bytes():
+    """Bytes a warp moves through shared memory per instruction: 4 per lane by default, the width suffix otherwise,
+    ldmatrix by its matrix count; global loads and copies into shared memory (LDGSTS) are not shared-memory pipe
+    instructions."""
+    body = ["LDS R4, [R5+UR4];", "@P0 LDS.128 R8, [R70+0x10];", "STS.64 [R34], R32;", "STS [R3+UR4], R20;",
+            "LDSM.16.M88.4 R32, [R16+UR8+0x4000];", "LDSM.16.MT88.2 R28, [R19];", "LDSM.16.M88 R2, [R3];",
+            "LDS.U8 R1, [R2];", "LDGSTS.E.BYPASS.128 [R5], desc[UR6][R8.64];", "LDG.E R3, desc[UR4][R2.64];"]
+    got = analyse_sass(_sass(body, prologue=("STS.128 [R1], R4;",)), _ptx(1), num_warps=4)
+    assert got["loop_shared_bytes"] == 128 + 512 + 256 + 128 + 512 + 256 + 128 + 32
+    assert got["rest_shared_bytes"] == 512
+
+
+def test_ptxas_static_shared_memory():
+    """The static shared memory ptxas reports (a kernel's own ``.shared`` arrays), not the constant banks."""
+    from fused_lora.bench.offline_compile import _PTXAS_STATIC_SHARED
+
+    log = ("ptxas info    : Function properties for k\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill "
+           "loads\nptxas info    : Used 80 registers, used 1 barriers, 32768 bytes smem, 568 bytes cmem[0]\n")
+    assert int(_PTXAS_STATIC_SHARED.search(log).group(1)) == 32768
+    assert _PTXAS_STATIC_SHARED.search("ptxas info    : Used 80 registers, used 1 barriers, 568 bytes cmem[0]") is None
+
+
 def test_sass_kernel_without_loop_and_mma_sync():
     got = analyse_sass(_sass([], prologue=("HMMA.16816.F32.BF16 R4, R8, R12, R4;",)).replace(
         "--:-:-:-:1\t@P0 BRA LBB0;", "--:-:-:-:1\tNOP;"), "", num_warps=4)
@@ -145,6 +167,21 @@ def test_a_loop_of_alu_instructions_runs_at_the_alu_pipe_rate():
     assert predict_kernel(_record(loop_mma_flops={}, loop_alu=150), programs, trips, 0).ms == pytest.approx(plain.ms)
     rest = predict_kernel(_record(loop_mma_flops={}, rest_alu=500), programs, trips, 0)  # 1000 cycles > 600 SASS
     assert rest.compute_ms == pytest.approx((10 * trips * 800 + 10 * 1000 * 8 / 4) / H200.clock_hz * 1e3)
+
+
+def test_a_loop_of_shared_memory_accesses_runs_at_the_shared_pipe_rate():
+    """One shared-memory pipe per SM, 128 bytes per cycle: p programs of w warps each moving S bytes per iteration
+    take p·w·S/128 cycles when that exceeds their issue time (bound "shared"); outside the loop as well."""
+    programs, trips = 132 * 10, 64
+    plain = predict_kernel(_record(loop_mma_flops={}), programs, trips, 0)
+    shared = predict_kernel(_record(loop_mma_flops={}, loop_shared_bytes=128 * 128), programs, trips, 0)
+    outside = 10 * (1000 - 400) * 8 / 4
+    assert plain.bound == "issue" and shared.bound == "shared"  # 8 warps · 128 cycles > 400 SASS · 8 / 4
+    assert shared.compute_ms == pytest.approx((10 * trips * 128 * 8 + outside) / H200.clock_hz * 1e3)
+    half = predict_kernel(_record(loop_mma_flops={}, loop_shared_bytes=64 * 128), programs, trips, 0)
+    assert half.ms == pytest.approx(plain.ms)  # 512 cycles < 800
+    rest = predict_kernel(_record(loop_mma_flops={}, rest_shared_bytes=200 * 128), programs, trips, 0)
+    assert rest.compute_ms == pytest.approx((10 * trips * 800 + 10 * 200 * 8) / H200.clock_hz * 1e3)
 
 
 def test_an_underfilled_grid_pays_one_program_and_memory_bound_kernels_stream():
@@ -308,3 +345,33 @@ def test_capture_sees_the_launches_streams_and_device_work():
     # the large path dequantizes slabs on a side stream, ordered by events
     assert len(got["8192"]["streams"]) > 1 and got["8192"]["syncs"] > 0, got["8192"]
     assert got["streams_made"] == 1  # one side stream for all four large-path calls of the two passes
+
+
+LOOKUPS = """
+import dataclasses, json
+from fused_lora.bench import offline_capture
+from fused_lora.bench.offline_capture import LayerSpec, capture_pass
+out = {}
+for name, K, optin in (("h200", 4096, None), ("64KiB", 4096, 64 * 1024), ("ragged", 4032, None)):
+    if optin is not None:
+        offline_capture.TARGETS[90] = dataclasses.replace(offline_capture.TARGETS[90],
+                                                          shared_memory_per_block_optin=optin)
+    steps, _ = capture_pass("fwd", LayerSpec(1, K, 1024, 16), 90)
+    decode = [c for s in steps for c in s.candidates if c.kernel == "lora_decode_fwd_kernel"]
+    out[name] = [(c.args["LOOKUP"], c.options.get("num_stages")) for c in decode]
+print(json.dumps(out))
+"""
+
+
+def test_the_decode_forward_takes_the_pair_table_where_it_fits():
+    """In a subprocess without the interpreter: the decode forward's fragment config reads the shared-memory pair
+    table with launch_decode.PAIR_TABLE_STAGES stages on a GPU with room for it (H200), and the byte permutes with
+    Triton's default stages on one without (64 KiB per block) or for a K that is not whole 128-column tiles."""
+    from fused_lora.kernels.launch_decode import PAIR_TABLE_STAGES
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", LOOKUPS], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout)
+    assert got == {"h200": [["lds", PAIR_TABLE_STAGES]], "64KiB": [["prmt", None]], "ragged": [["prmt", None]]}

@@ -226,7 +226,7 @@ def lora_dx_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     ROW_SCALES: tl.constexpr,
-    LOOKUP: tl.constexpr,  # NF4 code lookup: "tree", "gather" or "prmt" (nf4_lookup.py)
+    LOOKUP: tl.constexpr,  # NF4 code lookup: "tree", "gather", "prmt" or "lds" (nf4_lookup.py)
     W_FIRST: tl.constexpr,  # W's tile is the first (register) operand of the dot: the transposed product
     BASE_PRECISION: tl.constexpr,
     LOWRANK_DTYPE: tl.constexpr,

@@ -17,22 +17,20 @@ The GEMMs are computed transposed (W's tile is the first operand of the dot: the
 one-row x wastes no MMA rows of W). All M rows are in one BLOCK_M tile, so dA needs no cross-program reduction:
 the decode path is deterministic in every mode.
 
-Where the time goes (bench/results/offline, sm_90a, K=4096, N=14336, bf16): the forward loop is bound by the SM's ALU
-pipe, 16 lanes per scheduler, so that an ALU instruction (integer, logic, byte permute, select) holds it 2 cycles
-(offline_model.GpuConstants.alu_cycles). With NF4 tiles in the wgmma fragment order (nf4_fragment.py, FRAGMENT; 128×128
-tiles, 4 warps) it issues 570 SASS per iteration per warp for 128 values per thread, 326 of them ALU: 224 PRMT and 80
-LOP3 are the NF4 lookup (nf4_lookup.py: 19 ALU instructions per 8 values; its two shifts run on the IMAD pipe), the rest
-addresses and the pipeline's predicates (the loads have no mask of their own: rows of W past N and of x past M are read
-as the last row, 17 SASS and 9 ALU fewer); the 64 HMUL2 (the scales) run on the FMA pipe. There is no shared-memory
-round trip of the decoded tile; before, the same 128 values took 717 SASS, of which 66 IMAD.MOV, 16 STS.128, 16 LDSM and
-8 barriers moved the tile into the fragment layout (and 15 more computed the scale addresses in int64 from scratch; the
-row part now leaves the loop). The loop's ALU time (10.5 of the kernel's 11.5 µs of compute at M=1) is longer than
-reading the NF4 bytes (7.8 µs), so reaching the HBM bandwidth needs a lookup under about 2 ALU instructions per value.
-Byte permutes over a 16-entry table in 8 registers stay near 2.4 (per 4 values: 4 gathers, 2 selects, 2 interleaves and
-half a mask). A table in shared memory would not: one LDS (not an ALU instruction) per two values from a 256-entry table
-of value pairs, copied per bank so that a warp's lookups never conflict; but Triton gives a kernel no shared memory of
-its own to keep such a table across the loop (Gluon or CUDA would). The choices below were priced by the offline model
-before it counted the ALU pipe (times in µs of that model). Two splits of 16 K steps (224 programs, launch_gemm._splits
+Where the time goes (bench/results/offline, sm_90a, K=4096, N=14336, bf16): with NF4 tiles in the wgmma fragment
+order (nf4_fragment.py, FRAGMENT; 128×128 tiles, 4 warps, 128 values per thread per iteration) the forward reads the
+values from the shared-memory pair table (nf4_lookup.py, LOOKUP "lds", on GPUs with at least
+launch_decode.PAIR_TABLE_OPTIN of shared memory per block): 392 SASS per iteration per warp at M=1 (424 at M=16), of
+which 64 LDS, 64 LOP3 and 64 multiplies are the lookup and 64 HMUL2 the scales; 88 ALU instructions. The model puts
+the kernel at 9.8 µs at M=1, bound by the HBM and issue about equally; with the byte permutes of nf4_prmt (LOOKUP
+"prmt", which the dx kernel and smaller GPUs keep) the same loop took 570 SASS, 326 of them ALU (2 cycles each on the
+ALU pipe, offline_model.GpuConstants.alu_cycles): 13.5 µs. The loads have no mask of their own: rows of W past N and
+of x past M are read as the last row. There is no shared-memory round trip of the decoded tile; before the fragment
+order, the same 128 values took 717 SASS, of which 66 IMAD.MOV, 16 STS.128, 16 LDSM and 8 barriers moved the tile
+into the fragment layout. 5 pipeline stages (launch_decode.PAIR_TABLE_STAGES) keep 4 tiles of W in flight and put
+Triton's shared memory over 48 KiB, which the static table needs to launch.
+The choices below were priced by the offline model before it counted the ALU pipe (times in µs of that model). Two
+splits of 16 K steps (224 programs, launch_gemm._splits
 with strategy.Thresholds.decode_programs_per_sm) leave 40 SMs one program: 9.4 µs, where 8 splits of 4 steps took 8.2 µs
 but added 5 more prologues and epilogues per SM (2.8 µs) and 4× the partial sums. Sharing the steps evenly instead
 (stream-K: every program 13-14 steps, a tile's parts from the programs that cover it) was tried: the loop over a
@@ -44,10 +42,10 @@ registers instead of 167, which left the model's prediction where it was (12.4 �
 PDL (pdl.py) on sm_90: 1.4 of the forward's 13.9 µs (2.6 of 16 before PDL and the two splits). u has a column of
 programs of its own, as many K steps as the others: computed by the programs of column tile 0 after their W loop, it was
 a serial tail of K/64 latency-bound steps (32 at two splits; a review of the cost model, which now prices such loops:
-offline_kernels.KernelModel.side_loops). Unrolling the loop by two (tl.range loop_unroll_factor=2) drops the 32 IMAD.MOV
-that carry the next tile's decoded operands (518 SASS per iteration instead of 583) but makes the first of the two wgmma
-groups wait at once (Triton 3.9): not taken. Nor is decoding the tile in two 64-column halves, each half's decode after
-the other's MMA: 557 SASS, no IMAD.MOV, the same wait.
+offline_kernels.KernelModel.side_loops). With the byte permutes, unrolling the loop by two (tl.range
+loop_unroll_factor=2) dropped the 32 IMAD.MOV that carry the next tile's decoded operands (518 SASS per iteration
+instead of 583) but made the first of the two wgmma groups wait at once (Triton 3.9): not taken. Nor was decoding the
+tile in two 64-column halves, each half's decode after the other's MMA: 557 SASS, no IMAD.MOV, the same wait.
 """
 
 import triton

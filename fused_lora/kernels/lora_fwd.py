@@ -19,8 +19,8 @@ deq(W) is computed tile by tile in registers inside the GEMM main loop and never
                                     fl(fl(nested_code[absmax[b]] · nested_absmax[b // 256]) + offset)
     W[n, k] = round(code[q] · scale_b)   LOOKUP "tree" / "gather": fp32 product of the exact fp32 values, rounded
                                          once to the compute dtype (bitsandbytes' value, bit for bit)
-            = round(round(code[q]) · round(scale_b))   LOOKUP "prmt" (bf16/fp16 on a GPU): code and scale rounded to
-                                         the compute dtype first, their product rounded (nf4_lookup.py)
+            = round(round(code[q]) · round(scale_b))   LOOKUP "prmt" / "lds" (bf16/fp16 on a GPU): code and scale
+                                         rounded to the compute dtype first, their product rounded (nf4_lookup.py)
 
 The launchers pass scale_b decoded once per weight (common.decoded_scales, bitsandbytes' two roundings) as an fp32
 absmax with DOUBLE_QUANT False, so the main loop reads one fp32 scale per (row, block). The kernels still accept a
@@ -29,10 +29,11 @@ add, as bitsandbytes computes it, and the NF4 variants are compiled with ``enabl
 does not contract the two into one FMA (the option stops only the contraction of a separate multiply and add; the
 dot is an MMA, W[n, k] a multiply without an add). The CPU interpreter never contracts.
 
-The code lookup is done in registers (nf4_lookup.py), never by a per-element gather from the table in memory except
+The code lookup is done in registers or from a table in shared memory (nf4_lookup.py), never by a per-element gather
+from the table in global memory except
 for LOOKUP "gather" (fp32 on a GPU, and the element-wise layout below). With ROW_SCALES (K a multiple of an even
 power-of-two blocksize) the packed bytes of a tile row are loaded with 16-byte loads (bytes per row, K // 2, passed
-as stride_wn so that the JIT sees its divisibility), as int32 words of 8 codes for LOOKUP "prmt".
+as stride_wn so that the JIT sees its divisibility), as int32 words of 8 codes for LOOKUP "prmt" and "lds".
 
 The accumulator is fp32 and starts with the low-rank term (LoRAFusion: no second [BLOCK_M, BLOCK_N] tile and no M×N
 intermediate); the bias is added after the main loop (a broadcast bias held through the pipeline's prologue made
@@ -119,8 +120,8 @@ def load_weight_tile(
     BLOCKSIZE: tl.constexpr,  # NF4 absmax blocksize over the flat index
     NESTED_BLOCKSIZE: tl.constexpr,
     ROW_SCALES: tl.constexpr,  # K % BLOCKSIZE == 0, BLOCKSIZE an even power of two: scales per (row, block)
-    LOOKUP: tl.constexpr,  # "tree", "gather" or "prmt" (nf4_lookup.py)
-    lut,  # LOOKUP "prmt": nf4_lookup.nf4_lut(code_ptr, COMPUTE_DTYPE), computed before the main loop; else None
+    LOOKUP: tl.constexpr,  # "tree", "gather", "prmt" or "lds" (nf4_lookup.py)
+    lut,  # nf4_lookup.nf4_lookup_state(code_ptr, LOOKUP, COMPUTE_DTYPE), made before the main loop (None: per element)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
@@ -145,7 +146,7 @@ def load_weight_tile(
             # one): load the bytes once, split the nibbles, decode one absmax per (row, block) and broadcast it.
             # stride_wn = K // 2, the bytes of a row, passed by the launcher so that the JIT specialises its
             # divisibility (16 when K % 32 == 0): 16-byte loads of the packed bytes.
-            if LOOKUP == "prmt" or LOOKUP == "lds":  # int32 words of 4 bytes (8 codes); K is a multiple of 8 (BLOCKSIZE ≥ 32)
+            if LOOKUP == "prmt" or LOOKUP == "lds":  # int32 words of 4 bytes (8 codes); K % 8 == 0 (BLOCKSIZE ≥ 32)
                 offs_word = k0 // 8 + tl.arange(0, BLOCK_K // 8)
                 word_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (stride_wn // 4)
                 word_in_range = _and_rows(offs_word[None, :] < K // 8, row_in_range)
@@ -180,7 +181,7 @@ def load_weight_tile(
             q = (packed >> (4 - 4 * (flat % 2)).to(tl.int32)) & 15
             if LOOKUP == "tree":
                 values = nf4_tree(q)
-            else:  # "gather" (and "prmt", which needs whole bytes per element pair: exact fp32 gather here)
+            else:  # "gather" (and "prmt"/"lds", which need whole bytes per element pair: exact fp32 gather here)
                 values = tl.load(code_ptr + q)
             scale = block_absmax(
                 flat // BLOCKSIZE,
@@ -348,7 +349,7 @@ def lora_fwd_kernel(
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     ROW_SCALES: tl.constexpr,
-    LOOKUP: tl.constexpr,  # NF4 code lookup: "tree", "gather" or "prmt" (nf4_lookup.py)
+    LOOKUP: tl.constexpr,  # NF4 code lookup: "tree", "gather", "prmt" or "lds" (nf4_lookup.py)
     W_FIRST: tl.constexpr,  # W's tile is the first (register) operand of the dot: the transposed product
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,  # False: y = x·deq(W)ᵀ + b only (u, B, R, scaling unused)

@@ -73,7 +73,7 @@ def load_fragment_tile(
     w_ptr,  # NF4 packed bytes, (N, K // 2) row-major
     scale_ptr,  # fp32 scale per (row, block), decoded once per weight (common.decoded_scales)
     code_ptr,  # [16] fp32
-    lut,  # nf4_lookup.nf4_lut(code_ptr, COMPUTE_DTYPE) for LOOKUP "prmt", else None
+    lut,  # nf4_lookup.nf4_lookup_state(code_ptr, LOOKUP, COMPUTE_DTYPE) ("prmt", "lds"), else None
     rows,  # [BLOCK_N] rows of W, in loaded order, each < N (a contiguous range, the caller clamps the tail)
     k0,  # first column, a multiple of 128
     K,  # a multiple of 128 and of BLOCKSIZE

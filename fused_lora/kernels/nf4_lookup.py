@@ -1,4 +1,4 @@
-"""NF4 code → value in registers, without a per-element memory gather.
+"""NF4 code → value in registers or from a shared-memory table, without a per-element global memory gather.
 
 Symbols: a packed byte holds two 4-bit codes, q_hi = byte >> 4 (the even element, first in memory) and
 q_lo = byte & 15; code[q] is the weight's 16-entry fp32 table (bitsandbytes' NF4 values, NF4_VALUES below, the same
@@ -11,9 +11,14 @@ numbers as fused_lora.nf4.NF4_CODE).
                              in 21 instructions: byte permutes (PRMT) over the low and high bytes of the 16 rounded
                              values, held in 8 registers (lut = nf4_lut(code_ptr, T), computed once per program from
                              the table in memory, so any 16-entry table works); inline PTX, so GPU only
+    nf4_lds(words, lane4, T) the same 8 values, in 12 instructions: per byte B of the word one multiply (IMAD pipe),
+                             one LOP3 and one LDS from the pair table, (T[hi B], T[lo B]) for each of the 256 byte
+                             values, copied 32 times so that each lane reads its own bank (nf4_pair_table fills it
+                             once per program: 32 KiB of static shared memory; inline PTX, so GPU only)
     nf4_word_values(words, code_ptr, lut, LOOKUP, T)
-                             the 8 values of each int32 word as 8 tensors in the words' own layout, by nf4_prmt or per
-                             nibble by the tree or the gather (nf4_fragment.py reorders them into the MMA's fragment)
+                             the 8 values of each int32 word as 8 tensors in the words' own layout, by nf4_prmt,
+                             nf4_lds or per nibble by the tree or the gather (nf4_fragment.py reorders them into the
+                             MMA's fragment order); nf4_lookup_state(code_ptr, LOOKUP, T) makes the ``lut`` of either
 
 How nf4_prmt decodes one 32-bit word x = bytes B0..B3 (B0 lowest): its low 16 bits are the nibbles
 n0 = lo(B0), n1 = hi(B0), n2 = lo(B1), n3 = hi(B1). With s = x & 0x77777777,
@@ -28,8 +33,21 @@ as mul.hi by 2^16, IMAD.HI): every other instruction of the lookup is an ALU one
 lanes per scheduler, is what bounds a loop that decodes (fused_lora/bench/offline_model.py, alu_cycles); the IMAD
 pipe beside it has room. T[j] is code[j] rounded to T (round to nearest even); Lk/Hk hold the low/high bytes of
 T[4k..4k+3].
-tests/test_kernels_lookup.py runs this PTX text through a small emulator of the instructions it uses, for every byte
-value in every position, on the CPU, and checks nf4_lut and the element order of join8 under the interpreter.
+The pair table (LOOKUP "lds"): word 32·e + c (byte address 128·e + 4·c) holds the pair (T[e >> 4], T[e & 15]) of
+byte value e, low half first, for c = 0..31. Lane l of a warp reads copy c = l, so its address is in bank l whatever
+the byte: a warp's 32 lookups take one shared-memory cycle, where a single copy (1 KiB) would conflict about 3-4 ways
+on random bytes. Per byte Bj: a = Bj·128 from the word x by x·128 (j = 0) or the high word of x·2^(31-8(j-1))
+(j = 1..3; IMAD.HI, a right shift by 8j - 7), then a = (a & 0x7F80) | 4·l by one LOP3, and one LDS at the table's
+address + a (ptxas folds the address into the LDS). 1.5 instructions per value instead of nf4_prmt's 2.6, of which
+0.5 on the ALU pipe (nf4_prmt: 2.4): the decode forward's loop, which the ALU pipe bounded, becomes bound by issue
+and the HBM (bench/results/offline). The table takes 32 KiB of static shared memory declared by the kernel itself
+(a .shared array in inline PTX; Triton does not see it): a kernel that uses it must ask Triton for more than 48 KiB
+of dynamic shared memory, or stay under 48 KiB in all, to launch (launch_decode.PAIR_TABLE_STAGES,
+tests/test_kernels_compile.py).
+
+tests/test_kernels_lookup.py runs these PTX texts through a small emulator of the instructions they use, for every
+byte value in every position (and every lane), on the CPU, and checks nf4_lut, pair_table_chunks and the element
+order of join8 under the interpreter.
 """
 
 import struct
