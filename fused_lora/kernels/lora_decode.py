@@ -20,15 +20,18 @@ the decode path is deterministic in every mode.
 Where the time goes (bench/results/offline, sm_90a, K=4096, N=14336, bf16): with NF4 tiles in the wgmma fragment
 order (nf4_fragment.py, FRAGMENT; 128×128 tiles, 4 warps, 128 values per thread per iteration) the forward reads the
 values from the shared-memory pair table (nf4_lookup.py, LOOKUP "lds", on GPUs with at least
-launch_decode.PAIR_TABLE_OPTIN of shared memory per block): 392 SASS per iteration per warp at M=1 (424 at M=16), of
-which 64 LDS, 64 LOP3 and 64 multiplies are the lookup and 64 HMUL2 the scales; 88 ALU instructions. The model puts
-the kernel at 9.8 µs at M=1, bound by the HBM and issue about equally; with the byte permutes of nf4_prmt (LOOKUP
+launch_decode.PAIR_TABLE_OPTIN of shared memory per block): 390 SASS per iteration per warp, of which 64 LDS, 64
+LOP3 and 64 multiplies are the lookup and 64 HMUL2 the scales (read in bf16, common.decoded_scales); 87 ALU
+instructions. The model puts the kernel at 9.4 µs at M=1 and 9.8 µs at M=16 (bound by issue, then by the HBM), 65 %
+and 62 % of the HBM bandwidth with the epilogue; with the byte permutes of nf4_prmt (LOOKUP
 "prmt", which the dx kernel and smaller GPUs keep) the same loop took 570 SASS, 326 of them ALU (2 cycles each on the
 ALU pipe, offline_model.GpuConstants.alu_cycles): 13.5 µs. The loads have no mask of their own: rows of W past N and
 of x past M are read as the last row. There is no shared-memory round trip of the decoded tile; before the fragment
 order, the same 128 values took 717 SASS, of which 66 IMAD.MOV, 16 STS.128, 16 LDSM and 8 barriers moved the tile
 into the fragment layout. 5 pipeline stages (launch_decode.PAIR_TABLE_STAGES) keep 4 tiles of W in flight and put
-Triton's shared memory over 48 KiB, which the static table needs to launch.
+Triton's shared memory over 48 KiB, which the static table needs to launch. Decoding the double-quant scales here
+(1 byte per block read instead of 4) was tried and not taken: the scale gathers in the fragment layout cost 54 SASS
+per iteration (446), more than the bytes they save.
 The choices below were priced by the offline model before it counted the ALU pipe (times in µs of that model). Two
 splits of 16 K steps (224 programs, launch_gemm._splits
 with strategy.Thresholds.decode_programs_per_sm) leave 40 SMs one program: 9.4 µs, where 8 splits of 4 steps took 8.2 µs
