@@ -297,6 +297,11 @@ def test_targets_and_report_render():
            "torch": "2.13", "commit": "abc"}
     text = offline_report({"env": env, "constants": {"sms": 132}, "gpu_results": [], "rows": rows + [kernel]}, "x.json")
     assert "## Targets" in text and "lora_fwd_kernel" in text and "## Cost model" in text
+    assert "did not compile" not in text
+    broken = {**kernel, "arch": 90, "error": "CompilationError: at 60:14:\n    lut = nf4_lookup_state(...)"}
+    text = offline_report({"env": env, "constants": {"sms": 132}, "gpu_results": [], "rows": rows + [broken]}, "x")
+    assert "**1 launched kernel configs did not compile" in text
+    assert "- sm_90 lora_fwd_kernel 128x128x64w8s4: CompilationError: at 60:14:" in text
 
 
 CAPTURE = """
@@ -375,3 +380,23 @@ def test_the_decode_forward_takes_the_pair_table_where_it_fits():
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout)
     assert got == {"h200": [["lds", PAIR_TABLE_STAGES]], "64KiB": [["prmt", None]], "ragged": [["prmt", None]]}
+
+
+BROKEN = """
+import sys
+from fused_lora.bench import offline
+offline.run_jobs = lambda jobs, cache=None: [{"id": j.id, "kernel": j.kernel, "arch": j.arch, "error": "Boom: no"}
+                                             for j in jobs]
+sys.exit(offline.main(["--quick", "--output", sys.argv[1]]))
+"""
+
+
+def test_a_kernel_that_does_not_compile_fails_the_instrument(tmp_path):
+    """Predictions without a launched kernel are wrong (it once reported a decode at 0 % of HBM, quietly): the
+    report says which kernels failed and the command exits 1."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", BROKEN, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "did not compile" in proc.stderr and "lora_decode_fwd_kernel" in proc.stderr
+    assert "did not compile" in (tmp_path / "offline" / "report.md").read_text()

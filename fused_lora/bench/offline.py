@@ -230,7 +230,7 @@ def evaluate(captured, records: dict, gpu: GpuConstants = H200) -> list[dict]:
     for variant, steps, facts in captured:
         s = variant.spec
         cublas_ms = peer_pass("dense_cublas", variant.pass_name, s.M, s.K, s.N, s.r, s.x_dtype.itemsize, gpu)["ms"]
-        timeline, paths, weight_read = [], set(), 0.0
+        timeline, paths, weight_read, failed = [], set(), 0.0, 0
         for step, early in zip(steps, launches_early(steps)):
             if step.sync:
                 timeline.append(step.sync)
@@ -261,9 +261,11 @@ def evaluate(captured, records: dict, gpu: GpuConstants = H200) -> list[dict]:
                 timeline.append(("work", step.stream, best["_time"]))
                 paths.add(best["path"])
                 weight_read += best["_weight_bytes"]
+            else:
+                failed += 1  # no config of this launch compiled: the pass has no time
             rows.extend(group)
         if variant.arch == PREDICTED_ARCH:
-            rows.extend(_total_rows(variant, timeline, paths, weight_read, cublas_ms, gpu))
+            rows.extend(_total_rows(variant, timeline, paths, weight_read, cublas_ms, gpu, failed))
     for r in rows:
         r.pop("_time", None)
         r.pop("_weight_bytes", None)
@@ -272,16 +274,23 @@ def evaluate(captured, records: dict, gpu: GpuConstants = H200) -> list[dict]:
     return rows
 
 
-def _total_rows(variant, timeline, paths, weight_read, cublas_ms, gpu) -> list[dict]:
+def _total_rows(variant, timeline, paths, weight_read, cublas_ms, gpu, failed: int = 0) -> list[dict]:
+    """The pass's "total" rows: the fused pass (no time when ``failed`` of its launches have no compiled config)
+    and the peers."""
     s = variant.spec
     x_bytes = s.x_dtype.itemsize
     common = {"pass": variant.pass_name, "arch": variant.arch, "M": s.M, "K": s.K, "N": s.N, "r": s.r,
               "weight": s.weight, "x_dtype": torch_dtype_name(s.x_dtype),
               "adapter_dtype": torch_dtype_name(s.adapter_dtype), "kernel": "total", "chosen": True}  # fmt: skip
-    fused_ms = simulate_pass(timeline, gpu)
-    rows = [{**common, "impl": "fused", "path": "+".join(sorted(paths - {"lowrank"})) or "lowrank",
-             "predicted_ms": round(fused_ms, 5), "predicted_ratio_vs_cublas": round(fused_ms / cublas_ms, 3),
-             "predicted_hbm_fraction": round(_hbm_fraction(weight_read, fused_ms, gpu), 3)}]  # fmt: skip
+    fused = {**common, "impl": "fused", "path": "+".join(sorted(paths - {"lowrank"})) or "lowrank"}
+    if failed:
+        fused.update(predicted_ms=None, predicted_ratio_vs_cublas=None, predicted_hbm_fraction=None,
+                     error=f"{failed} launches did not compile")
+    else:
+        fused_ms = simulate_pass(timeline, gpu)
+        fused.update(predicted_ms=round(fused_ms, 5), predicted_ratio_vs_cublas=round(fused_ms / cublas_ms, 3),
+                     predicted_hbm_fraction=round(_hbm_fraction(weight_read, fused_ms, gpu), 3))
+    rows = [fused]
     for impl in PEERS if s.weight == "nf4dq" else ("dense_cublas",):
         peer = peer_pass(impl, variant.pass_name, s.M, s.K, s.N, s.r, x_bytes, gpu)
         rows.append({**common, "impl": impl, "path": impl, "predicted_ms": round(peer["ms"], 5),
@@ -359,7 +368,7 @@ def _constants(pairs: list[str]) -> GpuConstants:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .offline_report import compile_report, offline_report
+    from .offline_report import compile_error_lines, compile_report, offline_report
 
     parser = argparse.ArgumentParser(prog="python -m fused_lora.bench.offline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="sm_90a, K=4096 N=14336, r=16, fp32 adapters only")
@@ -392,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     (options.output / "compile_report.md").write_text(compile_report(list(records.values()), env))
     print(f"offline: wrote {json_path}, {out_dir / 'report.md'}, {options.output / 'compile_report.md'} "
           f"in {env['runtime_s']} s", file=sys.stderr)
+    errors = compile_error_lines(rows)
+    if errors:  # the predictions leave those kernels out: say so, and fail
+        print("offline: " + "\n".join(line for line in errors if line), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -35,6 +35,10 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
         "| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
 
 
+def _percent(value) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
 def _total(rows, impl, pass_name, M):
     found = _at_target(rows, kernel="total", impl=impl, **{"pass": pass_name}, M=M)
     return found[0] if found else None
@@ -70,13 +74,25 @@ def target_checks(rows: list[dict]) -> list[dict]:
         total = _total(rows, "fused", "fwd", M)
         value = total["predicted_hbm_fraction"] if total else None
         checks.append({"target": f"decode (fwd) at M={M}: >= 60 % of HBM bandwidth on the NF4 bytes",
-                       "value": f"{value:.0%}" if value is not None else "–", "met": value is not None and value >= 0.6})
+                       "value": _percent(value), "met": value is not None and value >= 0.6})
     return checks
 
 
 def _constants_table(constants: dict) -> list[str]:
     notes = {f.name: f.metadata.get("note", "") for f in dataclasses.fields(GpuConstants)}
     return _table(["constant", "value", "source"], [[k, v, notes.get(k, "")] for k, v in constants.items()])
+
+
+def compile_error_lines(rows: list[dict]) -> list[str]:
+    """A warning and one line per launched kernel that did not compile (its time is missing from every total and
+    target below), or nothing."""
+    failed = sorted({(r["arch"], r["kernel"], r.get("config"), r["error"].splitlines()[0][:200])
+                     for r in rows if r.get("error") and r["kernel"] != "total"})  # fmt: skip
+    if not failed:
+        return []
+    return [f"**{len(failed)} launched kernel configs did not compile: a pass that needs one has no predicted time "
+            "below, and an autotuned launch is priced without them.**", "",
+            *[f"- sm_{a} {k} {c}: {e}" for a, k, c, e in failed], ""]
 
 
 def offline_report(data: dict, json_name: str) -> str:
@@ -89,6 +105,7 @@ def offline_report(data: dict, json_name: str) -> str:
         "Every number below is a prediction of the cost model from compiled code, not a measurement, unless a "
         "`measured` column says otherwise. GPU results read: " + (", ".join(data["gpu_results"]) or "none yet") + ".",
         "",
+        *compile_error_lines(rows),
         "## Targets (sm_90a, K=4096, N=14336, r=16, bf16 x, fp32 adapters, NF4 with double quantization)",
         "",
         *_table(["target", "today", "met"], [[c["target"], c["value"], c["met"]] for c in target_checks(rows)]),
@@ -106,7 +123,7 @@ def offline_report(data: dict, json_name: str) -> str:
                 t = _total(rows, impl, pass_name, M)
                 if t:
                     body.append([pass_name, M, impl, t.get("path"), t["predicted_ms"], t["predicted_ratio_vs_cublas"],
-                                 f"{t['predicted_hbm_fraction']:.0%}", t.get("measured_ms"),
+                                 _percent(t["predicted_hbm_fraction"]), t.get("measured_ms"),
                                  t.get("measured_ratio_vs_cublas")])  # fmt: skip
     lines += _table(["pass", "M", "impl", "path", "predicted ms", "ratio", "HBM", "measured ms", "measured ratio"],
                     body)  # fmt: skip
