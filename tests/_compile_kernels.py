@@ -29,6 +29,7 @@ Record ids: sm<arch>-<kernel>-<path>-<W>-<x>-A<adapters>-r<r>-<config> (the inst
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -45,6 +46,30 @@ ARCHS = (90, 80)
 # (arch, M, shape, pass): a layer whose middle-M forward splits K (launch_gemm.y_splits), Llama-3-8B's k_proj
 SPLIT_VARIANTS = [(arch, 256, dict(N=1024), "fwd_bwd") for arch in ARCHS]
 N_SMALL, K_SMALL = 4096, 4096
+# (arch, layer changes): the decode forward with the shared-memory pair table at the edges of where the launcher
+# takes it (launch_decode.pair_table_shared): the most shared memory (r = 64, fp32 adapters, dropout; the A100
+# takes the byte permutes there) and fp16 x with bf16 adapters; plus the frozen layer (_frozen_decode_job)
+PAIR_TABLE_VARIANTS = [(arch, changes) for arch in ARCHS
+                       for changes in (dict(r=64, dropout_p=0.1), dict(x_dtype=torch.float16,
+                                                                       adapter_dtype=torch.bfloat16))]  # fmt: skip
+DEFAULT_SHARED = 48 * 1024  # what a block may use without Triton's opt-in
+
+
+def shared_memory_problem(record: dict) -> str | None:
+    """What would stop the compiled kernel from launching for lack of shared memory, or None: a kernel with a static
+    shared array of its own (nf4_lookup's pair table) over 48 KiB in all must ask Triton for more than 48 KiB of
+    dynamic shared memory (only then does Triton's launcher opt in beyond 48 KiB, counting the static part); a
+    decode forward with the pair table must stay within the bound its launcher assumed (facts["pair_table_bound"])."""
+    static = record.get("static_shared", 0)
+    dynamic = record["shared"] - static
+    if static and record["shared"] > DEFAULT_SHARED and dynamic <= DEFAULT_SHARED:
+        return (f"{static} B of static and {dynamic} B of dynamic shared memory: over 48 KiB in all, but Triton opts "
+                "in only for a dynamic share over 48 KiB (launch_decode.PAIR_TABLE_STAGES)")
+    bound = record.get("facts", {}).get("pair_table_bound")
+    if bound is not None and record["shared"] > bound:
+        return (f"{record['shared']} B of shared memory > {bound} B, launch_decode.pair_table_shared's bound: the "
+                "launcher would take the pair table on GPUs that cannot hold it")
+    return None
 
 
 def _small_kernel_jobs(arch: int) -> list[Job]:
@@ -136,15 +161,51 @@ def ci_jobs() -> list[tuple[Job, dict]]:
                 facts = {"M": M, "kernel": launch.kernel, "candidates": len(step.candidates),
                          "reads_nf4": bool(launch.weight_reads) and spec.weight != "dense",
                          "block_m": launch.args.get("BLOCK_M"),
-                         "fragment": bool(launch.args.get("FRAGMENT"))}  # fmt: skip
+                         "fragment": bool(launch.args.get("FRAGMENT")),
+                         "pair_table_bound": _pair_table_bound(launch.args, spec.adapter_dtype.itemsize)}  # fmt: skip
                 found.append((job, facts))
                 if arch == 90 and launch.kernel in ("lora_fwd_kernel", "lora_dx_kernel") and launch.args["HAS_LORA"]:
                     first_block_m = step.candidates[0].args["BLOCK_M"]
                     found += [(j, f) for j, f in _dora_jobs(job, {**facts, "first_block_m": first_block_m})
                               if job_key(j) not in seen and not seen.add(job_key(j))]
+    for arch, changes in PAIR_TABLE_VARIANTS:
+        spec = LayerSpec(16, **{**TARGET, **changes})
+        steps, _ = capture_pass("fwd", spec, arch)
+        for launch in (c for step in steps for c in step.candidates if c.kernel == "lora_decode_fwd_kernel"):
+            job = launch_job(launch, spec, arch)
+            job.id = f"sm{arch}-{job.id}"
+            if job_key(job) not in seen:
+                seen.add(job_key(job))
+                found.append((job, _pair_table_facts(launch.args, spec)))
+    for job, facts in list(found):
+        if facts.get("pair_table_bound") and job.args["HAS_LORA"] and "dropout" not in job.id:
+            frozen = _frozen_decode_job(job)
+            if job_key(frozen) not in seen:
+                seen.add(job_key(frozen))
+                found.append((frozen, {**facts, "pair_table_bound": _pair_table_bound(frozen.args, 0)}))
     for arch in ARCHS:
         found += [(job, {"kernel": job.kernel}) for job in _small_kernel_jobs(arch)]
     return found
+
+
+def _pair_table_bound(args: dict, a_bytes: int) -> int | None:
+    from fused_lora.kernels.launch_decode import pair_table_shared
+
+    if args.get("LOOKUP") != "lds":
+        return None
+    return pair_table_shared(args["R_PAD"], a_bytes, args["HAS_LORA"])
+
+
+def _pair_table_facts(args: dict, spec: LayerSpec) -> dict:
+    return {"M": spec.M, "kernel": "lora_decode_fwd_kernel", "candidates": 1, "reads_nf4": True,
+            "block_m": args.get("BLOCK_M"), "fragment": bool(args.get("FRAGMENT")),
+            "pair_table_bound": _pair_table_bound(args, spec.adapter_dtype.itemsize)}
+
+
+def _frozen_decode_job(job: Job) -> Job:
+    """The frozen layer's decode forward (no u column: the least shared memory) from a LoRA one."""
+    args = {**job.args, "HAS_LORA": False, "a_ptr": None, "u_ptr": None}
+    return dataclasses.replace(job, id=f"{job.id}-frozen", args=args)
 
 
 def run(cache_dir=None) -> dict:
@@ -180,9 +241,10 @@ def main() -> None:
     if options.check_compiles:
         import triton
 
-        failed = [r for r in report["records"] if r["error"]]
+        failed = [r for r in report["records"] if r["error"] or shared_memory_problem(r)]
         for r in failed:
-            print(f"{r['id']}: {r['error'].splitlines()[-1] if r['error'].strip() else 'error'}")
+            problem = r["error"] and (r["error"].splitlines()[-1] if r["error"].strip() else "error")
+            print(f"{r['id']}: {problem or shared_memory_problem(r)}")
         print(f"triton {triton.__version__}: {len(report['records']) - len(failed)} of {len(report['records'])} "
               f"kernels compile ({report['seconds']} s)")
         sys.exit(1 if failed else 0)

@@ -134,27 +134,3 @@ def test_a_weight_without_double_quantization_is_freed_after_use():
     gc.collect()
     assert absmax() is None
 
-
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_word_lookups_get_scales_in_the_compute_dtype(monkeypatch, double_quant):
-    """On a GPU the word lookups ("prmt", "lds") multiply by the block scale rounded to the compute dtype: the
-    launchers pass the scales cached in that dtype (half the bytes), the same numbers as the fp32 scales rounded to
-    nearest even; fp32 x, the element-wise layout (K not whole blocks per row) and the interpreter keep fp32."""
-    from fused_lora.kernels import common
-
-    torch.manual_seed(0)
-    w = fl.quantize_nf4(torch.randn(64, 256), blocksize=64, double_quant=double_quant)
-    exact = common.decoded_scales(w)
-    assert exact.dtype == torch.float32
-    assert common.weight_args(w, 256, torch.bfloat16).pointers[1] is exact  # the interpreter: exact lookups
-    monkeypatch.setattr(common, "interpreting", lambda: False)
-    for dtype in (torch.bfloat16, torch.float16):
-        scales = common.weight_args(w, 256, dtype).pointers[1]
-        assert scales.dtype == dtype and torch.equal(scales, exact.to(dtype))
-        assert common.weight_args(w, 256, dtype).pointers[1] is scales  # cached beside the weight
-    assert common.weight_args(w, 256, torch.float32).pointers[1] is exact
-    odd = fl.quantize_nf4(torch.randn(3, 96), blocksize=64, double_quant=double_quant)  # blocks across rows
-    assert common.weight_args(odd, 96, torch.bfloat16).pointers[1].dtype == torch.float32
-    with torch.no_grad():
-        w.absmax.add_(1 if double_quant else 0.5)
-    assert torch.equal(common.weight_args(w, 256, torch.bfloat16).pointers[1], w.absmax_fp32().to(torch.bfloat16))

@@ -101,6 +101,16 @@ def test_ptxas_static_shared_memory():
     assert _PTXAS_STATIC_SHARED.search("ptxas info    : Used 80 registers, used 1 barriers, 568 bytes cmem[0]") is None
 
 
+def test_sass_mma_forms_of_every_operand_type():
+    """fp16 operands print without a suffix of their own (HGMMA.64x16x16.F32): they were not seen as MMA at all."""
+    body = ["HGMMA.64x16x16.F32 R24, gdesc[UR8], R24, gsb0;", "HMMA.16816.F32 R4, R8, R12, R4;",
+            "HMMA.1688.F32.TF32 R4, R8, R12, R4;", "QGMMA.64x64x32.F32.E4M3.E4M3 R24, gdesc[UR8], R24;"]
+    got = analyse_sass(_sass(body), _ptx(4), num_warps=4)
+    assert got["mma"] == "HGMMA" and got["unroll"] == 1
+    assert got["loop_mma_flops"] == {"16bit": 2 * 64 * 16 * 16 + 2 * 16 * 8 * 16 * 4, "tf32": 2 * 16 * 8 * 8 * 4,
+                                     "fp8": 2 * 64 * 64 * 32}
+
+
 def test_sass_kernel_without_loop_and_mma_sync():
     got = analyse_sass(_sass([], prologue=("HMMA.16816.F32.BF16 R4, R8, R12, R4;",)).replace(
         "--:-:-:-:1\t@P0 BRA LBB0;", "--:-:-:-:1\tNOP;"), "", num_warps=4)
@@ -353,15 +363,20 @@ def test_capture_sees_the_launches_streams_and_device_work():
 
 
 LOOKUPS = """
-import dataclasses, json
+import dataclasses, json, torch
 from fused_lora.bench import offline_capture
 from fused_lora.bench.offline_capture import LayerSpec, capture_pass
-out = {}
-for name, K, optin in (("h200", 4096, None), ("64KiB", 4096, 64 * 1024), ("ragged", 4032, None)):
+from fused_lora.kernels import strategy
+out, targets = {}, dict(offline_capture.TARGETS)
+cases = (("h200", 90, 16, 4096, 16, None), ("h200 r64", 90, 16, 4096, 64, None), ("a100 r64", 80, 16, 4096, 64, None),
+         ("a100", 80, 16, 4096, 16, None), ("64KiB", 90, 16, 4096, 16, 64 * 1024), ("ragged K", 90, 16, 4032, 16, None),
+         ("M=32", 90, 32, 4096, 16, None))
+for name, arch, M, K, r, optin in cases:
+    offline_capture.TARGETS.update(targets)
     if optin is not None:
-        offline_capture.TARGETS[90] = dataclasses.replace(offline_capture.TARGETS[90],
-                                                          shared_memory_per_block_optin=optin)
-    steps, _ = capture_pass("fwd", LayerSpec(1, K, 1024, 16), 90)
+        offline_capture.TARGETS[arch] = dataclasses.replace(targets[arch], shared_memory_per_block_optin=optin)
+    with strategy.use_thresholds(decode_max_m=64):
+        steps, _ = capture_pass("fwd", LayerSpec(M, K, 1024, r, torch.bfloat16, torch.float32), arch)
     decode = [c for s in steps for c in s.candidates if c.kernel == "lora_decode_fwd_kernel"]
     out[name] = [(c.args["LOOKUP"], c.options.get("num_stages")) for c in decode]
 print(json.dumps(out))
@@ -369,9 +384,11 @@ print(json.dumps(out))
 
 
 def test_the_decode_forward_takes_the_pair_table_where_it_fits():
-    """In a subprocess without the interpreter: the decode forward's fragment config reads the shared-memory pair
-    table with launch_decode.PAIR_TABLE_STAGES stages on a GPU with room for it (H200), and the byte permutes with
-    Triton's default stages on one without (64 KiB per block) or for a K that is not whole 128-column tiles."""
+    """In a subprocess without the interpreter: the decode forward's fragment config at M ≤ 16 reads the
+    shared-memory pair table with launch_decode.PAIR_TABLE_STAGES stages where a block has room for it (an H200 at
+    r = 16 and 64, an A100 at r = 16: launch_decode.pair_table_shared), and the byte permutes with Triton's default
+    stages where it has not (an A100 at r = 64 with fp32 adapters: 192 KiB > 163 KiB; 64 KiB per block), for a K
+    that is not whole 128-column tiles, and at M > 16."""
     from fused_lora.kernels.launch_decode import PAIR_TABLE_STAGES
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -379,7 +396,9 @@ def test_the_decode_forward_takes_the_pair_table_where_it_fits():
                           cwd=REPO)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout)
-    assert got == {"h200": [["lds", PAIR_TABLE_STAGES]], "64KiB": [["prmt", None]], "ragged": [["prmt", None]]}
+    lds, prmt = [["lds", PAIR_TABLE_STAGES]], [["prmt", None]]
+    assert got == {"h200": lds, "h200 r64": lds, "a100 r64": prmt, "a100": lds, "64KiB": prmt, "ragged K": prmt,
+                   "M=32": prmt}
 
 
 BROKEN = """
@@ -400,3 +419,40 @@ def test_a_kernel_that_does_not_compile_fails_the_instrument(tmp_path):
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "did not compile" in proc.stderr and "lora_decode_fwd_kernel" in proc.stderr
     assert "did not compile" in (tmp_path / "offline" / "report.md").read_text()
+
+
+FALLBACK = """
+import json, warnings
+from fused_lora.bench import offline_capture
+from fused_lora.bench.offline_capture import LayerSpec, capture_pass
+from fused_lora.kernels import launch_decode
+real, tried = offline_capture._launches, []
+def launches(kernel, grid, args, kwargs, weight_ids):
+    if "LOOKUP" in kwargs and "FRAGMENT" in kwargs:
+        tried.append(kwargs["LOOKUP"])
+        if kwargs["LOOKUP"] == "lds":
+            raise RuntimeError("Triton Error [CUDA]: too many resources requested for launch")
+    return real(kernel, grid, args, kwargs, weight_ids)
+offline_capture._launches = launches
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    steps, _ = capture_pass("fwd", LayerSpec(16, 4096, 1024, 16), 90)
+print(json.dumps({"tried": tried, "recorded": [c.args["LOOKUP"] for s in steps for c in s.candidates
+                                               if c.kernel == "lora_decode_fwd_kernel"],
+                  "warnings": [str(w.message) for w in caught], "failed": sorted(map(str, launch_decode._PAIR_TABLE_FAILED))}))
+"""
+
+
+def test_a_pair_table_that_does_not_launch_falls_back_to_the_byte_permutes():
+    """Should the decode forward with the pair table fail to launch (a GPU or a Triton whose shared memory differs
+    from what the launcher assumed), the same launch runs with the byte permutes, one warning names the device, and
+    the device never tries the table again (the capture runs the pass twice: lds, prmt, then prmt alone)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout)
+    assert got["tried"] == ["lds", "prmt", "prmt"] and got["recorded"] == ["prmt"]
+    assert got["failed"] == ["cuda:0"]
+    table = [w for w in got["warnings"] if "shared-memory NF4 table" in w]
+    assert len(table) == 1 and "cuda:0" in table[0] and "too many resources" in table[0], got["warnings"]

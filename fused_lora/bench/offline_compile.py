@@ -172,7 +172,9 @@ _GLOBAL_LOAD = re.compile(
     r"\b(ld\.global[\w.]*|cp\.async\.c[ag]\.shared\.global\s*\[[^]]*\],\s*\[[^]]*\],\s*(?:0x)?[0-9a-f]+)"
 )
 _SASS_BRANCH = re.compile(r"\bBRA(?:\.\w+)*\s+(LBB\d+);")
-_SASS_MMA = re.compile(r"\b(HGMMA|HMMA|QGMMA)\.(\w+)\.\S*?(BF16|F16|TF32|E4M3|E5M2)")
+# HGMMA.64x128x16.F32.BF16, HMMA.1688.F32.TF32, QGMMA.64x64x32.F32.E4M3.E4M3; fp16 operands have no suffix of their
+# own (HGMMA.64x16x16.F32, HMMA.16816.F32)
+_SASS_MMA = re.compile(r"\b(HGMMA|HMMA|QGMMA)\.(\w+)\.F(?:32|16)(?:\.(BF16|F16|TF32|E4M3|E5M2))?\b")
 _SASS_DEPBAR = re.compile(r"WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x([0-9a-f]+)")
 _SASS_GLOBAL_LOAD = re.compile(r"\b(LDG|LDGSTS|UBLKCP|UTMALDG)\b")
 # Instructions of the two half-rate pipes (offline_model.GpuConstants.alu_cycles, imad_cycles), by opcode after an
@@ -266,7 +268,7 @@ def _mma_flops(instructions: list[str], num_warps: int) -> dict:
         else:  # warpgroup-wide: m64nNkK, issued once by each of the 4 warps of a warpgroup
             mnk = tuple(int(v) for v in shape.split("x"))
             per_program = max(1, num_warps // 4)
-        key = _MMA_DTYPE[dtype]
+        key = _MMA_DTYPE[dtype or "F16"]
         flops[key] = flops.get(key, 0) + 2 * mnk[0] * mnk[1] * mnk[2] * per_program
     return flops
 

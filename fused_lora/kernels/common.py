@@ -69,19 +69,20 @@ def lowrank_split(x, *operands) -> bool:
 
 # The scale of NF4 block b: absmax_fp32()[b] = absmax[b], or fl(fl(nested_code[absmax_q[b]]·nested_absmax[b // 256])
 # + offset) with double quant, computed once by NF4Weight.absmax_fp32 (bitsandbytes' rounding, byte-exact) and kept
-# beside the weight's absmax while it lives: in fp32 (N·K/blocksize·4 bytes: 1/8 of the packed bytes at blocksize 64)
-# for the exact lookups and the slab dequantizer, rounded to bf16/fp16 (half that) for the word lookups, which
-# multiply by the scale rounded to the compute dtype (lora_fwd.py): the same numbers, half the bytes to read.
-_SCALES = {dtype: TensorCache() for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+# beside the weight's absmax (N·K/blocksize·4 bytes: 1/8 of the packed bytes at blocksize 64) while it lives.
+# In fp32 for every kernel: scales rounded to bf16 beforehand (the word lookups' rounding, half the bytes) were tried;
+# 2-byte loads cannot be asynchronous copies (4 bytes at least), so the decode forward's loop took a synchronous load,
+# a shared-memory store and barriers per iteration, and sm_80's NF4 GEMMs and a DoRA epilogue spilled more.
+_SCALES = TensorCache()
 
 
-def decoded_scales(weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[n_blocks] scale of every NF4 block of ``weight`` (contiguous) in ``dtype`` (fp32, or rounded to nearest even
-    to bf16/fp16), decoded once and cached beside it; recomputed when one of its scale tensors is replaced or modified
-    in place through PyTorch (its data pointer or version counter changes). A write PyTorch does not count (through
-    ``.data``, a NumPy or DLPack alias) is not seen: docs/DESIGN.md."""
+def decoded_scales(weight) -> torch.Tensor:
+    """fp32 [n_blocks] scale of every NF4 block of ``weight`` (contiguous), decoded once and cached beside it;
+    recomputed when one of its scale tensors is replaced or modified in place through PyTorch (its data pointer or
+    version counter changes). A write PyTorch does not count (through ``.data``, a NumPy or DLPack alias) is not
+    seen: docs/DESIGN.md."""
     signature = tensor_state(weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
-    return _SCALES[dtype].get(weight.absmax, signature, lambda: weight.absmax_fp32().to(dtype).contiguous())
+    return _SCALES.get(weight.absmax, signature, lambda: weight.absmax_fp32().float().contiguous())
 
 
 class WeightArgs(NamedTuple):
@@ -136,12 +137,18 @@ def w_first(weight, dtype: torch.dtype) -> bool:
     return lookup_mode(weight, dtype) != "gather"
 
 
+def has_row_scales(weight, K: int) -> bool:
+    """Whether every row of the NF4 ``weight`` (K input features) holds whole blocks: one scale per (row, block), K a
+    multiple of an even power-of-two blocksize (ROW_SCALES)."""
+    blocksize = int(weight.blocksize)
+    return blocksize >= 2 and blocksize & (blocksize - 1) == 0 and K % blocksize == 0
+
+
 def weight_args(weight, K: int, dtype: torch.dtype) -> WeightArgs:
     """The W arguments of the GEMM kernels for a dense or NF4 weight with K input features, computing in ``dtype``.
 
-    NF4 weights are passed with their decoded scales (``decoded_scales``) as absmax and DOUBLE_QUANT False: the
-    kernels read one scale per (row, block) and never decode the double-quant chain themselves; in the compute dtype
-    for the word lookups ("prmt", "lds"), which round it to that dtype anyway, else in fp32."""
+    NF4 weights are passed with their decoded fp32 scales (``decoded_scales``) as absmax and DOUBLE_QUANT False:
+    the kernels read one fp32 scale per (row, block) and never decode the double-quant chain themselves."""
     if not is_nf4(weight):
         return WeightArgs(
             pointers=(weight, None, None, None, None, None), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
@@ -151,13 +158,9 @@ def weight_args(weight, K: int, dtype: torch.dtype) -> WeightArgs:
     blocksize = int(weight.blocksize)
     # The kernels index every NF4 tensor as contiguous: packed bytes are W-sized, and unsupported_reason sends
     # non-contiguous ones to the reference; the code table is made contiguous here (no copy when it already is).
-    even_power_of_two = blocksize >= 2 and blocksize & (blocksize - 1) == 0
-    row_scales = even_power_of_two and K % blocksize == 0
-    # the word lookups ("prmt", and "lds" alike) decode whole rows of blocks (row_scales); the element-wise layout
-    # multiplies the exact fp32 values
-    scale_dtype = dtype if row_scales and lookup_mode(weight, dtype) == "prmt" else torch.float32
+    row_scales = has_row_scales(weight, K)
     return WeightArgs(
-        pointers=(weight.packed, decoded_scales(weight, scale_dtype), weight.code.contiguous(), None, None, None),
+        pointers=(weight.packed, decoded_scales(weight), weight.code.contiguous(), None, None, None),
         stride_wn=K // 2 if row_scales else 0, stride_wk=1 if row_scales else 0,
         constexprs={"IS_NF4": True, "DOUBLE_QUANT": False, "BLOCKSIZE": blocksize,
                     "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE, "ROW_SCALES": row_scales},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .._common import warn_once
 from ..backend import cuda_shared_optin, interpreting
 from . import common
 from .common import FRAGMENT_BLOCK_K, dropout_args, rank_pad, strides
@@ -22,7 +23,7 @@ def supports(M: int, weight) -> bool:
         return False
     if not common.is_nf4(weight):
         return True
-    return bool(common.weight_args(weight, weight.shape[1], torch.float32).constexprs["ROW_SCALES"])
+    return common.has_row_scales(weight, weight.shape[1])  # (not weight_args: it would decode the scales in fp32)
 
 
 def _fragment(weight, K: int) -> bool:
@@ -35,13 +36,28 @@ def _block_m(M: int) -> int:
     return max(16, 1 << (max(M, 1) - 1).bit_length())
 
 
-# The forward's fragment-order config with the shared-memory pair table (LOOKUP "lds", nf4_lookup.py): 5 pipeline
-# stages (4 tiles of W in flight: 57 KiB of Triton's shared memory) beside the table's 32 KiB, so 89 KiB in all. Its
-# dynamic share is over 48 KiB on purpose: only then does Triton's launcher opt in to more than 48 KiB per block, and
-# the static table counts towards that limit (tests/test_kernels_compile.py checks the rule on the compiled kernel).
-# GPUs with less shared memory per block than PAIR_TABLE_OPTIN (e.g. sm_75's 64 KiB) keep the byte permutes.
+# The forward's fragment-order config with the shared-memory pair table (LOOKUP "lds", nf4_lookup.py), taken at
+# BLOCK_M 16 (M ≤ 16) where its shared memory fits the GPU (pair_table_shared): 5 pipeline stages (4 tiles of W in
+# flight) beside the table's 32 KiB. Triton's dynamic share is over 48 KiB on purpose: only then does Triton's
+# launcher opt in to more than 48 KiB per block, and the static table counts towards that limit
+# (tests/test_kernels_compile.py checks both on the compiled kernels). Should a launch fail anyway (another Triton,
+# another GPU), the device falls back to the byte permutes with one warning.
 PAIR_TABLE_STAGES = 5
-PAIR_TABLE_OPTIN = 96 * 1024
+# Triton's shared memory for the W loop at PAIR_TABLE_STAGES, BLOCK_M 16 (triton 3.9: 57856 B on sm_90, 53248 B on
+# sm_80), rounded up
+PAIR_TABLE_W_LOOP_SHARED = 60 * 1024
+_PAIR_TABLE_FAILED: set = set()  # devices on which a decode forward with the pair table did not launch
+
+
+def pair_table_shared(r_pad: int, a_bytes: int, has_lora: bool) -> int:
+    """An upper bound of the decode forward's shared memory per block with the pair table at BLOCK_M 16 (bytes): the
+    static table, plus Triton's rings: the larger of the W loop's and the u column's (PAIR_TABLE_STAGES - 1 tiles of
+    x, counted in fp32 as the low-rank dot takes it, and of min(r_pad, 64) rows of A; the two loops are in different
+    branches and share the space). tests/test_kernels_compile.py checks it against the compiled kernels."""
+    from .nf4_lookup import PAIR_TABLE_BYTES
+
+    u_tiles = 16 * FRAGMENT_BLOCK_K * 4 + min(r_pad, 64) * FRAGMENT_BLOCK_K * a_bytes if has_lora else 0
+    return PAIR_TABLE_BYTES + max(PAIR_TABLE_W_LOOP_SHARED, (PAIR_TABLE_STAGES - 1) * u_tiles)
 
 
 def _w_args(weight, K: int, dtype, pair_table: bool = False) -> tuple:
@@ -55,6 +71,7 @@ def _w_args(weight, K: int, dtype, pair_table: bool = False) -> tuple:
 def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, dropout_p=0.0, seed=0):
     """y = x·deq(W)ᵀ + b (+ s·u·Bᵀ); returns u = (m⊙x)·Aᵀ (M, r) fp32 when A is given, else None."""
     import triton
+    from triton.runtime.errors import OutOfResources
 
     from .lora_decode import lora_decode_fwd_epilogue_kernel, lora_decode_fwd_kernel, u_parts_per_trip
     from .pdl import launch_args
@@ -66,7 +83,9 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     r_pad = rank_pad(r) if has_lora else common.FROZEN_R_PAD
     block_m = _block_m(M)
     fragment = _fragment(weight, K)
-    pair_table = fragment and not interpreting() and cuda_shared_optin(x2d.device) >= PAIR_TABLE_OPTIN
+    pair_table = (fragment and block_m == 16 and not interpreting() and x2d.device not in _PAIR_TABLE_FAILED
+                  and pair_table_shared(r_pad, A.element_size() if has_lora else 0, has_lora)
+                  <= cuda_shared_optin(x2d.device))  # fmt: skip
     if fragment:
         block_n, block_k, warps = (128, FRAGMENT_BLOCK_K, 4)
     else:
@@ -76,18 +95,32 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     u_part = torch.empty((splits, M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
     w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize, lookup = _w_args(weight, K, x2d.dtype,
                                                                                            pair_table)
-    stages = {"num_stages": PAIR_TABLE_STAGES} if lookup == "lds" else {}
-    lora_decode_fwd_kernel[(triton.cdiv(N, block_n) + has_lora, splits)](  # + u's column
-        x2d, w_ptr, scale_ptr, code_ptr, A, y_part, u_part,
-        M, N, K, r, k_per_split,
-        x2d.stride(0), x2d.stride(1), stride_wn, stride_wk, *strides(A),
-        y_part.stride(0), y_part.stride(1), *(u_part.stride()[:2] if has_lora else (0, 0)),
-        **dropout_args(dropout_p, seed),
-        IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup, FRAGMENT=fragment, HAS_LORA=has_lora,
-        DROPOUT=dropout_p > 0.0, **precisions,
-        R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-        **stages, **common.compile_options(weight), **launch_args(x2d.device),
-    )  # fmt: skip
+
+    def launch(lookup: str) -> None:
+        stages = {"num_stages": PAIR_TABLE_STAGES} if lookup == "lds" else {}
+        lora_decode_fwd_kernel[(triton.cdiv(N, block_n) + has_lora, splits)](  # + u's column
+            x2d, w_ptr, scale_ptr, code_ptr, A, y_part, u_part,
+            M, N, K, r, k_per_split,
+            x2d.stride(0), x2d.stride(1), stride_wn, stride_wk, *strides(A),
+            y_part.stride(0), y_part.stride(1), *(u_part.stride()[:2] if has_lora else (0, 0)),
+            **dropout_args(dropout_p, seed),
+            IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup, FRAGMENT=fragment, HAS_LORA=has_lora,
+            DROPOUT=dropout_p > 0.0, **precisions,
+            R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            **stages, **common.compile_options(weight), **launch_args(x2d.device),
+        )  # fmt: skip
+
+    if lookup != "lds":
+        launch(lookup)
+    else:
+        try:
+            launch("lds")
+        except (RuntimeError, OutOfResources) as error:  # e.g. more shared memory than the GPU allows a block
+            _PAIR_TABLE_FAILED.add(x2d.device)
+            warn_once(f"fused_lora: the decode forward's shared-memory NF4 table did not launch on {x2d.device} "
+                      f"({(str(error).splitlines() or [''])[0][:200]}); this device uses the byte-permute lookup from "
+                      "now on (slower)", key=f"pair-table-{x2d.device}")  # fmt: skip
+            launch("prmt")
     u = torch.empty((M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
     if bias is not None:
         bias = bias.contiguous()

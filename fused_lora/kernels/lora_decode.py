@@ -19,11 +19,12 @@ the decode path is deterministic in every mode.
 
 Where the time goes (bench/results/offline, sm_90a, K=4096, N=14336, bf16): with NF4 tiles in the wgmma fragment
 order (nf4_fragment.py, FRAGMENT; 128×128 tiles, 4 warps, 128 values per thread per iteration) the forward reads the
-values from the shared-memory pair table (nf4_lookup.py, LOOKUP "lds", on GPUs with at least
-launch_decode.PAIR_TABLE_OPTIN of shared memory per block): 390 SASS per iteration per warp, of which 64 LDS, 64
-LOP3 and 64 multiplies are the lookup and 64 HMUL2 the scales (read in bf16, common.decoded_scales); 87 ALU
-instructions. The model puts the kernel at 9.4 µs at M=1 and 9.8 µs at M=16 (bound by issue, then by the HBM), 65 %
-and 62 % of the HBM bandwidth with the epilogue; with the byte permutes of nf4_prmt (LOOKUP
+values from the shared-memory pair table (nf4_lookup.py, LOOKUP "lds", at M ≤ 16 where the GPU has the shared memory,
+launch_decode.pair_table_shared): 392 SASS per iteration per warp at M=1 (424 at M=16), of
+which 64 LDS, 64 LOP3 and 64 multiplies are the lookup and 64 HMUL2 the scales; 88 ALU instructions. The model puts
+the kernel at 9.8 µs at M=1 and 10.2 µs at M=16, bound by the HBM (with the fp32 scales, 3.7 MB beside the 29.4 MB
+of NF4 bytes; common.decoded_scales says why not bf16) with issue close behind: 63 % and 60 % of the HBM bandwidth
+with the epilogue; with the byte permutes of nf4_prmt (LOOKUP
 "prmt", which the dx kernel and smaller GPUs keep) the same loop took 570 SASS, 326 of them ALU (2 cycles each on the
 ALU pipe, offline_model.GpuConstants.alu_cycles): 13.5 µs. The loads have no mask of their own: rows of W past N and
 of x past M are read as the last row. There is no shared-memory round trip of the decoded tile; before the fragment

@@ -43,7 +43,11 @@ address + a (ptxas folds the address into the LDS). 1.5 instructions per value i
 and the HBM (bench/results/offline). The table takes 32 KiB of static shared memory declared by the kernel itself
 (a .shared array in inline PTX; Triton does not see it): a kernel that uses it must ask Triton for more than 48 KiB
 of dynamic shared memory, or stay under 48 KiB in all, to launch (launch_decode.PAIR_TABLE_STAGES,
-tests/test_kernels_compile.py).
+tests/test_kernels_compile.py). Only the decode forward uses it. The decode dx kernel moves its W tile through shared
+memory for the transposed operand: with the table it became bound by the shared-memory pipe instead of the ALU, at
+the same predicted time. The middle-M GEMMs with it: 328 and 322 SASS per iteration instead of 394 and 389 (2.45x
+and 2.73x the dense loop), but the same predicted times (their loops are bound by the MMA and the shared-memory
+pipe), and every autotuned config would have to satisfy the launch rule above: not taken.
 
 tests/test_kernels_lookup.py runs these PTX texts through a small emulator of the instructions they use, for every
 byte value in every position (and every lane), on the CPU, and checks nf4_lut, pair_table_chunks and the element
