@@ -196,6 +196,23 @@ def nf4_lut(code_ptr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _eight_values(ASM: tl.constexpr, CONSTRAINTS: tl.constexpr, operands, DTYPE: tl.constexpr):
+    """The 8 DTYPE (bf16 or fp16) values the PTX ``ASM`` makes of each int32 word of operands[0] (as 8 tensors)."""
+    if DTYPE == tl.bfloat16:
+        values = tl.inline_asm_elementwise(
+            ASM, CONSTRAINTS, operands, is_pure=False, pack=1,
+            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
+                   tl.bfloat16),
+        )  # fmt: skip
+    else:
+        values = tl.inline_asm_elementwise(
+            ASM, CONSTRAINTS, operands, is_pure=False, pack=1,
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+        )  # fmt: skip
+    return values
+
+
+@triton.jit
 def nf4_prmt(words, lut, DTYPE: tl.constexpr):
     """The 8 values of every int32 word of packed bytes (8 tensors of ``words``' shape, element order), in DTYPE
     (bf16 or fp16), ``lut`` from nf4_lut; GPU only. Not marked pure, so that Triton decodes in the layout the words
@@ -206,18 +223,7 @@ def nf4_prmt(words, lut, DTYPE: tl.constexpr):
         words, lut[0] + zero, lut[1] + zero, lut[2] + zero, lut[3] + zero, lut[4] + zero, lut[5] + zero,
         lut[6] + zero, lut[7] + zero,
     ]  # fmt: skip
-    if DTYPE == tl.bfloat16:
-        values = tl.inline_asm_elementwise(
-            PRMT_ASM, PRMT_CONSTRAINTS, operands, is_pure=False, pack=1,
-            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                   tl.bfloat16),
-        )  # fmt: skip
-    else:
-        values = tl.inline_asm_elementwise(
-            PRMT_ASM, PRMT_CONSTRAINTS, operands, is_pure=False, pack=1,
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
-        )  # fmt: skip
-    return values
+    return _eight_values(PRMT_ASM, PRMT_CONSTRAINTS, operands, DTYPE)
 
 
 PAIR_TABLE = "fused_lora_nf4_pairs"  # the PTX name of nf4_pair_table's shared-memory array
@@ -300,18 +306,7 @@ def nf4_lds(words, lane4, DTYPE: tl.constexpr):
     """The 8 values of every int32 word of packed bytes (as nf4_prmt) from the pair table: 4 LDS, 4 LOP3 and 4
     multiplies per word; ``lane4`` from nf4_pair_table. GPU only."""
     operands = [words, lane4 + tl.zeros_like(words)]
-    if DTYPE == tl.bfloat16:
-        values = tl.inline_asm_elementwise(
-            LDS_ASM, LDS_CONSTRAINTS, operands, is_pure=False, pack=1,
-            dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16,
-                   tl.bfloat16),
-        )  # fmt: skip
-    else:
-        values = tl.inline_asm_elementwise(
-            LDS_ASM, LDS_CONSTRAINTS, operands, is_pure=False, pack=1,
-            dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
-        )  # fmt: skip
-    return values
+    return _eight_values(LDS_ASM, LDS_CONSTRAINTS, operands, DTYPE)
 
 
 @triton.jit
