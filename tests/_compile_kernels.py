@@ -48,10 +48,12 @@ SPLIT_VARIANTS = [(arch, 256, dict(N=1024), "fwd_bwd") for arch in ARCHS]
 N_SMALL, K_SMALL = 4096, 4096
 # (arch, layer changes): the decode forward with the shared-memory pair table at the edges of where the launcher
 # takes it (launch_decode.pair_table_shared): the most shared memory (r = 64, fp32 adapters, dropout; the A100
-# takes the byte permutes there) and fp16 x with bf16 adapters; plus the frozen layer (_frozen_decode_job)
+# takes the byte permutes there), fp16 x with bf16 adapters, blocks of 32 (twice the scales); plus the frozen layer
+# (_frozen_decode_job)
 PAIR_TABLE_VARIANTS = [(arch, changes) for arch in ARCHS
-                       for changes in (dict(r=64, dropout_p=0.1), dict(x_dtype=torch.float16,
-                                                                       adapter_dtype=torch.bfloat16))]  # fmt: skip
+                       for changes in (dict(r=64, dropout_p=0.1),
+                                       dict(x_dtype=torch.float16, adapter_dtype=torch.bfloat16),
+                                       dict(adapter_dtype=torch.bfloat16, blocksize=32))]  # fmt: skip
 DEFAULT_SHARED = 48 * 1024  # what a block may use without Triton's opt-in
 
 
@@ -193,7 +195,7 @@ def _pair_table_bound(args: dict, a_bytes: int) -> int | None:
 
     if args.get("LOOKUP") != "lds":
         return None
-    return pair_table_shared(args["R_PAD"], a_bytes, args["HAS_LORA"])
+    return pair_table_shared(args["R_PAD"], a_bytes, args["HAS_LORA"], args["BLOCKSIZE"])
 
 
 def _pair_table_facts(args: dict, spec: LayerSpec) -> dict:

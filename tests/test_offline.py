@@ -422,37 +422,53 @@ def test_a_kernel_that_does_not_compile_fails_the_instrument(tmp_path):
 
 
 FALLBACK = """
-import json, warnings
+import json, sys, warnings
 from fused_lora.bench import offline_capture
 from fused_lora.bench.offline_capture import LayerSpec, capture_pass
 from fused_lora.kernels import launch_decode
+message, action = sys.argv[1], sys.argv[2]
 real, tried = offline_capture._launches, []
 def launches(kernel, grid, args, kwargs, weight_ids):
     if "LOOKUP" in kwargs and "FRAGMENT" in kwargs:
         tried.append(kwargs["LOOKUP"])
         if kwargs["LOOKUP"] == "lds":
-            raise RuntimeError("Triton Error [CUDA]: too many resources requested for launch")
+            raise RuntimeError(message)
     return real(kernel, grid, args, kwargs, weight_ids)
 offline_capture._launches = launches
+raised = []
 with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    steps, _ = capture_pass("fwd", LayerSpec(16, 4096, 1024, 16), 90)
-print(json.dumps({"tried": tried, "recorded": [c.args["LOOKUP"] for s in steps for c in s.candidates
-                                               if c.kernel == "lora_decode_fwd_kernel"],
-                  "warnings": [str(w.message) for w in caught], "failed": sorted(map(str, launch_decode._PAIR_TABLE_FAILED))}))
+    warnings.simplefilter(action)
+    for _ in range(2):
+        try:
+            capture_pass("fwd", LayerSpec(16, 4096, 1024, 16), 90)
+        except (RuntimeError, RuntimeWarning) as error:
+            raised.append(type(error).__name__)
+print(json.dumps({"tried": tried, "raised": raised, "warnings": [str(w.message) for w in caught],
+                  "failed": sorted(map(str, launch_decode._PAIR_TABLE_FAILED))}))
 """
 
 
-def test_a_pair_table_that_does_not_launch_falls_back_to_the_byte_permutes():
-    """Should the decode forward with the pair table fail to launch (a GPU or a Triton whose shared memory differs
-    from what the launcher assumed), the same launch runs with the byte permutes, one warning names the device, and
-    the device never tries the table again (the capture runs the pass twice: lds, prmt, then prmt alone)."""
+def _fallback(message: str, action: str = "always") -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=REPO)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", FALLBACK, message, action], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=REPO)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    got = json.loads(proc.stdout)
-    assert got["tried"] == ["lds", "prmt", "prmt"] and got["recorded"] == ["prmt"]
+    return json.loads(proc.stdout)
+
+
+def test_a_pair_table_that_does_not_launch_falls_back_to_the_byte_permutes():
+    """Should the decode forward with the pair table be refused for its resources (a GPU or a Triton whose shared
+    memory differs from what the launcher assumed), the same launch runs with the byte permutes, one warning names
+    the device, and the device never tries the table again (each capture runs the pass twice: lds and prmt, then
+    prmt alone, three times). Any other CUDA error is raised as it is, and nothing is switched off; with warnings as
+    errors every call raises (the byte permutes ran first)."""
+    got = _fallback("Triton Error [CUDA]: too many resources requested for launch")
+    assert got["tried"] == ["lds", "prmt", "prmt", "prmt", "prmt"] and got["raised"] == []
     assert got["failed"] == ["cuda:0"]
     table = [w for w in got["warnings"] if "shared-memory NF4 table" in w]
     assert len(table) == 1 and "cuda:0" in table[0] and "too many resources" in table[0], got["warnings"]
+    got = _fallback("Triton Error [CUDA]: an illegal memory access was encountered")
+    assert got["tried"] == ["lds", "lds"] and got["raised"] == ["RuntimeError"] * 2 and got["failed"] == []
+    assert not [w for w in got["warnings"] if "shared-memory NF4 table" in w]
+    got = _fallback("Triton Error [CUDA]: too many resources requested for launch", "error")
+    assert got["raised"] == ["RuntimeWarning"] * 2 and got["tried"] == ["lds", "prmt"] * 2 and got["failed"] == []

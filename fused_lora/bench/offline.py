@@ -112,7 +112,8 @@ def _job_value(value):
 
 def _variant_tag(spec: LayerSpec) -> str:
     return (f"{spec.weight}-{torch_dtype_name(spec.x_dtype)}-A{torch_dtype_name(spec.adapter_dtype)}-r{spec.r}"
-            + ("-dropout" if spec.dropout_p else "") + ("-M1" if spec.M == 1 else ""))  # fmt: skip
+            + ("-dropout" if spec.dropout_p else "") + (f"-bs{spec.blocksize}" if spec.blocksize != 64 else "")
+            + ("-M1" if spec.M == 1 else ""))  # fmt: skip
 
 
 def launch_config(launch) -> str:

@@ -61,8 +61,8 @@ TARGETS = {
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """One layer shape and dtype variant: x (M, K) in ``x_dtype``, W (N, K) ``weight`` ("nf4dq": NF4 with double
-    quantization, "nf4", "dense" in x's dtype; blocksize 64), A (r, K) and B (N, r) in ``adapter_dtype``, dropout
-    probability ``dropout_p`` on the low-rank input."""
+    quantization, "nf4", "dense" in x's dtype; NF4 blocks of ``blocksize``), A (r, K) and B (N, r) in
+    ``adapter_dtype``, dropout probability ``dropout_p`` on the low-rank input."""
 
     M: int
     K: int
@@ -72,6 +72,7 @@ class LayerSpec:
     adapter_dtype: torch.dtype = torch.float32
     weight: str = "nf4dq"
     dropout_p: float = 0.0
+    blocksize: int = 64
 
 
 @dataclasses.dataclass
@@ -119,11 +120,11 @@ def _meta(shape, dtype) -> torch.Tensor:
 
 
 def make_weight(spec: LayerSpec):
-    """The layer's W on the meta device: an NF4Weight (blocksize 64) or a dense (N, K) tensor."""
+    """The layer's W on the meta device: an NF4Weight (spec.blocksize) or a dense (N, K) tensor."""
     N, K = spec.N, spec.K
     if spec.weight == "dense":
         return _meta((N, K), spec.x_dtype)
-    n, blocksize = N * K, 64
+    n, blocksize = N * K, spec.blocksize
     n_blocks = -(-n // blocksize)
     if spec.weight == "nf4dq":
         nested = dict(offset=_meta((), torch.float32), nested_absmax=_meta((-(-n_blocks // 256),), torch.float32),

@@ -43,21 +43,31 @@ def _block_m(M: int) -> int:
 # (tests/test_kernels_compile.py checks both on the compiled kernels). Should a launch fail anyway (another Triton,
 # another GPU), the device falls back to the byte permutes with one warning.
 PAIR_TABLE_STAGES = 5
-# Triton's shared memory for the W loop at PAIR_TABLE_STAGES, BLOCK_M 16 (triton 3.9: 57856 B on sm_90, 53248 B on
-# sm_80), rounded up
+# Triton's shared memory for the W loop at PAIR_TABLE_STAGES, BLOCK_M 16, blocksize 64 (triton 3.6 and 3.9: 57856 B
+# on sm_90, 53248 B on sm_80), rounded up; smaller blocks add their scales (pair_table_shared)
 PAIR_TABLE_W_LOOP_SHARED = 60 * 1024
 _PAIR_TABLE_FAILED: set = set()  # devices on which a decode forward with the pair table did not launch
 
 
-def pair_table_shared(r_pad: int, a_bytes: int, has_lora: bool) -> int:
+def pair_table_shared(r_pad: int, a_bytes: int, has_lora: bool, blocksize: int) -> int:
     """An upper bound of the decode forward's shared memory per block with the pair table at BLOCK_M 16 (bytes): the
-    static table, plus Triton's rings: the larger of the W loop's and the u column's (PAIR_TABLE_STAGES - 1 tiles of
-    x, counted in fp32 as the low-rank dot takes it, and of min(r_pad, 64) rows of A; the two loops are in different
-    branches and share the space). tests/test_kernels_compile.py checks it against the compiled kernels."""
+    static table, plus Triton's rings: the larger of the W loop's (with the fp32 scales of blocks smaller than 64:
+    128 rows · 128 / blocksize per tile) and the u column's (PAIR_TABLE_STAGES - 1 tiles of x, counted in fp32 as the
+    low-rank dot takes it, and of min(r_pad, 64) rows of A; the two loops are in different branches and share the
+    space). tests/test_kernels_compile.py checks it against the compiled kernels."""
     from .nf4_lookup import PAIR_TABLE_BYTES
 
+    small_blocks = max(0, FRAGMENT_BLOCK_K // blocksize - FRAGMENT_BLOCK_K // 64) * 128 * 4
+    w_loop = PAIR_TABLE_W_LOOP_SHARED + (PAIR_TABLE_STAGES - 1) * small_blocks
     u_tiles = 16 * FRAGMENT_BLOCK_K * 4 + min(r_pad, 64) * FRAGMENT_BLOCK_K * a_bytes if has_lora else 0
-    return PAIR_TABLE_BYTES + max(PAIR_TABLE_W_LOOP_SHARED, (PAIR_TABLE_STAGES - 1) * u_tiles)
+    return PAIR_TABLE_BYTES + max(w_loop, (PAIR_TABLE_STAGES - 1) * u_tiles)
+
+
+def _is_resource_error(error: RuntimeError) -> bool:
+    """Whether a failed launch was refused for its resources (CUDA's "too many resources requested for launch", or
+    "invalid argument" for more dynamic shared memory than the function allows), as Triton's launcher words it."""
+    text = str(error)
+    return "Triton Error [CUDA]" in text and ("resources" in text or "invalid argument" in text)
 
 
 def _w_args(weight, K: int, dtype, pair_table: bool = False) -> tuple:
@@ -84,7 +94,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     block_m = _block_m(M)
     fragment = _fragment(weight, K)
     pair_table = (fragment and block_m == 16 and not interpreting() and x2d.device not in _PAIR_TABLE_FAILED
-                  and pair_table_shared(r_pad, A.element_size() if has_lora else 0, has_lora)
+                  and pair_table_shared(r_pad, A.element_size() if has_lora else 0, has_lora, int(weight.blocksize))
                   <= cuda_shared_optin(x2d.device))  # fmt: skip
     if fragment:
         block_n, block_k, warps = (128, FRAGMENT_BLOCK_K, 4)
@@ -115,12 +125,14 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     else:
         try:
             launch("lds")
-        except (RuntimeError, OutOfResources) as error:  # e.g. more shared memory than the GPU allows a block
-            _PAIR_TABLE_FAILED.add(x2d.device)
+        except (RuntimeError, OutOfResources) as error:
+            if not isinstance(error, OutOfResources) and not _is_resource_error(error):
+                raise  # any other CUDA error (e.g. a sticky illegal address) is not the table's
+            launch("prmt")
             warn_once(f"fused_lora: the decode forward's shared-memory NF4 table did not launch on {x2d.device} "
                       f"({(str(error).splitlines() or [''])[0][:200]}); this device uses the byte-permute lookup from "
                       "now on (slower)", key=f"pair-table-{x2d.device}")  # fmt: skip
-            launch("prmt")
+            _PAIR_TABLE_FAILED.add(x2d.device)  # after the warning: with warnings as errors every call raises
     u = torch.empty((M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
     if bias is not None:
         bias = bias.contiguous()
