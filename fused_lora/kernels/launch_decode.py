@@ -23,7 +23,7 @@ def supports(M: int, weight) -> bool:
         return False
     if not common.is_nf4(weight):
         return True
-    return common.has_row_scales(weight, weight.shape[1])  # (not weight_args: it would decode the scales in fp32)
+    return common.has_row_scales(weight, weight.shape[1])  # (not weight_args, which would decode the scales)
 
 
 def _fragment(weight, K: int) -> bool:
