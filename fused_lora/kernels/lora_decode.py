@@ -32,7 +32,8 @@ order, the same 128 values took 717 SASS, of which 66 IMAD.MOV, 16 STS.128, 16 L
 into the fragment layout. 5 pipeline stages (launch_decode.PAIR_TABLE_STAGES) keep 4 tiles of W in flight and put
 Triton's shared memory over 48 KiB, which the static table needs to launch. Decoding the double-quant scales here
 (1 byte per block read instead of 4) was tried and not taken: the scale gathers in the fragment layout cost 54 SASS
-per iteration (446), more than the bytes they save.
+per iteration (446), more than the bytes they save; decoding them in a compact layout of one or two per thread first
+gave the same 446 (Triton spreads the decode over the tile's layout).
 The choices below were priced by the offline model before it counted the ALU pipe (times in µs of that model). Two
 splits of 16 K steps (224 programs, launch_gemm._splits
 with strategy.Thresholds.decode_programs_per_sm) leave 40 SMs one program: 9.4 µs, where 8 splits of 4 steps took 8.2 µs
