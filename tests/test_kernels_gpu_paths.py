@@ -1,8 +1,9 @@
 """Every kernel path of fused_lora/kernels on a CUDA device, at Llama-3-8B shapes in bf16 (and fp16, fp32 where the
-rounding differs): decode (split-K), middle (NF4 decoded in registers in the GEMM, byte-permute lookup) and large M
-(slabs of W dequantized into the workspace, then the dense GEMM), NF4 and dense, with and without the low-rank term,
-bias and dropout, each forced by strategy.use_thresholds; the deterministic mode bitwise reproducible; the large
-path's workspace bounded. DESIGN's tolerance rule against the float64 reference over bitsandbytes' dequantized W."""
+rounding differs): decode (split-K; the forward's NF4 from the shared-memory pair table), middle (NF4 decoded in
+registers in the GEMM, byte-permute lookup) and large M (slabs of W dequantized into the workspace, then the dense
+GEMM), NF4 and dense, with and without the low-rank term, bias and dropout, each forced by strategy.use_thresholds;
+the deterministic mode bitwise reproducible; the large path's workspace bounded. DESIGN's tolerance rule against the
+float64 reference over bitsandbytes' dequantized W."""
 
 import pytest
 import torch
@@ -71,6 +72,22 @@ def _check(M, K, N, r, dtype, base, bias, p, path, monkeypatch, adapter_dtype=to
                          ids=["decode-M1", "decode-M16", "middle-M256", "large-M2048"])
 def test_each_path_in_bf16_at_llama_shapes(path, M, K, N, base, monkeypatch, poison_empty):
     _check(M, K, N, 16, torch.bfloat16, base, bias=True, p=0.1, path=path, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("M", [1, 16])
+def test_the_decode_forward_runs_the_pair_table(M, monkeypatch, poison_empty):
+    """Where a block has the shared memory for it, the decode forward reads NF4 from the shared-memory pair table
+    (LOOKUP "lds", nf4_lookup.py; never run on a GPU before this test) and meets the tolerance rule, without falling
+    back to the byte permutes."""
+    from fused_lora.backend import cuda_shared_optin
+
+    _, _, launch_decode, *_ = _modules()
+    if launch_decode.pair_table_shared(16, 4, True, 64) > cuda_shared_optin("cuda"):
+        pytest.skip("this GPU gives a block too little shared memory for the pair table")
+    lookups, real = [], launch_decode._w_args
+    monkeypatch.setattr(launch_decode, "_w_args", lambda *a, **k: (lambda w: lookups.append(w[-1]) or w)(real(*a, **k)))
+    _check(M, 4096, 14336, 16, torch.bfloat16, "nf4-dq", bias=True, p=0.1, path="decode", monkeypatch=monkeypatch)
+    assert "lds" in lookups and not launch_decode._PAIR_TABLE_FAILED, (lookups, launch_decode._PAIR_TABLE_FAILED)
 
 
 @pytest.mark.parametrize("base", ["nf4-dq", "dense"])
