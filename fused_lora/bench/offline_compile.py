@@ -185,14 +185,14 @@ _SASS_ALU = re.compile(r"^(?:@!?U?P\w+\s+)?(?:LOP3|LOP|SHF|SHL|SHR|PRMT|IADD3|IA
                        r"VIMNMX|BMSK|SGXT|PLOP3|P2R|R2P|FLO|POPC|BREV|FSETP|FMNMX|MOV|F2FP)\b")
 _SASS_IMAD = re.compile(r"^(?:@!?U?P\w+\s+)?(?:IMAD|IMUL|IDP)\b")
 _SASS_LOAD = re.compile(r"\b(LDG|LDGSTS)(\.\S+)?\s")
-_LOAD_BYTES = {"128": 16, "64": 8, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
+# bytes per lane of a load or shared-memory access by its width suffix (none: 4)
+_WIDTH_BYTES = {"128": 16, "64": 8, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
 # a register tile moved through shared memory inside the loop: stored (STS) and read back as MMA fragments (LDSM)
 _SASS_SHARED_ROUND_TRIP = re.compile(r"\b(STS|LDSM)\b")
 # shared-memory accesses by the cycles of the SM's shared-memory pipe they take without bank conflicts
 # (offline_model.GpuConstants.shared_bytes_per_cycle): bytes per lane × 32 lanes; ldmatrix .x1/.x2/.x4 moves
 # 128/256/512 bytes per warp
 _SASS_SHARED = re.compile(r"\b(LDS|STS|LDSM)((?:\.[\w]+)*)\s")
-_SHARED_BYTES = {"128": 16, "64": 8, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
 _SASS_MEMBAR = re.compile(r"\bMEMBAR\.\S*(GPU|SYS)")
 _PTX_LABEL = re.compile(r"^\s*(\$L__\w+):")
 _PTX_BRANCH = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
@@ -200,11 +200,16 @@ _PTX_MMA = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\.")
 _MMA_DTYPE = {"BF16": "16bit", "F16": "16bit", "TF32": "tf32", "E4M3": "fp8", "E5M2": "fp8"}
 
 
+def _lane_bytes(suffixes: list[str]) -> int:
+    """Bytes one lane moves, from an access's suffixes (["E", "128"] → 16, ["U8"] → 1, none of _WIDTH_BYTES → 4)."""
+    return next((_WIDTH_BYTES[p] for p in suffixes if p in _WIDTH_BYTES), 4)
+
+
 def _sass_load_bytes(instruction: str) -> int:
     """Bytes one lane requests with an LDG/LDGSTS (0 for anything else): LDG.E.128 → 16, LDG.E.U8 → 1, LDG.E → 4."""
     if not (m := _SASS_LOAD.search(instruction)):
         return 0
-    return next((_LOAD_BYTES[p] for p in (m.group(2) or "").split(".") if p in _LOAD_BYTES), 4)
+    return _lane_bytes((m.group(2) or "").split("."))
 
 
 def _sass_shared_bytes(instruction: str) -> int:
@@ -215,7 +220,7 @@ def _sass_shared_bytes(instruction: str) -> int:
     parts = (m.group(2) or "").upper().split(".")
     if m.group(1) == "LDSM":  # LDSM.16.M88.4 (x4), .2, or none (x1)
         return {"4": 512, "2": 256}.get(parts[-1], 128)
-    return 32 * next((_SHARED_BYTES[p] for p in parts if p in _SHARED_BYTES), 4)
+    return 32 * _lane_bytes(parts)
 
 
 def _global_load_bits(instruction: str) -> tuple[str, int]:

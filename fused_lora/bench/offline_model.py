@@ -28,8 +28,7 @@ offline_kernels.py gives T), from the compiled record (offline_compile.py):
    grid (decode) pays one program's whole latency.
 4. Outside the main loop (prologue, epilogue, the low-rank term of an epilogue) each program issues its remaining
    SASS once (or its remaining ALU or IMAD instructions, or shared-memory bytes, at their pipes' rates, as in 2.;
-   plus its MMA), added per
-   program an SM runs (no overlap with other programs' loops: pessimistic).
+   plus its MMA), added per program an SM runs (no overlap with other programs' loops: pessimistic).
    A kernel's other loops (offline_kernels.KernelModel.side_loops) cost their trips × the larger of their issue
    time and one load latency per trip over the pipeline depth: added to every program when every program runs
    them after its main loop; when a few programs run them instead of the main loop (the decode forward's u), the
@@ -131,9 +130,9 @@ class KernelTime:
     memory_ms: float
     occupancy: int
     waves: float
-    bound: str  # "issue", "alu" (its ALU/IMAD pipe), "shared" (the SM's shared-memory pipe), "mma", "serial" (issue
-    # + MMA of a loop that waits for each MMA),
-    # "memory", "latency"
+    # "issue", "alu" (its ALU/IMAD pipe), "shared" (the SM's shared-memory pipe), "mma", "serial" (issue + MMA of a
+    # loop that waits for each MMA), "memory", "latency"
+    bound: str
 
 
 def occupancy(record: dict, gpu: GpuConstants = H200) -> int:
@@ -158,6 +157,11 @@ def loop_cycles_per_warp(record: dict, gpu: GpuConstants = H200) -> float:
     return _cycles_per_warp(record["sass_loop"] or 0, record.get("loop_alu", 0), record.get("loop_imad", 0), gpu)
 
 
+def _shared_cycles(bytes_per_warp: float, warps: int, gpu: GpuConstants) -> float:
+    """Cycles of the SM's shared-memory pipe for ``warps`` warps moving ``bytes_per_warp`` each."""
+    return bytes_per_warp * warps / gpu.shared_bytes_per_cycle
+
+
 def _mma_cycles(flops: dict, kind: str | None, gpu: GpuConstants) -> float:
     return sum(f / gpu.mma_flops_per_cycle(kind or "HGMMA", dtype) for dtype, f in flops.items())
 
@@ -173,7 +177,7 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
     issue = per_warp * warps / gpu.issue_per_cycle
     mma = _mma_cycles(record["loop_mma_flops"], record["mma"], gpu)
     membar = record["loop_membar"] * gpu.membar_ns * gpu.clock_ghz
-    shared = record.get("loop_shared_bytes", 0) * warps / gpu.shared_bytes_per_cycle
+    shared = _shared_cycles(record.get("loop_shared_bytes", 0), warps, gpu)
     waits_for_mma = record["mma"] in ("HGMMA", "QGMMA") and record["mma_pipelined"] is False
     single = max(issue, shared) + (mma if waits_for_mma else 0.0) + membar
 
@@ -186,8 +190,7 @@ def predict_kernel(record: dict, programs: int, trips: int, hbm_bytes: int, gpu:
     loop_cycles = trips * (full * round_cycles(slots_per_sm) + (round_cycles(rest_per_sm) if rest else 0.0))
     rest_sass = record["sass_total"] - (record["sass_loop"] or 0) * record["unroll"]
     outside = _cycles_per_warp(rest_sass, record.get("rest_alu", 0), record.get("rest_imad", 0), gpu) * warps
-    rest_shared = record.get("rest_shared_bytes", 0) * warps / gpu.shared_bytes_per_cycle
-    outside = max(outside / gpu.issue_per_cycle, rest_shared)
+    outside = max(outside / gpu.issue_per_cycle, _shared_cycles(record.get("rest_shared_bytes", 0), warps, gpu))
     outside += _mma_cycles(record["rest_mma_flops"], record["mma"], gpu)
     outside += record["rest_membar"] * gpu.membar_ns * gpu.clock_ghz
     per_sm = math.ceil(programs / gpu.sms)

@@ -173,12 +173,17 @@ def nf4_tree(q):
 
 
 @triton.jit
+def _half_bits_of(code_ptr, q, DTYPE: tl.constexpr):
+    """The 16-bit pattern of code[q] rounded to DTYPE, in the low half of an int32."""
+    return tl.load(code_ptr + q).to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
 def _lut_word(code_ptr, FIRST: tl.constexpr, SHIFT: tl.constexpr, DTYPE: tl.constexpr):
     """Bytes SHIFT/8 of code[FIRST..FIRST+3] rounded to DTYPE, packed little-endian into one int32."""
     word = tl.full((), 0, tl.int32)
     for i in tl.static_range(4):
-        bits = tl.load(code_ptr + FIRST + i).to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32)
-        word = word | (((bits >> SHIFT) & 0xFF) << (8 * i))
+        word = word | (((_half_bits_of(code_ptr, FIRST + i, DTYPE) >> SHIFT) & 0xFF) << (8 * i))
     return word
 
 
@@ -267,12 +272,6 @@ PAIR_DECLARE_ASM = tl.constexpr(pair_declare_asm())
 PAIR_STORE_ASM = tl.constexpr(pair_store_asm())
 LDS_ASM = tl.constexpr(lds_asm())
 LDS_CONSTRAINTS = tl.constexpr("=h,=h,=h,=h,=h,=h,=h,=h,r,r")
-
-
-@triton.jit
-def _half_bits_of(code_ptr, q, DTYPE: tl.constexpr):
-    """The 16-bit pattern of code[q] rounded to DTYPE, in the low half of an int32."""
-    return tl.load(code_ptr + q).to(DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
 
 
 @triton.jit

@@ -57,13 +57,13 @@ class Thresholds:
     slab_overlap: dequantize the next slab on a side CUDA stream while the current slab's GEMM runs.
     programs_per_sm: programs per SM the split reductions aim for: launch_gemm._splits takes between half and
         twice as many, the count that leaves the busiest SM the least work.
-    decode_programs_per_sm: the same for the decode path's split-K kernels (launch_decode.py), None:
-        programs_per_sm. Their NF4 programs are bound by the ALU pipe (the decode), so a second wave only adds a
-        prologue, an epilogue and a partial sum per program: aim for what an SM holds at once. On sm_90 they use 167-202
-        registers × 128 threads, 2 per SM (bench/results/offline): 2 splits of 16 K steps instead of 8 of 4 for
-        Llama-3-8B's up_proj, a forward 9-14 % faster at M ≤ 16 by the offline model. The dense decode forward
-        holds one program per SM but streams W: fewer programs cost it less too (46 of the 48 dense decode rows of
-        the offline sweep faster, 2 slower by under 1 %). Elsewhere None until measured.
+    decode_programs_per_sm: the same for the decode path's split-K kernels (launch_decode.py), None: programs_per_sm.
+        Their NF4 programs are bound by the decode (the ALU pipe with the byte permutes, issue and the HBM with the pair
+        table), so a second wave only adds a prologue, an epilogue and a partial sum per program: aim for what an SM
+        holds at once. On sm_90 they use 167-211 registers × 128 threads, 2 per SM (bench/results/offline): 2 splits of
+        16 K steps instead of 8 of 4 for Llama-3-8B's up_proj, a forward 9-14 % faster at M ≤ 16 by the offline model.
+        The dense decode forward holds one program per SM but streams W: fewer programs cost it less too (46 of the 48
+        dense decode rows of the offline sweep faster, 2 slower by under 1 %). Elsewhere None until measured.
     split_k_min_steps: the middle path's forward splits K when its tiles would leave at least half the SMs idle
         (launch_gemm.y_splits), into at most one program per SM, each of at least this many K steps; 0: never.
     """
