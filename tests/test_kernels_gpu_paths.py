@@ -7,6 +7,7 @@ float64 reference over bitsandbytes' dequantized W."""
 
 import pytest
 import torch
+from test_kernels import LaunchRecorder
 from test_kernels_gpu import SCALING, _assert_outputs_match_reference, _layer
 
 import fused_lora as fl
@@ -77,17 +78,20 @@ def test_each_path_in_bf16_at_llama_shapes(path, M, K, N, base, monkeypatch, poi
 @pytest.mark.parametrize("M", [1, 16])
 def test_the_decode_forward_runs_the_pair_table(M, monkeypatch, poison_empty):
     """Where a block has the shared memory for it, the decode forward reads NF4 from the shared-memory pair table
-    (LOOKUP "lds", nf4_lookup.py; never run on a GPU before this test) and meets the tolerance rule, without falling
-    back to the byte permutes."""
+    (LOOKUP "lds", nf4_lookup.py) and the block scales as bf16 pairs (SCALE_PAIRS, common.scale_pairs), neither run
+    on a GPU before this test, and meets the tolerance rule, without falling back to the byte permutes."""
     from fused_lora.backend import cuda_shared_optin
+    from fused_lora.kernels import lora_decode
 
     _, _, launch_decode, *_ = _modules()
     if launch_decode.pair_table_shared(16, 4, True, 64) > cuda_shared_optin("cuda"):
         pytest.skip("this GPU gives a block too little shared memory for the pair table")
-    lookups, real = [], launch_decode._w_args
-    monkeypatch.setattr(launch_decode, "_w_args", lambda *a, **k: (lambda w: lookups.append(w[-1]) or w)(real(*a, **k)))
+    launched = []
+    monkeypatch.setattr(lora_decode, "lora_decode_fwd_kernel", LaunchRecorder(
+        lora_decode.lora_decode_fwd_kernel, lambda grid, kw: launched.append((kw["LOOKUP"], kw["SCALE_PAIRS"]))))
     _check(M, 4096, 14336, 16, torch.bfloat16, "nf4-dq", bias=True, p=0.1, path="decode", monkeypatch=monkeypatch)
-    assert "lds" in lookups and not launch_decode._PAIR_TABLE_FAILED, (lookups, launch_decode._PAIR_TABLE_FAILED)
+    assert ("lds", True) in launched and not launch_decode._PAIR_TABLE_FAILED, (launched,
+                                                                               launch_decode._PAIR_TABLE_FAILED)
 
 
 @pytest.mark.parametrize("base", ["nf4-dq", "dense"])

@@ -70,10 +70,12 @@ def lowrank_split(x, *operands) -> bool:
 # The scale of NF4 block b: absmax_fp32()[b] = absmax[b], or fl(fl(nested_code[absmax_q[b]]·nested_absmax[b // 256])
 # + offset) with double quant, computed once by NF4Weight.absmax_fp32 (bitsandbytes' rounding, byte-exact) and kept
 # beside the weight's absmax (N·K/blocksize·4 bytes: 1/8 of the packed bytes at blocksize 64) while it lives.
-# In fp32 for every kernel: scales rounded to bf16 beforehand (the word lookups' rounding, half the bytes) were tried;
-# 2-byte loads cannot be asynchronous copies (4 bytes at least), so the decode forward's loop took a synchronous load,
-# a shared-memory store and barriers per iteration, and sm_80's NF4 GEMMs and a DoRA epilogue spilled more.
+# In fp32 for every kernel but the decode forward: scales rounded to bf16 beforehand (the word lookups' rounding, half
+# the bytes) were tried in every kernel; 2-byte loads cannot be asynchronous copies (4 bytes at least), so the decode
+# forward's loop took a synchronous load, a shared-memory store and barriers per iteration, and sm_80's NF4 GEMMs and
+# a DoRA epilogue spilled more. The decode forward, bound by the HBM, reads them as pairs instead (scale_pairs).
 _SCALES = TensorCache()
+_SCALE_PAIRS = TensorCache()
 
 
 def decoded_scales(weight) -> torch.Tensor:
@@ -83,6 +85,22 @@ def decoded_scales(weight) -> torch.Tensor:
     seen: docs/DESIGN.md."""
     signature = tensor_state(weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
     return _SCALES.get(weight.absmax, signature, lambda: weight.absmax_fp32().float().contiguous())
+
+
+def scale_pairs(weight, dtype: torch.dtype) -> torch.Tensor:
+    """int32 [n_blocks // 2]: the scales of NF4 blocks 2j (low 16 bits) and 2j + 1 (high 16 bits) of ``weight``
+    rounded to ``dtype`` (bf16 or fp16, the word lookups' rounding of the scale: the same decoded values), cached
+    beside the weight like ``decoded_scales`` (1/16 of the packed bytes at blocksize 64) and built without it. Read by
+    the decode forward (launch_decode.scale_pairs_taken), 4 bytes for two blocks: asynchronous copies at half the
+    fp32 scales' bytes. Pairs never straddle two rows when every row holds an even number of blocks."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"scale_pairs: scales are paired in bf16 or fp16, not {dtype}")
+    if weight.absmax.numel() % 2:
+        raise ValueError(f"scale_pairs: an odd number of NF4 blocks ({weight.absmax.numel()}) has no pairs")
+    signature = tensor_state(weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
+    signature = None if signature is None else (signature, dtype)
+    return _SCALE_PAIRS.get(weight.absmax, signature,
+                            lambda: weight.absmax_fp32().to(dtype).contiguous().view(torch.int32))
 
 
 class WeightArgs(NamedTuple):
@@ -144,11 +162,12 @@ def has_row_scales(weight, K: int) -> bool:
     return blocksize >= 2 and blocksize & (blocksize - 1) == 0 and K % blocksize == 0
 
 
-def weight_args(weight, K: int, dtype: torch.dtype) -> WeightArgs:
+def weight_args(weight, K: int, dtype: torch.dtype, pairs: bool = False) -> WeightArgs:
     """The W arguments of the GEMM kernels for a dense or NF4 weight with K input features, computing in ``dtype``.
 
     NF4 weights are passed with their decoded fp32 scales (``decoded_scales``) as absmax and DOUBLE_QUANT False:
-    the kernels read one fp32 scale per (row, block) and never decode the double-quant chain themselves."""
+    the kernels read one fp32 scale per (row, block) and never decode the double-quant chain themselves; with
+    ``pairs`` (the decode forward's SCALE_PAIRS) the scales as pairs in ``dtype`` instead (``scale_pairs``)."""
     if not is_nf4(weight):
         return WeightArgs(
             pointers=(weight, None, None, None, None, None), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
@@ -160,7 +179,8 @@ def weight_args(weight, K: int, dtype: torch.dtype) -> WeightArgs:
     # non-contiguous ones to the reference; the code table is made contiguous here (no copy when it already is).
     row_scales = has_row_scales(weight, K)
     return WeightArgs(
-        pointers=(weight.packed, decoded_scales(weight), weight.code.contiguous(), None, None, None),
+        pointers=(weight.packed, scale_pairs(weight, dtype) if pairs else decoded_scales(weight),
+                  weight.code.contiguous(), None, None, None),
         stride_wn=K // 2 if row_scales else 0, stride_wk=1 if row_scales else 0,
         constexprs={"IS_NF4": True, "DOUBLE_QUANT": False, "BLOCKSIZE": blocksize,
                     "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE, "ROW_SCALES": row_scales},

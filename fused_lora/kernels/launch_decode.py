@@ -32,6 +32,14 @@ def _fragment(weight, K: int) -> bool:
     return common.is_nf4(weight) and K % FRAGMENT_BLOCK_K == 0
 
 
+def scale_pairs_taken(weight, K: int, lookup: str) -> bool:
+    """Whether the decode forward reads the block scales as pairs in the compute dtype (common.scale_pairs, SCALE_PAIRS:
+    4 bytes for two blocks, half the fp32 scales' HBM bytes): tiles in the fragment order, blocks of at most 64 (two
+    or more per tile row, so an even number per row) and a lookup that rounds the scale to the compute dtype anyway
+    ("prmt", "lds": the same values as the fp32 scales give; the interpreter's exact lookups keep fp32)."""
+    return _fragment(weight, K) and int(weight.blocksize) <= 64 and lookup in ("prmt", "lds")
+
+
 def _block_m(M: int) -> int:
     return max(16, 1 << (max(M, 1) - 1).bit_length())
 
@@ -43,21 +51,21 @@ def _block_m(M: int) -> int:
 # (tests/test_kernels_compile.py checks both on the compiled kernels). Should a launch fail anyway (another Triton,
 # another GPU), the device falls back to the byte permutes with one warning.
 PAIR_TABLE_STAGES = 5
-# Triton's shared memory for the W loop at PAIR_TABLE_STAGES, BLOCK_M 16, blocksize 64 (triton 3.6 and 3.9: 57856 B
-# on sm_90, 53248 B on sm_80), rounded up; smaller blocks add their scales (pair_table_shared)
-PAIR_TABLE_W_LOOP_SHARED = 60 * 1024
+# Triton's shared memory for the W loop at PAIR_TABLE_STAGES, BLOCK_M 16, blocksize 64 (the scales as pairs; triton
+# 3.9: 55808 B on sm_90, 51200 B on sm_80), rounded up; smaller blocks add their scales (pair_table_shared)
+PAIR_TABLE_W_LOOP_SHARED = 56 * 1024
 _PAIR_TABLE_FAILED: set = set()  # devices on which a decode forward with the pair table did not launch
 
 
 def pair_table_shared(r_pad: int, a_bytes: int, has_lora: bool, blocksize: int) -> int:
     """An upper bound of the decode forward's shared memory per block with the pair table at BLOCK_M 16 (bytes): the
-    static table, plus Triton's rings: the larger of the W loop's (with the fp32 scales of blocks smaller than 64:
-    128 rows · 128 / blocksize per tile) and the u column's (PAIR_TABLE_STAGES - 1 tiles of x, counted in fp32 as the
-    low-rank dot takes it, and of min(r_pad, 64) rows of A; the two loops are in different branches and share the
-    space). tests/test_kernels_compile.py checks it against the compiled kernels."""
+    static table, plus Triton's rings: the larger of the W loop's (with the scale pairs of blocks smaller than 64:
+    128 rows · 64 / blocksize words per tile) and the u column's (PAIR_TABLE_STAGES - 1 tiles of x, counted in fp32
+    as the low-rank dot takes it, and of min(r_pad, 64) rows of A; the two loops are in different branches and share
+    the space). tests/test_kernels_compile.py checks it against the compiled kernels."""
     from .nf4_lookup import PAIR_TABLE_BYTES
 
-    small_blocks = max(0, FRAGMENT_BLOCK_K // blocksize - FRAGMENT_BLOCK_K // 64) * 128 * 4
+    small_blocks = max(0, 64 // blocksize - 1) * 128 * 4
     w_loop = PAIR_TABLE_W_LOOP_SHARED + (PAIR_TABLE_STAGES - 1) * small_blocks
     u_tiles = 16 * FRAGMENT_BLOCK_K * 4 + min(r_pad, 64) * FRAGMENT_BLOCK_K * a_bytes if has_lora else 0
     return PAIR_TABLE_BYTES + max(w_loop, (PAIR_TABLE_STAGES - 1) * u_tiles)
@@ -70,12 +78,12 @@ def _is_resource_error(error: RuntimeError) -> bool:
     return "Triton Error [CUDA]" in text and ("resources" in text or "invalid argument" in text)
 
 
-def _w_args(weight, K: int, dtype, pair_table: bool = False) -> tuple:
-    """(w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, IS_NF4, BLOCKSIZE, LOOKUP)."""
-    w = common.weight_args(weight, K, dtype)
+def _w_args(weight, K: int, dtype, pairs: bool = False) -> tuple:
+    """(w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, IS_NF4, BLOCKSIZE); the scales as pairs with ``pairs``."""
+    w = common.weight_args(weight, K, dtype, pairs)
     pointers = w.pointers
     return (pointers[0], pointers[1], pointers[2], w.stride_wn, w.stride_wk, w.constexprs["IS_NF4"],
-            w.constexprs["BLOCKSIZE"], common.lookup_mode(weight, dtype, pair_table))  # fmt: skip
+            w.constexprs["BLOCKSIZE"])  # fmt: skip
 
 
 def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, dropout_p=0.0, seed=0):
@@ -103,8 +111,9 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     splits, k_per_split = _splits(K, block_k, triton.cdiv(N, block_n) + has_lora, x2d.device, decode=True)
     y_part = torch.empty((splits, M, N), device=x2d.device, dtype=torch.float32)
     u_part = torch.empty((splits, M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
-    w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize, lookup = _w_args(weight, K, x2d.dtype,
-                                                                                           pair_table)
+    lookup = common.lookup_mode(weight, x2d.dtype, pair_table)
+    pairs = scale_pairs_taken(weight, K, lookup)
+    w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize = _w_args(weight, K, x2d.dtype, pairs)
 
     def launch(lookup: str) -> None:
         stages = {"num_stages": PAIR_TABLE_STAGES} if lookup == "lds" else {}
@@ -114,7 +123,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
             x2d.stride(0), x2d.stride(1), stride_wn, stride_wk, *strides(A),
             y_part.stride(0), y_part.stride(1), *(u_part.stride()[:2] if has_lora else (0, 0)),
             **dropout_args(dropout_p, seed),
-            IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup, FRAGMENT=fragment, HAS_LORA=has_lora,
+            IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup, FRAGMENT=fragment, SCALE_PAIRS=pairs, HAS_LORA=has_lora,
             DROPOUT=dropout_p > 0.0, **precisions,
             R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
             **stages, **common.compile_options(weight), **launch_args(x2d.device),
@@ -167,7 +176,8 @@ def dx(g, weight, dx_out, precisions, x2d=None, A=None, v=None, need_dA=False, s
         block_n, block_k, warps = (32, 32, 4) if interpreting() else (128, 128, 4)
         splits, n_per_split = _splits(N, block_n, triton.cdiv(K, block_k), g.device, decode=True)
         dx_part = torch.empty((splits, M, K), device=g.device, dtype=torch.float32)
-        w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize, lookup = _w_args(weight, K, g.dtype)
+        lookup = common.lookup_mode(weight, g.dtype)
+        w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize = _w_args(weight, K, g.dtype)
         lora_decode_dx_kernel[(triton.cdiv(K, block_k), splits)](
             g, w_ptr, scale_ptr, code_ptr, dx_part,
             M, N, K, n_per_split, g.stride(0), g.stride(1), stride_wn, stride_wk, dx_part.stride(0), dx_part.stride(1),

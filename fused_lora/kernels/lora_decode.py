@@ -21,9 +21,12 @@ Where the time goes (bench/results/offline, sm_90a, K=4096, N=14336, bf16): with
 (nf4_fragment.py, FRAGMENT; 128×128 tiles, 4 warps, 128 values per thread per iteration) the forward reads the values
 from the shared-memory pair table (nf4_lookup.py, LOOKUP "lds", at M ≤ 16 where the GPU has the shared memory,
 launch_decode.pair_table_shared): 392 SASS per iteration per warp at M=1 (424 at M=16), of which 64 LDS, 64 LOP3 and 64
-multiplies are the lookup and 64 HMUL2 the scales; 88 ALU instructions. The model puts the kernel at 9.8 µs at M=1 and
-10.2 µs at M=16, bound by the HBM (with the fp32 scales, 3.7 MB beside the 29.4 MB of NF4 bytes; common.decoded_scales
-says why not bf16) with issue close behind: 63 % and 60 % of the HBM bandwidth with the epilogue; with the byte permutes
+multiplies are the lookup and 64 HMUL2 the scales; 88 ALU instructions. The block scales come as pairs in the compute
+dtype (SCALE_PAIRS, common.scale_pairs: 1.8 MB beside the 29.4 MB of NF4 bytes, where fp32 scales were 3.7 MB and made
+the kernel bound by the HBM, 63 % and 60 % at M=1 and 16); selected from their word by the broadcast that scales the
+tile (a join of the two halves moved them through shared memory: an STS, a barrier and an LDS per iteration). The model
+puts the kernel at 9.4 µs at M=1 and 10.0 µs at M=16, bound by instruction issue with the HBM close behind: 65 % and
+61 % of the HBM bandwidth with the epilogue; with the byte permutes
 of nf4_prmt (LOOKUP "prmt", which the dx kernel and smaller GPUs keep) the same loop took 570 SASS, 326 of them ALU (2
 cycles each on the ALU pipe, offline_model.GpuConstants.alu_cycles): 13.5 µs. The loads have no mask of their own: rows
 of W past N and of x past M are read as the last row. There is no shared-memory round trip of the decoded tile; before
@@ -66,7 +69,7 @@ from .pdl import wait_for_previous
 def lora_decode_fwd_kernel(
     x_ptr,  # (M, K) compute dtype
     w_ptr,  # dense (N, K) compute dtype, or NF4 packed uint8
-    scale_ptr,  # NF4: fp32 scale per block (None for a dense W)
+    scale_ptr,  # NF4: fp32 scale per block, or with SCALE_PAIRS pairs of scales (None for a dense W)
     code_ptr,  # NF4: [16] fp32
     a_ptr,  # A (r, K) (None without HAS_LORA)
     y_ptr,  # (S, M, N) fp32 partial sums
@@ -93,6 +96,7 @@ def lora_decode_fwd_kernel(
     BLOCKSIZE: tl.constexpr,
     LOOKUP: tl.constexpr,
     FRAGMENT: tl.constexpr,  # NF4 tiles in the wgmma fragment order (nf4_fragment.py): BLOCK_K 128, K % 128 == 0
+    SCALE_PAIRS: tl.constexpr,  # FRAGMENT only: scales as int32 pairs in the compute dtype (common.scale_pairs)
     HAS_LORA: tl.constexpr,
     DROPOUT: tl.constexpr,
     BASE_PRECISION: tl.constexpr,
@@ -137,7 +141,7 @@ def lora_decode_fwd_kernel(
                 x = tl.load(x_rows + offs_k[None, :] * stride_xk)
                 w = load_fragment_tile(
                     w_ptr, scale_ptr, code_ptr, lut, w_rows, k0, K, stride_wn, BLOCKSIZE, LOOKUP, BLOCK_N,
-                    COMPUTE_DTYPE,
+                    COMPUTE_DTYPE, SCALE_PAIRS,
                 )  # fmt: skip
             else:
                 x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=offs_k[None, :] < K, other=0.0)

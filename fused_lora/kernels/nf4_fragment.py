@@ -71,7 +71,8 @@ def _to_fragment_order(t, BLOCK_N: tl.constexpr):
 @triton.jit
 def load_fragment_tile(
     w_ptr,  # NF4 packed bytes, (N, K // 2) row-major
-    scale_ptr,  # fp32 scale per (row, block), decoded once per weight (common.decoded_scales)
+    scale_ptr,  # fp32 scale per (row, block) (common.decoded_scales), or with SCALE_PAIRS int32 pairs of scales in
+    # COMPUTE_DTYPE (common.scale_pairs: blocks 2j and 2j + 1 in the low and high halves)
     code_ptr,  # [16] fp32
     lut,  # nf4_lookup.nf4_lookup_state(code_ptr, LOOKUP, COMPUTE_DTYPE) ("prmt", "lds"), else None
     rows,  # [BLOCK_N] rows of W, in loaded order, each < N (a contiguous range, the caller clamps the tail)
@@ -82,10 +83,12 @@ def load_fragment_tile(
     LOOKUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    SCALE_PAIRS: tl.constexpr = False,  # BLOCKSIZE ≤ 64; the scales as pairs in COMPUTE_DTYPE (bf16, fp16)
 ):
     """deq(W)[rows[fragment_rows], k0 + fragment_k] as a [BLOCK_N, 128] tile in COMPUTE_DTYPE: the same values as
-    lora_fwd.load_weight_tile, rounded the same way, in the fragment order of the module docstring. No mask: every
-    row must exist (loads without a predicate per iteration)."""
+    lora_fwd.load_weight_tile, rounded the same way (with SCALE_PAIRS, the scale as LOOKUP "prmt" and "lds" round
+    it), in the fragment order of the module docstring. No mask: every row must exist (loads without a predicate per
+    iteration)."""
     offs_word = tl.multiple_of(k0 // 8, 16) + tl.arange(0, 16)
     word_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (stride_wn // 4)
     words = tl.load(word_rows + offs_word[None, :])
@@ -94,11 +97,22 @@ def load_fragment_tile(
     t = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
     SCALES_PER_ROW: tl.constexpr = 128 // BLOCKSIZE if BLOCKSIZE < 128 else 1
     # (rows·K + k0) // BLOCKSIZE, split so that the row part is loop-invariant (K is a multiple of BLOCKSIZE)
-    first_block = rows.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
-    block = first_block[:, None] + tl.arange(0, SCALES_PER_ROW)[None, :]
-    scale = tl.load(scale_ptr + block)
-    if LOOKUP == "prmt" or LOOKUP == "lds":  # code and scale in the compute dtype (as load_weight_tile)
-        scale = scale.to(COMPUTE_DTYPE)
-    t = tl.reshape(t, (BLOCK_N, SCALES_PER_ROW, 16 // SCALES_PER_ROW, 8)) * scale[:, :, None, None]
+    if SCALE_PAIRS:  # word j of a row: its blocks 2j (low half) and 2j + 1 (high half), 4-byte asynchronous copies
+        tl.static_assert(BLOCKSIZE <= 64, "scale pairs need at least two blocks per tile row")
+        WORDS: tl.constexpr = SCALES_PER_ROW // 2
+        first_word = rows.to(tl.int64) * (K // BLOCKSIZE // 2) + k0 // BLOCKSIZE // 2
+        pair = tl.load(scale_ptr.to(tl.pointer_type(tl.int32)) + first_word[:, None] + tl.arange(0, WORDS)[None, :])
+        # [BLOCK_N, WORDS, 2]: half h of word j, block 2j + h (a select, not a join: the scales keep a layout that
+        # broadcasts over the tile's; the cast to int16 keeps the low 16 bits)
+        half = tl.where(tl.arange(0, 2)[None, None, :] == 0, pair[:, :, None], pair[:, :, None] >> 16)
+        scale = half.to(tl.int16).to(COMPUTE_DTYPE, bitcast=True)
+        t = tl.reshape(t, (BLOCK_N, WORDS, 2, 16 // SCALES_PER_ROW, 8)) * scale[:, :, :, None, None]
+    else:
+        first_block = rows.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE
+        block = first_block[:, None] + tl.arange(0, SCALES_PER_ROW)[None, :]
+        scale = tl.load(scale_ptr + block)
+        if LOOKUP == "prmt" or LOOKUP == "lds":  # code and scale in the compute dtype (as load_weight_tile)
+            scale = scale.to(COMPUTE_DTYPE)
+        t = tl.reshape(t, (BLOCK_N, SCALES_PER_ROW, 16 // SCALES_PER_ROW, 8)) * scale[:, :, None, None]
     t = tl.reshape(t.to(COMPUTE_DTYPE), (BLOCK_N, 16, 2, 2, 2))
     return _to_fragment_order(t, BLOCK_N)
