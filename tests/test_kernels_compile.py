@@ -273,9 +273,7 @@ def test_nf4_weight_is_not_loaded_byte_by_byte(compiled, case_id):
     assert record["narrowest_global_load_bits"] >= 32, record["global_loads"]
 
 
-# (blocks of 32 move their four scales per row and tile through shared memory: one STS per iteration, not the tile)
-FRAGMENT_ORDER = sorted(case_id for case_id in RECORD
-                        if case_id.startswith("sm90-lora_decode_fwd-") and "-bs" not in case_id)
+FRAGMENT_ORDER = sorted(case_id for case_id in RECORD if case_id.startswith("sm90-lora_decode_fwd-"))
 
 
 @pytest.mark.parametrize("case_id", FRAGMENT_ORDER)

@@ -41,11 +41,10 @@ def test_scale_pairs_are_cached_per_dtype_and_rebuilt_after_a_change():
     torch.manual_seed(0)
     w = fl.quantize_nf4(torch.randn(16, 128), blocksize=64, double_quant=True)
     first = common.scale_pairs(w, torch.bfloat16)
-    assert common.scale_pairs(w, torch.bfloat16) is first
     half = common.scale_pairs(w, torch.float16)
     assert not torch.equal(half, first)  # the same scales, other bits
-    assert common.scale_pairs(w, torch.bfloat16) is not first and torch.equal(common.scale_pairs(w, torch.bfloat16),
-                                                                              first)  # fmt: skip
+    # one cache per dtype: alternating dtypes rebuilds nothing
+    assert common.scale_pairs(w, torch.bfloat16) is first and common.scale_pairs(w, torch.float16) is half
     with torch.no_grad():
         w.nested_absmax.mul_(2)  # every scale changes (offset aside)
     changed = common.scale_pairs(w, torch.bfloat16)
@@ -53,18 +52,29 @@ def test_scale_pairs_are_cached_per_dtype_and_rebuilt_after_a_change():
     assert not torch.equal(changed, first)
 
 
-@pytest.mark.parametrize("lookup, blocksize, K, expected", [
-    ("prmt", 64, 256, True), ("lds", 32, 384, True), ("lds", 64, 256, True),
-    ("prmt", 128, 256, False),  # one block per tile row: no pair in a tile
-    ("prmt", 64, 192, False),  # not the fragment order (K % 128)
-    ("tree", 64, 256, False), ("gather", 64, 256, False),  # exact lookups keep the exact fp32 scales
+@pytest.mark.parametrize("lookup, blocksize, K, block_m, expected", [
+    ("prmt", 64, 256, 16, True), ("lds", 32, 384, 16, True), ("lds", 64, 256, 16, True), ("prmt", 64, 256, 64, True),
+    ("prmt", 32, 256, 32, True), ("prmt", 32, 256, 64, False),  # blocks of 32 at BLOCK_M 64: the pairs spill
+    ("prmt", 128, 256, 16, False),  # one block per tile row: no pair in a tile
+    ("prmt", 64, 192, 16, False),  # not the fragment order (K % 128)
+    ("tree", 64, 256, 16, False), ("gather", 64, 256, 16, False),  # exact lookups keep the exact fp32 scales
 ])  # fmt: skip
-def test_scale_pairs_are_taken_where_the_lookup_rounds_the_scale_anyway(lookup, blocksize, K, expected):
+def test_scale_pairs_are_taken_where_the_lookup_rounds_the_scale_anyway(lookup, blocksize, K, block_m, expected):
     from fused_lora.kernels import launch_decode
 
     w = fl.quantize_nf4(torch.randn(8, K), blocksize=blocksize)
-    assert launch_decode.scale_pairs_taken(w, K, lookup) is expected
-    assert not launch_decode.scale_pairs_taken(torch.randn(8, K), K, "prmt")  # a dense W has no scales
+    assert launch_decode.scale_pairs_taken(w, K, lookup, block_m) is expected
+    assert not launch_decode.scale_pairs_taken(torch.randn(8, K), K, "prmt", 16)  # a dense W has no scales
+
+
+def test_scale_pairs_are_not_taken_for_inference_tensors():
+    """Nothing can be cached on inference tensors: the pairs would be rebuilt at every call (more bytes than they
+    save), so such a weight keeps the fp32 scales (absmax itself without double quantization)."""
+    from fused_lora.kernels import launch_decode
+
+    with torch.inference_mode():
+        w = fl.quantize_nf4(torch.randn(8, 256), blocksize=64)
+    assert not launch_decode.scale_pairs_taken(w, 256, "prmt", 16)
 
 
 PAIR_CASES = [
@@ -72,6 +82,7 @@ PAIR_CASES = [
     (1, 128, 200, 4, "nf4-dq", 64, True, 0.0),  # N not a multiple of the 128-row tile
     (16, 384, 130, 8, "nf4", 32, False, 0.2),  # three splits of K, two words of pairs per tile row
     (5, 256, 96, 16, "nf4-dq", 64, True, 0.1),
+    (40, 256, 70, 4, "nf4-dq", 64, False, 0.0),  # BLOCK_M 64
 ]
 
 
@@ -86,7 +97,7 @@ def test_decode_forward_with_scale_pairs_matches_the_reference(case, monkeypatch
     x, weight, w_compute, A, B, b, g = _make_case(M, K, N, r, dtype, base, torch.float32, bias, "contiguous",
                                                   blocksize, M)  # fmt: skip
     real_taken = launch_decode.scale_pairs_taken
-    monkeypatch.setattr(launch_decode, "scale_pairs_taken", lambda w, k, lookup: real_taken(w, k, "prmt"))
+    monkeypatch.setattr(launch_decode, "scale_pairs_taken", lambda w, k, lookup, bm: real_taken(w, k, "prmt", bm))
     launched, fp32_scales = [], []
     monkeypatch.setattr(lora_decode, "lora_decode_fwd_kernel", LaunchRecorder(
         lora_decode.lora_decode_fwd_kernel, lambda grid, kwargs: launched.append(kwargs["SCALE_PAIRS"])))

@@ -75,7 +75,13 @@ def lowrank_split(x, *operands) -> bool:
 # forward's loop took a synchronous load, a shared-memory store and barriers per iteration, and sm_80's NF4 GEMMs and
 # a DoRA epilogue spilled more. The decode forward, bound by the HBM, reads them as pairs instead (scale_pairs).
 _SCALES = TensorCache()
-_SCALE_PAIRS = TensorCache()
+_SCALE_PAIRS = {torch.bfloat16: TensorCache(), torch.float16: TensorCache()}  # one per dtype: a cache per anchor
+
+
+def scales_signature(weight):
+    """The state of an NF4 weight's scale tensors that its cached scales are keyed on (None for inference tensors:
+    nothing can be cached for them)."""
+    return tensor_state(weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
 
 
 def decoded_scales(weight) -> torch.Tensor:
@@ -83,24 +89,22 @@ def decoded_scales(weight) -> torch.Tensor:
     recomputed when one of its scale tensors is replaced or modified in place through PyTorch (its data pointer or
     version counter changes). A write PyTorch does not count (through ``.data``, a NumPy or DLPack alias) is not
     seen: docs/DESIGN.md."""
-    signature = tensor_state(weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
-    return _SCALES.get(weight.absmax, signature, lambda: weight.absmax_fp32().float().contiguous())
+    return _SCALES.get(weight.absmax, scales_signature(weight), lambda: weight.absmax_fp32().float().contiguous())
 
 
 def scale_pairs(weight, dtype: torch.dtype) -> torch.Tensor:
     """int32 [n_blocks // 2]: the scales of NF4 blocks 2j (low 16 bits) and 2j + 1 (high 16 bits) of ``weight``
     rounded to ``dtype`` (bf16 or fp16, the word lookups' rounding of the scale: the same decoded values), cached
-    beside the weight like ``decoded_scales`` (1/16 of the packed bytes at blocksize 64) and built without it. Read by
+    beside the weight like ``decoded_scales`` (one cache per dtype; 1/16 of the packed bytes at blocksize 64, 1/8 at
+    32) and built without it (for a weight without double quantization too, whose fp32 scales are absmax). Read by
     the decode forward (launch_decode.scale_pairs_taken), 4 bytes for two blocks: asynchronous copies at half the
     fp32 scales' bytes. Pairs never straddle two rows when every row holds an even number of blocks."""
-    if dtype not in (torch.float16, torch.bfloat16):
+    if dtype not in _SCALE_PAIRS:
         raise ValueError(f"scale_pairs: scales are paired in bf16 or fp16, not {dtype}")
     if weight.absmax.numel() % 2:
         raise ValueError(f"scale_pairs: an odd number of NF4 blocks ({weight.absmax.numel()}) has no pairs")
-    signature = tensor_state(weight.absmax, weight.nested_absmax, weight.nested_code, weight.offset)
-    signature = None if signature is None else (signature, dtype)
-    return _SCALE_PAIRS.get(weight.absmax, signature,
-                            lambda: weight.absmax_fp32().to(dtype).contiguous().view(torch.int32))
+    return _SCALE_PAIRS[dtype].get(weight.absmax, scales_signature(weight),
+                                   lambda: weight.absmax_fp32().to(dtype).contiguous().view(torch.int32))
 
 
 class WeightArgs(NamedTuple):

@@ -32,12 +32,18 @@ def _fragment(weight, K: int) -> bool:
     return common.is_nf4(weight) and K % FRAGMENT_BLOCK_K == 0
 
 
-def scale_pairs_taken(weight, K: int, lookup: str) -> bool:
+def scale_pairs_taken(weight, K: int, lookup: str, block_m: int) -> bool:
     """Whether the decode forward reads the block scales as pairs in the compute dtype (common.scale_pairs, SCALE_PAIRS:
     4 bytes for two blocks, half the fp32 scales' HBM bytes): tiles in the fragment order, blocks of at most 64 (two
-    or more per tile row, so an even number per row) and a lookup that rounds the scale to the compute dtype anyway
-    ("prmt", "lds": the same values as the fp32 scales give; the interpreter's exact lookups keep fp32)."""
-    return _fragment(weight, K) and int(weight.blocksize) <= 64 and lookup in ("prmt", "lds")
+    or more per tile row, so an even number per row), a lookup that rounds the scale to the compute dtype anyway
+    ("prmt", "lds": the same values as the fp32 scales give; the interpreter's exact lookups keep fp32), and scales
+    that can be cached (not inference tensors: the pairs would be rebuilt at every call, more bytes than they save).
+    Not blocks of 32 at BLOCK_M 64, where the pairs' four scales per row and tile make the kernel spill (compiled,
+    BLOCK_M 64: 88 B on sm_90, 216 B on sm_80, none with fp32 scales; blocks of 64 spill less with pairs: none
+    instead of 84 B on sm_90)."""
+    blocksize = int(weight.blocksize) if common.is_nf4(weight) else 0
+    return (_fragment(weight, K) and blocksize <= 64 and (blocksize == 64 or block_m <= 32)
+            and lookup in ("prmt", "lds") and common.scales_signature(weight) is not None)
 
 
 def _block_m(M: int) -> int:
@@ -112,7 +118,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     y_part = torch.empty((splits, M, N), device=x2d.device, dtype=torch.float32)
     u_part = torch.empty((splits, M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
     lookup = common.lookup_mode(weight, x2d.dtype, pair_table)
-    pairs = scale_pairs_taken(weight, K, lookup)
+    pairs = scale_pairs_taken(weight, K, lookup, block_m)
     w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize = _w_args(weight, K, x2d.dtype, pairs)
 
     def launch(lookup: str) -> None:

@@ -21,38 +21,37 @@ Where the time goes (bench/results/offline, sm_90a, K=4096, N=14336, bf16): with
 (nf4_fragment.py, FRAGMENT; 128×128 tiles, 4 warps, 128 values per thread per iteration) the forward reads the values
 from the shared-memory pair table (nf4_lookup.py, LOOKUP "lds", at M ≤ 16 where the GPU has the shared memory,
 launch_decode.pair_table_shared): 392 SASS per iteration per warp at M=1 (424 at M=16), of which 64 LDS, 64 LOP3 and 64
-multiplies are the lookup and 64 HMUL2 the scales; 88 ALU instructions. The block scales come as pairs in the compute
-dtype (SCALE_PAIRS, common.scale_pairs: 1.8 MB beside the 29.4 MB of NF4 bytes, where fp32 scales were 3.7 MB and made
-the kernel bound by the HBM, 63 % and 60 % at M=1 and 16); selected from their word by the broadcast that scales the
-tile (a join of the two halves moved them through shared memory: an STS, a barrier and an LDS per iteration). The model
-puts the kernel at 9.4 µs at M=1 and 10.0 µs at M=16, bound by instruction issue with the HBM close behind: 65 % and
-61 % of the HBM bandwidth with the epilogue; with the byte permutes
-of nf4_prmt (LOOKUP "prmt", which the dx kernel and smaller GPUs keep) the same loop took 570 SASS, 326 of them ALU (2
-cycles each on the ALU pipe, offline_model.GpuConstants.alu_cycles): 13.5 µs. The loads have no mask of their own: rows
-of W past N and of x past M are read as the last row. There is no shared-memory round trip of the decoded tile; before
-the fragment order, the same 128 values took 717 SASS, of which 66 IMAD.MOV, 16 STS.128, 16 LDSM and 8 barriers moved
-the tile into the fragment layout. 5 pipeline stages (launch_decode.PAIR_TABLE_STAGES) keep 4 tiles of W in flight and
-put Triton's shared memory over 48 KiB, which the static table needs to launch. Decoding the double-quant scales here (1
-byte per block read instead of 4) was tried and not taken: the scale gathers in the fragment layout cost 54 SASS per
-iteration (446), more than the bytes they save; decoding them in a compact layout of one or two per thread first gave
-the same 446 (Triton spreads the decode over the tile's layout).
-The choices below were priced by the offline model before it counted the ALU pipe (times in µs of that model). Two
-splits of 16 K steps (224 programs, launch_gemm._splits with strategy.Thresholds.decode_programs_per_sm) leave 40 SMs
-one program: 9.4 µs, where 8 splits of 4 steps took 8.2 µs but added 5 more prologues and epilogues per SM (2.8 µs) and
-4× the partial sums. Sharing the steps evenly instead (stream-K: every program 13-14 steps, a tile's parts from the
-programs that cover it) was tried: the loop over a program's tiles around the pipelined K loop (or one flattened loop
-with a store at each tile's edge) costs Triton 3.9 as much SASS as it saves (599-848 per iteration, 540 per tile); so
-does keeping the loop whole and giving a program two copies of it, the tail of one tile then the head of the next (256
-programs of 14 steps, every SM at most 28): the second copy's pipeline prologue decodes a tile of its own (~500 SASS per
-program that crosses a tile) and the kernel took 201 registers instead of 167, which left the model's prediction where
-it was (12.4 µs). The epilogue kernel is launched with PDL (pdl.py) on sm_90: 1.4 of the forward's 13.9 µs (2.6 of 16
-before PDL and the two splits). u has a column of programs of its own, as many K steps as the others: computed by the
-programs of column tile 0 after their W loop, it was a serial tail of K/64 latency-bound steps (32 at two splits; a
-review of the cost model, which now prices such loops: offline_kernels.KernelModel.side_loops). With the byte permutes,
-unrolling the loop by two (tl.range loop_unroll_factor=2) dropped the 32 IMAD.MOV that carry the next tile's decoded
-operands (518 SASS per iteration instead of 583) but made the first of the two wgmma groups wait at once (Triton 3.9):
-not taken. Nor was decoding the tile in two 64-column halves, each half's decode after the other's MMA: 557 SASS, no
-IMAD.MOV, the same wait.
+multiplies are the lookup and 64 HMUL2 the scales; 89 ALU instructions (94 at M=16). The block scales come as pairs in
+the compute dtype (SCALE_PAIRS, common.scale_pairs: 1.8 MB beside the 29.4 MB of NF4 bytes, where fp32 scales were 3.7
+MB and made the kernel bound by the HBM, 63 and 60 % at M=1 and 16); selected from their word by the broadcast that
+scales the tile (a join of the two halves moved them through shared memory: an STS, a barrier and an LDS per iteration).
+The model puts the kernel at 9.4 µs at M=1 and 10.0 µs at M=16, bound by instruction issue with the HBM close behind: 65
+and 61 % of the HBM bandwidth with the epilogue; with the byte permutes of nf4_prmt (LOOKUP "prmt", which the dx kernel
+and smaller GPUs keep) the same loop took 570 SASS, 326 of them ALU (2 cycles each on the ALU pipe,
+offline_model.GpuConstants.alu_cycles): 13.5 µs. The loads have no mask of their own: rows of W past N and of x past M
+are read as the last row. There is no shared-memory round trip of the decoded tile; before the fragment order, the same
+128 values took 717 SASS, of which 66 IMAD.MOV, 16 STS.128, 16 LDSM and 8 barriers moved the tile into the fragment
+layout. 5 pipeline stages (launch_decode.PAIR_TABLE_STAGES) keep 4 tiles of W in flight and put Triton's shared memory
+over 48 KiB, which the static table needs to launch. Decoding the double-quant scales here (1 byte per block read
+instead of 4) was tried and not taken: the scale gathers in the fragment layout cost 54 SASS per iteration (446), more
+than the bytes they save; decoding them in a compact layout of one or two per thread first gave the same 446 (Triton
+spreads the decode over the tile's layout). The choices below were priced by the offline model before it counted the ALU
+pipe (times in µs of that model). Two splits of 16 K steps (224 programs, launch_gemm._splits with
+strategy.Thresholds.decode_programs_per_sm) leave 40 SMs one program: 9.4 µs, where 8 splits of 4 steps took 8.2 µs but
+added 5 more prologues and epilogues per SM (2.8 µs) and 4× the partial sums. Sharing the steps evenly instead
+(stream-K: every program 13-14 steps, a tile's parts from the programs that cover it) was tried: the loop over a
+program's tiles around the pipelined K loop (or one flattened loop with a store at each tile's edge) costs Triton 3.9 as
+much SASS as it saves (599-848 per iteration, 540 per tile); so does keeping the loop whole and giving a program two
+copies of it, the tail of one tile then the head of the next (256 programs of 14 steps, every SM at most 28): the second
+copy's pipeline prologue decodes a tile of its own (~500 SASS per program that crosses a tile) and the kernel took 201
+registers instead of 167, which left the model's prediction where it was (12.4 µs). The epilogue kernel is launched with
+PDL (pdl.py) on sm_90: 1.4 of the forward's 13.9 µs (2.6 of 16 before PDL and the two splits). u has a column of
+programs of its own, as many K steps as the others: computed by the programs of column tile 0 after their W loop, it was
+a serial tail of K/64 latency-bound steps (32 at two splits; a review of the cost model, which now prices such loops:
+offline_kernels.KernelModel.side_loops). With the byte permutes, unrolling the loop by two (tl.range
+loop_unroll_factor=2) dropped the 32 IMAD.MOV that carry the next tile's decoded operands (518 SASS per iteration
+instead of 583) but made the first of the two wgmma groups wait at once (Triton 3.9): not taken. Nor was decoding the
+tile in two 64-column halves, each half's decode after the other's MMA: 557 SASS, no IMAD.MOV, the same wait.
 """
 
 import triton
