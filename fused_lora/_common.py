@@ -11,8 +11,8 @@ import weakref
 
 import torch
 
-__all__ = ["COMPUTE_DTYPES", "TensorCache", "adapter_operand", "adapter_operand_dtype", "dtype_name", "dtype_names",
-           "flush_deferred_warnings", "side_dtypes", "tensor_state", "warn_once"]
+__all__ = ["COMPUTE_DTYPES", "TensorCache", "adapter_operand", "adapter_operand_dtype", "cuda_graph_capturing",
+           "dtype_name", "dtype_names", "flush_deferred_warnings", "side_dtypes", "tensor_state", "warn_once"]
 
 # The dtypes of x (and of a dense frozen W) that the layer functions accept; fp64 runs on the reference and CPU
 # backends (not the Triton kernels).
@@ -103,6 +103,14 @@ def flush_deferred_warnings() -> None:
         warn_once(message, category, key, stacklevel=4)
 
 
+def cuda_graph_capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph. Work captured is not run until the graph replays, and
+    its outputs live in the graph's memory pool: a value computed during capture (the first call of a layer inside
+    torch.cuda.graph without a warm-up) would be cached unwritten and read by later calls outside the graph. It is
+    computed inside the graph instead, at each replay."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 class TensorCache:
     """Values derived from a tensor while it lives, keyed on the tensor's identity and a signature of its state
     (tensor_state). Keyed on a tensor rather than an NF4Weight: the custom ops (functional.py) rebuild the NF4Weight
@@ -113,8 +121,9 @@ class TensorCache:
 
     def get(self, anchor: torch.Tensor, signature, compute):
         """compute(), cached while ``anchor`` lives and ``signature`` (a function of the tensors' state, e.g.
-        tensor_state's) holds; not cached when ``signature`` is None (an inference tensor)."""
-        if signature is None:
+        tensor_state's) holds; not cached when ``signature`` is None (an inference tensor), nor while a CUDA graph is
+        being captured (``cuda_graph_capturing``)."""
+        if signature is None or cuda_graph_capturing():
             return compute()
         ident = id(anchor)
         entry = self._entries.get(ident)

@@ -243,3 +243,27 @@ def test_decode_path_replays_in_a_cuda_graph(M):
         torch.cuda.synchronize()
     for name, a, c in zip(("y", "u", "dx", "dA", "dB", "db"), eager, captured):
         assert torch.equal(a, c), f"{name} differs when replayed from a CUDA graph"
+
+
+def test_a_first_call_inside_a_cuda_graph_leaves_no_unwritten_cache():
+    """A layer whose first call is captured in a CUDA graph (no warm-up): the scales it decodes are computed inside the
+    graph, not cached unwritten (_common.cuda_graph_capturing), so the graph's replay and a later eager call agree
+    bit for bit (the decode path is deterministic) and match the reference."""
+    from fused_lora import reference
+    from fused_lora.testing import relative_error
+
+    lora, strategy, *_ = _modules()
+    with strategy.use_thresholds(**PATHS["decode"]):
+        x, weight, _, A, B, b, _ = _layer(16, 4096, 4096, 16, torch.bfloat16, "nf4-dq", True, seed=1)
+        lora.forward(x, weight, A, B, SCALING, b, 0.0, 0)  # Triton compiles outside the capture, on another weight
+        x, weight, w_compute, A, B, b, _ = _layer(16, 4096, 4096, 16, torch.bfloat16, "nf4-dq", True, seed=2)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph, _ = lora.forward(x, weight, A, B, SCALING, b, 0.0, 0)
+        graph.replay()
+        y_eager, _ = lora.forward(x, weight, A, B, SCALING, b, 0.0, 0)
+        torch.cuda.synchronize()
+    expected, _ = reference.lora_forward(x.double(), w_compute.double(), A.double(), B.double(), SCALING, b.double())
+    assert torch.equal(y_eager, y_graph), relative_error(y_eager, y_graph)
+    assert relative_error(y_eager, expected) < 2e-2

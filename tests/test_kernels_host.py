@@ -134,3 +134,21 @@ def test_a_weight_without_double_quantization_is_freed_after_use():
     gc.collect()
     assert absmax() is None
 
+
+
+def test_nothing_is_cached_while_a_cuda_graph_is_captured(monkeypatch):
+    """Work captured in a CUDA graph runs only when the graph replays: scales decoded during capture (a layer's first
+    call inside torch.cuda.graph without a warm-up) would be cached unwritten and read by later calls outside the
+    graph. They are decoded inside the graph instead; once capture ends, caching resumes."""
+    from fused_lora import _common
+    from fused_lora.kernels import common
+
+    torch.manual_seed(0)
+    w = fl.quantize_nf4(torch.randn(16, 128), blocksize=64, double_quant=True)
+    monkeypatch.setattr(_common, "cuda_graph_capturing", lambda: True)
+    first = common.decoded_scales(w)
+    assert common.decoded_scales(w) is not first and torch.equal(common.decoded_scales(w), first)
+    assert common.scale_pairs(w, torch.bfloat16) is not common.scale_pairs(w, torch.bfloat16)
+    monkeypatch.setattr(_common, "cuda_graph_capturing", lambda: False)
+    cached = common.decoded_scales(w)
+    assert common.decoded_scales(w) is cached and torch.equal(cached, first)
