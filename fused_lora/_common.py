@@ -106,8 +106,8 @@ def flush_deferred_warnings() -> None:
 def cuda_graph_capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph. Work captured is not run until the graph replays, and
     its outputs live in the graph's memory pool: a value computed during capture (the first call of a layer inside
-    torch.cuda.graph without a warm-up) would be cached unwritten and read by later calls outside the graph. It is
-    computed inside the graph instead, at each replay."""
+    torch.cuda.graph without a warm-up) would be cached unwritten, and read so by calls outside the graph before its
+    first replay. It is computed inside the graph instead, at each replay."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 

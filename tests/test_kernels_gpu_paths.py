@@ -247,8 +247,9 @@ def test_decode_path_replays_in_a_cuda_graph(M):
 
 def test_a_first_call_inside_a_cuda_graph_leaves_no_unwritten_cache():
     """A layer whose first call is captured in a CUDA graph (no warm-up): the scales it decodes are computed inside the
-    graph, not cached unwritten (_common.cuda_graph_capturing), so the graph's replay and a later eager call agree
-    bit for bit (the decode path is deterministic) and match the reference."""
+    graph, not cached unwritten (_common.cuda_graph_capturing), so an eager call before the graph's first replay reads
+    no unwritten scales: it and the replay agree bit for bit (the decode path is deterministic) and match the
+    reference."""
     from fused_lora import reference
     from fused_lora.testing import relative_error
 
@@ -261,8 +262,8 @@ def test_a_first_call_inside_a_cuda_graph_leaves_no_unwritten_cache():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y_graph, _ = lora.forward(x, weight, A, B, SCALING, b, 0.0, 0)
+        y_eager, _ = lora.forward(x, weight, A, B, SCALING, b, 0.0, 0)  # before any replay
         graph.replay()
-        y_eager, _ = lora.forward(x, weight, A, B, SCALING, b, 0.0, 0)
         torch.cuda.synchronize()
     expected, _ = reference.lora_forward(x.double(), w_compute.double(), A.double(), B.double(), SCALING, b.double())
     assert torch.equal(y_eager, y_graph), relative_error(y_eager, y_graph)

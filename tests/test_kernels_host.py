@@ -138,8 +138,8 @@ def test_a_weight_without_double_quantization_is_freed_after_use():
 
 def test_nothing_is_cached_while_a_cuda_graph_is_captured(monkeypatch):
     """Work captured in a CUDA graph runs only when the graph replays: scales decoded during capture (a layer's first
-    call inside torch.cuda.graph without a warm-up) would be cached unwritten and read by later calls outside the
-    graph. They are decoded inside the graph instead; once capture ends, caching resumes."""
+    call inside torch.cuda.graph without a warm-up) would be cached unwritten and read so by calls outside the graph
+    before its first replay. They are decoded inside the graph instead; once capture ends, caching resumes."""
     from fused_lora import _common
     from fused_lora.kernels import common
 
