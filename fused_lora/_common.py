@@ -12,7 +12,8 @@ import weakref
 import torch
 
 __all__ = ["COMPUTE_DTYPES", "TensorCache", "adapter_operand", "adapter_operand_dtype", "cuda_graph_capturing",
-           "dtype_name", "dtype_names", "flush_deferred_warnings", "side_dtypes", "tensor_state", "warn_once"]
+           "dtype_name", "dtype_names", "flush_deferred_warnings", "refuse_dropout_in_cuda_graph", "side_dtypes",
+           "tensor_state", "warn_once"]
 
 # The dtypes of x (and of a dense frozen W) that the layer functions accept; fp64 runs on the reference and CPU
 # backends (not the Triton kernels).
@@ -104,11 +105,22 @@ def flush_deferred_warnings() -> None:
 
 
 def cuda_graph_capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph. Work captured is not run until the graph replays, and
-    its outputs live in the graph's memory pool: a value computed during capture (the first call of a layer inside
-    torch.cuda.graph without a warm-up) would be cached unwritten, and read so by calls outside the graph before its
-    first replay. It is computed inside the graph instead, at each replay."""
+    """Whether the current CUDA stream is capturing a graph (False without CUDA). Work captured is not run until the
+    graph replays, and its outputs live in the graph's memory pool: a value computed during capture (the first call
+    of a layer inside torch.cuda.graph without a warm-up) must not be cached (TensorCache), and the host's work runs
+    once for all replays (refuse_dropout_in_cuda_graph)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def refuse_dropout_in_cuda_graph(p: float) -> None:
+    """Raise when dropout (p > 0) would be captured in a CUDA graph: the seed of its mask is drawn on the host at
+    each call, so every replay of the graph would reuse the captured step's mask (training silently wrong)."""
+    if p > 0.0 and cuda_graph_capturing():
+        raise RuntimeError(
+            f"fused_lora: LoRA dropout (p={p}) inside a CUDA graph capture: every replay would reuse the mask of the "
+            "captured step, because the dropout seed is drawn on the host. Set the LoRA dropout to 0 for graphed "
+            "training, or run without CUDA graphs (torch.compile mode='default' instead of 'reduce-overhead')"
+        )
 
 
 class TensorCache:
@@ -121,15 +133,18 @@ class TensorCache:
 
     def get(self, anchor: torch.Tensor, signature, compute):
         """compute(), cached while ``anchor`` lives and ``signature`` (a function of the tensors' state, e.g.
-        tensor_state's) holds; not cached when ``signature`` is None (an inference tensor), nor while a CUDA graph is
-        being captured (``cuda_graph_capturing``)."""
-        if signature is None or cuda_graph_capturing():
+        tensor_state's) holds; not cached when ``signature`` is None (an inference tensor). While a CUDA graph is
+        being captured (``cuda_graph_capturing``) a value cached before (a warm-up call) is used, and one computed
+        then is not kept: the graph computes it at each replay."""
+        if signature is None:
             return compute()
         ident = id(anchor)
         entry = self._entries.get(ident)
         if entry is not None and entry[0]() is anchor and entry[1] == signature:
             return entry[2]
         value = compute()
+        if cuda_graph_capturing():
+            return value
         if value is anchor:  # nothing derived (e.g. the absmax of an NF4 weight without double quantization): a
             return value  # cached anchor would never die
         entries = self._entries

@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from ._common import refuse_dropout_in_cuda_graph
+
 __all__ = [
     "lora_scaling",
     "dropout_mask",
@@ -65,6 +67,7 @@ def dropout_mask(shape, p: float, seed: int, device, dtype=torch.float32) -> tor
     """
     if p == 0.0:
         return None
+    refuse_dropout_in_cuda_graph(p)  # a graph would replay this mask at every step
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
     keep = torch.rand(shape, generator=generator, device=device, dtype=torch.float32) >= p

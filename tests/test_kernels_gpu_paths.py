@@ -268,3 +268,26 @@ def test_a_first_call_inside_a_cuda_graph_leaves_no_unwritten_cache():
     expected, _ = reference.lora_forward(x.double(), w_compute.double(), A.double(), B.double(), SCALING, b.double())
     assert torch.equal(y_eager, y_graph), relative_error(y_eager, y_graph)
     assert relative_error(y_eager, expected) < 2e-2
+
+
+@pytest.mark.parametrize("path, M", [("decode", 16), ("middle", 256)])
+def test_dropout_inside_a_cuda_graph_capture_raises(path, M):
+    """The dropout seed is drawn on the host: a captured graph would replay one mask at every step, so dropout inside
+    a capture raises (_common.refuse_dropout_in_cuda_graph) and leaves the graph's stream usable; after a warm-up
+    with the same shapes the capture without dropout succeeds and its replay matches an eager call."""
+    lora, strategy, *_ = _modules()
+    x, weight, _, A, B, b, _ = _layer(M, 4096, 4096, 16, torch.bfloat16, "nf4-dq", True, seed=3)
+    with strategy.use_thresholds(**PATHS[path]):
+        for p in (0.1, 0.0):  # warm-up: Triton compiles and tunes outside the capture
+            lora.forward(x, weight, A, B, SCALING, b, p, 5)
+        torch.cuda.synchronize()
+        with pytest.raises(RuntimeError, match="inside a CUDA graph capture"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                lora.forward(x, weight, A, B, SCALING, b, 0.1, 5)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph, _ = lora.forward(x, weight, A, B, SCALING, b, 0.0, 5)
+        graph.replay()
+        y_eager, _ = lora.forward(x, weight, A, B, SCALING, b, 0.0, 5)
+        torch.cuda.synchronize()
+    torch.testing.assert_close(y_graph, y_eager, rtol=2e-2, atol=2e-2)

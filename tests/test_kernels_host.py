@@ -152,3 +152,28 @@ def test_nothing_is_cached_while_a_cuda_graph_is_captured(monkeypatch):
     monkeypatch.setattr(_common, "cuda_graph_capturing", lambda: False)
     cached = common.decoded_scales(w)
     assert common.decoded_scales(w) is cached and torch.equal(cached, first)
+    # a value cached before the capture (a warm-up call) is what the graph reads
+    monkeypatch.setattr(_common, "cuda_graph_capturing", lambda: True)
+    assert common.decoded_scales(w) is cached
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_dropout_is_refused_inside_a_cuda_graph_capture(p, monkeypatch):
+    """The dropout seed is drawn on the host at each call: a captured graph would replay the captured step's mask at
+    every step (training silently wrong), so dropout inside a capture raises, on the kernels and the reference alike;
+    without dropout the same call runs."""
+    from fused_lora import _common, reference
+
+    torch.manual_seed(0)
+    w = fl.quantize_nf4(torch.randn(32, 128), blocksize=64, double_quant=True)
+    x, A, B = torch.randn(3, 128), torch.randn(4, 128), torch.randn(32, 4)
+    monkeypatch.setattr(_common, "cuda_graph_capturing", lambda: True)
+    for backend in ("triton", "reference"):
+        if p == 0.0:
+            fl.functional.lora_linear(x, w, A, B, 2.0, dropout_p=p, backend=backend)
+        else:
+            with pytest.raises(RuntimeError, match="inside a CUDA graph capture"):
+                fl.functional.lora_linear(x, w, A, B, 2.0, dropout_p=p, backend=backend)
+    if p > 0.0:
+        with pytest.raises(RuntimeError, match="reuse the mask"):
+            reference.dropout_mask((3, 128), p, 7, "cpu")

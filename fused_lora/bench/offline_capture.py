@@ -409,7 +409,7 @@ def fake_device(arch: int, recorder: _Recorder):
         "get_device_capability": lambda *a, **k: (facts.major, facts.minor),
         "get_device_properties": lambda *a, **k: properties,
         "current_device": lambda: 0, "device_count": lambda: 1, "is_available": lambda: True,
-        "set_device": lambda *a: None, "synchronize": lambda *a: None,
+        "set_device": lambda *a: None, "synchronize": lambda *a: None, "is_current_stream_capturing": lambda: False,
         "device": lambda *a, **k: contextlib.nullcontext(),
         "current_stream": lambda *a, **k: recorder.current, "default_stream": lambda *a, **k: recorder.main,
         "Stream": lambda *a, **k: _Stream(), "Event": _Event,

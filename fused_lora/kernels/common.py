@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._common import TensorCache, tensor_state
+from .._common import TensorCache, refuse_dropout_in_cuda_graph, tensor_state
 from ..backend import cuda_capability, cuda_sm_count, interpreting
 
 MAX_RANK = 256
@@ -205,6 +205,8 @@ def strides(t) -> tuple[int, int]:
 
 
 def dropout_args(dropout_p: float, seed: int) -> dict:
+    """The dropout arguments of a kernel launch (dropout.py); refused inside a CUDA graph capture."""
+    refuse_dropout_in_cuda_graph(dropout_p)
     return {"seed": int(seed), "p": float(dropout_p), "keep_scale": 1.0 / (1.0 - dropout_p)}
 
 

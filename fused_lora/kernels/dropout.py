@@ -8,12 +8,19 @@ element, which made 128×128 dx tiles spill). Every kernel that needs the mask (
 backward pass, on every path) draws exactly the same values for the same element. ``dropout_mask_kernel``
 materialises the same mask for tests, or m⊙x in x's dtype (DoRA with dropout, whose second frozen product x_d·Wᵀ
 needs x_d as a GEMM operand).
+
+The seed (31 bits, drawn on the host at every call) is a kernel argument that Triton never specialises
+(``do_not_specialize``, on every kernel that takes it): otherwise a seed that is a multiple of 16 compiles a second
+variant of each kernel, a stall at the first such step, and a failed capture when it falls inside a CUDA graph.
+Dropout itself is refused inside a capture (_common.refuse_dropout_in_cuda_graph): a graph would replay the captured
+step's seed, and so its mask, at every step.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from .._common import refuse_dropout_in_cuda_graph
 from .common import device_guard
 
 
@@ -29,7 +36,7 @@ def dropout_mask_tile(seed, offs_m, col0, K, p, keep_scale, BLOCK_K: tl.constexp
     return tl.where(r >= p, keep_scale, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # any seed, one compiled kernel (module docstring)
 def dropout_mask_kernel(
     m_ptr,  # (M, K) output, contiguous: m in fp32, or m⊙x in x's dtype when x_ptr is given
     seed,
@@ -58,6 +65,7 @@ def dropout_mask_kernel(
 def _launch_dropout(out: torch.Tensor, seed: int, p: float, x2d=None) -> torch.Tensor:
     """dropout_mask_kernel into ``out`` (M, K) contiguous: m, or m⊙x with x2d."""
     M, K = out.shape
+    refuse_dropout_in_cuda_graph(p)
     if M and K:
         x_args = {} if x2d is None else {"x_ptr": x2d, "stride_xm": x2d.stride(0), "stride_xk": x2d.stride(1)}
         with device_guard(out):

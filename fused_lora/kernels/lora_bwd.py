@@ -168,7 +168,7 @@ def lora_vdb_kernel(
         tl.atomic_add(v_ptrs, v, mask=row_in_range & rank_in_range, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # any seed, one compiled kernel (dropout.py)
 def lora_dx_kernel(
     # pointers
     g_ptr,  # (M, N) compute dtype

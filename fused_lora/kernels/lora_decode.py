@@ -64,7 +64,7 @@ from .nf4_lookup import nf4_lookup_state
 from .pdl import wait_for_previous
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # any seed, one compiled kernel (dropout.py)
 def lora_decode_fwd_kernel(
     x_ptr,  # (M, K) compute dtype
     w_ptr,  # dense (N, K) compute dtype, or NF4 packed uint8
@@ -322,7 +322,7 @@ def lora_decode_dx_kernel(
     tl.store(dx_ptrs, acc, mask=(offs_m[None, :] < M) & (offs_k[:, None] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # any seed, one compiled kernel (dropout.py)
 def lora_decode_dx_epilogue_kernel(
     dx_part_ptr,  # (S, M, K) fp32 (None when dx is not needed)
     x_ptr,  # (M, K) compute dtype (read for dA)

@@ -110,7 +110,7 @@ def lora_db_split_kernel(
         tl.store(db_bias_ptr + tl.program_id(1) * stride_biass + offs_n, db_bias, mask=offs_n < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # any seed, one compiled kernel (dropout.py)
 def lora_da_split_kernel(
     x_ptr,  # (M, K) compute dtype
     v_ptr,  # (M, r) fp32
