@@ -223,3 +223,20 @@ def test_pickled_or_copied_paged_state_is_a_host_copy():
     assert torch.equal(handed["exp_avg"], opt.state[p]["exp_avg"])
     twin = copy.deepcopy(opt)
     assert torch.equal(twin.state[twin.param_groups[0]["params"][0]]["exp_avg"], opt.state[p]["exp_avg"])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_step_inside_a_cuda_graph_capture_is_refused(name, monkeypatch):
+    """The step count, learning rate and bias corrections are host values copied to the kernels at each step: a
+    captured step would replay the first step's values forever. Refused, with nothing changed."""
+    from fused_lora import _common
+
+    params = make_params([(4, 8)])
+    opt = OPTIMIZERS[name](params)
+    train(params, opt, 1)
+    before = [p.detach().clone() for p in params]
+    params[0].grad = torch.ones_like(params[0])
+    monkeypatch.setattr(_common, "cuda_graph_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="inside a CUDA graph capture"):
+        opt.step()
+    assert_params_equal(params, before)

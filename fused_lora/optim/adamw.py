@@ -14,7 +14,7 @@ from itertools import chain
 
 import torch
 
-from .. import codec
+from .. import _common, codec
 from ..backend import resolve_backend, validate_backend_name
 from . import update
 from .checkpoint import check_layout, check_state_dict
@@ -291,6 +291,10 @@ class _AdamWBase(torch.optim.Optimizer):
         if closure is not None and not callable(closure):
             raise TypeError(f"{type(self).__name__}.step: closure must be callable (returning the loss), got "
                             f"{type(closure).__name__}")  # fmt: skip
+        if _common.cuda_graph_capturing():  # the step count, lr and bias corrections are host values copied per step
+            raise RuntimeError(f"{type(self).__name__}.step inside a CUDA graph capture: every replay would repeat "
+                               "the captured step's learning rate, bias corrections and step count; step the "
+                               "optimizer outside the graph")  # fmt: skip
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
