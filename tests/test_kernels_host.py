@@ -2,6 +2,10 @@
 NF4 scales, the code-table check, the device's properties)."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -177,3 +181,29 @@ def test_dropout_is_refused_inside_a_cuda_graph_capture(p, monkeypatch):
     if p > 0.0:
         with pytest.raises(RuntimeError, match="reuse the mask"):
             reference.dropout_mask((3, 128), p, 7, "cpu")
+
+
+SEED_PARAMS = """
+import importlib, json, pkgutil
+import triton
+import fused_lora.kernels as kernels
+out = {}
+for info in pkgutil.iter_modules(kernels.__path__):
+    module = importlib.import_module(f"fused_lora.kernels.{info.name}")
+    for name, fn in vars(module).items():
+        if isinstance(fn, triton.runtime.jit.JITFunction) and fn.__module__ == module.__name__:
+            out.update({f"{info.name}.{name}": p.do_not_specialize for p in fn.params if p.name == "seed"})
+print(json.dumps(out))
+"""
+
+
+def test_no_kernel_specialises_on_its_dropout_seed():
+    """In a subprocess without the interpreter (whose functions do not keep Triton's parameters): every kernel that
+    takes a dropout seed names it in do_not_specialize, or a seed divisible by 16 (1 step in 16) compiles a second
+    variant of it (kernels/dropout.py); dropout_mask_tile is a helper, inlined into the kernels that take it."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", SEED_PARAMS], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seeds = json.loads(proc.stdout)
+    assert seeds.pop("dropout.dropout_mask_tile") is False
+    assert len(seeds) >= 6 and all(seeds.values()), seeds

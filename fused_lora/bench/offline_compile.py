@@ -129,7 +129,8 @@ class _TensorStandIn:
 def specialise(fn, args: dict):
     """(signature, constexprs, attrs) of ASTSource for these argument values, as Triton's JIT specialises a launch
     (its own ``native_specialize_impl``: integers equal to 1 and None become constants, pointers and integers
-    divisible by 16 carry tt.divisibility=16); constexpr parameters are constants."""
+    divisible by 16 carry tt.divisibility=16, except parameters the kernel names in ``do_not_specialize``);
+    constexpr parameters are constants."""
     import triton.language as tl
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import native_specialize_impl
@@ -140,8 +141,11 @@ def specialise(fn, args: dict):
     missing = [n for n, p in params.items() if n not in args and p.default is inspect.Parameter.empty]
     if unknown or missing:
         raise ValueError(f"{fn.fn.__name__}: arguments {sorted(unknown)} unknown, {missing} missing")
+    jit_params = {p.name: p for p in getattr(fn, "params", [])}
     for index, (name, param) in enumerate(params.items()):
         value = args.get(name, param.default)
+        free = getattr(jit_params.get(name), "do_not_specialize", False)
+        free_alignment = getattr(jit_params.get(name), "do_not_specialize_on_alignment", False)
         if isinstance(value, TlDtype):
             value = getattr(tl, value.name, None) or tl.dtype(value.name)
         if "constexpr" in str(param.annotation):
@@ -149,7 +153,7 @@ def specialise(fn, args: dict):
         else:
             launched = _TensorStandIn(value) if isinstance(value, Ptr) else value
             try:
-                kind, attr = native_specialize_impl(BaseBackend, launched, False, True, True)[:2]
+                kind, attr = native_specialize_impl(BaseBackend, launched, False, not free, not free_alignment)[:2]
             except Exception as error:
                 raise TypeError(f"{fn.fn.__name__}: no specialisation for {name}={value!r} ({error})") from error
         signature[name] = kind
