@@ -11,8 +11,7 @@ needs x_d as a GEMM operand).
 
 The seed (31 bits, drawn on the host at every call) is a kernel argument that Triton never specialises
 (``do_not_specialize``, on every kernel that takes it): otherwise a seed that is a multiple of 16 compiles a second
-variant of each kernel, a stall at the first such step, and a failed capture when it falls inside a CUDA graph.
-Dropout itself is refused inside a capture (_common.refuse_dropout_in_cuda_graph): a graph would replay the captured
+variant of each kernel, a stall at the first such step. Dropout itself is refused inside a CUDA graph capture (_common.refuse_dropout_in_cuda_graph): a graph would replay the captured
 step's seed, and so its mask, at every step.
 """
 
