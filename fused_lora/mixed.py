@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import functional, reference
+from . import _common, functional, reference
 from .nf4 import NF4Weight
 
 __all__ = ["Adapter", "lora_linear_multi", "adapter_rows", "lora_linear_multi_naive"]
@@ -270,6 +270,9 @@ def _check_adapters(caller, x, out_features, in_features, adapters) -> list[Adap
 
 def _row_ids(caller, adapter_ids, x: torch.Tensor, n_adapters: int) -> torch.Tensor:
     """adapter_ids (a tensor or list of ints over x's first leading dims) → (M,) int64 on x's device."""
+    if _common.cuda_graph_capturing():  # the ids are checked and grouped on the host
+        raise RuntimeError(f"{caller}: a mixed-adapter batch (adapter_ids) cannot be captured in a CUDA graph: its "
+                           "rows are grouped by adapter on the host; run it outside the graph")
     if not isinstance(adapter_ids, torch.Tensor):
         adapter_ids = torch.as_tensor(adapter_ids)
     if adapter_ids.numel() == 0:  # an empty batch's ids ([] is float32 to torch): no value to check

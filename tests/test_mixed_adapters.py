@@ -512,3 +512,19 @@ def test_frozen_adapters_under_ddp_are_refused_and_warned_about(tiny_llama_dir, 
                 pass
     finally:
         dist.destroy_process_group()
+
+
+def test_a_mixed_batch_inside_a_cuda_graph_capture_raises(monkeypatch):
+    """The rows are grouped by adapter on the host (ids checked and counted there): inside a CUDA graph capture that
+    is refused with a message naming the cause, not a CUDA error from a host copy. Without ids the call runs."""
+    from fused_lora import _common
+
+    torch.manual_seed(0)
+    W = fl.quantize_nf4(torch.randn(24, 64), blocksize=64)
+    adapters = [Adapter(torch.randn(4, 64), torch.randn(24, 4), 2.0),
+                Adapter(torch.randn(2, 64), torch.randn(24, 2), 1.0)]
+    x = torch.randn(3, 64)
+    monkeypatch.setattr(_common, "cuda_graph_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        mixed.lora_linear_multi(x, W, adapters, adapter_ids=[0, -1, 1], backend="reference")
+    mixed.lora_linear_multi(x, W, adapters, backend="reference")
