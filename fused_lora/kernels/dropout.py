@@ -11,7 +11,8 @@ needs x_d as a GEMM operand).
 
 The seed (31 bits, drawn on the host at every call) is a kernel argument that Triton never specialises
 (``do_not_specialize``, on every kernel that takes it): otherwise a seed that is a multiple of 16 compiles a second
-variant of each kernel, a stall at the first such step. Dropout itself is refused inside a CUDA graph capture (_common.refuse_dropout_in_cuda_graph): a graph would replay the captured
+variant of each kernel, a stall at the first such step. Dropout itself is refused inside a CUDA graph capture
+(common.dropout_args, which every launch with a seed takes its arguments from): a graph would replay the captured
 step's seed, and so its mask, at every step.
 """
 
@@ -19,8 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import refuse_dropout_in_cuda_graph
-from .common import device_guard
+from .common import device_guard, dropout_args
 
 
 @triton.jit
@@ -64,12 +64,12 @@ def dropout_mask_kernel(
 def _launch_dropout(out: torch.Tensor, seed: int, p: float, x2d=None) -> torch.Tensor:
     """dropout_mask_kernel into ``out`` (M, K) contiguous: m, or m⊙x with x2d."""
     M, K = out.shape
-    refuse_dropout_in_cuda_graph(p)
+    dropout = dropout_args(p, seed)  # (refused inside a CUDA graph capture, even for an empty tensor)
     if M and K:
         x_args = {} if x2d is None else {"x_ptr": x2d, "stride_xm": x2d.stride(0), "stride_xk": x2d.stride(1)}
         with device_guard(out):
             dropout_mask_kernel[(triton.cdiv(M, 16), triton.cdiv(K, 64))](
-                out, int(seed), M, K, float(p), 1.0 / (1.0 - p), **x_args, BLOCK_M=16, BLOCK_K=64,
+                out, M=M, K=K, **dropout, **x_args, BLOCK_M=16, BLOCK_K=64,
             )  # fmt: skip
     return out
 

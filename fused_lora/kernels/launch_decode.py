@@ -41,9 +41,11 @@ def scale_pairs_taken(weight, K: int, lookup: str, block_m: int) -> bool:
     Not blocks of 32 at BLOCK_M 64, where the pairs' four scales per row and tile make the kernel spill (compiled,
     BLOCK_M 64: 88 B on sm_90, 216 B on sm_80, none with fp32 scales; blocks of 64 spill less with pairs: none
     instead of 84 B on sm_90)."""
-    blocksize = int(weight.blocksize) if common.is_nf4(weight) else 0
-    return (_fragment(weight, K) and blocksize <= 64 and (blocksize == 64 or block_m <= 32)
-            and lookup in ("prmt", "lds") and common.scales_signature(weight) is not None)
+    if not _fragment(weight, K):  # (a dense W has no scales)
+        return False
+    blocksize = int(weight.blocksize)
+    return (blocksize <= 64 and (blocksize == 64 or block_m <= 32) and lookup in ("prmt", "lds")
+            and common.scales_signature(weight) is not None)
 
 
 def _block_m(M: int) -> int:
