@@ -34,6 +34,22 @@ def test_large_threshold_is_where_large_wins_at_every_larger_m():
     assert paths.suggest_thresholds(_rows(times))["large_min_m"] is None  # large loses at the largest M
 
 
+def test_a_margin_gives_large_the_m_where_it_is_nearly_as_fast_and_a_spill_breaks_a_run():
+    """The offline suggestion (offline_paths.py): with large_margin the large path takes an M where it is within
+    that fraction of the middle path's time at every larger M; a path with an infinite time (a launched config that
+    spills) never wins."""
+    times = {("middle", 1024): 1.0, ("large", 1024): 1.2, ("middle", 2048): 2.0, ("large", 2048): 2.15,
+             ("middle", 4096): 4.0, ("large", 4096): 4.1}
+    assert paths.suggest_thresholds(_rows(times))["large_min_m"] is None  # middle faster everywhere
+    assert paths.suggest_thresholds(_rows(times), large_margin=0.05)["large_min_m"] == 4096
+    assert paths.suggest_thresholds(_rows(times), large_margin=0.10)["large_min_m"] == 2048
+    inf = float("inf")
+    times = {("decode", 16): 1.0, ("middle", 16): 2.0, ("decode", 32): 1.0, ("middle", 32): 2.0,
+             ("decode", 64): inf, ("middle", 64): 2.0, ("middle", 4096): inf, ("large", 4096): 9.0}
+    suggested = paths.suggest_thresholds(_rows(times), large_margin=0.10)
+    assert (suggested["decode_max_m"], suggested["large_min_m"]) == (32, 4096)
+
+
 def test_several_shapes_take_the_change_that_is_right_for_every_one():
     a = {("decode", 16): 1.0, ("middle", 16): 2.0, ("decode", 32): 1.0, ("middle", 32): 2.0,
          ("middle", 1024): 2.0, ("large", 1024): 1.0}

@@ -472,3 +472,58 @@ def test_a_pair_table_that_does_not_launch_falls_back_to_the_byte_permutes():
     assert not [w for w in got["warnings"] if "shared-memory NF4 table" in w]
     got = _fallback("Triton Error [CUDA]: too many resources requested for launch", "error")
     assert got["raised"] == ["RuntimeWarning"] * 2 and got["tried"] == ["lds", "prmt"] * 2 and got["failed"] == []
+
+
+PATHS_RUN = """
+import json, math, sys
+from pathlib import Path
+from fused_lora.bench import offline, offline_compile, offline_paths
+from fused_lora.bench.paths import suggest_thresholds
+MS = {"decode": {16: 1.0, 64: 1.5}, "middle": {16: 2.0, 64: 2.0, 256: 3.0, 4096: 10.0},
+      "large": {16: 9.0, 64: 9.0, 256: 9.0, 4096: 10.5}}
+seen = []
+def evaluate(captured, records):  # made-up prices, keyed by the path the launches show
+    (variant, steps, facts), = captured
+    kernels = {c.kernel for s in steps for c in s.candidates}
+    path = ("large" if "nf4_slab_kernel" in kernels else
+            "decode" if "lora_decode_fwd_kernel" in kernels else "middle")
+    s = variant.spec
+    seen.append([path, s.M, s.weight, s.r])
+    spill = 208 if (path, s.M, s.weight) == ("decode", 64, "dense") else 0
+    return [{"impl": "fused", "kernel": "lora_decode_fwd_kernel", "config": "c", "chosen": True,
+             "spill_bytes": spill},
+            {"impl": "fused", "kernel": "total", "predicted_ms": MS[path][s.M]}]
+offline.evaluate = evaluate
+offline_compile.run_jobs = lambda jobs, cache_dir=None: [{} for _ in jobs]
+rows = offline_paths.path_rows(shapes=((4096, 1024),), ms=(16, 64, 256, 4096))
+suggested = suggest_thresholds(rows, large_margin=offline_paths.LARGE_MARGIN)
+table = offline_paths.predicted_path_table(rows, suggested, {"decode_max_m": 16, "large_min_m": 512})
+print(json.dumps({"seen": seen, "rows": [[r["impl"], r["M"], r["predicted_ms"], r["median_ms"], r["spills"]]
+                  for r in rows], "suggested": suggested, "table": table}))
+"""
+
+
+def test_offline_paths_force_each_path_and_suggest_thresholds_from_predictions():
+    """``offline --paths`` (offline_paths.py), with made-up prices in a subprocess without the interpreter: every
+    path is really forced (the captured launches show it) for NF4 and dense W at r = 16 and 64 (decode up to M = 64,
+    large for NF4 only); the rows are NF4 at r = 16; a config that spills on a path at an M (here the dense decode at
+    M = 64) makes that path ineligible there; the large path takes M = 4096, within LARGE_MARGIN of the middle one."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", PATHS_RUN], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout)
+    expected = {(path, M, w, r) for M in (16, 64, 256, 4096) for path in ("decode", "middle", "large")
+                for w in ("nf4dq", "dense") for r in (16, 64)
+                if (path != "decode" or M <= 64) and (path != "large" or w == "nf4dq")}  # fmt: skip
+    assert sorted(map(tuple, got["seen"])) == sorted(expected)
+    rows = {(impl, M): (ms, median, spills) for impl, M, ms, median, spills in got["rows"]}
+    assert len(rows) == len(got["rows"]) == 10
+    assert rows[("fused-decode", 64)][:2] == (1.5, float("inf"))
+    assert rows[("fused-decode", 64)][2] == ["lora_decode_fwd_kernel c (dense, r=16: 208 B)",
+                                             "lora_decode_fwd_kernel c (dense, r=64: 208 B)"]
+    assert rows[("fused-decode", 16)] == (1.0, 1.0, [])
+    assert (got["suggested"]["decode_max_m"], got["suggested"]["large_min_m"]) == (16, 4096)
+    assert "| 4096 | 1024 | 16 | **1** | 2 | 9 |" in got["table"]
+    assert "| 4096 | 1024 | 64 | 1.5 (spills) | **2** | 9 |" in got["table"]
+    assert "decode_max_m = 16, large_min_m = 4096" in got["table"]

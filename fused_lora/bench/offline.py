@@ -378,10 +378,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile records kept across runs (default: %(default)s)")
     parser.add_argument("--no-cache", action="store_true", help="compile everything again")
     parser.add_argument("--constants", nargs="*", default=[], metavar="NAME=VALUE", help="recalibrated constants")
+    parser.add_argument("--paths", action="store_true",
+                        help="predict every kernel path at every M and suggest strategy thresholds (offline_paths.py)")
     options = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("offline instrument: run with TRITON_INTERPRET=0 (kernels under the interpreter cannot be "
                          "compiled)")
+    if options.paths:
+        from .offline_paths import run_offline_paths
+
+        suggested = run_offline_paths(options.output, None if options.no_cache else options.cache,
+                                      "TRITON_INTERPRET=0 python -m fused_lora.bench.offline --paths")
+        print(f"offline: suggested thresholds for sm_90: decode_max_m = {suggested.get('decode_max_m')}, "
+              f"large_min_m = {suggested.get('large_min_m')}; wrote {options.output / 'offline' / 'paths.md'}",
+              file=sys.stderr)
+        return 0
     started = time.time()
     gpu = _constants(options.constants)
     variants = _variants(**(QUICK if options.quick else SWEEP))

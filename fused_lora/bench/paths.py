@@ -57,7 +57,7 @@ def _times(rows, K, N, path, pass_name="fwd_bwd") -> dict[int, float]:
             and row["N"] == N and row["impl"] == f"fused-{path}" and row["pass"] == pass_name}
 
 
-def _suggest_one(rows, K, N) -> dict:
+def _suggest_one(rows, K, N, large_margin: float) -> dict:
     decode, middle, large = (_times(rows, K, N, path) for path in PATHS)
     decode_max_m = 0
     for M in sorted(set(decode) & set(middle)):
@@ -66,15 +66,17 @@ def _suggest_one(rows, K, N) -> dict:
         decode_max_m = M
     large_min_m = None
     for M in sorted(set(large) & set(middle), reverse=True):
-        if large[M] > middle[M]:
+        if large[M] > middle[M] * (1.0 + large_margin):
             break
         large_min_m = M
     return {"decode_max_m": decode_max_m, "large_min_m": large_min_m}
 
 
-def suggest_thresholds(rows: list[dict]) -> dict:
+def suggest_thresholds(rows: list[dict], large_margin: float = 0.0) -> dict:
     """{"per_shape": {"KxN": {decode_max_m, large_min_m}}, "decode_max_m", "large_min_m"} from the fwd_bwd rows of
-    every shape measured (module docstring); {} when no shape has two paths measured at a common M.
+    every shape measured (module docstring); {} when no shape has two paths measured at a common M. With
+    ``large_margin`` > 0 the large path also counts as no slower where it is within that fraction of the middle
+    path's time (the offline model's suggestion, offline_paths.py: a margin for the model's error).
 
     Example:
         >>> row = lambda path, M, ms: {"bench": "qlora_paths", "impl": f"fused-{path}", "pass": "fwd_bwd", "M": M,
@@ -84,7 +86,7 @@ def suggest_thresholds(rows: list[dict]) -> dict:
         16
     """
     shapes = sorted({(row["K"], row["N"]) for row in rows if row["bench"] == "qlora_paths"})
-    per_shape = {f"{K}x{N}": _suggest_one(rows, K, N) for K, N in shapes}
+    per_shape = {f"{K}x{N}": _suggest_one(rows, K, N, large_margin) for K, N in shapes}
     if not per_shape:
         return {}
     large = [s["large_min_m"] for s in per_shape.values()]

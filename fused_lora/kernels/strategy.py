@@ -17,15 +17,19 @@ A dense W takes the decode path at small M and the GEMM otherwise (middle and la
 
 The thresholds are a ``Thresholds`` per GPU family, recalibrated from measurements by editing ``THRESHOLDS`` or, for one
 process, with ``use_thresholds``: ``python -m fused_lora bench --paths`` times every path at each M on the GPU it runs
-on and prints the decode_max_m and large_min_m its times suggest (fused_lora/bench/paths.py). Before any GPU run they
-come from the offline cost model (compiled SASS, sm_90a, 128×128×64 tiles): the middle path's NF4 main loop issues about
-283 instructions per warp and K step against the dense loop's 100, i.e. its decode adds ~0.1-0.4 of the dense GEMM time
-at every M (it is repeated for every BLOCK_M rows); the large path adds one pass over W (read N·K/2 bytes plus scales,
-write N·K·2: ~37 µs for 14336×4096 on an H200), of which the side stream hides all but the first slab. The two cross
-near M = 512 on an H200 (dense GEMM of 14336×4096 at M=512: ~80 µs); an A100's MMA is 3× slower against its ALUs, so the
-in-loop decode stays cheap longer there (1024). Decode: the split-K partial sums cost S·M·N·4 bytes (mostly in L2): at
-K=4096, N=14336 the forward takes S = 2 on an H200 (launch_gemm._splits at decode_programs_per_sm = 2), 6 % of the NF4
-bytes at M=16 and 12.5 % at 32.
+on and prints the decode_max_m and large_min_m its times suggest (fused_lora/bench/paths.py). Before any GPU run the
+sm_90 values come from the offline cost model by the same rules: ``python -m fused_lora.bench.offline --paths``
+(fused_lora/bench/offline_paths.py) predicts each path's fwd_bwd at each M for Llama-3-8B's shapes and writes
+bench/results/offline/paths.md. With today's kernels the decode path is predicted faster than the middle one up to M =
+64 at every shape (its split-K kernels stream W once; the middle path's tiles leave SMs idle or repeat the decode), but
+at 33-64 rows its epilogue (r = 64) and the dense decode forward spill: decode_max_m = 32. The middle path is predicted
+faster than the large one at every M measured (1-4096): the large path 31-72 % slower at M = 512, 7-12 % at 2048, 3-6 %
+at 4096 (the middle loops are bound by the MMA, the decode hidden under it, where the large path adds a pass over W);
+the large path keeps M ≥ 4096, where the two are within 10 % (offline_paths.LARGE_MARGIN: the middle path's time rests
+on the decode staying hidden, the large path's on a memory pass). sm_80 keeps its earlier values (the cost model prices
+sm_90a only): an A100's MMA is 3× slower against its ALUs, so the in-loop decode stays cheap longer there. Decode: the
+split-K partial sums cost S·M·N·4 bytes (mostly in L2): at K=4096, N=14336 the forward takes S = 2 on an H200
+(launch_gemm._splits at decode_programs_per_sm = 2), 6 % of the NF4 bytes at M=16 and 12.5 % at 32.
 
 Deterministic mode (``deterministic()``): torch.are_deterministic_algorithms_enabled(), or FUSED_LORA_DETERMINISTIC=1
 in the environment, or ``use_deterministic(True)``. Then no kernel accumulates with atomics: every cross-program
@@ -99,7 +103,7 @@ class Thresholds:
 # Per GPU family (compute capability major); "default" for others and for the CPU interpreter.
 THRESHOLDS: dict[str, Thresholds] = {
     "default": Thresholds(),
-    "sm90": Thresholds(decode_max_m=16, large_min_m=512, decode_programs_per_sm=2),
+    "sm90": Thresholds(decode_max_m=32, large_min_m=4096, decode_programs_per_sm=2),  # offline --paths
     "sm80": Thresholds(decode_max_m=16, large_min_m=1024),
 }
 
