@@ -41,16 +41,16 @@ from fused_lora.bench.offline_compile import Job, Ptr
 
 TARGET = dict(K=4096, N=14336, r=16, x_dtype=torch.bfloat16, adapter_dtype=torch.float32, weight="nf4dq")
 # (arch, M): one M per path of the launchers at the target shape (strategy.Thresholds): decode, middle, large
-CI_VARIANTS = [(90, 16), (90, 256), (90, 8192), (80, 16), (80, 256), (80, 8192)]
+CI_VARIANTS = [(90, 16), (90, 32), (90, 256), (90, 8192), (80, 16), (80, 256), (80, 8192)]
 ARCHS = (90, 80)
 # (arch, M, shape, pass): a layer whose middle-M forward splits K (launch_gemm.y_splits), Llama-3-8B's k_proj
 SPLIT_VARIANTS = [(arch, 256, dict(N=1024), "fwd_bwd") for arch in ARCHS]
 N_SMALL, K_SMALL = 4096, 4096
-# (arch, layer changes): the decode forward with the shared-memory pair table at the edges of where the launcher
-# takes it (launch_decode.pair_table_shared): the most shared memory (r = 64, fp32 adapters, dropout; the A100
-# takes the byte permutes there), fp16 x with bf16 adapters, blocks of 32 (twice the scales); plus the frozen layer
-# (_frozen_decode_job)
-PAIR_TABLE_VARIANTS = [(arch, changes) for arch in ARCHS
+# (arch, M, layer changes): the decode forward with the shared-memory pair table at the edges of where the launcher
+# takes it (launch_decode.pair_table_shared), at both of its BLOCK_M (16, 32; the decode path forced): the most shared
+# memory (r = 64, fp32 adapters, dropout; the A100 takes the byte permutes there), fp16 x with bf16 adapters, blocks
+# of 32 (twice the scales); plus the frozen layer (_frozen_decode_job)
+PAIR_TABLE_VARIANTS = [(arch, M, changes) for arch in ARCHS for M in (16, 32)
                        for changes in (dict(r=64, dropout_p=0.1),
                                        dict(x_dtype=torch.float16, adapter_dtype=torch.bfloat16),
                                        dict(adapter_dtype=torch.bfloat16, blocksize=32))]  # fmt: skip
@@ -146,6 +146,7 @@ def ci_jobs() -> list[tuple[Job, dict]]:
     from fused_lora.bench.offline_capture import capture_pass
     from fused_lora.bench.offline_compile import job_key
     from fused_lora.bench.offline_kernels import KERNELS
+    from fused_lora.kernels import strategy
 
     found, seen = [], set()
     for arch, M, shape, pass_name in [(arch, M, {}, "fwd_bwd") for arch, M in CI_VARIANTS] + SPLIT_VARIANTS:
@@ -170,9 +171,10 @@ def ci_jobs() -> list[tuple[Job, dict]]:
                     first_block_m = step.candidates[0].args["BLOCK_M"]
                     found += [(j, f) for j, f in _dora_jobs(job, {**facts, "first_block_m": first_block_m})
                               if job_key(j) not in seen and not seen.add(job_key(j))]
-    for arch, changes in PAIR_TABLE_VARIANTS:
-        spec = LayerSpec(16, **{**TARGET, **changes})
-        steps, _ = capture_pass("fwd", spec, arch)
+    for arch, M, changes in PAIR_TABLE_VARIANTS:
+        spec = LayerSpec(M, **{**TARGET, **changes})
+        with strategy.use_thresholds(decode_max_m=M):
+            steps, _ = capture_pass("fwd", spec, arch)
         for launch in (c for step in steps for c in step.candidates if c.kernel == "lora_decode_fwd_kernel"):
             job = launch_job(launch, spec, arch)
             job.id = f"sm{arch}-{job.id}"
@@ -195,7 +197,7 @@ def _pair_table_bound(args: dict, a_bytes: int) -> int | None:
 
     if args.get("LOOKUP") != "lds":
         return None
-    return pair_table_shared(args["R_PAD"], a_bytes, args["HAS_LORA"], args["BLOCKSIZE"])
+    return pair_table_shared(args["R_PAD"], a_bytes, args["HAS_LORA"], args["BLOCKSIZE"], args["BLOCK_M"])
 
 
 def _pair_table_facts(args: dict, spec: LayerSpec) -> dict:

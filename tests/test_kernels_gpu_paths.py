@@ -75,16 +75,17 @@ def test_each_path_in_bf16_at_llama_shapes(path, M, K, N, base, monkeypatch, poi
     _check(M, K, N, 16, torch.bfloat16, base, bias=True, p=0.1, path=path, monkeypatch=monkeypatch)
 
 
-@pytest.mark.parametrize("M", [1, 16])
+@pytest.mark.parametrize("M", [1, 16, 27])
 def test_the_decode_forward_runs_the_pair_table(M, monkeypatch, poison_empty):
     """Where a block has the shared memory for it, the decode forward reads NF4 from the shared-memory pair table
     (LOOKUP "lds", nf4_lookup.py) and the block scales as bf16 pairs (SCALE_PAIRS, common.scale_pairs), neither run
-    on a GPU before this test, and meets the tolerance rule, without falling back to the byte permutes."""
+    on a GPU before this test, and meets the tolerance rule, without falling back to the byte permutes; at BLOCK_M
+    16 and 32 (M = 27: ragged rows in the taller tile)."""
     from fused_lora.backend import cuda_shared_optin
     from fused_lora.kernels import lora_decode
 
     _, _, launch_decode, *_ = _modules()
-    if launch_decode.pair_table_shared(16, 4, True, 64) > cuda_shared_optin("cuda"):
+    if launch_decode.pair_table_shared(16, 4, True, 64, 16 if M <= 16 else 32) > cuda_shared_optin("cuda"):
         pytest.skip("this GPU gives a block too little shared memory for the pair table")
     launched = []
     monkeypatch.setattr(lora_decode, "lora_decode_fwd_kernel", LaunchRecorder(

@@ -370,7 +370,8 @@ from fused_lora.kernels import strategy
 out, targets = {}, dict(offline_capture.TARGETS)
 cases = (("h200", 90, 16, 4096, 16, None), ("h200 r64", 90, 16, 4096, 64, None), ("a100 r64", 80, 16, 4096, 64, None),
          ("a100", 80, 16, 4096, 16, None), ("64KiB", 90, 16, 4096, 16, 64 * 1024), ("ragged K", 90, 16, 4032, 16, None),
-         ("M=32", 90, 32, 4096, 16, None))
+         ("M=32", 90, 32, 4096, 16, None), ("a100 M=32", 80, 32, 4096, 16, None),
+         ("a100 M=32 r64", 80, 32, 4096, 64, None), ("M=33", 90, 33, 4096, 16, None))
 for name, arch, M, K, r, optin in cases:
     offline_capture.TARGETS.update(targets)
     if optin is not None:
@@ -384,11 +385,11 @@ print(json.dumps(out))
 
 
 def test_the_decode_forward_takes_the_pair_table_where_it_fits():
-    """In a subprocess without the interpreter: the decode forward's fragment config at M ≤ 16 reads the
-    shared-memory pair table with launch_decode.PAIR_TABLE_STAGES stages where a block has room for it (an H200 at
-    r = 16 and 64, an A100 at r = 16: launch_decode.pair_table_shared), and the byte permutes with Triton's default
-    stages where it has not (an A100 at r = 64 with fp32 adapters: 192 KiB > 163 KiB; 64 KiB per block), for a K
-    that is not whole 128-column tiles, and at M > 16."""
+    """In a subprocess without the interpreter: the decode forward's fragment config at M ≤ 32 (BLOCK_M 16 and 32)
+    reads the shared-memory pair table with launch_decode.PAIR_TABLE_STAGES stages where a block has room for it (an
+    H200 at r = 16 and 64, an A100 at r = 16: launch_decode.pair_table_shared), and the byte permutes with Triton's
+    default stages where it has not (an A100 at r = 64 with fp32 adapters: 192 KiB > 163 KiB at M=16, 224 KiB at
+    M=32; 64 KiB per block), for a K that is not whole 128-column tiles, and at M > 32 (BLOCK_M 64)."""
     from fused_lora.kernels.launch_decode import PAIR_TABLE_STAGES
 
     env = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -398,7 +399,7 @@ def test_the_decode_forward_takes_the_pair_table_where_it_fits():
     got = json.loads(proc.stdout)
     lds, prmt = [["lds", PAIR_TABLE_STAGES]], [["prmt", None]]
     assert got == {"h200": lds, "h200 r64": lds, "a100 r64": prmt, "a100": lds, "64KiB": prmt, "ragged K": prmt,
-                   "M=32": prmt}
+                   "M=32": lds, "a100 M=32": lds, "a100 M=32 r64": prmt, "M=33": prmt}
 
 
 BROKEN = """

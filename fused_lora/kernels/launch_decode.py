@@ -53,29 +53,33 @@ def _block_m(M: int) -> int:
 
 
 # The forward's fragment-order config with the shared-memory pair table (LOOKUP "lds", nf4_lookup.py), taken at
-# BLOCK_M 16 (M ≤ 16) where its shared memory fits the GPU (pair_table_shared): 5 pipeline stages (4 tiles of W in
-# flight) beside the table's 32 KiB. Triton's dynamic share is over 48 KiB on purpose: only then does Triton's
+# BLOCK_M 16 and 32 (M ≤ 32) where its shared memory fits the GPU (pair_table_shared): 5 pipeline stages (4 tiles of W
+# in flight) beside the table's 32 KiB. Triton's dynamic share is over 48 KiB on purpose: only then does Triton's
 # launcher opt in to more than 48 KiB per block, and the static table counts towards that limit
 # (tests/test_kernels_compile.py checks both on the compiled kernels). Should a launch fail anyway (another Triton,
-# another GPU), the device falls back to the byte permutes with one warning.
+# another GPU), the device falls back to the byte permutes with one warning. At BLOCK_M 32 the byte permutes bound
+# the loop by the ALU pipe (321 ALU of 585 SASS per iteration, sm_90a): the table makes it 96 of 441, a decode
+# forward 20 % faster at M = 32 by the offline model (K=4096, N=14336).
 PAIR_TABLE_STAGES = 5
-# Triton's shared memory for the W loop at PAIR_TABLE_STAGES, BLOCK_M 16, blocksize 64 (the scales as pairs; triton
-# 3.9: 55808 B on sm_90, 51200 B on sm_80), rounded up; smaller blocks add their scales (pair_table_shared)
-PAIR_TABLE_W_LOOP_SHARED = 56 * 1024
+# Triton's shared memory for the W loop at PAIR_TABLE_STAGES, blocksize 64 (the scales as pairs), per BLOCK_M (triton
+# 3.9: 55808 B on sm_90 and 51200 B on sm_80 at 16, 76800 B and 67584 B at 32), rounded up; smaller blocks add their
+# scales (pair_table_shared)
+PAIR_TABLE_W_LOOP_SHARED = {16: 56 * 1024, 32: 76 * 1024}
 _PAIR_TABLE_FAILED: set = set()  # devices on which a decode forward with the pair table did not launch
 
 
-def pair_table_shared(r_pad: int, a_bytes: int, has_lora: bool, blocksize: int) -> int:
-    """An upper bound of the decode forward's shared memory per block with the pair table at BLOCK_M 16 (bytes): the
-    static table, plus Triton's rings: the larger of the W loop's (with the scale pairs of blocks smaller than 64:
-    128 rows · 64 / blocksize words per tile) and the u column's (PAIR_TABLE_STAGES - 1 tiles of x, counted in fp32
-    as the low-rank dot takes it, and of min(r_pad, 64) rows of A; the two loops are in different branches and share
-    the space). tests/test_kernels_compile.py checks it against the compiled kernels."""
+def pair_table_shared(r_pad: int, a_bytes: int, has_lora: bool, blocksize: int, block_m: int = 16) -> int:
+    """An upper bound of the decode forward's shared memory per block with the pair table at ``block_m`` (a key of
+    PAIR_TABLE_W_LOOP_SHARED; bytes): the static table, plus Triton's rings: the larger of the W loop's (with the
+    scale pairs of blocks smaller than 64: 128 rows · 64 / blocksize words per tile) and the u column's
+    (PAIR_TABLE_STAGES - 1 tiles of x, counted in fp32 as the low-rank dot takes it, and of min(r_pad, 64) rows of
+    A; the two loops are in different branches and share the space). tests/test_kernels_compile.py checks it
+    against the compiled kernels."""
     from .nf4_lookup import PAIR_TABLE_BYTES
 
     small_blocks = max(0, 64 // blocksize - 1) * 128 * 4
-    w_loop = PAIR_TABLE_W_LOOP_SHARED + (PAIR_TABLE_STAGES - 1) * small_blocks
-    u_tiles = 16 * FRAGMENT_BLOCK_K * 4 + min(r_pad, 64) * FRAGMENT_BLOCK_K * a_bytes if has_lora else 0
+    w_loop = PAIR_TABLE_W_LOOP_SHARED[block_m] + (PAIR_TABLE_STAGES - 1) * small_blocks
+    u_tiles = block_m * FRAGMENT_BLOCK_K * 4 + min(r_pad, 64) * FRAGMENT_BLOCK_K * a_bytes if has_lora else 0
     return PAIR_TABLE_BYTES + max(w_loop, (PAIR_TABLE_STAGES - 1) * u_tiles)
 
 
@@ -109,9 +113,10 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     r_pad = rank_pad(r) if has_lora else common.FROZEN_R_PAD
     block_m = _block_m(M)
     fragment = _fragment(weight, K)
-    pair_table = (fragment and block_m == 16 and not interpreting() and x2d.device not in _PAIR_TABLE_FAILED
-                  and pair_table_shared(r_pad, A.element_size() if has_lora else 0, has_lora, int(weight.blocksize))
-                  <= cuda_shared_optin(x2d.device))  # fmt: skip
+    pair_table = (fragment and block_m in PAIR_TABLE_W_LOOP_SHARED and not interpreting()
+                  and x2d.device not in _PAIR_TABLE_FAILED
+                  and pair_table_shared(r_pad, A.element_size() if has_lora else 0, has_lora, int(weight.blocksize),
+                                        block_m) <= cuda_shared_optin(x2d.device))  # fmt: skip
     if fragment:
         block_n, block_k, warps = (128, FRAGMENT_BLOCK_K, 4)
     else:
