@@ -10,9 +10,10 @@ per CPU core. It compiles
   instrument's ``CI_VARIANTS`` (one M per path the launchers choose: decode, middle, large), found by running the
   launchers (fused_lora.bench.offline_capture), so a new kernel or config is compiled here without a change; and
   the launches of ``SPLIT_VARIANTS`` not already among them (the middle path's split-K forward, at N=1024);
-- the DoRA variants of those GEMM launches on sm_90a (``_dora_jobs``: the forward's COL_SCALE and ADD_Z epilogues,
-  dx with c in its main loop, the LoRA dx adding t, and the frozen dx storing t = m⊙(((c−1)⊙g)·W) at every config
-  the autotuner keeps for the frozen dx), as fused_lora/kernels/lora.py launches them for fused_lora/dora.py;
+- the DoRA variants of those GEMM launches on sm_90a (``_dora_jobs``: the forward's COL_SCALE epilogue, its ADD_Z
+  one at every config the autotuner keeps for ADD_Z, dx with c in its main loop, the LoRA dx adding t, and the
+  frozen dx storing t = m⊙(((c−1)⊙g)·W) at every config the autotuner keeps for the frozen dx), as
+  fused_lora/kernels/lora.py launches them for fused_lora/dora.py;
 - the other kernels of the package as their launchers launch them (dropout mask, NF4 quantize/dequantize, the
   AdamW kernels), on sm_90a and sm_80.
 
@@ -120,13 +121,21 @@ def _dora_jobs(job: Job, facts: dict) -> list[tuple[Job, dict]]:
     x = job.args["x_ptr" if facts["kernel"] == "lora_fwd_kernel" else "g_ptr"]
     dropout = {"p": 0.1, "keep_scale": 1 / 0.9}
     if facts["kernel"] == "lora_fwd_kernel":
-        variants = {"COL_SCALE": {"COL_SCALE": True, "z_ptr": x, "col_scale_ptr": Ptr("fp32")},
-                    "ADD_Z": {"ADD_Z": True, "z_ptr": x, "col_scale_ptr": Ptr("fp32")}}
+        variants = {"COL_SCALE": {"COL_SCALE": True, "z_ptr": x, "col_scale_ptr": Ptr("fp32")}}
     else:
         variants = {"COL_SCALE": {"COL_SCALE": True, "col_scale_ptr": Ptr("fp32")},
                     "ADD_T": {"ADD_T": True, "DROPOUT": True, "t_ptr": x, **dropout}}
     out = [(dataclasses.replace(job, id=f"{job.id}-dora-{name}", args={**job.args, **extra}), facts)
            for name, extra in variants.items()]
+    if facts["kernel"] == "lora_fwd_kernel" and job.args["BLOCK_M"] == facts["first_block_m"]:
+        # y = c⊙z + b reading z (ADD_Z) at the configs kept for it (autotune: not the NF4 forward's tall tile)
+        add_z = {**job.args, "ADD_Z": True, "z_ptr": x, "col_scale_ptr": Ptr("fp32")}
+        for config in keep_tiles_for_m(gemm_configs((9, 0), "BLOCK_N", "BLOCK_K"), add_z):
+            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            name = f"{job.id.rsplit('-', 1)[0]}-{tile}w{config.num_warps}s{config.num_stages}-dora-ADD_Z"
+            options = {**job.options, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            out.append((Job(name, job.module, job.kernel, {**add_z, **config.kwargs}, options, job.arch),
+                        {**facts, "block_m": config.kwargs["BLOCK_M"]}))
     if facts["kernel"] == "lora_dx_kernel" and job.args["BLOCK_M"] == facts["first_block_m"]:
         # t = m⊙(((c−1)⊙g)·W): the frozen dx (no low-rank operands) at the configs kept for it
         frozen = {**job.args, "HAS_LORA": False, "NEED_DA": False, "x_ptr": None, "a_ptr": None, "v_ptr": None,

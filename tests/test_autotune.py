@@ -47,7 +47,14 @@ def test_the_pruned_sets_are_the_ones_recorded():
 
     assert tiles(1) == [(16, 128, 128, 4, 4), (16, 64, 256, 4, 3)]
     assert tiles(16) == [(16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (32, 128, 128, 4, 4)]
-    assert tiles(256) == tiles(8192) == [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)]
+    assert tiles(128) == [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3)]
+    # from bucket 256 the NF4 forward times the 256-row tile in place of the third (autotune.TALL_NF4_MIN_BUCKET)
+    assert tiles(256) == tiles(8192) == [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)]
+    dense = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _kept((9, 0), "lora_fwd_kernel", 256, HAS_LORA=True,
+                                                                        IS_NF4=False)]
+    dx = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _kept((9, 0), "lora_dx_kernel", 256, HAS_LORA=False,
+                                                                     IS_NF4=True, ROW_SCALES=True)]
+    assert dense == [(128, 256), (128, 128), (128, 128)] and max(m for m, _ in dx) == 128
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])

@@ -106,6 +106,17 @@ def _preferred_block_m(bucket: int) -> int:
     return min(max(low, bucket), high)
 
 
+# The NF4 forward from this bucket on also times a tile twice as tall as the preferred one (256×128×64 on sm_90), in
+# place of the last of the others: its programs decode each W tile once per 256 rows, half the decode per MMA of
+# the 128-row tiles. The offline model prices both bound by the MMA (the decode hidden under it), but the 128×256
+# tile issues for 58 % of its MMA's cycles per iteration (400 SASS per warp, two warps per scheduler, against ~1390
+# cycles of wgmma at 790 TFLOP/s), the 256×128 one for 41 % (284): more room when a GPU hides less of the decode than
+# the model assumes (sm_90a, K=4096, N=14336: bench/results/offline/report.md). sm_80's
+# 256-row tile spills the NF4 decode (44 B, bench/results/compile_report.md) and is only kept there as before, by
+# distance. Not with ADD_Z (DoRA's forward that reads z): its z tile beside the accumulator spills 116 B there.
+TALL_NF4_MIN_BUCKET = 256
+
+
 # A dx tile with the low-rank term keeps acc, the low-rank tile, the dropout mask and x in shared memory: above
 # BLOCK_M·BLOCK_K = 128·128 it needs 256 KiB on sm_90 (limit 227 KiB), so such tiles are never compiled.
 DX_LORA_MAX_TILE = 128 * 128
@@ -126,7 +137,8 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
       tile lives through the loop beside the accumulator: 128 values per thread spilled 192–408 B on sm_90) the
       accumulator rule only;
     - keep at most MAX_CONFIGS_PER_BUCKET: the tiles whose BLOCK_M is nearest the bucket's preferred BLOCK_M (the
-      bucket, clamped to 16..128), in the config list's order among equals;
+      bucket, clamped to 16..128), in the config list's order among equals; the NF4 forward (not ADD_Z) from
+      TALL_NF4_MIN_BUCKET on with a 256-row tile in place of the last of them;
     - NF4 with K not a multiple of the blocksize (ROW_SCALES False): the element-wise scale gather makes every
       pipeline stage hold per-element scale tiles (180–650 KiB at 3–4 stages), so every config runs at
       num_stages=1 (36–80 KiB).
@@ -143,6 +155,9 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
     kept = fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
     preferred = _preferred_block_m(bucket).bit_length()
     kept = sorted(kept, key=lambda c: abs(c.kwargs["BLOCK_M"].bit_length() - preferred))[:MAX_CONFIGS_PER_BUCKET]
+    if args.get("IS_NF4") and "dx_ptr" not in args and not args.get("ADD_Z") and bucket >= TALL_NF4_MIN_BUCKET:
+        tall = [c for c in fitting if c.kwargs["BLOCK_M"] >= 2 * _preferred_block_m(bucket) and c not in kept][:1]
+        kept = kept[:MAX_CONFIGS_PER_BUCKET - len(tall)] + tall
     if args.get("IS_NF4") and not args.get("ROW_SCALES"):
         kept = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1) for c in kept]
     return kept
