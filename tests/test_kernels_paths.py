@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 import fused_lora as fl
+from fused_lora import reference
 from fused_lora.kernels.nf4_fragment import fragment_k, fragment_rows
 from fused_lora.testing import assert_close_to_reference, relative_error
 
@@ -296,6 +297,32 @@ def test_splits_cover_the_axis_and_balance_the_busiest_sm(total, block, other, m
     assert busiest(splits, per_split) <= busiest(-(-total // old_per), old_per)
     if (total, block, other) == (4096, 256, 224):  # the decode forward at K=4096, N=14336: 6, 6, 4 steps before
         assert (splits, per_split) == (4, 1024)
+    capped, capped_per = launch_gemm._splits(total, block, other, "cpu", max_splits=2)
+    assert 1 <= capped <= min(2, splits) and (capped - 1) * capped_per < total <= capped * capped_per
+
+
+def test_the_split_forward_caps_the_parts_of_u_its_epilogue_reads_per_column_tile(monkeypatch, poison_empty):
+    """The split forward's epilogue re-reads u's split parts for every column tile: forward_split asks lora_u_kernel
+    for at most S·BLOCK_N / r_pad parts (no more bytes than the y partial sums the epilogue reads), and the result
+    is the reference's."""
+    from fused_lora.kernels import common, launch_gemm, lora, strategy
+
+    monkeypatch.setattr(common, "sm_count", lambda device: 132)  # lora_u_kernel would want 64 parts of K=2048
+    got = []
+    real = launch_gemm.compute_u
+    monkeypatch.setattr(launch_gemm, "compute_u", lambda *a, **k: got.append((k, real(*a, **k))) or got[-1][1])
+    gen = torch.Generator().manual_seed(5)
+    M, K, N, r = 20, 2048, 96, 16
+    x, A, B = (torch.randn(*s, generator=gen) for s in ((M, K), (r, K), (N, r)))
+    weight = torch.randn(N, K, generator=gen) / 32
+    with strategy.use_thresholds(**SPLIT_PATHS["split"]):
+        plan = launch_gemm.y_splits(M, N, K, weight, x)
+        y, u = lora.forward(x, weight, A, B, SCALING, None, 0.0, 0)
+    (kwargs, parts), = got
+    assert plan is not None and kwargs["max_parts"] == plan.splits * launch_gemm._epilogue_tile()[1] // 16
+    assert 1 <= parts.shape[0] <= kwargs["max_parts"] < launch_gemm._splits(K, 32, 2, "cpu")[0]
+    y_ref, u_ref = reference.lora_forward(x.double(), weight.double(), A.double(), B.double(), SCALING, None)
+    assert relative_error(y, y_ref) < 1e-5 and relative_error(u, u_ref) < 1e-5
 
 def test_decode_kernels_split_for_the_programs_an_sm_holds(monkeypatch):
     """On an H200 (sm_90 thresholds, 132 SMs) the decode forward of Llama-3-8B's up_proj (112 column tiles × 32 K

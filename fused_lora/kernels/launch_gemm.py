@@ -20,7 +20,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _splits(total: int, block: int, other_programs: int, device, decode: bool = False) -> tuple[int, int]:
+def _splits(total: int, block: int, other_programs: int, device, decode: bool = False,
+            max_splits: int | None = None) -> tuple[int, int]:
     """(splits, elements per split) of a reduction axis of ``total`` elements in steps of ``block``.
 
     P = other_programs · splits programs of ceil(steps / splits) steps each, on ``sms`` SMs: the busiest SM runs
@@ -28,7 +29,7 @@ def _splits(total: int, block: int, other_programs: int, device, decode: bool = 
     step of prologue and epilogue (partial sums written and read back). The rule: from the splits that launch between
     half and twice strategy.Thresholds.programs_per_sm programs per SM (decode_programs_per_sm for the decode
     kernels, ``decode``; fewer when there are fewer steps), take the one whose busiest SM costs least, and the fewest
-    splits among equals (smaller partial-sum buffers). Example: 224 tiles × 16 steps on 132 SMs at 4 per SM takes 4
+    splits among equals (smaller partial-sum buffers), at most ``max_splits`` when given. Example: 224 tiles × 16 steps on 132 SMs at 4 per SM takes 4
     splits (7 programs of 4 + 1 steps on the busiest SM: 35), where 3 splits of 6, 6 and 4 steps cost 6·(6 + 1) = 42.
     """
     sms = common.sm_count(device)
@@ -36,6 +37,8 @@ def _splits(total: int, block: int, other_programs: int, device, decode: bool = 
     other = max(other_programs, 1)
     wanted = strategy.thresholds(device).programs_per_sm_for(decode) * sms
     least, most = _cdiv(_cdiv(wanted, 2), other), _cdiv(2 * wanted, other)
+    if max_splits is not None:
+        least, most = min(least, max_splits), min(most, max_splits)
 
     def cost(splits: int) -> tuple[int, int]:
         per_split = _cdiv(steps, splits)
@@ -46,7 +49,7 @@ def _splits(total: int, block: int, other_programs: int, device, decode: bool = 
     return _cdiv(max(total, 1), per_split), per_split
 
 
-def compute_u(x2d, A, dropout_p, seed, precisions, summed: bool = True) -> torch.Tensor:
+def compute_u(x2d, A, dropout_p, seed, precisions, summed: bool = True, max_parts: int | None = None) -> torch.Tensor:
     """u = (m⊙x)·Aᵀ, (M, r) fp32: lora_u_kernel split over K so that the GPU is full even at small M, the splits
     summed in a fixed order; with ``summed`` False the (splits, M, r) partial sums, for a kernel that adds them."""
     import triton
@@ -63,7 +66,7 @@ def compute_u(x2d, A, dropout_p, seed, precisions, summed: bool = True) -> torch
     block_m = 16 if interpreting() else min(64, max(16, triton.next_power_of_2(M)))
     block_k = 32 if interpreting() else 64
     programs = triton.cdiv(M, block_m) * triton.cdiv(r_pad, block_r)
-    splits, k_per_split = _splits(K, block_k, programs, x2d.device)
+    splits, k_per_split = _splits(K, block_k, programs, x2d.device, max_splits=max_parts)
     parts = torch.empty((splits, M, r), device=x2d.device, dtype=torch.float32)
     lora_u_kernel[(triton.cdiv(M, block_m), triton.cdiv(r_pad, block_r), splits)](
         x2d, A, parts, M, K, r, k_per_split,
@@ -126,10 +129,19 @@ def y_splits(M: int, N: int, K: int, weight, x2d) -> YSplit | None:
 def forward_split(plan: YSplit, x2d, weight, A, B, scaling, bias, dropout_p, seed, y, precisions) -> torch.Tensor:
     """The LoRA forward of lora.forward on the middle path when its GEMM splits (y_splits gave ``plan``): u's split
     parts from lora_u_kernel, the split GEMM, then one epilogue that sums both (no separate sum of u). Returns u."""
-    parts = compute_u(x2d, A, dropout_p, seed, precisions, summed=False)
+    # The epilogue reads u's parts once per column tile: no more bytes than the partial sums of y it reads anyway
+    # (C·U·M·r ≤ S·M·N with C = N / BLOCK_N column tiles), U ≤ S·BLOCK_N / r; lora_u_kernel's own split count fills
+    # the GPU with its programs, 64 parts at K=4096 and M=256, which the epilogue of N=4096 read 32 times.
+    max_parts = max(1, plan.splits * _epilogue_tile()[1] // rank_pad(A.shape[0]))
+    parts = compute_u(x2d, A, dropout_p, seed, precisions, summed=False, max_parts=max_parts)
     u = torch.empty(parts.shape[1:], device=parts.device, dtype=torch.float32)
     _launch_y_split(plan, x2d, weight, bias, y, precisions, parts, B, scaling, u_out=u)
     return u
+
+
+def _epilogue_tile() -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the split forward's epilogue (lora_decode_fwd_epilogue_kernel)."""
+    return (16, 32) if interpreting() else (16, 128)
 
 
 def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, scaling, u_out=None) -> None:
@@ -159,7 +171,7 @@ def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, 
     has_lora = u_parts is not None
     r = u_parts.shape[2] if has_lora else 0
     r_pad = rank_pad(r) if has_lora else FROZEN_R_PAD
-    block_m, block_n = (16, 32) if interpreting() else (16, 128)
+    block_m, block_n = _epilogue_tile()
     lora_decode_fwd_epilogue_kernel[(_cdiv(N, block_n), _cdiv(M, block_m))](
         part, u_parts, B, bias, y, u_out,
         M, N, r, plan.splits, u_parts.shape[0] if has_lora else 1, part.stride(0), part.stride(1),
