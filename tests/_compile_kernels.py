@@ -42,7 +42,7 @@ from fused_lora.bench.offline_compile import Job, Ptr
 
 TARGET = dict(K=4096, N=14336, r=16, x_dtype=torch.bfloat16, adapter_dtype=torch.float32, weight="nf4dq")
 # (arch, M): one M per path of the launchers at the target shape (strategy.Thresholds): decode, middle, large
-CI_VARIANTS = [(90, 16), (90, 32), (90, 256), (90, 8192), (80, 16), (80, 256), (80, 8192)]
+CI_VARIANTS = [(90, 16), (90, 32), (90, 64), (90, 256), (90, 8192), (80, 16), (80, 256), (80, 8192)]
 ARCHS = (90, 80)
 # (arch, M, shape, pass): a layer whose middle-M forward splits K (launch_gemm.y_splits), Llama-3-8B's k_proj
 SPLIT_VARIANTS = [(arch, 256, dict(N=1024), "fwd_bwd") for arch in ARCHS]

@@ -48,6 +48,9 @@ def test_a_margin_gives_large_the_m_where_it_is_nearly_as_fast_and_a_spill_break
              ("decode", 64): inf, ("middle", 64): 2.0, ("middle", 4096): inf, ("large", 4096): 9.0}
     suggested = paths.suggest_thresholds(_rows(times), large_margin=0.10)
     assert (suggested["decode_max_m"], suggested["large_min_m"]) == (32, 4096)
+    times.update({("middle", 64): inf, ("large", 4096): inf})  # both ineligible: neither challenger wins
+    suggested = paths.suggest_thresholds(_rows(times), large_margin=0.10)
+    assert (suggested["decode_max_m"], suggested["large_min_m"]) == (32, None)
 
 
 def test_several_shapes_take_the_change_that_is_right_for_every_one():

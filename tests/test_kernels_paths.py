@@ -380,6 +380,32 @@ def test_path_choice_follows_the_thresholds():
         assert [strategy.path(M, False, "cpu") for M in (16, 17, 10**5)] == ["decode", "middle", "middle"]
     with strategy.use_thresholds(decode_max_m=1000):
         assert strategy.path(65, True, "cpu") == "middle"  # the decode kernels hold at most 64 rows
+    with strategy.use_thresholds(strategy.Thresholds(decode_max_m=16, large_min_m=512, large_min_m_fp32=128)):
+        assert [strategy.path(200, True, "cpu", d) for d in (torch.float32, torch.bfloat16, torch.float16, None)] == (
+            ["large", "middle", "middle", "middle"])
+        assert strategy.path(100, True, "cpu", torch.float32) == "middle"
+        assert strategy.path(200, False, "cpu", torch.float32) == "middle"  # a dense W has no large path
+    with strategy.use_thresholds(strategy.Thresholds(large_min_m_fp32=128), large_min_m=1000):  # for every dtype
+        assert strategy.path(200, True, "cpu", torch.float32) == "middle"
+    assert strategy.THRESHOLDS["sm90"].large_min_for(torch.float32) == strategy.THRESHOLDS["sm90"].large_min_m_fp32
+    assert strategy.Thresholds().large_min_for(torch.float32) == strategy.Thresholds().large_min_m  # None: the same
+    with pytest.raises(ValueError, match="large_min_m_fp32"):
+        strategy.Thresholds(large_min_m_fp32=0)
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.float32, "large"), (torch.float16, "middle")])
+def test_fp32_x_takes_the_large_path_from_its_own_threshold(dtype, expected, monkeypatch, poison_empty):
+    """lora.forward and backward route by x's dtype too (Thresholds.large_min_m_fp32): fp32 x at M = 40 takes the
+    large path where fp16 x takes the middle one, and both match the reference."""
+    lora, strategy, *_ = _modules()
+    x, weight, w_compute, A, B, b, g = _make_case(40, 128, 72, 4, dtype, "nf4-dq", torch.float32, True, "contiguous",
+                                                  64, 40)  # fmt: skip
+    calls = _record_paths(monkeypatch)
+    with strategy.use_thresholds(decode_max_m=0, large_min_m=10**9, large_min_m_fp32=32):
+        y, u = lora.forward(x, weight, A, B, SCALING, b, 0.1, 5)
+        grads = lora.backward(g, x, weight, A, B, SCALING, 0.1, 5, u, True, True, True, True)
+    assert calls == EXPECTED_CALLS[expected]
+    _check_all((y, u) + grads, x, w_compute, A, B, b, g, lora.dropout_mask(5, 40, 128, 0.1, "cpu"), dtype)
 
 
 # ---------------------------------------------------------------- split low-rank dots (bf16 x on a GPU)
@@ -572,6 +598,10 @@ FRAGMENT_CASES = [
     (5, 256, 64, 16, torch.float32, "nf4", 128, True, 0.1, "nf4"),
     (3, 256, 96, 4, torch.float16, "nf4-dq", 256, False, 0.0, "nf4"),  # one scale across two tiles
     (9, 128, 40, 4, torch.float32, "nf4", 64, True, 0.0, "halved"),  # a table of its own: LOOKUP "gather"
+    # BLOCK_M 32 and 64 (the decode path's default up to M = 64 on sm_90): ragged rows in the taller tiles
+    (27, 256, 136, 4, torch.float16, "nf4-dq", 64, True, 0.1, "nf4"),
+    (17, 128, 64, 8, torch.float32, "nf4", 32, False, 0.0, "halved"),
+    (40, 128, 72, 4, torch.float32, "nf4", 64, True, 0.2, "nf4"),
 ]
 
 

@@ -427,7 +427,7 @@ import json, sys, warnings
 from fused_lora.bench import offline_capture
 from fused_lora.bench.offline_capture import LayerSpec, capture_pass
 from fused_lora.kernels import launch_decode
-message, action = sys.argv[1], sys.argv[2]
+message, action, ms = sys.argv[1], sys.argv[2], [int(m) for m in sys.argv[3].split(",")]
 real, tried = offline_capture._launches, []
 def launches(kernel, grid, args, kwargs, weight_ids):
     if "LOOKUP" in kwargs and "FRAGMENT" in kwargs:
@@ -439,20 +439,20 @@ offline_capture._launches = launches
 raised = []
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter(action)
-    for _ in range(2):
+    for M in ms:
         try:
-            capture_pass("fwd", LayerSpec(16, 4096, 1024, 16), 90)
+            capture_pass("fwd", LayerSpec(M, 4096, 1024, 16), 90)
         except (RuntimeError, RuntimeWarning) as error:
             raised.append(type(error).__name__)
 print(json.dumps({"tried": tried, "raised": raised, "warnings": [str(w.message) for w in caught],
-                  "failed": sorted(map(str, launch_decode._PAIR_TABLE_FAILED))}))
+                  "failed": sorted(f"{d} {m}" for d, m in launch_decode._PAIR_TABLE_FAILED)}))
 """
 
 
-def _fallback(message: str, action: str = "always") -> dict:
+def _fallback(message: str, action: str = "always", ms: str = "16,16") -> dict:
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", FALLBACK, message, action], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=REPO)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", FALLBACK, message, action, ms], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=REPO)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
 
@@ -465,9 +465,13 @@ def test_a_pair_table_that_does_not_launch_falls_back_to_the_byte_permutes():
     errors every call raises (the byte permutes ran first)."""
     got = _fallback("Triton Error [CUDA]: too many resources requested for launch")
     assert got["tried"] == ["lds", "prmt", "prmt", "prmt", "prmt"] and got["raised"] == []
-    assert got["failed"] == ["cuda:0"]
+    assert got["failed"] == ["cuda:0 16"]
     table = [w for w in got["warnings"] if "shared-memory NF4 table" in w]
     assert len(table) == 1 and "cuda:0" in table[0] and "too many resources" in table[0], got["warnings"]
+    # the 32-row tile (more shared memory) fails on its own: the 16-row table stays in use, and the other way round
+    got = _fallback("Triton Error [CUDA]: too many resources requested for launch", ms="32,16,32,16")
+    assert got["tried"] == ["lds", "prmt", "prmt", "lds", "prmt", "prmt"] + ["prmt"] * 4, got["tried"]
+    assert got["failed"] == ["cuda:0 16", "cuda:0 32"]
     got = _fallback("Triton Error [CUDA]: an illegal memory access was encountered")
     assert got["tried"] == ["lds", "lds"] and got["raised"] == ["RuntimeError"] * 2 and got["failed"] == []
     assert not [w for w in got["warnings"] if "shared-memory NF4 table" in w]
@@ -479,52 +483,61 @@ PATHS_RUN = """
 import json, math, sys
 from pathlib import Path
 from fused_lora.bench import offline, offline_compile, offline_paths
-from fused_lora.bench.paths import suggest_thresholds
 MS = {"decode": {16: 1.0, 64: 1.5}, "middle": {16: 2.0, 64: 2.0, 256: 3.0, 4096: 10.0},
       "large": {16: 9.0, 64: 9.0, 256: 9.0, 4096: 10.5}}
 seen = []
-def evaluate(captured, records):  # made-up prices, keyed by the path the launches show
+def evaluate(captured, records, gpu):  # made-up prices, keyed by the path the launches show
     (variant, steps, facts), = captured
     kernels = {c.kernel for s in steps for c in s.candidates}
     path = ("large" if "nf4_slab_kernel" in kernels else
             "decode" if "lora_decode_fwd_kernel" in kernels else "middle")
     s = variant.spec
-    seen.append([path, s.M, s.weight, s.r])
-    spill = 208 if (path, s.M, s.weight) == ("decode", 64, "dense") else 0
-    return [{"impl": "fused", "kernel": "lora_decode_fwd_kernel", "config": "c", "chosen": True,
-             "spill_bytes": spill},
-            {"impl": "fused", "kernel": "total", "predicted_ms": MS[path][s.M]}]
+    x = str(s.x_dtype).split(".")[-1]
+    seen.append([path, s.M, s.weight, s.r, x])
+    spill = 208 if (path, s.M, s.weight) == ("decode", 64, "dense") or x == "float32" else 0
+    ms = MS[path][s.M] * (0.3 if x == "float32" and path == "large" else 1.0)
+    return [{"impl": "fused", "kernel": "lora_decode_fwd_kernel", "config": "c", "chosen": True, "spill_bytes": spill},
+            {"impl": "fused", "kernel": "lora_fwd_kernel", "config": "d", "chosen": False, "spill_bytes": 99},
+            {"impl": "fused", "kernel": "total", "predicted_ms": ms}]
 offline.evaluate = evaluate
 offline_compile.run_jobs = lambda jobs, cache_dir=None: [{} for _ in jobs]
 rows = offline_paths.path_rows(shapes=((4096, 1024),), ms=(16, 64, 256, 4096))
-suggested = suggest_thresholds(rows, large_margin=offline_paths.LARGE_MARGIN)
-table = offline_paths.predicted_path_table(rows, suggested, {"decode_max_m": 16, "large_min_m": 512})
-print(json.dumps({"seen": seen, "rows": [[r["impl"], r["M"], r["predicted_ms"], r["median_ms"], r["spills"]]
-                  for r in rows], "suggested": suggested, "table": table}))
+suggested = offline_paths.suggest(rows)
+current = {d: {"decode_max_m": 16, "large_min_m": 512} for d in offline_paths.X_DTYPES}
+table = offline_paths.predicted_path_table(rows, suggested, current)
+print(json.dumps({"seen": seen, "rows": [[r["dtype"], r["impl"], r["M"], r["predicted_ms"], r["median_ms"],
+                                          r["spills"]] for r in rows], "suggested": suggested, "table": table}))
 """
 
 
 def test_offline_paths_force_each_path_and_suggest_thresholds_from_predictions():
     """``offline --paths`` (offline_paths.py), with made-up prices in a subprocess without the interpreter: every
-    path is really forced (the captured launches show it) for NF4 and dense W at r = 16 and 64 (decode up to M = 64,
-    large for NF4 only); the rows are NF4 at r = 16; a config that spills on a path at an M (here the dense decode at
-    M = 64) makes that path ineligible there; the large path takes M = 4096, within LARGE_MARGIN of the middle one."""
+    path is really forced (the captured launches show it) for bf16 x over NF4 and a dense W at r = 16 and 64 and fp32
+    x over NF4 at r = 16 (decode up to M = 64, large for NF4 only); the rows are NF4 at r = 16 per x dtype; a chosen
+    config that spills on a path at an M (here the dense decode at M = 64) makes that path ineligible there for bf16
+    x, an unchosen one does not, and fp32 x (whose configs all spill) is priced by time; the large path takes
+    M = 4096, within LARGE_MARGIN of the middle one, and for fp32 x every M where it is faster."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", PATHS_RUN], env=env, capture_output=True, text=True, timeout=300,
                           cwd=REPO)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout)
-    expected = {(path, M, w, r) for M in (16, 64, 256, 4096) for path in ("decode", "middle", "large")
-                for w in ("nf4dq", "dense") for r in (16, 64)
-                if (path != "decode" or M <= 64) and (path != "large" or w == "nf4dq")}  # fmt: skip
+    layers = [(w, r, "bfloat16") for w in ("nf4dq", "dense") for r in (16, 64)] + [("nf4dq", 16, "float32")]
+    expected = {(path, M, w, r, x) for M in (16, 64, 256, 4096) for path in ("decode", "middle", "large")
+                for w, r, x in layers if (path != "decode" or M <= 64) and (path != "large" or w == "nf4dq")}
     assert sorted(map(tuple, got["seen"])) == sorted(expected)
-    rows = {(impl, M): (ms, median, spills) for impl, M, ms, median, spills in got["rows"]}
-    assert len(rows) == len(got["rows"]) == 10
-    assert rows[("fused-decode", 64)][:2] == (1.5, float("inf"))
-    assert rows[("fused-decode", 64)][2] == ["lora_decode_fwd_kernel c (dense, r=16: 208 B)",
-                                             "lora_decode_fwd_kernel c (dense, r=64: 208 B)"]
-    assert rows[("fused-decode", 16)] == (1.0, 1.0, [])
-    assert (got["suggested"]["decode_max_m"], got["suggested"]["large_min_m"]) == (16, 4096)
+    rows = {(d, impl, M): (ms, median, spills) for d, impl, M, ms, median, spills in got["rows"]}
+    assert len(rows) == len(got["rows"]) == 20
+    assert rows[("bf16", "fused-decode", 64)][:2] == (1.5, float("inf"))
+    assert rows[("bf16", "fused-decode", 64)][2] == ["lora_decode_fwd_kernel c (dense, r=16: 208 B)",
+                                                     "lora_decode_fwd_kernel c (dense, r=64: 208 B)"]
+    assert rows[("bf16", "fused-decode", 16)] == (1.0, 1.0, [])
+    assert rows[("fp32", "fused-decode", 64)] == (1.5, 1.5, [])  # fp32: spills do not rule a path out
+    bf16, fp32 = got["suggested"]["bf16"], got["suggested"]["fp32"]
+    assert (bf16["decode_max_m"], bf16["large_min_m"]) == (16, 4096)
+    assert (fp32["decode_max_m"], fp32["large_min_m"]) == (64, 256)  # large at 0.3 of the price: from 256 on
+    assert "## x bf16" in got["table"] and "## x fp32" in got["table"]
     assert "| 4096 | 1024 | 16 | **1** | 2 | 9 |" in got["table"]
     assert "| 4096 | 1024 | 64 | 1.5 (spills) | **2** | 9 |" in got["table"]
-    assert "decode_max_m = 16, large_min_m = 4096" in got["table"]
+    assert "x bf16, over every shape: decode_max_m = 16, large_min_m = 4096" in got["table"]
+    assert "x fp32, over every shape: decode_max_m = 64, large_min_m = 256" in got["table"]

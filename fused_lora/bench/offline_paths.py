@@ -10,12 +10,13 @@ suggests thresholds by paths.suggest_thresholds's rules, with two changes for pr
 
 - a path is not eligible at an M where it launches a config that spills (of the configs the autotuner is predicted
   to pick, for NF4 or a dense W, which takes the decode path too, at r = 16 or 64): the model prices instructions,
-  not local-memory traffic, and the issue's rule is that no config launched at M >= 64 spills;
-- the middle path keeps an M only where the large path is predicted more than LARGE_MARGIN (10 %) slower, at that M
-  and every larger one. The large path is a dequantization pass and a dense GEMM (its extra cost is a memory pass
-  that the side stream hides); the middle path's speed rests on the model's assumption that the decode in its main
-  loop hides under the MMA. Within that margin, the path whose time depends less on the assumption keeps the M.
-  10 % is a judgment, not a measurement: ``bench --paths`` on a GPU replaces it with times.
+  not local-memory traffic, and a config that spills is one the project does not launch at M >= 64 by rule;
+- the large path takes an M where it is predicted within LARGE_MARGIN (10 %) of the middle path's time, there and
+  at every larger M (for every shape: the largest such M over the shapes). The large path is a dequantization pass
+  and a dense GEMM (its extra cost is a memory pass that the side stream hides); the middle path's speed rests on the
+  model's assumption that the decode in its main loop hides under the MMA. Within that margin, the path whose time
+  depends less on the assumption takes the M. 10 % is a judgment, not a measurement: ``bench --paths`` on a GPU
+  replaces it with times (and applies no margin).
 
 It writes ``bench/results/offline/paths.md`` (the predicted ms of each path at each M, and the suggestion beside
 strategy.THRESHOLDS["sm90"]); nothing in strategy.py is changed automatically.
@@ -29,32 +30,42 @@ from pathlib import Path
 import torch
 
 from ..kernels import strategy
-from .offline_capture import LayerSpec
+from .offline_capture import LayerSpec, torch_dtype_name
 
-__all__ = ["LARGE_MARGIN", "path_rows", "predicted_path_table", "run_offline_paths"]
+__all__ = ["LARGE_MARGIN", "X_DTYPES", "path_rows", "suggest", "predicted_path_table", "run_offline_paths"]
 
 LARGE_MARGIN = 0.10
 RANKS = (16, 64)
+# x dtypes priced: bf16 (the 16-bit case; fp16 compiles to the same MMA loops) and fp32, whose GEMMs run in IEEE fp32
+# on the FMA pipes, where the middle path's decode cannot hide (Thresholds.large_min_m_fp32). Every fp32 config spills
+# (its operand tiles are fp32 in registers): the spill rule, which would leave no path, applies to 16-bit x only.
+X_DTYPES = ("bf16", "fp32")
+_TORCH = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def path_variants(shapes, ms, arch: int = 90) -> list[tuple[str, object]]:
     """[(path, Variant)] of every path each M can take (decode at M ≤ paths.DECODE_LIMIT; large for NF4 only),
-    fwd_bwd: NF4 with double quantization and a dense bf16 W (which takes the decode path too), r = 16 and 64."""
+    fwd_bwd: bf16 x over NF4 with double quantization and a dense W (which takes the decode path too) at r = 16 and
+    64; fp32 x over NF4 at r = 16."""
     from .offline import Variant
     from .paths import DECODE_LIMIT, PATHS
 
-    return [(path, Variant(arch, "fwd_bwd", LayerSpec(M, K, N, r, torch.bfloat16, torch.float32, weight)))
-            for K, N in shapes for M in ms for path in PATHS for weight in ("nf4dq", "dense") for r in RANKS
-            if (path != "decode" or M <= DECODE_LIMIT) and (path != "large" or weight == "nf4dq")]  # fmt: skip
+    layers = [("bf16", w, r) for w in ("nf4dq", "dense") for r in RANKS] + [("fp32", "nf4dq", 16)]
+    return [(path, Variant(arch, "fwd_bwd", LayerSpec(M, K, N, r, _TORCH[x], torch.float32, w)))
+            for K, N in shapes for M in ms for path in PATHS for x, w, r in layers
+            if (path != "decode" or M <= DECODE_LIMIT) and (path != "large" or w == "nf4dq")]  # fmt: skip
 
 
-def path_rows(shapes=None, ms=None, cache_dir: Path | None = None) -> list[dict]:
-    """Rows in bench --paths' schema (bench "qlora_paths", impl "fused-<path>", median_ms: the predicted ms), one per
-    (shape, M, path) for NF4 at r = 16 (the GPU tool's layer); median_ms is inf, and ``spills`` names the configs,
-    where a config launched on that path at that shape and M spills for any weight and rank of path_variants. The
-    sweep's shapes (offline.SHAPES) and paths.PATH_M unless given."""
+def path_rows(shapes=None, ms=None, cache_dir: Path | None = None, gpu=None) -> list[dict]:
+    """Rows in bench --paths' schema (bench "qlora_paths", impl "fused-<path>", median_ms: the predicted ms) plus
+    ``dtype`` (x's), one per (x dtype, shape, M, path) for NF4 at r = 16 (the GPU tool's layer); for bf16 x median_ms
+    is inf, and ``spills`` names the configs, where a config launched on that path at that shape and M spills for any
+    weight and rank of path_variants. The sweep's shapes (offline.SHAPES), paths.PATH_M and the H200 constants
+    unless given; ``errors``: a row whose pass has a launch that did not compile has predicted_ms None (and is
+    never fastest)."""
     from .offline import SHAPES, evaluate, plan
     from .offline_compile import job_key, run_jobs
+    from .offline_model import H200
     from .paths import PATH_M, forced_thresholds
 
     captured, jobs = [], {}
@@ -67,9 +78,10 @@ def path_rows(shapes=None, ms=None, cache_dir: Path | None = None) -> list[dict]
     records = dict(zip(keys, run_jobs([jobs[k] for k in keys], cache_dir)))
     rows, spills = [], {}
     for path, variant, steps, facts in captured:
-        priced = evaluate([(variant, steps, facts)], records)
+        priced = evaluate([(variant, steps, facts)], records, gpu or H200)
         s = variant.spec
-        case = (s.K, s.N, s.M, path)
+        dtype = torch_dtype_name(s.x_dtype)
+        case = (dtype, s.K, s.N, s.M, path)
         spills.setdefault(case, set()).update(
             f"{r['kernel']} {r['config']} ({s.weight}, r={s.r}: {r['spill_bytes']} B)" for r in priced
             if r["impl"] == "fused" and r.get("chosen") and r.get("spill_bytes"))  # fmt: skip
@@ -77,57 +89,74 @@ def path_rows(shapes=None, ms=None, cache_dir: Path | None = None) -> list[dict]
             continue
         total = next(r for r in priced if r["kernel"] == "total" and r["impl"] == "fused")
         rows.append({"bench": "qlora_paths", "impl": f"fused-{path}", "pass": "fwd_bwd", "M": s.M, "K": s.K,
-                     "N": s.N, "r": s.r, "predicted_ms": total["predicted_ms"], "case": case})  # fmt: skip
+                     "N": s.N, "r": s.r, "dtype": dtype, "predicted_ms": total["predicted_ms"], "case": case,
+                     "error": total.get("error")})  # fmt: skip
     for row in rows:
-        row["spills"] = sorted(spills[row.pop("case")])
+        row["spills"] = sorted(spills[row.pop("case")]) if row["dtype"] != "fp32" else []
         row["median_ms"] = math.inf if row["spills"] or row["predicted_ms"] is None else row["predicted_ms"]
     return rows
 
 
-def predicted_path_table(rows: list[dict], suggested: dict, current: dict) -> str:
-    """Markdown: predicted ms per path at each (shape, M), the fastest eligible in bold, spills marked, and the
-    suggestion beside the current thresholds."""
-    from .paths import PATHS
-
-    lines = ["| K | N | M | " + " | ".join(PATHS) + " |", "|---" * (3 + len(PATHS)) + "|"]
-    for K, N, M in sorted({(r["K"], r["N"], r["M"]) for r in rows}):
-        cells = {r["impl"].removeprefix("fused-"): r for r in rows if (r["K"], r["N"], r["M"]) == (K, N, M)}
-        best = min((r["median_ms"] for r in cells.values()), default=math.inf)
-        out = []
-        for path in PATHS:
-            r = cells.get(path)
-            if r is None:
-                out.append("–")
-                continue
-            text = "–" if r["predicted_ms"] is None else f"{r['predicted_ms']:.4g}"
-            text = f"**{text}**" if r["median_ms"] == best and best < math.inf else text
-            out.append(text + (" (spills)" if r["spills"] else ""))
-        lines.append(f"| {K} | {N} | {M} | " + " | ".join(out) + " |")
-    spilled = sorted({s for r in rows for s in r["spills"]})
-    lines += ["", "Suggested for sm_90 (H200), over every shape: "
-              f"decode_max_m = {suggested.get('decode_max_m')}, large_min_m = {suggested.get('large_min_m')} "
-              f"(current: decode_max_m = {current['decode_max_m']}, large_min_m = {current['large_min_m']}). "
-              f"Per shape: {suggested.get('per_shape')}."]
-    if spilled:
-        lines += ["", "Not eligible where a launched config spills: " + "; ".join(spilled) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def run_offline_paths(output: Path, cache_dir: Path | None, command: str) -> dict:
-    """Predict, suggest (paths.suggest_thresholds with LARGE_MARGIN) and write ``output``/offline/paths.md; returns
-    the suggestion."""
+def suggest(rows: list[dict]) -> dict:
+    """{x dtype: paths.suggest_thresholds(that dtype's rows, LARGE_MARGIN)}."""
     from .paths import suggest_thresholds
 
-    rows = path_rows(cache_dir=cache_dir)
-    suggested = suggest_thresholds(rows, large_margin=LARGE_MARGIN)
+    return {d: suggest_thresholds([r for r in rows if r["dtype"] == d], large_margin=LARGE_MARGIN)
+            for d in X_DTYPES if any(r["dtype"] == d for r in rows)}
+
+
+def predicted_path_table(rows: list[dict], suggested: dict, current: dict) -> str:
+    """Markdown per x dtype: predicted ms per path at each (shape, M), the fastest eligible in bold, spills marked,
+    and the suggestion beside the current thresholds (``current``: {x dtype: {decode_max_m, large_min_m}})."""
+    from .paths import PATHS
+
+    lines = []
+    for dtype in X_DTYPES:
+        mine = [r for r in rows if r["dtype"] == dtype]
+        if not mine:
+            continue
+        lines += [f"## x {dtype}", "", "| K | N | M | " + " | ".join(PATHS) + " |", "|---" * (3 + len(PATHS)) + "|"]
+        for K, N, M in sorted({(r["K"], r["N"], r["M"]) for r in mine}):
+            cells = {r["impl"].removeprefix("fused-"): r for r in mine if (r["K"], r["N"], r["M"]) == (K, N, M)}
+            best = min((r["median_ms"] for r in cells.values()), default=math.inf)
+            out = []
+            for path in PATHS:
+                r = cells.get(path)
+                if r is None:
+                    out.append("–")
+                    continue
+                text = "did not compile" if r["predicted_ms"] is None else f"{r['predicted_ms']:.4g}"
+                text = f"**{text}**" if r["median_ms"] == best and best < math.inf else text
+                out.append(text + (" (spills)" if r["spills"] else ""))
+            lines.append(f"| {K} | {N} | {M} | " + " | ".join(out) + " |")
+        got, now = suggested.get(dtype, {}), current[dtype]
+        lines += ["", f"Suggested for sm_90 (H200), x {dtype}, over every shape: "
+                  f"decode_max_m = {got.get('decode_max_m')}, large_min_m = {got.get('large_min_m')} "
+                  f"(current: decode_max_m = {now['decode_max_m']}, large_min_m = {now['large_min_m']}). "
+                  f"Per shape: {got.get('per_shape')}."]
+        spilled = sorted({s for r in mine for s in r["spills"]})
+        if spilled:
+            lines += ["", "Not eligible where a launched config spills: " + "; ".join(spilled) + "."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def current_thresholds() -> dict:
+    """strategy.THRESHOLDS["sm90"]'s {x dtype: {decode_max_m, large_min_m}} (fp32: large_min_m_fp32)."""
     sm90 = strategy.THRESHOLDS["sm90"]
-    current = {"decode_max_m": sm90.decode_max_m, "large_min_m": sm90.large_min_m}
+    return {d: {"decode_max_m": sm90.decode_max_m, "large_min_m": sm90.large_min_for(_TORCH[d])} for d in X_DTYPES}
+
+
+def run_offline_paths(output: Path, cache_dir: Path | None, command: str, gpu=None) -> tuple[dict, list[dict]]:
+    """Predict, suggest and write ``output``/offline/paths.md; returns (the suggestion per x dtype, the rows)."""
+    rows = path_rows(cache_dir=cache_dir, gpu=gpu)
+    suggested = suggest(rows)
     header = ("# Predicted fwd_bwd ms per kernel path (offline cost model, sm_90a, H200)\n\n"
-              f"Generated by `{command}`. NF4 with double quantization, bf16 x, fp32 adapters, r = 16; each path "
-              "forced at each M (decode up to M = 64); bold: the fastest eligible path. The rules are in "
-              f"fused_lora/bench/offline_paths.py (the middle path keeps an M only where the large path is "
-              f"predicted more than {LARGE_MARGIN:.0%} slower there and at every larger M).\n\n")
+              f"Generated by `{command}`. NF4 with double quantization, fp32 adapters, r = 16; each path forced at "
+              "each M (decode up to M = 64); bold: the fastest eligible path. The rules are in "
+              "fused_lora/bench/offline_paths.py (the large path takes an M where it is predicted within "
+              f"{LARGE_MARGIN:.0%} of the middle path there and at every larger M, for every shape).\n\n")
     out = output / "offline" / "paths.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(header + predicted_path_table(rows, suggested, current))
-    return suggested
+    out.write_text(header + predicted_path_table(rows, suggested, current_thresholds()))
+    return suggested, rows

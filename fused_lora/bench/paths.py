@@ -20,6 +20,7 @@ copy into strategy.THRESHOLDS (the times are one GPU's; nothing is changed autom
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -61,12 +62,12 @@ def _suggest_one(rows, K, N, large_margin: float) -> dict:
     decode, middle, large = (_times(rows, K, N, path) for path in PATHS)
     decode_max_m = 0
     for M in sorted(set(decode) & set(middle)):
-        if decode[M] > middle[M]:
+        if not decode[M] < math.inf or decode[M] > middle[M]:  # an ineligible (infinite) decode never wins
             break
         decode_max_m = M
     large_min_m = None
     for M in sorted(set(large) & set(middle), reverse=True):
-        if large[M] > middle[M] * (1.0 + large_margin):
+        if not large[M] < math.inf or large[M] > middle[M] * (1.0 + large_margin):
             break
         large_min_m = M
     return {"decode_max_m": decode_max_m, "large_min_m": large_min_m}
@@ -76,7 +77,8 @@ def suggest_thresholds(rows: list[dict], large_margin: float = 0.0) -> dict:
     """{"per_shape": {"KxN": {decode_max_m, large_min_m}}, "decode_max_m", "large_min_m"} from the fwd_bwd rows of
     every shape measured (module docstring); {} when no shape has two paths measured at a common M. With
     ``large_margin`` > 0 the large path also counts as no slower where it is within that fraction of the middle
-    path's time (the offline model's suggestion, offline_paths.py: a margin for the model's error).
+    path's time (the offline model's suggestion, offline_paths.py: a margin for the model's error). An infinite time
+    (a path the offline suggestion found ineligible) never counts as no slower, even against another infinite one.
 
     Example:
         >>> row = lambda path, M, ms: {"bench": "qlora_paths", "impl": f"fused-{path}", "pass": "fwd_bwd", "M": M,

@@ -52,6 +52,12 @@ def _block_m(M: int) -> int:
     return max(16, 1 << (max(M, 1) - 1).bit_length())
 
 
+def _epilogue_warps(block_m: int) -> int:
+    """Warps of the decode epilogues: 8 for 64-row tiles, where 4 spilled the fp32 tile beside the low-rank operands
+    at r = 64 (60-88 B per thread on sm_90, compiled by tests/_compile_kernels.py)."""
+    return 8 if block_m >= 64 else 4
+
+
 # The forward's fragment-order config with the shared-memory pair table (LOOKUP "lds", nf4_lookup.py), taken at
 # BLOCK_M 16 and 32 (M ≤ 32) where its shared memory fits the GPU (pair_table_shared): 5 pipeline stages (4 tiles of W
 # in flight) beside the table's 32 KiB. Triton's dynamic share is over 48 KiB on purpose: only then does Triton's
@@ -65,7 +71,9 @@ PAIR_TABLE_STAGES = 5
 # 3.9: 55808 B on sm_90 and 51200 B on sm_80 at 16, 76800 B and 67584 B at 32), rounded up; smaller blocks add their
 # scales (pair_table_shared)
 PAIR_TABLE_W_LOOP_SHARED = {16: 56 * 1024, 32: 76 * 1024}
-_PAIR_TABLE_FAILED: set = set()  # devices on which a decode forward with the pair table did not launch
+# (device, BLOCK_M) where a decode forward with the pair table did not launch (a 32-row tile needs more shared memory
+# than a 16-row one: its failure leaves the other's table in use)
+_PAIR_TABLE_FAILED: set = set()
 
 
 def pair_table_shared(r_pad: int, a_bytes: int, has_lora: bool, blocksize: int, block_m: int = 16) -> int:
@@ -114,13 +122,14 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     block_m = _block_m(M)
     fragment = _fragment(weight, K)
     pair_table = (fragment and block_m in PAIR_TABLE_W_LOOP_SHARED and not interpreting()
-                  and x2d.device not in _PAIR_TABLE_FAILED
+                  and (x2d.device, block_m) not in _PAIR_TABLE_FAILED
                   and pair_table_shared(r_pad, A.element_size() if has_lora else 0, has_lora, int(weight.blocksize),
                                         block_m) <= cuda_shared_optin(x2d.device))  # fmt: skip
     if fragment:
         block_n, block_k, warps = (128, FRAGMENT_BLOCK_K, 4)
     else:
-        block_n, block_k, warps = (32, 64, 4) if interpreting() else (64, 256, 4)
+        # a dense W: 256 columns per K step, 128 for 64-row tiles (256 spilled x's tile: 208-392 B on sm_90)
+        block_n, block_k, warps = (32, 64, 4) if interpreting() else (64, 256 if block_m < 64 else 128, 4)
     splits, k_per_split = _splits(K, block_k, triton.cdiv(N, block_n) + has_lora, x2d.device, decode=True)
     y_part = torch.empty((splits, M, N), device=x2d.device, dtype=torch.float32)
     u_part = torch.empty((splits, M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
@@ -152,9 +161,10 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
                 raise  # any other CUDA error (e.g. a sticky illegal address) is not the table's
             launch("prmt")
             warn_once(f"fused_lora: the decode forward's shared-memory NF4 table did not launch on {x2d.device} "
-                      f"({(str(error).splitlines() or [''])[0][:200]}); this device uses the byte-permute lookup from "
-                      "now on (slower)", key=f"pair-table-{x2d.device}")  # fmt: skip
-            _PAIR_TABLE_FAILED.add(x2d.device)  # after the warning: with warnings as errors every call raises
+                      f"at {block_m} rows ({(str(error).splitlines() or [''])[0][:200]}); this device uses the "
+                      f"byte-permute lookup for {block_m}-row tiles from now on (slower)",
+                      key=f"pair-table-{x2d.device}-{block_m}")  # fmt: skip
+            _PAIR_TABLE_FAILED.add((x2d.device, block_m))  # after the warning: with warnings as errors every call raises
     u = torch.empty((M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
     if bias is not None:
         bias = bias.contiguous()
@@ -165,7 +175,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
         *strides(B), y.stride(0), y.stride(1), u.stride(0) if has_lora else 0, float(scaling),
         HAS_LORA=has_lora, HAS_BIAS=bias is not None, STORE_U=has_lora, LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"],
         LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"], R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m,
-        BLOCK_N=epilogue_n, U_PER_TRIP=u_parts_per_trip(block_m, min(r_pad, 64)), num_warps=4,
+        BLOCK_N=epilogue_n, U_PER_TRIP=u_parts_per_trip(block_m, min(r_pad, 64)), num_warps=_epilogue_warps(block_m),
         **launch_args(x2d.device),
     )  # fmt: skip
     return u
@@ -207,7 +217,7 @@ def dx(g, weight, dx_out, precisions, x2d=None, A=None, v=None, need_dA=False, s
         **dropout_args(dropout_p, seed),
         NEED_DX=dx_out is not None, NEED_DA=need_dA, HAS_LORA=has_lora, DROPOUT=dropout_p > 0.0,
         LOWRANK_DTYPE=precisions["LOWRANK_DTYPE"], LOWRANK_PRECISION=precisions["LOWRANK_PRECISION"],
-        R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m, BLOCK_K=epilogue_k, num_warps=4,
+        R_PAD=r_pad, R_CHUNK=min(r_pad, 64), BLOCK_M=block_m, BLOCK_K=epilogue_k, num_warps=_epilogue_warps(block_m),
         **launch_args(g.device),
     )  # fmt: skip
     return dA32

@@ -29,8 +29,9 @@ def _splits(total: int, block: int, other_programs: int, device, decode: bool = 
     step of prologue and epilogue (partial sums written and read back). The rule: from the splits that launch between
     half and twice strategy.Thresholds.programs_per_sm programs per SM (decode_programs_per_sm for the decode
     kernels, ``decode``; fewer when there are fewer steps), take the one whose busiest SM costs least, and the fewest
-    splits among equals (smaller partial-sum buffers), at most ``max_splits`` when given. Example: 224 tiles × 16 steps on 132 SMs at 4 per SM takes 4
-    splits (7 programs of 4 + 1 steps on the busiest SM: 35), where 3 splits of 6, 6 and 4 steps cost 6·(6 + 1) = 42.
+    splits among equals (smaller partial-sum buffers), at most ``max_splits`` when given. Example: 224 tiles × 16
+    steps on 132 SMs at 4 per SM takes 4 splits (7 programs of 4 + 1 steps on the busiest SM: 35), where 3 splits of
+    6, 6 and 4 steps cost 6·(6 + 1) = 42.
     """
     sms = common.sm_count(device)
     steps = _cdiv(max(total, 1), block)

@@ -173,7 +173,7 @@ def forward_scaled_dropout(x2d, weight, A, B, scaling: float, bias, col_scale, d
     N = weight.shape[0]
     if dropout_p <= 0.0 or not fuses_dora_dropout(M, weight, x2d.device):
         return None
-    route = _path(M, weight, x2d.device)
+    route = _path(M, weight, x2d.device, x2d.dtype)
     c = col_scale.detach().to(torch.float32).contiguous()
     precisions = _precisions(x2d, A, B)
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
@@ -208,7 +208,7 @@ def _forward(x2d, weight, A, B, scaling, bias, dropout_p, seed, col_scale):
     if M == 0:
         return y, torch.zeros((0, r), device=x2d.device, dtype=torch.float32), z
     precisions = _precisions(x2d, A, B)
-    route = _path(M, weight, x2d.device)
+    route = _path(M, weight, x2d.device, x2d.dtype)
     with device_guard(x2d):
         if route == "decode":
             out = y if z is None else z
@@ -227,9 +227,9 @@ def _forward(x2d, weight, A, B, scaling, bias, dropout_p, seed, col_scale):
     return y, u, z
 
 
-def _path(M: int, weight, device) -> str:
+def _path(M: int, weight, device, x_dtype=None) -> str:
     """strategy.path, with the decode kernels' own limits (launch_decode.supports)."""
-    route = strategy.path(M, _is_nf4(weight), device)
+    route = strategy.path(M, _is_nf4(weight), device, x_dtype)
     if route == "decode" and not launch_decode.supports(M, weight):
         route = "middle"
     return route
@@ -261,7 +261,7 @@ def frozen_forward(x2d, weight, bias):
         )
     y = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
     if M > 0:
-        route = _path(M, weight, x2d.device)
+        route = _path(M, weight, x2d.device, x2d.dtype)
         with device_guard(x2d):
             if route == "decode":
                 launch_decode.forward(x2d, weight, y, _precisions(x2d), bias=bias)
@@ -302,7 +302,7 @@ def backward(g, x2d, weight, A, B, scaling, dropout_p, seed, u, need_dx, need_dA
                 zeros(N) if need_db else None)  # fmt: skip
     need_v = need_dx or need_dA
     precisions = _precisions(x2d, A, B)
-    route = _path(M, weight, device)
+    route = _path(M, weight, device, x2d.dtype)
     c = None if col_scale is None else col_scale.detach().to(torch.float32).contiguous()
     # dA rides on the dx GEMM with relaxed atomics (its accumulator zeroed with v's and dB's), or (deterministic
     # mode) takes its split reduction; at decode sizes the dx epilogue computes it
@@ -363,7 +363,7 @@ def frozen_backward(g, weight, need_dx: bool, need_db: bool):
     db = torch.zeros((N,), device=g.device, dtype=torch.float32) if need_db and M == 0 else None
     if M > 0:
         precisions = _precisions(g)
-        route = _path(M, weight, g.device)
+        route = _path(M, weight, g.device, g.dtype)
         with device_guard(g):
             if need_db:
                 db = launch_gemm.launch_vdb(g, precisions, False, False, True)[2]

@@ -20,8 +20,8 @@ the decode path is deterministic in every mode.
 Where the time goes (bench/results/offline, sm_90a, K=4096, N=14336, bf16): with NF4 tiles in the wgmma fragment order
 (nf4_fragment.py, FRAGMENT; 128×128 tiles, 4 warps, 128 values per thread per iteration) the forward reads the values
 from the shared-memory pair table (nf4_lookup.py, LOOKUP "lds", at M ≤ 32 where the GPU has the shared memory,
-launch_decode.pair_table_shared): 392 SASS per iteration per warp at M=1 (424 at M=16, 441 at M=32), of which 64 LDS, 64 LOP3 and 64
-multiplies are the lookup and 64 HMUL2 the scales; 89 ALU instructions (94 at M=16). The block scales come as pairs in
+launch_decode.pair_table_shared): 392 SASS per iteration per warp at M=1 (424 at M=16, 441 at M=32), of which 64 LDS,
+64 LOP3 and 64 multiplies are the lookup and 64 HMUL2 the scales; 89 ALU instructions (94 at M=16). The block scales come as pairs in
 the compute dtype (SCALE_PAIRS, common.scale_pairs: 1.8 MB beside the 29.4 MB of NF4 bytes, where fp32 scales were 3.7
 MB and made the kernel bound by the HBM, 63 and 60 % at M=1 and 16); selected from their word by the broadcast that
 scales the tile (a join of the two halves moved them through shared memory: an STS, a barrier and an LDS per iteration).

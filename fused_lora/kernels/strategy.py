@@ -19,17 +19,21 @@ The thresholds are a ``Thresholds`` per GPU family, recalibrated from measuremen
 process, with ``use_thresholds``: ``python -m fused_lora bench --paths`` times every path at each M on the GPU it runs
 on and prints the decode_max_m and large_min_m its times suggest (fused_lora/bench/paths.py). Before any GPU run the
 sm_90 values come from the offline cost model by the same rules: ``python -m fused_lora.bench.offline --paths``
-(fused_lora/bench/offline_paths.py) predicts each path's fwd_bwd at each M for Llama-3-8B's shapes and writes
-bench/results/offline/paths.md. With today's kernels the decode path is predicted faster than the middle one up to M =
-64 at every shape (its split-K kernels stream W once; the middle path's tiles leave SMs idle or repeat the decode), but
-at 33-64 rows its epilogue (r = 64) and the dense decode forward spill: decode_max_m = 32. The middle path is predicted
-faster than the large one at every M measured (1-4096): the large path 31-72 % slower at M = 512, 7-12 % at 2048, 3-6 %
-at 4096 (the middle loops are bound by the MMA, the decode hidden under it, where the large path adds a pass over W);
-the large path keeps M ≥ 4096, where the two are within 10 % (offline_paths.LARGE_MARGIN: the middle path's time rests
-on the decode staying hidden, the large path's on a memory pass). sm_80 keeps its earlier values (the cost model prices
-sm_90a only): an A100's MMA is 3× slower against its ALUs, so the in-loop decode stays cheap longer there. Decode: the
-split-K partial sums cost S·M·N·4 bytes (mostly in L2): at K=4096, N=14336 the forward takes S = 2 on an H200
-(launch_gemm._splits at decode_programs_per_sm = 2), 6 % of the NF4 bytes at M=16 and 12.5 % at 32.
+(fused_lora/bench/offline_paths.py) predicts each path's fwd_bwd at each M for Llama-3-8B's shapes, bf16 and fp32 x, and
+writes bench/results/offline/paths.md. With today's kernels the decode path is predicted faster than the middle one up
+to M = 64, the decode kernels' limit, at every shape (bf16: the middle path 1.2-2.3x slower at M = 32, 1.06-2.0x at 64:
+the decode path's split-K kernels stream W once and fill the GPU, where the middle path's tiles leave SMs idle or repeat
+the decode): decode_max_m = 64. For bf16 x the middle path is predicted faster than the large one at every M measured
+(1-4096; the model never puts the large path ahead, up to M = 12288 either): the large path 31-73 % slower at M = 512,
+7-12 % at 2048, 3-6 % at 4096 (the middle loops are bound by the MMA, the decode hidden under it, where the large path
+adds a pass over W). The large path keeps M ≥ 4096 only by the margin: there the two are within 10 %
+(offline_paths.LARGE_MARGIN: the middle path's time rests on the decode staying hidden, the large path's on a memory
+pass). fp32 x is another matter (large_min_m_fp32 = 1024): its GEMMs run on the FMA pipes, the decode in the middle
+path's loop competes with the math, and the large path is predicted 1.1-2.7x faster at M = 1024-2048 on the two large
+shapes. sm_80 keeps its earlier values (the cost model prices sm_90a only): an A100's MMA is 3× slower against its ALUs,
+so the in-loop decode stays cheap longer there. Decode: the split-K partial sums cost S·M·N·4 bytes (mostly in L2): at
+K=4096, N=14336 the forward takes S = 2 on an H200 (launch_gemm._splits at decode_programs_per_sm = 2), 6 % of the NF4
+bytes at M=16, 12.5 % at 32 and 25 % at 64.
 
 Deterministic mode (``deterministic()``): torch.are_deterministic_algorithms_enabled(), or FUSED_LORA_DETERMINISTIC=1
 in the environment, or ``use_deterministic(True)``. Then no kernel accumulates with atomics: every cross-program
@@ -56,6 +60,9 @@ class Thresholds:
     decode_max_m: largest M of the decode path (split-K); at most 64 (the decode kernels hold every row of an M
         tile of ≤ 64 rows).
     large_min_m: smallest M of the large path (NF4 only).
+    large_min_m_fp32: the same for fp32 x, None: large_min_m. fp32 GEMMs run in IEEE fp32 on the FMA pipes, where the
+        middle path's decode in the main loop competes with the math instead of hiding under an MMA: the large path
+        (one decode pass, then the GEMM) pays from smaller M (``large_min_for``).
     workspace_bytes: cap of the large path's workspace (two slabs of W in the compute dtype); never a whole N×K
         copy of a larger layer.
     slab_overlap: dequantize the next slab on a side CUDA stream while the current slab's GEMM runs.
@@ -64,8 +71,9 @@ class Thresholds:
     decode_programs_per_sm: the same for the decode path's split-K kernels (launch_decode.py), None: programs_per_sm.
         Their NF4 programs are bound by the decode (the ALU pipe with the byte permutes, issue and the HBM with the pair
         table), so a second wave only adds a prologue, an epilogue and a partial sum per program: aim for what an SM
-        holds at once. On sm_90 they use 167-211 registers × 128 threads, 2 per SM (bench/results/offline): 2 splits of
-        16 K steps instead of 8 of 4 for Llama-3-8B's up_proj, a forward 9-14 % faster at M ≤ 16 by the offline model.
+        holds at once. On sm_90 they use 167-255 registers × 128 threads (255 for the forward with the pair table at
+        BLOCK_M 32), 2 per SM (bench/results/offline): 2 splits of 16 K steps instead of 8 of 4 for Llama-3-8B's
+        up_proj, a forward 9-14 % faster at M ≤ 16 by the offline model when this was set.
         The dense decode forward holds one program per SM but streams W: fewer programs cost it less too (46 of the 48
         dense decode rows of the offline sweep faster, 2 slower by under 1 %). Elsewhere None until measured.
     split_k_min_steps: the middle path's forward splits K when its tiles would leave at least half the SMs idle
@@ -74,6 +82,7 @@ class Thresholds:
 
     decode_max_m: int = 16
     large_min_m: int = 512
+    large_min_m_fp32: int | None = None
     workspace_bytes: int = 64 << 20
     slab_overlap: bool = True
     programs_per_sm: int = 4
@@ -81,16 +90,22 @@ class Thresholds:
     split_k_min_steps: int = 4
 
     def __post_init__(self):
-        least = {"decode_max_m": 0, "large_min_m": 1, "workspace_bytes": 1, "programs_per_sm": 1,
-                 "decode_programs_per_sm": 1, "split_k_min_steps": 0}  # fmt: skip
+        least = {"decode_max_m": 0, "large_min_m": 1, "large_min_m_fp32": 1, "workspace_bytes": 1,
+                 "programs_per_sm": 1, "decode_programs_per_sm": 1, "split_k_min_steps": 0}  # fmt: skip
         for name, low in least.items():
             value = getattr(self, name)
-            if value is None and name == "decode_programs_per_sm":
+            if value is None and name in ("decode_programs_per_sm", "large_min_m_fp32"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Thresholds.{name} must be an integer ≥ {low}, got {value!r}")
         if not isinstance(self.slab_overlap, bool):
             raise ValueError(f"Thresholds.slab_overlap must be True or False, got {self.slab_overlap!r}")
+
+    def large_min_for(self, x_dtype) -> int:
+        """The smallest M of the large path for x of ``x_dtype`` (large_min_m_fp32 for fp32 when set)."""
+        if x_dtype == torch.float32 and self.large_min_m_fp32 is not None:
+            return self.large_min_m_fp32
+        return self.large_min_m
 
     def programs_per_sm_for(self, decode: bool) -> int:
         """The programs per SM launch_gemm._splits aims for: decode_programs_per_sm for the decode kernels
@@ -103,7 +118,8 @@ class Thresholds:
 # Per GPU family (compute capability major); "default" for others and for the CPU interpreter.
 THRESHOLDS: dict[str, Thresholds] = {
     "default": Thresholds(),
-    "sm90": Thresholds(decode_max_m=32, large_min_m=4096, decode_programs_per_sm=2),  # offline --paths
+    # decode_max_m, large_min_m and large_min_m_fp32 from python -m fused_lora.bench.offline --paths
+    "sm90": Thresholds(decode_max_m=64, large_min_m=4096, large_min_m_fp32=1024, decode_programs_per_sm=2),
     "sm80": Thresholds(decode_max_m=16, large_min_m=1024),
 }
 
@@ -141,12 +157,15 @@ def _remove(stack: list, entry) -> None:
 def use_thresholds(t: Thresholds | None = None, **changes):
     """Use ``t`` (with ``changes``), or the thresholds that apply without this block with ``changes`` (each GPU
     family keeps its own other values), for every launch inside the block; yields the thresholds of the current
-    device (the current CUDA device, else the CPU's).
+    device (the current CUDA device, else the CPU's). A change of large_min_m without one of large_min_m_fp32 is
+    for every x dtype (large_min_m_fp32 then follows it).
 
     Example:
         >>> with use_thresholds(decode_max_m=0, large_min_m=1):   # every NF4 call takes the large path
         ...     y, u = lora.forward(x, w, A, B, 2.0, None, 0.0, 0)
     """
+    if "large_min_m" in changes and "large_min_m_fp32" not in changes:
+        changes = {**changes, "large_min_m_fp32": None}
     checked = dataclasses.replace(t or THRESHOLDS["default"], **changes)  # unknown names and bad values raise here
     entry = checked if t is not None else dict(changes)
     _override.append(entry)
@@ -176,12 +195,12 @@ def use_deterministic(flag: bool = True):
         _remove(_deterministic_override, entry)
 
 
-def path(M: int, weight_is_nf4: bool, device) -> str:
-    """"decode", "middle" or "large" for a call with M rows."""
+def path(M: int, weight_is_nf4: bool, device, x_dtype=None) -> str:
+    """"decode", "middle" or "large" for a call with M rows of x in ``x_dtype`` (None: a 16-bit dtype)."""
     t = thresholds(device)
     if M <= min(t.decode_max_m, 64):
         return "decode"
-    if weight_is_nf4 and M >= t.large_min_m:
+    if weight_is_nf4 and M >= t.large_min_for(x_dtype):
         return "large"
     return "middle"
 
