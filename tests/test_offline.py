@@ -511,7 +511,7 @@ print(json.dumps({"seen": seen, "rows": [[r["dtype"], r["impl"], r["M"], r["pred
 
 
 def test_offline_paths_force_each_path_and_suggest_thresholds_from_predictions():
-    """``offline --paths`` (offline_paths.py), with made-up prices in a subprocess without the interpreter: every
+    """``python -m fused_lora.bench.offline_paths``, with made-up prices in a subprocess without the interpreter: every
     path is really forced (the captured launches show it) for bf16 x over NF4 and a dense W at r = 16 and 64 and fp32
     x over NF4 at r = 16 (decode up to M = 64, large for NF4 only); the rows are NF4 at r = 16 per x dtype; a chosen
     config that spills on a path at an M (here the dense decode at M = 64) makes that path ineligible there for bf16
@@ -541,3 +541,26 @@ def test_offline_paths_force_each_path_and_suggest_thresholds_from_predictions()
     assert "| 4096 | 1024 | 64 | 1.5 (spills) | **2** | 9 |" in got["table"]
     assert "x bf16, over every shape: decode_max_m = 16, large_min_m = 4096" in got["table"]
     assert "x fp32, over every shape: decode_max_m = 64, large_min_m = 256" in got["table"]
+
+
+PATHS_BROKEN = """
+import sys
+from fused_lora.bench import offline, offline_compile, offline_paths
+def evaluate(captured, records, gpu):  # every pass has a launch that did not compile
+    return [{"impl": "fused", "kernel": "total", "predicted_ms": None, "error": "1 launches did not compile"}]
+offline.evaluate = evaluate
+offline_compile.run_jobs = lambda jobs, cache_dir=None: [{} for _ in jobs]
+offline_paths.path_rows.__defaults__ = (((4096, 1024),), (16, 256), None, None)
+sys.exit(offline_paths.main(["--output", sys.argv[1], "--no-cache", "--constants", "sms=100"]))
+"""
+
+
+def test_offline_paths_command_fails_when_a_launch_did_not_compile(tmp_path):
+    """A path without a time is not merely slower: the command names the passes and exits 1, and paths.md says
+    "did not compile" where the time would be."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", PATHS_BROKEN, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "passes with launches that did not compile" in proc.stderr and "bf16 4096x1024 M=16" in proc.stderr
+    assert "did not compile" in (tmp_path / "offline" / "paths.md").read_text()

@@ -378,29 +378,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile records kept across runs (default: %(default)s)")
     parser.add_argument("--no-cache", action="store_true", help="compile everything again")
     parser.add_argument("--constants", nargs="*", default=[], metavar="NAME=VALUE", help="recalibrated constants")
-    parser.add_argument("--paths", action="store_true",
-                        help="predict every kernel path at every M and suggest strategy thresholds (offline_paths.py)")
     options = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("offline instrument: run with TRITON_INTERPRET=0 (kernels under the interpreter cannot be "
                          "compiled)")
-    gpu = _constants(options.constants)
-    if options.paths:
-        from .offline_paths import run_offline_paths
-
-        suggested, rows = run_offline_paths(options.output, None if options.no_cache else options.cache,
-                                            "TRITON_INTERPRET=0 python -m fused_lora.bench.offline --paths", gpu)
-        for dtype, got in suggested.items():
-            print(f"offline: suggested sm_90 thresholds for x {dtype}: decode_max_m = {got.get('decode_max_m')}, "
-                  f"large_min_m = {got.get('large_min_m')}", file=sys.stderr)
-        print(f"offline: wrote {options.output / 'offline' / 'paths.md'}", file=sys.stderr)
-        failed = sorted({f"{r['dtype']} {r['K']}x{r['N']} M={r['M']} {r['impl']}: {r['error']}" for r in rows
-                         if r.get("error")})  # fmt: skip
-        if failed:  # a path without a time is not "not the fastest": say so, and fail
-            print("offline: passes with launches that did not compile:\n" + "\n".join(failed), file=sys.stderr)
-            return 1
-        return 0
     started = time.time()
+    gpu = _constants(options.constants)
     variants = _variants(**(QUICK if options.quick else SWEEP))
     captured, jobs = plan(variants)
     print(f"offline: {len(variants)} variants, {len(jobs)} distinct compilations", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The M thresholds of strategy.Thresholds from the offline cost model: ``python -m fused_lora.bench.offline --paths``.
+"""The M thresholds of strategy.Thresholds from the offline cost model: ``python -m fused_lora.bench.offline_paths``.
 
 Why: the thresholds that send a call to the decode, middle or large path (fused_lora/kernels/strategy.py) are
 measured on a GPU by ``python -m fused_lora bench --paths`` (bench/paths.py); before any GPU run they come from the
@@ -18,13 +18,19 @@ suggests thresholds by paths.suggest_thresholds's rules, with two changes for pr
   depends less on the assumption takes the M. 10 % is a judgment, not a measurement: ``bench --paths`` on a GPU
   replaces it with times (and applies no margin).
 
+    TRITON_INTERPRET=0 python -m fused_lora.bench.offline_paths [--output DIR] [--cache DIR | --no-cache]
+                                                               [--constants NAME=VALUE ...]
+
 It writes ``bench/results/offline/paths.md`` (the predicted ms of each path at each M, and the suggestion beside
 strategy.THRESHOLDS["sm90"]); nothing in strategy.py is changed automatically.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -32,7 +38,7 @@ import torch
 from ..kernels import strategy
 from .offline_capture import LayerSpec, torch_dtype_name
 
-__all__ = ["LARGE_MARGIN", "X_DTYPES", "path_rows", "suggest", "predicted_path_table", "run_offline_paths"]
+__all__ = ["LARGE_MARGIN", "X_DTYPES", "path_rows", "suggest", "predicted_path_table", "run_offline_paths", "main"]
 
 LARGE_MARGIN = 0.10
 RANKS = (16, 64)
@@ -160,3 +166,37 @@ def run_offline_paths(output: Path, cache_dir: Path | None, command: str, gpu=No
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + predicted_path_table(rows, suggested, current_thresholds()))
     return suggested, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .offline import _constants
+
+    parser = argparse.ArgumentParser(prog="python -m fused_lora.bench.offline_paths",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=Path("bench/results"), help="results root (default: %(default)s)")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fused_lora" / "offline",
+                        help="compile records kept across runs, shared with fused_lora.bench.offline (default: "
+                             "%(default)s)")
+    parser.add_argument("--no-cache", action="store_true", help="compile everything again")
+    parser.add_argument("--constants", nargs="*", default=[], metavar="NAME=VALUE", help="recalibrated constants")
+    options = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("offline paths: run with TRITON_INTERPRET=0 (kernels under the interpreter cannot be "
+                         "compiled)")
+    suggested, rows = run_offline_paths(options.output, None if options.no_cache else options.cache,
+                                        "TRITON_INTERPRET=0 python -m fused_lora.bench.offline_paths",
+                                        _constants(options.constants))
+    for dtype, got in suggested.items():
+        print(f"offline paths: suggested sm_90 thresholds for x {dtype}: decode_max_m = {got.get('decode_max_m')}, "
+              f"large_min_m = {got.get('large_min_m')}", file=sys.stderr)
+    print(f"offline paths: wrote {options.output / 'offline' / 'paths.md'}", file=sys.stderr)
+    failed = sorted({f"{r['dtype']} {r['K']}x{r['N']} M={r['M']} {r['impl']}: {r['error']}" for r in rows
+                     if r.get("error")})  # fmt: skip
+    if failed:  # a path without a time is not "not the fastest": say so, and fail
+        print("offline paths: passes with launches that did not compile:\n" + "\n".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,7 +18,7 @@ A dense W takes the decode path at small M and the GEMM otherwise (middle and la
 The thresholds are a ``Thresholds`` per GPU family, recalibrated from measurements by editing ``THRESHOLDS`` or, for one
 process, with ``use_thresholds``: ``python -m fused_lora bench --paths`` times every path at each M on the GPU it runs
 on and prints the decode_max_m and large_min_m its times suggest (fused_lora/bench/paths.py). Before any GPU run the
-sm_90 values come from the offline cost model by the same rules: ``python -m fused_lora.bench.offline --paths``
+sm_90 values come from the offline cost model by the same rules: ``python -m fused_lora.bench.offline_paths``
 (fused_lora/bench/offline_paths.py) predicts each path's fwd_bwd at each M for Llama-3-8B's shapes, bf16 and fp32 x, and
 writes bench/results/offline/paths.md. With today's kernels the decode path is predicted faster than the middle one up
 to M = 64, the decode kernels' limit, at every shape (bf16: the middle path 1.2-2.3x slower at M = 32, 1.06-2.0x at 64:
@@ -118,7 +118,7 @@ class Thresholds:
 # Per GPU family (compute capability major); "default" for others and for the CPU interpreter.
 THRESHOLDS: dict[str, Thresholds] = {
     "default": Thresholds(),
-    # decode_max_m, large_min_m and large_min_m_fp32 from python -m fused_lora.bench.offline --paths
+    # decode_max_m, large_min_m and large_min_m_fp32 from python -m fused_lora.bench.offline_paths
     "sm90": Thresholds(decode_max_m=64, large_min_m=4096, large_min_m_fp32=1024, decode_programs_per_sm=2),
     "sm80": Thresholds(decode_max_m=16, large_min_m=1024),
 }
