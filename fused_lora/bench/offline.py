@@ -368,11 +368,9 @@ def _constants(pairs: list[str]) -> GpuConstants:
     return dataclasses.replace(H200, **changes)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .offline_report import compile_error_lines, compile_report, offline_report
-
-    parser = argparse.ArgumentParser(prog="python -m fused_lora.bench.offline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="sm_90a, K=4096 N=14336, r=16, fp32 adapters only")
+def parse_common(parser: argparse.ArgumentParser, argv, command: str) -> argparse.Namespace:
+    """Parse ``argv`` with the options the offline commands share (this one and offline_paths) added to ``parser``;
+    refuse to run under the interpreter (its kernels cannot be compiled)."""
     parser.add_argument("--output", type=Path, default=Path("bench/results"), help="results root (default: %(default)s)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fused_lora" / "offline",
                         help="compile records kept across runs (default: %(default)s)")
@@ -380,8 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--constants", nargs="*", default=[], metavar="NAME=VALUE", help="recalibrated constants")
     options = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("offline instrument: run with TRITON_INTERPRET=0 (kernels under the interpreter cannot be "
-                         "compiled)")
+        raise SystemExit(f"{command}: run with TRITON_INTERPRET=0 (kernels under the interpreter cannot be compiled)")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .offline_report import compile_error_lines, compile_report, offline_report
+
+    parser = argparse.ArgumentParser(prog="python -m fused_lora.bench.offline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="sm_90a, K=4096 N=14336, r=16, fp32 adapters only")
+    options = parse_common(parser, argv, "offline instrument")
     started = time.time()
     gpu = _constants(options.constants)
     variants = _variants(**(QUICK if options.quick else SWEEP))

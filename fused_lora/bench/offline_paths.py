@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -169,20 +168,11 @@ def run_offline_paths(output: Path, cache_dir: Path | None, command: str, gpu=No
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .offline import _constants
+    from .offline import _constants, parse_common
 
     parser = argparse.ArgumentParser(prog="python -m fused_lora.bench.offline_paths",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=Path("bench/results"), help="results root (default: %(default)s)")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "fused_lora" / "offline",
-                        help="compile records kept across runs, shared with fused_lora.bench.offline (default: "
-                             "%(default)s)")
-    parser.add_argument("--no-cache", action="store_true", help="compile everything again")
-    parser.add_argument("--constants", nargs="*", default=[], metavar="NAME=VALUE", help="recalibrated constants")
-    options = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("offline paths: run with TRITON_INTERPRET=0 (kernels under the interpreter cannot be "
-                         "compiled)")
+    options = parse_common(parser, argv, "offline paths")
     suggested, rows = run_offline_paths(options.output, None if options.no_cache else options.cache,
                                         "TRITON_INTERPRET=0 python -m fused_lora.bench.offline_paths",
                                         _constants(options.constants))
