@@ -9,7 +9,8 @@ per CPU core. It compiles
   K=4096, N=14336, r=16, fp32 adapters) on sm_90a, with every autotune config the autotuner keeps, at the
   instrument's ``CI_VARIANTS`` (one M per path the launchers choose: decode, middle, large), found by running the
   launchers (fused_lora.bench.offline_capture), so a new kernel or config is compiled here without a change; and
-  the launches of ``SPLIT_VARIANTS`` not already among them (the middle path's split-K forward, at N=1024);
+  the launches of ``SPLIT_VARIANTS`` and ``EDGE_VARIANTS`` not already among them (the middle path's split-K
+  forward, at N=1024; the decode path's 64-row tiles with a dense W at r = 64 and with fp32 x);
 - the DoRA variants of those GEMM launches on sm_90a (``_dora_jobs``: the forward's COL_SCALE epilogue, its ADD_Z
   one at every config the autotuner keeps for ADD_Z, dx with c in its main loop, the LoRA dx adding t, and the
   frozen dx storing t = m⊙(((c−1)⊙g)·W) at every config the autotuner keeps for the frozen dx), as
@@ -46,6 +47,10 @@ CI_VARIANTS = [(90, 16), (90, 32), (90, 64), (90, 256), (90, 8192), (80, 16), (8
 ARCHS = (90, 80)
 # (arch, M, shape, pass): a layer whose middle-M forward splits K (launch_gemm.y_splits), Llama-3-8B's k_proj
 SPLIT_VARIANTS = [(arch, 256, dict(N=1024), "fwd_bwd") for arch in ARCHS]
+# ... and the decode path at its largest tile (64 rows, sm_90's default up to M = 64) with the most shared memory: a
+# dense W at r = 64, and fp32 x (whose decode dx takes 229376 of sm_90's 232448 B; its per-element NF4 lookup keeps no
+# state, which Triton 3.6 once failed to compile)
+EDGE_VARIANTS = [(90, 64, dict(weight="dense", r=64), "fwd_bwd"), (90, 64, dict(x_dtype=torch.float32), "fwd_bwd")]
 N_SMALL, K_SMALL = 4096, 4096
 # (arch, M, layer changes): the decode forward with the shared-memory pair table at the edges of where the launcher
 # takes it (launch_decode.pair_table_shared), at both of its BLOCK_M (16, 32; the decode path forced): the most shared
@@ -158,7 +163,8 @@ def ci_jobs() -> list[tuple[Job, dict]]:
     from fused_lora.kernels import strategy
 
     found, seen = [], set()
-    for arch, M, shape, pass_name in [(arch, M, {}, "fwd_bwd") for arch, M in CI_VARIANTS] + SPLIT_VARIANTS:
+    for arch, M, shape, pass_name in [(arch, M, {}, "fwd_bwd") for arch, M in CI_VARIANTS] + SPLIT_VARIANTS \
+            + EDGE_VARIANTS:
         spec = LayerSpec(M, **{**TARGET, **shape})
         steps, _ = capture_pass(pass_name, spec, arch)
         for step in steps:

@@ -123,6 +123,17 @@ RECORD = {
     "sm90-lora_fwd-inloop-split-nf4dq-bf16-Afp32-r16-64x128x128x64w8": (0, 0, True),
     "sm90-lora_decode_fwd_epilogue-split-nf4dq-bf16-Afp32-r16-16x128w4": (0, 0, None),
     "sm80-lora_fwd-inloop-split-nf4dq-bf16-Afp32-r16-64x64x128x64w4": (0, 0, None),
+    "sm90-lora_decode_fwd-decode-dense-bf16-Afp32-r64-1x64x64x128w4": (0, 0, True),
+    "sm90-lora_decode_fwd_epilogue-decode-dense-bf16-Afp32-r64-64x128w8": (0, 0, None),
+    "sm90-zero_fp32-lowrank-dense-bf16-Afp32-r64-1024x64w4": (0, 0, None),
+    "sm90-lora_vdb-lowrank-dense-bf16-Afp32-r64-64x32w4": (0, 0, True),
+    "sm90-lora_decode_dx-decode-dense-bf16-Afp32-r64-1x64x128x128w4": (0, 0, True),
+    "sm90-lora_decode_dx_epilogue-decode-dense-bf16-Afp32-r64-64x128w8": (0, 0, None),
+    "sm90-lora_decode_fwd-decode-nf4dq-fp32-Afp32-r16-64x64x128x128w4": (8732, 14488, None),
+    "sm90-lora_decode_fwd_epilogue-decode-nf4dq-fp32-Afp32-r16-64x128w8": (0, 0, None),
+    "sm90-lora_vdb-lowrank-nf4dq-fp32-Afp32-r16-64x32w4": (0, 0, None),
+    "sm90-lora_decode_dx-decode-nf4dq-fp32-Afp32-r16-64x64x128x128w4": (11240, 17756, None),
+    "sm90-lora_decode_dx_epilogue-decode-nf4dq-fp32-Afp32-r16-64x128w8": (0, 0, None),
     "sm90-lora_decode_fwd-decode-nf4dq-bf16-Afp32-r64-dropout-64x16x128x128w4": (0, 0, True),
     "sm90-lora_decode_fwd-decode-nf4dq-fp16-Abf16-r16-64x16x128x128w4": (0, 0, True),
     "sm90-lora_decode_fwd-decode-nf4dq-bf16-Abf16-r16-bs32-32x16x128x128w4": (0, 0, True),
@@ -267,8 +278,10 @@ def test_mma_overlap_is_the_recorded_one(compiled, case_id):
     )
 
 
+# fp32 x (ids "-fp32-A..."): IEEE fp32 dots, on the FMA pipes by design (no tensor-core format holds fp32 exactly)
 GEMMS = sorted(case_id for case_id in RECORD
-               if case_id.split("-")[1] in ("lora_fwd", "lora_dx", "lora_decode_fwd", "lora_decode_dx"))
+               if case_id.split("-")[1] in ("lora_fwd", "lora_dx", "lora_decode_fwd", "lora_decode_dx")
+               and "-fp32-A" not in case_id)
 
 
 @pytest.mark.parametrize("case_id", GEMMS)
@@ -293,7 +306,9 @@ def test_nf4_weight_is_not_loaded_byte_by_byte(compiled, case_id):
     assert record["narrowest_global_load_bits"] >= 32, record["global_loads"]
 
 
-FRAGMENT_ORDER = sorted(case_id for case_id in RECORD if case_id.startswith("sm90-lora_decode_fwd-"))
+# the NF4 decode forwards feeding a wgmma (not a dense W, and not fp32 x, whose FMA dot has no fragment to match)
+FRAGMENT_ORDER = sorted(case_id for case_id in RECORD if case_id.startswith("sm90-lora_decode_fwd-")
+                        and "-dense-" not in case_id and "-fp32-A" not in case_id)
 
 
 @pytest.mark.parametrize("case_id", FRAGMENT_ORDER)

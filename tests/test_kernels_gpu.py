@@ -109,9 +109,16 @@ def _peak_extra_bytes(run, reset=None):
     return torch.cuda.max_memory_allocated() - before, result
 
 
-# the two paths of a training-size call (strategy.use_thresholds), and the memory each may add to its outputs: the
-# large path its workspace (strategy.Thresholds.workspace_bytes)
-TRAINING_PATHS = {"middle": {"decode_max_m": 0, "large_min_m": 10**9}, "large": {"decode_max_m": 0, "large_min_m": 1}}
+# the two paths of a training-size call (forced by bench.paths.forced_thresholds), and the memory each may add to its
+# outputs: the large path its workspace (strategy.Thresholds.workspace_bytes)
+TRAINING_PATHS = ("middle", "large")
+
+
+def _forced(path: str):
+    from fused_lora.bench.paths import forced_thresholds
+    from fused_lora.kernels import strategy
+
+    return strategy.use_thresholds(**forced_thresholds(path))
 
 
 def _margin(path: str) -> int:
@@ -120,13 +127,11 @@ def _margin(path: str) -> int:
     return 8 * 2**20 + (strategy.thresholds("cuda").workspace_bytes if path == "large" else 0)
 
 
-@pytest.mark.parametrize("path", list(TRAINING_PATHS))
+@pytest.mark.parametrize("path", TRAINING_PATHS)
 def test_peak_memory_of_one_layer_is_the_unavoidable_tensors(path):
     """Forward + backward of one NF4 layer allocates y, u, v, dx and the adapter gradients (and on the large path
     its bounded workspace), and nothing of the size of the weight: a bf16 dequantized W (N·K·2 bytes = 112 MiB
     here) would exceed the margin."""
-    from fused_lora.kernels import strategy
-
     M, K, N, r = 2048, 4096, 14336, 16
     x, weight, _, A, B, _, g = _layer(M, K, N, r, torch.bfloat16, "nf4-dq", bias=False, seed=0)
     lora = _kernels()
@@ -136,7 +141,7 @@ def test_peak_memory_of_one_layer_is_the_unavoidable_tensors(path):
         grads = lora.backward(g, x, weight, A, B, SCALING, 0.1, 5, u, True, True, True, False)
         return y, u, grads
 
-    with strategy.use_thresholds(**TRAINING_PATHS[path]):
+    with _forced(path):
         extra, outputs = _peak_extra_bytes(layer)
     bf16, fp32 = 2, 4
     unavoidable = M * N * bf16 + M * K * bf16 + 2 * M * r * fp32 + (r * K + N * r) * fp32  # y, dx, u, v, dA, dB
@@ -195,13 +200,12 @@ def test_nf4_gemms_dequantize_bit_exactly_like_nf4weight(K, blocksize):
     assert torch.equal(lora.frozen_backward(torch.eye(N, device="cuda"), weight, True, False)[0], dense)
 
 
-@pytest.mark.parametrize("path", list(TRAINING_PATHS))
+@pytest.mark.parametrize("path", TRAINING_PATHS)
 def test_peak_memory_of_frozen_linear_stays_below_a_bf16_copy_of_w(path):
     """frozen_linear forward + backward over an NF4 W (4096×14336) allocates y, dx and db only (and on the large
     path its bounded workspace): the dequantize + matmul path it replaces would allocate a bf16 W (112 MiB) on top
     of them."""
     from fused_lora.functional import frozen_linear
-    from fused_lora.kernels import strategy
 
     M, K, N = 2048, 4096, 14336
     x, weight, _, _, _, b, g = _layer(M, K, N, 4, torch.bfloat16, "nf4-dq", bias=True, seed=1)
@@ -216,7 +220,7 @@ def test_peak_memory_of_frozen_linear_stays_below_a_bf16_copy_of_w(path):
     def forget_grads():
         x.grad = b.grad = None
 
-    with strategy.use_thresholds(**TRAINING_PATHS[path]):
+    with _forced(path):
         extra, y = _peak_extra_bytes(layer, reset=forget_grads)
     bf16, fp32 = 2, 4
     w_bf16 = N * K * bf16

@@ -69,8 +69,8 @@ def _check(M, K, N, r, dtype, base, bias, p, path, monkeypatch, adapter_dtype=to
 
 @pytest.mark.parametrize("base", ["nf4-dq", "dense"])
 @pytest.mark.parametrize("K, N", SHAPES, ids=[f"K{k}-N{n}" for k, n in SHAPES])
-@pytest.mark.parametrize("path, M", [("decode", 1), ("decode", 16), ("middle", 256), ("large", 2048)],
-                         ids=["decode-M1", "decode-M16", "middle-M256", "large-M2048"])
+@pytest.mark.parametrize("path, M", [("decode", 1), ("decode", 16), ("decode", 64), ("middle", 256), ("large", 2048)],
+                         ids=["decode-M1", "decode-M16", "decode-M64", "middle-M256", "large-M2048"])
 def test_each_path_in_bf16_at_llama_shapes(path, M, K, N, base, monkeypatch, poison_empty):
     _check(M, K, N, 16, torch.bfloat16, base, bias=True, p=0.1, path=path, monkeypatch=monkeypatch)
 
@@ -108,7 +108,7 @@ def test_middle_split_k_forward_in_bf16_at_the_k_proj_shape(base, monkeypatch, p
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-@pytest.mark.parametrize("path, M", [("decode", 7), ("middle", 300), ("large", 1000)])
+@pytest.mark.parametrize("path, M", [("decode", 7), ("decode", 40), ("middle", 300), ("large", 1000)])
 def test_each_path_in_fp16_and_fp32_with_ragged_shapes(path, M, dtype, monkeypatch, poison_empty):
     _check(M, 4160, 1000, 64, dtype, "nf4-dq", bias=False, p=0.2, path=path, monkeypatch=monkeypatch,
            adapter_dtype=dtype)

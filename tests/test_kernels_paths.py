@@ -12,7 +12,6 @@ import triton
 import triton.language as tl
 
 import fused_lora as fl
-from fused_lora import reference
 from fused_lora.kernels.nf4_fragment import fragment_k, fragment_rows
 from fused_lora.testing import assert_close_to_reference, relative_error
 
@@ -250,92 +249,6 @@ def test_slab_count_follows_the_cost_of_the_slab_gemms():
             assert cost <= launch_slab._slab_cost(total, other, min(total, max(4, fit - fit % 4)), M, 132, limits)
 
 
-def test_split_k_forward_only_where_the_tiles_leave_sms_idle(monkeypatch):
-    """launch_gemm.y_splits on an H200 (132 SMs, 128×128 split tiles): Llama-3-8B's k_proj at M=256 (16 tiles)
-    runs 8 splits of 512 columns and o_proj (64 tiles) 2; the up-projection (224 tiles), a short K, M = 0, an NF4 W
-    with ragged blocks, fp32 x and split_k_min_steps = 0 do not split."""
-    from fused_lora.kernels import common, launch_gemm, strategy
-
-    monkeypatch.setattr(launch_gemm, "interpreting", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(common, "sm_count", lambda device: 132)
-
-    def plan(M, N, K, weight=None, dtype=torch.bfloat16, **thresholds):
-        x = torch.zeros(M, K, dtype=dtype)
-        with strategy.use_thresholds(strategy.Thresholds(**thresholds)):
-            found = launch_gemm.y_splits(M, N, K, torch.zeros(N, K, dtype=dtype) if weight is None else weight, x)
-        return None if found is None else (found.tiles, found.splits, found.k_per_split)
-
-    assert plan(256, 1024, 4096) == (16, 8, 512)
-    assert plan(256, 4096, 4096) == (64, 2, 2048)
-    assert plan(64, 1024, 4096) == (8, 16, 256)  # 64-row tiles at M ≤ 64
-    assert plan(256, 14336, 4096) is None and plan(256, 1024, 256) is None and plan(0, 1024, 4096) is None
-    assert plan(256, 1024, 4096, split_k_min_steps=0) is None
-    assert plan(256, 1024, 4096, dtype=torch.float32) is None  # fp32 operands: the split tile would spill
-    assert plan(256, 1024, 4100, fl.quantize_nf4(torch.randn(1024, 4100), blocksize=64)) is None
-
-
-@pytest.mark.parametrize("total, block, other", [(4096, 256, 224), (14336, 128, 32), (4096, 64, 1), (8192, 128, 112),
-                                                 (100, 16, 3), (16, 16, 1), (1, 64, 5000)])  # fmt: skip
-def test_splits_cover_the_axis_and_balance_the_busiest_sm(total, block, other, monkeypatch):
-    """_splits: every split non-empty, whole steps, the axis covered once; on 132 SMs no worse than the old rule
-    (enough splits for programs_per_sm programs per SM, steps shared as evenly as that count allows)."""
-    from fused_lora.kernels import common, launch_gemm, strategy
-
-    monkeypatch.setattr(common, "sm_count", lambda device: 132)
-    splits, per_split = launch_gemm._splits(total, block, other, "cpu")
-    steps = -(-total // block)
-    assert per_split % block == 0 and 1 <= splits <= steps
-    assert (splits - 1) * per_split < total <= splits * per_split
-
-    def busiest(s, per):  # steps the busiest SM runs, one step of overhead per program
-        return -(-other * s // 132) * (per // block + 1)
-
-    wanted = strategy.Thresholds().programs_per_sm * 132
-    old = max(1, min(steps, -(-wanted // other)))
-    old_per = -(-steps // old) * block
-    assert busiest(splits, per_split) <= busiest(-(-total // old_per), old_per)
-    if (total, block, other) == (4096, 256, 224):  # the decode forward at K=4096, N=14336: 6, 6, 4 steps before
-        assert (splits, per_split) == (4, 1024)
-    capped, capped_per = launch_gemm._splits(total, block, other, "cpu", max_splits=2)
-    assert 1 <= capped <= min(2, splits) and (capped - 1) * capped_per < total <= capped * capped_per
-
-
-def test_the_split_forward_caps_the_parts_of_u_its_epilogue_reads_per_column_tile(monkeypatch, poison_empty):
-    """The split forward's epilogue re-reads u's split parts for every column tile: forward_split asks lora_u_kernel
-    for at most S·BLOCK_N / r_pad parts (no more bytes than the y partial sums the epilogue reads), and the result
-    is the reference's."""
-    from fused_lora.kernels import common, launch_gemm, lora, strategy
-
-    monkeypatch.setattr(common, "sm_count", lambda device: 132)  # lora_u_kernel would want 64 parts of K=2048
-    got = []
-    real = launch_gemm.compute_u
-    monkeypatch.setattr(launch_gemm, "compute_u", lambda *a, **k: got.append((k, real(*a, **k))) or got[-1][1])
-    gen = torch.Generator().manual_seed(5)
-    M, K, N, r = 20, 2048, 96, 16
-    x, A, B = (torch.randn(*s, generator=gen) for s in ((M, K), (r, K), (N, r)))
-    weight = torch.randn(N, K, generator=gen) / 32
-    with strategy.use_thresholds(**SPLIT_PATHS["split"]):
-        plan = launch_gemm.y_splits(M, N, K, weight, x)
-        y, u = lora.forward(x, weight, A, B, SCALING, None, 0.0, 0)
-    (kwargs, parts), = got
-    assert plan is not None and kwargs["max_parts"] == plan.splits * launch_gemm._epilogue_tile()[1] // 16
-    assert 1 <= parts.shape[0] <= kwargs["max_parts"] < launch_gemm._splits(K, 32, 2, "cpu")[0]
-    y_ref, u_ref = reference.lora_forward(x.double(), weight.double(), A.double(), B.double(), SCALING, None)
-    assert relative_error(y, y_ref) < 1e-5 and relative_error(u, u_ref) < 1e-5
-
-def test_decode_kernels_split_for_the_programs_an_sm_holds(monkeypatch):
-    """On an H200 (sm_90 thresholds, 132 SMs) the decode forward of Llama-3-8B's up_proj (112 column tiles × 32 K
-    steps) runs 2 splits of 16 steps (decode_programs_per_sm = 2: one wave of its 2-per-SM programs), where the rule
-    of the split reductions (programs_per_sm = 4) would take 8 of 4."""
-    from fused_lora.kernels import common, launch_gemm, strategy
-
-    monkeypatch.setattr(common, "sm_count", lambda device: 132)
-    with strategy.use_thresholds(strategy.THRESHOLDS["sm90"]):
-        assert launch_gemm._splits(4096, 128, 112, "cpu", decode=True) == (2, 2048)
-        assert launch_gemm._splits(4096, 128, 112, "cpu") == (8, 512)
-
-
 # (base, K, N, decode_programs_per_sm, programs_per_sm) -> the decode kernels' grids (columns, splits): 8 SMs under
 # the interpreter; the NF4 forward has 128×128 tiles and the dense one 32×64, plus u's column; the backward 32×32
 DECODE_SPLITS = [
@@ -368,44 +281,6 @@ def test_decode_launches_follow_decode_programs_per_sm(case, expected, monkeypat
         grads = lora.backward(g, x, weight, A, B, SCALING, 0.0, 7, u, True, True, True, True)
     assert grids == expected, grids
     _check_all((y, u) + grads, x, w_compute, A, B, b, g, None, dtype)
-
-
-def test_path_choice_follows_the_thresholds():
-    _, strategy, *_ = _modules()
-    t = strategy.Thresholds(decode_max_m=16, large_min_m=512)
-    with strategy.use_thresholds(t):
-        assert [strategy.path(M, True, "cpu") for M in (1, 16, 17, 511, 512, 10**5)] == (
-            ["decode"] * 2 + ["middle"] * 2 + ["large"] * 2
-        )
-        assert [strategy.path(M, False, "cpu") for M in (16, 17, 10**5)] == ["decode", "middle", "middle"]
-    with strategy.use_thresholds(decode_max_m=1000):
-        assert strategy.path(65, True, "cpu") == "middle"  # the decode kernels hold at most 64 rows
-    with strategy.use_thresholds(strategy.Thresholds(decode_max_m=16, large_min_m=512, large_min_m_fp32=128)):
-        assert [strategy.path(200, True, "cpu", d) for d in (torch.float32, torch.bfloat16, torch.float16, None)] == (
-            ["large", "middle", "middle", "middle"])
-        assert strategy.path(100, True, "cpu", torch.float32) == "middle"
-        assert strategy.path(200, False, "cpu", torch.float32) == "middle"  # a dense W has no large path
-    with strategy.use_thresholds(strategy.Thresholds(large_min_m_fp32=128), large_min_m=1000):  # for every dtype
-        assert strategy.path(200, True, "cpu", torch.float32) == "middle"
-    assert strategy.THRESHOLDS["sm90"].large_min_for(torch.float32) == strategy.THRESHOLDS["sm90"].large_min_m_fp32
-    assert strategy.Thresholds().large_min_for(torch.float32) == strategy.Thresholds().large_min_m  # None: the same
-    with pytest.raises(ValueError, match="large_min_m_fp32"):
-        strategy.Thresholds(large_min_m_fp32=0)
-
-
-@pytest.mark.parametrize("dtype, expected", [(torch.float32, "large"), (torch.float16, "middle")])
-def test_fp32_x_takes_the_large_path_from_its_own_threshold(dtype, expected, monkeypatch, poison_empty):
-    """lora.forward and backward route by x's dtype too (Thresholds.large_min_m_fp32): fp32 x at M = 40 takes the
-    large path where fp16 x takes the middle one, and both match the reference."""
-    lora, strategy, *_ = _modules()
-    x, weight, w_compute, A, B, b, g = _make_case(40, 128, 72, 4, dtype, "nf4-dq", torch.float32, True, "contiguous",
-                                                  64, 40)  # fmt: skip
-    calls = _record_paths(monkeypatch)
-    with strategy.use_thresholds(decode_max_m=0, large_min_m=10**9, large_min_m_fp32=32):
-        y, u = lora.forward(x, weight, A, B, SCALING, b, 0.1, 5)
-        grads = lora.backward(g, x, weight, A, B, SCALING, 0.1, 5, u, True, True, True, True)
-    assert calls == EXPECTED_CALLS[expected]
-    _check_all((y, u) + grads, x, w_compute, A, B, b, g, lora.dropout_mask(5, 40, 128, 0.1, "cpu"), dtype)
 
 
 # ---------------------------------------------------------------- split low-rank dots (bf16 x on a GPU)

@@ -495,8 +495,10 @@ def evaluate(captured, records, gpu):  # made-up prices, keyed by the path the l
     x = str(s.x_dtype).split(".")[-1]
     seen.append([path, s.M, s.weight, s.r, x])
     spill = 208 if (path, s.M, s.weight) == ("decode", 64, "dense") or x == "float32" else 0
+    shared = 300000 if (path, s.M, s.weight, s.r) == ("middle", 256, "dense", 64) else 1000
     ms = MS[path][s.M] * (0.3 if x == "float32" and path == "large" else 1.0)
-    return [{"impl": "fused", "kernel": "lora_decode_fwd_kernel", "config": "c", "chosen": True, "spill_bytes": spill},
+    return [{"impl": "fused", "kernel": "lora_decode_fwd_kernel", "config": "c", "chosen": True, "spill_bytes": spill,
+             "shared": shared},
             {"impl": "fused", "kernel": "lora_fwd_kernel", "config": "d", "chosen": False, "spill_bytes": 99},
             {"impl": "fused", "kernel": "total", "predicted_ms": ms}]
 offline.evaluate = evaluate
@@ -506,7 +508,7 @@ suggested = offline_paths.suggest(rows)
 current = {d: {"decode_max_m": 16, "large_min_m": 512} for d in offline_paths.X_DTYPES}
 table = offline_paths.predicted_path_table(rows, suggested, current)
 print(json.dumps({"seen": seen, "rows": [[r["dtype"], r["impl"], r["M"], r["predicted_ms"], r["median_ms"],
-                                          r["spills"]] for r in rows], "suggested": suggested, "table": table}))
+                                          r["problems"]] for r in rows], "suggested": suggested, "table": table}))
 """
 
 
@@ -515,8 +517,9 @@ def test_offline_paths_force_each_path_and_suggest_thresholds_from_predictions()
     path is really forced (the captured launches show it) for bf16 x over NF4 and a dense W at r = 16 and 64 and fp32
     x over NF4 at r = 16 (decode up to M = 64, large for NF4 only); the rows are NF4 at r = 16 per x dtype; a chosen
     config that spills on a path at an M (here the dense decode at M = 64) makes that path ineligible there for bf16
-    x, an unchosen one does not, and fp32 x (whose configs all spill) is priced by time; the large path takes
-    M = 4096, within LARGE_MARGIN of the middle one, and for fp32 x every M where it is faster."""
+    x, an unchosen one does not, and fp32 x (whose configs all spill) is priced by time; a chosen config with more
+    shared memory than the GPU has makes the path ineligible (the middle path at M = 256, so the large path takes
+    it, and 4096 within LARGE_MARGIN of the middle one); for fp32 x the large path takes every M where it is faster."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", PATHS_RUN], env=env, capture_output=True, text=True, timeout=300,
                           cwd=REPO)  # fmt: skip
@@ -529,25 +532,30 @@ def test_offline_paths_force_each_path_and_suggest_thresholds_from_predictions()
     rows = {(d, impl, M): (ms, median, spills) for d, impl, M, ms, median, spills in got["rows"]}
     assert len(rows) == len(got["rows"]) == 20
     assert rows[("bf16", "fused-decode", 64)][:2] == (1.5, float("inf"))
-    assert rows[("bf16", "fused-decode", 64)][2] == ["lora_decode_fwd_kernel c (dense, r=16: 208 B)",
-                                                     "lora_decode_fwd_kernel c (dense, r=64: 208 B)"]
+    assert rows[("bf16", "fused-decode", 64)][2] == ["lora_decode_fwd_kernel c (dense, r=16: spills 208 B)",
+                                                     "lora_decode_fwd_kernel c (dense, r=64: spills 208 B)"]
+    # more shared memory than the GPU has (here a dense W at r = 64): not eligible either, whatever the dtype
+    assert rows[("bf16", "fused-middle", 256)][1:] == (float("inf"), [
+        "lora_decode_fwd_kernel c (dense, r=64: 300000 B of shared memory)"])
     assert rows[("bf16", "fused-decode", 16)] == (1.0, 1.0, [])
     assert rows[("fp32", "fused-decode", 64)] == (1.5, 1.5, [])  # fp32: spills do not rule a path out
     bf16, fp32 = got["suggested"]["bf16"], got["suggested"]["fp32"]
-    assert (bf16["decode_max_m"], bf16["large_min_m"]) == (16, 4096)
+    assert (bf16["decode_max_m"], bf16["large_min_m"]) == (16, 256)  # the middle path not eligible at 256
     assert (fp32["decode_max_m"], fp32["large_min_m"]) == (64, 256)  # large at 0.3 of the price: from 256 on
     assert "## x bf16" in got["table"] and "## x fp32" in got["table"]
     assert "| 4096 | 1024 | 16 | **1** | 2 | 9 |" in got["table"]
-    assert "| 4096 | 1024 | 64 | 1.5 (spills) | **2** | 9 |" in got["table"]
-    assert "x bf16, over every shape: decode_max_m = 16, large_min_m = 4096" in got["table"]
+    assert "| 4096 | 1024 | 64 | 1.5 (not eligible) | **2** | 9 |" in got["table"]
+    assert "| 4096 | 1024 | 256 | – | 3 (not eligible) | **9** |" in got["table"]
+    assert "x bf16, over every shape: decode_max_m = 16, large_min_m = 256" in got["table"]
     assert "x fp32, over every shape: decode_max_m = 64, large_min_m = 256" in got["table"]
 
 
 PATHS_BROKEN = """
 import sys
 from fused_lora.bench import offline, offline_compile, offline_paths
-def evaluate(captured, records, gpu):  # every pass has a launch that did not compile
-    return [{"impl": "fused", "kernel": "total", "predicted_ms": None, "error": "1 launches did not compile"}]
+def evaluate(captured, records, gpu):  # every pass has a launch that did not compile (the constants given, named)
+    return [{"impl": "fused", "kernel": "total", "predicted_ms": None, "chosen": True,
+             "error": f"1 launches did not compile on {gpu.sms} SMs"}]
 offline.evaluate = evaluate
 offline_compile.run_jobs = lambda jobs, cache_dir=None: [{} for _ in jobs]
 offline_paths.path_rows.__defaults__ = (((4096, 1024),), (16, 256), None, None)
@@ -556,11 +564,52 @@ sys.exit(offline_paths.main(["--output", sys.argv[1], "--no-cache", "--constants
 
 
 def test_offline_paths_command_fails_when_a_launch_did_not_compile(tmp_path):
-    """A path without a time is not merely slower: the command names the passes and exits 1, and paths.md says
-    "did not compile" where the time would be."""
+    """A path without a time is not merely slower: the command names the passes and exits 1, and paths.md lists them
+    among the reasons a path is not eligible."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", PATHS_BROKEN, str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=300, cwd=REPO)  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "passes with launches that did not compile" in proc.stderr and "bf16 4096x1024 M=16" in proc.stderr
+    assert "on 100 SMs" in proc.stderr  # --constants reached the pricing
     assert "did not compile" in (tmp_path / "offline" / "paths.md").read_text()
+
+
+OVERSIZED = """
+import json, sys, torch
+from fused_lora.bench import offline
+from fused_lora.bench.offline_capture import LayerSpec
+variant = offline.Variant(90, "fwd", LayerSpec(256, 4096, 14336, 16, torch.bfloat16, torch.float32, "nf4dq"))
+captured, jobs = offline.plan([variant])
+base = dict(error=None, registers=128, shared=100000, sass_loop=1000, loop_alu=10, loop_imad=5,
+            loop_mma_flops={"16bit": 1e6}, mma="HGMMA", mma_pipelined=True, loop_membar=0, loop_shared_bytes=0,
+            sass_total=3000, unroll=1, rest_alu=0, rest_imad=0, rest_shared_bytes=0, rest_mma_flops={}, rest_membar=0,
+            loop_load_bytes=0, smem_ring_depth=3, spill_stores=0, spill_loads=0, ttgir_pendings=1,
+            narrowest_global_load_bits=128, side_loops=[], static_shared=0)
+def record(job):  # lora_fwd_kernel's 128x256 tile: the fastest by far, but over sm_90's shared memory (or all, argv)
+    oversized = job.kernel == "lora_fwd_kernel" and ("128x256" in job.id or sys.argv[1] == "all")
+    return {**base, "num_warps": job.options.get("num_warps", 4), "id": job.id, "kernel": job.kernel,
+            "arch": job.arch, **({"shared": 240000, "sass_loop": 10} if oversized else {})}
+records = {key: record(job) for key, job in jobs.items()}
+rows = offline.evaluate(captured, records)
+fwd = [r for r in rows if r["kernel"] == "lora_fwd_kernel"]
+total = next(r for r in rows if r["kernel"] == "total" and r["impl"] == "fused")
+print(json.dumps({"chosen": [r["config"] for r in fwd if r["chosen"]], "candidates": [r["config"] for r in fwd],
+                  "total_ms": total["predicted_ms"], "error": total.get("error")}))
+"""
+
+
+def test_the_predicted_pick_is_a_config_that_fits_the_shared_memory():
+    """A config with more shared memory than the GPU has (the autotuner's launch of it fails, and it is skipped) is
+    never the predicted pick, however fast its loop; with none that fits, the pass has no time and says why."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    got = []
+    for which in ("one", "all"):
+        proc = subprocess.run([sys.executable, "-c", OVERSIZED, which], env=env, capture_output=True, text=True,
+                              timeout=300, cwd=REPO)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got.append(json.loads(proc.stdout))
+    one, every = got
+    assert any("128x256" in c for c in one["candidates"]) and len(one["chosen"]) == 1
+    assert "128x256" not in one["chosen"][0] and one["total_ms"] is not None and one["error"] is None
+    assert every["chosen"] == [] and every["total_ms"] is None and "fit the shared memory" in every["error"]

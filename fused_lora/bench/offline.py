@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from .offline_capture import LayerSpec, capture_pass, torch_dtype_name
-from .offline_compile import Job, Ptr, TlDtype, job_key, run_jobs
+from .offline_compile import SHARED_LIMIT, Job, Ptr, TlDtype, job_key, run_jobs
 from .offline_kernels import KERNELS
 from .offline_model import H200, GpuConstants, peer_pass, predict_kernel, predict_torch_op, simulate_pass
 
@@ -225,8 +225,9 @@ def launches_early(steps) -> list[bool]:
 
 
 def evaluate(captured, records: dict, gpu: GpuConstants = H200) -> list[dict]:
-    """Rows of every launch (each candidate config, ``chosen`` marking the least predicted time) and the "total"
-    rows of the fused pass and of the peers; ``records`` maps job keys to compile records."""
+    """Rows of every launch (each candidate config, ``chosen`` marking the least predicted time among those that fit
+    the GPU's shared memory) and the "total" rows of the fused pass and of the peers; ``records`` maps job keys to
+    compile records."""
     rows = []
     for variant, steps, facts in captured:
         s = variant.spec
@@ -254,7 +255,8 @@ def evaluate(captured, records: dict, gpu: GpuConstants = H200) -> list[dict]:
                 record = records[job_key(launch_job(launch, s, variant.arch))]
                 group.append(_kernel_row(variant, launch, record, base and records[job_key(base)],
                                          facts["weight_bytes"], cublas_ms, gpu, gpu.pdl_launch_us if early else None))
-            priced = [r for r in group if "_time" in r]
+            # a config with more shared memory than the GPU has fails to launch: the autotuner skips it
+            priced = [r for r in group if "_time" in r and r["shared"] <= SHARED_LIMIT[variant.arch]]
             best = min(priced, key=lambda r: r["predicted_ms"]) if priced else None
             for r in group:
                 r["chosen"] = r is best if priced else len(group) == 1
@@ -286,7 +288,7 @@ def _total_rows(variant, timeline, paths, weight_read, cublas_ms, gpu, failed: i
     fused = {**common, "impl": "fused", "path": "+".join(sorted(paths - {"lowrank"})) or "lowrank"}
     if failed:
         fused.update(predicted_ms=None, predicted_ratio_vs_cublas=None, predicted_hbm_fraction=None,
-                     error=f"{failed} launches did not compile")
+                     error=f"{failed} launches did not compile or fit the shared memory")
     else:
         fused_ms = simulate_pass(timeline, gpu)
         fused.update(predicted_ms=round(fused_ms, 5), predicted_ratio_vs_cublas=round(fused_ms / cublas_ms, 3),

@@ -4,13 +4,14 @@ Why: the thresholds that send a call to the decode, middle or large path (fused_
 measured on a GPU by ``python -m fused_lora bench --paths`` (bench/paths.py); before any GPU run they come from the
 offline cost model, and they go stale when the kernels change. This run is the GPU tool's twin on predictions: it
 forces each path with ``strategy.use_thresholds`` (paths.forced_thresholds) at every M of paths.PATH_M, for the
-sweep's Llama-3-8B shapes (sm_90a, bf16 x, fp32 adapters), captures the launches, compiles them (the same cache as
-the sweep) and prices the fused fwd_bwd pass (offline.evaluate) of NF4 with double quantization at r = 16; then it
-suggests thresholds by paths.suggest_thresholds's rules, with two changes for predictions:
+sweep's Llama-3-8B shapes (sm_90a, bf16 and fp32 x, fp32 adapters), captures the launches, compiles them (the same
+cache as the sweep) and prices the fused fwd_bwd pass (offline.evaluate) of NF4 with double quantization at r = 16;
+then it suggests thresholds per x dtype by paths.suggest_thresholds's rules, with two changes for predictions:
 
-- a path is not eligible at an M where it launches a config that spills (of the configs the autotuner is predicted
-  to pick, for NF4 or a dense W, which takes the decode path too, at r = 16 or 64): the model prices instructions,
-  not local-memory traffic, and a config that spills is one the project does not launch at M >= 64 by rule;
+- a path is not eligible at an M where a config it launches (of those the autotuner is predicted to pick, for NF4 or
+  a dense W, which takes the decode path too, at r = 16 or 64) did not compile, needs more shared memory than the
+  GPU has, or (bf16 x) spills: the model prices instructions, not local-memory traffic, and a config that spills is
+  one the project does not launch at M >= 64 by rule;
 - the large path takes an M where it is predicted within LARGE_MARGIN (10 %) of the middle path's time, there and
   at every larger M (for every shape: the largest such M over the shapes). The large path is a dequantization pass
   and a dense GEMM (its extra cost is a memory pass that the side stream hides); the middle path's speed rests on the
@@ -45,7 +46,7 @@ RANKS = (16, 64)
 # on the FMA pipes, where the middle path's decode cannot hide (Thresholds.large_min_m_fp32). Every fp32 config spills
 # (its operand tiles are fp32 in registers): the spill rule, which would leave no path, applies to 16-bit x only.
 X_DTYPES = ("bf16", "fp32")
-_TORCH = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_TORCH = {torch_dtype_name(d): d for d in (torch.bfloat16, torch.float32)}
 
 
 def path_variants(shapes, ms, arch: int = 90) -> list[tuple[str, object]]:
@@ -61,15 +62,33 @@ def path_variants(shapes, ms, arch: int = 90) -> list[tuple[str, object]]:
             if (path != "decode" or M <= DECODE_LIMIT) and (path != "large" or w == "nf4dq")]  # fmt: skip
 
 
+def _problems(priced: list[dict], spec, arch: int, dtype: str) -> tuple[set, set]:
+    """(reasons the pass's path is not eligible, of them the launches that did not compile) of one priced variant."""
+    from .offline_compile import SHARED_LIMIT
+
+    problems, errors = set(), set()
+    layer = f"{spec.weight}, r={spec.r}"
+    for r in priced:
+        if r["impl"] != "fused" or not r.get("chosen"):
+            continue
+        if r["kernel"] == "total":
+            if r.get("error"):
+                errors.add(f"{layer}: {r['error']}")
+        elif (r.get("shared") or 0) > SHARED_LIMIT[arch]:
+            problems.add(f"{r['kernel']} {r['config']} ({layer}: {r['shared']} B of shared memory)")
+        elif dtype != "fp32" and r.get("spill_bytes"):
+            problems.add(f"{r['kernel']} {r['config']} ({layer}: spills {r['spill_bytes']} B)")
+    return problems | errors, errors
+
+
 def path_rows(shapes=None, ms=None, cache_dir: Path | None = None, gpu=None) -> list[dict]:
     """Rows in bench --paths' schema (bench "qlora_paths", impl "fused-<path>", median_ms: the predicted ms) plus
-    ``dtype`` (x's), one per (x dtype, shape, M, path) for NF4 at r = 16 (the GPU tool's layer); for bf16 x median_ms
-    is inf, and ``spills`` names the configs, where a config launched on that path at that shape and M spills for any
-    weight and rank of path_variants. The sweep's shapes (offline.SHAPES), paths.PATH_M and the H200 constants
-    unless given; ``errors``: a row whose pass has a launch that did not compile has predicted_ms None (and is
-    never fastest)."""
+    ``dtype`` (x's), one per (x dtype, shape, M, path) for NF4 at r = 16 (the GPU tool's layer). ``problems`` names
+    what makes the path ineligible there for any weight and rank of path_variants (_problems), ``errors`` the
+    launches of them that did not compile; median_ms is inf where there are problems or no time. The sweep's shapes
+    (offline.SHAPES), paths.PATH_M and the H200 constants unless given."""
     from .offline import SHAPES, evaluate, plan
-    from .offline_compile import job_key, run_jobs
+    from .offline_compile import run_jobs
     from .offline_model import H200
     from .paths import PATH_M, forced_thresholds
 
@@ -81,24 +100,24 @@ def path_rows(shapes=None, ms=None, cache_dir: Path | None = None, gpu=None) -> 
         jobs.update(new)
     keys = list(jobs)
     records = dict(zip(keys, run_jobs([jobs[k] for k in keys], cache_dir)))
-    rows, spills = [], {}
+    rows, problems, errors = [], {}, {}
     for path, variant, steps, facts in captured:
         priced = evaluate([(variant, steps, facts)], records, gpu or H200)
         s = variant.spec
         dtype = torch_dtype_name(s.x_dtype)
         case = (dtype, s.K, s.N, s.M, path)
-        spills.setdefault(case, set()).update(
-            f"{r['kernel']} {r['config']} ({s.weight}, r={s.r}: {r['spill_bytes']} B)" for r in priced
-            if r["impl"] == "fused" and r.get("chosen") and r.get("spill_bytes"))  # fmt: skip
+        found, failed = _problems(priced, s, variant.arch, dtype)
+        problems.setdefault(case, set()).update(found)
+        errors.setdefault(case, set()).update(failed)
         if s.weight != "nf4dq" or s.r != 16:
             continue
         total = next(r for r in priced if r["kernel"] == "total" and r["impl"] == "fused")
         rows.append({"bench": "qlora_paths", "impl": f"fused-{path}", "pass": "fwd_bwd", "M": s.M, "K": s.K,
-                     "N": s.N, "r": s.r, "dtype": dtype, "predicted_ms": total["predicted_ms"], "case": case,
-                     "error": total.get("error")})  # fmt: skip
+                     "N": s.N, "r": s.r, "dtype": dtype, "predicted_ms": total["predicted_ms"], "case": case})
     for row in rows:
-        row["spills"] = sorted(spills[row.pop("case")]) if row["dtype"] != "fp32" else []
-        row["median_ms"] = math.inf if row["spills"] or row["predicted_ms"] is None else row["predicted_ms"]
+        case = row.pop("case")
+        row["problems"], row["errors"] = sorted(problems[case]), sorted(errors[case])
+        row["median_ms"] = math.inf if row["problems"] or row["predicted_ms"] is None else row["predicted_ms"]
     return rows
 
 
@@ -111,7 +130,8 @@ def suggest(rows: list[dict]) -> dict:
 
 
 def predicted_path_table(rows: list[dict], suggested: dict, current: dict) -> str:
-    """Markdown per x dtype: predicted ms per path at each (shape, M), the fastest eligible in bold, spills marked,
+    """Markdown per x dtype: predicted ms per path at each (shape, M), the fastest eligible in bold, the ineligible
+    marked,
     and the suggestion beside the current thresholds (``current``: {x dtype: {decode_max_m, large_min_m}})."""
     from .paths import PATHS
 
@@ -130,18 +150,19 @@ def predicted_path_table(rows: list[dict], suggested: dict, current: dict) -> st
                 if r is None:
                     out.append("–")
                     continue
-                text = "did not compile" if r["predicted_ms"] is None else f"{r['predicted_ms']:.4g}"
+                text = "–" if r["predicted_ms"] is None else f"{r['predicted_ms']:.4g}"
                 text = f"**{text}**" if r["median_ms"] == best and best < math.inf else text
-                out.append(text + (" (spills)" if r["spills"] else ""))
+                out.append(text + (" (not eligible)" if r["problems"] else ""))
             lines.append(f"| {K} | {N} | {M} | " + " | ".join(out) + " |")
         got, now = suggested.get(dtype, {}), current[dtype]
         lines += ["", f"Suggested for sm_90 (H200), x {dtype}, over every shape: "
                   f"decode_max_m = {got.get('decode_max_m')}, large_min_m = {got.get('large_min_m')} "
                   f"(current: decode_max_m = {now['decode_max_m']}, large_min_m = {now['large_min_m']}). "
                   f"Per shape: {got.get('per_shape')}."]
-        spilled = sorted({s for r in mine for s in r["spills"]})
-        if spilled:
-            lines += ["", "Not eligible where a launched config spills: " + "; ".join(spilled) + "."]
+        reasons = sorted({p for r in mine for p in r["problems"]})
+        if reasons:
+            lines += ["", "Not eligible where a launched config " + ("spills, " if dtype != "fp32" else "")
+                      + "needs more shared memory than the GPU has or did not compile: " + "; ".join(reasons) + "."]
         lines.append("")
     return "\n".join(lines)
 
@@ -180,8 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"offline paths: suggested sm_90 thresholds for x {dtype}: decode_max_m = {got.get('decode_max_m')}, "
               f"large_min_m = {got.get('large_min_m')}", file=sys.stderr)
     print(f"offline paths: wrote {options.output / 'offline' / 'paths.md'}", file=sys.stderr)
-    failed = sorted({f"{r['dtype']} {r['K']}x{r['N']} M={r['M']} {r['impl']}: {r['error']}" for r in rows
-                     if r.get("error")})  # fmt: skip
+    failed = sorted({f"{r['dtype']} {r['K']}x{r['N']} M={r['M']} {r['impl']} ({e})" for r in rows
+                     for e in r["errors"]})  # fmt: skip
     if failed:  # a path without a time is not "not the fastest": say so, and fail
         print("offline paths: passes with launches that did not compile:\n" + "\n".join(failed), file=sys.stderr)
         return 1

@@ -1,10 +1,10 @@
 """Autotuning of the two GEMM kernels (forward y, backward dx/dA) on Hopper (sm90) and Ampere (sm80), made so that a
 user does not notice it.
 
-The tuning key buckets M to a power of two (``m_bucket``), so decode-size calls (M ≤ 16) and training-size calls
-(M in the thousands) get different tiles while every M inside a bucket reuses one measurement. The key also
-holds HAS_LORA: without the low-rank epilogue (the frozen layer alone) a program needs fewer registers, so the
-best tile can differ from the LoRA layer's. Under the Triton CPU interpreter nothing is tuned:
+The tuning key buckets M to a power of two (``m_bucket``), so decode-size calls (M ≤ 16; on sm_90 the decode path takes
+M ≤ 64 by default) and training-size calls (M in the thousands) get different tiles while every M inside a bucket reuses
+one measurement. The key also holds HAS_LORA: without the low-rank epilogue (the frozen layer alone) a program needs
+fewer registers, so the best tile can differ from the LoRA layer's. Under the Triton CPU interpreter nothing is tuned:
 ``INTERPRETER_CONFIG`` is used as is.
 
 Unnoticed: for each bucket the pruning (``keep_tiles_for_m``) keeps at most ``MAX_CONFIGS_PER_BUCKET`` configs,

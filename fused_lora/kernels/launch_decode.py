@@ -13,7 +13,7 @@ from .._common import warn_once
 from ..backend import cuda_shared_optin, interpreting
 from . import common
 from .common import FRAGMENT_BLOCK_K, dropout_args, rank_pad, strides
-from .launch_gemm import _splits
+from .launch_gemm import _splits, epilogue_block_n
 
 
 def supports(M: int, weight) -> bool:
@@ -164,11 +164,12 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
                       f"at {block_m} rows ({(str(error).splitlines() or [''])[0][:200]}); this device uses the "
                       f"byte-permute lookup for {block_m}-row tiles from now on (slower)",
                       key=f"pair-table-{x2d.device}-{block_m}")  # fmt: skip
-            _PAIR_TABLE_FAILED.add((x2d.device, block_m))  # after the warning: with warnings as errors every call raises
+            # after the warning: with warnings as errors every call raises
+            _PAIR_TABLE_FAILED.add((x2d.device, block_m))
     u = torch.empty((M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
     if bias is not None:
         bias = bias.contiguous()
-    epilogue_n = 32 if interpreting() else 128
+    epilogue_n = epilogue_block_n()
     lora_decode_fwd_epilogue_kernel[(triton.cdiv(N, epilogue_n),)](
         y_part, u_part, B, bias, y, u,
         M, N, r, splits, splits, y_part.stride(0), y_part.stride(1), *(u_part.stride()[:2] if has_lora else (0, 0)),

@@ -133,16 +133,16 @@ def forward_split(plan: YSplit, x2d, weight, A, B, scaling, bias, dropout_p, see
     # The epilogue reads u's parts once per column tile: no more bytes than the partial sums of y it reads anyway
     # (C·U·M·r ≤ S·M·N with C = N / BLOCK_N column tiles), U ≤ S·BLOCK_N / r; lora_u_kernel's own split count fills
     # the GPU with its programs, 64 parts at K=4096 and M=256, which the epilogue of N=4096 read 32 times.
-    max_parts = max(1, plan.splits * _epilogue_tile()[1] // rank_pad(A.shape[0]))
+    max_parts = max(1, plan.splits * epilogue_block_n() // rank_pad(A.shape[0]))
     parts = compute_u(x2d, A, dropout_p, seed, precisions, summed=False, max_parts=max_parts)
     u = torch.empty(parts.shape[1:], device=parts.device, dtype=torch.float32)
     _launch_y_split(plan, x2d, weight, bias, y, precisions, parts, B, scaling, u_out=u)
     return u
 
 
-def _epilogue_tile() -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the split forward's epilogue (lora_decode_fwd_epilogue_kernel)."""
-    return (16, 32) if interpreting() else (16, 128)
+def epilogue_block_n() -> int:
+    """BLOCK_N of lora_decode_fwd_epilogue_kernel, the decode forward's epilogue and the split forward's."""
+    return 32 if interpreting() else 128
 
 
 def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, scaling, u_out=None) -> None:
@@ -172,7 +172,7 @@ def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, 
     has_lora = u_parts is not None
     r = u_parts.shape[2] if has_lora else 0
     r_pad = rank_pad(r) if has_lora else FROZEN_R_PAD
-    block_m, block_n = _epilogue_tile()
+    block_m, block_n = 16, epilogue_block_n()
     lora_decode_fwd_epilogue_kernel[(_cdiv(N, block_n), _cdiv(M, block_m))](
         part, u_parts, B, bias, y, u_out,
         M, N, r, plan.splits, u_parts.shape[0] if has_lora else 1, part.stride(0), part.stride(1),

@@ -20,14 +20,14 @@ the decode path is deterministic in every mode.
 Where the time goes (bench/results/offline, sm_90a, K=4096, N=14336, bf16): with NF4 tiles in the wgmma fragment order
 (nf4_fragment.py, FRAGMENT; 128×128 tiles, 4 warps, 128 values per thread per iteration) the forward reads the values
 from the shared-memory pair table (nf4_lookup.py, LOOKUP "lds", at M ≤ 32 where the GPU has the shared memory,
-launch_decode.pair_table_shared): 392 SASS per iteration per warp at M=1 (424 at M=16, 441 at M=32), of which 64 LDS,
-64 LOP3 and 64 multiplies are the lookup and 64 HMUL2 the scales; 89 ALU instructions (94 at M=16). The block scales come as pairs in
-the compute dtype (SCALE_PAIRS, common.scale_pairs: 1.8 MB beside the 29.4 MB of NF4 bytes, where fp32 scales were 3.7
-MB and made the kernel bound by the HBM, 63 and 60 % at M=1 and 16); selected from their word by the broadcast that
-scales the tile (a join of the two halves moved them through shared memory: an STS, a barrier and an LDS per iteration).
-The model puts the kernel at 9.4 µs at M=1 and 10.0 µs at M=16, bound by instruction issue with the HBM close behind: 65
-and 61 % of the HBM bandwidth with the epilogue; with the byte permutes of nf4_prmt (LOOKUP "prmt", which the dx kernel
-and smaller GPUs keep) the same loop took 570 SASS, 326 of them ALU (2 cycles each on the ALU pipe,
+launch_decode.pair_table_shared): 392 SASS per iteration per warp at M=1 (424 at M=16, 441 at M=32), of which 64 LDS, 64
+LOP3 and 64 multiplies are the lookup and 64 HMUL2 the scales; 89 ALU instructions (94 at M=16). The block scales come
+as pairs in the compute dtype (SCALE_PAIRS, common.scale_pairs: 1.8 MB beside the 29.4 MB of NF4 bytes, where fp32
+scales were 3.7 MB and made the kernel bound by the HBM, 63 and 60 % at M=1 and 16); selected from their word by the
+broadcast that scales the tile (a join of the two halves moved them through shared memory: an STS, a barrier and an LDS
+per iteration). The model puts the kernel at 9.4 µs at M=1 and 10.0 µs at M=16, bound by instruction issue with the HBM
+close behind: 65 and 61 % of the HBM bandwidth with the epilogue; with the byte permutes of nf4_prmt (LOOKUP "prmt",
+which the dx kernel and smaller GPUs keep) the same loop took 570 SASS, 326 of them ALU (2 cycles each on the ALU pipe,
 offline_model.GpuConstants.alu_cycles): 13.5 µs. The loads have no mask of their own: rows of W past N and of x past M
 are read as the last row. There is no shared-memory round trip of the decoded tile; before the fragment order, the same
 128 values took 717 SASS, of which 66 IMAD.MOV, 16 STS.128, 16 LDSM and 8 barriers moved the tile into the fragment
@@ -51,8 +51,7 @@ a serial tail of K/64 latency-bound steps (32 at two splits; a review of the cos
 offline_kernels.KernelModel.side_loops). With the byte permutes, unrolling the loop by two (tl.range
 loop_unroll_factor=2) dropped the 32 IMAD.MOV that carry the next tile's decoded operands (518 SASS per iteration
 instead of 583) but made the first of the two wgmma groups wait at once (Triton 3.9): not taken. Nor was decoding the
-tile in two 64-column halves, each half's decode after the other's MMA: 557 SASS, no IMAD.MOV, the same wait.
-"""
+tile in two 64-column halves, each half's decode after the other's MMA: 557 SASS, no IMAD.MOV, the same wait. """
 
 import triton
 import triton.language as tl

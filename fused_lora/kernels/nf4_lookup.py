@@ -311,13 +311,12 @@ def nf4_lds(words, lane4, DTYPE: tl.constexpr):
 @triton.jit
 def nf4_lookup_state(code_ptr, LOOKUP: tl.constexpr, DTYPE: tl.constexpr):
     """What a word lookup keeps across the main loop (``lut``): nf4_lut's registers for "prmt", 4·lane after
-    filling the pair table for "lds", None for the per-element lookups."""
+    filling the pair table for "lds", None for the per-element lookups (by falling off the end: Triton 3.6 refuses
+    ``return None`` there, "cannot convert None to tensor", and fp32 x on a GPU takes such a lookup)."""
     if LOOKUP == "prmt":
         return nf4_lut(code_ptr, DTYPE)
     elif LOOKUP == "lds":
         return nf4_pair_table(code_ptr, DTYPE)
-    else:
-        return None
 
 
 @triton.jit

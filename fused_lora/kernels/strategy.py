@@ -24,16 +24,16 @@ writes bench/results/offline/paths.md. With today's kernels the decode path is p
 to M = 64, the decode kernels' limit, at every shape (bf16: the middle path 1.2-2.3x slower at M = 32, 1.06-2.0x at 64:
 the decode path's split-K kernels stream W once and fill the GPU, where the middle path's tiles leave SMs idle or repeat
 the decode): decode_max_m = 64. For bf16 x the middle path is predicted faster than the large one at every M measured
-(1-4096; the model never puts the large path ahead, up to M = 12288 either): the large path 31-73 % slower at M = 512,
-7-12 % at 2048, 3-6 % at 4096 (the middle loops are bound by the MMA, the decode hidden under it, where the large path
-adds a pass over W). The large path keeps M ≥ 4096 only by the margin: there the two are within 10 %
-(offline_paths.LARGE_MARGIN: the middle path's time rests on the decode staying hidden, the large path's on a memory
-pass). fp32 x is another matter (large_min_m_fp32 = 1024): its GEMMs run on the FMA pipes, the decode in the middle
-path's loop competes with the math, and the large path is predicted 1.1-2.7x faster at M = 1024-2048 on the two large
-shapes. sm_80 keeps its earlier values (the cost model prices sm_90a only): an A100's MMA is 3× slower against its ALUs,
-so the in-loop decode stays cheap longer there. Decode: the split-K partial sums cost S·M·N·4 bytes (mostly in L2): at
-K=4096, N=14336 the forward takes S = 2 on an H200 (launch_gemm._splits at decode_programs_per_sm = 2), 6 % of the NF4
-bytes at M=16, 12.5 % at 32 and 25 % at 64.
+(1-4096): the large path 31-72 % slower at M = 512, 7-12 % at 2048, 3-6 % at 4096 (the middle loops are bound by the
+MMA, the decode hidden under it, where the large path adds a pass over W). The large path keeps M ≥ 4096 only by the
+margin: there the two are within 10 % (offline_paths.LARGE_MARGIN: the middle path's time rests on the decode staying
+hidden, the large path's on a memory pass). fp32 x is another matter (large_min_m_fp32 = 1024, from the offline model
+only: bench --paths times bf16): its GEMMs run on the FMA pipes, the decode in the middle path's loop competes with the
+math, and the large path is predicted 1.1-2.7x faster at M = 1024-2048 on the two large shapes. sm_80 keeps its earlier
+values (the cost model prices sm_90a only): an A100's MMA is 3× slower against its ALUs, so the in-loop decode stays
+cheap longer there. Decode: the split-K partial sums cost S·M·N·4 bytes (mostly in L2): at K=4096, N=14336 the forward
+takes S = 2 on an H200 (launch_gemm._splits at decode_programs_per_sm = 2), 6 % of the NF4 bytes at M=16, 12.5 % at 32
+and 25 % at 64.
 
 Deterministic mode (``deterministic()``): torch.are_deterministic_algorithms_enabled(), or FUSED_LORA_DETERMINISTIC=1
 in the environment, or ``use_deterministic(True)``. Then no kernel accumulates with atomics: every cross-program
