@@ -117,11 +117,25 @@ def _small_kernel_jobs(arch: int) -> list[Job]:
             for name, module, kernel, args, options in cases]
 
 
+def _kept_config_jobs(job: Job, facts: dict, args: dict, names: tuple, tag: str, prune_args=None):
+    """[(job, facts)] of ``job``'s kernel with ``args`` at every config the autotuner keeps for them on sm_90 (pruned
+    with ``prune_args``, default ``args``; ``names``: the output and reduction block names), named <job id without
+    its config>-<tile>w<warps>s<stages>-dora-<tag>."""
+    from fused_lora.kernels.autotune import gemm_configs, keep_tiles_for_m
+
+    out = []
+    for config in keep_tiles_for_m(gemm_configs((9, 0), *names), prune_args or args):
+        tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", *names))
+        name = f"{job.id.rsplit('-', 1)[0]}-{tile}w{config.num_warps}s{config.num_stages}-dora-{tag}"
+        options = {**job.options, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        out.append((Job(name, job.module, job.kernel, {**args, **config.kwargs}, options, job.arch),
+                    {**facts, "block_m": config.kwargs["BLOCK_M"]}))
+    return out
+
+
 def _dora_jobs(job: Job, facts: dict) -> list[tuple[Job, dict]]:
     """The DoRA variants of one sm_90 LoRA GEMM job (module docstring), named <job id>-dora-<variant>."""
     import dataclasses
-
-    from fused_lora.kernels.autotune import gemm_configs, keep_tiles_for_m
 
     x = job.args["x_ptr" if facts["kernel"] == "lora_fwd_kernel" else "g_ptr"]
     dropout = {"p": 0.1, "keep_scale": 1 / 0.9}
@@ -132,25 +146,17 @@ def _dora_jobs(job: Job, facts: dict) -> list[tuple[Job, dict]]:
                     "ADD_T": {"ADD_T": True, "DROPOUT": True, "t_ptr": x, **dropout}}
     out = [(dataclasses.replace(job, id=f"{job.id}-dora-{name}", args={**job.args, **extra}), facts)
            for name, extra in variants.items()]
-    if facts["kernel"] == "lora_fwd_kernel" and job.args["BLOCK_M"] == facts["first_block_m"]:
+    if job.args["BLOCK_M"] != facts["first_block_m"]:
+        return out
+    if facts["kernel"] == "lora_fwd_kernel":
         # y = c⊙z + b reading z (ADD_Z) at the configs kept for it (autotune: not the NF4 forward's tall tile)
         add_z = {**job.args, "ADD_Z": True, "z_ptr": x, "col_scale_ptr": Ptr("fp32")}
-        for config in keep_tiles_for_m(gemm_configs((9, 0), "BLOCK_N", "BLOCK_K"), add_z):
-            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            name = f"{job.id.rsplit('-', 1)[0]}-{tile}w{config.num_warps}s{config.num_stages}-dora-ADD_Z"
-            options = {**job.options, "num_warps": config.num_warps, "num_stages": config.num_stages}
-            out.append((Job(name, job.module, job.kernel, {**add_z, **config.kwargs}, options, job.arch),
-                        {**facts, "block_m": config.kwargs["BLOCK_M"]}))
-    if facts["kernel"] == "lora_dx_kernel" and job.args["BLOCK_M"] == facts["first_block_m"]:
+        out += _kept_config_jobs(job, facts, add_z, ("BLOCK_N", "BLOCK_K"), "ADD_Z")
+    else:
         # t = m⊙(((c−1)⊙g)·W): the frozen dx (no low-rank operands) at the configs kept for it
         frozen = {**job.args, "HAS_LORA": False, "NEED_DA": False, "x_ptr": None, "a_ptr": None, "v_ptr": None,
                   "da_ptr": None, "COL_SCALE": True, "col_scale_ptr": Ptr("fp32"), "MASK_DX": True, **dropout}
-        for config in keep_tiles_for_m(gemm_configs((9, 0), "BLOCK_K", "BLOCK_N"), {**frozen, "dx_ptr": None}):
-            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_K", "BLOCK_N"))
-            name = f"{job.id.rsplit('-', 1)[0]}-{tile}w{config.num_warps}s{config.num_stages}-dora-MASK_DX"
-            options = {**job.options, "num_warps": config.num_warps, "num_stages": config.num_stages}
-            out.append((Job(name, job.module, job.kernel, {**frozen, **config.kwargs}, options, job.arch),
-                        {**facts, "block_m": config.kwargs["BLOCK_M"]}))
+        out += _kept_config_jobs(job, facts, frozen, ("BLOCK_K", "BLOCK_N"), "MASK_DX", {**frozen, "dx_ptr": None})
     return out
 
 

@@ -131,8 +131,7 @@ def suggest(rows: list[dict]) -> dict:
 
 def predicted_path_table(rows: list[dict], suggested: dict, current: dict) -> str:
     """Markdown per x dtype: predicted ms per path at each (shape, M), the fastest eligible in bold, the ineligible
-    marked,
-    and the suggestion beside the current thresholds (``current``: {x dtype: {decode_max_m, large_min_m}})."""
+    marked, and the suggestion beside the current thresholds (``current``: {x dtype: {decode_max_m, large_min_m}})."""
     from .paths import PATHS
 
     lines = []
@@ -204,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = sorted({f"{r['dtype']} {r['K']}x{r['N']} M={r['M']} {r['impl']} ({e})" for r in rows
                      for e in r["errors"]})  # fmt: skip
     if failed:  # a path without a time is not "not the fastest": say so, and fail
-        print("offline paths: passes with launches that did not compile:\n" + "\n".join(failed), file=sys.stderr)
+        print("offline paths: passes with launches that did not compile or fit the shared memory:\n"
+              + "\n".join(failed), file=sys.stderr)
         return 1
     return 0
 

@@ -153,10 +153,11 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
                    if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_ACC_PER_THREAD * 32 * c.num_warps]
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * bucket)]
     kept = fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
-    preferred = _preferred_block_m(bucket).bit_length()
+    preferred_rows = _preferred_block_m(bucket)
+    preferred = preferred_rows.bit_length()
     kept = sorted(kept, key=lambda c: abs(c.kwargs["BLOCK_M"].bit_length() - preferred))[:MAX_CONFIGS_PER_BUCKET]
     if args.get("IS_NF4") and "dx_ptr" not in args and not args.get("ADD_Z") and bucket >= TALL_NF4_MIN_BUCKET:
-        tall = [c for c in fitting if c.kwargs["BLOCK_M"] >= 2 * _preferred_block_m(bucket) and c not in kept][:1]
+        tall = [c for c in fitting if c.kwargs["BLOCK_M"] >= 2 * preferred_rows and c not in kept][:1]
         kept = kept[:MAX_CONFIGS_PER_BUCKET - len(tall)] + tall
     if args.get("IS_NF4") and not args.get("ROW_SCALES"):
         kept = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1) for c in kept]
