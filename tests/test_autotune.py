@@ -156,6 +156,25 @@ def test_timer_allocates_no_flush_buffer_and_returns_the_quantiles(monkeypatch):
     assert bench_without_flush(lambda: None) > 0  # no quantiles: the median
 
 
+def test_timer_times_a_launch_refused_for_its_resources_as_infinite(monkeypatch):
+    """A tile that does not fit beside the pair table's 32 KiB (which Triton does not count) is refused at launch:
+    the timer returns infinity for it, as Triton's own OutOfResources, and the autotuner takes another; any other
+    launch error is raised."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def refused():
+        raise RuntimeError("Triton Error [CUDA]: too many resources requested for launch")
+
+    assert bench_without_flush(refused) == float("inf")
+    assert bench_without_flush(refused, quantiles=(0.5, 0.2, 0.8)) == [float("inf")] * 3
+
+    def broken():
+        raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench_without_flush(broken)
+
+
 def _dx_like(dx_ptr, M_BUCKET, N, K, R_PAD, HAS_LORA, IS_NF4, ROW_SCALES, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M):
     pass
 

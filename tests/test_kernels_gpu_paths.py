@@ -82,7 +82,7 @@ def test_the_decode_forward_runs_the_pair_table(M, monkeypatch, poison_empty):
     on a GPU before this test, and meets the tolerance rule, without falling back to the byte permutes; at BLOCK_M
     16 and 32 (M = 27: ragged rows in the taller tile)."""
     from fused_lora.backend import cuda_shared_optin
-    from fused_lora.kernels import lora_decode
+    from fused_lora.kernels import common, lora_decode
 
     _, _, launch_decode, *_ = _modules()
     if launch_decode.pair_table_shared(16, 4, True, 64, 16 if M <= 16 else 32) > cuda_shared_optin("cuda"):
@@ -91,8 +91,27 @@ def test_the_decode_forward_runs_the_pair_table(M, monkeypatch, poison_empty):
     monkeypatch.setattr(lora_decode, "lora_decode_fwd_kernel", LaunchRecorder(
         lora_decode.lora_decode_fwd_kernel, lambda grid, kw: launched.append((kw["LOOKUP"], kw["SCALE_PAIRS"]))))
     _check(M, 4096, 14336, 16, torch.bfloat16, "nf4-dq", bias=True, p=0.1, path="decode", monkeypatch=monkeypatch)
-    assert ("lds", True) in launched and not launch_decode._PAIR_TABLE_FAILED, (launched,
-                                                                               launch_decode._PAIR_TABLE_FAILED)
+    assert ("lds", True) in launched and not common.PAIR_TABLE_FAILED, (launched, common.PAIR_TABLE_FAILED)
+
+
+@pytest.mark.parametrize("M, N", [(256, 14336), (256, 1024), (300, 4096)], ids=["tiled", "split-K", "ragged-M"])
+def test_the_middle_gemms_run_the_pair_table_without_masks(M, N, monkeypatch, poison_empty):
+    """On sm_90 the middle path's NF4 GEMMs (forward, split forward, dx) read NF4 from the shared-memory pair table
+    (launch_gemm.gemm_lookup: never run on a GPU before this test), with loads without masks where the blocks divide
+    K and N (K_DIVISOR, N_DIVISOR; rows past M read as row M - 1 at M = 300), meet the tolerance rule and never
+    fall back to the byte permutes."""
+    from fused_lora.backend import cuda_capability
+    from fused_lora.kernels import common
+
+    if cuda_capability("cuda")[0] < 9:
+        pytest.skip("the middle GEMMs take the pair table on sm_90 and later")
+    launched, real = [], common.launch_lookup
+    monkeypatch.setattr(common, "launch_lookup", lambda launch, lookup, key, what: (
+        launched.append((key[0], lookup)), real(launch, lookup, key, what))[-1])
+    _check(M, 4096, N, 16, torch.bfloat16, "nf4-dq", bias=True, p=0.1, path="middle", monkeypatch=monkeypatch)
+    forward = "split forward" if N == 1024 else "forward GEMM"
+    assert sorted(set(launched)) == sorted({(forward, "lds"), ("dx GEMM", "lds")}), launched
+    assert not common.PAIR_TABLE_FAILED, common.PAIR_TABLE_FAILED
 
 
 @pytest.mark.parametrize("base", ["nf4-dq", "dense"])

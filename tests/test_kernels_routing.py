@@ -136,3 +136,75 @@ def test_fp32_x_takes_the_large_path_from_its_own_threshold(dtype, expected, mon
         grads = lora.backward(g, x, weight, A, B, SCALING, 0.1, 5, u, True, True, True, True)
     assert calls == EXPECTED_CALLS[expected]
     _check_all((y, u) + grads, x, w_compute, A, B, b, g, lora.dropout_mask(5, 40, 128, 0.1, "cpu"), dtype)
+
+
+def test_pow2_divisor_is_the_largest_block_that_divides():
+    from fused_lora.kernels.launch_gemm import pow2_divisor
+
+    assert [pow2_divisor(n) for n in (4096, 14336, 96, 80, 65, 1, 0)] == [256, 256, 32, 16, 1, 1, 1]
+
+
+@pytest.mark.parametrize("base", ["nf4-dq", "dense"])
+@pytest.mark.parametrize("K, N", [(128, 96), (96, 80), (70, 64)], ids=["even", "ragged-N", "ragged-K"])
+def test_the_gemms_drop_their_masks_only_where_the_blocks_divide_k_and_n(K, N, base, monkeypatch, poison_empty):
+    """lora_fwd_kernel (K_DIVISOR) and lora_dx_kernel (K_DIVISOR, N_DIVISOR) load without masks where BLOCK_K
+    divides K (and BLOCK_N divides N for dx; the interpreter's tiles are 32 wide): rows past M (here 37, ragged) are
+    then read as row M - 1 (NF4 at K = 96 and 70, blocks split across rows: x unmasked, W's flat-index loads keep
+    theirs). Every case, unmasked or not, meets the tolerance rule."""
+    from fused_lora.kernels import lora_bwd, lora_fwd
+    from test_kernels_paths import PATHS
+
+    from test_kernels import LaunchRecorder
+
+    lora, strategy, *_ = _modules()
+    x, weight, w_compute, A, B, b, g = _make_case(37, K, N, 5, torch.float32, base, torch.float32, True,
+                                                  "contiguous", 64, 7)  # fmt: skip
+    seen = []
+    for module, name in ((lora_fwd, "lora_fwd_kernel"), (lora_bwd, "lora_dx_kernel")):
+        monkeypatch.setattr(module, name, LaunchRecorder(getattr(module, name), lambda grid, kw, _n=name: seen.append(
+            (_n, kw["K_DIVISOR"] % kw["BLOCK_K"] == 0 and kw.get("N_DIVISOR", 32) % kw["BLOCK_N"] == 0))))
+    with strategy.use_thresholds(**PATHS["middle"]):
+        y, u = lora.forward(x, weight, A, B, SCALING, b, 0.1, 5)
+        grads = lora.backward(g, x, weight, A, B, SCALING, 0.1, 5, u, True, True, True, True)
+    even = {"even": (True, True), "ragged-N": (True, False), "ragged-K": (False, False)}[
+        {128: "even", 96: "ragged-N", 70: "ragged-K"}[K]]
+    assert sorted(set(seen)) == [("lora_dx_kernel", even[1]), ("lora_fwd_kernel", even[0])], seen
+    m = lora.dropout_mask(5, 37, K, 0.1, "cpu")
+    _check_all((y, u) + grads, x, w_compute, A, B, b, g, m, torch.float32)
+
+
+def test_a_refused_pair_table_launch_runs_the_byte_permutes_once_and_for_all(monkeypatch):
+    """common.launch_lookup: a launch with LOOKUP "lds" refused for its resources runs again with "prmt", warns once
+    and keeps its key off the table (common.pair_table_allowed); another key keeps it; any other error is raised;
+    a lookup other than "lds" launches once as it is."""
+    from triton.runtime.errors import OutOfResources
+
+    from fused_lora import _common
+    from fused_lora.kernels import common
+
+    monkeypatch.setattr(common, "PAIR_TABLE_FAILED", set())
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    monkeypatch.setattr(_common, "_warned", set())
+    for refusal in (RuntimeError("Triton Error [CUDA]: invalid argument"), OutOfResources(240000, 232448, "shared")):
+        tried = []
+
+        def launch(lookup, _error=refusal):
+            tried.append(lookup)
+            if lookup == "lds":
+                raise _error
+
+        key = ("forward GEMM", type(refusal).__name__, "cuda:0")
+        with pytest.warns(RuntimeWarning, match="shared-memory NF4 table did not launch on cuda:0"):
+            common.launch_lookup(launch, "lds", key, "the forward GEMM")
+        assert tried == ["lds", "prmt"] and not common.pair_table_allowed(key)
+    assert common.pair_table_allowed(("dx GEMM", "cuda:0"))
+
+    def broken(lookup):
+        raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        common.launch_lookup(broken, "lds", ("dx GEMM", "cuda:0"), "the dx GEMM")
+    assert common.pair_table_allowed(("dx GEMM", "cuda:0"))
+    tried = []
+    common.launch_lookup(tried.append, "prmt", ("dx GEMM", "cuda:0"), "the dx GEMM")
+    assert tried == ["prmt"]

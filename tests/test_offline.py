@@ -422,63 +422,6 @@ def test_a_kernel_that_does_not_compile_fails_the_instrument(tmp_path):
     assert "did not compile" in (tmp_path / "offline" / "report.md").read_text()
 
 
-FALLBACK = """
-import json, sys, warnings
-from fused_lora.bench import offline_capture
-from fused_lora.bench.offline_capture import LayerSpec, capture_pass
-from fused_lora.kernels import launch_decode
-message, action, ms = sys.argv[1], sys.argv[2], [int(m) for m in sys.argv[3].split(",")]
-real, tried = offline_capture._launches, []
-def launches(kernel, grid, args, kwargs, weight_ids):
-    if "LOOKUP" in kwargs and "FRAGMENT" in kwargs:
-        tried.append(kwargs["LOOKUP"])
-        if kwargs["LOOKUP"] == "lds":
-            raise RuntimeError(message)
-    return real(kernel, grid, args, kwargs, weight_ids)
-offline_capture._launches = launches
-raised = []
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter(action)
-    for M in ms:
-        try:
-            capture_pass("fwd", LayerSpec(M, 4096, 1024, 16), 90)
-        except (RuntimeError, RuntimeWarning) as error:
-            raised.append(type(error).__name__)
-print(json.dumps({"tried": tried, "raised": raised, "warnings": [str(w.message) for w in caught],
-                  "failed": sorted(f"{d} {m}" for d, m in launch_decode._PAIR_TABLE_FAILED)}))
-"""
-
-
-def _fallback(message: str, action: str = "always", ms: str = "16,16") -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", FALLBACK, message, action, ms], env=env, capture_output=True,
-                          text=True, timeout=300, cwd=REPO)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
-
-
-def test_a_pair_table_that_does_not_launch_falls_back_to_the_byte_permutes():
-    """Should the decode forward with the pair table be refused for its resources (a GPU or a Triton whose shared
-    memory differs from what the launcher assumed), the same launch runs with the byte permutes, one warning names
-    the device, and the device never tries the table again (each capture runs the pass twice: lds and prmt, then
-    prmt alone, three times). Any other CUDA error is raised as it is, and nothing is switched off; with warnings as
-    errors every call raises (the byte permutes ran first)."""
-    got = _fallback("Triton Error [CUDA]: too many resources requested for launch")
-    assert got["tried"] == ["lds", "prmt", "prmt", "prmt", "prmt"] and got["raised"] == []
-    assert got["failed"] == ["cuda:0 16"]
-    table = [w for w in got["warnings"] if "shared-memory NF4 table" in w]
-    assert len(table) == 1 and "cuda:0" in table[0] and "too many resources" in table[0], got["warnings"]
-    # the 32-row tile (more shared memory) fails on its own: the 16-row table stays in use, and the other way round
-    got = _fallback("Triton Error [CUDA]: too many resources requested for launch", ms="32,16,32,16")
-    assert got["tried"] == ["lds", "prmt", "prmt", "lds", "prmt", "prmt"] + ["prmt"] * 4, got["tried"]
-    assert got["failed"] == ["cuda:0 16", "cuda:0 32"]
-    got = _fallback("Triton Error [CUDA]: an illegal memory access was encountered")
-    assert got["tried"] == ["lds", "lds"] and got["raised"] == ["RuntimeError"] * 2 and got["failed"] == []
-    assert not [w for w in got["warnings"] if "shared-memory NF4 table" in w]
-    got = _fallback("Triton Error [CUDA]: too many resources requested for launch", "error")
-    assert got["raised"] == ["RuntimeWarning"] * 2 and got["tried"] == ["lds", "prmt"] * 2 and got["failed"] == []
-
-
 PATHS_RUN = """
 import json, math, sys
 from pathlib import Path

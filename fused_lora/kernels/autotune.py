@@ -165,14 +165,24 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
 
 
 def bench_without_flush(kernel_call, quantiles=None, budget_ms: float = 5.0, max_reps: int = 20):
-    """The autotuner's timer (its ``do_bench``): run ``kernel_call`` once (it compiles and warms up), then time
-    3..``max_reps`` calls (as many as fit ``budget_ms`` by a first timed call) with CUDA events; the ``quantiles``
-    of the times (nearest rank), or their median. No L2 flush between calls and no buffer allocated: the times are
+    """The autotuner's timer (its ``do_bench``): run ``kernel_call`` once (it compiles and warms up; a launch refused
+    for its resources times as infinite, common.is_resource_error), then time 3..``max_reps`` calls (as many as fit
+    ``budget_ms`` by a first timed call) with CUDA events; the ``quantiles`` of the times (nearest rank), or their
+    median. No L2 flush between calls and no buffer allocated: the times are
     L2-warm, as a layer's GEMM after the previous layer is; configs are compared with each other, all timed alike.
     """
     import torch
 
-    kernel_call()
+    from .common import is_resource_error
+
+    try:
+        kernel_call()
+    except Exception as error:  # noqa: BLE001 - filtered just below
+        # refused for its resources: a config whose shared memory, with the 32 KiB pair table that Triton does not
+        # count (launch_gemm.gemm_lookup), is over the GPU's; never the winner, as Triton's own OutOfResources
+        if not is_resource_error(error):
+            raise
+        return float("inf") if quantiles is None else [float("inf")] * len(quantiles)
     torch.cuda.synchronize()
     first = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
     first[0].record()
@@ -197,7 +207,8 @@ def _disk_cache_option() -> dict:
     return {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-TUNING_KEY = ("M_BUCKET", "N", "K", "R_PAD", "HAS_LORA", "MASK_DX", "IS_NF4", "DOUBLE_QUANT", "ROW_SCALES")
+# LOOKUP: the pair table's 32 KiB of shared memory can rule out a tile that fits without it (bench_without_flush)
+TUNING_KEY = ("M_BUCKET", "N", "K", "R_PAD", "HAS_LORA", "MASK_DX", "IS_NF4", "DOUBLE_QUANT", "ROW_SCALES", "LOOKUP")
 
 
 class _CheckedDiskCache(triton.runtime.autotuner.Autotuner):

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._common import TensorCache, refuse_dropout_in_cuda_graph, tensor_state
+from .._common import TensorCache, refuse_dropout_in_cuda_graph, tensor_state, warn_once
 from ..backend import cuda_capability, cuda_sm_count, interpreting
 
 MAX_RANK = 256
@@ -137,7 +137,7 @@ def lookup_mode(weight, dtype: torch.dtype, pair_table: bool = False) -> str:
     """How the NF4 kernels turn a 4-bit code into its value (nf4_lookup.py): "prmt" (byte permutes in registers,
     inline PTX; bf16/fp16 on a GPU: code and scale rounded to the compute dtype, then multiplied), "lds" instead of
     "prmt" with ``pair_table`` (the same values from a 32 KiB table of value pairs in shared memory: the decode
-    kernels, whose loop the ALU pipe bounds; their small tiles leave room for the table), "tree" (a select
+    forward, launch_decode.pair_table_shared, and sm_90's middle GEMMs, launch_gemm.gemm_lookup), "tree" (a select
     tree over NF4's 16 fp32 values in registers: exact; the CPU interpreter, which runs no inline assembly, for a
     weight with NF4's table), or "gather" (a load from the 16-entry table: exact; fp32 on a GPU, and any other
     table under the interpreter)."""
@@ -148,6 +148,49 @@ def lookup_mode(weight, dtype: torch.dtype, pair_table: bool = False) -> str:
     if dtype not in (torch.float16, torch.bfloat16):
         return "gather"
     return "lds" if pair_table else "prmt"
+
+
+# The keys (launch_lookup's ``key``: a kernel path and the device) whose launch with the shared-memory pair table
+# (LOOKUP "lds") was refused for its resources: they use the byte permutes from then on.
+PAIR_TABLE_FAILED: set = set()
+
+
+def pair_table_allowed(key) -> bool:
+    """Whether a launch keyed ``key`` may use the shared-memory pair table: on a GPU, and not refused before."""
+    return not interpreting() and key not in PAIR_TABLE_FAILED
+
+
+def is_resource_error(error: BaseException) -> bool:
+    """Whether a failed launch was refused for its resources: Triton's OutOfResources, CUDA's "too many resources
+    requested for launch", or "invalid argument" for more dynamic shared memory than the function allows (as
+    Triton's launcher words them)."""
+    from triton.runtime.errors import OutOfResources
+
+    if isinstance(error, OutOfResources):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and "Triton Error [CUDA]" in text and (
+        "resources" in text or "invalid argument" in text)
+
+
+def launch_lookup(launch, lookup: str, key, what: str) -> None:
+    """``launch(lookup)``. The pair table (LOOKUP "lds") is 32 KiB of static shared memory that Triton does not see
+    (nf4_lookup.py): should the launch be refused for its resources (another Triton, another GPU), ``launch("prmt")``
+    instead (the same values), warn once and keep ``key`` off the table from then on (PAIR_TABLE_FAILED). Any other
+    error is raised (e.g. a sticky illegal address is not the table's)."""
+    if lookup != "lds":
+        launch(lookup)
+        return
+    try:
+        launch("lds")
+    except Exception as error:  # noqa: BLE001 - filtered just below
+        if not is_resource_error(error):
+            raise
+        launch("prmt")
+        warn_once(f"fused_lora: {what}'s shared-memory NF4 table did not launch on {key[-1]} "
+                  f"({(str(error).splitlines() or [''])[0][:200]}); it uses the byte-permute lookup from now on "
+                  "(slower)", key=f"pair-table-{key}")  # fmt: skip
+        PAIR_TABLE_FAILED.add(key)  # after the warning: with warnings as errors every call raises
 
 
 def w_first(weight, dtype: torch.dtype) -> bool:

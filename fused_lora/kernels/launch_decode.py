@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from .._common import warn_once
 from ..backend import cuda_shared_optin, interpreting
 from . import common
 from .common import FRAGMENT_BLOCK_K, dropout_args, rank_pad, strides
@@ -71,9 +70,6 @@ PAIR_TABLE_STAGES = 5
 # 3.9: 55808 B on sm_90 and 51200 B on sm_80 at 16, 76800 B and 67584 B at 32), rounded up; smaller blocks add their
 # scales (pair_table_shared)
 PAIR_TABLE_W_LOOP_SHARED = {16: 56 * 1024, 32: 76 * 1024}
-# (device, BLOCK_M) where a decode forward with the pair table did not launch (a 32-row tile needs more shared memory
-# than a 16-row one: its failure leaves the other's table in use)
-_PAIR_TABLE_FAILED: set = set()
 
 
 def pair_table_shared(r_pad: int, a_bytes: int, has_lora: bool, blocksize: int, block_m: int = 16) -> int:
@@ -91,13 +87,6 @@ def pair_table_shared(r_pad: int, a_bytes: int, has_lora: bool, blocksize: int, 
     return PAIR_TABLE_BYTES + max(w_loop, (PAIR_TABLE_STAGES - 1) * u_tiles)
 
 
-def _is_resource_error(error: RuntimeError) -> bool:
-    """Whether a failed launch was refused for its resources (CUDA's "too many resources requested for launch", or
-    "invalid argument" for more dynamic shared memory than the function allows), as Triton's launcher words it."""
-    text = str(error)
-    return "Triton Error [CUDA]" in text and ("resources" in text or "invalid argument" in text)
-
-
 def _w_args(weight, K: int, dtype, pairs: bool = False) -> tuple:
     """(w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, IS_NF4, BLOCKSIZE); the scales as pairs with ``pairs``."""
     w = common.weight_args(weight, K, dtype, pairs)
@@ -109,7 +98,6 @@ def _w_args(weight, K: int, dtype, pairs: bool = False) -> tuple:
 def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, dropout_p=0.0, seed=0):
     """y = x·deq(W)ᵀ + b (+ s·u·Bᵀ); returns u = (m⊙x)·Aᵀ (M, r) fp32 when A is given, else None."""
     import triton
-    from triton.runtime.errors import OutOfResources
 
     from .lora_decode import lora_decode_fwd_epilogue_kernel, lora_decode_fwd_kernel, u_parts_per_trip
     from .pdl import launch_args
@@ -121,8 +109,9 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
     r_pad = rank_pad(r) if has_lora else common.FROZEN_R_PAD
     block_m = _block_m(M)
     fragment = _fragment(weight, K)
-    pair_table = (fragment and block_m in PAIR_TABLE_W_LOOP_SHARED and not interpreting()
-                  and (x2d.device, block_m) not in _PAIR_TABLE_FAILED
+    # a 32-row tile needs more shared memory than a 16-row one: a refused launch of one leaves the other's table
+    table_key = ("decode forward", block_m, x2d.device)
+    pair_table = (fragment and block_m in PAIR_TABLE_W_LOOP_SHARED and common.pair_table_allowed(table_key)
                   and pair_table_shared(r_pad, A.element_size() if has_lora else 0, has_lora, int(weight.blocksize),
                                         block_m) <= cuda_shared_optin(x2d.device))  # fmt: skip
     if fragment:
@@ -151,21 +140,7 @@ def forward(x2d, weight, y, precisions, A=None, B=None, scaling=0.0, bias=None, 
             **stages, **common.compile_options(weight), **launch_args(x2d.device),
         )  # fmt: skip
 
-    if lookup != "lds":
-        launch(lookup)
-    else:
-        try:
-            launch("lds")
-        except (RuntimeError, OutOfResources) as error:
-            if not isinstance(error, OutOfResources) and not _is_resource_error(error):
-                raise  # any other CUDA error (e.g. a sticky illegal address) is not the table's
-            launch("prmt")
-            warn_once(f"fused_lora: the decode forward's shared-memory NF4 table did not launch on {x2d.device} "
-                      f"at {block_m} rows ({(str(error).splitlines() or [''])[0][:200]}); this device uses the "
-                      f"byte-permute lookup for {block_m}-row tiles from now on (slower)",
-                      key=f"pair-table-{x2d.device}-{block_m}")  # fmt: skip
-            # after the warning: with warnings as errors every call raises
-            _PAIR_TABLE_FAILED.add((x2d.device, block_m))
+    common.launch_lookup(launch, lookup, table_key, f"the decode forward at {block_m} rows")
     u = torch.empty((M, r), device=x2d.device, dtype=torch.float32) if has_lora else None
     if bias is not None:
         bias = bias.contiguous()

@@ -140,6 +140,35 @@ def forward_split(plan: YSplit, x2d, weight, A, B, scaling, bias, dropout_p, see
     return u
 
 
+def pow2_divisor(n: int) -> int:
+    """The largest power of two that divides ``n``, at most 256 (every BLOCK_K and BLOCK_N of the GEMMs): the
+    K_DIVISOR / N_DIVISOR of the GEMM kernels, whose main loops drop their masks when the block divides it."""
+    return min(n & -n, 256) if n > 0 else 1
+
+
+def k_divisor(K: int, device) -> int:
+    """K_DIVISOR of lora_fwd_kernel: pow2_divisor(K), except on a GPU before sm_90 (1: the masked loads), where
+    reading x's rows past M as row M - 1, as the unmasked loop does, made the 128x128x64 4-warp tile spill 64 B per
+    thread (the large path's dense GEMM on sm_80; compiled by tests/_compile_kernels.py)."""
+    device = torch.device(device)
+    if not interpreting() and device.type == "cuda" and cuda_capability(device)[0] < 9:
+        return 1
+    return pow2_divisor(K)
+
+
+def gemm_lookup(weight, x: torch.Tensor, key) -> str:
+    """LOOKUP of an NF4 GEMM of the middle path (common.lookup_mode): the shared-memory pair table on sm_90 and later
+    (nf4_lookup.py, "lds": 1.5 instructions per value instead of the byte permutes' 2.6, most of them off the ALU
+    pipe), with whole blocks per row (the word lookups), where ``key`` was never refused (common.launch_lookup).
+    The table is 32 KiB of static shared memory that Triton does not count: a tile that no longer fits beside it
+    (sm_90a, Triton 3.9: 256x128x64 forward at r = 64) is refused at launch and timed as infinite by the autotuner
+    (autotune.bench_without_flush), which takes another. Not sm_80, whose 163 KiB leave no room beside its largest
+    tiles."""
+    table = (common.is_nf4(weight) and common.has_row_scales(weight, weight.shape[1]) and x.device.type == "cuda"
+             and common.pair_table_allowed(key) and cuda_capability(x.device)[0] >= 9)
+    return common.lookup_mode(weight, x.dtype, table)
+
+
 def epilogue_block_n() -> int:
     """BLOCK_N of lora_decode_fwd_epilogue_kernel, the decode forward's epilogue and the split forward's."""
     return 32 if interpreting() else 128
@@ -159,16 +188,21 @@ def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, 
         bias = bias.contiguous()  # the epilogue reads b[n] at bias_ptr + n
     w = common.weight_args(weight, K, x2d.dtype)
     part = torch.empty((plan.splits, M, N), device=x2d.device, dtype=torch.float32)
-    lora_fwd_kernel[(plan.tiles, plan.splits)](
-        x2d, *w.pointers, None, None, None, part, None, None,
-        M, N, K, 0, m_bucket(M), plan.k_per_split,
-        x2d.stride(0), x2d.stride(1), w.stride_wn, w.stride_wk, 0, 0, 0, 0, part.stride(1), part.stride(2),
-        part.stride(0), 0.0,
-        **w.constexprs, LOOKUP=common.lookup_mode(weight, x2d.dtype), W_FIRST=common.w_first(weight, x2d.dtype),
-        HAS_BIAS=False, HAS_LORA=False, COL_SCALE=False, ADD_Z=False, SPLIT_K=True, **precisions,
-        R_PAD=FROZEN_R_PAD, R_CHUNK=FROZEN_R_PAD, **plan.meta, **common.compile_options(weight),
-        **launch_args(x2d.device),
-    )  # fmt: skip
+    table_key = ("split forward", x2d.device)
+
+    def launch(lookup: str) -> None:
+        lora_fwd_kernel[(plan.tiles, plan.splits)](
+            x2d, *w.pointers, None, None, None, part, None, None,
+            M, N, K, 0, m_bucket(M), plan.k_per_split,
+            x2d.stride(0), x2d.stride(1), w.stride_wn, w.stride_wk, 0, 0, 0, 0, part.stride(1), part.stride(2),
+            part.stride(0), 0.0,
+            **w.constexprs, LOOKUP=lookup, W_FIRST=common.w_first(weight, x2d.dtype),
+            HAS_BIAS=False, HAS_LORA=False, COL_SCALE=False, ADD_Z=False, SPLIT_K=True, **precisions,
+            R_PAD=FROZEN_R_PAD, R_CHUNK=FROZEN_R_PAD, **plan.meta, K_DIVISOR=k_divisor(K, x2d.device),
+            **common.compile_options(weight), **launch_args(x2d.device),
+        )  # fmt: skip
+
+    common.launch_lookup(launch, gemm_lookup(weight, x2d, table_key), table_key, "the split forward")
     has_lora = u_parts is not None
     r = u_parts.shape[2] if has_lora else 0
     r_pad = rank_pad(r) if has_lora else FROZEN_R_PAD
@@ -212,19 +246,22 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=No
     w = common.weight_args(weight, K, x2d.dtype)
     kernel, meta = common.gemm(lora_fwd_kernel, x2d, "BLOCK_N", "BLOCK_K")
     grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](
-        x2d, *w.pointers, u, B, bias, y, z, col_scale,
-        M, N, K, r, m_bucket(M), K,
-        x2d.stride(0), x2d.stride(1), w.stride_wn, w.stride_wk,
-        *strides(u), *strides(B), y.stride(0), y.stride(1), 0,
-        float(scaling),
-        **w.constexprs, LOOKUP=common.lookup_mode(weight, x2d.dtype),
-        W_FIRST=common.w_first(weight, x2d.dtype), HAS_BIAS=bias is not None,
-        HAS_LORA=has_lora, COL_SCALE=col_scale is not None and not z_in, ADD_Z=z_in, SPLIT_K=False, **precisions,
-        R_PAD=r_pad,
-        R_CHUNK=min(r_pad, 64), **meta,
-        **common.compile_options(weight),
-    )  # fmt: skip
+    table_key = ("forward GEMM", x2d.device)
+
+    def launch(lookup: str) -> None:
+        kernel[grid](
+            x2d, *w.pointers, u, B, bias, y, z, col_scale,
+            M, N, K, r, m_bucket(M), K,
+            x2d.stride(0), x2d.stride(1), w.stride_wn, w.stride_wk,
+            *strides(u), *strides(B), y.stride(0), y.stride(1), 0,
+            float(scaling),
+            **w.constexprs, LOOKUP=lookup, W_FIRST=common.w_first(weight, x2d.dtype), HAS_BIAS=bias is not None,
+            HAS_LORA=has_lora, COL_SCALE=col_scale is not None and not z_in, ADD_Z=z_in, SPLIT_K=False, **precisions,
+            R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta, K_DIVISOR=k_divisor(K, x2d.device),
+            **common.compile_options(weight),
+        )  # fmt: skip
+
+    common.launch_lookup(launch, gemm_lookup(weight, x2d, table_key), table_key, "the forward GEMM")
 
 
 def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, scaling=0.0, dropout_p=0.0, seed=0,
@@ -249,18 +286,24 @@ def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, sc
     w = common.weight_args(weight, K, g.dtype)
     kernel, meta = common.gemm(lora_dx_kernel, g, "BLOCK_K", "BLOCK_N", ("da_ptr",) if dA32 is not None else ())
     grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)  # noqa: E731
-    kernel[grid](
-        g, *w.pointers, x2d, A, v, dx, dA32, col_scale, t_add,
-        M, N, K, r, m_bucket(M),
-        g.stride(0), g.stride(1), w.stride_wn, w.stride_wk,
-        *strides(x2d), *strides(A), *strides(v), *strides(dx), *strides(dA32), float(scaling),
-        **dropout_args(dropout_p, seed), mask_col0=int(mask_col0), mask_width=int(K if mask_width is None else mask_width),
-        NEED_DX=dx is not None, NEED_DA=dA32 is not None, DROPOUT=dropout_p > 0.0, HAS_LORA=has_lora,
-        COL_SCALE=col_scale is not None, MASK_DX=mask_dx, ADD_T=t_add is not None,
-        **w.constexprs, LOOKUP=common.lookup_mode(weight, g.dtype), W_FIRST=common.w_first(weight, g.dtype),
-        **precisions, R_PAD=r_pad,
-        R_CHUNK=min(r_pad, 64), **meta, **common.compile_options(weight),
-    )  # fmt: skip
+    table_key = ("dx GEMM", g.device)
+
+    def launch(lookup: str) -> None:
+        kernel[grid](
+            g, *w.pointers, x2d, A, v, dx, dA32, col_scale, t_add,
+            M, N, K, r, m_bucket(M),
+            g.stride(0), g.stride(1), w.stride_wn, w.stride_wk,
+            *strides(x2d), *strides(A), *strides(v), *strides(dx), *strides(dA32), float(scaling),
+            **dropout_args(dropout_p, seed), mask_col0=int(mask_col0),
+            mask_width=int(K if mask_width is None else mask_width),
+            NEED_DX=dx is not None, NEED_DA=dA32 is not None, DROPOUT=dropout_p > 0.0, HAS_LORA=has_lora,
+            COL_SCALE=col_scale is not None, MASK_DX=mask_dx, ADD_T=t_add is not None,
+            **w.constexprs, LOOKUP=lookup, W_FIRST=common.w_first(weight, g.dtype),
+            **precisions, R_PAD=r_pad, R_CHUNK=min(r_pad, 64), **meta, N_DIVISOR=pow2_divisor(N),
+            K_DIVISOR=pow2_divisor(K), **common.compile_options(weight),
+        )  # fmt: skip
+
+    common.launch_lookup(launch, gemm_lookup(weight, g, table_key), table_key, "the dx GEMM")
 
 
 # ---------------------------------------------------------------------------------------------- v, dB, db, dA

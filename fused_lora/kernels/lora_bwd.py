@@ -237,6 +237,8 @@ def lora_dx_kernel(
     BLOCK_N: tl.constexpr,  # reduction tile over N
     BLOCK_K: tl.constexpr,  # output tile over K
     GROUP_M: tl.constexpr,
+    N_DIVISOR: tl.constexpr = 1,  # powers of two that divide N and K (common.pow2_divisor): with BLOCK_N and BLOCK_K
+    K_DIVISOR: tl.constexpr = 1,  # dividing them, the main loop's loads have no mask (EVEN)
 ):
     """dx[rows, cols] = (s·m⊙(v·A)[rows, cols] when HAS_LORA) + Σ_n g'[rows, n]·deq(W)[n, cols] with g' = g, or
     c⊙g (COL_SCALE: g[:, n]·c[n], DoRA's backward with v = (c⊙g)·B from lora_vdb_kernel over c⊙B), the low-rank term
@@ -308,14 +310,19 @@ def lora_dx_kernel(
         # columns past K, in load_weight_tile, only its columns past K)
         g_rows = g_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_gm
         lut = nf4_lookup_state(code_ptr, LOOKUP, COMPUTE_DTYPE) if IS_NF4 else None
+        # BLOCK_N divides N and BLOCK_K divides K: every tile of the loop exists, no mask (lora_fwd_kernel's EVEN_K)
+        EVEN: tl.constexpr = N_DIVISOR % BLOCK_N == 0 and K_DIVISOR % BLOCK_K == 0
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=offs_n[None, :] < N, other=0.0)
+            if EVEN:
+                g = tl.load(g_rows + offs_n[None, :] * stride_gn)
+            else:
+                g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=offs_n[None, :] < N, other=0.0)
             w = load_weight_tile(
                 w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                 offs_n, k0, N, K, stride_wn, stride_wk,
                 IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, LOOKUP, lut, BLOCK_N, BLOCK_K,
-                COMPUTE_DTYPE, False,
+                COMPUTE_DTYPE, False, EVEN,
             )  # fmt: skip
             if COL_SCALE:  # c⊙g rounded to the compute dtype, as an M×N pass would store it (W's rows with W_FIRST)
                 c = tl.load(col_scale_ptr + offs_n, mask=offs_n < N, other=0.0)

@@ -79,9 +79,17 @@ def block_absmax(
     NESTED_BLOCKSIZE: tl.constexpr,
 ):
     """absmax_b in fp32: absmax[b], or fl(fl(nested_code[absmax[b]]·nested_absmax[b // 256]) + offset) (double
-    quant); 0 where ``in_range`` is False, so padded tile elements dequantize to 0. The multiply and the add round
-    separately only when the kernel is compiled with enable_fp_fusion=False (module docstring)."""
-    if DOUBLE_QUANT:
+    quant); 0 where ``in_range`` is False, so padded tile elements dequantize to 0 (None: every block exists, no
+    mask). The multiply and the add round separately only when the kernel is compiled with enable_fp_fusion=False
+    (module docstring)."""
+    if in_range is None:
+        if DOUBLE_QUANT:
+            absmax_code = tl.load(absmax_ptr + block).to(tl.int32)
+            nested_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE)
+            return tl.load(nested_code_ptr + absmax_code) * nested_scale + tl.load(offset_ptr)
+        else:
+            return tl.load(absmax_ptr + block)
+    elif DOUBLE_QUANT:
         absmax_code = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
         nested_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
         scale = tl.load(nested_code_ptr + absmax_code) * nested_scale + tl.load(offset_ptr)
@@ -97,6 +105,16 @@ def _and_rows(mask, row_in_range):
         return mask
     else:
         return mask & row_in_range
+
+
+@triton.jit
+def _load(ptrs, mask, other, EVEN: tl.constexpr):
+    """tl.load(ptrs, mask, other), or with EVEN (the whole tile exists) an unmasked tl.load. (No jit function here
+    returns None: Triton 3.6 cannot compile an explicit ``return None``.)"""
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=other)
 
 
 @triton.jit
@@ -126,11 +144,13 @@ def load_weight_tile(
     BLOCK_K: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
     ROWS_OUT: tl.constexpr,  # W's rows are the GEMM's output dimension (the forward, y = x·Wᵀ), not its reduced one
+    EVEN: tl.constexpr = False,  # the tile's columns are all < K and (unless ROWS_OUT) its rows all < N: no masks
 ):
     """W[offs_n, k0:k0+BLOCK_K] as a (BLOCK_N, BLOCK_K) tile in the compute dtype; 0 outside N×K, except with
     ROWS_OUT for dense W and NF4 with ROW_SCALES: rows past N are then copies of row N - 1, read without a row mask
     (so without a predicate per load and iteration), and reach only outputs the caller does not store. The columns
-    are always masked: clamping the contiguous dimension would cost the loads their width."""
+    are masked unless EVEN (the caller knows BLOCK_K divides K, even_tiles): clamping the contiguous dimension would
+    cost the loads their width."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     in_range = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     if ROWS_OUT:
@@ -150,26 +170,22 @@ def load_weight_tile(
                 offs_word = k0 // 8 + tl.arange(0, BLOCK_K // 8)
                 word_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rows.to(tl.int64)[:, None] * (stride_wn // 4)
                 word_in_range = _and_rows(offs_word[None, :] < K // 8, row_in_range)
-                packed = tl.load(word_rows + offs_word[None, :], mask=word_in_range, other=0)
+                packed = _load(word_rows + offs_word[None, :], word_in_range, 0, EVEN)
             else:
                 offs_byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
                 byte_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_byte[None, :]
-                packed = tl.load(byte_ptrs, mask=_and_rows(offs_byte[None, :] < K // 2, row_in_range), other=0)
+                packed = _load(byte_ptrs, _and_rows(offs_byte[None, :] < K // 2, row_in_range), 0, EVEN)
             values = nf4_values(packed, code_ptr, lut, LOOKUP, COMPUTE_DTYPE)
             SCALES_PER_ROW: tl.constexpr = BLOCK_K // BLOCKSIZE if BLOCK_K > BLOCKSIZE else 1
             first_block = rows.to(tl.int64) * (K // BLOCKSIZE) + k0 // BLOCKSIZE  # row part loop-invariant
             block = first_block[:, None] + tl.arange(0, SCALES_PER_ROW)[None, :]
             block_k = k0 + tl.arange(0, SCALES_PER_ROW)[None, :] * BLOCKSIZE
-            scale = block_absmax(
-                block,
-                _and_rows(block_k < K, row_in_range),
-                absmax_ptr,
-                nested_absmax_ptr,
-                nested_code_ptr,
-                offset_ptr,
-                DOUBLE_QUANT,
-                NESTED_BLOCKSIZE,
-            )
+            if EVEN:  # every block of the tile exists: no mask
+                scale = block_absmax(block, None, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                     DOUBLE_QUANT, NESTED_BLOCKSIZE)
+            else:
+                scale = block_absmax(block, _and_rows(block_k < K, row_in_range), absmax_ptr, nested_absmax_ptr,
+                                     nested_code_ptr, offset_ptr, DOUBLE_QUANT, NESTED_BLOCKSIZE)
             values = tl.reshape(values, (BLOCK_N, SCALES_PER_ROW, BLOCK_K // SCALES_PER_ROW))
             if LOOKUP == "prmt" or LOOKUP == "lds":  # code and scale in the compute dtype, one rounded product
                 scale = scale.to(COMPUTE_DTYPE)
@@ -197,7 +213,7 @@ def load_weight_tile(
     else:
         # int64 columns too: a transposed view of a large W has a column stride of N (no extra work at stride 1)
         w_ptrs = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k.to(tl.int64)[None, :] * stride_wk
-        w = tl.load(w_ptrs, mask=_and_rows(offs_k[None, :] < K, row_in_range), other=0.0)
+        w = _load(w_ptrs, _and_rows(offs_k[None, :] < K, row_in_range), 0.0, EVEN)
     return w.to(COMPUTE_DTYPE)
 
 
@@ -366,6 +382,7 @@ def lora_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py; the split-K launch only)
+    K_DIVISOR: tl.constexpr = 1,  # a power of two that divides K (common.pow2_divisor): EVEN_K when BLOCK_K divides it
 ):
     """y[rows, cols] = (s·Σ_r u[rows, r]·B[cols, r] when HAS_LORA) + Σ_k x[rows, k]·deq(W)[cols, k] + b[cols]: the
     low-rank term starts the accumulator (before the K loop), the bias is added to it after; 1-D grouped grid.
@@ -395,9 +412,17 @@ def lora_fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # x keeps its row mask: reading rows past M as row M - 1 (as load_weight_tile does W's rows past N) made a sm_80
-    # tile spill (128x128x64, 4 warps: 64 B) and saved no predicted time on sm_90 (10 SASS of an MMA-bound loop)
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    # EVEN_K (BLOCK_K divides K): the main loop's loads have no mask at all; x's rows past M are read as row M - 1
+    # (as load_weight_tile reads W's rows past N) and reach only rows of y that are not stored. A mask per load is
+    # two SEL and an ISETP per 16-byte copy, and W's masked words load 8 bytes at a time: 284 -> 234 SASS per
+    # iteration at 256x128x64 (NF4 with the byte permutes, sm_90a; a row mask alone kept 22 of them). Otherwise x
+    # keeps its row mask beside the column one. The launchers pass K_DIVISOR 1 before sm_90, where the clamped rows
+    # made the 128x128x64 4-warp tile spill 64 B (launch_gemm.k_divisor).
+    EVEN_K: tl.constexpr = K_DIVISOR % BLOCK_K == 0
+    if EVEN_K:
+        x_rows = x_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_xm
+    else:
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     # The low-rank term and the bias start the accumulator (LoRAFusion): no second [BLOCK_M, BLOCK_N] tile.
     if W_FIRST:
         if HAS_LORA:
@@ -421,12 +446,16 @@ def lora_fwd_kernel(
     lut = nf4_lookup_state(code_ptr, LOOKUP, COMPUTE_DTYPE) if IS_NF4 else None
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        if EVEN_K:
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk)
+        else:
+            x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+                        other=0.0)
         w = load_weight_tile(
             w_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
             offs_n, k0, N, K, stride_wn, stride_wk,
             IS_NF4, DOUBLE_QUANT, BLOCKSIZE, NESTED_BLOCKSIZE, ROW_SCALES, LOOKUP, lut, BLOCK_N, BLOCK_K,
-            COMPUTE_DTYPE, True,
+            COMPUTE_DTYPE, True, EVEN_K,
         )  # fmt: skip
         if W_FIRST:
             acc = tl.dot(w, tl.trans(x), acc, input_precision=BASE_PRECISION)

@@ -43,11 +43,14 @@ address + a (ptxas folds the address into the LDS). 1.5 instructions per value i
 and the HBM (bench/results/offline). The table takes 32 KiB of static shared memory declared by the kernel itself
 (a .shared array in inline PTX; Triton does not see it): a kernel that uses it must ask Triton for more than 48 KiB
 of dynamic shared memory, or stay under 48 KiB in all, to launch (launch_decode.PAIR_TABLE_STAGES,
-tests/test_kernels_compile.py). Only the decode forward uses it. The decode dx kernel moves its W tile through shared
-memory for the transposed operand: with the table it became bound by the shared-memory pipe instead of the ALU, at
-the same predicted time. The middle-M GEMMs with it: 328 and 322 SASS per iteration instead of 394 and 389 (2.45x
-and 2.73x the dense loop), but the same predicted times (their loops are bound by the MMA and the shared-memory
-pipe), and every autotuned config would have to satisfy the launch rule above: not taken.
+tests/test_kernels_compile.py). The decode forward uses it, and on sm_90 the middle path's NF4 GEMMs
+(launch_gemm.gemm_lookup): their configs all ask Triton for more than 48 KiB, and one that does not fit beside the
+table is refused at launch and skipped by the autotuner. With the table and loads without masks (K_DIVISOR) the
+forward's loop at 256x128x64 takes 198 SASS per iteration instead of 284 (1.37x the dense loop instead of 1.96x) and
+the dx loop at 64x128x64 299 instead of 394 (2.53x; sm_90a, K=4096, N=14336, bench/results/offline): the forward is
+bound by the MMA either way in the offline model, dx by the shared-memory pipe instead of the ALU one (its W tile goes
+through shared memory for the transposed operand). The decode dx kernel keeps the byte permutes: with the table it
+became bound by the shared-memory pipe instead of the ALU, at the same predicted time.
 
 tests/test_kernels_lookup.py runs these PTX texts through a small emulator of the instructions they use, for every
 byte value in every position (and every lane), on the CPU, and checks nf4_lut, pair_table_chunks and the element
