@@ -268,3 +268,22 @@ def test_a_cache_that_cannot_be_written_tunes_in_memory(dx_tuner, tmp_path, monk
     with pytest.warns(RuntimeWarning, match="autotune disk cache cannot be used"):
         assert tuner.check_disk_cache(key, configs, bench) is False
     assert benched == [1] and tuner.cache[key] == configs[0]
+
+
+def test_an_error_of_the_tuning_itself_is_raised_once_without_a_cache_warning(dx_tuner):
+    """A launch error while timing (an illegal address: the timer raises what is not a refusal for resources) is
+    the kernel's, not the disk cache's: raised as it is, after one tuning, with no warning about the cache."""
+    import warnings
+
+    tuner, configs, key, _, _ = dx_tuner
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            tuner.check_disk_cache(key, configs, broken)
+    assert calls == [1] and key not in tuner.cache

@@ -64,6 +64,7 @@ def test_splits_cover_the_axis_and_balance_the_busiest_sm(total, block, other, m
     assert 1 <= capped <= min(2, splits) and (capped - 1) * capped_per < total <= capped * capped_per
 
 
+@pytest.mark.usefixtures("interpret_triton")  # CPU tensors through the kernels
 def test_the_split_forward_caps_the_parts_of_u_its_epilogue_reads_per_column_tile(monkeypatch, poison_empty):
     """The split forward's epilogue re-reads u's split parts for every column tile: forward_split asks lora_u_kernel
     for at most S·BLOCK_N / r_pad parts (no more bytes than the y partial sums the epilogue reads), and the result
@@ -123,6 +124,7 @@ def test_path_choice_follows_the_thresholds():
         strategy.Thresholds(large_min_m_fp32=0)
 
 
+@pytest.mark.usefixtures("interpret_triton")  # CPU tensors through the kernels
 @pytest.mark.parametrize("dtype, expected", [(torch.float32, "large"), (torch.float16, "middle")])
 def test_fp32_x_takes_the_large_path_from_its_own_threshold(dtype, expected, monkeypatch, poison_empty):
     """lora.forward and backward route by x's dtype too (Thresholds.large_min_m_fp32): fp32 x at M = 40 takes the
@@ -144,6 +146,7 @@ def test_pow2_divisor_is_the_largest_block_that_divides():
     assert [pow2_divisor(n) for n in (4096, 14336, 96, 80, 65, 1, 0)] == [256, 256, 32, 16, 1, 1, 1]
 
 
+@pytest.mark.usefixtures("interpret_triton")  # CPU tensors through the kernels
 @pytest.mark.parametrize("base", ["nf4-dq", "dense"])
 @pytest.mark.parametrize("K, N", [(128, 96), (96, 80), (70, 64)], ids=["even", "ragged-N", "ragged-K"])
 def test_the_gemms_drop_their_masks_only_where_the_blocks_divide_k_and_n(K, N, base, monkeypatch, poison_empty):
@@ -208,3 +211,28 @@ def test_a_refused_pair_table_launch_runs_the_byte_permutes_once_and_for_all(mon
     tried = []
     common.launch_lookup(tried.append, "prmt", ("dx GEMM", "cuda:0"), "the dx GEMM")
     assert tried == ["prmt"]
+
+
+@pytest.mark.usefixtures("interpret_triton")  # CPU tensors through the kernels
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "deterministic"])
+@pytest.mark.parametrize("path", ["decode", "middle"])
+def test_a_layer_without_outputs_runs_every_path(path, deterministic):
+    """N = 0 (a layer with no output features: a dense W, NF4 refuses to quantize an empty one) at M > 0: no split
+    plan (launch_gemm.y_splits divided by the tile count) and no v/dB pass (launch_gemm.launch_vdb divided by N);
+    y empty, dx and dA zeros, dB empty."""
+    lora, strategy, *_ = _modules()
+    from test_kernels_paths import PATHS
+
+    x, A, B = torch.randn(5, 64), torch.randn(4, 64), torch.randn(0, 4)
+    weight = torch.zeros(0, 64)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        with strategy.use_thresholds(**PATHS[path]):
+            y, u = lora.forward(x, weight, A, B, SCALING, None, 0.0, 1)
+            dx, dA, dB, _ = lora.backward(torch.zeros(5, 0), x, weight, A, B, SCALING, 0.0, 1, u, True, True, True,
+                                          False)  # fmt: skip
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert y.shape == (5, 0) and dB.shape == (0, 4), (y.shape, dB.shape)
+    assert torch.equal(dx, torch.zeros(5, 64)) and torch.equal(dA, torch.zeros(4, 64)), (dx, dA)

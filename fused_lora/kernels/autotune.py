@@ -219,9 +219,17 @@ class _CheckedDiskCache(triton.runtime.autotuner.Autotuner):
     those tunes in memory, once, with one warning; the winner is always one of this key's candidates."""
 
     def check_disk_cache(self, tuning_key, configs, bench_fn):
+        benched = []
+
+        def bench():  # an error of the tuning itself (not of the cache) is raised as it is, and not tuned again
+            benched.append(True)
+            bench_fn()
+
         try:
-            hit = super().check_disk_cache(tuning_key, configs, bench_fn)
+            hit = super().check_disk_cache(tuning_key, configs, bench)
         except Exception as error:  # noqa: BLE001 - a cache is never worth a failed step
+            if benched and self.cache.get(tuning_key) is None:
+                raise
             warn_once(f"fused_lora: the autotune disk cache cannot be used ({type(error).__name__}: {error}); "
                       "tuning in memory instead", RuntimeWarning, key="autotune disk cache")
             hit = False

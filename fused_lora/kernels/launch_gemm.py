@@ -104,7 +104,7 @@ def y_splits(M: int, N: int, K: int, weight, x2d) -> YSplit | None:
     per row (its tuned configs run with one pipeline stage, autotune.keep_tiles_for_m), and not with fp32 x on a GPU
     (the split tile then spills 2-29 KB per thread, compiled for sm_90 and sm_80 by tests/_compile_kernels.py)."""
     min_steps = strategy.thresholds(x2d.device).split_k_min_steps
-    if min_steps <= 0 or M == 0 or (common.is_nf4(weight) and weight.shape[1] % int(weight.blocksize)):
+    if min_steps <= 0 or M == 0 or N == 0 or (common.is_nf4(weight) and weight.shape[1] % int(weight.blocksize)):
         return None
     if interpreting():  # (fp32 runs here: the interpreter has no registers to spill)
         from .autotune import INTERPRETER_CONFIG
@@ -159,7 +159,9 @@ def k_divisor(K: int, device) -> int:
 def gemm_lookup(weight, x: torch.Tensor, key) -> str:
     """LOOKUP of an NF4 GEMM of the middle path (common.lookup_mode): the shared-memory pair table on sm_90 and later
     (nf4_lookup.py, "lds": 1.5 instructions per value instead of the byte permutes' 2.6, most of them off the ALU
-    pipe), with whole blocks per row (the word lookups), where ``key`` was never refused (common.launch_lookup).
+    pipe), with whole blocks per row (the word lookups), where ``key`` was never refused (common.launch_lookup; the
+    launchers key on what decides the shared memory of the tiles they may launch: the M bucket, rank, dtypes and
+    epilogue variant).
     The table is 32 KiB of static shared memory that Triton does not count: a tile that no longer fits beside it
     (sm_90a, Triton 3.9: 256x128x64 forward at r = 64) is refused at launch and timed as infinite by the autotuner
     (autotune.bench_without_flush), which takes another. Not sm_80, whose 163 KiB leave no room beside its largest
@@ -188,7 +190,7 @@ def _launch_y_split(plan: YSplit, x2d, weight, bias, y, precisions, u_parts, B, 
         bias = bias.contiguous()  # the epilogue reads b[n] at bias_ptr + n
     w = common.weight_args(weight, K, x2d.dtype)
     part = torch.empty((plan.splits, M, N), device=x2d.device, dtype=torch.float32)
-    table_key = ("split forward", x2d.device)
+    table_key = ("split forward", x2d.dtype, x2d.device)  # one tile (autotune.split_tile), no low-rank operands
 
     def launch(lookup: str) -> None:
         lora_fwd_kernel[(plan.tiles, plan.splits)](
@@ -246,7 +248,9 @@ def launch_y(x2d, weight, bias, y, precisions, u=None, B=None, scaling=0.0, z=No
     w = common.weight_args(weight, K, x2d.dtype)
     kernel, meta = common.gemm(lora_fwd_kernel, x2d, "BLOCK_N", "BLOCK_K")
     grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)  # noqa: E731
-    table_key = ("forward GEMM", x2d.device)
+    # what decides whether a tile fits beside the table: the tuning key's M bucket and rank, the dtypes, the epilogue
+    table_key = ("forward GEMM", m_bucket(M), r_pad, has_lora, col_scale is not None, z_in, x2d.dtype,
+                 None if B is None else B.dtype, x2d.device)  # fmt: skip
 
     def launch(lookup: str) -> None:
         kernel[grid](
@@ -286,7 +290,8 @@ def launch_dx(g, weight, dx, precisions, x2d=None, A=None, v=None, dA32=None, sc
     w = common.weight_args(weight, K, g.dtype)
     kernel, meta = common.gemm(lora_dx_kernel, g, "BLOCK_K", "BLOCK_N", ("da_ptr",) if dA32 is not None else ())
     grid = lambda cfg: (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)  # noqa: E731
-    table_key = ("dx GEMM", g.device)
+    table_key = ("dx GEMM", m_bucket(M), r_pad, has_lora, dA32 is not None, dropout_p > 0.0, col_scale is not None,
+                 mask_dx, t_add is not None, g.dtype, None if A is None else A.dtype, g.device)  # as the forward's
 
     def launch(lookup: str) -> None:
         kernel[grid](
@@ -378,6 +383,11 @@ def launch_vdb(g, precisions, need_v: bool, need_dB: bool, need_db: bool, B=None
     M, N = g.shape
     r = B.shape[1] if B is not None else 0
     device = g.device
+    if N == 0:  # a layer without outputs: v = g·B is zero, dB and db are empty (the passes would divide by N)
+        atomic = not strategy.deterministic()
+        v, dB32, db, zeros = zeroed_fp32(device, (M, r) if need_v else None, (0, r) if need_dB else None,
+                                         (0,) if need_db else None, also_zero if atomic else None)  # fmt: skip
+        return v, dB32, db, zeros
     if not strategy.deterministic():
         plan = _vdb_plan(g, B, u, need_v)
         b_split = torch.empty((N, 2 * r), device=device, dtype=g.dtype) if plan.b_split else None
