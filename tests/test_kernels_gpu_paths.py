@@ -1,9 +1,9 @@
 """Every kernel path of fused_lora/kernels on a CUDA device, at Llama-3-8B shapes in bf16 (and fp16, fp32 where the
 rounding differs): decode (split-K; the forward's NF4 from the shared-memory pair table), middle (NF4 decoded in
-registers in the GEMM: the pair table on sm_90, byte permutes elsewhere) and large M (slabs of W dequantized into the workspace, then the dense
-GEMM), NF4 and dense, with and without the low-rank term, bias and dropout, each forced by strategy.use_thresholds;
-the deterministic mode bitwise reproducible; the large path's workspace bounded. DESIGN's tolerance rule against the
-float64 reference over bitsandbytes' dequantized W."""
+registers in the GEMM: the pair table on sm_90, byte permutes elsewhere) and large M (slabs of W dequantized into the
+workspace, then the dense GEMM), NF4 and dense, with and without the low-rank term, bias and dropout, each forced by
+strategy.use_thresholds; the deterministic mode bitwise reproducible; the large path's workspace bounded. DESIGN's
+tolerance rule against the float64 reference over bitsandbytes' dequantized W."""
 
 import pytest
 import torch

@@ -150,8 +150,8 @@ def lookup_mode(weight, dtype: torch.dtype, pair_table: bool = False) -> str:
     return "lds" if pair_table else "prmt"
 
 
-# The keys (launch_lookup's ``key``: a kernel path, what sizes its shared memory, and the device) whose launch with the shared-memory pair table
-# (LOOKUP "lds") was refused for its resources: they use the byte permutes from then on.
+# The keys (launch_lookup's ``key``: a kernel path, what sizes its shared memory, and the device) whose launch with
+# the shared-memory pair table (LOOKUP "lds") was refused for its resources: they use the byte permutes from then on.
 PAIR_TABLE_FAILED: set = set()
 
 

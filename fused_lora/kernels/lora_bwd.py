@@ -237,8 +237,8 @@ def lora_dx_kernel(
     BLOCK_N: tl.constexpr,  # reduction tile over N
     BLOCK_K: tl.constexpr,  # output tile over K
     GROUP_M: tl.constexpr,
-    N_DIVISOR: tl.constexpr = 1,  # powers of two that divide N and K (launch_gemm.pow2_divisor): with BLOCK_N and BLOCK_K
-    K_DIVISOR: tl.constexpr = 1,  # dividing them, the main loop's loads have no mask (EVEN)
+    N_DIVISOR: tl.constexpr = 1,  # powers of two that divide N and K (launch_gemm.pow2_divisor): with BLOCK_N and
+    K_DIVISOR: tl.constexpr = 1,  # BLOCK_K dividing them, the main loop's loads have no mask (EVEN)
 ):
     """dx[rows, cols] = (s·m⊙(v·A)[rows, cols] when HAS_LORA) + Σ_n g'[rows, n]·deq(W)[n, cols] with g' = g, or
     c⊙g (COL_SCALE: g[:, n]·c[n], DoRA's backward with v = (c⊙g)·B from lora_vdb_kernel over c⊙B), the low-rank term

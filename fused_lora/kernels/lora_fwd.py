@@ -149,8 +149,8 @@ def load_weight_tile(
     """W[offs_n, k0:k0+BLOCK_K] as a (BLOCK_N, BLOCK_K) tile in the compute dtype; 0 outside N×K, except with
     ROWS_OUT for dense W and NF4 with ROW_SCALES: rows past N are then copies of row N - 1, read without a row mask
     (so without a predicate per load and iteration), and reach only outputs the caller does not store. The columns
-    are masked unless EVEN (the caller knows BLOCK_K divides K: K_DIVISOR, N_DIVISOR): clamping the contiguous dimension would
-    cost the loads their width."""
+    are masked unless EVEN (the caller knows BLOCK_K divides K: K_DIVISOR, N_DIVISOR): clamping the contiguous
+    dimension would cost the loads their width."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     in_range = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     if ROWS_OUT:
@@ -382,7 +382,7 @@ def lora_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py; the split-K launch only)
-    K_DIVISOR: tl.constexpr = 1,  # a power of two that divides K (launch_gemm.k_divisor): EVEN_K when BLOCK_K divides it
+    K_DIVISOR: tl.constexpr = 1,  # a power of two dividing K (launch_gemm.k_divisor): EVEN_K where BLOCK_K divides it
 ):
     """y[rows, cols] = (s·Σ_r u[rows, r]·B[cols, r] when HAS_LORA) + Σ_k x[rows, k]·deq(W)[cols, k] + b[cols]: the
     low-rank term starts the accumulator (before the K loop), the bias is added to it after; 1-D grouped grid.
