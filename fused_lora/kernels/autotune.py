@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import triton
 import triton.runtime.autotuner
+from triton.runtime.errors import OutOfResources
 
 from .._common import warn_once
 
@@ -164,16 +165,25 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
     return kept
 
 
+def is_resource_error(error: BaseException) -> bool:
+    """Whether a failed launch was refused for its resources: Triton's OutOfResources, CUDA's "too many resources
+    requested for launch", or "invalid argument" for more dynamic shared memory than the function allows (as
+    Triton's launcher words them)."""
+    if isinstance(error, OutOfResources):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and "Triton Error [CUDA]" in text and (
+        "resources" in text or "invalid argument" in text)
+
+
 def bench_without_flush(kernel_call, quantiles=None, budget_ms: float = 5.0, max_reps: int = 20):
     """The autotuner's timer (its ``do_bench``): run ``kernel_call`` once (it compiles and warms up; a launch refused
-    for its resources times as infinite, common.is_resource_error), then time 3..``max_reps`` calls (as many as fit
+    for its resources times as infinite, is_resource_error), then time 3..``max_reps`` calls (as many as fit
     ``budget_ms`` by a first timed call) with CUDA events; the ``quantiles`` of the times (nearest rank), or their
     median. No L2 flush between calls and no buffer allocated: the times are
     L2-warm, as a layer's GEMM after the previous layer is; configs are compared with each other, all timed alike.
     """
     import torch
-
-    from .common import is_resource_error
 
     try:
         kernel_call()

@@ -160,24 +160,13 @@ def pair_table_allowed(key) -> bool:
     return not interpreting() and key not in PAIR_TABLE_FAILED
 
 
-def is_resource_error(error: BaseException) -> bool:
-    """Whether a failed launch was refused for its resources: Triton's OutOfResources, CUDA's "too many resources
-    requested for launch", or "invalid argument" for more dynamic shared memory than the function allows (as
-    Triton's launcher words them)."""
-    from triton.runtime.errors import OutOfResources
-
-    if isinstance(error, OutOfResources):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and "Triton Error [CUDA]" in text and (
-        "resources" in text or "invalid argument" in text)
-
-
 def launch_lookup(launch, lookup: str, key, what: str) -> None:
     """``launch(lookup)``. The pair table (LOOKUP "lds") is 32 KiB of static shared memory that Triton does not see
     (nf4_lookup.py): should the launch be refused for its resources (another Triton, another GPU), ``launch("prmt")``
     instead (the same values), warn once and keep ``key`` off the table from then on (PAIR_TABLE_FAILED). Any other
     error is raised (e.g. a sticky illegal address is not the table's)."""
+    from .autotune import is_resource_error
+
     if lookup != "lds":
         launch(lookup)
         return
