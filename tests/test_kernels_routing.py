@@ -176,6 +176,32 @@ def test_the_gemms_drop_their_masks_only_where_the_blocks_divide_k_and_n(K, N, b
     _check_all((y, u) + grads, x, w_compute, A, B, b, g, m, torch.float32)
 
 
+@pytest.mark.usefixtures("interpret_triton")  # CPU tensors through the kernels
+@pytest.mark.parametrize("base, K, N, even", [("nf4-dq", 128, 96, True), ("nf4-dq", 128, 80, False),
+                                              ("dense", 80, 64, False)], ids=["even", "ragged-N", "ragged-K"])
+def test_the_decode_dx_drops_its_masks_only_where_the_blocks_divide_k_and_n(base, K, N, even, monkeypatch,
+                                                                            poison_empty):
+    """lora_decode_dx_kernel loads without masks (EVEN) where BLOCK_N divides N and BLOCK_K divides K (32 each in
+    the interpreter); each case meets the tolerance rule."""
+    from fused_lora.kernels import lora_decode
+    from test_kernels_paths import PATHS
+
+    from test_kernels import LaunchRecorder
+
+    lora, strategy, *_ = _modules()
+    x, weight, w_compute, A, B, b, g = _make_case(5, K, N, 3, torch.float32, base, torch.float32, True,
+                                                  "contiguous", 64, 11)  # fmt: skip
+    seen = []
+    monkeypatch.setattr(lora_decode, "lora_decode_dx_kernel", LaunchRecorder(
+        lora_decode.lora_decode_dx_kernel, lambda grid, kw: seen.append(kw["EVEN"])))
+    with strategy.use_thresholds(**PATHS["decode"]):
+        y, u = lora.forward(x, weight, A, B, SCALING, b, 0.1, 5)
+        grads = lora.backward(g, x, weight, A, B, SCALING, 0.1, 5, u, True, True, True, True)
+    assert seen == [even], seen
+    m = lora.dropout_mask(5, 5, K, 0.1, "cpu")
+    _check_all((y, u) + grads, x, w_compute, A, B, b, g, m, torch.float32)
+
+
 def test_a_refused_pair_table_launch_runs_the_byte_permutes_once_and_for_all(monkeypatch):
     """common.launch_lookup: a launch with LOOKUP "lds" refused for its resources runs again with "prmt", warns once
     and keeps its key off the table (common.pair_table_allowed); another key keeps it; any other error is raised;

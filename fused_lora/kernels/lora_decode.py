@@ -13,6 +13,11 @@ sum in a fixed order.
     backward   dxᵀ_part[s] = Σ_{n ∈ N_s} deq(W)[n, :]ᵀ·g[:, n]ᵀ          lora_decode_dx_kernel, grid (K tiles, S)
                dx = Σ_s dx_part[s] + s·m⊙(v·A);  dA = s·vᵀ·(m⊙x)         lora_decode_dx_epilogue_kernel, grid (K tiles)
 
+The dx kernel reads NF4 from the pair table on sm_90 and later (launch_gemm.gemm_lookup, 4 pipeline stages:
+launch_decode.DX_PAIR_TABLE_STAGES) and loads without masks where BLOCK_N divides N and BLOCK_K divides K (EVEN): 517 SASS
+per iteration per warp at M=16, 158 of them ALU, where the byte permutes with masked loads took 721, 446 ALU (sm_90a,
+K=4096, N=14336). Its decoded tile still goes through shared memory to become the transposed MMA operand.
+
 The GEMMs are computed transposed (W's tile is the first operand of the dot: the MMA's M dimension is W's, so a
 one-row x wastes no MMA rows of W). All M rows are in one BLOCK_M tile, so dA needs no cross-program reduction:
 the decode path is deterministic in every mode.
@@ -27,7 +32,7 @@ scales were 3.7 MB and made the kernel bound by the HBM, 63 and 60 % at M=1 and 
 broadcast that scales the tile (a join of the two halves moved them through shared memory: an STS, a barrier and an LDS
 per iteration). The model puts the kernel at 9.4 µs at M=1 and 10.0 µs at M=16, bound by instruction issue with the HBM
 close behind: 65 and 61 % of the HBM bandwidth with the epilogue; with the byte permutes of nf4_prmt (LOOKUP "prmt",
-which the dx kernel and smaller GPUs keep) the same loop took 570 SASS, 326 of them ALU (2 cycles each on the ALU pipe,
+which GPUs without the shared memory keep) the same loop took 570 SASS, 326 of them ALU (2 cycles each on the ALU pipe,
 offline_model.GpuConstants.alu_cycles): 13.5 µs. The loads have no mask of their own: rows of W past N and of x past M
 are read as the last row. There is no shared-memory round trip of the decoded tile; before the fragment order, the same
 128 values took 717 SASS, of which 66 IMAD.MOV, 16 STS.128, 16 LDSM and 8 barriers moved the tile into the fragment
@@ -295,6 +300,7 @@ def lora_decode_dx_kernel(
     BLOCK_N: tl.constexpr,  # reduction tile over N
     BLOCK_K: tl.constexpr,  # output tile over K
     PDL: tl.constexpr = False,  # programmatic dependent launch (pdl.py)
+    EVEN: tl.constexpr = False,  # BLOCK_N divides N and BLOCK_K divides K: the loop's loads have no mask
 ):
     """dx_part[s, :, cols]ᵀ = Σ_{n ∈ N_s} deq(W)[n, cols]ᵀ·g[:, n]ᵀ."""
     wait_for_previous(PDL)
@@ -310,11 +316,14 @@ def lora_decode_dx_kernel(
     lut = nf4_lookup_state(code_ptr, LOOKUP, COMPUTE_DTYPE) if IS_NF4 else None
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=offs_n[None, :] < N, other=0.0)
+        if EVEN:
+            g = tl.load(g_rows + offs_n[None, :] * stride_gn)
+        else:
+            g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=offs_n[None, :] < N, other=0.0)
         w = load_weight_tile(
             w_ptr, scale_ptr, code_ptr, scale_ptr, code_ptr, code_ptr,
             offs_n, k0, N, K, stride_wn, stride_wk,
-            IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE, False,
+            IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE, False, EVEN,
         )  # fmt: skip
         acc = tl.dot(tl.trans(w), tl.trans(g), acc, input_precision=BASE_PRECISION)
     dx_ptrs = dx_ptr + split * stride_ds + offs_m[None, :] * stride_dm + offs_k[:, None]
