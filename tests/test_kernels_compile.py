@@ -243,19 +243,16 @@ def test_compiles_and_fits_shared_memory(compiled, case_id):
 def test_the_pair_table_is_where_the_launcher_takes_it(compiled):
     """The decode forward's fragment config takes LOOKUP "lds" at the CI's decode M on sm_90 and sm_80, its 32 KiB
     table is static shared memory, the launcher's bound was checked on each (r = 64 with dropout, fp16, frozen, on
-    both); the middle path's NF4 GEMMs and the decode path's dx take it on sm_90 only (launch_gemm.gemm_lookup), every
-    config they launch there with 16-bit x; no other kernel declares shared memory of its own."""
+    both); the middle path's NF4 GEMMs take it on sm_90 only (launch_gemm.gemm_lookup), every config they launch
+    there; no other kernel declares shared memory of its own."""
     from fused_lora.kernels.nf4_lookup import PAIR_TABLE_BYTES
 
     with_table = sorted(i for i, r in compiled.items() if r["error"] is None and r["static_shared"])
-    gemms = ("lora_fwd_kernel", "lora_dx_kernel", "lora_decode_dx_kernel")  # gemm_lookup's
+    gemms = ("lora_fwd_kernel", "lora_dx_kernel")
     assert all(compiled[i]["static_shared"] == PAIR_TABLE_BYTES for i in with_table), with_table
     assert all(compiled[i]["facts"]["pair_table_bound"] for i in with_table if compiled[i]["kernel"] not in gemms)
     nf4_gemms = sorted(i for i, r in compiled.items() if r["kernel"] in gemms and "-inloop-" in i)
     assert nf4_gemms and all((i in with_table) == i.startswith("sm90") for i in nf4_gemms), nf4_gemms
-    decode_dx = sorted(i for i, r in compiled.items() if r["kernel"] == "lora_decode_dx_kernel" and "-nf4" in i
-                       and "-fp32-A" not in i)  # fmt: skip
-    assert decode_dx and all((i in with_table) == i.startswith("sm90") for i in decode_dx), decode_dx
     assert "sm90-lora_decode_fwd-decode-nf4dq-bf16-Afp32-r16-64x16x128x128w4" in with_table
     assert {i.split("-")[0] for i in with_table} == {"sm90", "sm80"}
     assert any("r64-dropout" in i for i in with_table) and any("fp16" in i for i in with_table)

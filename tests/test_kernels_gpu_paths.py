@@ -114,24 +114,6 @@ def test_the_middle_gemms_run_the_pair_table_without_masks(M, N, monkeypatch, po
     assert not common.PAIR_TABLE_FAILED, common.PAIR_TABLE_FAILED
 
 
-@pytest.mark.parametrize("M, N", [(16, 14336), (27, 4096), (64, 1000)], ids=["even", "ragged-M", "ragged-N"])
-def test_the_decode_dx_runs_the_pair_table(M, N, monkeypatch, poison_empty):
-    """On sm_90 the decode path's dx kernel reads NF4 from the shared-memory pair table (launch_gemm.gemm_lookup,
-    launch_decode.DX_PAIR_TABLE_STAGES: never run on a GPU before this test), without masks where BLOCK_N divides N
-    (EVEN; N = 1000 keeps them), meets the tolerance rule and never falls back to the byte permutes; at BLOCK_M 16,
-    32 (M = 27: ragged rows) and 64."""
-    from fused_lora.backend import cuda_capability
-    from fused_lora.kernels import common
-
-    if cuda_capability("cuda")[0] < 9:
-        pytest.skip("the decode dx takes the pair table on sm_90 and later")
-    launched, real = [], common.launch_lookup
-    monkeypatch.setattr(common, "launch_lookup", lambda launch, lookup, key, what: (
-        launched.append((key[0], lookup)), real(launch, lookup, key, what))[-1])
-    _check(M, 4096, N, 16, torch.bfloat16, "nf4-dq", bias=True, p=0.1, path="decode", monkeypatch=monkeypatch)
-    assert ("decode dx", "lds") in launched and not common.PAIR_TABLE_FAILED, (launched, common.PAIR_TABLE_FAILED)
-
-
 @pytest.mark.parametrize("base", ["nf4-dq", "dense"])
 def test_middle_split_k_forward_in_bf16_at_the_k_proj_shape(base, monkeypatch, poison_empty):
     """Llama-3-8B's k_proj (K=4096, N=1024) at M=256: 16 tiles of 128×128 would leave most SMs idle, so the middle

@@ -17,7 +17,7 @@ from fused_lora.bench import offline_capture
 from fused_lora.bench.offline_capture import LayerSpec, capture_pass
 from fused_lora.kernels import common
 message, action, ms = sys.argv[1], sys.argv[2], [int(m) for m in sys.argv[3].split(",")]
-kernel_arg = sys.argv[4]  # the launches watched: the decode forward's ("FRAGMENT"), the GEMMs' ("W_FIRST"), decode dx's ("EVEN")
+kernel_arg = sys.argv[4]  # the launches watched: the decode forward's ("FRAGMENT") or the GEMMs' ("W_FIRST")
 real, tried = offline_capture._launches, []
 def launches(kernel, grid, args, kwargs, weight_ids):
     if "LOOKUP" in kwargs and kernel_arg in kwargs:
@@ -83,14 +83,3 @@ def test_the_middle_gemms_fall_back_from_the_pair_table_on_their_own():
     assert len(table) == 2 and all("cuda:0" in w for w in table), got["warnings"]
     got = _fallback("Triton Error [CUDA]: an illegal memory access was encountered", ms="256", kernel_arg="W_FIRST")
     assert got["tried"] == ["lds"] and got["raised"] == ["RuntimeError"] and got["failed"] == []
-
-
-def test_the_decode_dx_falls_back_from_the_pair_table_per_tile_height():
-    """The decode path's dx kernel takes the pair table on sm_90 as the middle GEMMs do: a refused launch runs again
-    with the byte permutes, warns once and keeps its tile height (what sizes its shared memory) off the table; the
-    other height keeps it."""
-    got = _fallback("Triton Error [CUDA]: too many resources requested for launch", ms="16,64", kernel_arg="EVEN")
-    assert got["tried"] == ["lds", "prmt", "prmt", "lds", "prmt", "prmt"] and got["raised"] == [], got["tried"]
-    assert got["failed"] == ["decode dx 16 cuda:0", "decode dx 64 cuda:0"]
-    table = [w for w in got["warnings"] if "shared-memory NF4 table" in w]
-    assert len(table) == 2 and all("the decode dx at" in w for w in table), got["warnings"]

@@ -12,7 +12,7 @@ import torch
 from ..backend import cuda_shared_optin, interpreting
 from . import common
 from .common import FRAGMENT_BLOCK_K, dropout_args, rank_pad, strides
-from .launch_gemm import _splits, epilogue_block_n, gemm_lookup
+from .launch_gemm import _splits, epilogue_block_n
 
 
 def supports(M: int, weight) -> bool:
@@ -66,11 +66,6 @@ def _epilogue_warps(block_m: int) -> int:
 # the loop by the ALU pipe (321 ALU of 585 SASS per iteration, sm_90a): the table makes it 96 of 441, a decode
 # forward 20 % faster at M = 32 by the offline model (K=4096, N=14336).
 PAIR_TABLE_STAGES = 5
-# The dx kernel takes the pair table where the middle GEMMs do (sm_90 and later: launch_gemm.gemm_lookup), with 4
-# pipeline stages: at 16 rows Triton's default 3 keep its dynamic share under 48 KiB (39424 B, Triton 3.9), so its
-# launcher would not opt in beyond 48 KiB and the table would not fit; at 4 it is 52736 B. The table takes the loop from
-# 721 to 576 SASS per iteration (446 to 206 on the ALU pipe) at 16 rows (sm_90a, K=4096, N=14336).
-DX_PAIR_TABLE_STAGES = 4
 # Triton's shared memory for the W loop at PAIR_TABLE_STAGES, blocksize 64 (the scales as pairs), per BLOCK_M (triton
 # 3.9: 55808 B on sm_90 and 51200 B on sm_80 at 16, 76800 B and 67584 B at 32), rounded up; smaller blocks add their
 # scales (pair_table_shared)
@@ -181,20 +176,14 @@ def dx(g, weight, dx_out, precisions, x2d=None, A=None, v=None, need_dA=False, s
         splits, n_per_split = _splits(N, block_n, triton.cdiv(K, block_k), g.device, decode=True)
         dx_part = torch.empty((splits, M, K), device=g.device, dtype=torch.float32)
         w_ptr, scale_ptr, code_ptr, stride_wn, stride_wk, is_nf4, blocksize = _w_args(weight, K, g.dtype)
-        table_key = ("decode dx", block_m, g.device)
         even = N % block_n == 0 and K % block_k == 0  # (n_per_split is a multiple of block_n)
-
-        def launch(lookup: str) -> None:
-            stages = {"num_stages": DX_PAIR_TABLE_STAGES} if lookup == "lds" else {}
-            lora_decode_dx_kernel[(triton.cdiv(K, block_k), splits)](
-                g, w_ptr, scale_ptr, code_ptr, dx_part,
-                M, N, K, n_per_split, g.stride(0), g.stride(1), stride_wn, stride_wk, dx_part.stride(0),
-                dx_part.stride(1), IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=lookup,
-                BASE_PRECISION=precisions["BASE_PRECISION"], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                EVEN=even, num_warps=warps, **stages, **common.compile_options(weight), **launch_args(g.device),
-            )  # fmt: skip
-
-        common.launch_lookup(launch, gemm_lookup(weight, g, table_key), table_key, f"the decode dx at {block_m} rows")
+        lora_decode_dx_kernel[(triton.cdiv(K, block_k), splits)](
+            g, w_ptr, scale_ptr, code_ptr, dx_part,
+            M, N, K, n_per_split, g.stride(0), g.stride(1), stride_wn, stride_wk, dx_part.stride(0), dx_part.stride(1),
+            IS_NF4=is_nf4, BLOCKSIZE=blocksize, LOOKUP=common.lookup_mode(weight, g.dtype), EVEN=even,
+            BASE_PRECISION=precisions["BASE_PRECISION"], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps, **common.compile_options(weight), **launch_args(g.device),
+        )  # fmt: skip
     dA32 = torch.empty((r, K), device=g.device, dtype=torch.float32) if need_dA else None
     epilogue_k = 32 if interpreting() else 128
     lora_decode_dx_epilogue_kernel[(triton.cdiv(K, epilogue_k),)](

@@ -13,10 +13,11 @@ sum in a fixed order.
     backward   dxᵀ_part[s] = Σ_{n ∈ N_s} deq(W)[n, :]ᵀ·g[:, n]ᵀ          lora_decode_dx_kernel, grid (K tiles, S)
                dx = Σ_s dx_part[s] + s·m⊙(v·A);  dA = s·vᵀ·(m⊙x)         lora_decode_dx_epilogue_kernel, grid (K tiles)
 
-The dx kernel reads NF4 from the pair table on sm_90 and later (launch_gemm.gemm_lookup, 4 pipeline stages:
-launch_decode.DX_PAIR_TABLE_STAGES) and loads without masks where BLOCK_N divides N and BLOCK_K divides K (EVEN): 517 SASS
-per iteration per warp at M=16, 158 of them ALU, where the byte permutes with masked loads took 721, 446 ALU (sm_90a,
-K=4096, N=14336). Its decoded tile still goes through shared memory to become the transposed MMA operand.
+The dx kernel loads without masks where BLOCK_N divides N and BLOCK_K divides K (EVEN: 661 SASS per iteration per warp
+at M=16, 395 of them ALU, where the masked loop took 721, 446 ALU; sm_90a, K=4096, N=14336) and keeps the byte permutes
+(LOOKUP "prmt"): the pair table took the loop to 517 SASS and 158 ALU, but its lookups add to the shared-memory traffic
+of the decoded tile's transposition (28032 instead of 19840 B per iteration), which then bounds the loop, and the model
+put it at 13.6 µs at M=16 where the byte permutes, bound by the ALU pipe, are predicted faster.
 
 The GEMMs are computed transposed (W's tile is the first operand of the dot: the MMA's M dimension is W's, so a
 one-row x wastes no MMA rows of W). All M rows are in one BLOCK_M tile, so dA needs no cross-program reduction:
@@ -32,7 +33,7 @@ scales were 3.7 MB and made the kernel bound by the HBM, 63 and 60 % at M=1 and 
 broadcast that scales the tile (a join of the two halves moved them through shared memory: an STS, a barrier and an LDS
 per iteration). The model puts the kernel at 9.4 µs at M=1 and 10.0 µs at M=16, bound by instruction issue with the HBM
 close behind: 65 and 61 % of the HBM bandwidth with the epilogue; with the byte permutes of nf4_prmt (LOOKUP "prmt",
-which GPUs without the shared memory keep) the same loop took 570 SASS, 326 of them ALU (2 cycles each on the ALU pipe,
+which the dx kernel and smaller GPUs keep) the same loop took 570 SASS, 326 of them ALU (2 cycles each on the ALU pipe,
 offline_model.GpuConstants.alu_cycles): 13.5 µs. The loads have no mask of their own: rows of W past N and of x past M
 are read as the last row. There is no shared-memory round trip of the decoded tile; before the fragment order, the same
 128 values took 717 SASS, of which 66 IMAD.MOV, 16 STS.128, 16 LDSM and 8 barriers moved the tile into the fragment
