@@ -55,6 +55,21 @@ def test_the_pruned_sets_are_the_ones_recorded():
     dx = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _kept((9, 0), "lora_dx_kernel", 256, HAS_LORA=False,
                                                                      IS_NF4=True, ROW_SCALES=True)]
     assert dense == [(128, 256), (128, 128), (128, 128)] and max(m for m, _ in dx) == 128
+    # dx with the low-rank term over an NF4 W: autotune.NF4_DX_TILE (128x64x64, 4 warps) in place of 64x128x64 from
+    # bucket 128 on (half the decode per MMA, as many programs), not in bucket 64, whose own 64-row tile comes first;
+    # never over a dense W (the slab path at large M, a bf16 base) nor in the forward
+    def dx_tiles(bucket, nf4):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_N"], c.num_warps)
+                for c in _kept((9, 0), "lora_dx_kernel", bucket, HAS_LORA=True, IS_NF4=nf4, ROW_SCALES=nf4)]
+
+    assert dx_tiles(64, True) == [(64, 128, 64, 4), (128, 128, 64, 8), (128, 128, 128, 8)]
+    assert dx_tiles(128, True) == dx_tiles(256, True) == dx_tiles(8192, True) \
+        == [(128, 128, 64, 8), (128, 128, 128, 8), (128, 64, 64, 4)]
+    assert dx_tiles(256, False) == [(128, 128, 64, 8), (128, 128, 128, 8), (64, 128, 64, 4)]
+    nf4_dx = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}  # the forward's names: 64 output columns, K step 64
+    assert not any(c.kwargs.items() >= nf4_dx.items() and c.num_warps == 4
+                   for bucket in BUCKETS for nf4 in (True, False)
+                   for c in _kept((9, 0), "lora_fwd_kernel", bucket, HAS_LORA=True, IS_NF4=nf4, ROW_SCALES=nf4))
 
 
 @pytest.mark.parametrize("capability", [(9, 0), (8, 0)], ids=["sm90", "sm80"])

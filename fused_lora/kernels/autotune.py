@@ -49,6 +49,7 @@ _SM90_TILES = [
     GemmTile(128, 256, 64, 8, 8, 3),
     GemmTile(128, 128, 64, 8, 8, 4),
     GemmTile(128, 128, 128, 8, 8, 3),
+    GemmTile(128, 64, 64, 8, 4, 4),  # NF4_DX_TILE
     GemmTile(256, 128, 64, 8, 8, 3),
     GemmTile(64, 256, 64, 8, 4, 4),
     GemmTile(64, 128, 64, 8, 4, 4),
@@ -66,6 +67,15 @@ _SM80_TILES = [
     GemmTile(16, 128, 128, 4, 4, 3),
     GemmTile(16, 64, 128, 4, 4, 3),
 ]
+
+
+# Only for lora_dx_kernel over an NF4 W (keep_tiles_for_m drops it elsewhere): at middle M the 128×128 tiles launch too
+# few programs to fill the GPU (64 at M = 256, K = 4096), and 64×128×64 decodes each W tile once per 64 rows of g,
+# twice the decode per MMA of this tile, whose accumulator dxᵀ is 64 columns of dx by 128 rows (W_FIRST). sm_90a,
+# K = 4096, N = 14336, M = 256: 299 SASS per iteration, 2.53x the dense loop, 53.9 us predicted, against 196, 1.54x,
+# 42.1 us (bench/results/offline). Over a dense W (no decode to amortise) its DoRA MASK_DX variant waited for each
+# wgmma at once.
+NF4_DX_TILE = GemmTile(128, 64, 64, 8, 4, 4)
 
 
 def split_tile(capability: tuple[int, int], M: int) -> GemmTile:
@@ -132,6 +142,7 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
     """The autotuner's early pruning, from the launch's arguments (positional in ``named_args``, the constexprs
     passed by keyword in ``kwargs``; either may hold any of them):
 
+    - NF4_DX_TILE only for lora_dx_kernel over an NF4 W;
     - drop tiles with BLOCK_M far above M (all-padding rows); keep the smallest when none fits;
     - lora_dx_kernel (it has ``dx_ptr``) with HAS_LORA: drop tiles with BLOCK_M·BLOCK_K > DX_LORA_MAX_TILE or more
       than DX_LORA_MAX_ACC_PER_THREAD accumulator values per thread; with MASK_DX (DoRA's masked t, whose kept-mask
@@ -146,6 +157,9 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
     """
     args = {**named_args, **kwargs}
     bucket = args["M_BUCKET"]
+    dx = "dx_ptr" in args
+    if not (dx and args.get("IS_NF4")):
+        configs = [c for c in configs if _tile(c, dx) != NF4_DX_TILE]
     if "dx_ptr" in args and args.get("HAS_LORA"):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_TILE
                    and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_ACC_PER_THREAD * 32 * c.num_warps]
@@ -163,6 +177,13 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
     if args.get("IS_NF4") and not args.get("ROW_SCALES"):
         kept = [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1) for c in kept]
     return kept
+
+
+def _tile(config, dx: bool) -> GemmTile:
+    """The GemmTile of a config of lora_dx_kernel (``dx``: output tile BLOCK_K, reduction BLOCK_N) or lora_fwd_kernel."""
+    out, reduce = ("BLOCK_K", "BLOCK_N") if dx else ("BLOCK_N", "BLOCK_K")
+    kw = config.kwargs
+    return GemmTile(kw["BLOCK_M"], kw[out], kw[reduce], kw["GROUP_M"], config.num_warps, config.num_stages)
 
 
 def is_resource_error(error: BaseException) -> bool:
