@@ -180,7 +180,8 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
 
 
 def _tile(config, dx: bool) -> GemmTile:
-    """The GemmTile of a config of lora_dx_kernel (``dx``: output tile BLOCK_K, reduction BLOCK_N) or lora_fwd_kernel."""
+    """The GemmTile of a config of lora_dx_kernel (``dx``: output tile BLOCK_K, reduction BLOCK_N) or of
+    lora_fwd_kernel."""
     out, reduce = ("BLOCK_K", "BLOCK_N") if dx else ("BLOCK_N", "BLOCK_K")
     kw = config.kwargs
     return GemmTile(kw["BLOCK_M"], kw[out], kw[reduce], kw["GROUP_M"], config.num_warps, config.num_stages)
