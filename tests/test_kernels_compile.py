@@ -132,7 +132,7 @@ RECORD = {
     "sm90-lora_decode_fwd-decode-nf4dq-fp32-Afp32-r16-64x64x128x128w4": (8732, 14488, None),
     "sm90-lora_decode_fwd_epilogue-decode-nf4dq-fp32-Afp32-r16-64x128w8": (0, 0, None),
     "sm90-lora_vdb-lowrank-nf4dq-fp32-Afp32-r16-64x32w4": (0, 0, None),
-    "sm90-lora_decode_dx-decode-nf4dq-fp32-Afp32-r16-64x64x128x128w4": (10948, 17452, None),
+    "sm90-lora_decode_dx-decode-nf4dq-fp32-Afp32-r16-64x64x128x128w4": (11068, 17520, None),
     "sm90-lora_decode_dx_epilogue-decode-nf4dq-fp32-Afp32-r16-64x128w8": (0, 0, None),
     "sm90-lora_decode_fwd-decode-nf4dq-bf16-Afp32-r64-dropout-64x16x128x128w4": (0, 0, True),
     "sm90-lora_decode_fwd-decode-nf4dq-fp16-Abf16-r16-64x16x128x128w4": (0, 0, True),

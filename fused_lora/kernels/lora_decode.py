@@ -315,6 +315,11 @@ def lora_decode_dx_kernel(
     g_rows = g_ptr + tl.minimum(offs_m, M - 1).to(tl.int64)[:, None] * stride_gm  # past M: row M - 1, not stored
     acc = tl.dot(tl.zeros((BLOCK_K, 16), COMPUTE_DTYPE), tl.zeros((16, BLOCK_M), COMPUTE_DTYPE))  # dxᵀ, as above
     lut = nf4_lookup_state(code_ptr, LOOKUP, COMPUTE_DTYPE) if IS_NF4 else None
+    # W's pointers move with the loop, rebased to the tile's first row (lora_dx_kernel's REBASE)
+    w_rows = w_ptr + n_start.to(tl.int64) * stride_wn
+    s_rows = scale_ptr
+    if IS_NF4:
+        s_rows += n_start.to(tl.int64) * (K // BLOCKSIZE)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if EVEN:
@@ -322,10 +327,13 @@ def lora_decode_dx_kernel(
         else:
             g = tl.load(g_rows + offs_n[None, :] * stride_gn, mask=offs_n[None, :] < N, other=0.0)
         w = load_weight_tile(
-            w_ptr, scale_ptr, code_ptr, scale_ptr, code_ptr, code_ptr,
-            offs_n, k0, N, K, stride_wn, stride_wk,
+            w_rows, s_rows, code_ptr, s_rows, code_ptr, code_ptr,
+            tl.arange(0, BLOCK_N), k0, N - n0, K, stride_wn, stride_wk,
             IS_NF4, False, BLOCKSIZE, 1, IS_NF4, LOOKUP, lut, BLOCK_N, BLOCK_K, COMPUTE_DTYPE, False, EVEN,
         )  # fmt: skip
+        w_rows += BLOCK_N * stride_wn
+        if IS_NF4:
+            s_rows += BLOCK_N * (K // BLOCKSIZE)
         acc = tl.dot(tl.trans(w), tl.trans(g), acc, input_precision=BASE_PRECISION)
     dx_ptrs = dx_ptr + split * stride_ds + offs_m[None, :] * stride_dm + offs_k[:, None]
     tl.store(dx_ptrs, acc, mask=(offs_m[None, :] < M) & (offs_k[:, None] < K))

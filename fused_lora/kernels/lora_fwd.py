@@ -150,7 +150,8 @@ def load_weight_tile(
     ROWS_OUT for dense W and NF4 with ROW_SCALES: rows past N are then copies of row N - 1, read without a row mask
     (so without a predicate per load and iteration), and reach only outputs the caller does not store. The columns
     are masked unless EVEN (the caller knows BLOCK_K divides K: K_DIVISOR, N_DIVISOR): clamping the contiguous
-    dimension would cost the loads their width."""
+    dimension would cost the loads their width. A caller looping over W's rows (dx) may pass W's pointers rebased to
+    the tile's first row, offs_n = arange(BLOCK_N) and N the rows left (lora_dx_kernel's REBASE)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     in_range = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     if ROWS_OUT:
