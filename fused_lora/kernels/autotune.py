@@ -70,11 +70,11 @@ _SM80_TILES = [
 
 
 # Only for lora_dx_kernel over an NF4 W (keep_tiles_for_m drops it elsewhere): at middle M the 128×128 tiles launch too
-# few programs to fill the GPU (64 at M = 256, K = 4096), and 64×128×64 decodes each W tile once per 64 rows of g,
-# twice the decode per MMA of this tile, whose accumulator dxᵀ is 64 columns of dx by 128 rows (W_FIRST). sm_90a,
-# K = 4096, N = 14336, M = 256: 299 SASS per iteration, 2.53x the dense loop, 53.9 us predicted, against 196, 1.54x,
-# 42.1 us (bench/results/offline). Over a dense W (no decode to amortise) its DoRA MASK_DX variant waited for each
-# wgmma at once.
+# few programs to fill the GPU (64 at M = 256, K = 4096), and 64×128×64 decodes each W tile once per 64 rows of g, twice
+# the decode per MMA of this tile, whose accumulator dxᵀ is 64 columns of dx by 128 rows (W_FIRST). sm_90a, K = 4096,
+# N = 14336, M = 256: 299 SASS per iteration, 2.53x the dense loop, 53.9 us predicted, against 196, 1.54x, 42.1 us
+# (bench/results/offline; 180, 1.42x, with lora_dx_kernel's REBASE since). Over a dense W (no decode to amortise) its
+# DoRA MASK_DX variant waited for each wgmma at once.
 NF4_DX_TILE = GemmTile(128, 64, 64, 8, 4, 4)
 
 

@@ -49,9 +49,10 @@ table is refused at launch and skipped by the autotuner. With the table and load
 forward's loop at 256x128x64 takes 198 SASS per iteration instead of 284 (1.37x the dense loop instead of 1.96x) and
 the dx loop at 64x128x64 299 instead of 394 (2.53x; sm_90a, K=4096, N=14336, bench/results/offline): the forward is
 bound by the MMA either way in the offline model, dx by the shared-memory pipe instead of the ALU one (its W tile goes
-through shared memory for the transposed operand). At middle M dx now takes autotune.NF4_DX_TILE, 128x64x64: 196
-SASS per iteration (1.54x), bound by the MMA. The decode dx kernel keeps the byte permutes: with the table it
-became bound by the shared-memory pipe instead of the ALU, at the same predicted time.
+through shared memory for the transposed operand). At middle M dx now takes autotune.NF4_DX_TILE, 128x64x64, with W's
+pointers rebased per tile (lora_dx_kernel's REBASE): 180 SASS per iteration (1.42x), bound by the MMA. The decode dx
+kernel keeps the byte permutes: with the table it became bound by the shared-memory pipe instead of the ALU, at the
+same predicted time.
 
 tests/test_kernels_lookup.py runs these PTX texts through a small emulator of the instructions they use, for every
 byte value in every position (and every lane), on the CPU, and checks nf4_lut, pair_table_chunks and the element
