@@ -160,10 +160,10 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
     dx = "dx_ptr" in args
     if not (dx and args.get("IS_NF4")):
         configs = [c for c in configs if _tile(c, dx) != NF4_DX_TILE]
-    if "dx_ptr" in args and args.get("HAS_LORA"):
+    if dx and args.get("HAS_LORA"):
         configs = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_TILE
                    and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_ACC_PER_THREAD * 32 * c.num_warps]
-    elif "dx_ptr" in args and args.get("MASK_DX"):
+    elif dx and args.get("MASK_DX"):
         configs = [c for c in configs
                    if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= DX_LORA_MAX_ACC_PER_THREAD * 32 * c.num_warps]
     fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, 2 * bucket)]
@@ -171,7 +171,7 @@ def keep_tiles_for_m(configs, named_args, **kwargs):
     preferred_rows = _preferred_block_m(bucket)
     preferred = preferred_rows.bit_length()
     kept = sorted(kept, key=lambda c: abs(c.kwargs["BLOCK_M"].bit_length() - preferred))[:MAX_CONFIGS_PER_BUCKET]
-    if args.get("IS_NF4") and "dx_ptr" not in args and not args.get("ADD_Z") and bucket >= TALL_NF4_MIN_BUCKET:
+    if args.get("IS_NF4") and not dx and not args.get("ADD_Z") and bucket >= TALL_NF4_MIN_BUCKET:
         tall = [c for c in fitting if c.kwargs["BLOCK_M"] >= 2 * preferred_rows and c not in kept][:1]
         kept = kept[:MAX_CONFIGS_PER_BUCKET - len(tall)] + tall
     if args.get("IS_NF4") and not args.get("ROW_SCALES"):
