@@ -44,12 +44,21 @@ class GemmTile(NamedTuple):
     num_stages: int
 
 
+# Only for lora_dx_kernel over an NF4 W (keep_tiles_for_m drops it elsewhere): at middle M the 128×128 tiles launch too
+# few programs to fill the GPU (64 at M = 256, K = 4096), and 64×128×64 decodes each W tile once per 64 rows of g, twice
+# the decode per MMA of this tile, whose accumulator dxᵀ is 64 columns of dx by 128 rows (W_FIRST). sm_90a, K = 4096,
+# N = 14336, M = 256: 299 SASS per iteration, 2.53x the dense loop, 53.9 us predicted, against 196, 1.54x, 42.1 us
+# (bench/results/offline; 180, 1.42x, with lora_dx_kernel's REBASE since). Over a dense W (no decode to amortise) its
+# DoRA MASK_DX variant waited for each wgmma at once.
+NF4_DX_TILE = GemmTile(128, 64, 64, 8, 4, 4)
+
+
 # Tiles with BLOCK_M ≤ 64 are for small M (decode, short batches).
 _SM90_TILES = [
     GemmTile(128, 256, 64, 8, 8, 3),
     GemmTile(128, 128, 64, 8, 8, 4),
     GemmTile(128, 128, 128, 8, 8, 3),
-    GemmTile(128, 64, 64, 8, 4, 4),  # NF4_DX_TILE
+    NF4_DX_TILE,
     GemmTile(256, 128, 64, 8, 8, 3),
     GemmTile(64, 256, 64, 8, 4, 4),
     GemmTile(64, 128, 64, 8, 4, 4),
@@ -67,15 +76,6 @@ _SM80_TILES = [
     GemmTile(16, 128, 128, 4, 4, 3),
     GemmTile(16, 64, 128, 4, 4, 3),
 ]
-
-
-# Only for lora_dx_kernel over an NF4 W (keep_tiles_for_m drops it elsewhere): at middle M the 128×128 tiles launch too
-# few programs to fill the GPU (64 at M = 256, K = 4096), and 64×128×64 decodes each W tile once per 64 rows of g, twice
-# the decode per MMA of this tile, whose accumulator dxᵀ is 64 columns of dx by 128 rows (W_FIRST). sm_90a, K = 4096,
-# N = 14336, M = 256: 299 SASS per iteration, 2.53x the dense loop, 53.9 us predicted, against 196, 1.54x, 42.1 us
-# (bench/results/offline; 180, 1.42x, with lora_dx_kernel's REBASE since). Over a dense W (no decode to amortise) its
-# DoRA MASK_DX variant waited for each wgmma at once.
-NF4_DX_TILE = GemmTile(128, 64, 64, 8, 4, 4)
 
 
 def split_tile(capability: tuple[int, int], M: int) -> GemmTile:
